@@ -1,0 +1,45 @@
+"""Where the shared, read-only material (data sets, third-party weights) is found.
+
+One setting: the environment variable ``LATENTCAST_SHARED``. Without it, the
+fallback is the ``shared`` folder beside the repository (``../shared`` from the
+project root), then ``../shared`` from the current directory. Users on their
+own machines point the variable at their own copy.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ENV_VAR = "LATENTCAST_SHARED"
+
+__all__ = ["ENV_VAR", "shared_dir", "shared_path"]
+
+
+def _candidates() -> list[Path]:
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return [Path(env).expanduser()]
+    repo_root = Path(__file__).resolve().parent.parent
+    return [repo_root.parent / "shared", Path.cwd().parent / "shared"]
+
+
+def shared_dir() -> Path:
+    """The shared folder; raises ``FileNotFoundError`` naming the setting when none exists."""
+    cands = _candidates()
+    for c in cands:
+        if c.is_dir():
+            return c
+    tried = ", ".join(str(c) for c in cands)
+    raise FileNotFoundError(
+        f"shared data folder not found (tried {tried}); set {ENV_VAR} to the folder that "
+        "holds data/ and models/"
+    )
+
+
+def shared_path(*parts: str) -> Path:
+    """A file under the shared folder; raises ``FileNotFoundError`` naming it if missing."""
+    p = shared_dir().joinpath(*parts)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist (shared folder from {ENV_VAR} or ../shared)")
+    return p
