@@ -1,0 +1,102 @@
+"""The edge's frame encoder: exported ONNX graphs + the numpy entropy coder (no torch).
+
+::
+
+    frame (H,W,3 uint8 RGB) ─► pad to 64 (edge replicate) ─► analysis.onnx ─► y, z_sym
+    ROIs ─► proto.grid.transmit_mask ─► tx ─┐
+    y, z_sym, tx, anchor, rate ─► entropy.onnx (exact integer networks) ─► y_sym, y_table
+    ─► proto.symbols.LatentEncoder (range coding, CRC) ─► packet bytes
+
+The bundle is written by ``latentcast export edge`` (``models/export.py``);
+its manifest names the codec and the weights hash the packets carry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from latentcast.proto.bitstream import Roi
+from latentcast.proto.entropy import TableSet
+from latentcast.proto.grid import anchor_mask, padded_size, transmit_mask
+from latentcast.proto.symbols import LatentEncoder
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EdgeEncoder", "default_bundle_dir"]
+
+
+def default_bundle_dir(codec: str = "elic-lite") -> Path:
+    """The bundle exported from the codec weights shipped in the repository."""
+    return Path(__file__).resolve().parent.parent / "models" / "weights" / f"{codec}.onnx"
+
+
+def pad_frame(frame: np.ndarray, pad_to: int = 64) -> np.ndarray:
+    h, w = frame.shape[:2]
+    pw, ph = padded_size(w, h, pad_to=pad_to)
+    return np.pad(frame, ((0, ph - h), (0, pw - w), (0, 0)), mode="edge")
+
+
+class EdgeEncoder:
+    """Encodes frames with an edge bundle through ONNX Runtime."""
+
+    def __init__(self, *, bundle: Path | str | None = None, threads: int = 0):
+        import onnxruntime as ort
+
+        self.bundle = Path(bundle) if bundle else default_bundle_dir()
+        mpath = self.bundle / "manifest.json"
+        if not mpath.is_file():
+            raise FileNotFoundError(f"edge bundle manifest {mpath} not found (create it with "
+                                    "`latentcast export edge --weights <codec.safetensors> --out <dir>`)")
+        self.manifest = json.loads(mpath.read_text())
+        if self.manifest.get("format") != "latentcast-edge-bundle-1":
+            raise ValueError(f"{mpath}: unknown bundle format {self.manifest.get('format')!r}")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        prov = ["CPUExecutionProvider"]
+        self._ana = ort.InferenceSession(str(self.bundle / "analysis.onnx"), opts, providers=prov)
+        self._ent = ort.InferenceSession(str(self.bundle / "entropy.onnx"), opts, providers=prov)
+        t = np.load(self.bundle / "tables.npz")
+        y_tables = TableSet.from_packed(t["y_packed"], t["y_lengths"], t["y_offsets"])
+        z_tables = TableSet.from_packed(t["z_packed"], t["z_lengths"], t["z_offsets"])
+        self.weights_hash = bytes.fromhex(self.manifest["weights_hash"])
+        self.n_rates = int(self.manifest["n_rates"])
+        self._enc = LatentEncoder(groups=self.manifest["groups"], y_tables=y_tables, z_tables=z_tables,
+                                  codec_id=int(self.manifest["codec_id"]), weights_hash=self.weights_hash,
+                                  latent_space_id=int(self.manifest["latent_space_id"]))
+
+    def analyze(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """g_a, h_a: y (M,h,w) float32, z symbols (Nz,hz,wz) int64."""
+        x = pad_frame(frame).astype(np.float32).transpose(2, 0, 1)[None] / np.float32(255.0)
+        y, z = self._ana.run(None, {"image": np.ascontiguousarray(x)})
+        return y[0], z[0].astype(np.int64)
+
+    def encode_symbols(self, y: np.ndarray, z_sym: np.ndarray, *, rate_point: int,
+                       tx_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        h, w = y.shape[1:]
+        feeds = {"y": y[None].astype(np.float32), "z_sym": z_sym[None].astype(np.float32),
+                 "tx": tx_mask[None, None], "anchor": anchor_mask(h, w)[None, None],
+                 "rate": np.array([rate_point], dtype=np.int64)}
+        sym, tab = self._ent.run(None, feeds)
+        return sym[0].astype(np.int64), tab[0].astype(np.int64)
+
+    def compress(self, frame: np.ndarray, rois: Sequence[Roi] = (), *, rate_point: int = 0,
+                 roi_only: bool | None = None, label_set_hash: bytes = b"\0\0\0\0") -> bytes:
+        """One RGB frame (H,W,3 uint8) -> packet bytes. With ROIs, ``roi_only`` defaults to True."""
+        if not isinstance(frame, np.ndarray) or frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+            raise ValueError(f"frame must be an (H, W, 3) uint8 RGB array, got {getattr(frame, 'shape', type(frame))}")
+        if not isinstance(rate_point, (int, np.integer)) or not 0 <= int(rate_point) < self.n_rates:
+            raise ValueError(f"rate_point {rate_point!r} out of range 0..{self.n_rates - 1}")
+        h, w = frame.shape[:2]
+        rois = tuple(rois)
+        roi_only = bool(rois) if roi_only is None else roi_only
+        y, z_sym = self.analyze(frame)
+        tx = transmit_mask(w, h, [(r.x0, r.y0, r.x1, r.y1) for r in rois], roi_only)
+        y_sym, y_tab = self.encode_symbols(y, z_sym, rate_point=int(rate_point), tx_mask=tx)
+        return self._enc.packet(width=w, height=h, rois=rois, roi_only=roi_only, rate_point=int(rate_point),
+                                z_sym=z_sym, y_sym=y_sym, y_table=y_tab, tx_mask=tx, label_set_hash=label_set_hash)

@@ -1,0 +1,309 @@
+"""The latent codec as a library: weight files, ``compress`` and ``decompress``.
+
+::
+
+    image (H,W,3 uint8) + ROIs ─► pad to 64 ─► g_a, h_a ─► exact entropy loop ─► symbols
+        ─► proto.symbols (range coding) ─► proto.bitstream packet (bytes)
+
+    bytes ─► packet ─► Z symbols ─► h_s ─► step by step: tables ─► Y symbols ─► ŷ
+        ─► CRC check ─► g_s ─► ẑ_c (diffusion latent) ─► latent-space decoder ─► frame
+
+A weight file (safetensors) holds the float parameters, the frozen integer
+parameters of the entropy networks, the integer probability tables, the
+per-rate quantization steps and, in its metadata, the codec configuration and
+latent space. Its SHA-256 (first 8 bytes) is the ``weights_hash`` every packet
+names; a packet made with other weights is refused.
+
+The edge encodes with the exported ONNX graphs (``latentcast.edge.encoder``);
+:meth:`LatentCodec.compress` here is the PyTorch reference with the same
+bit-exact output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from latentcast.proto.bitstream import Packet, Roi, SectionKind
+from latentcast.proto.entropy import TableSet, gaussian_tables, quantize_pmf
+from latentcast.proto.grid import grid_shape, padded_size, transmit_mask
+from latentcast.proto.ids import CODEC_IDS, LATENT_SPACE_IDS
+from latentcast.proto.symbols import LatentDecoder, LatentEncoder, coding_steps
+
+from .elic import CONFIGS, ElicCodec, ElicConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["WEIGHTS_DIR", "Reconstruction", "LatentCodec", "CodecError", "image_to_tensor", "Z_RADIUS"]
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+Z_RADIUS = 64  # z symbols coded directly in -64..64, escaped beyond
+
+
+class CodecError(ValueError):
+    """A packet this codec cannot decode (other codec or weights, corrupt symbols)."""
+
+
+@dataclass
+class Reconstruction:
+    """What :meth:`LatentCodec.decompress` returns."""
+
+    latent: np.ndarray  # (C, ceil(H/f), ceil(W/f)) float32: the decoded diffusion latent ẑ_c
+    frame: np.ndarray | None  # (H, W, 3) uint8 RGB after the latent decoder, or None if not asked
+    packet: Packet  # the parsed packet (header, ROI list, sections)
+    mask: np.ndarray  # (rows, cols) bool: latent cells that were transmitted
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H,W,3) uint8 RGB -> (1,3,H,W) float in [0,1]; precise error for anything else."""
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        desc = f"{type(image).__name__} {getattr(image, 'shape', '')} {getattr(image, 'dtype', '')}"
+        raise ValueError(f"image must be an (H, W, 3) uint8 RGB array, got {desc}")
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
+
+
+def pad_image(x: torch.Tensor, pad_to: int = 64) -> torch.Tensor:
+    h, w = x.shape[2:]
+    pw, ph = padded_size(w, h, pad_to=pad_to)
+    if (pw, ph) == (w, h):
+        return x
+    return F.pad(x, (0, pw - w, 0, ph - h), mode="replicate")
+
+
+def _tables_to_tensors(prefix: str, t: TableSet) -> dict[str, torch.Tensor]:
+    packed, lengths, offsets = t.packed()
+    return {f"{prefix}.packed": torch.from_numpy(packed), f"{prefix}.lengths": torch.from_numpy(lengths),
+            f"{prefix}.offsets": torch.from_numpy(offsets)}
+
+
+def _tables_from_tensors(prefix: str, sd: dict[str, torch.Tensor]) -> TableSet:
+    return TableSet.from_packed(sd.pop(f"{prefix}.packed").numpy(), sd.pop(f"{prefix}.lengths").numpy(),
+                                sd.pop(f"{prefix}.offsets").numpy())
+
+
+class LatentCodec:
+    """A trained codec with frozen integer entropy networks and its probability tables."""
+
+    def __init__(self, *, model: ElicCodec, weights_hash: bytes, latent_space: str, y_tables: TableSet,
+                 z_tables: TableSet, path: Path | None = None, meta: dict | None = None):
+        self.model = model.eval()
+        self.cfg: ElicConfig = model.cfg
+        self.weights_hash = weights_hash
+        self.latent_space_spec = latent_space
+        self.y_tables, self.z_tables = y_tables, z_tables
+        self.path = path
+        self.meta = meta or {}
+        self.codec_name = f"elic-{self.cfg.name}"
+        if self.codec_name not in CODEC_IDS:
+            raise ValueError(f"codec {self.codec_name!r} has no wire id (valid: {', '.join(CODEC_IDS)})")
+        self.codec_id = CODEC_IDS[self.codec_name]
+        family = latent_space.split(":", 1)[0]
+        if family not in LATENT_SPACE_IDS:
+            raise ValueError(f"latent space {latent_space!r} has no wire id (valid: {', '.join(LATENT_SPACE_IDS)})")
+        self.latent_space_id = LATENT_SPACE_IDS[family]
+        self._latent_space = None
+        self._enc = LatentEncoder(groups=self.cfg.groups, y_tables=y_tables, z_tables=z_tables,
+                                  codec_id=self.codec_id, weights_hash=weights_hash,
+                                  latent_space_id=self.latent_space_id)
+
+    # ------------------------------------------------------------------ files
+    @staticmethod
+    def save(model: ElicCodec, path: Path | str, *, latent_space: str, meta: dict | None = None) -> bytes:
+        """Freeze the integer networks, build the tables, write the weight file; returns its hash."""
+        from safetensors.torch import save_file
+
+        model = model.eval()
+        for m in model.modules():
+            if hasattr(m, "freeze") and hasattr(m, "w_int"):
+                m.freeze()
+        y_tables = TableSet.centered(gaussian_tables(model.scales().numpy()))
+        pmfs, r = model.prior_z.pmfs(Z_RADIUS)
+        z_tables = TableSet(freqs=tuple(quantize_pmf(p) for p in pmfs.numpy()),
+                            offsets=np.full(pmfs.shape[0], -r, dtype=np.int64))
+        tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        tensors.update(_tables_to_tensors("tables.y", y_tables))
+        tensors.update(_tables_to_tensors("tables.z", z_tables))
+        md = {"config": json.dumps(model.cfg.to_dict()), "latent_space": latent_space,
+              "format": "latentcast-codec-1", "meta": json.dumps(meta or {})}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata=md)
+        return hashlib.sha256(path.read_bytes()).digest()[:8]
+
+    @classmethod
+    def from_file(cls, path: Path | str) -> "LatentCodec":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"codec weights {path} not found (train with `latentcast train codec` "
+                                    f"or use the weights shipped in {WEIGHTS_DIR})")
+        raw = path.read_bytes()
+        with safe_open(str(path), framework="pt") as f:
+            md = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+        if md.get("format") != "latentcast-codec-1":
+            raise ValueError(f"{path} is not a latentcast codec weight file (format {md.get('format')!r})")
+        cfg_d = json.loads(md["config"])
+        cfg_d["groups"] = tuple(cfg_d["groups"])
+        cfg_d["rate_steps"] = tuple(cfg_d["rate_steps"])
+        cfg = ElicConfig(**cfg_d)
+        y_tables = _tables_from_tensors("tables.y", sd)
+        z_tables = _tables_from_tensors("tables.z", sd)
+        model = ElicCodec(cfg)
+        model.load_state_dict(sd)
+        return cls(model=model, weights_hash=hashlib.sha256(raw).digest()[:8], latent_space=md["latent_space"],
+                   y_tables=y_tables, z_tables=z_tables, path=path, meta=json.loads(md.get("meta", "{}")))
+
+    @classmethod
+    def load(cls, name: str = "elic-lite") -> "LatentCodec":
+        """A codec shipped in ``models/weights`` by name, or a path to a weight file."""
+        p = Path(name)
+        if p.suffix == ".safetensors" or p.exists():
+            return cls.from_file(p)
+        cand = WEIGHTS_DIR / f"{name}.safetensors"
+        if not cand.is_file():
+            have = sorted(q.stem for q in WEIGHTS_DIR.glob("*.safetensors"))
+            raise FileNotFoundError(f"no codec weights named {name!r} (shipped: {', '.join(have) or 'none'})")
+        return cls.from_file(cand)
+
+    @property
+    def n_rates(self) -> int:
+        return self.model.n_rates
+
+    def latent_space(self):
+        if self._latent_space is None:
+            from .latent_spaces import load_latent_space
+
+            self._latent_space = load_latent_space(self.latent_space_spec).eval()
+        return self._latent_space
+
+    # ------------------------------------------------------------------ encoding
+    def check_rate(self, rate_point: int) -> int:
+        if not isinstance(rate_point, (int, np.integer)) or not 0 <= int(rate_point) < self.n_rates:
+            raise ValueError(f"rate_point {rate_point!r} out of range 0..{self.n_rates - 1}")
+        return int(rate_point)
+
+    @torch.no_grad()
+    def analyze(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """g_a and h_a in PyTorch: returns y (M,h,w) float32 and the z symbols (Nz,hz,wz) int64."""
+        x = pad_image(image_to_tensor(image))
+        y = self.model.g_a(x)
+        z = self.model.h_a(y)
+        return y[0].numpy(), torch.floor(z + 0.5)[0].numpy().astype(np.int64)
+
+    @torch.no_grad()
+    def encode_symbols(self, y: np.ndarray, z_sym: np.ndarray, *, rate_point: int,
+                       tx_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact entropy loop at the encoder: y symbols and table indices (M,h,w) int64."""
+        m = self.model
+        q = torch.tensor([rate_point])
+        yt = torch.from_numpy(y).double()[None]
+        tx = torch.from_numpy(tx_mask)[None, None]
+        delta = m.rate_delta[q].view(1, 1, 1, 1)
+        sym = torch.zeros_like(yt)
+        tab = torch.zeros_like(yt)
+        slices = m.group_slices()
+
+        def step(k, _is_anchor, cells, mu, idx):
+            sl = slices[k]
+            s = torch.floor((yt[:, sl] - mu) / delta + 0.5)
+            where = cells & tx
+            sym[:, sl] = torch.where(where, s, sym[:, sl])
+            tab[:, sl] = torch.where(where, m.table_index(idx, q), tab[:, sl])
+            return torch.where(tx, mu + delta * s, mu)
+
+        H = m.hyper_features(torch.from_numpy(z_sym).double()[None], exact=True)
+        m.entropy_params_loop(H, step, exact=True)
+        return sym[0].numpy().astype(np.int64), tab[0].numpy().astype(np.int64)
+
+    def compress(self, image: np.ndarray, rois: Sequence[Roi] = (), *, rate_point: int = 0,
+                 roi_only: bool | None = None, label_set_hash: bytes = b"\0\0\0\0") -> bytes:
+        """Encode one RGB frame. With ROIs, ``roi_only`` (default: True when ROIs are given) codes
+        only their latent cells (+ margin); z is always coded."""
+        rate_point = self.check_rate(rate_point)
+        h, w = image.shape[:2] if isinstance(image, np.ndarray) and image.ndim == 3 else (0, 0)
+        rois = tuple(rois)
+        roi_only = bool(rois) if roi_only is None else roi_only
+        y, z_sym = self.analyze(image)
+        tx = transmit_mask(w, h, [(r.x0, r.y0, r.x1, r.y1) for r in rois], roi_only)
+        y_sym, y_tab = self.encode_symbols(y, z_sym, rate_point=rate_point, tx_mask=tx)
+        return self._enc.packet(width=w, height=h, rois=rois, roi_only=roi_only, rate_point=rate_point,
+                                z_sym=z_sym, y_sym=y_sym, y_table=y_tab, tx_mask=tx, label_set_hash=label_set_hash)
+
+    # ------------------------------------------------------------------ decoding
+    def check_packet(self, packet: Packet) -> None:
+        hd = packet.header
+        if hd.codec_id != self.codec_id:
+            raise CodecError(f"packet codec_id {hd.codec_id} is not this codec's ({self.codec_id} = {self.codec_name})")
+        if hd.weights_hash != self.weights_hash:
+            raise CodecError(f"packet weights hash {hd.weights_hash.hex()} does not match the loaded weights "
+                             f"{self.weights_hash.hex()}")
+        if hd.latent_space_id != self.latent_space_id:
+            raise CodecError(f"packet latent_space_id {hd.latent_space_id} is not {self.latent_space_id}")
+        self.check_rate(hd.rate_point)
+        missing = [k.name for k in (SectionKind.Z, SectionKind.Y) if k not in packet.sections]
+        if missing:
+            raise CodecError(f"packet lacks section(s) {', '.join(missing)}")
+
+    @torch.no_grad()
+    def decode_latent(self, packet: Packet) -> tuple[torch.Tensor, np.ndarray]:
+        """Entropy-decode and synthesize: returns ẑ_c (1,C,h,w) cropped to the frame, and the mask."""
+        self.check_packet(packet)
+        hd = packet.header
+        m = self.model
+        rows, cols = grid_shape(hd.width, hd.height)
+        tx = transmit_mask(hd.width, hd.height, [(r.x0, r.y0, r.x1, r.y1) for r in hd.rois], hd.roi_only)
+        dec = LatentDecoder(groups=self.cfg.groups, y_tables=self.y_tables, z_tables=self.z_tables,
+                            z_bytes=packet.sections[SectionKind.Z], y_bytes=packet.sections[SectionKind.Y])
+        z = dec.decode_z((self.cfg.Nz, rows // 4, cols // 4))
+        z_t = torch.from_numpy(z).double()[None]
+        q = torch.tensor([hd.rate_point])
+        delta = m.rate_delta[q].view(1, 1, 1, 1)
+        steps = {(k, a): sl for k, sl, a in coding_steps(self.cfg.groups)}
+
+        def step(k, is_anchor, cells, mu, idx):
+            sl = steps[(k, is_anchor)]
+            tab = m.table_index(idx, q)[0].numpy().astype(np.int64)
+            vals, where = dec.decode_step(sl=sl, anchor=is_anchor, y_table=tab, tx_mask=tx)
+            s = np.zeros(tab.shape, dtype=np.float64)
+            s[:, where] = vals
+            y = mu + delta * torch.from_numpy(s)[None]
+            return torch.where(torch.from_numpy(tx)[None, None], y, mu)
+
+        H = m.hyper_features(z_t, exact=True)
+        y_hat = m.entropy_params_loop(H, step, exact=True)
+        if dec.crc != hd.symbol_crc:
+            raise CodecError(f"symbol checksum mismatch (decoded {dec.crc:#010x}, packet {hd.symbol_crc:#010x}): "
+                             "the entropy parameters differ from the encoder's; frame not rendered")
+        mask_t = torch.from_numpy(tx.astype(np.float32))[None, None]
+        latent = m.g_s(y_hat.float(), mask_t, z_t.float())
+        f = self.cfg.latent_factor
+        latent = latent[:, :, : -(-hd.height // f), : -(-hd.width // f)]
+        return latent, tx
+
+    def decompress(self, data: bytes | Packet, *, decode_frame: bool = True) -> Reconstruction:
+        """Bytes -> :class:`Reconstruction` (latent, and the frame through the latent decoder)."""
+        packet = data if isinstance(data, Packet) else Packet.from_bytes(data)
+        latent, tx = self.decode_latent(packet)
+        frame = None
+        if decode_frame:
+            frame = self.latent_to_frame(latent, packet.header.width, packet.header.height)
+        return Reconstruction(latent=latent[0].numpy(), frame=frame, packet=packet, mask=tx)
+
+    @torch.no_grad()
+    def latent_to_frame(self, latent: torch.Tensor, width: int, height: int) -> np.ndarray:
+        space = self.latent_space()
+        f = space.factor
+        lh, lw = latent.shape[2:]
+        img = space.decode(latent[:, :, : lh, : lw])
+        img = img[0, :, :height, :width].clamp(0, 1)
+        return (img.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)

@@ -1,0 +1,377 @@
+"""ELIC with integer entropy parameters, decoding into a diffusion latent space.
+
+After He et al., "ELIC: Efficient Learned Image Compression with Unevenly
+Grouped Space-Channel Contextual Adaptive Coding" (CVPR 2022), as used by
+DISCOVER (sec. 3.2): the synthesis transform ``g_s`` outputs the diffusion
+model's latent ``z_c`` (here at 1/8 of the frame), not pixels, and gets a
+coarse global prior ``M(ẑ)`` from the hyper-latent besides the (possibly
+partial) latent ``ŷ``::
+
+    x ──g_a──► y ──h_a──► z ──round──► ẑ ─────────────────────────────┐  (always sent, factorized prior)
+               │                      │                             │
+               │                h_s (integer net) ──► H             │
+               │                      │                             │
+               │   for group k in 16/16/32/64/M-128, anchors then non-anchors (checkerboard):
+               │     (μ, l) = ep_k(H, ch_k(ŷ_<k), sp_k(ŷ_k anchors))    integer nets
+               └──►  s = floor((y - μ)/Δ_q + ½) inside the ROI mask, ŷ = μ + Δ_q s, ŷ = μ outside
+                                                                    │
+    ẑ_c = g_s([ŷ, mask, M(ẑ)])  ◄───────────────────────────────────┘
+
+The entropy parameters ``(μ, l)`` come from :class:`~latentcast.models.quant.QConv`
+integer networks, exact on any machine; ``Δ_q`` is the quantization step of
+rate point ``q`` (a dyadic number), and ``l - k_q`` indexes the zero-mean
+Gaussian table the symbol is coded with. Positions outside the ROI mask are
+not coded and take the mean ``μ`` (the paper's eq. (2) fills them from the
+hyperprior).
+
+Two configurations: ``paper`` (N=192, M=320, groups 16/16/32/64/192) and
+``lite`` (N=64, M=160, groups 16/16/32/64/32), small enough for a CPU edge.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .quant import QConv, QSequential, quantize_input, round_ste
+
+__all__ = ["ElicConfig", "CONFIGS", "ElicCodec", "MEAN_RES", "Y_IN_RES"]
+
+MEAN_RES = 64  # means are integers in units of 1/64
+Y_IN_RES = 4  # context networks see ŷ in steps of 1/4 (clipped to ±32)
+ACT_SCALE = 1.0 / 16  # real value of one hidden activation code
+
+
+@dataclass(frozen=True)
+class ElicConfig:
+    name: str = "lite"
+    N: int = 64  # analysis width (channels between strided convs of g_a)
+    M: int = 160  # channels of the latent y (at 1/16)
+    groups: tuple[int, ...] = (16, 16, 32, 64, 32)  # uneven channel groups, sum == M
+    Nz: int = 64  # channels of the hyper-latent z (at 1/64)
+    Nh: int = 64  # width of the integer hyper synthesis and its output features H
+    ctx: int = 48  # width of the integer channel / spatial context networks
+    ep: int = 96  # width of the integer parameter-aggregation networks
+    res_blocks: int = 1  # residual bottleneck blocks per g_a stage (ELIC: 3)
+    attention: bool = False  # simplified attention blocks in g_a (ELIC: yes)
+    gs_width: int = 128  # width of the synthesis transform
+    gs_blocks: int = 3  # residual blocks of g_s at 1/16 (two more at 1/8)
+    latent_channels: int = 32  # channels of the diffusion latent z_c (taef2: 32, SD: 4)
+    latent_factor: int = 8  # z_c is at 1/latent_factor of the frame (g_s upsamples 16 -> 8)
+    n_scales: int = 64  # Gaussian scale tables
+    scale_min: float = 0.11  # smallest table scale
+    scale_max: float = 64.0  # largest table scale
+    rate_steps: tuple[int, ...] = (21, 14, 7, 0)  # k_q per rate point (0 = lowest rate): Δ_q = exp(δ k_q)
+
+    def __post_init__(self):
+        if sum(self.groups) != self.M:
+            raise ValueError(f"groups {self.groups} sum to {sum(self.groups)}, not M={self.M}")
+        if self.latent_factor not in (8, 16):
+            raise ValueError(f"latent_factor {self.latent_factor} not in (8, 16)")
+
+    @property
+    def log_step(self) -> float:
+        """δ: log-distance between consecutive scale tables."""
+        return math.log(self.scale_max / self.scale_min) / (self.n_scales - 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+CONFIGS: dict[str, ElicConfig] = {
+    "lite": ElicConfig(),
+    "paper": ElicConfig(
+        name="paper", N=192, M=320, groups=(16, 16, 32, 64, 192), Nz=192, Nh=192, ctx=128, ep=256,
+        res_blocks=3, attention=True, gs_width=192, gs_blocks=3,
+    ),
+}
+
+
+def _conv(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2)
+
+
+class ResidualBottleneck(nn.Module):
+    """1x1 -> 3x3 -> 1x1 with a skip (ELIC's residual bottleneck block)."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.body = nn.Sequential(_conv(ch, ch // 2, 1), nn.ReLU(inplace=True), _conv(ch // 2, ch // 2, 3),
+                                  nn.ReLU(inplace=True), _conv(ch // 2, ch, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class AttentionBlock(nn.Module):
+    """Simplified attention (Cheng et al. 2020) as used in ELIC's g_a."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.trunk = nn.Sequential(ResidualBottleneck(ch), ResidualBottleneck(ch), ResidualBottleneck(ch))
+        self.gate = nn.Sequential(ResidualBottleneck(ch), ResidualBottleneck(ch), ResidualBottleneck(ch), _conv(ch, ch, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.trunk(x) * torch.sigmoid(self.gate(x))
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.body = nn.Sequential(_conv(ch, ch), nn.LeakyReLU(0.1, inplace=True), _conv(ch, ch))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def analysis_transform(cfg: ElicConfig) -> nn.Sequential:
+    """g_a: 4 strided 5x5 convolutions (1 -> 1/16) with residual bottlenecks between."""
+    layers: list[nn.Module] = []
+    cin = 3
+    for stage in range(4):
+        cout = cfg.M if stage == 3 else cfg.N
+        layers.append(_conv(cin, cout, 5, 2))
+        if stage < 3:
+            layers += [ResidualBottleneck(cfg.N) for _ in range(cfg.res_blocks)]
+        if cfg.attention and stage in (1, 3):
+            layers.append(AttentionBlock(cout))
+        cin = cout
+    return nn.Sequential(*layers)
+
+
+def hyper_analysis(cfg: ElicConfig) -> nn.Sequential:
+    """h_a: y (1/16) -> z (1/64)."""
+    return nn.Sequential(_conv(cfg.M, cfg.N, 3), nn.ReLU(inplace=True), _conv(cfg.N, cfg.N, 5, 2),
+                         nn.ReLU(inplace=True), _conv(cfg.N, cfg.Nz, 5, 2))
+
+
+class FactorizedPrior(nn.Module):
+    """Per-channel non-parametric density for z (Ballé et al. 2018, appendix 6.1)."""
+
+    def __init__(self, channels: int, filters: tuple[int, ...] = (3, 3, 3), init_scale: float = 10.0):
+        super().__init__()
+        self.channels = channels
+        f = (1,) + filters + (1,)
+        scale = init_scale ** (1 / (len(filters) + 1))
+        self.matrices = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        self.factors = nn.ParameterList()
+        for i in range(len(filters) + 1):
+            init = math.log(math.expm1(1 / scale / f[i + 1]))
+            self.matrices.append(nn.Parameter(torch.full((channels, f[i + 1], f[i]), init)))
+            self.biases.append(nn.Parameter(torch.rand(channels, f[i + 1], 1) - 0.5))
+            if i < len(filters):
+                self.factors.append(nn.Parameter(torch.zeros(channels, f[i + 1], 1)))
+
+    def _logits_cdf(self, v: torch.Tensor) -> torch.Tensor:
+        # v: (C, 1, n)
+        for i, (m, b) in enumerate(zip(self.matrices, self.biases)):
+            v = torch.matmul(F.softplus(m), v) + b
+            if i < len(self.factors):
+                v = v + torch.tanh(self.factors[i]) * torch.tanh(v)
+        return v
+
+    def likelihood(self, z: torch.Tensor) -> torch.Tensor:
+        """Probability mass of the unit bin around each (noisy or rounded) value of z: (B, C, H, W)."""
+        b, c, h, w = z.shape
+        v = z.permute(1, 0, 2, 3).reshape(c, 1, -1)
+        lo = self._logits_cdf(v - 0.5)
+        up = self._logits_cdf(v + 0.5)
+        sign = -torch.sign(lo + up).detach()
+        p = torch.abs(torch.sigmoid(sign * up) - torch.sigmoid(sign * lo))
+        return p.reshape(c, b, h, w).permute(1, 0, 2, 3).clamp_min(1e-9)
+
+    @torch.no_grad()
+    def pmfs(self, radius: int = 64) -> tuple[torch.Tensor, int]:
+        """pmf of each channel over the integers -radius..radius, and the tail mass: (C, 2r+2)."""
+        v = torch.arange(-radius, radius + 1, dtype=torch.float32).view(1, 1, -1).expand(self.channels, 1, -1)
+        lo = torch.sigmoid(self._logits_cdf(v - 0.5))
+        up = torch.sigmoid(self._logits_cdf(v + 0.5))
+        pmf = (up - lo).squeeze(1).clamp_min(0).double()
+        tail = (1 - pmf.sum(dim=1, keepdim=True)).clamp_min(0)
+        return torch.cat([pmf, tail], dim=1), radius
+
+
+class SynthesisToLatent(nn.Module):
+    """g_s with the global-information network M (two transposed convs and a conv, paper eq. (2))."""
+
+    def __init__(self, cfg: ElicConfig):
+        super().__init__()
+        g = cfg.gs_width
+        self.global_net = nn.Sequential(
+            nn.ConvTranspose2d(cfg.Nz, g // 2, 5, stride=2, padding=2, output_padding=1), nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(g // 2, g // 2, 5, stride=2, padding=2, output_padding=1), nn.ReLU(inplace=True),
+            _conv(g // 2, g // 2, 3),
+        )
+        self.head = _conv(cfg.M + 1 + g // 2, g, 3)
+        self.trunk = nn.Sequential(*[ResBlock(g) for _ in range(cfg.gs_blocks)])
+        up = []
+        if cfg.latent_factor == 8:
+            up = [_conv(g, 4 * g, 3), nn.PixelShuffle(2), nn.LeakyReLU(0.1, inplace=True)]
+        self.up = nn.Sequential(*up, ResBlock(g), ResBlock(g))
+        self.out = _conv(g, cfg.latent_channels, 3)
+
+    def forward(self, y_hat: torch.Tensor, mask: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
+        gz = self.global_net(z_hat)
+        h = self.head(torch.cat([y_hat, mask.to(y_hat.dtype), gz], dim=1))
+        h = self.trunk(F.leaky_relu(h, 0.1))
+        return self.out(self.up(h))
+
+
+StepFn = Callable[[int, bool, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class ElicCodec(nn.Module):
+    """The whole codec. Training: :meth:`forward`. Inference: :meth:`entropy_params_loop` with
+    exact integer networks, driven by the encoder or the decoder (``latentcast.models.codec``)."""
+
+    def __init__(self, cfg: ElicConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.g_a = analysis_transform(cfg)
+        self.h_a = hyper_analysis(cfg)
+        self.prior_z = FactorizedPrior(cfg.Nz)
+        a = ACT_SCALE
+        self.h_s = QSequential([
+            QConv(cfg.Nz, cfg.Nh, 3, in_scale=1.0, in_zero=128, out_scale=a, relu=True),
+            QConv(cfg.Nh, cfg.Nh, 3, in_scale=a, in_zero=0, out_scale=a, relu=True, upsample=2),
+            QConv(cfg.Nh, cfg.Nh, 3, in_scale=a, in_zero=0, out_scale=a, relu=True, upsample=2),
+            QConv(cfg.Nh, cfg.Nh, 1, in_scale=a, in_zero=0, out_scale=a, relu=True),
+        ])
+        yin = 1.0 / Y_IN_RES
+        self.ch_ctx = nn.ModuleList()
+        self.sp_ctx = nn.ModuleList()
+        self.ep = nn.ModuleList()
+        for k, c in enumerate(cfg.groups):
+            if k > 0:
+                prev = sum(cfg.groups[:k])
+                self.ch_ctx.append(QSequential([
+                    QConv(prev, cfg.ctx, 3, in_scale=yin, in_zero=128, out_scale=a, relu=True),
+                    QConv(cfg.ctx, cfg.ctx, 3, in_scale=a, in_zero=0, out_scale=a, relu=True),
+                ]))
+            self.sp_ctx.append(QSequential([
+                QConv(c, cfg.ctx, 5, in_scale=yin, in_zero=128, out_scale=a, relu=True),
+                QConv(cfg.ctx, cfg.ctx, 1, in_scale=a, in_zero=0, out_scale=a, relu=True),
+            ]))
+            n_in = cfg.Nh + cfg.ctx * (2 if k > 0 else 1)
+            head = QConv(cfg.ep, 2 * c, 1, in_scale=a, in_zero=0,
+                         out_scale=[1.0 / MEAN_RES] * c + [1.0] * c, relu=False)
+            with torch.no_grad():  # start scale indices mid-table
+                head.conv.bias[c:] += cfg.n_scales / 2
+            self.ep.append(QSequential([
+                QConv(n_in, cfg.ep, 1, in_scale=a, in_zero=0, out_scale=a, relu=True),
+                QConv(cfg.ep, cfg.ep, 1, in_scale=a, in_zero=0, out_scale=a, relu=True),
+                head,
+            ]))
+        self.g_s = SynthesisToLatent(cfg)
+        ks = torch.tensor(cfg.rate_steps, dtype=torch.float64)
+        # Δ_q: dyadic (8 fractional bits) so that μ + Δ s is exact in float64
+        # stored in the weight file (computed once: exp() is not bit-identical across libms)
+        self.register_buffer("rate_k", ks.to(torch.int64))
+        self.register_buffer("rate_delta", torch.round(torch.exp(ks * cfg.log_step) * 256) / 256)
+
+    # ------------------------------------------------------------------ shared pieces
+    @property
+    def n_rates(self) -> int:
+        return len(self.cfg.rate_steps)
+
+    def group_slices(self) -> list[slice]:
+        out, s = [], 0
+        for c in self.cfg.groups:
+            out.append(slice(s, s + c))
+            s += c
+        return out
+
+    def scales(self) -> torch.Tensor:
+        c = self.cfg
+        return c.scale_min * torch.exp(torch.arange(c.n_scales, dtype=torch.float64) * c.log_step)
+
+    def hyper_features(self, z_hat: torch.Tensor, *, exact: bool) -> torch.Tensor:
+        return self.h_s(quantize_input(z_hat, 1.0, exact=exact), exact=exact)
+
+    def entropy_params_loop(self, H: torch.Tensor, step: StepFn, *, exact: bool) -> torch.Tensor:
+        """Run the 2 x len(groups) context steps; ``step`` turns parameters into ŷ for one step.
+
+        ``step(k, is_anchor, cells, mu, idx_raw)`` gets the group index, whether this is the
+        anchor step, the (1,1,h,w) bool mask of the checkerboard cells of this step, and the
+        means (real) and raw scale indices of group ``k`` at all cells; it returns ŷ of group
+        ``k`` at all cells (values off ``cells`` are ignored). Returns the full ŷ.
+        """
+        b, _, h, w = H.shape
+        dev = H.device
+        r = torch.arange(h, device=dev).view(-1, 1)
+        cc = torch.arange(w, device=dev).view(1, -1)
+        anchor = ((r + cc) % 2 == 0).view(1, 1, h, w)
+        dtype = torch.float64 if exact else H.dtype
+        y_parts: list[torch.Tensor] = []
+        codes_prev: list[torch.Tensor] = []
+        for k, c in enumerate(self.cfg.groups):
+            ctx = [H]
+            if k > 0:
+                ctx.append(self.ch_ctx[k - 1](torch.cat(codes_prev, dim=1), exact=exact))
+            zeros = torch.full((b, c, h, w), 128.0, dtype=dtype, device=dev)
+            sp = self.sp_ctx[k](zeros, exact=exact)
+            out = self.ep[k](torch.cat(ctx + [sp], dim=1), exact=exact)
+            mu, idx = out[:, :c] / MEAN_RES, out[:, c:]
+            y_a = step(k, True, anchor, mu, idx)
+            codes_a = torch.where(anchor, quantize_input(y_a, Y_IN_RES, exact=exact), zeros)
+            sp = self.sp_ctx[k](codes_a, exact=exact)
+            out = self.ep[k](torch.cat(ctx + [sp], dim=1), exact=exact)
+            mu, idx = out[:, :c] / MEAN_RES, out[:, c:]
+            y_n = step(k, False, ~anchor, mu, idx)
+            y_k = torch.where(anchor, y_a, y_n)
+            y_parts.append(y_k)
+            codes_prev.append(quantize_input(y_k, Y_IN_RES, exact=exact))
+        return torch.cat(y_parts, dim=1)
+
+    def table_index(self, idx_raw: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
+        """Exact integer table index: clip(idx_raw - k_q, 0, L-1); ``rate`` is (B,) long."""
+        k = self.rate_k[rate].view(-1, 1, 1, 1).to(idx_raw.dtype)
+        return torch.clamp(idx_raw - k, 0, self.cfg.n_scales - 1)
+
+    # ------------------------------------------------------------------ training
+    def forward(self, x: torch.Tensor, *, rate: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+        """Training pass. ``x`` in [0,1] (B,3,H,W) with H, W multiples of 64; ``rate`` (B,) rate-point
+        indices; ``mask`` (B,1,H/16,W/16) in {0,1}: 1 where y is transmitted (None: everywhere).
+
+        Returns ``latent`` (ẑ_c), ``bits_y`` and ``bits_z`` per image (B,)."""
+        y = self.g_a(x)
+        z = self.h_a(y)
+        z_hat = round_ste(z)
+        z_noisy = z + (torch.rand_like(z) - 0.5)
+        bits_z = -torch.log2(self.prior_z.likelihood(z_noisy)).sum(dim=(1, 2, 3))
+        H = self.hyper_features(z_hat, exact=False)
+        if mask is None:
+            mask = torch.ones_like(y[:, :1])
+        delta = self.rate_delta[rate].view(-1, 1, 1, 1).to(y.dtype)
+        slices = self.group_slices()
+        bits = torch.zeros(y.shape[0], device=y.device, dtype=y.dtype)
+        log_step, smin = self.cfg.log_step, self.cfg.scale_min
+
+        def step(k, _is_anchor, pos, mu, idx_raw):
+            nonlocal bits
+            yk = y[:, slices[k]]
+            l = self.table_index(idx_raw, rate)
+            sigma = smin * torch.exp(l * log_step)  # == scales[l], differentiable through the STE
+            # rate: noisy proxy; distortion path: straight-through rounding
+            v = (yk - mu) / delta
+            v_noisy = v + (torch.rand_like(v) - 0.5)
+            s = sigma / delta
+            p = _gauss_cdf((v_noisy + 0.5) / s) - _gauss_cdf((v_noisy - 0.5) / s)
+            bk = -torch.log2(p.clamp_min(1e-9))
+            bits = bits + (bk * (pos & (mask > 0.5))).sum(dim=(1, 2, 3))
+            y_hat = mu + delta * round_ste(v)
+            return torch.where(mask > 0.5, y_hat, mu)
+
+        y_hat = self.entropy_params_loop(H, step, exact=False)
+        latent = self.g_s(y_hat, mask, z_hat)
+        return {"latent": latent, "bits_y": bits, "bits_z": bits_z}
+
+
+def _gauss_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * torch.erfc(-x / math.sqrt(2))

@@ -1,0 +1,225 @@
+"""Export the edge-side graphs of a codec to ONNX (an "edge bundle").
+
+::
+
+    bundle/
+      analysis.onnx   image (1,3,H,W) float32, H,W multiples of 64 ─► y (1,M,H/16,W/16), z_sym (1,Nz,H/64,W/64)
+      entropy.onnx    y, z_sym, tx (1,1,h,w) bool, anchor (1,1,h,w) bool, rate (1,) int64
+                        ─► y_sym, y_table (1,M,h,w) int32      exact integer networks (ConvInteger)
+      tables.npz      integer probability tables (y: per scale, z: per channel), groups
+      manifest.json   codec name and id, weights hash, latent space, rate points, file hashes
+
+``analysis.onnx`` is the float g_a and h_a (torch.onnx export). ``entropy.onnx``
+is written node by node from the frozen integer parameters, mirroring
+``ElicCodec.entropy_params_loop`` operation for operation: ``ConvInteger`` for
+the convolutions, float64 for the requantization (all values are integers or
+dyadic rationals, so every operation is exact; see ``models/quant.py``). Each
+ONNX file carries the codec's weights hash in its metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .codec import LatentCodec
+from .elic import MEAN_RES, Y_IN_RES
+from .quant import QConv, QSequential
+
+log = logging.getLogger(__name__)
+
+__all__ = ["export_edge_bundle", "OPSET"]
+
+OPSET = 17
+IR_VERSION = 8
+
+
+class _Analysis(torch.nn.Module):
+    def __init__(self, codec: LatentCodec):
+        super().__init__()
+        self.g_a, self.h_a = codec.model.g_a, codec.model.h_a
+
+    def forward(self, x: torch.Tensor):
+        y = self.g_a(x)
+        z = self.h_a(y)
+        return y, torch.floor(z + 0.5)
+
+
+class _Graph:
+    """A tiny builder over onnx.helper that names things for us."""
+
+    def __init__(self):
+        from onnx import TensorProto, helper, numpy_helper
+
+        self.h, self.np_h, self.TP = helper, numpy_helper, TensorProto
+        self.nodes: list = []
+        self.inits: list = []
+        self._n = 0
+
+    def name(self, base: str) -> str:
+        self._n += 1
+        return f"{base}_{self._n}"
+
+    def const(self, arr: np.ndarray, base: str = "c") -> str:
+        n = self.name(base)
+        self.inits.append(self.np_h.from_array(np.asarray(arr), n))
+        return n
+
+    def op(self, op_type: str, inputs: list[str], base: str | None = None, **attrs) -> str:
+        out = self.name(base or op_type.lower())
+        self.nodes.append(self.h.make_node(op_type, inputs, [out], **attrs))
+        return out
+
+    def d(self, v: float) -> str:
+        return self.const(np.array(v, dtype=np.float64))
+
+    # ---- layers mirroring models/quant.py
+    def qconv(self, layer: QConv, codes: str) -> str:
+        if not bool(layer.frozen):
+            raise ValueError("export needs frozen integer parameters")
+        x8 = self.op("Cast", [codes], to=self.TP.UINT8)
+        w = self.const(layer.w_int.numpy().astype(np.int8), "w")
+        zp = self.const(np.array(layer.in_zero, dtype=np.uint8), "zp")
+        p = layer.kernel // 2
+        acc = self.op("ConvInteger", [x8, w, zp], pads=[p, p, p, p])
+        acc = self.op("Cast", [acc], to=self.TP.DOUBLE)
+        mult = self.const(layer.mult.numpy().reshape(1, -1, 1, 1).astype(np.float64), "mult")
+        bias = self.const(layer.bias_int.numpy().reshape(1, -1, 1, 1).astype(np.float64), "bias")
+        t = self.op("Add", [self.op("Mul", [acc, mult]), bias])
+        out = self.op("Floor", [self.op("Mul", [t, self.d(2.0 ** (-int(layer.shift)))])])
+        if layer.upsample > 1:
+            out = self.op("DepthToSpace", [out], blocksize=layer.upsample, mode="CRD")
+        if layer.relu:
+            out = self.op("Clip", [out, self.d(0.0), self.d(255.0)])
+        return out
+
+    def qseq(self, seq: QSequential, codes: str) -> str:
+        for layer in seq:
+            codes = self.qconv(layer, codes)
+        return codes
+
+    def quantize_input(self, x: str, res: float) -> str:
+        v = self.op("Floor", [self.op("Add", [self.op("Mul", [x, self.d(res)]), self.d(0.5)])])
+        return self.op("Add", [self.op("Clip", [v, self.d(-128.0), self.d(127.0)]), self.d(128.0)])
+
+
+def _entropy_graph(codec: LatentCodec):
+    from onnx import TensorProto, helper
+
+    m = codec.model
+    cfg = m.cfg
+    g = _Graph()
+    y32 = "y"
+    y = g.op("Cast", [y32], to=TensorProto.DOUBLE)
+    z = g.op("Cast", ["z_sym"], to=TensorProto.DOUBLE)
+    rate = "rate"
+    delta = g.op("Reshape", [g.op("Gather", [g.const(m.rate_delta.numpy().astype(np.float64)), rate], axis=0),
+                             g.const(np.array([1, 1, 1, 1], dtype=np.int64))])
+    kq = g.op("Reshape", [g.op("Gather", [g.const(m.rate_k.numpy().astype(np.float64)), rate], axis=0),
+                          g.const(np.array([1, 1, 1, 1], dtype=np.int64))])
+    H = g.qseq(m.h_s, g.quantize_input(z, 1.0))
+    shape_hw = g.op("Slice", [g.op("Shape", [y]), g.const(np.array([2], np.int64)), g.const(np.array([4], np.int64))])
+    codes_prev: list[str] = []
+    syms, tabs = [], []
+    start = 0
+    for k, c in enumerate(cfg.groups):
+        yk = g.op("Slice", [y, g.const(np.array([start], np.int64)), g.const(np.array([start + c], np.int64)),
+                            g.const(np.array([1], np.int64))])
+        start += c
+        ctx = [H]
+        if k > 0:
+            prev = codes_prev[0] if len(codes_prev) == 1 else g.op("Concat", codes_prev, axis=1)
+            ctx.append(g.qseq(m.ch_ctx[k - 1], prev))
+        shape = g.op("Concat", [g.const(np.array([1, c], np.int64)), shape_hw], axis=0)
+        zeros = g.op("Expand", [g.d(128.0), shape])
+        res = {}
+        for is_anchor in (True, False):
+            sp_in = zeros if is_anchor else res["codes_a"]
+            sp = g.qseq(m.sp_ctx[k], sp_in)
+            out = g.qseq(m.ep[k], g.op("Concat", ctx + [sp], axis=1))
+            mu = g.op("Div", [g.op("Slice", [out, g.const(np.array([0], np.int64)), g.const(np.array([c], np.int64)),
+                                             g.const(np.array([1], np.int64))]), g.d(float(MEAN_RES))])
+            idx = g.op("Slice", [out, g.const(np.array([c], np.int64)), g.const(np.array([2 * c], np.int64)),
+                                 g.const(np.array([1], np.int64))])
+            s = g.op("Floor", [g.op("Add", [g.op("Div", [g.op("Sub", [yk, mu]), delta]), g.d(0.5)])])
+            tab = g.op("Clip", [g.op("Sub", [idx, kq]), g.d(0.0), g.d(float(cfg.n_scales - 1))])
+            yh = g.op("Where", ["tx", g.op("Add", [mu, g.op("Mul", [delta, s])]), mu])
+            res["s_a" if is_anchor else "s_n"] = s
+            res["t_a" if is_anchor else "t_n"] = tab
+            res["y_a" if is_anchor else "y_n"] = yh
+            if is_anchor:
+                res["codes_a"] = g.op("Where", ["anchor", g.quantize_input(yh, float(Y_IN_RES)), zeros])
+        syms.append(g.op("Where", ["anchor", res["s_a"], res["s_n"]]))
+        tabs.append(g.op("Where", ["anchor", res["t_a"], res["t_n"]]))
+        y_k = g.op("Where", ["anchor", res["y_a"], res["y_n"]])
+        codes_prev.append(g.quantize_input(y_k, float(Y_IN_RES)))
+    sym = g.op("Concat", syms, axis=1) if len(syms) > 1 else syms[0]
+    tab = g.op("Concat", tabs, axis=1) if len(tabs) > 1 else tabs[0]
+    g.nodes.append(helper.make_node("Cast", [sym], ["y_sym"], to=TensorProto.INT32))
+    g.nodes.append(helper.make_node("Cast", [tab], ["y_table"], to=TensorProto.INT32))
+    inputs = [
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cfg.M, "h", "w"]),
+        helper.make_tensor_value_info("z_sym", TensorProto.FLOAT, [1, cfg.Nz, "hz", "wz"]),
+        helper.make_tensor_value_info("tx", TensorProto.BOOL, [1, 1, "h", "w"]),
+        helper.make_tensor_value_info("anchor", TensorProto.BOOL, [1, 1, "h", "w"]),
+        helper.make_tensor_value_info("rate", TensorProto.INT64, [1]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("y_sym", TensorProto.INT32, [1, cfg.M, "h", "w"]),
+        helper.make_tensor_value_info("y_table", TensorProto.INT32, [1, cfg.M, "h", "w"]),
+    ]
+    graph = helper.make_graph(g.nodes, "latentcast_entropy_encoder", inputs, outputs, g.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+
+
+def _stamp(path: Path, meta: dict[str, str]) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for k, v in meta.items():
+        p = model.metadata_props.add()
+        p.key, p.value = k, v
+    onnx.save(model, str(path))
+
+
+def export_edge_bundle(codec: LatentCodec, out_dir: Path | str) -> Path:
+    """Write the edge bundle for ``codec`` into ``out_dir``; returns the manifest path."""
+    import onnx
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"latentcast.codec": codec.codec_name, "latentcast.codec_id": str(codec.codec_id),
+            "latentcast.weights_hash": codec.weights_hash.hex(), "latentcast.latent_space": codec.latent_space_spec}
+    ana = out / "analysis.onnx"
+    with torch.no_grad():
+        torch.onnx.export(_Analysis(codec).eval(), (torch.rand(1, 3, 128, 128),), str(ana), dynamo=False,
+                          input_names=["image"], output_names=["y", "z_sym"], opset_version=OPSET,
+                          dynamic_axes={"image": {2: "H", 3: "W"}, "y": {2: "h", 3: "w"}, "z_sym": {2: "hz", 3: "wz"}})
+    _stamp(ana, meta)
+    ent = out / "entropy.onnx"
+    model = _entropy_graph(codec)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(ent))
+    _stamp(ent, meta)
+    yp, yl, yo = codec.y_tables.packed()
+    zp, zl, zo = codec.z_tables.packed()
+    np.savez(out / "tables.npz", y_packed=yp, y_lengths=yl, y_offsets=yo, z_packed=zp, z_lengths=zl, z_offsets=zo)
+    files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (ana, ent, out / "tables.npz")}
+    cfg = codec.cfg
+    manifest = {
+        "format": "latentcast-edge-bundle-1",
+        "codec": codec.codec_name, "codec_id": codec.codec_id, "weights_hash": codec.weights_hash.hex(),
+        "latent_space": codec.latent_space_spec, "latent_space_id": codec.latent_space_id,
+        "groups": list(cfg.groups), "M": cfg.M, "Nz": cfg.Nz, "n_rates": codec.n_rates,
+        "rate_delta": [float(v) for v in codec.model.rate_delta], "files": files,
+    }
+    mpath = out / "manifest.json"
+    mpath.write_text(json.dumps(manifest, indent=2))
+    log.info("edge bundle for %s (%s) written to %s", codec.codec_name, codec.weights_hash.hex(), out)
+    return mpath

@@ -1,0 +1,283 @@
+"""Training of the latent codec on a CPU (DISCOVER sec. 3.4, without the diffusion term).
+
+::
+
+    images ──latent space encoder (frozen, once)──► z_c cache (.npz per image)
+                                                        │
+    random crop (x, z_c) ──► ElicCodec(x, rate q, mask) ──► ẑ_c, bits
+                                                        │
+    stage I :  L = bpp + λ_q · ||z_c - ẑ_c||² / var(z_c)          all parameters
+    stage II:  same on the transmitted part, 0-50 % of y masked   g_s only (encoder, hyperprior,
+                                                                  entropy networks frozen)
+
+The target latents are computed once (``prepare_cache``) so the training loop
+never runs the latent-space encoder. One network covers all rate points: each
+crop draws a rate point ``q`` and the loss weighs its distortion with
+``λ_q = λ / Δ_q²`` (a fixed quantization step per rate point, as in
+quantization-step variable-rate codecs).
+
+Data policy (evaluation sets stay unseen): ``data/images/photos``,
+``data/images/samples`` and the frames of ``vtest.avi`` whose index is not
+divisible by 8. Kodak and frames 0, 8, 16, ... are never read here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from latentcast.shared import shared_path
+
+from .elic import CONFIGS, ElicCodec, ElicConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainConfig", "training_sources", "prepare_cache", "train", "default_cache_dir"]
+
+
+def default_cache_dir() -> Path:
+    """``$LATENTCAST_CACHE`` or ``~/.cache/latentcast``."""
+    return Path(os.environ.get("LATENTCAST_CACHE", Path.home() / ".cache" / "latentcast"))
+
+
+@dataclass
+class TrainConfig:
+    model: str = "lite"  # codec configuration name (models.elic.CONFIGS)
+    latent_space: str = "taef2"  # target latent space (models.latent_spaces.load_latent_space spec)
+    out: str = "checkpoints/elic-lite"  # checkpoint folder (resumed from if it holds one)
+    cache: str = ""  # latent cache folder ("" = <default cache>/train-<latent_space>)
+    stage1_steps: int = 6000  # stage I iterations (all parameters)
+    stage2_steps: int = 1000  # stage II iterations (g_s only, random masks)
+    batch: int = 8  # crops per step
+    crop: int = 192  # crop size in pixels (multiple of 64)
+    lr: float = 1e-4  # Adam learning rate (halved for the last 20 % of each stage)
+    lam: float = 16.0  # λ: distortion weight at Δ = 1 (λ_q = λ / Δ_q²)
+    vtest_stride: int = 5  # use vtest frames with index % stride == 0 (and index % 8 != 0)
+    checkpoint_every: int = 200  # steps between checkpoints
+    seed: int = 0  # RNG seed for crops, rates, masks
+    threads: int = 2  # torch threads
+    overrides: dict = field(default_factory=dict)  # ElicConfig field overrides, e.g. {"N": 64}
+
+    def codec_config(self) -> ElicConfig:
+        import dataclasses
+
+        base = CONFIGS.get(self.model)
+        if base is None:
+            raise ValueError(f"unknown model {self.model!r} (valid: {', '.join(CONFIGS)})")
+        return dataclasses.replace(base, **self.overrides)
+
+
+def training_sources(*, vtest_stride: int = 5) -> list[tuple[str, Path, int | None]]:
+    """(name, path, frame index or None) of every training image, evaluation sets excluded."""
+    out: list[tuple[str, Path, int | None]] = []
+    for sub in ("photos", "samples"):
+        d = shared_path("data", "images", sub)
+        for p in sorted(d.iterdir()):
+            if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"):
+                out.append((f"{sub}-{p.stem}", p, None))
+    video = shared_path("data", "video", "vtest.avi")
+    import cv2
+
+    cap = cv2.VideoCapture(str(video))
+    n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    cap.release()
+    for i in range(n):
+        if i % 8 != 0 and i % vtest_stride == 0:
+            out.append((f"vtest-{i:04d}", video, i))
+    return out
+
+
+def _read_rgb(path: Path, frame: int | None) -> np.ndarray:
+    import cv2
+
+    if frame is None:
+        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if img is None:
+            raise FileNotFoundError(f"cannot read image {path}")
+    else:
+        cap = cv2.VideoCapture(str(path))
+        cap.set(cv2.CAP_PROP_POS_FRAMES, frame)
+        ok, img = cap.read()
+        cap.release()
+        if not ok:
+            raise FileNotFoundError(f"cannot read frame {frame} of {path}")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def prepare_cache(cfg: TrainConfig) -> Path:
+    """Encode every training image into the target latent space once; resumable."""
+    from tqdm import tqdm
+
+    from .latent_spaces import load_latent_space
+
+    cache = Path(cfg.cache) if cfg.cache else default_cache_dir() / f"train-{cfg.latent_space}"
+    cache.mkdir(parents=True, exist_ok=True)
+    sources = training_sources(vtest_stride=cfg.vtest_stride)
+    todo = [s for s in sources if not (cache / f"{s[0]}.npz").exists()]
+    if not todo:
+        return cache
+    torch.set_num_threads(cfg.threads)
+    space = load_latent_space(cfg.latent_space)
+    space.eval()
+    f = space.factor
+    for name, path, frame in tqdm(todo, desc="target latents", unit="img"):
+        rgb = _read_rgb(path, frame)
+        h, w = (rgb.shape[0] // f) * f, (rgb.shape[1] // f) * f
+        rgb = np.ascontiguousarray(rgb[:h, :w])
+        x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
+        with torch.no_grad():
+            lat = space.encode(x)[0].numpy().astype(np.float16)
+        tmp = cache / f"{name}.tmp.npz"
+        np.savez(tmp, image=rgb, latent=lat)
+        tmp.rename(cache / f"{name}.npz")
+    return cache
+
+
+class _Crops:
+    """Random aligned crops of (image, latent) pairs held in memory."""
+
+    def __init__(self, cache: Path, crop: int, factor: int, rng: np.random.Generator):
+        self.items = []
+        for p in sorted(cache.glob("*.npz")):
+            if p.name.endswith(".tmp.npz"):
+                continue
+            d = np.load(p)
+            img, lat = d["image"], d["latent"]
+            if img.shape[0] >= crop and img.shape[1] >= crop:
+                self.items.append((img, lat))
+        if not self.items:
+            raise FileNotFoundError(f"no cached training latents of size >= {crop} in {cache}")
+        self.crop, self.f, self.rng = crop, factor, rng
+        lat_all = np.concatenate([l.reshape(l.shape[0], -1).astype(np.float32) for _, l in self.items[:64]], axis=1)
+        self.latent_var = float(lat_all.var())
+
+    def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ls = [], []
+        c, f = self.crop, self.f
+        for _ in range(n):
+            img, lat = self.items[self.rng.integers(len(self.items))]
+            y0 = self.rng.integers(0, (img.shape[0] - c) // f + 1) * f
+            x0 = self.rng.integers(0, (img.shape[1] - c) // f + 1) * f
+            xs.append(img[y0 : y0 + c, x0 : x0 + c])
+            ls.append(lat[:, y0 // f : (y0 + c) // f, x0 // f : (x0 + c) // f])
+        x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float() / 255
+        return x, torch.from_numpy(np.stack(ls).astype(np.float32))
+
+
+def random_masks(n: int, rows: int, cols: int, rng: np.random.Generator, max_masked: float = 0.5) -> torch.Tensor:
+    """(n,1,rows,cols) masks, 1 = transmitted, with 0..max_masked of the cells off in random rectangles."""
+    m = np.ones((n, 1, rows, cols), dtype=np.float32)
+    for i in range(n):
+        target = rng.uniform(0, max_masked) * rows * cols
+        while (1 - m[i]).sum() < target:
+            h = rng.integers(1, rows + 1)
+            w = rng.integers(1, cols + 1)
+            r, c = rng.integers(0, rows - h + 1), rng.integers(0, cols - w + 1)
+            m[i, 0, r : r + h, c : c + w] = 0
+            if (1 - m[i]).sum() > max_masked * rows * cols:
+                break
+    return torch.from_numpy(m)
+
+
+def _save(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) stage I then stage II; returns the final checkpoint path."""
+    from tqdm import tqdm
+
+    torch.set_num_threads(cfg.threads)
+    if cfg.crop % 64:
+        raise ValueError(f"crop {cfg.crop} must be a multiple of 64")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "last.pt"
+    ccfg = cfg.codec_config()
+    model = ElicCodec(ccfg)
+    step = 0
+    state = None
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        step = int(state["step"])
+        log.info("resumed from %s at step %d", ckpt, step)
+    cache = prepare_cache(cfg)
+    rng = np.random.default_rng(cfg.seed + step)
+    torch.manual_seed(cfg.seed + step)
+    crops = _Crops(cache, cfg.crop, ccfg.latent_factor, rng)
+    total = cfg.stage1_steps + cfg.stage2_steps
+    (out / "train_config.json").write_text(json.dumps({"train": asdict(cfg), "codec": ccfg.to_dict(),
+                                                        "latent_var": crops.latent_var}, indent=2))
+    hist_path = out / "history.jsonl"
+
+    def make_opt(stage: int):
+        params = model.parameters() if stage == 1 else model.g_s.parameters()
+        return torch.optim.Adam(params, lr=cfg.lr)
+
+    stage = 1 if step < cfg.stage1_steps else 2
+    opt = make_opt(stage)
+    if state is not None and state.get("stage") == stage:
+        opt.load_state_dict(state["opt"])
+    pbar = tqdm(total=total, initial=step, desc=f"stage {stage}", unit="step", mininterval=10)
+    lam = torch.tensor([cfg.lam], dtype=torch.float32) / model.rate_delta.float() ** 2
+    run = {"bpp": 0.0, "mse": 0.0, "n": 0}
+    t0 = time.time()
+    while step < total:
+        if step == cfg.stage1_steps and stage == 1:
+            stage = 2
+            opt = make_opt(2)
+            pbar.set_description("stage 2")
+        stage_start = 0 if stage == 1 else cfg.stage1_steps
+        stage_len = cfg.stage1_steps if stage == 1 else cfg.stage2_steps
+        lr = cfg.lr * (0.5 if step - stage_start >= 0.8 * stage_len else 1.0)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, target = crops.batch(cfg.batch)
+        rate = torch.from_numpy(rng.integers(0, model.n_rates, cfg.batch))
+        mask = None
+        if stage == 2:
+            mask = random_masks(cfg.batch, cfg.crop // 16, cfg.crop // 16, rng)
+        model.train()
+        if stage == 2:
+            with torch.no_grad():
+                pass
+        res = model(x, rate=rate, mask=mask)
+        npix = x.shape[2] * x.shape[3]
+        bpp = (res["bits_y"] + res["bits_z"]) / npix
+        mse = ((res["latent"] - target) ** 2).mean(dim=(1, 2, 3)) / crops.latent_var
+        loss = (bpp + lam[rate] * mse).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        run["bpp"] += float(bpp.mean())
+        run["mse"] += float(mse.mean())
+        run["n"] += 1
+        pbar.update(1)
+        if step % 50 == 0:
+            pbar.set_postfix(bpp=f"{run['bpp'] / run['n']:.3f}", nmse=f"{run['mse'] / run['n']:.4f}")
+            with hist_path.open("a") as fh:
+                fh.write(json.dumps({"step": step, "stage": stage, "bpp": run["bpp"] / run["n"],
+                                     "nmse": run["mse"] / run["n"], "sec": time.time() - t0}) + "\n")
+            run = {"bpp": 0.0, "mse": 0.0, "n": 0}
+        if step % cfg.checkpoint_every == 0 or step == total or step == cfg.stage1_steps:
+            _save(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "stage": stage,
+                         "train": asdict(cfg), "codec": ccfg.to_dict(), "latent_var": crops.latent_var})
+    pbar.close()
+    return ckpt
+
+
+def nmse_to_db(nmse: float) -> float:
+    return -10 * math.log10(max(nmse, 1e-12))

@@ -1,0 +1,273 @@
+"""Symbols <-> bytes: the entropy coder of the latent codec (numpy + constriction).
+
+Every probability model here is an *integer* frequency table shipped with the
+codec weights, so encoder and decoder use bit-identical models whatever
+machine they run on. The tables are indexed by small integers that the
+entropy-parameter networks compute in exact integer arithmetic (see
+``models/quant.py``): float noise cannot reach the coder.
+
+::
+
+    y symbols (int) ─┬─ scale index l (int) ──► table T_l ──┐
+                     │                                      ├─► range coder ──► bytes
+                     └─ |s| > R_l: escape symbol + Elias-γ ─┘     (constriction)
+    z symbols (int) ──► per-channel table (factorized prior) ──► range coder ──► bytes
+
+A table ``T`` is an int32 array of frequencies summing to ``2**PRECISION``;
+entry ``i`` codes the symbol ``i - R`` for ``i < 2R+1`` and the last entry is the
+escape for values outside ``[-R, R]``. Every frequency is >= 1 so every symbol
+is codable.
+
+The range coder (constriction's ``RangeEncoder``, a queue: symbols are decoded
+in the order they were encoded) turns the symbol groups of one packet section
+into a single word stream. Symbols are coded in groups sharing one table, in
+the order the caller gives: the decoder must ask for the same groups in the
+same order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "PRECISION",
+    "TableSet",
+    "SymbolEncoder",
+    "SymbolDecoder",
+    "gaussian_tables",
+    "quantize_pmf",
+    "EntropyError",
+]
+
+PRECISION = 16  # frequencies sum to 2**PRECISION
+_ESC_BITS_ALPHABET = 33  # Elias-gamma prefix: bit length 0..32 of an escaped magnitude
+
+
+class EntropyError(ValueError):
+    """A symbol stream that cannot be decoded (corrupt or truncated bytes, bad table)."""
+
+
+def quantize_pmf(pmf: np.ndarray, *, precision: int = PRECISION) -> np.ndarray:
+    """Float pmf (any positive scale) -> int32 frequencies >= 1 summing to ``2**precision``.
+
+    Deterministic given the same float input; used only when building tables,
+    which are then stored as integers (never recomputed on the decoding side).
+    """
+    pmf = np.asarray(pmf, dtype=np.float64)
+    if pmf.ndim != 1 or pmf.size < 2:
+        raise ValueError(f"pmf must be 1-D with at least 2 entries, got shape {pmf.shape}")
+    if not np.all(np.isfinite(pmf)) or np.any(pmf < 0):
+        raise ValueError("pmf has negative or non-finite entries")
+    total = 1 << precision
+    if pmf.size > total // 2:
+        raise ValueError(f"pmf of {pmf.size} entries does not fit {precision}-bit frequencies")
+    pmf = pmf / pmf.sum()
+    freq = np.maximum(1, np.floor(pmf * (total - pmf.size)).astype(np.int64))
+    # hand the remainder to the largest entries, one by one, in a fixed order
+    rem = total - int(freq.sum())
+    order = np.argsort(-pmf, kind="stable")
+    i = 0
+    while rem != 0:
+        j = order[i % pmf.size]
+        if rem > 0:
+            freq[j] += 1
+            rem -= 1
+        elif freq[j] > 1:
+            freq[j] -= 1
+            rem += 1
+        i += 1
+    return freq.astype(np.int32)
+
+
+def gaussian_tables(scales: np.ndarray, *, tail: float = 7.0, max_radius: int = 1024) -> list[np.ndarray]:
+    """Zero-mean discretized Gaussian tables, one per scale, each with an escape entry."""
+    tables = []
+    for s in np.asarray(scales, dtype=np.float64):
+        r = int(min(max_radius, max(1, math.ceil(tail * s))))
+        k = np.arange(-r, r + 1, dtype=np.float64)
+        upper = np.array([0.5 * math.erfc(-(v + 0.5) / (s * math.sqrt(2))) for v in k])
+        lower = np.array([0.5 * math.erfc(-(v - 0.5) / (s * math.sqrt(2))) for v in k])
+        pmf = upper - lower
+        esc = max(0.0, 1.0 - pmf.sum())
+        tables.append(quantize_pmf(np.append(pmf, esc)))
+    return tables
+
+
+@dataclass(frozen=True)
+class TableSet:
+    """A list of integer frequency tables with the symbol offset of each.
+
+    Table ``t`` codes values ``offset[t] .. offset[t] + len(table[t]) - 2`` directly
+    and anything else through its last (escape) entry.
+    """
+
+    freqs: tuple[np.ndarray, ...]
+    offsets: np.ndarray  # int64, value coded by entry 0 of each table
+
+    @classmethod
+    def centered(cls, tables: list[np.ndarray]) -> "TableSet":
+        offs = np.array([-(len(t) - 2) // 2 for t in tables], dtype=np.int64)
+        return cls(freqs=tuple(np.asarray(t, dtype=np.int32) for t in tables), offsets=offs)
+
+    @classmethod
+    def from_packed(cls, packed: np.ndarray, lengths: np.ndarray, offsets: np.ndarray) -> "TableSet":
+        """Rebuild from the flat form stored in weight files (see :meth:`packed`)."""
+        packed = np.asarray(packed, dtype=np.int32)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if lengths.ndim != 1 or int(lengths.sum()) != packed.size or np.any(lengths < 2):
+            raise EntropyError("table lengths do not match the packed table data")
+        ends = np.cumsum(lengths)
+        freqs = tuple(packed[e - n : e] for e, n in zip(ends, lengths))
+        for i, f in enumerate(freqs):
+            if int(f.sum()) != (1 << PRECISION) or np.any(f < 1):
+                raise EntropyError(f"table {i} does not sum to 2**{PRECISION} with positive entries")
+        return cls(freqs=freqs, offsets=np.asarray(offsets, dtype=np.int64))
+
+    def packed(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return (
+            np.concatenate(self.freqs).astype(np.int32),
+            np.array([len(f) for f in self.freqs], dtype=np.int64),
+            self.offsets.copy(),
+        )
+
+    def __len__(self) -> int:
+        return len(self.freqs)
+
+
+class _Models:
+    """constriction models built once per table set (they are reusable)."""
+
+    def __init__(self, tables: TableSet):
+        import constriction
+
+        m = constriction.stream.model
+        self.cats = [m.Categorical(f.astype(np.float64) / (1 << PRECISION), perfect=False) for f in tables.freqs]
+        self.esc_len = m.Uniform(_ESC_BITS_ALPHABET)
+        self.uniform = m.Uniform
+
+
+class SymbolEncoder:
+    """Encodes groups of integer symbols, each group under one table of a :class:`TableSet`."""
+
+    def __init__(self):
+        import constriction
+
+        self._enc = constriction.stream.queue.RangeEncoder()
+        self._models: dict[int, _Models] = {}
+
+    def _m(self, tables: TableSet) -> _Models:
+        key = id(tables)
+        if key not in self._models:
+            self._models[key] = _Models(tables)
+        return self._models[key]
+
+    def encode(self, values: np.ndarray, table_index: np.ndarray, tables: TableSet) -> None:
+        """Encode ``values[i]`` with table ``table_index[i]``; the decoder must call
+        :meth:`SymbolDecoder.decode` with the same ``table_index``."""
+        values = np.asarray(values, dtype=np.int64).ravel()
+        table_index = np.asarray(table_index, dtype=np.int64).ravel()
+        if values.shape != table_index.shape:
+            raise ValueError(f"values {values.shape} and table_index {table_index.shape} differ")
+        if values.size == 0:
+            return
+        if table_index.min() < 0 or table_index.max() >= len(tables):
+            raise ValueError(f"table index out of range 0..{len(tables) - 1}")
+        models = self._m(tables)
+        order = np.argsort(table_index, kind="stable")
+        idx_sorted = table_index[order]
+        bounds = np.flatnonzero(np.diff(idx_sorted)) + 1
+        starts = np.concatenate([[0], bounds])
+        ends = np.concatenate([bounds, [idx_sorted.size]])
+        for s, e in zip(starts, ends):
+            t = int(idx_sorted[s])
+            v = values[order[s:e]] - tables.offsets[t]
+            n_direct = len(tables.freqs[t]) - 1
+            esc = (v < 0) | (v >= n_direct)
+            sym = np.where(esc, n_direct, v).astype(np.int32)
+            self._enc.encode(sym, models.cats[t])
+            if esc.any():
+                self._encode_escapes(v[esc], n_direct, models)
+
+    def _encode_escapes(self, v: np.ndarray, n_direct: int, models: _Models) -> None:
+        # zig-zag the distance outside the direct range, then Elias-gamma style:
+        # bit length with a uniform model, then the low bits with a uniform model.
+        u = np.where(v < 0, -2 * v - 1, 2 * (v - n_direct)).astype(np.int64)  # >= 0
+        u = u + 1  # >= 1, so bit length >= 1
+        if u.max() >= (1 << 32):
+            raise ValueError(f"symbol magnitude {int(u.max())} too large to escape-code")
+        for x in u:
+            nb = int(x).bit_length()
+            self._enc.encode(np.array([nb], dtype=np.int32), models.esc_len)
+            if nb > 1:
+                rest = int(x) - (1 << (nb - 1))
+                self._enc.encode(np.array([rest], dtype=np.int32), models.uniform(1 << (nb - 1)))
+
+    def to_bytes(self) -> bytes:
+        words = self._enc.get_compressed()
+        return np.asarray(words, dtype="<u4").tobytes()
+
+
+class SymbolDecoder:
+    """Decodes what :class:`SymbolEncoder` wrote, group by group in the same order."""
+
+    def __init__(self, data: bytes):
+        import constriction
+
+        if len(data) % 4:
+            raise EntropyError(f"entropy-coded section of {len(data)} bytes is not a whole number of 32-bit words")
+        words = np.frombuffer(data, dtype="<u4").astype(np.uint32)
+        try:
+            self._dec = constriction.stream.queue.RangeDecoder(words)
+        except Exception as exc:  # constriction rejects some malformed streams up front
+            raise EntropyError(f"cannot start decoding: {exc}") from exc
+        self._models: dict[int, _Models] = {}
+
+    def _m(self, tables: TableSet) -> _Models:
+        key = id(tables)
+        if key not in self._models:
+            self._models[key] = _Models(tables)
+        return self._models[key]
+
+    def decode(self, table_index: np.ndarray, tables: TableSet) -> np.ndarray:
+        table_index = np.asarray(table_index, dtype=np.int64).ravel()
+        out = np.empty(table_index.size, dtype=np.int64)
+        if table_index.size == 0:
+            return out
+        if table_index.min() < 0 or table_index.max() >= len(tables):
+            raise EntropyError(f"table index out of range 0..{len(tables) - 1}")
+        models = self._m(tables)
+        order = np.argsort(table_index, kind="stable")
+        idx_sorted = table_index[order]
+        bounds = np.flatnonzero(np.diff(idx_sorted)) + 1
+        starts = np.concatenate([[0], bounds])
+        ends = np.concatenate([bounds, [idx_sorted.size]])
+        try:
+            for s, e in zip(starts, ends):
+                t = int(idx_sorted[s])
+                n_direct = len(tables.freqs[t]) - 1
+                sym = np.asarray(self._dec.decode(models.cats[t], int(e - s)), dtype=np.int64)
+                esc = sym == n_direct
+                if esc.any():
+                    sym[esc] = self._decode_escapes(int(esc.sum()), n_direct, models)
+                out[order[s:e]] = sym + tables.offsets[t]
+        except EntropyError:
+            raise
+        except Exception as exc:
+            raise EntropyError(f"entropy decoding failed: {exc}") from exc
+        return out
+
+    def _decode_escapes(self, n: int, n_direct: int, models: _Models) -> np.ndarray:
+        res = np.empty(n, dtype=np.int64)
+        for i in range(n):
+            nb = int(self._dec.decode(models.esc_len, 1)[0])
+            if nb < 1:
+                raise EntropyError(f"escape bit length {nb} out of range 1..32")
+            x = 1 << (nb - 1)
+            if nb > 1:
+                x += int(self._dec.decode(models.uniform(1 << (nb - 1)), 1)[0])
+            u = x - 1
+            res[i] = -(u + 1) // 2 if u % 2 else u // 2 + n_direct
+        return res

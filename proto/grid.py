@@ -1,0 +1,77 @@
+"""Boxes in pixels <-> masks on the codec's latent grid (numpy only).
+
+The codec's latent ``y`` sits on a grid of stride ``stride`` (16) over the
+frame padded up to a multiple of ``pad_to`` (64). A box covers the grid cells it
+touches, grown by ``margin`` cells on each side so that the receptive field of
+the synthesis transform around the object is transmitted too::
+
+    pixels (x0, y0, x1, y1)  ──►  cells [floor(y0/16)-m, ceil(y1/16)+m) x [...]  ──►  bool mask (Hy, Wy)
+
+Integer arithmetic only: encoder and decoder derive the same mask from the
+ROI list in the packet header.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+__all__ = ["padded_size", "grid_shape", "roi_mask", "anchor_mask", "transmit_mask"]
+
+
+def padded_size(width: int, height: int, *, pad_to: int = 64) -> tuple[int, int]:
+    """Frame size rounded up to a multiple of ``pad_to``: (width, height)."""
+    if width < 1 or height < 1:
+        raise ValueError(f"frame size {width}x{height} must be positive")
+    return -(-width // pad_to) * pad_to, -(-height // pad_to) * pad_to
+
+
+def grid_shape(width: int, height: int, *, stride: int = 16, pad_to: int = 64) -> tuple[int, int]:
+    """(rows, cols) of the latent grid for a frame."""
+    pw, ph = padded_size(width, height, pad_to=pad_to)
+    return ph // stride, pw // stride
+
+
+def roi_mask(
+    boxes: Iterable[tuple[int, int, int, int]],
+    width: int,
+    height: int,
+    *,
+    stride: int = 16,
+    pad_to: int = 64,
+    margin: int = 1,
+) -> np.ndarray:
+    """Boolean mask (rows, cols) of the grid cells covered by any box (+ margin).
+
+    ``boxes`` are ``(x0, y0, x1, y1)`` in pixels with ``x0 < x1 <= width`` and
+    ``y0 < y1 <= height``; an empty iterable gives an all-False mask.
+    """
+    if margin < 0:
+        raise ValueError(f"margin {margin} must be >= 0")
+    rows, cols = grid_shape(width, height, stride=stride, pad_to=pad_to)
+    mask = np.zeros((rows, cols), dtype=bool)
+    for b in boxes:
+        x0, y0, x1, y1 = (int(v) for v in b)
+        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+            raise ValueError(f"box {(x0, y0, x1, y1)} is empty or outside the {width}x{height} frame")
+        c0 = max(0, x0 // stride - margin)
+        r0 = max(0, y0 // stride - margin)
+        c1 = min(cols, -(-x1 // stride) + margin)
+        r1 = min(rows, -(-y1 // stride) + margin)
+        mask[r0:r1, c0:c1] = True
+    return mask
+
+
+def anchor_mask(rows: int, cols: int) -> np.ndarray:
+    """Checkerboard: True on the anchor cells (decoded first), where (row + col) is even."""
+    r = np.arange(rows)[:, None]
+    c = np.arange(cols)[None, :]
+    return (r + c) % 2 == 0
+
+
+def transmit_mask(width: int, height: int, boxes: Iterable[tuple[int, int, int, int]], roi_only: bool) -> np.ndarray:
+    """The cells whose symbols a packet carries: the ROI cells if ``roi_only``, else all."""
+    if not roi_only:
+        return np.ones(grid_shape(width, height), dtype=bool)
+    return roi_mask(boxes, width, height)

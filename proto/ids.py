@@ -1,0 +1,26 @@
+"""Wire identifiers: codec architectures and latent spaces (numpy-free constants)."""
+
+from __future__ import annotations
+
+__all__ = ["CODEC_IDS", "LATENT_SPACE_IDS", "codec_name", "latent_space_name"]
+
+# codec architecture -> codec_id in the packet header
+CODEC_IDS: dict[str, int] = {"elic-lite": 1, "elic-paper": 2}
+# latent-space family -> latent_space_id in the packet header
+LATENT_SPACE_IDS: dict[str, int] = {"taef2": 1, "taesd": 2, "sd-vae": 3, "pixels": 4}
+
+
+def _reverse(table: dict[str, int], value: int, what: str) -> str:
+    for k, v in table.items():
+        if v == value:
+            return k
+    valid = ", ".join(f"{v}={k}" for k, v in table.items())
+    raise ValueError(f"unknown {what} {value} (valid: {valid})")
+
+
+def codec_name(codec_id: int) -> str:
+    return _reverse(CODEC_IDS, codec_id, "codec_id")
+
+
+def latent_space_name(latent_space_id: int) -> str:
+    return _reverse(LATENT_SPACE_IDS, latent_space_id, "latent_space_id")

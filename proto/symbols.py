@@ -1,0 +1,115 @@
+"""Coding order of the latent symbols, shared by the edge encoder and the cloud decoder (numpy only).
+
+A frame's symbols are two sections:
+
+- ``Z``: the hyper-latent ẑ, all of it, channel by channel, each channel with
+  its own factorized-prior table.
+- ``Y``: the latent ŷ in ``2 x len(groups)`` steps: for each channel group, the
+  anchor cells of the checkerboard, then the other cells. In a step, only the
+  cells inside the ROI mask are coded, channel-major then row-major, each with
+  the Gaussian table its integer scale index names.
+
+The symbol checksum (``symbol_crc`` in the packet header) is the CRC32 of the
+int32 little-endian symbols in that same order (Z first), so the decoder can
+prove it recovered exactly what the encoder coded.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from .bitstream import Packet, PacketHeader, Roi, SectionKind
+from .entropy import SymbolDecoder, SymbolEncoder, TableSet
+from .grid import anchor_mask
+
+__all__ = ["coding_steps", "LatentEncoder", "LatentDecoder"]
+
+
+def coding_steps(groups: Sequence[int]) -> list[tuple[int, slice, bool]]:
+    """(group index, channel slice, anchor?) for every step in decoding order."""
+    out, s = [], 0
+    for k, c in enumerate(groups):
+        sl = slice(s, s + c)
+        out += [(k, sl, True), (k, sl, False)]
+        s += c
+    return out
+
+
+def _crc(crc: int, values: np.ndarray) -> int:
+    return zlib.crc32(np.asarray(values, dtype="<i4").tobytes(), crc)
+
+
+def _cells(tx_mask: np.ndarray, anchor: bool) -> np.ndarray:
+    a = anchor_mask(*tx_mask.shape)
+    return tx_mask & (a if anchor else ~a)
+
+
+class LatentEncoder:
+    """Codes a frame's symbols into the Z and Y sections and computes the symbol CRC."""
+
+    def __init__(self, *, groups: Sequence[int], y_tables: TableSet, z_tables: TableSet, codec_id: int = 0,
+                 weights_hash: bytes = b"", latent_space_id: int = 0):
+        self.groups = tuple(groups)
+        self.y_tables, self.z_tables = y_tables, z_tables
+        self.codec_id, self.weights_hash, self.latent_space_id = codec_id, weights_hash, latent_space_id
+
+    def packet(self, *, width: int, height: int, rois: Sequence[Roi], roi_only: bool, rate_point: int,
+               z_sym: np.ndarray, y_sym: np.ndarray, y_table: np.ndarray, tx_mask: np.ndarray,
+               label_set_hash: bytes = b"\0\0\0\0") -> bytes:
+        """Code the symbols and wrap them in a versioned packet (see ``bitstream``)."""
+        zb, yb, crc = self.encode(z_sym=z_sym, y_sym=y_sym, y_table=y_table, tx_mask=tx_mask)
+        header = PacketHeader(codec_id=self.codec_id, weights_hash=self.weights_hash, rate_point=rate_point,
+                              latent_space_id=self.latent_space_id, width=width, height=height,
+                              label_set_hash=label_set_hash, symbol_crc=crc, roi_only=roi_only, rois=tuple(rois))
+        return Packet(header=header, sections={SectionKind.Z: zb, SectionKind.Y: yb}).to_bytes()
+
+    def encode(
+        self, *, z_sym: np.ndarray, y_sym: np.ndarray, y_table: np.ndarray, tx_mask: np.ndarray
+    ) -> tuple[bytes, bytes, int]:
+        """``z_sym`` (Cz,hz,wz); ``y_sym``, ``y_table`` (M,h,w); ``tx_mask`` (h,w) bool.
+
+        Returns (Z bytes, Y bytes, symbol CRC)."""
+        if y_sym.shape != y_table.shape or y_sym.shape[1:] != tx_mask.shape:
+            raise ValueError(f"shapes differ: y_sym {y_sym.shape}, y_table {y_table.shape}, mask {tx_mask.shape}")
+        if z_sym.shape[0] != len(self.z_tables):
+            raise ValueError(f"z has {z_sym.shape[0]} channels, the prior has {len(self.z_tables)} tables")
+        crc = 0
+        zenc = SymbolEncoder()
+        zt = np.broadcast_to(np.arange(z_sym.shape[0]).reshape(-1, 1, 1), z_sym.shape)
+        zenc.encode(z_sym.ravel(), zt.ravel(), self.z_tables)
+        crc = _crc(crc, z_sym.ravel())
+        yenc = SymbolEncoder()
+        for _k, sl, anchor in coding_steps(self.groups):
+            cells = _cells(tx_mask, anchor)
+            vals = y_sym[sl][:, cells].ravel()
+            yenc.encode(vals, y_table[sl][:, cells].ravel(), self.y_tables)
+            crc = _crc(crc, vals)
+        return zenc.to_bytes(), yenc.to_bytes(), crc
+
+
+class LatentDecoder:
+    """Decodes Z at once and Y step by step (the caller computes each step's tables in between)."""
+
+    def __init__(self, *, groups: Sequence[int], y_tables: TableSet, z_tables: TableSet, z_bytes: bytes, y_bytes: bytes):
+        self.groups = tuple(groups)
+        self.y_tables, self.z_tables = y_tables, z_tables
+        self._z = SymbolDecoder(z_bytes)
+        self._y = SymbolDecoder(y_bytes)
+        self.crc = 0
+
+    def decode_z(self, shape: tuple[int, int, int]) -> np.ndarray:
+        zt = np.broadcast_to(np.arange(shape[0]).reshape(-1, 1, 1), shape)
+        z = self._z.decode(zt.ravel(), self.z_tables).reshape(shape)
+        self.crc = _crc(self.crc, z.ravel())
+        return z
+
+    def decode_step(self, *, sl: slice, anchor: bool, y_table: np.ndarray, tx_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Symbols of one step: returns (values, cells) where ``values`` has shape (channels, cells.sum())."""
+        cells = _cells(tx_mask, anchor)
+        t = y_table[:, cells]  # y_table is the group's (C,h,w) table indices
+        vals = self._y.decode(t.ravel(), self.y_tables)
+        self.crc = _crc(self.crc, vals)
+        return vals.reshape(t.shape), cells
