@@ -46,6 +46,7 @@ __all__ = ["WEIGHTS_DIR", "Reconstruction", "LatentCodec", "CodecError", "image_
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 Z_RADIUS = 64  # z symbols coded directly in -64..64, escaped beyond
+MAX_DECODE_PIXELS = 4096 * 2304  # frames larger than this are refused before any allocation
 
 
 class CodecError(ValueError):
@@ -249,7 +250,10 @@ class LatentCodec:
                              f"{self.weights_hash.hex()}")
         if hd.latent_space_id != self.latent_space_id:
             raise CodecError(f"packet latent_space_id {hd.latent_space_id} is not {self.latent_space_id}")
-        self.check_rate(hd.rate_point)
+        if hd.rate_point >= self.n_rates:
+            raise CodecError(f"packet rate_point {hd.rate_point} out of range 0..{self.n_rates - 1}")
+        if hd.width * hd.height > MAX_DECODE_PIXELS:
+            raise CodecError(f"frame {hd.width}x{hd.height} exceeds the decoder limit of {MAX_DECODE_PIXELS} pixels")
         missing = [k.name for k in (SectionKind.Z, SectionKind.Y) if k not in packet.sections]
         if missing:
             raise CodecError(f"packet lacks section(s) {', '.join(missing)}")

@@ -158,8 +158,9 @@ def _entropy_graph(codec: LatentCodec):
         tabs.append(g.op("Where", ["anchor", res["t_a"], res["t_n"]]))
         y_k = g.op("Where", ["anchor", res["y_a"], res["y_n"]])
         codes_prev.append(g.quantize_input(y_k, float(Y_IN_RES)))
-    sym = g.op("Concat", syms, axis=1) if len(syms) > 1 else syms[0]
-    tab = g.op("Concat", tabs, axis=1) if len(tabs) > 1 else tabs[0]
+    zero = g.d(0.0)
+    sym = g.op("Where", ["tx", g.op("Concat", syms, axis=1) if len(syms) > 1 else syms[0], zero])
+    tab = g.op("Where", ["tx", g.op("Concat", tabs, axis=1) if len(tabs) > 1 else tabs[0], zero])
     g.nodes.append(helper.make_node("Cast", [sym], ["y_sym"], to=TensorProto.INT32))
     g.nodes.append(helper.make_node("Cast", [tab], ["y_table"], to=TensorProto.INT32))
     inputs = [

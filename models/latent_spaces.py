@@ -470,10 +470,13 @@ class TinyAutoencoder(LatentSpace):
             stem = Path(encoder_path if encoder_path is not None else decoder_path).stem  # type: ignore[arg-type]
             name = re.sub(r"[_.-]?(encoder|decoder)$", "", stem) or "taesd"
         model = cls(encoder_layers=enc_layers, decoder_layers=dec_layers, name=name, gn_groups=gn_groups)
-        if model.encoder is not None and enc_sd is not None:
-            model.encoder.load_state_dict(enc_sd, strict=True)
-        if model.decoder is not None and dec_sd is not None:
-            model.decoder.load_state_dict(dec_sd, strict=True)
+        for part, sd, path in ((model.encoder, enc_sd, encoder_path), (model.decoder, dec_sd, decoder_path)):
+            if part is None or sd is None:
+                continue
+            try:
+                part.load_state_dict(sd, strict=True)
+            except RuntimeError as e:
+                raise ValueError(f"{path}: weights do not fit the inferred TAESD layout: {e}") from e
         model.requires_grad_(False).eval()
         logger.info(
             "loaded %s: %d channels at 1/%d (encoder %s, decoder %s)",

@@ -222,8 +222,12 @@ def train(cfg: TrainConfig) -> Path:
     hist_path = out / "history.jsonl"
 
     def make_opt(stage: int):
-        params = model.parameters() if stage == 1 else model.g_s.parameters()
-        return torch.optim.Adam(params, lr=cfg.lr)
+        # stage II trains the decoder only: freeze everything else (autograd then skips it)
+        for p in model.parameters():
+            p.requires_grad_(stage == 1)
+        for p in model.g_s.parameters():
+            p.requires_grad_(True)
+        return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
 
     stage = 1 if step < cfg.stage1_steps else 2
     opt = make_opt(stage)
@@ -231,7 +235,8 @@ def train(cfg: TrainConfig) -> Path:
         opt.load_state_dict(state["opt"])
     pbar = tqdm(total=total, initial=step, desc=f"stage {stage}", unit="step", mininterval=10)
     lam = torch.tensor([cfg.lam], dtype=torch.float32) / model.rate_delta.float() ** 2
-    run = {"bpp": 0.0, "mse": 0.0, "n": 0}
+    n_r = model.n_rates
+    run = {"bpp": np.zeros(n_r), "mse": np.zeros(n_r), "n": np.zeros(n_r)}
     t0 = time.time()
     while step < total:
         if step == cfg.stage1_steps and stage == 1:
@@ -249,9 +254,6 @@ def train(cfg: TrainConfig) -> Path:
         if stage == 2:
             mask = random_masks(cfg.batch, cfg.crop // 16, cfg.crop // 16, rng)
         model.train()
-        if stage == 2:
-            with torch.no_grad():
-                pass
         res = model(x, rate=rate, mask=mask)
         npix = x.shape[2] * x.shape[3]
         bpp = (res["bits_y"] + res["bits_z"]) / npix
@@ -262,16 +264,19 @@ def train(cfg: TrainConfig) -> Path:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        run["bpp"] += float(bpp.mean())
-        run["mse"] += float(mse.mean())
-        run["n"] += 1
+        r_np = rate.numpy()
+        np.add.at(run["bpp"], r_np, bpp.detach().numpy())
+        np.add.at(run["mse"], r_np, mse.detach().numpy())
+        np.add.at(run["n"], r_np, 1)
         pbar.update(1)
         if step % 50 == 0:
-            pbar.set_postfix(bpp=f"{run['bpp'] / run['n']:.3f}", nmse=f"{run['mse'] / run['n']:.4f}")
+            n = np.maximum(run["n"], 1)
+            bpp_q, nmse_q = run["bpp"] / n, run["mse"] / n
+            pbar.set_postfix(bpp=" ".join(f"{v:.3f}" for v in bpp_q), nmse=" ".join(f"{v:.3f}" for v in nmse_q))
             with hist_path.open("a") as fh:
-                fh.write(json.dumps({"step": step, "stage": stage, "bpp": run["bpp"] / run["n"],
-                                     "nmse": run["mse"] / run["n"], "sec": time.time() - t0}) + "\n")
-            run = {"bpp": 0.0, "mse": 0.0, "n": 0}
+                fh.write(json.dumps({"step": step, "stage": stage, "bpp": bpp_q.round(5).tolist(),
+                                     "nmse": nmse_q.round(5).tolist(), "sec": round(time.time() - t0, 1)}) + "\n")
+            run = {"bpp": np.zeros(n_r), "mse": np.zeros(n_r), "n": np.zeros(n_r)}
         if step % cfg.checkpoint_every == 0 or step == total or step == cfg.stage1_steps:
             _save(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "stage": stage,
                          "train": asdict(cfg), "codec": ccfg.to_dict(), "latent_var": crops.latent_var})

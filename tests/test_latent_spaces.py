@@ -178,6 +178,11 @@ def test_taesd_rejects_foreign_state_dict(tmp_path: Path) -> None:
     torch.save({"conv_in.weight": torch.zeros(4, 3, 3, 3)}, p)
     with pytest.raises(ValueError, match="conv_in.weight"):
         TinyAutoencoder.from_files(encoder_path=p, decoder_path=None)
+    sd = TinyAutoencoder.from_config(width=8).decoder.state_dict()
+    sd["3.pool.9.weight"] = torch.zeros(1)
+    torch.save(sd, tmp_path / "bad_decoder.pth")
+    with pytest.raises(ValueError, match=r"(?s)bad_decoder\.pth.*3\.pool\.9\.weight"):
+        TinyAutoencoder.from_files(encoder_path=None, decoder_path=tmp_path / "bad_decoder.pth")
 
 
 def test_decode_keeps_gradients_encode_does_not() -> None:

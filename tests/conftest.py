@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny seeded codecs (no download), shared-data lookup."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from latentcast.shared import shared_dir
+
+
+def shared_or_skip() -> Path:
+    try:
+        return shared_dir()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def tiny_codec_path(tmp_path_factory) -> Path:
+    """A tiny, randomly initialised (seed 0), frozen codec weight file."""
+    torch = pytest.importorskip("torch")
+    from latentcast.models.codec import LatentCodec
+    from latentcast.models.elic import CONFIGS, ElicCodec
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(CONFIGS["lite"], N=32, M=64, groups=(16, 16, 32), Nz=16, Nh=32, ctx=16, ep=32,
+                              gs_width=32, gs_blocks=1)
+    model = ElicCodec(cfg)
+    with torch.no_grad():  # spread the random entropy parameters over many tables and means
+        for seq in model.ep:
+            seq[-1].conv.weight.mul_(40.0)
+    path = tmp_path_factory.mktemp("codec") / "tiny.safetensors"
+    LatentCodec.save(model, path, latent_space="taef2")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_codec(tiny_codec_path):
+    from latentcast.models.codec import LatentCodec
+
+    return LatentCodec.from_file(tiny_codec_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_codec, tmp_path_factory) -> Path:
+    from latentcast.models.export import export_edge_bundle
+
+    out = tmp_path_factory.mktemp("bundle")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_edge_bundle(tiny_codec, out)
+    return out
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)

@@ -1,0 +1,202 @@
+"""Codec benchmark: rate, quality and speed on Kodak and a vtest frame, with JPEG/WebP in the same run.
+
+Writes one JSON file with the command, machine and commit. Every rate is the
+length of real packets (headers included). Quality:
+
+- latent SNR: ``10 log10(var(z_c) / mse(z_c, ẑ_c))`` against the latent-space
+  encoder's latent of the original image;
+- pixel PSNR after the latent decoder (and the ceiling: the latent space's own
+  round trip without compression);
+- JPEG and WebP (OpenCV) over a quality sweep on the same images, and the bpp
+  each needs to reach latentcast's pixel PSNR (log-linear interpolation).
+
+Speed: edge encode (ONNX Runtime: analysis, entropy graph, range coding) and
+cloud decode (PyTorch: entropy decoding + synthesis; latent decoder separately)
+on a 768x576 vtest frame.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def _machine() -> dict:
+    import os
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import onnxruntime
+    import torch
+
+    info["torch"], info["onnxruntime"], info["torch_threads"] = torch.__version__, onnxruntime.__version__, torch.get_num_threads()
+    return info
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
+
+
+def classical(img_rgb: np.ndarray, kind: str, quality: int) -> tuple[int, np.ndarray]:
+    import cv2
+
+    bgr = img_rgb[:, :, ::-1]
+    flag = cv2.IMWRITE_JPEG_QUALITY if kind == "jpeg" else cv2.IMWRITE_WEBP_QUALITY
+    ok, buf = cv2.imencode(".jpg" if kind == "jpeg" else ".webp", bgr, [flag, quality])
+    if not ok:
+        raise RuntimeError(f"OpenCV cannot encode {kind}")
+    dec = cv2.imdecode(buf, cv2.IMREAD_COLOR)[:, :, ::-1]
+    return len(buf), dec
+
+
+def bpp_at_psnr(points: list[tuple[float, float]], target: float) -> float | None:
+    """Interpolate bpp (log) at a PSNR from (bpp, psnr) points sorted by bpp; None if out of range."""
+    pts = sorted(points)
+    for (b0, p0), (b1, p1) in zip(pts, pts[1:]):
+        if min(p0, p1) <= target <= max(p0, p1) and p1 != p0:
+            t = (target - p0) / (p1 - p0)
+            return float(np.exp(np.log(b0) + t * (np.log(b1) - np.log(b0))))
+    return None
+
+
+def center_roi(w: int, h: int, frac: float = 0.2):
+    from latentcast.proto.bitstream import Roi
+
+    s = frac**0.5
+    bw, bh = int(w * s), int(h * s)
+    x0, y0 = (w - bw) // 2, (h - bh) // 2
+    return Roi(x0=x0, y0=y0, x1=x0 + bw, y1=y0 + bh, label_id=0)
+
+
+def main(args) -> int:
+    import cv2
+    import torch
+
+    from latentcast.edge.encoder import EdgeEncoder
+    from latentcast.models.codec import LatentCodec
+    from latentcast.proto.bitstream import Packet, SectionKind
+    from latentcast.shared import shared_path
+
+    torch.set_num_threads(2)
+    codec = LatentCodec.load(args.weights or "elic-lite")
+    enc = EdgeEncoder()
+    if enc.weights_hash != codec.weights_hash:
+        raise SystemExit("error: the edge bundle was exported from other weights; run `latentcast export edge`")
+    space = codec.latent_space()
+    kodak = sorted(shared_path("data", "images", "kodak").glob("kodim*.png"))[: args.kodak]
+    nq = codec.n_rates
+    per_rate = {q: {"bpp": [], "bpp_roi": [], "roi_ratio": [], "latent_snr": [], "psnr": [], "psnr_roi_inside": []}
+                for q in range(nq)}
+    ceiling, classical_pts = [], {"jpeg": {}, "webp": {}}
+    qualities = [5, 10, 20, 30, 40, 50, 60, 70, 80, 90]
+    from tqdm import tqdm
+
+    for path in tqdm(kodak, desc="kodak", unit="img"):
+        img = np.ascontiguousarray(cv2.imread(str(path))[:, :, ::-1])
+        h, w = img.shape[:2]
+        x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+        with torch.no_grad():
+            z_c = space.encode(x)[0].numpy()
+        ceiling.append(psnr(codec.latent_to_frame(torch.from_numpy(z_c)[None], w, h), img))
+        roi = center_roi(w, h)
+        for q in range(nq):
+            data = enc.compress(img, rate_point=q)
+            rec = codec.decompress(data)
+            d = per_rate[q]
+            d["bpp"].append(len(data) * 8 / (w * h))
+            d["latent_snr"].append(float(10 * np.log10(z_c.var() / np.mean((rec.latent - z_c) ** 2))))
+            d["psnr"].append(psnr(rec.frame, img))
+            part = enc.compress(img, [roi], rate_point=q)
+            d["bpp_roi"].append(len(part) * 8 / (w * h))
+            d["roi_ratio"].append(len(part) / len(data))
+            rr = codec.decompress(part)
+            d["psnr_roi_inside"].append(psnr(rr.frame[roi.y0:roi.y1, roi.x0:roi.x1], img[roi.y0:roi.y1, roi.x0:roi.x1]))
+        for kind in classical_pts:
+            for qual in qualities:
+                n, dec = classical(img, kind, qual)
+                classical_pts[kind].setdefault(qual, []).append((n * 8 / (w * h), psnr(dec, img)))
+
+    rates = []
+    for q in range(nq):
+        d = per_rate[q]
+        rates.append({"rate_point": q, **{k: float(np.mean(v)) for k, v in d.items()}})
+    cls = {kind: [{"quality": qq, "bpp": float(np.mean([p[0] for p in v])), "psnr": float(np.mean([p[1] for p in v]))}
+                  for qq, v in sorted(pts.items())] for kind, pts in classical_pts.items()}
+    for r in rates:
+        for kind, pts in cls.items():
+            b = bpp_at_psnr([(p["bpp"], p["psnr"]) for p in pts], r["psnr"])
+            r[f"{kind}_bpp_at_same_psnr"] = b
+            r[f"{kind}_bpp_ratio"] = (b / r["bpp"]) if b else None
+
+    # speed on a 768x576 vtest frame (index 0, an evaluation frame)
+    cap = cv2.VideoCapture(str(shared_path("data", "video", "vtest.avi")))
+    ok, frame = cap.read()
+    cap.release()
+    frame = np.ascontiguousarray(frame[:, :, ::-1])
+    timing = {}
+    for q in (0, nq - 1):
+        enc.compress(frame, rate_point=q)  # warm-up
+        t = {"analysis": [], "entropy_graph": [], "range_coding": [], "encode_total": [], "decode_latent": [],
+             "latent_decoder": []}
+        for _ in range(5):
+            t0 = time.perf_counter()
+            y, z = enc.analyze(frame)
+            t1 = time.perf_counter()
+            tx = np.ones(y.shape[1:], bool)
+            s, tab = enc.encode_symbols(y, z, rate_point=q, tx_mask=tx)
+            t2 = time.perf_counter()
+            data = enc._enc.packet(width=768, height=576, rois=(), roi_only=False, rate_point=q, z_sym=z,
+                                   y_sym=s, y_table=tab, tx_mask=tx)
+            t3 = time.perf_counter()
+            lat, _ = codec.decode_latent(Packet.from_bytes(data))
+            t4 = time.perf_counter()
+            codec.latent_to_frame(lat, 768, 576)
+            t5 = time.perf_counter()
+            for k, v in zip(t, (t1 - t0, t2 - t1, t3 - t2, t3 - t0, t4 - t3, t5 - t4)):
+                t[k].append(v)
+        timing[f"rate_point_{q}"] = {k: float(np.median(v)) for k, v in t.items()} | {
+            "bytes": len(data), "bpp": len(data) * 8 / (768 * 576),
+            "z_bytes": len(Packet.from_bytes(data).sections[SectionKind.Z])}
+
+    result = {
+        "command": " ".join(["latentcast"] + sys.argv[1:]),
+        "commit": _commit(),
+        "machine": _machine(),
+        "codec": {"name": codec.codec_name, "weights_hash": codec.weights_hash.hex(), "latent_space": codec.latent_space_spec},
+        "kodak_images": len(kodak),
+        "latent_space_ceiling_psnr": float(np.mean(ceiling)),
+        "rate_points": rates,
+        "classical": cls,
+        "roi": "centered box covering 20% of the frame; roi_ratio = ROI-only packet bytes / full-frame packet bytes",
+        "timing_768x576_seconds_median_of_5": timing,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps({"rate_points": rates, "timing": timing}, indent=2))
+    return 0

@@ -1,0 +1,223 @@
+"""The ``latentcast`` command.
+
+::
+
+    latentcast encode IMAGE --roi x0,y0,x1,y1 [--roi ...] [--rate 0] [--full] -o OUT.lcf
+    latentcast decode IN.lcf -o OUT.png [--latent OUT.npy]
+    latentcast info IN.lcf
+    latentcast export edge [--weights W.safetensors] --out DIR
+    latentcast train codec [--steps N ...]        (stage I + II, resumable; see models/training.py)
+    latentcast release codec CHECKPOINT --out W.safetensors
+    latentcast bench codec [--out results/codec_bench.json]
+
+Encoding uses the edge bundle (ONNX Runtime, no torch) when it exists for the
+weights, else the PyTorch reference encoder; both write the same packets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("latentcast")
+
+
+def _read_image(path: str):
+    import cv2
+    import numpy as np
+
+    img = cv2.imread(path, cv2.IMREAD_COLOR)
+    if img is None:
+        cap = cv2.VideoCapture(path)  # a video: its first frame
+        ok, img = cap.read()
+        cap.release()
+        if not ok:
+            raise SystemExit(f"error: cannot read an image or video frame from {path!r}")
+    return np.ascontiguousarray(img[:, :, ::-1])
+
+
+def _parse_roi(text: str):
+    from latentcast.proto.bitstream import Roi
+
+    parts = text.split(",")
+    if len(parts) not in (4, 5):
+        raise argparse.ArgumentTypeError(f"--roi {text!r}: expected x0,y0,x1,y1[,label_id]")
+    try:
+        v = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--roi {text!r}: values must be integers") from None
+    return Roi(x0=v[0], y0=v[1], x1=v[2], y1=v[3], label_id=v[4] if len(v) == 5 else 0)
+
+
+def _encoder(weights: str | None, bundle: str | None):
+    """The edge bundle if present (or given), else the PyTorch reference encoder."""
+    from latentcast.edge.encoder import EdgeEncoder, default_bundle_dir
+
+    if bundle or (weights is None and (default_bundle_dir() / "manifest.json").is_file()):
+        return EdgeEncoder(bundle=bundle)
+    from latentcast.models.codec import LatentCodec
+
+    return LatentCodec.load(weights or "elic-lite")
+
+
+def cmd_encode(a: argparse.Namespace) -> int:
+    from latentcast.proto.bitstream import describe
+
+    img = _read_image(a.image)
+    h, w = img.shape[:2]
+    for r in a.roi:
+        if not (0 <= r.x0 < r.x1 <= w and 0 <= r.y0 < r.y1 <= h):
+            raise SystemExit(f"error: --roi {r.x0},{r.y0},{r.x1},{r.y1} is outside the {w}x{h} image")
+    enc = _encoder(a.weights, a.bundle)
+    data = enc.compress(img, a.roi, rate_point=a.rate, roi_only=bool(a.roi) and not a.full)
+    Path(a.output).write_bytes(data)
+    d = describe(data)
+    print(f"{a.output}: {len(data)} bytes, {d['bpp']:.4f} bpp, {w}x{h}, rate point {a.rate}, "
+          f"{'ROI-only' if d['roi_only'] else 'full frame'} ({len(a.roi)} ROIs)")
+    return 0
+
+
+def cmd_decode(a: argparse.Namespace) -> int:
+    import cv2
+    import numpy as np
+
+    from latentcast.models.codec import LatentCodec
+
+    codec = LatentCodec.load(a.weights or "elic-lite")
+    rec = codec.decompress(Path(a.input).read_bytes(), decode_frame=True)
+    cv2.imwrite(a.output, rec.frame[:, :, ::-1])
+    if a.latent:
+        np.save(a.latent, rec.latent)
+    print(f"{a.output}: {rec.frame.shape[1]}x{rec.frame.shape[0]}, latent {tuple(rec.latent.shape)}, "
+          f"{int(rec.mask.sum())}/{rec.mask.size} latent cells transmitted")
+    return 0
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    from latentcast.proto.bitstream import describe
+
+    print(json.dumps(describe(Path(a.input).read_bytes()), indent=2))
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from latentcast.edge.encoder import default_bundle_dir
+    from latentcast.models.codec import LatentCodec
+    from latentcast.models.export import export_edge_bundle
+
+    codec = LatentCodec.load(a.weights or "elic-lite")
+    out = Path(a.out) if a.out else default_bundle_dir(codec.codec_name)
+    print(export_edge_bundle(codec, out))
+    return 0
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from latentcast.models.training import TrainConfig, train
+
+    cfg = TrainConfig(model=a.model, out=a.out, stage1_steps=a.stage1_steps, stage2_steps=a.stage2_steps,
+                      batch=a.batch, crop=a.crop, lr=a.lr, lam=a.lam, threads=a.threads, cache=a.cache or "")
+    print(train(cfg))
+    return 0
+
+
+def cmd_release(a: argparse.Namespace) -> int:
+    import torch
+
+    from latentcast.models.codec import LatentCodec
+    from latentcast.models.elic import ElicCodec, ElicConfig
+
+    state = torch.load(a.checkpoint, map_location="cpu", weights_only=False)
+    c = dict(state["codec"])
+    c["groups"], c["rate_steps"] = tuple(c["groups"]), tuple(c["rate_steps"])
+    model = ElicCodec(ElicConfig(**c))
+    model.load_state_dict(state["model"])
+    meta = {"train": state.get("train"), "step": state.get("step"), "latent_var": state.get("latent_var")}
+    h = LatentCodec.save(model, a.out, latent_space=state["train"]["latent_space"], meta=meta)
+    print(f"{a.out}: weights hash {h.hex()}")
+    return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from latentcast.tools.bench_codec import main as bench_main
+
+    return bench_main(a)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="latentcast", description="task-aware latent streaming, edge to cloud")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    e = sub.add_parser("encode", help="encode an image (or a video's first frame) into a .lcf packet")
+    e.add_argument("image")
+    e.add_argument("--roi", type=_parse_roi, action="append", default=[],
+                   help="x0,y0,x1,y1[,label_id] in pixels; repeatable. With ROIs only their latents are coded")
+    e.add_argument("--full", action="store_true", help="code the whole frame even when ROIs are given")
+    e.add_argument("--rate", type=int, default=0, help="rate point, 0 = lowest rate (default 0)")
+    e.add_argument("--weights", help="codec weights (.safetensors); default: the shipped elic-lite")
+    e.add_argument("--bundle", help="edge bundle folder (ONNX); default: the shipped one if present")
+    e.add_argument("-o", "--output", required=True)
+    e.set_defaults(func=cmd_encode)
+
+    d = sub.add_parser("decode", help="decode a .lcf packet into an image")
+    d.add_argument("input")
+    d.add_argument("-o", "--output", required=True)
+    d.add_argument("--latent", help="also save the decoded diffusion latent (.npy)")
+    d.add_argument("--weights", help="codec weights (.safetensors); default: the shipped elic-lite")
+    d.set_defaults(func=cmd_decode)
+
+    i = sub.add_parser("info", help="print a packet's header, ROI list, bytes per section and bpp")
+    i.add_argument("input")
+    i.set_defaults(func=cmd_info)
+
+    x = sub.add_parser("export", help="export ONNX graphs")
+    x.add_argument("what", choices=["edge"])
+    x.add_argument("--weights", help="codec weights (.safetensors); default: the shipped elic-lite")
+    x.add_argument("--out", help="bundle folder; default: models/weights/<codec>.onnx")
+    x.set_defaults(func=cmd_export)
+
+    t = sub.add_parser("train", help="train the codec (stage I then II; resumes from --out)")
+    t.add_argument("what", choices=["codec"])
+    t.add_argument("--model", default="lite", help="codec configuration: lite or paper (default lite)")
+    t.add_argument("--out", default="checkpoints/elic-lite", help="checkpoint folder (default checkpoints/elic-lite)")
+    t.add_argument("--stage1-steps", type=int, default=6000, help="stage I steps (default 6000)")
+    t.add_argument("--stage2-steps", type=int, default=1000, help="stage II steps (default 1000)")
+    t.add_argument("--batch", type=int, default=8, help="crops per step (default 8)")
+    t.add_argument("--crop", type=int, default=192, help="crop size, multiple of 64 (default 192)")
+    t.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (default 2e-4)")
+    t.add_argument("--lam", type=float, default=16.0, help="distortion weight at quantization step 1 (default 16)")
+    t.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    t.add_argument("--cache", help="target-latent cache folder (default ~/.cache/latentcast/train-taef2)")
+    t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("release", help="freeze a training checkpoint into a codec weight file")
+    r.add_argument("what", choices=["codec"])
+    r.add_argument("checkpoint")
+    r.add_argument("--out", required=True)
+    r.set_defaults(func=cmd_release)
+
+    b = sub.add_parser("bench", help="measure the codec (bpp, PSNR, speed) against JPEG/WebP")
+    b.add_argument("what", choices=["codec"])
+    b.add_argument("--weights", help="codec weights; default: the shipped elic-lite")
+    b.add_argument("--kodak", type=int, default=24, help="number of Kodak images (default all 24)")
+    b.add_argument("--out", default="results/codec_bench.json", help="JSON result path")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
