@@ -61,8 +61,8 @@ class ElicConfig:
     attention: bool = False  # simplified attention blocks in g_a (ELIC: yes)
     gs_width: int = 128  # width of the synthesis transform
     gs_blocks: int = 3  # residual blocks of g_s at 1/16 (two more at 1/8)
-    latent_channels: int = 32  # channels of the diffusion latent z_c (taef2: 32, SD: 4)
-    latent_factor: int = 8  # z_c is at 1/latent_factor of the frame (g_s upsamples 16 -> 8)
+    latent_channels: int = 48  # channels of the target latent z_c (pixels:4 = 48, taef2: 32, SD: 4)
+    latent_factor: int = 4  # z_c is at 1/latent_factor of the frame (g_s upsamples 16 -> factor)
     n_scales: int = 64  # Gaussian scale tables
     scale_min: float = 0.11  # smallest table scale
     scale_max: float = 64.0  # largest table scale
@@ -71,8 +71,8 @@ class ElicConfig:
     def __post_init__(self):
         if sum(self.groups) != self.M:
             raise ValueError(f"groups {self.groups} sum to {sum(self.groups)}, not M={self.M}")
-        if self.latent_factor not in (8, 16):
-            raise ValueError(f"latent_factor {self.latent_factor} not in (8, 16)")
+        if self.latent_factor not in (1, 2, 4, 8, 16):
+            raise ValueError(f"latent_factor {self.latent_factor} not in (1, 2, 4, 8, 16)")
 
     @property
     def log_step(self) -> float:
@@ -84,10 +84,14 @@ class ElicConfig:
 
 
 CONFIGS: dict[str, ElicConfig] = {
+    # embedded default: synthesis straight to pixels (space-to-depth by 4), no latent decoder cost
     "lite": ElicConfig(),
+    # the same codec targeting the TAEF2 diffusion latent (32 channels at 1/8)
+    "lite-taef2": ElicConfig(name="lite-taef2", latent_channels=32, latent_factor=8),
+    # the paper profile: ELIC targeting the Stable Diffusion VAE latent (4 channels at 1/8)
     "paper": ElicConfig(
         name="paper", N=192, M=320, groups=(16, 16, 32, 64, 192), Nz=192, Nh=192, ctx=128, ep=256,
-        res_blocks=3, attention=True, gs_width=192, gs_blocks=3,
+        res_blocks=3, attention=True, gs_width=192, gs_blocks=3, latent_channels=4, latent_factor=8,
     ),
 }
 
@@ -210,11 +214,15 @@ class SynthesisToLatent(nn.Module):
         )
         self.head = _conv(cfg.M + 1 + g // 2, g, 3)
         self.trunk = nn.Sequential(*[ResBlock(g) for _ in range(cfg.gs_blocks)])
-        up = []
-        if cfg.latent_factor == 8:
-            up = [_conv(g, 4 * g, 3), nn.PixelShuffle(2), nn.LeakyReLU(0.1, inplace=True)]
-        self.up = nn.Sequential(*up, ResBlock(g), ResBlock(g))
-        self.out = _conv(g, cfg.latent_channels, 3)
+        # x2 stages from 1/16 to 1/latent_factor, halving the width after the first
+        up: list[nn.Module] = []
+        w = g
+        for i in range(int(math.log2(16 // cfg.latent_factor))):
+            w_out = g if i == 0 else max(w // 2, 24)
+            up += [_conv(w, 4 * w_out, 3), nn.PixelShuffle(2), nn.LeakyReLU(0.1, inplace=True), ResBlock(w_out)]
+            w = w_out
+        self.up = nn.Sequential(*up, ResBlock(w))
+        self.out = _conv(w, cfg.latent_channels, 3)
 
     def forward(self, y_hat: torch.Tensor, mask: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
         gz = self.global_net(z_hat)

@@ -51,7 +51,7 @@ def default_cache_dir() -> Path:
 @dataclass
 class TrainConfig:
     model: str = "lite"  # codec configuration name (models.elic.CONFIGS)
-    latent_space: str = "taef2"  # target latent space (models.latent_spaces.load_latent_space spec)
+    latent_space: str = "pixels:4"  # target space (models.latent_spaces spec); must match the codec config
     out: str = "checkpoints/elic-lite"  # checkpoint folder (resumed from if it holds one)
     cache: str = ""  # latent cache folder ("" = <default cache>/train-<latent_space>)
     stage1_steps: int = 6000  # stage I iterations (all parameters)
@@ -59,7 +59,7 @@ class TrainConfig:
     batch: int = 8  # crops per step
     crop: int = 192  # crop size in pixels (multiple of 64)
     lr: float = 1e-4  # Adam learning rate (halved for the last 20 % of each stage)
-    lam: float = 16.0  # λ: distortion weight at Δ = 1 (λ_q = λ / Δ_q²)
+    lam: float = 128.0  # λ: weight of the normalized MSE at Δ = 1 (λ_q = λ / Δ_q²)
     vtest_stride: int = 5  # use vtest frames with index % stride == 0 (and index % 8 != 0)
     checkpoint_every: int = 200  # steps between checkpoints
     seed: int = 0  # RNG seed for crops, rates, masks
@@ -118,7 +118,8 @@ def prepare_cache(cfg: TrainConfig) -> Path:
 
     from .latent_spaces import load_latent_space
 
-    cache = Path(cfg.cache) if cfg.cache else default_cache_dir() / f"train-{cfg.latent_space}"
+    pixels = cfg.latent_space.startswith("pixels")
+    cache = Path(cfg.cache) if cfg.cache else default_cache_dir() / ("train-images" if pixels else f"train-{cfg.latent_space}")
     cache.mkdir(parents=True, exist_ok=True)
     sources = training_sources(vtest_stride=cfg.vtest_stride)
     todo = [s for s in sources if not (cache / f"{s[0]}.npz").exists()]
@@ -127,14 +128,16 @@ def prepare_cache(cfg: TrainConfig) -> Path:
     torch.set_num_threads(cfg.threads)
     space = load_latent_space(cfg.latent_space)
     space.eval()
-    f = space.factor
+    f = 8 if pixels else space.factor
     for name, path, frame in tqdm(todo, desc="target latents", unit="img"):
         rgb = _read_rgb(path, frame)
         h, w = (rgb.shape[0] // f) * f, (rgb.shape[1] // f) * f
         rgb = np.ascontiguousarray(rgb[:h, :w])
         x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
-        with torch.no_grad():
-            lat = space.encode(x)[0].numpy().astype(np.float16)
+        lat = np.zeros(0, np.float16)  # pixel targets are computed from the crop
+        if not pixels:
+            with torch.no_grad():
+                lat = space.encode(x)[0].numpy().astype(np.float16)
         tmp = cache / f"{name}.tmp.npz"
         np.savez(tmp, image=rgb, latent=lat)
         tmp.rename(cache / f"{name}.npz")
@@ -144,7 +147,9 @@ def prepare_cache(cfg: TrainConfig) -> Path:
 class _Crops:
     """Random aligned crops of (image, latent) pairs held in memory."""
 
-    def __init__(self, cache: Path, crop: int, factor: int, rng: np.random.Generator):
+    def __init__(self, cache: Path, crop: int, factor: int, rng: np.random.Generator, space=None):
+        """``space``: a pixel latent space that computes targets from the crop (no cached latents)."""
+        self.space = space
         self.items = []
         for p in sorted(cache.glob("*.npz")):
             if p.name.endswith(".tmp.npz"):
@@ -156,7 +161,10 @@ class _Crops:
         if not self.items:
             raise FileNotFoundError(f"no cached training latents of size >= {crop} in {cache}")
         self.crop, self.f, self.rng = crop, factor, rng
-        lat_all = np.concatenate([l.reshape(l.shape[0], -1).astype(np.float32) for _, l in self.items[:64]], axis=1)
+        if space is None:
+            lat_all = np.concatenate([l.reshape(l.shape[0], -1).astype(np.float32) for _, l in self.items[:64]], axis=1)
+        else:
+            lat_all = np.concatenate([i.reshape(-1).astype(np.float32) / 255 for i, _ in self.items[:64]])
         self.latent_var = float(lat_all.var())
 
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,8 +175,12 @@ class _Crops:
             y0 = self.rng.integers(0, (img.shape[0] - c) // f + 1) * f
             x0 = self.rng.integers(0, (img.shape[1] - c) // f + 1) * f
             xs.append(img[y0 : y0 + c, x0 : x0 + c])
-            ls.append(lat[:, y0 // f : (y0 + c) // f, x0 // f : (x0 + c) // f])
+            if self.space is None:
+                ls.append(lat[:, y0 // f : (y0 + c) // f, x0 // f : (x0 + c) // f])
         x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float() / 255
+        if self.space is not None:
+            with torch.no_grad():
+                return x, self.space.encode(x)
         return x, torch.from_numpy(np.stack(ls).astype(np.float32))
 
 
@@ -215,7 +227,15 @@ def train(cfg: TrainConfig) -> Path:
     cache = prepare_cache(cfg)
     rng = np.random.default_rng(cfg.seed + step)
     torch.manual_seed(cfg.seed + step)
-    crops = _Crops(cache, cfg.crop, ccfg.latent_factor, rng)
+    space = None
+    if cfg.latent_space.startswith("pixels"):
+        from .latent_spaces import load_latent_space
+
+        space = load_latent_space(cfg.latent_space)
+    if space is not None and (space.channels, space.factor) != (ccfg.latent_channels, ccfg.latent_factor):
+        raise ValueError(f"latent space {cfg.latent_space!r} ({space.channels} ch at 1/{space.factor}) does not match "
+                         f"codec {ccfg.name!r} ({ccfg.latent_channels} ch at 1/{ccfg.latent_factor})")
+    crops = _Crops(cache, cfg.crop, ccfg.latent_factor, rng, space)
     total = cfg.stage1_steps + cfg.stage2_steps
     (out / "train_config.json").write_text(json.dumps({"train": asdict(cfg), "codec": ccfg.to_dict(),
                                                         "latent_var": crops.latent_var}, indent=2))

@@ -5,7 +5,7 @@ from __future__ import annotations
 __all__ = ["CODEC_IDS", "LATENT_SPACE_IDS", "codec_name", "latent_space_name"]
 
 # codec architecture -> codec_id in the packet header
-CODEC_IDS: dict[str, int] = {"elic-lite": 1, "elic-paper": 2}
+CODEC_IDS: dict[str, int] = {"elic-lite": 1, "elic-paper": 2, "elic-lite-taef2": 3}
 # latent-space family -> latent_space_id in the packet header
 LATENT_SPACE_IDS: dict[str, int] = {"taef2": 1, "taesd": 2, "sd-vae": 3, "pixels": 4}
 

@@ -34,7 +34,7 @@ def tiny_codec_path(tmp_path_factory) -> Path:
         for seq in model.ep:
             seq[-1].conv.weight.mul_(40.0)
     path = tmp_path_factory.mktemp("codec") / "tiny.safetensors"
-    LatentCodec.save(model, path, latent_space="taef2")
+    LatentCodec.save(model, path, latent_space="pixels:4")
     return path
 
 

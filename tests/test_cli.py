@@ -36,7 +36,7 @@ def test_encode_info_decode(tmp_path, photo, tiny_codec_path, tiny_bundle, capsy
                  "--latent", str(tmp_path / "lat.npy")]) == 0
     rec = cv2.imread(str(out))
     assert rec.shape == (176, 240, 3)
-    assert np.load(tmp_path / "lat.npy").shape == (32, 22, 30)
+    assert np.load(tmp_path / "lat.npy").shape == (48, 44, 60)
 
 
 def test_pytorch_and_onnx_encoders_agree(tmp_path, photo, tiny_codec_path, tiny_bundle):

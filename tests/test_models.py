@@ -21,7 +21,8 @@ def test_training_pass_shapes_and_rates(name):
     mask = torch.ones(2, 1, 4, 8)
     mask[1, :, :2] = 0
     out = model(x, rate=torch.tensor([0, model.n_rates - 1]), mask=mask)
-    assert out["latent"].shape == (2, CONFIGS[name].latent_channels, 8, 16)
+    f = CONFIGS[name].latent_factor
+    assert out["latent"].shape == (2, CONFIGS[name].latent_channels, 64 // f, 128 // f)
     assert out["bits_y"].shape == (2,) and torch.all(out["bits_y"] > 0) and torch.all(out["bits_z"] > 0)
     (out["bits_y"].sum() + out["latent"].square().mean()).backward()
     assert model.g_a[0].weight.grad is not None and model.ep[0][0].conv.weight.grad is not None
@@ -73,5 +74,6 @@ def test_freeze_refuses_layers_that_cannot_be_exact():
 
 
 def test_small_variant_builds():
-    cfg = dataclasses.replace(CONFIGS["lite"], latent_channels=4)
+    cfg = dataclasses.replace(CONFIGS["lite"], latent_channels=4, latent_factor=8)
     assert ElicCodec(cfg).g_s.out.out_channels == 4
+    assert CONFIGS["lite-taef2"].latent_channels == 32

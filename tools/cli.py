@@ -117,7 +117,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 def cmd_train(a: argparse.Namespace) -> int:
     from latentcast.models.training import TrainConfig, train
 
-    cfg = TrainConfig(model=a.model, out=a.out, stage1_steps=a.stage1_steps, stage2_steps=a.stage2_steps,
+    cfg = TrainConfig(model=a.model, latent_space=a.latent_space, out=a.out, stage1_steps=a.stage1_steps, stage2_steps=a.stage2_steps,
                       batch=a.batch, crop=a.crop, lr=a.lr, lam=a.lam, threads=a.threads, cache=a.cache or "")
     print(train(cfg))
     return 0
@@ -181,14 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train the codec (stage I then II; resumes from --out)")
     t.add_argument("what", choices=["codec"])
-    t.add_argument("--model", default="lite", help="codec configuration: lite or paper (default lite)")
+    t.add_argument("--model", default="lite", help="codec configuration: lite, lite-taef2 or paper (default lite)")
     t.add_argument("--out", default="checkpoints/elic-lite", help="checkpoint folder (default checkpoints/elic-lite)")
     t.add_argument("--stage1-steps", type=int, default=6000, help="stage I steps (default 6000)")
     t.add_argument("--stage2-steps", type=int, default=1000, help="stage II steps (default 1000)")
     t.add_argument("--batch", type=int, default=8, help="crops per step (default 8)")
     t.add_argument("--crop", type=int, default=192, help="crop size, multiple of 64 (default 192)")
     t.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (default 2e-4)")
-    t.add_argument("--lam", type=float, default=16.0, help="distortion weight at quantization step 1 (default 16)")
+    t.add_argument("--lam", type=float, default=128.0,
+                   help="weight of the normalized MSE at quantization step 1 (default 128)")
+    t.add_argument("--latent-space", default="pixels:4",
+                   help="target space: pixels:4 for lite, taef2 for lite-taef2, sd-vae:<path> for paper")
     t.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     t.add_argument("--cache", help="target-latent cache folder (default ~/.cache/latentcast/train-taef2)")
     t.set_defaults(func=cmd_train)
