@@ -28,7 +28,9 @@ same order.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -136,6 +138,25 @@ class TableSet:
     def __len__(self) -> int:
         return len(self.freqs)
 
+    @cached_property
+    def models(self) -> "_Models":
+        """constriction models of the tables, built once per table set."""
+        return _Models(self)
+
+
+def _runs(table_index: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(table, positions) for each table used, in ascending table order, positions in stable order."""
+    order = np.argsort(table_index, kind="stable")
+    idx_sorted = table_index[order]
+    bounds = np.flatnonzero(np.diff(idx_sorted)) + 1
+    for s, e in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [idx_sorted.size]])):
+        yield int(idx_sorted[s]), order[s:e]
+
+
+def _check_index(table_index: np.ndarray, tables: TableSet, error: type[Exception]) -> None:
+    if table_index.min() < 0 or table_index.max() >= len(tables):
+        raise error(f"table index out of range 0..{len(tables) - 1}")
+
 
 class _Models:
     """constriction models built once per table set (they are reusable)."""
@@ -156,13 +177,6 @@ class SymbolEncoder:
         import constriction
 
         self._enc = constriction.stream.queue.RangeEncoder()
-        self._models: dict[int, _Models] = {}
-
-    def _m(self, tables: TableSet) -> _Models:
-        key = id(tables)
-        if key not in self._models:
-            self._models[key] = _Models(tables)
-        return self._models[key]
 
     def encode(self, values: np.ndarray, table_index: np.ndarray, tables: TableSet) -> None:
         """Encode ``values[i]`` with table ``table_index[i]``; the decoder must call
@@ -173,17 +187,10 @@ class SymbolEncoder:
             raise ValueError(f"values {values.shape} and table_index {table_index.shape} differ")
         if values.size == 0:
             return
-        if table_index.min() < 0 or table_index.max() >= len(tables):
-            raise ValueError(f"table index out of range 0..{len(tables) - 1}")
-        models = self._m(tables)
-        order = np.argsort(table_index, kind="stable")
-        idx_sorted = table_index[order]
-        bounds = np.flatnonzero(np.diff(idx_sorted)) + 1
-        starts = np.concatenate([[0], bounds])
-        ends = np.concatenate([bounds, [idx_sorted.size]])
-        for s, e in zip(starts, ends):
-            t = int(idx_sorted[s])
-            v = values[order[s:e]] - tables.offsets[t]
+        _check_index(table_index, tables, ValueError)
+        models = tables.models
+        for t, pos in _runs(table_index):
+            v = values[pos] - tables.offsets[t]
             n_direct = len(tables.freqs[t]) - 1
             esc = (v < 0) | (v >= n_direct)
             sym = np.where(esc, n_direct, v).astype(np.int32)
@@ -223,36 +230,22 @@ class SymbolDecoder:
             self._dec = constriction.stream.queue.RangeDecoder(words)
         except Exception as exc:  # constriction rejects some malformed streams up front
             raise EntropyError(f"cannot start decoding: {exc}") from exc
-        self._models: dict[int, _Models] = {}
-
-    def _m(self, tables: TableSet) -> _Models:
-        key = id(tables)
-        if key not in self._models:
-            self._models[key] = _Models(tables)
-        return self._models[key]
 
     def decode(self, table_index: np.ndarray, tables: TableSet) -> np.ndarray:
         table_index = np.asarray(table_index, dtype=np.int64).ravel()
         out = np.empty(table_index.size, dtype=np.int64)
         if table_index.size == 0:
             return out
-        if table_index.min() < 0 or table_index.max() >= len(tables):
-            raise EntropyError(f"table index out of range 0..{len(tables) - 1}")
-        models = self._m(tables)
-        order = np.argsort(table_index, kind="stable")
-        idx_sorted = table_index[order]
-        bounds = np.flatnonzero(np.diff(idx_sorted)) + 1
-        starts = np.concatenate([[0], bounds])
-        ends = np.concatenate([bounds, [idx_sorted.size]])
+        _check_index(table_index, tables, EntropyError)
+        models = tables.models
         try:
-            for s, e in zip(starts, ends):
-                t = int(idx_sorted[s])
+            for t, pos in _runs(table_index):
                 n_direct = len(tables.freqs[t]) - 1
-                sym = np.asarray(self._dec.decode(models.cats[t], int(e - s)), dtype=np.int64)
+                sym = np.asarray(self._dec.decode(models.cats[t], int(pos.size)), dtype=np.int64)
                 esc = sym == n_direct
                 if esc.any():
                     sym[esc] = self._decode_escapes(int(esc.sum()), n_direct, models)
-                out[order[s:e]] = sym + tables.offsets[t]
+                out[pos] = sym + tables.offsets[t]
         except EntropyError:
             raise
         except Exception as exc:
