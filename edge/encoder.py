@@ -2,7 +2,7 @@
 
 ::
 
-    frame (H,W,3 uint8 RGB) ─► pad to 64 (edge replicate) ─► analysis.onnx ─► y, z_sym
+    frame (H,W,3 uint8 RGB) ─► pad to 64 (edge replicate) ─► analysis.onnx ─► y, z ─► z_sym = floor(z/Δz_q + ½)
     ROIs ─► proto.grid.transmit_mask ─► tx ─┐
     y, z_sym, tx, anchor, rate ─► entropy.onnx (exact integer networks) ─► y_sym, y_table
     ─► proto.symbols.LatentEncoder (range coding, CRC) ─► packet bytes
@@ -23,7 +23,7 @@ import numpy as np
 from latentcast.proto.bitstream import Roi
 from latentcast.proto.entropy import TableSet
 from latentcast.proto.grid import anchor_mask, padded_size, transmit_mask
-from latentcast.proto.symbols import LatentEncoder
+from latentcast.proto.symbols import LatentEncoder, quantize_z
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,13 @@ class EdgeEncoder:
                                   latent_space_id=int(self.manifest["latent_space_id"]))
 
     def analyze(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """g_a, h_a: y (M,h,w) float32, z symbols (Nz,hz,wz) int64."""
+        """g_a, h_a: y (M,h,w) and z (Nz,hz,wz), float32."""
         x = pad_frame(frame).astype(np.float32).transpose(2, 0, 1)[None] / np.float32(255.0)
         y, z = self._ana.run(None, {"image": np.ascontiguousarray(x)})
-        return y[0], z[0].astype(np.int64)
+        return y[0], z[0]
+
+    def z_symbols(self, z: np.ndarray, rate_point: int) -> np.ndarray:
+        return quantize_z(z, float(self.manifest["rate_zdelta"][rate_point]))
 
     def encode_symbols(self, y: np.ndarray, z_sym: np.ndarray, *, rate_point: int,
                        tx_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +98,8 @@ class EdgeEncoder:
         h, w = frame.shape[:2]
         rois = tuple(rois)
         roi_only = bool(rois) if roi_only is None else roi_only
-        y, z_sym = self.analyze(frame)
+        y, z = self.analyze(frame)
+        z_sym = self.z_symbols(z, int(rate_point))
         tx = transmit_mask(w, h, [(r.x0, r.y0, r.x1, r.y1) for r in rois], roi_only)
         y_sym, y_tab = self.encode_symbols(y, z_sym, rate_point=int(rate_point), tx_mask=tx)
         return self._enc.packet(width=w, height=h, rois=rois, roi_only=roi_only, rate_point=int(rate_point),

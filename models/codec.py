@@ -36,7 +36,7 @@ from latentcast.proto.bitstream import Packet, Roi, SectionKind
 from latentcast.proto.entropy import TableSet, gaussian_tables, quantize_pmf
 from latentcast.proto.grid import grid_shape, padded_size, transmit_mask
 from latentcast.proto.ids import CODEC_IDS, LATENT_SPACE_IDS
-from latentcast.proto.symbols import LatentDecoder, LatentEncoder, coding_steps
+from latentcast.proto.symbols import LatentDecoder, LatentEncoder, coding_steps, quantize_z
 
 from .elic import CONFIGS, ElicCodec, ElicConfig
 
@@ -126,9 +126,9 @@ class LatentCodec:
             if hasattr(m, "freeze") and hasattr(m, "w_int"):
                 m.freeze()
         y_tables = TableSet.centered(gaussian_tables(model.scales().numpy()))
-        pmfs, r = model.prior_z.pmfs(Z_RADIUS)
+        pmfs = torch.cat([prior.pmfs(Z_RADIUS)[0] for prior in model.prior_z])  # rate point-major
         z_tables = TableSet(freqs=tuple(quantize_pmf(p) for p in pmfs.numpy()),
-                            offsets=np.full(pmfs.shape[0], -r, dtype=np.int64))
+                            offsets=np.full(pmfs.shape[0], -Z_RADIUS, dtype=np.int64))
         tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         tensors.update(_tables_to_tensors("tables.y", y_tables))
         tensors.update(_tables_to_tensors("tables.z", z_tables))
@@ -195,11 +195,15 @@ class LatentCodec:
 
     @torch.no_grad()
     def analyze(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """g_a and h_a in PyTorch: returns y (M,h,w) float32 and the z symbols (Nz,hz,wz) int64."""
+        """g_a and h_a in PyTorch: returns y (M,h,w) and z (Nz,hz,wz), float32."""
         x = pad_image(image_to_tensor(image))
         y = self.model.g_a(x)
         z = self.model.h_a(y)
-        return y[0].numpy(), torch.floor(z + 0.5)[0].numpy().astype(np.int64)
+        return y[0].numpy(), z[0].numpy()
+
+    def z_symbols(self, z: np.ndarray, rate_point: int) -> np.ndarray:
+        """Quantize z with the rate point's step: floor(z / Δz_q + 1/2)."""
+        return quantize_z(z, float(self.model.rate_zdelta[rate_point]))
 
     @torch.no_grad()
     def encode_symbols(self, y: np.ndarray, z_sym: np.ndarray, *, rate_point: int,
@@ -222,7 +226,8 @@ class LatentCodec:
             tab[:, sl] = torch.where(where, m.table_index(idx, q), tab[:, sl])
             return torch.where(tx, mu + delta * s, mu)
 
-        H = m.hyper_features(torch.from_numpy(z_sym).double()[None], exact=True)
+        z_hat = torch.from_numpy(z_sym).double()[None] * m.rate_zdelta[q].view(1, 1, 1, 1)
+        H = m.hyper_features(z_hat, exact=True)
         m.entropy_params_loop(H, step, exact=True)
         return sym[0].numpy().astype(np.int64), tab[0].numpy().astype(np.int64)
 
@@ -234,7 +239,8 @@ class LatentCodec:
         h, w = image.shape[:2] if isinstance(image, np.ndarray) and image.ndim == 3 else (0, 0)
         rois = tuple(rois)
         roi_only = bool(rois) if roi_only is None else roi_only
-        y, z_sym = self.analyze(image)
+        y, z = self.analyze(image)
+        z_sym = self.z_symbols(z, rate_point)
         tx = transmit_mask(w, h, [(r.x0, r.y0, r.x1, r.y1) for r in rois], roi_only)
         y_sym, y_tab = self.encode_symbols(y, z_sym, rate_point=rate_point, tx_mask=tx)
         return self._enc.packet(width=w, height=h, rois=rois, roi_only=roi_only, rate_point=rate_point,
@@ -268,9 +274,9 @@ class LatentCodec:
         tx = transmit_mask(hd.width, hd.height, [(r.x0, r.y0, r.x1, r.y1) for r in hd.rois], hd.roi_only)
         dec = LatentDecoder(groups=self.cfg.groups, y_tables=self.y_tables, z_tables=self.z_tables,
                             z_bytes=packet.sections[SectionKind.Z], y_bytes=packet.sections[SectionKind.Y])
-        z = dec.decode_z((self.cfg.Nz, rows // 4, cols // 4))
-        z_t = torch.from_numpy(z).double()[None]
+        z = dec.decode_z((self.cfg.Nz, rows // 4, cols // 4), z_table_base=hd.rate_point * self.cfg.Nz)
         q = torch.tensor([hd.rate_point])
+        z_t = torch.from_numpy(z).double()[None] * m.rate_zdelta[q].view(1, 1, 1, 1)
         delta = m.rate_delta[q].view(1, 1, 1, 1)
         steps = {(k, a): sl for k, sl, a in coding_steps(self.cfg.groups)}
 

@@ -66,7 +66,7 @@ class ElicConfig:
     n_scales: int = 64  # Gaussian scale tables
     scale_min: float = 0.11  # smallest table scale
     scale_max: float = 64.0  # largest table scale
-    rate_steps: tuple[int, ...] = (21, 14, 7, 0)  # k_q per rate point (0 = lowest rate): Δ_q = exp(δ k_q)
+    rate_steps: tuple[int, ...] = (28, 18, 9, 0)  # k_q per rate point (0 = lowest rate): Δ_q = exp(δ k_q)
 
     def __post_init__(self):
         if sum(self.groups) != self.M:
@@ -243,7 +243,8 @@ class ElicCodec(nn.Module):
         self.cfg = cfg
         self.g_a = analysis_transform(cfg)
         self.h_a = hyper_analysis(cfg)
-        self.prior_z = FactorizedPrior(cfg.Nz)
+        # one factorized prior per rate point: z is quantized with step Δz_q = sqrt(Δ_q)
+        self.prior_z = nn.ModuleList([FactorizedPrior(cfg.Nz) for _ in cfg.rate_steps])
         a = ACT_SCALE
         self.h_s = QSequential([
             QConv(cfg.Nz, cfg.Nh, 3, in_scale=1.0, in_zero=128, out_scale=a, relu=True),
@@ -282,6 +283,7 @@ class ElicCodec(nn.Module):
         # stored in the weight file (computed once: exp() is not bit-identical across libms)
         self.register_buffer("rate_k", ks.to(torch.int64))
         self.register_buffer("rate_delta", torch.round(torch.exp(ks * cfg.log_step) * 256) / 256)
+        self.register_buffer("rate_zdelta", torch.round(torch.exp(ks * cfg.log_step / 2) * 256) / 256)
 
     # ------------------------------------------------------------------ shared pieces
     @property
@@ -350,9 +352,15 @@ class ElicCodec(nn.Module):
         Returns ``latent`` (ẑ_c), ``bits_y`` and ``bits_z`` per image (B,)."""
         y = self.g_a(x)
         z = self.h_a(y)
-        z_hat = round_ste(z)
-        z_noisy = z + (torch.rand_like(z) - 0.5)
-        bits_z = -torch.log2(self.prior_z.likelihood(z_noisy)).sum(dim=(1, 2, 3))
+        dz = self.rate_zdelta[rate].view(-1, 1, 1, 1).to(z.dtype)
+        zs = z / dz
+        z_hat = dz * round_ste(zs)
+        z_noisy = zs + (torch.rand_like(zs) - 0.5)
+        bits_z = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)
+        for q in torch.unique(rate).tolist():
+            sel = rate == q
+            bz = -torch.log2(self.prior_z[q].likelihood(z_noisy[sel])).sum(dim=(1, 2, 3))
+            bits_z = bits_z.index_put((sel.nonzero()[:, 0],), bz)
         H = self.hyper_features(z_hat, exact=False)
         if mask is None:
             mask = torch.ones_like(y[:, :1])

@@ -3,7 +3,7 @@
 ::
 
     bundle/
-      analysis.onnx   image (1,3,H,W) float32, H,W multiples of 64 ─► y (1,M,H/16,W/16), z_sym (1,Nz,H/64,W/64)
+      analysis.onnx   image (1,3,H,W) float32, H,W multiples of 64 ─► y (1,M,H/16,W/16), z (1,Nz,H/64,W/64)
       entropy.onnx    y, z_sym, tx (1,1,h,w) bool, anchor (1,1,h,w) bool, rate (1,) int64
                         ─► y_sym, y_table (1,M,h,w) int32      exact integer networks (ConvInteger)
       tables.npz      integer probability tables (y: per scale, z: per channel), groups
@@ -46,8 +46,7 @@ class _Analysis(torch.nn.Module):
 
     def forward(self, x: torch.Tensor):
         y = self.g_a(x)
-        z = self.h_a(y)
-        return y, torch.floor(z + 0.5)
+        return y, self.h_a(y)
 
 
 class _Graph:
@@ -116,8 +115,10 @@ def _entropy_graph(codec: LatentCodec):
     g = _Graph()
     y32 = "y"
     y = g.op("Cast", [y32], to=TensorProto.DOUBLE)
-    z = g.op("Cast", ["z_sym"], to=TensorProto.DOUBLE)
     rate = "rate"
+    zdelta = g.op("Reshape", [g.op("Gather", [g.const(m.rate_zdelta.numpy().astype(np.float64)), rate], axis=0),
+                              g.const(np.array([1, 1, 1, 1], dtype=np.int64))])
+    z = g.op("Mul", [g.op("Cast", ["z_sym"], to=TensorProto.DOUBLE), zdelta])
     delta = g.op("Reshape", [g.op("Gather", [g.const(m.rate_delta.numpy().astype(np.float64)), rate], axis=0),
                              g.const(np.array([1, 1, 1, 1], dtype=np.int64))])
     kq = g.op("Reshape", [g.op("Gather", [g.const(m.rate_k.numpy().astype(np.float64)), rate], axis=0),
@@ -200,8 +201,8 @@ def export_edge_bundle(codec: LatentCodec, out_dir: Path | str) -> Path:
     ana = out / "analysis.onnx"
     with torch.no_grad():
         torch.onnx.export(_Analysis(codec).eval(), (torch.rand(1, 3, 128, 128),), str(ana), dynamo=False,
-                          input_names=["image"], output_names=["y", "z_sym"], opset_version=OPSET,
-                          dynamic_axes={"image": {2: "H", 3: "W"}, "y": {2: "h", 3: "w"}, "z_sym": {2: "hz", 3: "wz"}})
+                          input_names=["image"], output_names=["y", "z"], opset_version=OPSET,
+                          dynamic_axes={"image": {2: "H", 3: "W"}, "y": {2: "h", 3: "w"}, "z": {2: "hz", 3: "wz"}})
     _stamp(ana, meta)
     ent = out / "entropy.onnx"
     model = _entropy_graph(codec)
@@ -218,7 +219,8 @@ def export_edge_bundle(codec: LatentCodec, out_dir: Path | str) -> Path:
         "codec": codec.codec_name, "codec_id": codec.codec_id, "weights_hash": codec.weights_hash.hex(),
         "latent_space": codec.latent_space_spec, "latent_space_id": codec.latent_space_id,
         "groups": list(cfg.groups), "M": cfg.M, "Nz": cfg.Nz, "n_rates": codec.n_rates,
-        "rate_delta": [float(v) for v in codec.model.rate_delta], "files": files,
+        "rate_delta": [float(v) for v in codec.model.rate_delta],
+        "rate_zdelta": [float(v) for v in codec.model.rate_zdelta], "files": files,
     }
     mpath = out / "manifest.json"
     mpath.write_text(json.dumps(manifest, indent=2))

@@ -59,7 +59,7 @@ class TrainConfig:
     batch: int = 8  # crops per step
     crop: int = 192  # crop size in pixels (multiple of 64)
     lr: float = 1e-4  # Adam learning rate (halved for the last 20 % of each stage)
-    lam: float = 128.0  # λ: weight of the normalized MSE at Δ = 1 (λ_q = λ / Δ_q²)
+    lam: float = 64.0  # λ: weight of the normalized MSE at Δ = 1 (λ_q = λ / Δ_q²)
     vtest_stride: int = 5  # use vtest frames with index % stride == 0 (and index % 8 != 0)
     checkpoint_every: int = 200  # steps between checkpoints
     seed: int = 0  # RNG seed for crops, rates, masks

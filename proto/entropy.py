@@ -46,6 +46,7 @@ __all__ = [
 
 PRECISION = 16  # frequencies sum to 2**PRECISION
 _ESC_BITS_ALPHABET = 33  # Elias-gamma prefix: bit length 0..32 of an escaped magnitude
+_ESC_CHUNK = 16  # escaped low bits are coded 16 at a time (constriction's uniform model limit is lower than 2**32)
 
 
 class EntropyError(ValueError):
@@ -208,9 +209,12 @@ class SymbolEncoder:
         for x in u:
             nb = int(x).bit_length()
             self._enc.encode(np.array([nb], dtype=np.int32), models.esc_len)
-            if nb > 1:
-                rest = int(x) - (1 << (nb - 1))
-                self._enc.encode(np.array([rest], dtype=np.int32), models.uniform(1 << (nb - 1)))
+            rest, bits = int(x) - (1 << (nb - 1)), nb - 1
+            while bits > 0:  # the low bits, at most 16 per uniform symbol
+                chunk = min(bits, _ESC_CHUNK)
+                bits -= chunk
+                self._enc.encode(np.array([(rest >> bits) & ((1 << chunk) - 1)], dtype=np.int32),
+                                 models.uniform(1 << chunk))
 
     def to_bytes(self) -> bytes:
         words = self._enc.get_compressed()
@@ -248,7 +252,9 @@ class SymbolDecoder:
                 out[pos] = sym + tables.offsets[t]
         except EntropyError:
             raise
-        except Exception as exc:
+        except BaseException as exc:  # constriction's Rust panics arrive as pyo3 PanicException (a BaseException)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+                raise
             raise EntropyError(f"entropy decoding failed: {exc}") from exc
         return out
 
@@ -258,9 +264,11 @@ class SymbolDecoder:
             nb = int(self._dec.decode(models.esc_len, 1)[0])
             if nb < 1:
                 raise EntropyError(f"escape bit length {nb} out of range 1..32")
-            x = 1 << (nb - 1)
-            if nb > 1:
-                x += int(self._dec.decode(models.uniform(1 << (nb - 1)), 1)[0])
+            x, bits = 1, nb - 1
+            while bits > 0:
+                chunk = min(bits, _ESC_CHUNK)
+                bits -= chunk
+                x = (x << chunk) | int(self._dec.decode(models.uniform(1 << chunk), 1)[0])
             u = x - 1
             res[i] = -(u + 1) // 2 if u % 2 else u // 2 + n_direct
         return res

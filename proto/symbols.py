@@ -25,7 +25,12 @@ from .bitstream import Packet, PacketHeader, Roi, SectionKind
 from .entropy import SymbolDecoder, SymbolEncoder, TableSet
 from .grid import anchor_mask
 
-__all__ = ["coding_steps", "LatentEncoder", "LatentDecoder"]
+__all__ = ["coding_steps", "quantize_z", "LatentEncoder", "LatentDecoder"]
+
+
+def quantize_z(z: np.ndarray, step: float) -> np.ndarray:
+    """The encoder's choice of hyper-latent symbols: ``floor(z / step + 1/2)`` (int64)."""
+    return np.floor(np.asarray(z, dtype=np.float64) / step + 0.5).astype(np.int64)
 
 
 def coding_steps(groups: Sequence[int]) -> list[tuple[int, slice, bool]]:
@@ -59,26 +64,30 @@ class LatentEncoder:
     def packet(self, *, width: int, height: int, rois: Sequence[Roi], roi_only: bool, rate_point: int,
                z_sym: np.ndarray, y_sym: np.ndarray, y_table: np.ndarray, tx_mask: np.ndarray,
                label_set_hash: bytes = b"\0\0\0\0") -> bytes:
-        """Code the symbols and wrap them in a versioned packet (see ``bitstream``)."""
-        zb, yb, crc = self.encode(z_sym=z_sym, y_sym=y_sym, y_table=y_table, tx_mask=tx_mask)
+        """Code the symbols and wrap them in a versioned packet (see ``bitstream``).
+
+        The z tables are laid out rate point by rate point: table ``rate_point * Nz + c``."""
+        zb, yb, crc = self.encode(z_sym=z_sym, y_sym=y_sym, y_table=y_table, tx_mask=tx_mask,
+                                  z_table_base=rate_point * z_sym.shape[0])
         header = PacketHeader(codec_id=self.codec_id, weights_hash=self.weights_hash, rate_point=rate_point,
                               latent_space_id=self.latent_space_id, width=width, height=height,
                               label_set_hash=label_set_hash, symbol_crc=crc, roi_only=roi_only, rois=tuple(rois))
         return Packet(header=header, sections={SectionKind.Z: zb, SectionKind.Y: yb}).to_bytes()
 
     def encode(
-        self, *, z_sym: np.ndarray, y_sym: np.ndarray, y_table: np.ndarray, tx_mask: np.ndarray
+        self, *, z_sym: np.ndarray, y_sym: np.ndarray, y_table: np.ndarray, tx_mask: np.ndarray,
+        z_table_base: int = 0,
     ) -> tuple[bytes, bytes, int]:
-        """``z_sym`` (Cz,hz,wz); ``y_sym``, ``y_table`` (M,h,w); ``tx_mask`` (h,w) bool.
-
-        Returns (Z bytes, Y bytes, symbol CRC)."""
+        """``z_sym`` (Cz,hz,wz), channel c coded with z table ``z_table_base + c``; ``y_sym``,
+        ``y_table`` (M,h,w); ``tx_mask`` (h,w) bool. Returns (Z bytes, Y bytes, symbol CRC)."""
         if y_sym.shape != y_table.shape or y_sym.shape[1:] != tx_mask.shape:
             raise ValueError(f"shapes differ: y_sym {y_sym.shape}, y_table {y_table.shape}, mask {tx_mask.shape}")
-        if z_sym.shape[0] != len(self.z_tables):
-            raise ValueError(f"z has {z_sym.shape[0]} channels, the prior has {len(self.z_tables)} tables")
+        if z_table_base < 0 or z_table_base + z_sym.shape[0] > len(self.z_tables):
+            raise ValueError(f"z tables {z_table_base}..{z_table_base + z_sym.shape[0] - 1} do not exist "
+                             f"(the prior has {len(self.z_tables)} tables)")
         crc = 0
         zenc = SymbolEncoder()
-        zt = np.broadcast_to(np.arange(z_sym.shape[0]).reshape(-1, 1, 1), z_sym.shape)
+        zt = np.broadcast_to(z_table_base + np.arange(z_sym.shape[0]).reshape(-1, 1, 1), z_sym.shape)
         zenc.encode(z_sym.ravel(), zt.ravel(), self.z_tables)
         crc = _crc(crc, z_sym.ravel())
         yenc = SymbolEncoder()
@@ -100,8 +109,10 @@ class LatentDecoder:
         self._y = SymbolDecoder(y_bytes)
         self.crc = 0
 
-    def decode_z(self, shape: tuple[int, int, int]) -> np.ndarray:
-        zt = np.broadcast_to(np.arange(shape[0]).reshape(-1, 1, 1), shape)
+    def decode_z(self, shape: tuple[int, int, int], z_table_base: int = 0) -> np.ndarray:
+        if z_table_base < 0 or z_table_base + shape[0] > len(self.z_tables):
+            raise ValueError(f"z tables {z_table_base}..{z_table_base + shape[0] - 1} do not exist")
+        zt = np.broadcast_to(z_table_base + np.arange(shape[0]).reshape(-1, 1, 1), shape)
         z = self._z.decode(zt.ravel(), self.z_tables).reshape(shape)
         self.crc = _crc(self.crc, z.ravel())
         return z

@@ -42,17 +42,18 @@ def test_analysis_parity(tiny_codec, tiny_bundle, rng):
     y_onnx, z_onnx = enc.analyze(img)
     y_pt, z_pt = tiny_codec.analyze(img)
     np.testing.assert_allclose(y_onnx, y_pt, rtol=1e-4, atol=1e-4)
-    assert np.mean(z_onnx == z_pt) > 0.999
+    np.testing.assert_allclose(z_onnx, z_pt, rtol=1e-4, atol=1e-4)
 
 
 def test_entropy_graph_equals_pytorch_exactly(tiny_codec, tiny_bundle, rng):
     """Same inputs -> identical symbols and table indices, for every rate point and a ROI mask."""
     enc = EdgeEncoder(bundle=tiny_bundle)
     img = rng.integers(0, 256, (128, 192, 3)).astype(np.uint8)
-    y, z = tiny_codec.analyze(img)
+    y, z_float = tiny_codec.analyze(img)
     y = y * 40  # exercise large symbols and many tables
     masks = [np.ones(y.shape[1:], bool), anchor_mask(*y.shape[1:]) | (rng.random(y.shape[1:]) < 0.3)]
     for q in range(tiny_codec.n_rates):
+        z = tiny_codec.z_symbols(z_float * 40, q)
         for tx in masks:
             s1, t1 = enc.encode_symbols(y, z, rate_point=q, tx_mask=tx)
             s2, t2 = tiny_codec.encode_symbols(y, z, rate_point=q, tx_mask=tx)

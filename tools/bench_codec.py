@@ -166,6 +166,7 @@ def main(args) -> int:
         for _ in range(5):
             t0 = time.perf_counter()
             y, z = enc.analyze(frame)
+            z = enc.z_symbols(z, q)
             t1 = time.perf_counter()
             tx = np.ones(y.shape[1:], bool)
             s, tab = enc.encode_symbols(y, z, rate_point=q, tx_mask=tx)

@@ -188,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch", type=int, default=8, help="crops per step (default 8)")
     t.add_argument("--crop", type=int, default=192, help="crop size, multiple of 64 (default 192)")
     t.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (default 2e-4)")
-    t.add_argument("--lam", type=float, default=128.0,
-                   help="weight of the normalized MSE at quantization step 1 (default 128)")
+    t.add_argument("--lam", type=float, default=64.0,
+                   help="weight of the normalized MSE at quantization step 1 (default 64)")
     t.add_argument("--latent-space", default="pixels:4",
                    help="target space: pixels:4 for lite, taef2 for lite-taef2, sd-vae:<path> for paper")
     t.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
