@@ -311,9 +311,7 @@ class LatentCodec:
 
     @torch.no_grad()
     def latent_to_frame(self, latent: torch.Tensor, width: int, height: int) -> np.ndarray:
-        space = self.latent_space()
-        f = space.factor
-        lh, lw = latent.shape[2:]
-        img = space.decode(latent[:, :, : lh, : lw])
+        """(1,C,h,w) latent -> (height, width, 3) uint8 RGB through the latent space's decoder."""
+        img = self.latent_space().decode(latent)
         img = img[0, :, :height, :width].clamp(0, 1)
         return (img.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
