@@ -65,6 +65,7 @@ class TrainConfig:
     seed: int = 0  # RNG seed for crops, rates, masks
     threads: int = 2  # torch threads
     overrides: dict = field(default_factory=dict)  # ElicConfig field overrides, e.g. {"N": 64}
+    init: str = ""  # start a new run from a released codec weight file (float parameters; no optimizer state)
 
     def codec_config(self) -> ElicConfig:
         import dataclasses
@@ -224,6 +225,12 @@ def train(cfg: TrainConfig) -> Path:
         model.load_state_dict(state["model"])
         step = int(state["step"])
         log.info("resumed from %s at step %d", ckpt, step)
+    elif cfg.init:
+        from safetensors.torch import load_file
+
+        sd = {k: v for k, v in load_file(cfg.init).items() if not k.startswith("tables.")}
+        model.load_state_dict(sd)
+        log.info("initialised from %s", cfg.init)
     cache = prepare_cache(cfg)
     rng = np.random.default_rng(cfg.seed + step)
     torch.manual_seed(cfg.seed + step)

@@ -118,7 +118,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     from latentcast.models.training import TrainConfig, train
 
     cfg = TrainConfig(model=a.model, latent_space=a.latent_space, out=a.out, stage1_steps=a.stage1_steps, stage2_steps=a.stage2_steps,
-                      batch=a.batch, crop=a.crop, lr=a.lr, lam=a.lam, threads=a.threads, cache=a.cache or "")
+                      batch=a.batch, crop=a.crop, lr=a.lr, lam=a.lam, threads=a.threads, cache=a.cache or "",
+                      init=a.init or "")
     print(train(cfg))
     return 0
 
@@ -193,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--latent-space", default="pixels:4",
                    help="target space: pixels:4 for lite, taef2 for lite-taef2, sd-vae:<path> for paper")
     t.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    t.add_argument("--cache", help="target-latent cache folder (default ~/.cache/latentcast/train-taef2)")
+    t.add_argument("--cache", help="training-data cache folder (default ~/.cache/latentcast/train-<space>)")
+    t.add_argument("--init", help="start from a released codec weight file (e.g. to train the shipped weights longer)")
     t.set_defaults(func=cmd_train)
 
     r = sub.add_parser("release", help="freeze a training checkpoint into a codec weight file")
@@ -206,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("what", choices=["codec"])
     b.add_argument("--weights", help="codec weights; default: the shipped elic-lite")
     b.add_argument("--kodak", type=int, default=24, help="number of Kodak images (default all 24)")
+    b.add_argument("--bundle", help="edge bundle folder; default: the shipped one")
+    b.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     b.add_argument("--out", default="results/codec_bench.json", help="JSON result path")
     b.set_defaults(func=cmd_bench)
     return p
