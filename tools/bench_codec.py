@@ -93,6 +93,33 @@ def center_roi(w: int, h: int, frac: float = 0.2):
     return Roi(x0=x0, y0=y0, x1=x0 + bw, y1=y0 + bh, label_id=0)
 
 
+def _f(v, fmt: str) -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+def markdown(result: dict) -> str:
+    """The benchmark as markdown tables (for the model card and the README)."""
+    lines = [f"Kodak ({result['kodak_images']} images), codec {result['codec']['name']} "
+             f"({result['codec']['weights_hash']}), commit {result['commit'][:10]}", "",
+             "| rate point | bpp | PSNR dB | JPEG bpp at same PSNR | WebP bpp at same PSNR | ROI-only bpp | ROI/full bytes | PSNR in ROI (ROI-only) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["rate_points"]:
+        lines.append(f"| {r['rate_point']} | {r['bpp']:.3f} | {r['psnr']:.2f} | {_f(r['jpeg_bpp_at_same_psnr'], '.3f')} | "
+                     f"{_f(r['webp_bpp_at_same_psnr'], '.3f')} | {r['bpp_roi']:.3f} | {r['roi_ratio']:.2f} | "
+                     f"{r['psnr_roi_inside']:.2f} |")
+    lines += ["", "| codec | quality | bpp | PSNR dB |", "|---|---|---|---|"]
+    for kind, pts in result["classical"].items():
+        for p in pts:
+            lines.append(f"| {kind} | {p['quality']} | {p['bpp']:.3f} | {p['psnr']:.2f} |")
+    lines += ["", "768x576 vtest frame, seconds (median of 5):", "",
+              "| rate point | bpp | edge encode (ONNX Runtime) | of which analysis / entropy graph / range coding | cloud decode (PyTorch) |",
+              "|---|---|---|---|---|"]
+    for k, t in result["timing_768x576_seconds_median_of_5"].items():
+        lines.append(f"| {k.rsplit('_', 1)[-1]} | {t['bpp']:.3f} | {t['encode_total']:.3f} | {t['analysis']:.3f} / "
+                     f"{t['entropy_graph']:.3f} / {t['range_coding']:.3f} | {t['decode_latent'] + t['latent_decoder']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(args) -> int:
     import cv2
     import torch
@@ -113,7 +140,7 @@ def main(args) -> int:
     per_rate = {q: {"bpp": [], "bpp_roi": [], "roi_ratio": [], "latent_snr": [], "psnr": [], "psnr_roi_inside": []}
                 for q in range(nq)}
     ceiling, classical_pts = [], {"jpeg": {}, "webp": {}}
-    qualities = [5, 10, 20, 30, 40, 50, 60, 70, 80, 90]
+    qualities = [1, 2, 3, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90]
     from tqdm import tqdm
 
     for path in tqdm(kodak, desc="kodak", unit="img"):
@@ -200,5 +227,6 @@ def main(args) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(markdown(result))
     print(json.dumps({"rate_points": rates, "timing": timing}, indent=2))
     return 0
