@@ -168,7 +168,7 @@ class LatentCodec:
     def load(cls, name: str = "elic-lite") -> "LatentCodec":
         """A codec shipped in ``models/weights`` by name, or a path to a weight file."""
         p = Path(name)
-        if p.suffix == ".safetensors" or p.exists():
+        if p.is_file() or p.suffix == ".safetensors":
             return cls.from_file(p)
         cand = WEIGHTS_DIR / f"{name}.safetensors"
         if not cand.is_file():

@@ -313,3 +313,81 @@ def train(cfg: TrainConfig) -> Path:
 
 def nmse_to_db(nmse: float) -> float:
     return -10 * math.log10(max(nmse, 1e-12))
+
+
+def _code_lengths(tables, idx_tab: np.ndarray, sym: np.ndarray) -> float:
+    """Ideal bits of ``sym`` coded with tables ``idx_tab`` (escapes included), from the integer tables."""
+    from latentcast.proto.entropy import PRECISION
+
+    bits = 0.0
+    for t in np.unique(idx_tab):
+        sel = idx_tab == t
+        f = tables.freqs[t].astype(np.float64) / (1 << PRECISION)
+        v = sym[sel] - tables.offsets[t]
+        n_direct = f.size - 1
+        direct = (v >= 0) & (v < n_direct)
+        bits += -np.log2(f[v[direct]]).sum()
+        if (~direct).any():
+            u = np.where(v[~direct] < 0, -2 * v[~direct] - 1, 2 * (v[~direct] - n_direct)) + 1
+            bits += (~direct).sum() * (-np.log2(f[-1]) + np.log2(33)) + (np.floor(np.log2(u))).sum()
+    return float(bits)
+
+
+@torch.no_grad()
+def calibrate_table_offsets(codec, images: list[np.ndarray], *, search: int = 48) -> list[int]:
+    """Choose each rate point's table offset k_q (``table = clip(l - k_q)``) to minimize the real code
+    length on training images. Only the choice of probability table changes: symbols and
+    reconstructions do not depend on k_q. Returns the new offsets (also set on the model)."""
+    m = codec.model
+    n_rates = m.n_rates
+    samples = []  # per rate: list of (idx_raw, sym) arrays at the coded positions
+    for q in range(n_rates):
+        per = []
+        for img in images:
+            y, z = codec.analyze(img)
+            z_sym = codec.z_symbols(z, q)
+            qt = torch.tensor([q])
+            yt = torch.from_numpy(y).double()[None]
+            delta = m.rate_delta[qt].view(1, 1, 1, 1)
+            slices = m.group_slices()
+            raw = torch.zeros_like(yt)
+            sym = torch.zeros_like(yt)
+
+            def step(k, _a, cells, mu, idx, yt=yt, delta=delta, raw=raw, sym=sym, slices=slices):
+                sl = slices[k]
+                s = torch.floor((yt[:, sl] - mu) / delta + 0.5)
+                sym[:, sl] = torch.where(cells, s, sym[:, sl])
+                raw[:, sl] = torch.where(cells, idx, raw[:, sl])
+                return mu + delta * s
+
+            z_hat = torch.from_numpy(z_sym).double()[None] * m.rate_zdelta[qt].view(1, 1, 1, 1)
+            m.entropy_params_loop(m.hyper_features(z_hat, exact=True), step, exact=True)
+            per.append((raw.numpy().astype(np.int64).ravel(), sym.numpy().astype(np.int64).ravel()))
+        samples.append(per)
+    new_k = []
+    L = m.cfg.n_scales
+    for q in range(n_rates):
+        k0 = int(m.rate_k[q])
+        best = None
+        for k in range(k0 - search, k0 + search + 1):
+            bits = sum(_code_lengths(codec.y_tables, np.clip(raw - k, 0, L - 1), sym) for raw, sym in samples[q])
+            if best is None or bits < best[0]:
+                best = (bits, k)
+        log.info("rate point %d: table offset %d -> %d", q, k0, best[1])
+        new_k.append(best[1])
+    m.rate_k.copy_(torch.tensor(new_k, dtype=torch.int64))
+    return new_k
+
+
+def calibration_images(n: int = 8, size: int = 512) -> list[np.ndarray]:
+    """Center crops of training images (photos and vtest frames not divisible by 8)."""
+    srcs = training_sources()
+    pick = [srcs[i] for i in np.linspace(0, len(srcs) - 1, n).astype(int)]
+    out = []
+    for _name, path, frame in pick:
+        rgb = _read_rgb(path, frame)
+        h, w = rgb.shape[:2]
+        s = min(size, h, w) // 64 * 64
+        y0, x0 = (h - s) // 2, (w - s) // 2
+        out.append(np.ascontiguousarray(rgb[y0 : y0 + s, x0 : x0 + s]))
+    return out

@@ -136,8 +136,15 @@ def cmd_release(a: argparse.Namespace) -> int:
     model = ElicCodec(ElicConfig(**c))
     model.load_state_dict(state["model"])
     meta = {"train": state.get("train"), "step": state.get("step"), "latent_var": state.get("latent_var")}
-    h = LatentCodec.save(model, a.out, latent_space=state["train"]["latent_space"], meta=meta)
-    print(f"{a.out}: weights hash {h.hex()}")
+    space = state["train"]["latent_space"]
+    LatentCodec.save(model, a.out, latent_space=space, meta=meta)
+    if not a.no_calibrate:
+        from latentcast.models.training import calibrate_table_offsets, calibration_images
+
+        codec = LatentCodec.from_file(a.out)
+        meta["table_offsets_calibrated"] = calibrate_table_offsets(codec, calibration_images())
+        LatentCodec.save(codec.model, a.out, latent_space=space, meta=meta)
+    print(f"{a.out}: weights hash {LatentCodec.from_file(a.out).weights_hash.hex()}")
     return 0
 
 
@@ -202,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("what", choices=["codec"])
     r.add_argument("checkpoint")
     r.add_argument("--out", required=True)
+    r.add_argument("--no-calibrate", action="store_true",
+                   help="keep the trained table offsets (default: calibrate them on training images for real bytes)")
     r.set_defaults(func=cmd_release)
 
     b = sub.add_parser("bench", help="measure the codec (bpp, PSNR, speed) against JPEG/WebP")
