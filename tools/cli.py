@@ -135,7 +135,9 @@ def cmd_release(a: argparse.Namespace) -> int:
     c["groups"], c["rate_steps"] = tuple(c["groups"]), tuple(c["rate_steps"])
     model = ElicCodec(ElicConfig(**c))
     model.load_state_dict(state["model"])
-    meta = {"train": state.get("train"), "step": state.get("step"), "latent_var": state.get("latent_var")}
+    # machine-specific paths (checkpoint folder, cache) stay out of the released file
+    train_cfg = {k: v for k, v in (state.get("train") or {}).items() if k not in ("out", "cache", "init")}
+    meta = {"train": train_cfg, "step": state.get("step"), "latent_var": state.get("latent_var")}
     space = state["train"]["latent_space"]
     LatentCodec.save(model, a.out, latent_space=space, meta=meta)
     if not a.no_calibrate:
