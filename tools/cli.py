@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--roi", type=_parse_roi, action="append", default=[],
                    help="x0,y0,x1,y1[,label_id] in pixels; repeatable. With ROIs only their latents are coded")
     e.add_argument("--full", action="store_true", help="code the whole frame even when ROIs are given")
-    e.add_argument("--rate", type=int, default=0, help="rate point, 0 = lowest rate (default 0)")
+    e.add_argument("--rate", type=int, default=2, help="rate point, 0 (lowest rate) .. 3 (default 2)")
     e.add_argument("--weights", help="codec weights (.safetensors); default: the shipped elic-lite")
     e.add_argument("--bundle", help="edge bundle folder (ONNX); default: the shipped one if present")
     e.add_argument("-o", "--output", required=True)
