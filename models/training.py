@@ -230,6 +230,8 @@ def train(cfg: TrainConfig) -> Path:
 
         sd = {k: v for k, v in load_file(cfg.init).items() if not k.startswith("tables.")}
         model.load_state_dict(sd)
+        # a released file carries calibrated table offsets; training uses the configured ones
+        model.rate_k.copy_(torch.tensor(ccfg.rate_steps, dtype=torch.int64))
         log.info("initialised from %s", cfg.init)
     cache = prepare_cache(cfg)
     rng = np.random.default_rng(cfg.seed + step)
