@@ -206,9 +206,12 @@ class LatentCodec:
         return quantize_z(z, float(self.model.rate_zdelta[rate_point]))
 
     @torch.no_grad()
-    def encode_symbols(self, y: np.ndarray, z_sym: np.ndarray, *, rate_point: int,
-                       tx_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Exact entropy loop at the encoder: y symbols and table indices (M,h,w) int64."""
+    def encode_symbols(self, y: np.ndarray, z_sym: np.ndarray, *, rate_point: int, tx_mask: np.ndarray,
+                       raw_index: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Exact entropy loop at the encoder: y symbols and table indices (M,h,w) int64.
+
+        ``raw_index``: return the networks' scale index before the rate point's offset and clipping
+        (used to calibrate the offsets)."""
         m = self.model
         q = torch.tensor([rate_point])
         yt = torch.from_numpy(y).double()[None]
@@ -223,7 +226,7 @@ class LatentCodec:
             s = torch.floor((yt[:, sl] - mu) / delta + 0.5)
             where = cells & tx
             sym[:, sl] = torch.where(where, s, sym[:, sl])
-            tab[:, sl] = torch.where(where, m.table_index(idx, q), tab[:, sl])
+            tab[:, sl] = torch.where(where, idx if raw_index else m.table_index(idx, q), tab[:, sl])
             return torch.where(tx, mu + delta * s, mu)
 
         z_hat = torch.from_numpy(z_sym).double()[None] * m.rate_zdelta[q].view(1, 1, 1, 1)

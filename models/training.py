@@ -343,28 +343,13 @@ def calibrate_table_offsets(codec, images: list[np.ndarray], *, search: int = 48
     m = codec.model
     n_rates = m.n_rates
     samples = []  # per rate: list of (idx_raw, sym) arrays at the coded positions
+    analyzed = [codec.analyze(img) for img in images]
     for q in range(n_rates):
         per = []
-        for img in images:
-            y, z = codec.analyze(img)
-            z_sym = codec.z_symbols(z, q)
-            qt = torch.tensor([q])
-            yt = torch.from_numpy(y).double()[None]
-            delta = m.rate_delta[qt].view(1, 1, 1, 1)
-            slices = m.group_slices()
-            raw = torch.zeros_like(yt)
-            sym = torch.zeros_like(yt)
-
-            def step(k, _a, cells, mu, idx, yt=yt, delta=delta, raw=raw, sym=sym, slices=slices):
-                sl = slices[k]
-                s = torch.floor((yt[:, sl] - mu) / delta + 0.5)
-                sym[:, sl] = torch.where(cells, s, sym[:, sl])
-                raw[:, sl] = torch.where(cells, idx, raw[:, sl])
-                return mu + delta * s
-
-            z_hat = torch.from_numpy(z_sym).double()[None] * m.rate_zdelta[qt].view(1, 1, 1, 1)
-            m.entropy_params_loop(m.hyper_features(z_hat, exact=True), step, exact=True)
-            per.append((raw.numpy().astype(np.int64).ravel(), sym.numpy().astype(np.int64).ravel()))
+        for y, z in analyzed:
+            tx = np.ones(y.shape[1:], dtype=bool)
+            sym, raw = codec.encode_symbols(y, codec.z_symbols(z, q), rate_point=q, tx_mask=tx, raw_index=True)
+            per.append((raw.ravel(), sym.ravel()))
         samples.append(per)
     new_k = []
     L = m.cfg.n_scales
