@@ -38,7 +38,7 @@ from latentcast.proto.grid import grid_shape, padded_size, transmit_mask
 from latentcast.proto.ids import CODEC_IDS, LATENT_SPACE_IDS
 from latentcast.proto.symbols import LatentDecoder, LatentEncoder, coding_steps, quantize_z
 
-from .elic import CONFIGS, ElicCodec, ElicConfig
+from .elic import ElicCodec, ElicConfig
 
 log = logging.getLogger(__name__)
 

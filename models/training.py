@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -311,10 +310,6 @@ def train(cfg: TrainConfig) -> Path:
                          "train": asdict(cfg), "codec": ccfg.to_dict(), "latent_var": crops.latent_var})
     pbar.close()
     return ckpt
-
-
-def nmse_to_db(nmse: float) -> float:
-    return -10 * math.log10(max(nmse, 1e-12))
 
 
 def _code_lengths(tables, idx_tab: np.ndarray, sym: np.ndarray) -> float:
