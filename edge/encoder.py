@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from latentcast.proto.bitstream import Roi
 from latentcast.proto.entropy import TableSet
-from latentcast.proto.grid import anchor_mask, padded_size, transmit_mask
-from latentcast.proto.symbols import LatentEncoder, quantize_z
+from latentcast.proto.grid import anchor_mask, padded_size
+from latentcast.proto.symbols import FrameCompressor, LatentEncoder, quantize_z
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +39,7 @@ def pad_frame(frame: np.ndarray, pad_to: int = 64) -> np.ndarray:
     return np.pad(frame, ((0, ph - h), (0, pw - w), (0, 0)), mode="edge")
 
 
-class EdgeEncoder:
+class EdgeEncoder(FrameCompressor):
     """Encodes frames with an edge bundle through ONNX Runtime."""
 
     def __init__(self, *, bundle: Path | str | None = None, threads: int = 0):
@@ -87,20 +85,3 @@ class EdgeEncoder:
                  "rate": np.array([rate_point], dtype=np.int64)}
         sym, tab = self._ent.run(None, feeds)
         return sym[0].astype(np.int64), tab[0].astype(np.int64)
-
-    def compress(self, frame: np.ndarray, rois: Sequence[Roi] = (), *, rate_point: int = 0,
-                 roi_only: bool | None = None, label_set_hash: bytes = b"\0\0\0\0") -> bytes:
-        """One RGB frame (H,W,3 uint8) -> packet bytes. With ROIs, ``roi_only`` defaults to True."""
-        if not isinstance(frame, np.ndarray) or frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
-            raise ValueError(f"frame must be an (H, W, 3) uint8 RGB array, got {getattr(frame, 'shape', type(frame))}")
-        if not isinstance(rate_point, (int, np.integer)) or not 0 <= int(rate_point) < self.n_rates:
-            raise ValueError(f"rate_point {rate_point!r} out of range 0..{self.n_rates - 1}")
-        h, w = frame.shape[:2]
-        rois = tuple(rois)
-        roi_only = bool(rois) if roi_only is None else roi_only
-        y, z = self.analyze(frame)
-        z_sym = self.z_symbols(z, int(rate_point))
-        tx = transmit_mask(w, h, [(r.x0, r.y0, r.x1, r.y1) for r in rois], roi_only)
-        y_sym, y_tab = self.encode_symbols(y, z_sym, rate_point=int(rate_point), tx_mask=tx)
-        return self._enc.packet(width=w, height=h, rois=rois, roi_only=roi_only, rate_point=int(rate_point),
-                                z_sym=z_sym, y_sym=y_sym, y_table=y_tab, tx_mask=tx, label_set_hash=label_set_hash)

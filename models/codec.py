@@ -11,8 +11,10 @@
 A weight file (safetensors) holds the float parameters, the frozen integer
 parameters of the entropy networks, the integer probability tables, the
 per-rate quantization steps and, in its metadata, the codec configuration and
-latent space. Its SHA-256 (first 8 bytes) is the ``weights_hash`` every packet
-names; a packet made with other weights is refused.
+latent space. The ``weights_hash`` every packet names is taken over that content
+(:func:`weights_content_hash`: tensor names, dtypes, shapes and bytes in name
+order, then the metadata), not over the file's bytes, so re-writing the same
+weights gives the same hash; a packet made with other weights is refused.
 
 The edge encodes with the exported ONNX graphs (``latentcast.edge.encoder``);
 :meth:`LatentCodec.compress` here is the PyTorch reference with the same
@@ -24,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,11 +33,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from latentcast.proto.bitstream import Packet, Roi, SectionKind
+from latentcast.proto.bitstream import Packet, SectionKind
 from latentcast.proto.entropy import TableSet, gaussian_tables, quantize_pmf
 from latentcast.proto.grid import grid_shape, padded_size, transmit_mask
 from latentcast.proto.ids import CODEC_IDS, LATENT_SPACE_IDS
-from latentcast.proto.symbols import LatentDecoder, LatentEncoder, coding_steps, quantize_z
+from latentcast.proto.symbols import FrameCompressor, LatentDecoder, LatentEncoder, check_frame, coding_steps, quantize_z
 
 from .elic import ElicCodec, ElicConfig
 
@@ -65,9 +66,7 @@ class Reconstruction:
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     """(H,W,3) uint8 RGB -> (1,3,H,W) float in [0,1]; precise error for anything else."""
-    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        desc = f"{type(image).__name__} {getattr(image, 'shape', '')} {getattr(image, 'dtype', '')}"
-        raise ValueError(f"image must be an (H, W, 3) uint8 RGB array, got {desc}")
+    check_frame(image)
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
 
 
@@ -77,6 +76,18 @@ def pad_image(x: torch.Tensor, pad_to: int = 64) -> torch.Tensor:
     if (pw, ph) == (w, h):
         return x
     return F.pad(x, (0, pw - w, 0, ph - h), mode="replicate")
+
+
+def weights_content_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """First 8 bytes of SHA-256 over the tensors (sorted by name: name, dtype, shape, raw bytes)
+    and the metadata (sorted keys): independent of how safetensors lays the file out."""
+    h = hashlib.sha256(b"latentcast-weights-1\0")
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(json.dumps(metadata, sort_keys=True).encode())
+    return h.digest()[:8]
 
 
 def _tables_to_tensors(prefix: str, t: TableSet) -> dict[str, torch.Tensor]:
@@ -90,7 +101,7 @@ def _tables_from_tensors(prefix: str, sd: dict[str, torch.Tensor]) -> TableSet:
                                 sd.pop(f"{prefix}.offsets").numpy())
 
 
-class LatentCodec:
+class LatentCodec(FrameCompressor):
     """A trained codec with frozen integer entropy networks and its probability tables."""
 
     def __init__(self, *, model: ElicCodec, weights_hash: bytes, latent_space: str, y_tables: TableSet,
@@ -137,7 +148,7 @@ class LatentCodec:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata=md)
-        return hashlib.sha256(path.read_bytes()).digest()[:8]
+        return weights_content_hash(tensors, md)
 
     @classmethod
     def from_file(cls, path: Path | str) -> "LatentCodec":
@@ -147,10 +158,10 @@ class LatentCodec:
         if not path.is_file():
             raise FileNotFoundError(f"codec weights {path} not found (train with `latentcast train codec` "
                                     f"or use the weights shipped in {WEIGHTS_DIR})")
-        raw = path.read_bytes()
         with safe_open(str(path), framework="pt") as f:
             md = f.metadata() or {}
             sd = {k: f.get_tensor(k) for k in f.keys()}
+        weights_hash = weights_content_hash(sd, md)
         if md.get("format") != "latentcast-codec-1":
             raise ValueError(f"{path} is not a latentcast codec weight file (format {md.get('format')!r})")
         cfg_d = json.loads(md["config"])
@@ -161,7 +172,7 @@ class LatentCodec:
         z_tables = _tables_from_tensors("tables.z", sd)
         model = ElicCodec(cfg)
         model.load_state_dict(sd)
-        return cls(model=model, weights_hash=hashlib.sha256(raw).digest()[:8], latent_space=md["latent_space"],
+        return cls(model=model, weights_hash=weights_hash, latent_space=md["latent_space"],
                    y_tables=y_tables, z_tables=z_tables, path=path, meta=json.loads(md.get("meta", "{}")))
 
     @classmethod
@@ -188,11 +199,6 @@ class LatentCodec:
         return self._latent_space
 
     # ------------------------------------------------------------------ encoding
-    def check_rate(self, rate_point: int) -> int:
-        if not isinstance(rate_point, (int, np.integer)) or not 0 <= int(rate_point) < self.n_rates:
-            raise ValueError(f"rate_point {rate_point!r} out of range 0..{self.n_rates - 1}")
-        return int(rate_point)
-
     @torch.no_grad()
     def analyze(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """g_a and h_a in PyTorch: returns y (M,h,w) and z (Nz,hz,wz), float32."""
@@ -233,21 +239,6 @@ class LatentCodec:
         H = m.hyper_features(z_hat, exact=True)
         m.entropy_params_loop(H, step, exact=True)
         return sym[0].numpy().astype(np.int64), tab[0].numpy().astype(np.int64)
-
-    def compress(self, image: np.ndarray, rois: Sequence[Roi] = (), *, rate_point: int = 0,
-                 roi_only: bool | None = None, label_set_hash: bytes = b"\0\0\0\0") -> bytes:
-        """Encode one RGB frame. With ROIs, ``roi_only`` (default: True when ROIs are given) codes
-        only their latent cells (+ margin); z is always coded."""
-        rate_point = self.check_rate(rate_point)
-        h, w = image.shape[:2] if isinstance(image, np.ndarray) and image.ndim == 3 else (0, 0)
-        rois = tuple(rois)
-        roi_only = bool(rois) if roi_only is None else roi_only
-        y, z = self.analyze(image)
-        z_sym = self.z_symbols(z, rate_point)
-        tx = transmit_mask(w, h, [(r.x0, r.y0, r.x1, r.y1) for r in rois], roi_only)
-        y_sym, y_tab = self.encode_symbols(y, z_sym, rate_point=rate_point, tx_mask=tx)
-        return self._enc.packet(width=w, height=h, rois=rois, roi_only=roi_only, rate_point=rate_point,
-                                z_sym=z_sym, y_sym=y_sym, y_table=y_tab, tx_mask=tx, label_set_hash=label_set_hash)
 
     # ------------------------------------------------------------------ decoding
     def check_packet(self, packet: Packet) -> None:

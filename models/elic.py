@@ -53,7 +53,7 @@ class ElicConfig:
     N: int = 64  # analysis width (channels between strided convs of g_a)
     M: int = 160  # channels of the latent y (at 1/16)
     groups: tuple[int, ...] = (16, 16, 32, 64, 32)  # uneven channel groups, sum == M
-    Nz: int = 64  # channels of the hyper-latent z (at 1/64)
+    Nz: int = 32  # channels of the hyper-latent z (at 1/64): always sent, so it bounds the ROI-only saving
     Nh: int = 64  # width of the integer hyper synthesis and its output features H
     ctx: int = 48  # width of the integer channel / spatial context networks
     ep: int = 96  # width of the integer parameter-aggregation networks
@@ -66,7 +66,7 @@ class ElicConfig:
     n_scales: int = 64  # Gaussian scale tables
     scale_min: float = 0.11  # smallest table scale
     scale_max: float = 64.0  # largest table scale
-    rate_steps: tuple[int, ...] = (28, 18, 9, 0)  # k_q per rate point (0 = lowest rate): Δ_q = exp(δ k_q)
+    rate_steps: tuple[int, ...] = (22, 14, 7, 0)  # k_q per rate point (0 = lowest rate): Δ_q = exp(δ k_q)
 
     def __post_init__(self):
         if sum(self.groups) != self.M:
@@ -278,12 +278,21 @@ class ElicCodec(nn.Module):
                 head,
             ]))
         self.g_s = SynthesisToLatent(cfg)
-        ks = torch.tensor(cfg.rate_steps, dtype=torch.float64)
-        # Δ_q: dyadic (8 fractional bits) so that μ + Δ s is exact in float64
-        # stored in the weight file (computed once: exp() is not bit-identical across libms)
-        self.register_buffer("rate_k", ks.to(torch.int64))
-        self.register_buffer("rate_delta", torch.round(torch.exp(ks * cfg.log_step) * 256) / 256)
-        self.register_buffer("rate_zdelta", torch.round(torch.exp(ks * cfg.log_step / 2) * 256) / 256)
+        n = len(cfg.rate_steps)
+        self.register_buffer("rate_k", torch.zeros(n, dtype=torch.int64))
+        self.register_buffer("rate_delta", torch.zeros(n, dtype=torch.float64))
+        self.register_buffer("rate_zdelta", torch.zeros(n, dtype=torch.float64))
+        self.reset_rate_points()
+
+    def reset_rate_points(self) -> None:
+        """Set the table offsets k_q and steps Δ_q, Δz_q from the configuration.
+
+        Δ_q is dyadic (8 fractional bits) so that μ + Δ s is exact in float64; all three are stored
+        in the weight file and never recomputed there (exp() is not bit-identical across libms)."""
+        ks = torch.tensor(self.cfg.rate_steps, dtype=torch.float64)
+        self.rate_k.copy_(ks.to(torch.int64))
+        self.rate_delta.copy_(torch.round(torch.exp(ks * self.cfg.log_step) * 256) / 256)
+        self.rate_zdelta.copy_(torch.round(torch.exp(ks * self.cfg.log_step / 2) * 256) / 256)
 
     # ------------------------------------------------------------------ shared pieces
     @property
@@ -353,13 +362,12 @@ class ElicCodec(nn.Module):
         y = self.g_a(x)
         z = self.h_a(y)
         dz = self.rate_zdelta[rate].view(-1, 1, 1, 1).to(z.dtype)
-        zs = z / dz
-        z_hat = dz * round_ste(zs)
-        z_noisy = zs + (torch.rand_like(zs) - 0.5)
+        zs_hat = round_ste(z / dz)  # the z symbols (straight-through), coded with the factorized prior
+        z_hat = dz * zs_hat
         bits_z = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)
         for q in torch.unique(rate).tolist():
             sel = rate == q
-            bz = -torch.log2(self.prior_z[q].likelihood(z_noisy[sel])).sum(dim=(1, 2, 3))
+            bz = -torch.log2(self.prior_z[q].likelihood(zs_hat[sel])).sum(dim=(1, 2, 3))
             bits_z = bits_z.index_put((sel.nonzero()[:, 0],), bz)
         H = self.hyper_features(z_hat, exact=False)
         if mask is None:
@@ -373,15 +381,17 @@ class ElicCodec(nn.Module):
             nonlocal bits
             yk = y[:, slices[k]]
             l = self.table_index(idx_raw, rate)
-            sigma = smin * torch.exp(l * log_step)  # == scales[l], differentiable through the STE
-            # rate: noisy proxy; distortion path: straight-through rounding
-            v = (yk - mu) / delta
-            v_noisy = v + (torch.rand_like(v) - 0.5)
-            s = sigma / delta
-            p = _gauss_cdf((v_noisy + 0.5) / s) - _gauss_cdf((v_noisy - 0.5) / s)
+            # table l is the zero-mean Gaussian of std scales[l] over the *symbols* (y - μ)/Δ_q: the
+            # offset k_q in l already divides σ_y by Δ_q (differentiable through the STE)
+            s = smin * torch.exp(l * log_step)
+            # rate and distortion both see the rounded symbol (straight-through): the rate is the
+            # ideal code length of the real symbol under the real table. (The additive-noise proxy
+            # charged 2-5x the real bits here, mostly for symbols that round to 0 at small scales.)
+            v_hat = round_ste((yk - mu) / delta)
+            p = _gauss_cdf((v_hat + 0.5) / s) - _gauss_cdf((v_hat - 0.5) / s)
             bk = -torch.log2(p.clamp_min(1e-9))
             bits = bits + (bk * (pos & (mask > 0.5))).sum(dim=(1, 2, 3))
-            y_hat = mu + delta * round_ste(v)
+            y_hat = mu + delta * v_hat
             return torch.where(mask > 0.5, y_hat, mu)
 
         y_hat = self.entropy_params_loop(H, step, exact=False)

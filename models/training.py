@@ -39,7 +39,7 @@ from .elic import CONFIGS, ElicCodec, ElicConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "training_sources", "prepare_cache", "train", "default_cache_dir"]
+__all__ = ["TrainConfig", "training_sources", "prepare_cache", "train", "default_cache_dir", "load_init"]
 
 
 def default_cache_dir() -> Path:
@@ -199,6 +199,43 @@ def random_masks(n: int, rows: int, cols: int, rng: np.random.Generator, max_mas
     return torch.from_numpy(m)
 
 
+_FROZEN_FORM = ("w_int", "mult", "bias_int", "shift", "frozen")  # QConv's integer form, rebuilt by freeze()
+
+
+def load_init(model: ElicCodec, sd: dict[str, torch.Tensor]) -> list[str]:
+    """Start ``model`` from another codec's parameters (a released weight file's state dict).
+
+    Tensors of the same shape are copied. A tensor whose shape differs only by being larger in
+    some dimensions (e.g. a file with more hyper-latent channels ``Nz``) gives its leading slice,
+    so a narrower model starts from the first channels of a wider one. The probability tables
+    and the frozen integer form are skipped (rebuilt at release), and the rate-point buffers come
+    from the new configuration (a released file carries calibrated table offsets). Returns the
+    names that were sliced; raises ``ValueError`` for a tensor that cannot fit or is missing.
+    """
+    own = model.state_dict()
+    sliced, missing = [], []
+    for name, dst in own.items():
+        if name.startswith("rate_") or name.rsplit(".", 1)[-1] in _FROZEN_FORM:
+            continue
+        src = sd.get(name)
+        if src is None:
+            missing.append(name)
+            continue
+        if src.shape != dst.shape:
+            if src.dim() != dst.dim() or any(s < d for s, d in zip(src.shape, dst.shape)):
+                raise ValueError(f"init tensor {name!r} has shape {tuple(src.shape)}, cannot fit {tuple(dst.shape)}")
+            src = src[tuple(slice(0, d) for d in dst.shape)]
+            sliced.append(name)
+        with torch.no_grad():
+            dst.copy_(src.to(dst.dtype))
+    if missing:
+        raise ValueError(f"init file lacks {len(missing)} tensors of the model, e.g. {missing[:3]}")
+    model.reset_rate_points()
+    if sliced:
+        log.info("init: %d tensors sliced to the new shapes (%s, ...)", len(sliced), ", ".join(sliced[:4]))
+    return sliced
+
+
 def _save(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -227,10 +264,7 @@ def train(cfg: TrainConfig) -> Path:
     elif cfg.init:
         from safetensors.torch import load_file
 
-        sd = {k: v for k, v in load_file(cfg.init).items() if not k.startswith("tables.")}
-        model.load_state_dict(sd)
-        # a released file carries calibrated table offsets; training uses the configured ones
-        model.rate_k.copy_(torch.tensor(ccfg.rate_steps, dtype=torch.int64))
+        load_init(model, load_file(cfg.init))
         log.info("initialised from %s", cfg.init)
     cache = prepare_cache(cfg)
     rng = np.random.default_rng(cfg.seed + step)

@@ -23,9 +23,9 @@ import numpy as np
 
 from .bitstream import Packet, PacketHeader, Roi, SectionKind
 from .entropy import SymbolDecoder, SymbolEncoder, TableSet
-from .grid import anchor_mask
+from .grid import anchor_mask, transmit_mask
 
-__all__ = ["coding_steps", "quantize_z", "LatentEncoder", "LatentDecoder"]
+__all__ = ["coding_steps", "quantize_z", "check_frame", "FrameCompressor", "LatentEncoder", "LatentDecoder"]
 
 
 def quantize_z(z: np.ndarray, step: float) -> np.ndarray:
@@ -124,3 +124,52 @@ class LatentDecoder:
         vals = self._y.decode(t.ravel(), self.y_tables)
         self.crc = _crc(self.crc, vals)
         return vals.reshape(t.shape), cells
+
+
+def check_frame(frame: np.ndarray) -> None:
+    """Raise ``ValueError`` naming the value unless ``frame`` is an (H, W, 3) uint8 RGB array."""
+    if not isinstance(frame, np.ndarray) or frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+        desc = f"{type(frame).__name__} {getattr(frame, 'shape', '')} {getattr(frame, 'dtype', '')}"
+        raise ValueError(f"frame must be an (H, W, 3) uint8 RGB array, got {desc}")
+
+
+class FrameCompressor:
+    """``compress`` for any backend: the edge's ONNX Runtime encoder and the cloud's PyTorch codec
+    supply ``analyze``, ``z_symbols``, ``encode_symbols``, ``n_rates`` and a :class:`LatentEncoder`
+    (``_enc``); the frame, ROI, mask and packet handling here is the one both share."""
+
+    n_rates: int
+    _enc: LatentEncoder
+
+    def analyze(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """y (M,h,w) and z (Nz,hz,wz), float32."""
+        raise NotImplementedError
+
+    def z_symbols(self, z: np.ndarray, rate_point: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def encode_symbols(self, y: np.ndarray, z_sym: np.ndarray, *, rate_point: int,
+                       tx_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """y symbols and table indices (both (M,h,w) int64; only cells in ``tx_mask`` matter)."""
+        raise NotImplementedError
+
+    def check_rate(self, rate_point: int) -> int:
+        if not isinstance(rate_point, (int, np.integer)) or not 0 <= int(rate_point) < self.n_rates:
+            raise ValueError(f"rate_point {rate_point!r} out of range 0..{self.n_rates - 1}")
+        return int(rate_point)
+
+    def compress(self, frame: np.ndarray, rois: Sequence[Roi] = (), *, rate_point: int = 0,
+                 roi_only: bool | None = None, label_set_hash: bytes = b"\0\0\0\0") -> bytes:
+        """One RGB frame (H,W,3 uint8) -> packet bytes. With ROIs, ``roi_only`` (default: True when
+        ROIs are given) codes only their latent cells (+ margin); z is always coded."""
+        check_frame(frame)
+        rate_point = self.check_rate(rate_point)
+        h, w = frame.shape[:2]
+        rois = tuple(rois)
+        roi_only = bool(rois) if roi_only is None else roi_only
+        y, z = self.analyze(frame)
+        z_sym = self.z_symbols(z, rate_point)
+        tx = transmit_mask(w, h, [(r.x0, r.y0, r.x1, r.y1) for r in rois], roi_only)
+        y_sym, y_tab = self.encode_symbols(y, z_sym, rate_point=rate_point, tx_mask=tx)
+        return self._enc.packet(width=w, height=h, rois=rois, roi_only=roi_only, rate_point=rate_point,
+                                z_sym=z_sym, y_sym=y_sym, y_table=y_tab, tx_mask=tx, label_set_hash=label_set_hash)

@@ -136,3 +136,23 @@ def test_mutated_sections_never_crash_the_decoder(tiny_codec, image, data):
     except (CodecError, EntropyError):
         return
     assert np.isfinite(rec.latent).all()
+
+
+def test_weights_hash_is_over_content_not_file_layout(tiny_codec_path, tmp_path):
+    """Re-writing the same weights (another file layout) keeps the hash; changing one value changes it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from latentcast.models.codec import weights_content_hash
+
+    with safe_open(str(tiny_codec_path), framework="pt") as f:
+        md = f.metadata()
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    again = tmp_path / "again.safetensors"
+    save_file(dict(reversed(list(sd.items()))), str(again), metadata=md)
+    assert LatentCodec.from_file(again).weights_hash == LatentCodec.from_file(tiny_codec_path).weights_hash
+    key = next(k for k in sorted(sd) if sd[k].is_floating_point() and sd[k].numel())
+    sd[key] = sd[key].clone()
+    sd[key].view(-1)[0] += 1
+    assert weights_content_hash(sd, md) != LatentCodec.from_file(tiny_codec_path).weights_hash
+    assert weights_content_hash(sd, {**md, "meta": "{}x"}) != weights_content_hash(sd, md)

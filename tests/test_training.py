@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -47,3 +48,38 @@ def test_train_resume_release(tmp_path, tiny_sources):
     rec = codec.decompress(codec.compress(img, rate_point=1))
     assert rec.frame.shape == img.shape
     assert "out" not in codec.meta["train"] and "cache" not in codec.meta["train"]
+
+
+def test_init_slices_a_wider_codec_and_resets_rate_points():
+    from latentcast.models.elic import CONFIGS, ElicCodec
+
+    base = {"N": 16, "M": 32, "groups": (16, 16), "Nh": 16, "ctx": 8, "ep": 16, "gs_width": 16, "gs_blocks": 1}
+    torch.manual_seed(0)
+    wide = ElicCodec(dataclasses.replace(CONFIGS["lite"], Nz=16, **base))
+    wide.rate_k.add_(5)  # as a released, calibrated file would have
+    narrow = ElicCodec(dataclasses.replace(CONFIGS["lite"], Nz=8, **base))
+    sliced = training.load_init(narrow, wide.state_dict())
+    assert "h_a.4.weight" in sliced and "g_s.global_net.0.weight" in sliced
+    assert torch.equal(narrow.h_a[4].weight, wide.h_a[4].weight[:8])
+    assert torch.equal(narrow.g_a[0].weight, wide.g_a[0].weight)
+    assert narrow.rate_k.tolist() == list(narrow.cfg.rate_steps)
+    with pytest.raises(ValueError, match="cannot fit"):
+        training.load_init(wide, narrow.state_dict())
+
+
+def test_rate_proxy_matches_the_real_code_length(tiny_codec):
+    """The training rate (rounded symbols under the Gaussian of the table the coder will use) is the
+    ideal code length of the real symbols under the real integer tables, at every rate point."""
+    rng = np.random.default_rng(1)
+    img = cv2.resize(rng.integers(0, 255, (16, 16, 3)).astype(np.uint8), (128, 128), interpolation=cv2.INTER_CUBIC)
+    model = tiny_codec.model
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    y, z = tiny_codec.analyze(img)
+    for q in range(model.n_rates):
+        sym, raw = tiny_codec.encode_symbols(y, tiny_codec.z_symbols(z, q), rate_point=q,
+                                             tx_mask=np.ones(y.shape[1:], bool), raw_index=True)
+        idx = np.clip(raw - int(model.rate_k[q]), 0, model.cfg.n_scales - 1)
+        real = training._code_lengths(tiny_codec.y_tables, idx, sym)
+        with torch.no_grad():
+            proxy = float(model(x, rate=torch.tensor([q]))["bits_y"])
+        assert 0.9 < proxy / real < 1.1, (q, proxy, real)
