@@ -1,0 +1,58 @@
+"""latentcast.config: defaults < YAML < environment, precise errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from latentcast.config import ConfigError, describe_config, load_config
+
+
+@dataclass
+class Server:
+    address: str = "127.0.0.1:50051"  # where to connect
+    keepalive_s: float = 20.0  # keepalive ping interval
+
+
+@dataclass
+class Demo:
+    source: str = "vtest.avi"  # video
+    labels: list[str] = field(default_factory=lambda: ["person"])  # task labels
+    rate_point: int = 2  # codec rate point
+    tls: bool = False  # use TLS
+    token: str | None = None  # bearer token
+    server: Server = field(default_factory=Server)  # connection
+
+
+def test_precedence_defaults_file_env(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("rate_point: 1\nlabels: [person, car]\nserver:\n  address: host:1\n")
+    env = {"DEMO__RATE_POINT": "3", "DEMO__SERVER__KEEPALIVE_S": "5", "DEMO__TLS": "yes", "DEMO__LABELS": "bus, car"}
+    cfg = load_config(Demo, p, env_prefix="DEMO", env=env)
+    assert cfg.rate_point == 3 and cfg.tls is True and cfg.labels == ["bus", "car"]
+    assert cfg.server.address == "host:1" and cfg.server.keepalive_s == 5.0
+    assert cfg.source == "vtest.avi" and cfg.token is None
+    assert load_config(Demo, None, env_prefix="DEMO", env={}) == Demo()
+
+
+def test_errors_name_the_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("rate_pont: 1\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) 'rate_pont' \(valid: source, labels, rate_point"):
+        load_config(Demo, p, env_prefix="DEMO", env={})
+    p.write_text("server: {adress: x}\n")
+    with pytest.raises(ConfigError, match="in server"):
+        load_config(Demo, p, env_prefix="DEMO", env={})
+    with pytest.raises(ConfigError, match="DEMO__RATE_POINT: 'x' is not an integer"):
+        load_config(Demo, None, env_prefix="DEMO", env={"DEMO__RATE_POINT": "x"})
+    with pytest.raises(ConfigError, match="DEMO__TLS: 'maybe' is not a boolean"):
+        load_config(Demo, None, env_prefix="DEMO", env={"DEMO__TLS": "maybe"})
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Demo, tmp_path / "missing.yaml", env_prefix="DEMO", env={})
+
+
+def test_describe_lists_every_leaf():
+    rows = describe_config(Demo, "DEMO")
+    assert ("server.address", "DEMO__SERVER__ADDRESS", "127.0.0.1:50051") in rows
+    assert len(rows) == 7
