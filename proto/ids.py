@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-__all__ = ["CODEC_IDS", "LATENT_SPACE_IDS", "codec_name", "latent_space_name"]
+import zlib
+from collections.abc import Sequence
+
+__all__ = ["CODEC_IDS", "LATENT_SPACE_IDS", "codec_name", "latent_space_name", "label_set_hash"]
 
 # codec architecture -> codec_id in the packet header
 CODEC_IDS: dict[str, int] = {"elic-lite": 1, "elic-paper": 2, "elic-lite-taef2": 3}
@@ -24,3 +27,10 @@ def codec_name(codec_id: int) -> str:
 
 def latent_space_name(latent_space_id: int) -> str:
     return _reverse(LATENT_SPACE_IDS, latent_space_id, "latent_space_id")
+
+
+def label_set_hash(labels: Sequence[str]) -> bytes:
+    """The packet header's 4-byte ``label_set_hash``: CRC32 (big-endian) of the task's label list,
+    in order, joined by newlines. ROI ``label_id`` values index that list, so the cloud can check
+    that a packet's label ids mean what its session header says."""
+    return zlib.crc32("\n".join(labels).encode("utf-8")).to_bytes(4, "big")
