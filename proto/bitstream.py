@@ -357,6 +357,9 @@ class Packet:
         parts.extend(_SECTION.pack(int(kind), len(payload)) for kind, payload in sections.items())
         parts.extend(sections.values())
         body = b"".join(parts)
+        if len(body) + _CRC.size > MAX_PACKET_BYTES:
+            raise _err(f"packet of {len(body) + _CRC.size} bytes exceeds MAX_PACKET_BYTES={MAX_PACKET_BYTES}: "
+                       "readers with the default limit would refuse it")
         return body + _CRC.pack(zlib.crc32(body) & _U32)
 
     @classmethod

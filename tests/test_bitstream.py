@@ -590,3 +590,10 @@ def test_describe_fields():
     assert d["total_bytes"] == 33 + 24 + 15 + 21 + 4 == len(pack(p))
     assert d["bpp"] == pytest.approx(d["total_bytes"] * 8 / (64 * 48))
     assert re.fullmatch(r"[0-9a-f]{16}", d["weights_hash"])
+
+
+def test_writer_refuses_a_packet_readers_would_refuse():
+    p = simple_packet()
+    big = Packet(header=p.header, sections={SectionKind.Z: bytes(40 << 20), SectionKind.Y: bytes(30 << 20)})
+    with pytest.raises(BitstreamError, match="exceeds MAX_PACKET_BYTES"):
+        big.to_bytes()
