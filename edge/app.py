@@ -1,0 +1,305 @@
+"""The edge service: capture → grounding → encoding → send queue → gRPC stream.
+
+::
+
+    FrameSource (capture thread) ─► frame mailbox (``source.frame_queue``; live sources and
+    realtime pacing drop the oldest waiting frame when the encoder is busy, ``pace: none`` waits)
+    ─► Grounder + EdgeEncoder.compress (one worker thread, never on the event loop)
+    ─► OutFrame(seq) ─► SendQueue (drop policy) ─► EdgeClient (backlog, acks, resume)
+
+Sequence numbers count encoded frames from 0 for this process (the cloud resumes by them).
+:meth:`EdgeApp.run` ends at ``max_frames`` captured frames, at the end of a non-looping file,
+or when ``stop`` is set; at a natural end it waits up to ``sender.drain_timeout_s`` for the
+cloud to acknowledge every frame sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+import latentcast
+from latentcast.edge.capture import CapturedFrame, FrameSource
+from latentcast.edge.client import EdgeClient, FatalStreamError, GaveUpError, TlsConfig
+from latentcast.edge.config import EdgeConfig
+from latentcast.edge.grounding import Grounder, Grounding
+from latentcast.edge.sender import Backlog, OutFrame, SendQueue
+from latentcast.proto import latentcast_v1_pb2 as pb
+from latentcast.proto.ids import label_set_hash
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EdgeApp"]
+
+_RECENT_RESULTS = 8  # results kept for stats()
+
+
+def _box_dict(b: pb.Box) -> dict[str, Any]:
+    return {"label": b.label, "label_id": b.label_id, "score": round(b.score, 3),
+            "box": [round(b.x0, 1), round(b.y0, 1), round(b.x1, 1), round(b.y1, 1)]}
+
+
+class EdgeApp:
+    """One camera's edge pipeline. Components may be injected (tests, custom sources)."""
+
+    def __init__(self, config: EdgeConfig, *, on_result: Callable[[pb.FrameAnalytics], None] | None = None,
+                 source: FrameSource | None = None, grounder: Grounder | None = None, encoder: Any = None):
+        if not isinstance(config, EdgeConfig):
+            raise ValueError(f"config must be an EdgeConfig, got {type(config).__name__}")
+        self.config = config
+        self.on_result = on_result
+        self._source, self._grounder, self._encoder = source, grounder, encoder
+        sc = config.sender
+        self.queue = SendQueue(maxsize=sc.queue_size, policy=sc.policy)
+        self.backlog = Backlog(max_frames=sc.backlog_frames, max_bytes=sc.backlog_bytes)
+        self.client: EdgeClient | None = None
+        self.labels = list(config.grounding.labels)
+        self._label_hash = label_set_hash(self.labels)
+        self.frame_size: tuple[int, int] | None = None
+        self._next_seq = 0
+        self._t_start: float | None = None
+        self._t_end: float | None = None
+        self.frames_captured = 0
+        self.frames_encoded = 0
+        self.dropped_encoder_busy = 0
+        self.dropped_queue_full_new = 0  # refused by drop-newest (also in the queue's dropped_by_policy)
+        self.bytes_encoded = 0
+        self.rois_total = 0
+        self.detector_runs = 0
+        self._ground_ms = 0.0
+        self._encode_ms = 0.0
+        self._latency_ms: collections.deque[float] = collections.deque(maxlen=100)
+        self.recent_results: collections.deque[dict[str, Any]] = collections.deque(maxlen=_RECENT_RESULTS)
+        self.error: BaseException | None = None
+
+    # ------------------------------------------------------------------ building
+
+    def _build(self) -> None:
+        """Create the source, detector/grounder and encoder (blocking: runs in a worker thread)."""
+        cfg = self.config
+        if self._source is None:
+            s = cfg.source
+            self._source = FrameSource(source=s.uri, pace=s.pace, fps=s.fps or None, loop=s.loop,
+                                       resize=tuple(s.resize) if s.resize else None,
+                                       reconnect_attempts=s.reconnect_attempts,
+                                       backoff_initial_s=s.backoff_initial_s, backoff_max_s=s.backoff_max_s)
+        if self._encoder is None:
+            from latentcast.edge.encoder import EdgeEncoder
+
+            self._encoder = EdgeEncoder(bundle=cfg.codec.bundle or None, threads=cfg.codec.threads)
+        n_rates = int(self._encoder.n_rates)
+        if not 0 <= cfg.codec.rate_point < n_rates:
+            raise ValueError(f"codec.rate_point {cfg.codec.rate_point} out of range 0..{n_rates - 1} for this bundle")
+        if self._grounder is None:
+            from latentcast.detector import YoloxDetector
+
+            g = cfg.grounding
+            det = YoloxDetector(model_path=g.model or None, labels_path=g.labels_file or None,
+                                score_threshold=g.score_threshold, nms_threshold=g.nms_threshold, threads=g.threads)
+            self._grounder = Grounder(labels=self.labels, detector=det, every=g.every, max_missed=g.max_missed,
+                                      margin=g.margin, motion=g.motion)
+        elif list(self._grounder.labels) != self.labels:
+            raise ValueError(f"the grounder's labels {self._grounder.labels!r} differ from grounding.labels "
+                             f"{self.labels!r}")
+
+    def _session(self, width: int, height: int) -> pb.SessionHeader:
+        enc = self._encoder
+        return pb.SessionHeader(camera_id=self.config.camera_id, task=self.config.grounding.task, labels=self.labels,
+                                codec_id=int(enc.manifest["codec_id"]), weights_hash=bytes(enc.weights_hash),
+                                width=width, height=height, fps=float(self._source.fps),
+                                edge_version=latentcast.__version__)
+
+    def _make_client(self, width: int, height: int) -> EdgeClient:
+        s = self.config.server
+        tls = None
+        if s.tls or s.tls_root_certs or s.tls_client_cert:
+            tls = TlsConfig(root_certs=s.tls_root_certs or None, client_cert=s.tls_client_cert or None,
+                            client_key=s.tls_client_key or None, server_name=s.tls_server_name or None)
+        return EdgeClient(target=s.target, session=self._session(width, height), queue=self.queue,
+                          backlog=self.backlog, token=s.resolved_token(), tls=tls, keepalive_s=s.keepalive_s,
+                          keepalive_timeout_s=s.keepalive_timeout_s, max_message_bytes=s.max_message_bytes,
+                          backoff_initial_s=s.backoff_initial_s, backoff_max_s=s.backoff_max_s,
+                          backoff_jitter=s.backoff_jitter,
+                          max_reconnect_attempts=s.max_reconnect_attempts or None,
+                          accept_timeout_s=s.accept_timeout_s, on_result=self._on_result)
+
+    # ------------------------------------------------------------------ per frame
+
+    def _process(self, rgb: np.ndarray) -> tuple[bytes, Grounding, float, float]:
+        """Ground and encode one frame (worker thread)."""
+        t0 = time.perf_counter()
+        g = self._grounder.update(rgb)
+        t1 = time.perf_counter()
+        packet = self._encoder.compress(rgb, g.rois, rate_point=self.config.codec.rate_point,
+                                        roi_only=self.config.codec.roi_only, label_set_hash=self._label_hash)
+        t2 = time.perf_counter()
+        return packet, g, (t1 - t0) * 1e3, (t2 - t1) * 1e3
+
+    def _on_result(self, r: pb.FrameAnalytics) -> None:
+        lat = time.time_ns() / 1e3 - r.capture_ts_us
+        self._latency_ms.append(lat / 1e3)
+        self.recent_results.append({"seq": r.seq, "capture_ts_us": r.capture_ts_us, "bpp": round(r.bpp, 5),
+                                    "packet_bytes": r.packet_bytes, "decode_ms": round(r.decode_ms, 1),
+                                    "analytics_ms": round(r.analytics_ms, 1), "latency_ms": round(lat / 1e3, 1),
+                                    "boxes": [_box_dict(b) for b in r.boxes]})
+        if self.on_result is not None:
+            try:
+                self.on_result(r)
+            except Exception:
+                log.exception("on_result callback failed for seq %d", r.seq)
+
+    # ------------------------------------------------------------------ running
+
+    async def run(self, max_frames: int | None = None, stop: asyncio.Event | None = None) -> dict[str, Any]:
+        """Run the pipeline (see the module doc); returns :meth:`stats`. Raises the client's
+        :class:`FatalStreamError` / :class:`GaveUpError`, or a capture error, after cleaning up."""
+        if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int)
+                                       or max_frames < 1):
+            raise ValueError(f"max_frames {max_frames!r} must be an integer >= 1 or None")
+        loop = asyncio.get_running_loop()
+        stop = stop if stop is not None else asyncio.Event()
+        client_stop = asyncio.Event()
+        cap_exec = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edge-capture")
+        work_exec = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edge-encode")
+        self._t_start = time.monotonic()
+        tasks: list[asyncio.Task] = []
+        client_task: asyncio.Task | None = None
+        try:
+            await loop.run_in_executor(work_exec, self._build)
+            src = self._source
+            drop_when_busy = src.live or src.pace == "realtime"
+            mailbox: asyncio.Queue[CapturedFrame | None] = asyncio.Queue(maxsize=self.config.source.frame_queue)
+            frames = iter(src)
+            stop_wait = asyncio.ensure_future(stop.wait())
+            tasks.append(stop_wait)
+
+            async def capture() -> None:
+                while not stop.is_set() and (max_frames is None or self.frames_captured < max_frames):
+                    fut = loop.run_in_executor(cap_exec, next, frames, None)
+                    await asyncio.wait({fut, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                    if not fut.done():
+                        break  # stopped while reading: the frame is abandoned
+                    f = fut.result()
+                    if f is None:
+                        break
+                    self.frames_captured += 1
+                    if drop_when_busy:
+                        if mailbox.full():
+                            mailbox.get_nowait()
+                            self.dropped_encoder_busy += 1
+                        mailbox.put_nowait(f)
+                    else:
+                        await mailbox.put(f)
+                await mailbox.put(None)  # the processor drains the mailbox, so this never blocks for long
+
+            async def process() -> None:
+                nonlocal client_task
+                while True:
+                    f = await mailbox.get()
+                    if f is None:
+                        break
+                    if stop.is_set():
+                        continue  # drain without processing
+                    h, w = f.rgb.shape[:2]
+                    if client_task is None:
+                        self.frame_size = (w, h)
+                        self.client = self._make_client(w, h)
+                        client_task = asyncio.create_task(self.client.run(client_stop), name="edge-client")
+                        client_task.add_done_callback(lambda t: stop.set() if not t.cancelled() and t.exception()
+                                                      else None)
+                    packet, g, g_ms, e_ms = await loop.run_in_executor(work_exec, self._process, f.rgb)
+                    self.frames_encoded += 1
+                    self.bytes_encoded += len(packet)
+                    self.rois_total += len(g.rois)
+                    self.detector_runs += int(g.detected)
+                    self._ground_ms += g_ms
+                    self._encode_ms += e_ms
+                    out = OutFrame(seq=self._next_seq, capture_ts_us=f.capture_ts_us, packet=packet, boxes=g.boxes)
+                    self._next_seq += 1
+                    if not self.queue.put(out):
+                        self.dropped_queue_full_new += 1
+                self.queue.close()
+
+            cap_task = asyncio.create_task(capture(), name="edge-capture")
+            proc_task = asyncio.create_task(process(), name="edge-process")
+            tasks += [cap_task, proc_task]
+            await asyncio.gather(cap_task, proc_task)
+            if client_task is not None and not stop.is_set():
+                try:
+                    await asyncio.wait_for(asyncio.shield(client_task), self.config.sender.drain_timeout_s)
+                except asyncio.TimeoutError:
+                    log.warning("drain: %d frame(s) still unacknowledged after %.1f s", len(self.backlog),
+                                self.config.sender.drain_timeout_s)
+            client_stop.set()
+            if client_task is not None:
+                await asyncio.wait({client_task}, timeout=5.0)
+                if client_task.done() and not client_task.cancelled() and client_task.exception() is not None:
+                    raise client_task.exception()
+            return self.stats()
+        except (FatalStreamError, GaveUpError) as exc:
+            self.error = exc
+            raise
+        finally:
+            client_stop.set()
+            self._t_end = time.monotonic()
+            for t in [*tasks, *([client_task] if client_task is not None else [])]:
+                if not t.done():
+                    t.cancel()
+            await asyncio.gather(*tasks, *([client_task] if client_task is not None else []),
+                                 return_exceptions=True)
+            if self._source is not None:
+                cap_exec.submit(self._source.close)  # after any read still running in that thread
+            cap_exec.shutdown(wait=False, cancel_futures=False)
+            work_exec.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ stats
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of the run so far (plain data, JSON-friendly)."""
+        end = self._t_end if self._t_end is not None else time.monotonic()
+        elapsed = max(1e-9, end - self._t_start) if self._t_start is not None else 0.0
+        c = self.client
+        cs = c.stats() if c is not None else {}
+        qs, bs = self.queue.stats(), self.backlog.stats()
+        px = self.frame_size[0] * self.frame_size[1] if self.frame_size else 0
+        n = self.frames_encoded
+        lat = sorted(self._latency_ms)
+        return {
+            "elapsed_s": round(elapsed, 3),
+            "frame_size": list(self.frame_size) if self.frame_size else None,
+            "frames_captured": self.frames_captured,
+            "frames_encoded": n,
+            "frames_sent": cs.get("frames_written", 0),
+            "frames_resent": cs.get("frames_resent", 0),
+            "frames_acked": bs["acked"],
+            "frames_pending": qs["queued"] + bs["pending"],
+            "dropped": {
+                "encoder_busy": self.dropped_encoder_busy,  # captured while the encoder was busy (live first)
+                "queue_policy": qs["dropped_by_policy"],  # send queue full (slow cloud)
+                "backlog_full": bs["lost_to_backlog"],  # unacked frames dropped during an outage
+                "too_large": cs.get("dropped_too_large", 0),  # over server.max_message_bytes
+            },
+            "bytes_encoded": self.bytes_encoded,
+            "bytes_sent": cs.get("bytes_written", 0),
+            "bpp": (8.0 * self.bytes_encoded / (n * px)) if n and px else 0.0,
+            "kbps": 8.0 * self.bytes_encoded / 1e3 / elapsed if elapsed else 0.0,
+            "rois_per_frame": self.rois_total / n if n else 0.0,
+            "detector_runs": self.detector_runs,
+            "ground_ms_mean": self._ground_ms / n if n else 0.0,
+            "encode_ms_mean": self._encode_ms / n if n else 0.0,
+            "result_latency_ms_p50": lat[len(lat) // 2] if lat else None,
+            "results": cs.get("results", 0),
+            "frame_errors": cs.get("frame_errors", {}),
+            "reconnects": cs.get("reconnects", 0),
+            "connect_failures": cs.get("connect_failures", 0),
+            "capture_reconnects": self._source.reconnects if self._source is not None else 0,
+            "last_error": cs.get("last_error") or (str(self.error) if self.error else None),
+            "last_results": list(self.recent_results),
+        }

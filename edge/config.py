@@ -1,0 +1,177 @@
+"""The edge service's configuration: dataclass defaults < YAML file < ``LATENTCAST_EDGE__*`` variables.
+
+::
+
+    cfg = load_edge_config("edge.yaml")          # or load_config(EdgeConfig, path, env_prefix=ENV_PREFIX)
+    LATENTCAST_EDGE__SERVER__TOKEN=...           # e.g. the token from the environment, not the file
+
+``describe_config(EdgeConfig, ENV_PREFIX)`` lists every key, its variable and its default.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from latentcast.config import load_config
+
+__all__ = ["ENV_PREFIX", "EdgeConfig", "SourceConfig", "GroundingConfig", "CodecConfig", "SenderConfig",
+           "ServerConfig", "load_edge_config"]
+
+ENV_PREFIX = "LATENTCAST_EDGE"
+
+_PACES = ("realtime", "none")
+_POLICIES = ("drop-oldest", "drop-newest")
+_MOTIONS = ("constant-velocity", "last")
+
+
+def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"{name} {value!r} is not one of {', '.join(valid)}")
+
+
+def _check_min(name: str, value: float, lo: float, *, strict: bool = False) -> None:
+    if value < lo or (strict and value == lo):
+        raise ValueError(f"{name} {value!r} must be {'>' if strict else '>='} {lo}")
+
+
+@dataclass
+class SourceConfig:
+    uri: str = ""  # video file, image folder, rtsp:// or http(s):// URL, /dev/videoN or a device index
+    pace: str = "realtime"  # files and folders: "realtime" (at fps) or "none" (as fast as encoded)
+    fps: float = 0.0  # pacing and nominal rate; 0 = the source's own rate (10 when it has none)
+    loop: bool = False  # restart files and folders at their end
+    resize: tuple[int, ...] = ()  # (width, height) to scale every frame to; () = keep the first frame's size
+    reconnect_attempts: int = 10  # live sources: failed reopen attempts in a row before giving up
+    backoff_initial_s: float = 0.5  # live sources: first reopen delay, doubled per failure
+    backoff_max_s: float = 10.0  # live sources: longest reopen delay
+    frame_queue: int = 1  # captured frames waiting for the encoder; older ones are dropped (live first)
+
+    def __post_init__(self) -> None:
+        _check_choice("source.pace", self.pace, _PACES)
+        _check_min("source.fps", self.fps, 0.0)
+        if len(self.resize) not in (0, 2) or any(v <= 0 for v in self.resize):
+            raise ValueError(f"source.resize {self.resize!r} must be [width, height] (two integers > 0) or empty")
+        _check_min("source.reconnect_attempts", self.reconnect_attempts, 0)
+        _check_min("source.backoff_initial_s", self.backoff_initial_s, 0.0, strict=True)
+        _check_min("source.backoff_max_s", self.backoff_max_s, self.backoff_initial_s)
+        _check_min("source.frame_queue", self.frame_queue, 1)
+
+
+@dataclass
+class GroundingConfig:
+    task: str = "traffic"  # task name sent in the session header
+    labels: list[str] = field(default_factory=lambda: ["person", "vehicle", "bicycle"])  # task labels to ground
+    model: str = ""  # YOLOX ONNX file; "" = models/yolox_nano.onnx in the shared folder
+    labels_file: str = ""  # detector class names; "" = models/coco80_labels.txt in the shared folder
+    score_threshold: float = 0.3  # detector confidence to keep a box
+    nms_threshold: float = 0.45  # IoU above which same-class boxes are merged
+    every: int = 5  # run the detector every N frames; track boxes in between
+    max_missed: int = 2  # detector runs a track may go unmatched before it is dropped
+    margin: int = 8  # pixels added around each box for its ROI
+    motion: str = "constant-velocity"  # box motion between detections: "constant-velocity" or "last"
+    threads: int = 0  # ONNX Runtime threads for the detector; 0 = its default
+
+    def __post_init__(self) -> None:
+        if not self.labels:
+            raise ValueError("grounding.labels is empty: give at least one task label (e.g. [person, vehicle])")
+        _check_choice("grounding.motion", self.motion, _MOTIONS)
+        _check_min("grounding.every", self.every, 1)
+        _check_min("grounding.max_missed", self.max_missed, 0)
+        _check_min("grounding.margin", self.margin, 0)
+        _check_min("grounding.threads", self.threads, 0)
+
+
+@dataclass
+class CodecConfig:
+    bundle: str = ""  # edge bundle folder (ONNX); "" = the one shipped in models/weights
+    rate_point: int = 2  # codec rate point, 0..n_rates-1 of the bundle
+    roi_only: bool = True  # code only the ROI latent cells (+ z); False = the whole frame
+    threads: int = 0  # ONNX Runtime threads for the encoder; 0 = its default
+
+    def __post_init__(self) -> None:
+        _check_min("codec.rate_point", self.rate_point, 0)
+        _check_min("codec.threads", self.threads, 0)
+
+
+@dataclass
+class SenderConfig:
+    queue_size: int = 8  # encoded frames waiting for the stream
+    policy: str = "drop-oldest"  # when the queue is full: "drop-oldest" or "drop-newest"
+    backlog_frames: int = 300  # sent-but-unacked frames kept for resume (30 s at 10 fps)
+    backlog_bytes: int = 64 * 1024 * 1024  # byte bound of that backlog
+    drain_timeout_s: float = 10.0  # at the end of a run, how long to wait for the last acks
+
+    def __post_init__(self) -> None:
+        _check_choice("sender.policy", self.policy, _POLICIES)
+        _check_min("sender.queue_size", self.queue_size, 1)
+        _check_min("sender.backlog_frames", self.backlog_frames, 1)
+        _check_min("sender.backlog_bytes", self.backlog_bytes, 1)
+        _check_min("sender.drain_timeout_s", self.drain_timeout_s, 0.0)
+
+
+@dataclass
+class ServerConfig:
+    target: str = "127.0.0.1:50051"  # cloud address, host:port
+    token: str = ""  # bearer token ("" = none); prefer LATENTCAST_EDGE__SERVER__TOKEN or token_file
+    token_file: str = ""  # file whose first line is the bearer token (used when token is "")
+    tls: bool = False  # use TLS (system roots unless tls_root_certs is set)
+    tls_root_certs: str = ""  # PEM CA bundle that signs the server certificate
+    tls_client_cert: str = ""  # PEM client certificate chain, for mTLS
+    tls_client_key: str = ""  # PEM client private key, for mTLS
+    tls_server_name: str = ""  # name to verify in the server certificate instead of the target host
+    keepalive_s: float = 30.0  # HTTP/2 keepalive ping interval (the server must permit it)
+    keepalive_timeout_s: float = 10.0  # ping ack timeout before the connection counts as dead
+    max_message_bytes: int = 16 * 1024 * 1024  # max send/receive message size
+    backoff_initial_s: float = 0.5  # first reconnect delay, doubled per failure
+    backoff_max_s: float = 30.0  # longest reconnect delay
+    backoff_jitter: float = 0.2  # delays are scaled by a random factor in 1 +- this
+    max_reconnect_attempts: int = 0  # failed attempts in a row before giving up; 0 = never give up
+    accept_timeout_s: float = 10.0  # wait for SessionAccepted after opening the stream
+
+    def __post_init__(self) -> None:
+        if not self.target.strip():
+            raise ValueError("server.target is empty: give host:port, e.g. 127.0.0.1:50051")
+        _check_min("server.keepalive_s", self.keepalive_s, 0.0, strict=True)
+        _check_min("server.keepalive_timeout_s", self.keepalive_timeout_s, 0.0, strict=True)
+        _check_min("server.max_message_bytes", self.max_message_bytes, 1024)
+        _check_min("server.backoff_initial_s", self.backoff_initial_s, 0.0, strict=True)
+        _check_min("server.backoff_max_s", self.backoff_max_s, self.backoff_initial_s)
+        if not 0.0 <= self.backoff_jitter < 1.0:
+            raise ValueError(f"server.backoff_jitter {self.backoff_jitter!r} out of range 0 <= value < 1")
+        _check_min("server.max_reconnect_attempts", self.max_reconnect_attempts, 0)
+        _check_min("server.accept_timeout_s", self.accept_timeout_s, 0.0, strict=True)
+
+    def resolved_token(self) -> str | None:
+        """The token, from ``token`` or else ``token_file``; None when neither is set."""
+        if self.token:
+            return self.token
+        if self.token_file:
+            p = os.path.expanduser(self.token_file)
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"server.token_file {p} not found")
+            with open(p, encoding="utf-8") as fh:
+                tok = fh.readline().strip()
+            if not tok:
+                raise ValueError(f"server.token_file {p} is empty")
+            return tok
+        return None
+
+
+@dataclass
+class EdgeConfig:
+    camera_id: str = "camera-0"  # stable camera id: the cloud keys resume state by it
+    source: SourceConfig = field(default_factory=SourceConfig)  # where frames come from
+    grounding: GroundingConfig = field(default_factory=GroundingConfig)  # task labels -> ROIs
+    codec: CodecConfig = field(default_factory=CodecConfig)  # the ONNX encoder
+    sender: SenderConfig = field(default_factory=SenderConfig)  # send queue and backlog bounds
+    server: ServerConfig = field(default_factory=ServerConfig)  # the cloud connection
+
+    def __post_init__(self) -> None:
+        if not self.camera_id.strip():
+            raise ValueError("camera_id is empty: the cloud keys resume state by it")
+
+
+def load_edge_config(path: str | os.PathLike | None = None, *, env: dict[str, str] | None = None) -> EdgeConfig:
+    """``load_config(EdgeConfig, path, env_prefix="LATENTCAST_EDGE")``."""
+    return load_config(EdgeConfig, path, env_prefix=ENV_PREFIX, env=env)
