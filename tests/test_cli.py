@@ -64,3 +64,22 @@ def test_bad_roi_is_a_clear_error(tmp_path, photo, tiny_bundle):
         main(["encode", str(photo), "--roi", "0,0,500,10", "--bundle", str(tiny_bundle), "-o", str(tmp_path / "x")])
     with pytest.raises(SystemExit):
         main(["encode", str(photo), "--roi", "1,2,3", "-o", str(tmp_path / "x")])
+
+
+def test_encode_with_labels_grounds_rois(tmp_path, tiny_bundle, capsys):
+    """`encode --labels person` on a vtest frame: YOLOX-nano finds pedestrians, their boxes become the
+    packet's ROIs (label id 0 = 'person') and the header carries the label list's hash."""
+    from latentcast.proto.bitstream import Packet
+    from latentcast.proto.ids import label_set_hash
+
+    from .conftest import shared_or_skip
+
+    video = shared_or_skip() / "data" / "video" / "vtest.avi"
+    lcf = tmp_path / "v.lcf"
+    assert main(["encode", str(video), "--labels", "person", "--bundle", str(tiny_bundle), "-o", str(lcf)]) == 0
+    assert "person" in capsys.readouterr().out
+    hd = Packet.from_bytes(lcf.read_bytes()).header
+    assert hd.roi_only and len(hd.rois) >= 2 and {r.label_id for r in hd.rois} == {0}
+    assert hd.label_set_hash == label_set_hash(["person"])
+    assert main(["encode", str(video), "--labels", "unicorn", "--bundle", str(tiny_bundle), "-o", str(lcf)]) == 2
+    assert "unicorn" in capsys.readouterr().err

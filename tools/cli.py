@@ -2,7 +2,7 @@
 
 ::
 
-    latentcast encode IMAGE --roi x0,y0,x1,y1 [--roi ...] [--rate 0] [--full] -o OUT.lcf
+    latentcast encode IMAGE [--roi x0,y0,x1,y1 ...] [--labels person,car] [--rate 2] [--full] -o OUT.lcf
     latentcast decode IN.lcf -o OUT.png [--latent OUT.npy]
     latentcast info IN.lcf
     latentcast export edge [--weights W.safetensors] --out DIR
@@ -71,12 +71,27 @@ def cmd_encode(a: argparse.Namespace) -> int:
     for r in a.roi:
         if not (0 <= r.x0 < r.x1 <= w and 0 <= r.y0 < r.y1 <= h):
             raise SystemExit(f"error: --roi {r.x0},{r.y0},{r.x1},{r.y1} is outside the {w}x{h} image")
+    rois, label_hash = list(a.roi), b"\0\0\0\0"
+    if a.labels:
+        from latentcast.detector import YoloxDetector
+        from latentcast.edge.grounding import Grounder
+        from latentcast.proto.ids import label_set_hash
+
+        labels = [t.strip() for t in a.labels.split(",") if t.strip()]
+        grounding = Grounder(labels=labels, detector=YoloxDetector(), every=1).update(img)
+        for b in grounding.boxes:
+            print(f"  {b.label} {b.score:.2f} at {b.x0:.0f},{b.y0:.0f},{b.x1:.0f},{b.y1:.0f}")
+        rois += grounding.rois
+        label_hash = label_set_hash(labels)
+        if not grounding.rois:
+            print(f"no {', '.join(labels)} found: only the global prior is coded (use --full for the whole frame)")
     enc = _encoder(a.weights, a.bundle)
-    data = enc.compress(img, a.roi, rate_point=a.rate, roi_only=bool(a.roi) and not a.full)
+    roi_only = (bool(rois) or bool(a.labels)) and not a.full
+    data = enc.compress(img, rois, rate_point=a.rate, roi_only=roi_only, label_set_hash=label_hash)
     Path(a.output).write_bytes(data)
     d = describe(data)
     print(f"{a.output}: {len(data)} bytes, {d['bpp']:.4f} bpp, {w}x{h}, rate point {a.rate}, "
-          f"{'ROI-only' if d['roi_only'] else 'full frame'} ({len(a.roi)} ROIs)")
+          f"{'ROI-only' if d['roi_only'] else 'full frame'} ({len(rois)} ROIs)")
     return 0
 
 
@@ -165,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("image")
     e.add_argument("--roi", type=_parse_roi, action="append", default=[],
                    help="x0,y0,x1,y1[,label_id] in pixels; repeatable. With ROIs only their latents are coded")
+    e.add_argument("--labels", help="task labels, e.g. person,car: ROIs from the edge grounding (YOLOX-nano "
+                                    "in the shared folder); label ids index this list")
     e.add_argument("--full", action="store_true", help="code the whole frame even when ROIs are given")
     e.add_argument("--rate", type=int, default=2, help="rate point, 0 (lowest rate) .. 3 (default 2)")
     e.add_argument("--weights", help="codec weights (.safetensors); default: the shipped elic-lite")
