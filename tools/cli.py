@@ -9,6 +9,7 @@
     latentcast train codec [--steps N ...]        (stage I + II, resumable; see models/training.py)
     latentcast release codec CHECKPOINT --out W.safetensors
     latentcast bench codec [--out results/codec_bench.json]
+    latentcast edge --config edge.yaml             (edge service; --describe lists every option)
 
 Encoding uses the edge bundle (ONNX Runtime, no torch) when it exists for the
 weights, else the PyTorch reference encoder; both write the same packets.
@@ -165,6 +166,46 @@ def cmd_release(a: argparse.Namespace) -> int:
     return 0
 
 
+def _print_config(cls, prefix: str) -> int:
+    from latentcast.config import describe_config
+
+    for key, var, default in describe_config(cls, prefix):
+        print(f"{key:34s} {var:52s} {default!r}")
+    return 0
+
+
+def cmd_edge(a: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from latentcast.edge.app import EdgeApp
+    from latentcast.edge.client import FatalStreamError, GaveUpError
+    from latentcast.edge.config import ENV_PREFIX, EdgeConfig, load_edge_config
+
+    if a.describe:
+        return _print_config(EdgeConfig, ENV_PREFIX)
+    cfg = load_edge_config(a.config)
+    if a.source:
+        cfg.source.uri = a.source
+    if not cfg.source.uri:
+        raise SystemExit("error: no source: set source.uri in the config, LATENTCAST_EDGE__SOURCE__URI, or --source")
+
+    async def run() -> dict:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        return await EdgeApp(cfg).run(max_frames=a.max_frames, stop=stop)
+
+    try:
+        stats = asyncio.run(run())
+    except (FatalStreamError, GaveUpError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     from latentcast.tools.bench_codec import main as bench_main
 
@@ -231,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-calibrate", action="store_true",
                    help="keep the trained table offsets (default: calibrate them on training images for real bytes)")
     r.set_defaults(func=cmd_release)
+
+    g = sub.add_parser("edge", help="run the edge service: capture, grounding, encoding, stream to the cloud")
+    g.add_argument("--config", help="edge YAML config (see edge/edge.yaml); LATENTCAST_EDGE__* variables override it")
+    g.add_argument("--source", help="override source.uri (video file, image folder, rtsp:// URL, /dev/videoN)")
+    g.add_argument("--max-frames", type=int, help="stop after this many captured frames")
+    g.add_argument("--describe", action="store_true", help="list every config key, its variable and default")
+    g.set_defaults(func=cmd_edge)
 
     b = sub.add_parser("bench", help="measure the codec (bpp, PSNR, speed) against JPEG/WebP")
     b.add_argument("what", choices=["codec"])

@@ -1,0 +1,157 @@
+"""Configuration of the cloud service: dataclass defaults < YAML file < environment.
+
+Load with :func:`load_cloud_config` (``load_config(CloudConfig, path, env_prefix="LATENTCAST_CLOUD")``).
+Every field has a default and a comment; ``latentcast.config.describe_config(CloudConfig,
+ENV_PREFIX)`` lists them with their environment variables, e.g. ``server.tokens`` is
+``LATENTCAST_CLOUD__SERVER__TOKENS`` (comma-separated).
+
+Example ``cloud.yaml``::
+
+    server:
+      host: 0.0.0.0
+      port: 50051
+      tokens: [s3cret]
+      tls_cert_file: /etc/latentcast/tls.crt
+      tls_key_file: /etc/latentcast/tls.key
+    analytics:
+      kind: yolox
+      keep_classes: [person, car, bicycle]
+    sinks:
+      jsonl_path: results/cloud_frames.jsonl
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from latentcast.config import ConfigError, load_config
+
+__all__ = [
+    "ConfigError",
+    "ENV_PREFIX",
+    "ServerConfig",
+    "CodecConfig",
+    "AnalyticsConfig",
+    "PipelineConfig",
+    "SessionsConfig",
+    "SinksConfig",
+    "CloudConfig",
+    "load_cloud_config",
+    "DROP_POLICIES",
+    "DETECTOR_KINDS",
+]
+
+ENV_PREFIX = "LATENTCAST_CLOUD"
+DROP_POLICIES = ("drop_oldest", "drop_newest")
+DETECTOR_KINDS = ("yolox", "onnx", "none")
+
+
+@dataclass
+class ServerConfig:
+    host: str = "0.0.0.0"  # address the Latentcast service listens on ("[::]" for IPv6)
+    port: int = 50051  # Latentcast gRPC port; 0 picks a free port (tests)
+    maintenance_host: str = "0.0.0.0"  # address of the maintenance server (health, reflection)
+    maintenance_port: int = 50052  # health + reflection gRPC port, no auth, no TLS; 0 = free port, -1 = off
+    metrics_host: str = "0.0.0.0"  # address of the Prometheus HTTP endpoint
+    metrics_port: int = 9464  # Prometheus /metrics HTTP port; 0 = free port, -1 = off
+    max_message_bytes: int = 8 * 1024 * 1024  # gRPC max receive/send message (RESOURCE_EXHAUSTED beyond)
+    max_packet_bytes: int = 4 * 1024 * 1024  # largest codec packet accepted in a FramePacket (INVALID_ARGUMENT beyond)
+    max_concurrent_rpcs: int = 256  # streams + subscriptions served at once (gRPC refuses more with RESOURCE_EXHAUSTED)
+    keepalive_time_s: float = 30.0  # server pings an idle connection this often to detect dead edges
+    keepalive_timeout_s: float = 10.0  # a ping unanswered this long closes the connection
+    keepalive_permit_without_calls: bool = True  # accept client keepalive pings on connections without an RPC
+    min_client_ping_interval_s: float = 10.0  # clients may ping at most this often (edge keepalive must be >= this)
+    max_ping_strikes: int = 2  # too-frequent client pings tolerated before GOAWAY
+    tokens: list[str] = field(default_factory=list)  # accepted bearer tokens; empty = authentication off
+    tls_cert_file: str = ""  # PEM server certificate chain; empty = plaintext (loopback / behind a TLS proxy only)
+    tls_key_file: str = ""  # PEM private key of tls_cert_file
+    tls_client_ca_file: str = ""  # PEM CA bundle; when set, clients must present a certificate it signed (mTLS)
+    grace_s: float = 5.0  # graceful shutdown: time open streams get to finish before they are cancelled
+    ack_every_frames: int = 8  # send a cumulative Ack after this many received frames ...
+    ack_interval_ms: float = 250.0  # ... or this long after the first unacknowledged frame, whichever first
+    stream_outbox: int = 64  # per-stream messages awaiting the client before the server stops reading its frames
+
+
+@dataclass
+class CodecConfig:
+    weights: str = "elic-lite"  # codec weights: a name shipped in models/weights or a path to a .safetensors file
+    warmup_size: int = 64  # side of the dummy frame coded and decoded once before the health turns SERVING
+
+
+@dataclass
+class AnalyticsConfig:
+    kind: str = "yolox"  # detector: "yolox" (YOLOX-nano COCO), "onnx" (boxes/scores/labels graph), "none"
+    model_path: str = ""  # ONNX file; empty = the kind's default (yolox: shared models/yolox_nano.onnx)
+    labels_path: str = ""  # class names, one per line in output order; empty = the kind's default (COCO 80)
+    score_threshold: float = 0.3  # detections below this confidence are dropped
+    nms_threshold: float = 0.45  # IoU for non-maximum suppression (yolox)
+    keep_classes: list[str] = field(default_factory=list)  # class names to keep; empty = all classes
+    threads: int = 1  # ONNX Runtime intra-op threads per detector (0 = ORT default: all cores)
+    input_width: int = 0  # onnx kind: network input width; 0 = read from the model's static input shape
+    input_height: int = 0  # onnx kind: network input height; 0 = read from the model's static input shape
+    input_channels: str = "rgb"  # onnx kind: channel order fed to the network, "rgb" or "bgr"
+    input_scale: float = 1.0 / 255.0  # onnx kind: pixel values (0..255) are multiplied by this
+
+
+@dataclass
+class PipelineConfig:
+    workers: int = 1  # decode+analytics worker threads (each frame uses torch/ORT threads too; 1 per 2 cores)
+    torch_threads: int = 0  # torch intra-op threads for decoding; 0 = leave torch's default
+    max_batch: int = 4  # frames a worker takes at once
+    batch_wait_ms: float = 5.0  # a worker waits at most this long to fill a batch after its first frame
+    max_queued_per_session: int = 8  # frames of one stream queued or being processed; more are dropped by drop_policy
+    max_queued_total: int = 64  # frames of all streams queued; more are dropped by drop_policy
+    drop_policy: str = "drop_oldest"  # when full: "drop_oldest" (evict the oldest queued) or "drop_newest" (refuse)
+
+    def __post_init__(self) -> None:
+        if self.drop_policy not in DROP_POLICIES:
+            raise ValueError(f"pipeline.drop_policy {self.drop_policy!r} is not one of {', '.join(DROP_POLICIES)}")
+        for name in ("workers", "max_batch", "max_queued_per_session", "max_queued_total"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"pipeline.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class SessionsConfig:
+    max_cameras: int = 4096  # camera states kept for resume; the least recently seen idle ones are forgotten beyond
+    max_out_of_order: int = 1024  # seqs held above the contiguous watermark; beyond, the oldest gap is given up
+    skip_gaps: bool = True  # seqs strictly increase on a stream, so a gap below a newer seq is lost: ack past it
+    max_labels: int = 4096  # labels a SessionHeader may carry
+    max_id_chars: int = 256  # longest camera_id / task / label
+
+
+@dataclass
+class SinksConfig:
+    jsonl_path: str = ""  # append one JSON line per analysed frame here; empty = off
+    subscriber_queue: int = 16  # frames buffered per Subscribe client; the oldest are dropped for slow clients
+    jpeg_quality: int = 90  # JPEG quality when a SubscribeRequest asks for 0 (server default)
+    png_compression: int = 1  # cv2 PNG compression level 0..9 for subscribers asking for PNG
+
+
+@dataclass
+class CloudConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)  # gRPC, maintenance and metrics endpoints, auth, TLS
+    codec: CodecConfig = field(default_factory=CodecConfig)  # the codec the packets are decoded with
+    analytics: AnalyticsConfig = field(default_factory=AnalyticsConfig)  # detector run on every reconstruction
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)  # decode/analytics worker pool and queues
+    sessions: SessionsConfig = field(default_factory=SessionsConfig)  # per-camera resume state
+    sinks: SinksConfig = field(default_factory=SinksConfig)  # JSON lines and Subscribe fan-out
+
+    def __post_init__(self) -> None:
+        if self.analytics.kind not in DETECTOR_KINDS:
+            raise ValueError(f"analytics.kind {self.analytics.kind!r} is not one of {', '.join(DETECTOR_KINDS)}")
+        if bool(self.server.tls_cert_file) != bool(self.server.tls_key_file):
+            raise ValueError("server.tls_cert_file and server.tls_key_file must be set together")
+        if self.server.tls_client_ca_file and not self.server.tls_cert_file:
+            raise ValueError("server.tls_client_ca_file (mTLS) needs server.tls_cert_file and tls_key_file")
+        if not 1 <= self.sinks.jpeg_quality <= 100:
+            raise ValueError(f"sinks.jpeg_quality {self.sinks.jpeg_quality} out of range 1..100")
+        if self.server.max_packet_bytes > self.server.max_message_bytes:
+            raise ValueError(f"server.max_packet_bytes {self.server.max_packet_bytes} exceeds "
+                             f"server.max_message_bytes {self.server.max_message_bytes}")
+
+
+def load_cloud_config(path: str | os.PathLike | None = None, *, env: dict[str, str] | None = None) -> CloudConfig:
+    """Defaults < the YAML file at ``path`` < ``LATENTCAST_CLOUD__...`` environment variables."""
+    return load_config(CloudConfig, path, env_prefix=ENV_PREFIX, env=env)

@@ -1,0 +1,372 @@
+"""Decoding and analytics in a worker pool, off the event loop.
+
+::
+
+    streams ─► submit(FrameJob) ─► one bounded queue (per-stream and global limits, drop policy)
+        ─► worker threads take batches (up to max_batch, or what came within batch_wait_ms)
+        ─► per frame: checks against the session ─► LatentCodec.decompress ─► detector
+        ─► AnalysedFrame | FrameFailure ─► job.deliver (the stream) and on_result (sinks, fan-out)
+
+Per-frame problems never stop a worker; they become a :class:`FrameFailure` with a code:
+
+====================  ======================================================================
+malformed_packet      the bytes are not a valid LCF v1 packet (BitstreamError); the server
+                      parses packets before submitting and ends such a stream with
+                      INVALID_ARGUMENT, so this code only appears for raw-bytes jobs
+checksum_mismatch     the packet's CRC32 does not match its bytes (corrupt in transit), or the
+                      decoded symbols do not match the header's symbol CRC (decoder divergence):
+                      the frame is not rendered
+wrong_codec           the packet names another codec id or weights hash than the loaded codec
+frame_size_mismatch   the packet's frame size is not the session's
+label_set_mismatch    the packet's label-set hash is not the session's label list's (an all-zero
+                      hash is accepted only on a packet without ROIs), or an ROI label id is
+                      outside the session's label list
+decode_failed         any other decoder refusal (CodecError: rate point, missing section, ...)
+analytics_failed      the detector raised
+cloud_overloaded      dropped by the queue's drop policy, never decoded
+server_shutdown       still queued when the pipeline stopped
+internal_error        anything else (logged with its traceback, rate-limited)
+====================  ======================================================================
+
+``submit`` is called from the event loop and never blocks; ``deliver`` and ``on_result``
+callbacks run in worker threads (or, for drops, in the caller of ``submit``) and must be
+thread-safe and quick (the server hands results to the loop with ``call_soon_threadsafe``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from latentcast.models.codec import CodecError, LatentCodec
+from latentcast.proto.bitstream import (
+    CRC_BYTES,
+    MAGIC,
+    MAX_PACKET_BYTES,
+    MIN_PACKET_BYTES,
+    VERSION,
+    BitstreamError,
+    Packet,
+)
+
+from .analytics import Detection, Detector
+from .config import PipelineConfig
+from .metrics import CloudMetrics, RateLimitedLog
+from .sessions import SessionSpec
+
+log = logging.getLogger(__name__)
+_rl = RateLimitedLog(log)
+
+__all__ = ["FrameJob", "AnalysedFrame", "FrameFailure", "FrameOutcome", "Pipeline", "classify_parse_error",
+           "ERROR_CODES"]
+
+ERROR_CODES = ("malformed_packet", "checksum_mismatch", "wrong_codec", "frame_size_mismatch", "label_set_mismatch",
+               "decode_failed", "analytics_failed", "cloud_overloaded", "server_shutdown", "internal_error")
+_ZERO_HASH = b"\0\0\0\0"
+
+
+@dataclass
+class FrameJob:
+    """One received frame on its way through the pipeline."""
+
+    stream_id: str  # the stream (session id) the frame came on
+    spec: SessionSpec  # that stream's validated SessionHeader
+    seq: int
+    capture_ts_us: int  # edge clock, microseconds since the epoch (0 = unknown)
+    packet: Packet | bytes  # parsed packet (the server parses first) or raw bytes
+    packet_bytes: int  # size of the packet on the wire
+    edge_boxes: tuple[Detection, ...] = ()  # the edge's grounding boxes (class_id = label id)
+    deliver: Callable[[FrameOutcome], None] | None = None  # thread-safe hand-back to the stream
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class AnalysedFrame:
+    """A decoded and analysed frame."""
+
+    job: FrameJob
+    frame: np.ndarray  # (H, W, 3) uint8 RGB reconstruction
+    detections: list[Detection]
+    queue_ms: float
+    decode_ms: float
+    analytics_ms: float
+    capture_to_result_ms: float | None  # None when the capture time is unknown (0)
+    bpp: float  # packet bits per frame pixel
+
+    @property
+    def seq(self) -> int:
+        return self.job.seq
+
+
+@dataclass
+class FrameFailure:
+    """A frame that produced no result, and why."""
+
+    job: FrameJob
+    code: str  # one of ERROR_CODES
+    message: str
+
+    @property
+    def seq(self) -> int:
+        return self.job.seq
+
+
+FrameOutcome = AnalysedFrame | FrameFailure
+
+
+def classify_parse_error(exc: BitstreamError, data: bytes | memoryview) -> str:
+    """``checksum_mismatch`` when the packet is whole enough to carry a CRC32 that does not match
+    its bytes, else ``malformed_packet``."""
+    mv = memoryview(data)
+    n = mv.nbytes
+    if n >= MIN_PACKET_BYTES and bytes(mv[:4]) == MAGIC and mv[4] == VERSION:
+        stored = int.from_bytes(mv[n - CRC_BYTES:], "little")
+        if stored != zlib.crc32(mv[: n - CRC_BYTES]):
+            return "checksum_mismatch"
+    return "malformed_packet"
+
+
+class Pipeline:
+    """Bounded frame queue + worker threads running decode then analytics."""
+
+    def __init__(self, *, codec: LatentCodec, detector: Detector, config: PipelineConfig | None = None,
+                 metrics: CloudMetrics | None = None, on_result: Sequence[Callable[[AnalysedFrame], None]] = (),
+                 max_packet_bytes: int = MAX_PACKET_BYTES) -> None:
+        self.codec = codec
+        self.detector = detector
+        self.config = config or PipelineConfig()
+        self.metrics = metrics
+        self.on_result = list(on_result)
+        self.max_packet_bytes = max_packet_bytes
+        self._queue: deque[FrameJob] = deque()
+        self._per_stream: dict[str, int] = {}  # frames queued or being processed, by stream
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._threads: list[threading.Thread] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self._threads:
+            return
+        if self.config.torch_threads > 0:
+            import torch
+
+            torch.set_num_threads(self.config.torch_threads)
+        for i in range(self.config.workers):
+            t = threading.Thread(target=self._worker, name=f"latentcast-cloud-worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info("pipeline: %d worker(s), batch <= %d within %.1f ms, queue <= %d (<= %d per stream), %s",
+                 self.config.workers, self.config.max_batch, self.config.batch_wait_ms, self.config.max_queued_total,
+                 self.config.max_queued_per_session, self.config.drop_policy)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Fail the frames still queued (``server_shutdown``), let workers finish their batch, join them."""
+        with self._cond:
+            self._stopping = True
+            pending = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for job in pending:
+            self._fail(job, "server_shutdown", "the server is shutting down; the frame was not decoded")
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        alive = [t.name for t in self._threads if t.is_alive()]
+        if alive:
+            log.warning("pipeline: worker(s) %s still busy after %.1f s", ", ".join(alive), timeout)
+        self._threads.clear()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def in_flight(self, stream_id: str) -> int:
+        """Frames of ``stream_id`` queued or being processed."""
+        return self._per_stream.get(stream_id, 0)
+
+    # ------------------------------------------------------------------ submission
+    def submit(self, job: FrameJob) -> bool:
+        """Queue ``job``; never blocks. False when the job itself was dropped. Frames dropped by the
+        policy (this one or older ones) get a ``cloud_overloaded`` FrameFailure through ``deliver``."""
+        cfg = self.config
+        dropped: list[FrameJob] = []
+        accepted = True
+        with self._cond:
+            if self._stopping:
+                accepted = False
+                dropped_reason = "server_shutdown"
+            else:
+                dropped_reason = "cloud_overloaded"
+                if self._per_stream.get(job.stream_id, 0) >= cfg.max_queued_per_session:
+                    victim = self._victim(job.stream_id) if cfg.drop_policy == "drop_oldest" else None
+                    if victim is None:
+                        accepted = False
+                    else:
+                        dropped.append(victim)
+                if accepted and len(self._queue) >= cfg.max_queued_total:
+                    victim = self._victim(None) if cfg.drop_policy == "drop_oldest" else None
+                    if victim is None:
+                        accepted = False
+                    else:
+                        dropped.append(victim)
+                if accepted:
+                    job.enqueued = time.monotonic()
+                    self._queue.append(job)
+                    self._per_stream[job.stream_id] = self._per_stream.get(job.stream_id, 0) + 1
+                    self._cond.notify()
+            if self.metrics is not None:
+                self.metrics.queue_depth.set(len(self._queue))
+        if not accepted:
+            dropped.append(job)
+            if dropped_reason == "server_shutdown":
+                self._fail(job, "server_shutdown", "the server is shutting down; the frame was not decoded")
+                return False
+        for d in dropped:
+            self._fail(d, "cloud_overloaded",
+                       f"the cloud's decode queue is full ({self._per_stream.get(d.stream_id, 0)} frames of this "
+                       f"stream, {len(self._queue)} in all; policy {cfg.drop_policy}); the frame was dropped")
+        return accepted
+
+    def _victim(self, stream_id: str | None) -> FrameJob | None:
+        """Remove and return the oldest queued job (of ``stream_id`` when given); lock held."""
+        for i, j in enumerate(self._queue):
+            if stream_id is None or j.stream_id == stream_id:
+                del self._queue[i]
+                self._release(j)
+                return j
+        return None
+
+    def _release(self, job: FrameJob) -> None:
+        n = self._per_stream.get(job.stream_id, 0) - 1
+        if n > 0:
+            self._per_stream[job.stream_id] = n
+        else:
+            self._per_stream.pop(job.stream_id, None)
+
+    # ------------------------------------------------------------------ workers
+    def _worker(self) -> None:
+        cfg = self.config
+        wait_s = cfg.batch_wait_ms / 1000.0
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                batch = [self._queue.popleft()]
+                deadline = time.monotonic() + wait_s
+                while len(batch) < cfg.max_batch:
+                    if self._queue:
+                        batch.append(self._queue.popleft())
+                        continue
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self._stopping:
+                        break
+                    self._cond.wait(left)
+                if self.metrics is not None:
+                    self.metrics.queue_depth.set(len(self._queue))
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: list[FrameJob]) -> None:
+        for job in batch:
+            try:
+                outcome = self.process(job)
+            except Exception as exc:  # noqa: BLE001 - a worker must survive anything a frame does
+                _rl(logging.ERROR, "internal", "frame %s/%d: unexpected error", job.spec.camera_id, job.seq,
+                    exc_info=exc)
+                outcome = FrameFailure(job=job, code="internal_error", message=f"{type(exc).__name__}: {exc}")
+            with self._cond:
+                self._release(job)
+            self._emit(outcome)
+
+    def _emit(self, outcome: FrameOutcome) -> None:
+        job = outcome.job
+        m = self.metrics
+        if isinstance(outcome, FrameFailure):
+            if m is not None:
+                m.frame_errors.labels(code=outcome.code).inc()
+            level = logging.WARNING if outcome.code not in ("cloud_overloaded", "server_shutdown") else logging.INFO
+            _rl(level, f"fail:{outcome.code}", "frame %s/%d: %s: %s", job.spec.camera_id, job.seq, outcome.code,
+                outcome.message)
+        else:
+            if m is not None:
+                m.frames_decoded.inc()
+                m.observe_stage("decode", outcome.decode_ms / 1000)
+                m.observe_stage("analytics", outcome.analytics_ms / 1000)
+                m.observe_stage("queue_wait", outcome.queue_ms / 1000)
+                if outcome.capture_to_result_ms is not None:
+                    m.observe_stage("capture_to_result", outcome.capture_to_result_ms / 1000)
+            for cb in self.on_result:
+                try:
+                    cb(outcome)
+                except Exception as exc:  # noqa: BLE001 - a broken sink must not stop the worker
+                    _rl(logging.ERROR, f"sink:{getattr(cb, '__qualname__', cb)}", "result sink %r failed", cb,
+                        exc_info=exc)
+        if job.deliver is not None:
+            try:
+                job.deliver(outcome)
+            except Exception as exc:  # noqa: BLE001
+                _rl(logging.ERROR, "deliver", "delivering frame %s/%d failed", job.spec.camera_id, job.seq,
+                    exc_info=exc)
+
+    def _fail(self, job: FrameJob, code: str, message: str) -> None:
+        if self.metrics is not None and code in ("cloud_overloaded", "server_shutdown"):
+            self.metrics.frames_dropped.labels(reason=code).inc()
+        self._emit(FrameFailure(job=job, code=code, message=message))
+
+    # ------------------------------------------------------------------ one frame
+    def process(self, job: FrameJob) -> FrameOutcome:
+        """Check, decode and analyse one frame (synchronously, in the calling thread)."""
+        t0 = time.monotonic()
+        queue_ms = (t0 - job.enqueued) * 1000.0
+        spec = job.spec
+        packet = job.packet
+        if not isinstance(packet, Packet):
+            try:
+                packet = Packet.from_bytes(packet, max_packet_bytes=self.max_packet_bytes)
+            except BitstreamError as exc:
+                return FrameFailure(job=job, code=classify_parse_error(exc, job.packet), message=str(exc))
+        hd = packet.header
+        codec = self.codec
+        if hd.codec_id != codec.codec_id or hd.weights_hash != codec.weights_hash:
+            return FrameFailure(job=job, code="wrong_codec", message=(
+                f"packet codec_id {hd.codec_id} weights {hd.weights_hash.hex()} is not the cloud's codec_id "
+                f"{codec.codec_id} weights {codec.weights_hash.hex()}"))
+        if (hd.width, hd.height) != (spec.width, spec.height):
+            return FrameFailure(job=job, code="frame_size_mismatch", message=(
+                f"packet frame size {hd.width}x{hd.height} is not the session's {spec.width}x{spec.height}"))
+        if hd.label_set_hash != spec.label_set_hash and not (hd.label_set_hash == _ZERO_HASH and not hd.rois):
+            return FrameFailure(job=job, code="label_set_mismatch", message=(
+                f"packet label_set_hash {hd.label_set_hash.hex()} is not the session's {spec.label_set_hash.hex()} "
+                f"(labels {list(spec.labels)[:8]}{'...' if len(spec.labels) > 8 else ''})"))
+        bad_ids = sorted({r.label_id for r in hd.rois if r.label_id >= len(spec.labels)})
+        if bad_ids:
+            return FrameFailure(job=job, code="label_set_mismatch", message=(
+                f"ROI label id(s) {bad_ids[:8]} outside the session's {len(spec.labels)} labels"))
+        try:
+            rec = codec.decompress(packet)
+        except CodecError as exc:
+            code = "checksum_mismatch" if "checksum" in str(exc) else "decode_failed"
+            return FrameFailure(job=job, code=code, message=str(exc))
+        except (ValueError, IndexError, OverflowError) as exc:  # the range decoder on hostile section bytes
+            return FrameFailure(job=job, code="decode_failed", message=f"{type(exc).__name__}: {exc}")
+        t1 = time.monotonic()
+        try:
+            detections = list(self.detector.detect(rec.frame))
+        except Exception as exc:  # noqa: BLE001 - any detector failure is this frame's
+            return FrameFailure(job=job, code="analytics_failed", message=f"{type(exc).__name__}: {exc}")
+        t2 = time.monotonic()
+        c2r = None
+        if job.capture_ts_us > 0:
+            c2r = time.time() * 1000.0 - job.capture_ts_us / 1000.0
+        return AnalysedFrame(job=job, frame=rec.frame, detections=detections, queue_ms=queue_ms,
+                             decode_ms=(t1 - t0) * 1000.0, analytics_ms=(t2 - t1) * 1000.0,
+                             capture_to_result_ms=c2r, bpp=job.packet_bytes * 8.0 / (hd.width * hd.height))

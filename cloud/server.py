@@ -1,0 +1,611 @@
+"""The cloud's gRPC service: ``Stream`` (edge frames in; acks, results, errors out) and ``Subscribe``.
+
+Two gRPC servers and one HTTP endpoint::
+
+    port              Latentcast service (bearer-token interceptor, TLS/mTLS when configured)
+    maintenance_port  grpc.health.v1.Health + server reflection (no auth: for probes and grpcurl)
+    metrics_port      Prometheus /metrics
+
+Readiness: the health status ("" and ``latentcast.v1.Latentcast``) is NOT_SERVING until the codec
+and the detector are loaded and warmed with one dummy frame (coded and decoded), then SERVING;
+calls before that end with UNAVAILABLE. On shutdown it turns NOT_SERVING first.
+
+``Stream`` semantics (proto/latentcast_v1.proto has the contract):
+
+- The first message must be a SessionHeader (else INVALID_ARGUMENT). It is validated against the
+  loaded codec (``sessions.validate_header``: FAILED_PRECONDITION for another codec id or weights
+  hash, INVALID_ARGUMENT for a bad header); the reply is SessionAccepted(next_seq) from the
+  camera's state, which survives reconnects. A newer stream for the same camera takes over: the
+  older one ends with ABORTED.
+- Each FramePacket: a seq already received is re-acknowledged at once and not processed again.
+  Otherwise the packet is parsed on the event loop (bounded by ``server.max_packet_bytes``, O(len)).
+  Stream-ending errors (INVALID_ARGUMENT, this stream only): an empty packet, a packet above
+  ``max_packet_bytes``, bytes that are not an LCF v1 packet, a second SessionHeader or an empty
+  EdgeMessage. The refused frame's seq still counts as received, so a reconnecting edge that
+  resends it gets a re-ack instead of the same error again. Per-frame errors (a FrameError, the
+  stream goes on): a CRC32 that does not match the packet's bytes or a symbol-checksum mismatch
+  (``checksum_mismatch``), another codec in the packet, a frame size or label set other than the
+  session's, decoder or detector failures, and frames dropped because the cloud is overloaded
+  (``cloud_overloaded``); codes in ``cloud/pipeline.py``. A whole gRPC message above
+  ``server.max_message_bytes`` is refused by gRPC itself with RESOURCE_EXHAUSTED.
+- "Received" (acks, next_seq) means the cloud took responsibility for the frame, before decoding.
+- Frames go to the :class:`~latentcast.cloud.pipeline.Pipeline` (worker threads); FrameAnalytics
+  results are sent as they come back, in completion order. A cumulative Ack (every seq <= acked_seq
+  received) goes out after ``ack_every_frames`` frames or ``ack_interval_ms``, at once for a
+  duplicate, and when the stream ends. When the edge half-closes, the stream sends the results
+  still in flight and a final Ack, then ends OK.
+- Backpressure: when ``stream_outbox`` messages wait for the client, the server stops reading its
+  frames (gRPC flow control then slows the edge).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from latentcast.models.codec import LatentCodec
+from latentcast.proto import latentcast_v1_pb2 as pb
+from latentcast.proto import latentcast_v1_pb2_grpc as pb_grpc
+from latentcast.proto.bitstream import BitstreamError, Packet, Roi
+
+from .analytics import Detection, Detector, make_detector
+from .auth import BearerTokenInterceptor
+from .config import CloudConfig
+from .metrics import CloudMetrics, MetricsHttpServer, RateLimitedLog
+from .pipeline import AnalysedFrame, FrameJob, FrameOutcome, Pipeline, classify_parse_error
+from .sessions import CameraState, SessionRejected, SessionRegistry, SessionSpec, validate_header
+from .sinks import FanOut, JsonlSink, to_proto_boxes
+
+log = logging.getLogger(__name__)
+_rl = RateLimitedLog(log)
+
+__all__ = ["CloudServer", "SERVICE_NAME", "grpc_server_options"]
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Latentcast"].full_name  # "latentcast.v1.Latentcast"
+_HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+def grpc_server_options(cfg: CloudConfig) -> list[tuple[str, Any]]:
+    """The explicit channel options of the Latentcast server (message limits, keepalive)."""
+    s = cfg.server
+    return [
+        ("grpc.max_receive_message_length", s.max_message_bytes),
+        ("grpc.max_send_message_length", s.max_message_bytes),
+        ("grpc.keepalive_time_ms", int(s.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", int(s.keepalive_permit_without_calls)),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", int(s.min_client_ping_interval_s * 1000)),
+        ("grpc.http2.max_ping_strikes", s.max_ping_strikes),
+        ("grpc.http2.max_pings_without_data", 0),  # the server's own keepalive pings need no data frames
+        ("grpc.so_reuseport", 0),  # a busy port is an error, not a silently shared listener
+    ]
+
+
+# ---------------------------------------------------------------------------------------- streams
+class _End:
+    """Outbox marker: end the stream with this status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        self.code = code
+        self.message = message
+
+
+_HALF_CLOSED = object()  # outbox marker: the edge finished sending
+_SHUTDOWN = object()  # outbox marker: the server is stopping
+
+
+class _Outbox:
+    """Messages for one stream's client, filled by its reader task and by pipeline callbacks."""
+
+    def __init__(self) -> None:
+        self._q: deque[Any] = deque()
+        self._ready = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def put(self, item: Any) -> None:
+        self._q.append(item)
+        self._ready.set()
+
+    def poke(self) -> None:
+        """Wake :meth:`get` without an item (e.g. an ack became due)."""
+        self._ready.set()
+
+    async def get(self, timeout: float | None) -> Any | None:
+        """The next item, or None after ``timeout`` seconds or a :meth:`poke` without one."""
+        if not self._q:
+            self._ready.clear()
+            try:
+                await asyncio.wait_for(self._ready.wait(), timeout)
+            except TimeoutError:
+                return None
+            if not self._q:
+                return None
+        item = self._q.popleft()
+        self._room.set()
+        return item
+
+    async def wait_room(self, limit: int) -> None:
+        while len(self._q) >= limit:
+            self._room.clear()
+            await self._room.wait()
+
+
+class _Stream:
+    """One open ``Stream`` call."""
+
+    def __init__(self, *, server: CloudServer, state: CameraState, spec: SessionSpec, session_id: str,
+                 peer: str) -> None:
+        self.server = server
+        self.state = state
+        self.spec = spec
+        self.session_id = session_id
+        self.peer = peer
+        self.outbox = _Outbox()
+        self.pending = 0  # frames submitted whose outcome has not come back
+        self.closed = False
+        self.reader: asyncio.Task | None = None
+        self._unacked = 0
+        self._first_unacked = 0.0
+        self._ack_now = False
+        self._last_acked: int | None = None
+        self.frames = 0
+        self.duplicates = 0
+        self.outcome = "cancelled"  # how the stream ended, for the log
+        self.shutting_down = False
+
+    # ---------------------------------------------------------------- acks
+    def count_frame(self, *, duplicate: bool = False) -> None:
+        if self._unacked == 0:
+            self._first_unacked = time.monotonic()
+        self._unacked += 1
+        self._ack_now |= duplicate
+
+    def ack_timeout(self) -> float | None:
+        if self._unacked == 0:
+            return None
+        due = self._first_unacked + self.server.config.server.ack_interval_ms / 1000.0
+        return max(0.0, due - time.monotonic())
+
+    def take_ack(self, *, force: bool = False) -> pb.CloudMessage | None:
+        """An Ack when one is due (or ``force`` and anything new to ack), else None."""
+        cfg = self.server.config.server
+        due = force or self._ack_now or self._unacked >= cfg.ack_every_frames or (
+            self._unacked > 0 and time.monotonic() - self._first_unacked >= cfg.ack_interval_ms / 1000.0)
+        acked = self.state.seqs.acked_seq
+        if not due or acked is None or (self._unacked == 0 and acked == self._last_acked and not self._ack_now):
+            return None
+        self._unacked = 0
+        self._ack_now = False
+        self._last_acked = acked
+        return pb.CloudMessage(ack=pb.Ack(acked_seq=acked, frames_received=self.state.frames_received))
+
+    # ---------------------------------------------------------------- pipeline hand-back
+    def deliver(self, outcome: FrameOutcome) -> None:
+        """Called by the pipeline from any thread."""
+        try:
+            self.server._loop.call_soon_threadsafe(self._on_outcome, outcome)
+        except RuntimeError:  # loop closed
+            pass
+
+    def _on_outcome(self, outcome: FrameOutcome) -> None:
+        self.pending -= 1
+        if self.closed:
+            return
+        if isinstance(outcome, AnalysedFrame):
+            job = outcome.job
+            self.outbox.put(pb.CloudMessage(result=pb.FrameAnalytics(
+                seq=job.seq, capture_ts_us=job.capture_ts_us, boxes=to_proto_boxes(outcome.detections),
+                decode_ms=outcome.decode_ms, analytics_ms=outcome.analytics_ms, packet_bytes=job.packet_bytes,
+                bpp=outcome.bpp)))
+        else:
+            self.outbox.put(_frame_error(outcome.seq, outcome.code, outcome.message))
+
+    # ---------------------------------------------------------------- endings
+    def end(self, code: grpc.StatusCode, message: str) -> None:
+        if self.reader is not None and self.reader is not asyncio.current_task():
+            self.reader.cancel()
+        self.outbox.put(_End(code, message))
+
+    def shutdown(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+        self.outbox.put(_SHUTDOWN)
+
+
+def _frame_error(seq: int, code: str, message: str) -> pb.CloudMessage:
+    return pb.CloudMessage(error=pb.FrameError(seq=seq, code=code, message=message[:1024]))
+
+
+def _edge_boxes(boxes) -> tuple[Detection, ...]:
+    return tuple(Detection(x0=b.x0, y0=b.y0, x1=b.x1, y1=b.y1, class_id=int(b.label_id), label=b.label,
+                           score=b.score) for b in boxes)
+
+
+class _LatentcastServicer(pb_grpc.LatentcastServicer):
+    def __init__(self, server: CloudServer) -> None:
+        self._srv = server
+
+    async def Stream(self, request_iterator: AsyncIterator[pb.EdgeMessage],
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[pb.CloudMessage]:
+        srv = self._srv
+        m = srv.metrics
+
+        async def fail(code: grpc.StatusCode, message: str) -> None:
+            m.stream_errors.labels(code=code.name).inc()
+            _rl(logging.INFO, f"stream:{code.name}", "stream from %s ended: %s: %s", context.peer(), code.name,
+                message)
+            await context.abort(code, message)
+
+        if not srv.ready:
+            await fail(grpc.StatusCode.UNAVAILABLE, "the cloud is warming up (health NOT_SERVING); retry shortly")
+        it = request_iterator.__aiter__()
+        try:
+            first = await it.__anext__()
+        except StopAsyncIteration:
+            await fail(grpc.StatusCode.INVALID_ARGUMENT, "the stream ended before its SessionHeader")
+        kind = first.WhichOneof("msg")
+        if kind != "header":
+            await fail(grpc.StatusCode.INVALID_ARGUMENT,
+                       f"the first message must be a SessionHeader, got {kind or 'an empty EdgeMessage'}")
+        try:
+            spec = validate_header(first.header, codec_id=srv.codec.codec_id, weights_hash=srv.codec.weights_hash,
+                                   config=srv.config.sessions)
+        except SessionRejected as exc:
+            await fail(exc.code, exc.message)
+        state, session_id = srv.sessions.open(spec)
+        previous = srv._streams.get(spec.camera_id)
+        if previous is not None:
+            previous.end(grpc.StatusCode.ABORTED,
+                         f"superseded by a newer stream of camera {spec.camera_id!r} (session {session_id})")
+        st = _Stream(server=srv, state=state, spec=spec, session_id=session_id, peer=context.peer())
+        srv._streams[spec.camera_id] = st
+        m.active_sessions.inc()
+        next_seq = state.seqs.next_seq
+        if next_seq > 0:
+            m.reconnects.inc()
+        log.info("session %s: camera %r task %r %dx%d, %d labels, edge %s from %s; next_seq %d", session_id,
+                 spec.camera_id, spec.task, spec.width, spec.height, len(spec.labels), spec.edge_version or "?",
+                 context.peer(), next_seq)
+        try:
+            yield pb.CloudMessage(accepted=pb.SessionAccepted(session_id=session_id, next_seq=next_seq))
+            st.reader = asyncio.create_task(self._read(st, it), name=f"latentcast-stream-{session_id}")
+            finishing = False
+            while True:
+                item = await st.outbox.get(st.ack_timeout())
+                if isinstance(item, _End):
+                    ack = st.take_ack(force=True)
+                    if ack is not None:
+                        yield ack
+                    st.outcome = item.code.name
+                    await fail(item.code, item.message)
+                elif item is _HALF_CLOSED:
+                    finishing = True
+                elif item is _SHUTDOWN:
+                    finishing = st.shutting_down = True
+                elif item is not None:
+                    yield item
+                ack = st.take_ack()
+                if ack is not None:
+                    yield ack
+                if finishing and st.pending <= 0 and not len(st.outbox):
+                    ack = st.take_ack(force=True)
+                    if ack is not None:
+                        yield ack
+                    if st.shutting_down:
+                        st.outcome = "server shutdown"
+                        await fail(grpc.StatusCode.UNAVAILABLE,
+                                   "the server is shutting down; reconnect to resume from SessionAccepted.next_seq")
+                    st.outcome = "finished"
+                    return
+        finally:
+            log.info("session %s (camera %r) ended (%s): %d frames, %d duplicates, next_seq %d", session_id,
+                     spec.camera_id, st.outcome, st.frames, st.duplicates, state.seqs.next_seq)
+            st.closed = True
+            if st.reader is not None and not st.reader.done():
+                st.reader.cancel()
+            if srv._streams.get(spec.camera_id) is st:
+                del srv._streams[spec.camera_id]
+            srv.sessions.close(spec.camera_id, session_id)
+            m.active_sessions.dec()
+
+    async def _read(self, st: _Stream, it: AsyncIterator[pb.EdgeMessage]) -> None:
+        """The stream's reader task: frames in, into the pipeline."""
+        srv = self._srv
+        m = srv.metrics
+        scfg = srv.config.server
+        try:
+            async for msg in it:
+                await st.outbox.wait_room(scfg.stream_outbox)
+                kind = msg.WhichOneof("msg")
+                if kind != "frame":
+                    what = "a second SessionHeader" if kind == "header" else "an empty EdgeMessage"
+                    st.end(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"expected a FramePacket after the SessionHeader, got {what}")
+                    return
+                f = msg.frame
+                seq = int(f.seq)
+                n = len(f.packet)
+                if not st.state.seqs.accept(seq):
+                    st.duplicates += 1
+                    m.frames_duplicate.inc()
+                    st.count_frame(duplicate=True)
+                    st.outbox.poke()  # wake the writer: the re-ack is due now
+                    continue
+                # from here the seq counts as received, even if the packet is refused below: a resend of
+                # it after a reconnect is re-acked, never a loop of the same error
+                missing = st.state.seqs.missing
+                if missing:
+                    m.frames_missing.inc(missing)
+                    st.state.seqs.missing = 0
+                st.frames += 1
+                st.state.frames_received += 1
+                m.frames_received.inc()
+                m.bytes_received.inc(n)
+                st.count_frame()
+                if n == 0:
+                    m.frame_errors.labels(code="malformed_packet").inc()
+                    st.end(grpc.StatusCode.INVALID_ARGUMENT, f"frame seq {seq}: empty packet")
+                    return
+                if n > scfg.max_packet_bytes:
+                    m.frame_errors.labels(code="malformed_packet").inc()
+                    st.end(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"frame seq {seq}: packet of {n} bytes exceeds server.max_packet_bytes "
+                           f"{scfg.max_packet_bytes}")
+                    return
+                try:
+                    packet = Packet.from_bytes(f.packet, max_packet_bytes=scfg.max_packet_bytes)
+                except BitstreamError as exc:
+                    code = classify_parse_error(exc, f.packet)
+                    if code == "checksum_mismatch":
+                        m.frame_errors.labels(code=code).inc()
+                        _rl(logging.WARNING, f"fail:{code}", "frame %s/%d: %s", st.spec.camera_id, seq, exc)
+                        st.outbox.put(_frame_error(seq, code, str(exc)))
+                        continue
+                    m.frame_errors.labels(code="malformed_packet").inc()
+                    st.end(grpc.StatusCode.INVALID_ARGUMENT, f"frame seq {seq}: malformed packet: {exc}")
+                    return
+                hd = packet.header
+                m.bpp.observe(n * 8.0 / (hd.width * hd.height))
+                job = FrameJob(stream_id=st.session_id, spec=st.spec, seq=seq, capture_ts_us=int(f.capture_ts_us),
+                               packet=packet, packet_bytes=n, edge_boxes=_edge_boxes(f.edge_boxes),
+                               deliver=st.deliver)
+                st.pending += 1
+                srv.pipeline.submit(job)
+            st.outbox.put(_HALF_CLOSED)
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AioRpcError:  # the call is gone (cancelled by the client)
+            st.outbox.put(_HALF_CLOSED)
+        except Exception as exc:  # noqa: BLE001 - report, do not kill the server
+            log.exception("session %s: reader failed", st.session_id)
+            st.end(grpc.StatusCode.INTERNAL, f"internal error reading the stream: {type(exc).__name__}")
+
+    async def Subscribe(self, request: pb.SubscribeRequest,
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.FrameResult]:
+        srv = self._srv
+        if not srv.ready:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the cloud is warming up (health NOT_SERVING)")
+        try:
+            sub = srv.fanout.subscribe(request)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        log.info("subscriber %s: camera %r task %r format %s", context.peer(), request.camera_id or "*",
+                 request.task or "*", pb.ImageFormat.Name(request.format))
+        try:
+            while True:
+                msg = await sub.get()
+                if msg is None:
+                    return
+                yield msg
+        finally:
+            srv.fanout.unsubscribe(sub)
+            log.info("subscriber %s left: %d frames sent, %d dropped (slow)", context.peer(), sub.sent, sub.dropped)
+
+
+# ---------------------------------------------------------------------------------------- server
+class CloudServer:
+    """The cloud service; ``codec`` and ``detector`` may be injected (tests), else loaded from config."""
+
+    def __init__(self, config: CloudConfig | None = None, *, codec: LatentCodec | None = None,
+                 detector: Detector | None = None, metrics: CloudMetrics | None = None) -> None:
+        self.config = config or CloudConfig()
+        self.codec: LatentCodec | None = codec
+        self.detector: Detector | None = detector
+        self.metrics = metrics or CloudMetrics()
+        self.sessions = SessionRegistry(config=self.config.sessions)
+        self.pipeline: Pipeline | None = None
+        self.fanout: FanOut | None = None
+        self.jsonl: JsonlSink | None = None
+        self.health = HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._maint: grpc.aio.Server | None = None
+        self._http: MetricsHttpServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._streams: dict[str, _Stream] = {}  # open streams by camera_id
+        self._ready = asyncio.Event()
+        self._warm_task: asyncio.Task | None = None
+        self._warm_error: BaseException | None = None
+        self._stopped = False
+        self._stop_requested = asyncio.Event()
+        self.ports: tuple[int, int, int] = (0, 0, 0)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    # ---------------------------------------------------------------- start
+    async def start(self) -> tuple[int, int, int]:
+        """Bind and start the servers; returns (port, maintenance_port, metrics_port), -1 for an
+        endpoint that is off. Loading and warm-up continue in the background (see :meth:`wait_ready`)."""
+        cfg = self.config
+        s = cfg.server
+        self._loop = asyncio.get_running_loop()
+        self.fanout = FanOut(loop=self._loop, queue_size=cfg.sinks.subscriber_queue,
+                             jpeg_quality=cfg.sinks.jpeg_quality, png_compression=cfg.sinks.png_compression,
+                             metrics=self.metrics)
+        metrics_port = -1
+        if s.metrics_port >= 0:
+            self._http = self.metrics.serve(host=s.metrics_host, port=s.metrics_port)
+            metrics_port = self._http.port
+
+        maint_port = -1
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if s.maintenance_port >= 0:
+            self._maint = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._maint)
+            reflection.enable_server_reflection((SERVICE_NAME, _HEALTH_SERVICE_NAME, reflection.SERVICE_NAME),
+                                                self._maint)
+            maint_port = self._maint.add_insecure_port(f"{s.maintenance_host}:{s.maintenance_port}")
+            if maint_port == 0:
+                raise OSError(f"cannot bind the maintenance port {s.maintenance_host}:{s.maintenance_port}")
+            await self._maint.start()
+
+        interceptors = []
+        if s.tokens:
+            interceptors.append(BearerTokenInterceptor(
+                tokens=s.tokens, on_reject=lambda reason: self.metrics.auth_rejections.labels(reason=reason).inc()))
+        self._server = grpc.aio.server(interceptors=interceptors, options=grpc_server_options(cfg),
+                                       maximum_concurrent_rpcs=s.max_concurrent_rpcs)
+        pb_grpc.add_LatentcastServicer_to_server(_LatentcastServicer(self), self._server)
+        address = f"{s.host}:{s.port}"
+        if s.tls_cert_file:
+            creds = grpc.ssl_server_credentials(
+                [(Path(s.tls_key_file).read_bytes(), Path(s.tls_cert_file).read_bytes())],
+                root_certificates=Path(s.tls_client_ca_file).read_bytes() if s.tls_client_ca_file else None,
+                require_client_auth=bool(s.tls_client_ca_file))
+            port = self._server.add_secure_port(address, creds)
+        else:
+            port = self._server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"cannot bind the Latentcast port {address}")
+        await self._server.start()
+        self.ports = (port, maint_port, metrics_port)
+        log.info("latentcast cloud on %s:%d (%s, auth %s), health/reflection on %d, metrics on %d", s.host, port,
+                 "mTLS" if s.tls_client_ca_file else "TLS" if s.tls_cert_file else "plaintext",
+                 "on" if s.tokens else "OFF", maint_port, metrics_port)
+        self._warm_task = asyncio.create_task(self._load_and_warm(), name="latentcast-cloud-warmup")
+        return self.ports
+
+    async def _load_and_warm(self) -> None:
+        try:
+            t0 = time.monotonic()
+            await asyncio.to_thread(self._load_and_warm_sync)
+            self.pipeline = Pipeline(codec=self.codec, detector=self.detector, config=self.config.pipeline,
+                                     metrics=self.metrics, on_result=self._result_sinks(),
+                                     max_packet_bytes=self.config.server.max_packet_bytes)
+            self.pipeline.start()
+            self._ready.set()
+            for name in ("", SERVICE_NAME):
+                await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            log.info("ready in %.1f s: codec %s (id %d, weights %s), detector %s; health SERVING",
+                     time.monotonic() - t0, getattr(self.codec, "codec_name", "?"), self.codec.codec_id,
+                     self.codec.weights_hash.hex(), type(self.detector).__name__)
+        except Exception as exc:  # noqa: BLE001 - reported by wait_ready / serve_forever
+            self._warm_error = exc
+            log.error("loading or warming the codec/detector failed: %s", exc)
+            self._ready.set()
+
+    def _load_and_warm_sync(self) -> None:
+        cfg = self.config
+        if self.codec is None:
+            self.codec = LatentCodec.load(cfg.codec.weights)
+        if self.detector is None:
+            self.detector = make_detector(cfg.analytics)
+        n = max(16, cfg.codec.warmup_size)
+        yy, xx = np.mgrid[0:n, 0:n]
+        dummy = np.stack([xx * 255 // n, yy * 255 // n, (xx + yy) * 127 // n], axis=-1).astype(np.uint8)
+        data = self.codec.compress(dummy, [Roi(x0=0, y0=0, x1=n // 2, y1=n // 2)], rate_point=0)
+        rec = self.codec.decompress(data)
+        self.detector.detect(rec.frame)
+
+    def _result_sinks(self) -> list:
+        sinks: list = []
+        if self.config.sinks.jsonl_path:
+            self.jsonl = JsonlSink(path=self.config.sinks.jsonl_path)
+            sinks.append(self.jsonl)
+        sinks.append(self.fanout.offer)
+        return sinks
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until the codec and detector are warm; raises the loading error if there was one."""
+        await asyncio.wait_for(self._ready.wait(), timeout)
+        if self._warm_error is not None:
+            raise RuntimeError(f"the cloud could not start: {self._warm_error}") from self._warm_error
+
+    # ---------------------------------------------------------------- stop
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful stop: health NOT_SERVING, subscribers end, streams finish their in-flight frames
+        (up to ``grace`` seconds, default ``server.grace_s``) and end with UNAVAILABLE, then the rest."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.config.server.grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self._warm_task is not None and not self._warm_task.done():
+            self._warm_task.cancel()
+        if self.fanout is not None:
+            self.fanout.close()
+        for st in list(self._streams.values()):
+            st.shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self.pipeline is not None:
+            await asyncio.to_thread(self.pipeline.stop, max(1.0, grace))
+        if self._maint is not None:
+            await self._maint.stop(0)
+        if self._http is not None:
+            self._http.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+        log.info("latentcast cloud stopped")
+
+    def request_stop(self) -> None:
+        """Ask :meth:`serve_forever` to stop gracefully (what SIGTERM/SIGINT do)."""
+        self._stop_requested.set()
+
+    async def serve_forever(self) -> None:
+        """Start, serve until SIGTERM/SIGINT (or :meth:`request_stop`), then stop gracefully.
+        Raises RuntimeError if the codec or the detector cannot be loaded."""
+        loop = asyncio.get_running_loop()
+        stop = self._stop_requested
+        installed = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError):  # not the main thread / platform without signals
+                pass
+        try:
+            await self.start()
+            stopper = asyncio.create_task(stop.wait())
+            ready = asyncio.create_task(self._ready.wait())
+            try:
+                await asyncio.wait({stopper, ready}, return_when=asyncio.FIRST_COMPLETED)
+                if ready.done() and self._warm_error is not None:
+                    await self.wait_ready()  # raises the loading error
+                await stopper
+            finally:
+                stopper.cancel()
+                ready.cancel()
+            log.info("stop requested: stopping (grace %.1f s)", self.config.server.grace_s)
+        finally:
+            await self.stop()
+            for sig in installed:
+                loop.remove_signal_handler(sig)

@@ -1,0 +1,243 @@
+"""Where analysed frames go besides the edge: a JSON-lines file and ``Subscribe`` clients.
+
+- :class:`JsonlSink`: one JSON object per analysed frame and line (camera, task, seq, capture
+  time, cloud boxes, edge boxes, stage latencies, packet bytes, bpp). Written from the worker
+  threads under a lock, flushed per line.
+- :class:`FanOut`: the subscribers of ``Subscribe``. Each has a bounded queue; a slow subscriber
+  loses its oldest frames (counted), never slows the pipeline. :meth:`FanOut.offer` runs in a
+  worker thread: it encodes the frame once per (format, quality) that matching subscribers asked
+  for (``cv2.imencode``), then hands the results to the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from latentcast.proto import latentcast_v1_pb2 as pb
+
+from .analytics import Detection
+from .metrics import CloudMetrics
+from .pipeline import AnalysedFrame
+
+log = logging.getLogger(__name__)
+
+__all__ = ["JsonlSink", "FanOut", "Subscriber", "encode_image", "frame_record", "to_proto_boxes"]
+
+Encoding = tuple[int, int]  # (ImageFormat value, quality or PNG level)
+
+
+def encode_image(rgb: np.ndarray, fmt: int, *, jpeg_quality: int = 90, png_compression: int = 1) -> bytes:
+    """An RGB uint8 frame as JPEG or PNG bytes (``fmt``: ``pb.IMAGE_FORMAT_JPEG`` / ``_PNG``)."""
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    if fmt == pb.IMAGE_FORMAT_JPEG:
+        ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)])
+    elif fmt == pb.IMAGE_FORMAT_PNG:
+        ok, buf = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, int(png_compression)])
+    else:
+        raise ValueError(f"image format {fmt} is not JPEG ({pb.IMAGE_FORMAT_JPEG}) or PNG ({pb.IMAGE_FORMAT_PNG})")
+    if not ok:
+        raise ValueError(f"cv2.imencode failed for a {rgb.shape} frame")
+    return buf.tobytes()
+
+
+def to_proto_boxes(dets: Iterable[Detection]) -> list[pb.Box]:
+    return [pb.Box(x0=d.x0, y0=d.y0, x1=d.x1, y1=d.y1, label=d.label, label_id=max(0, int(d.class_id)),
+                   score=d.score) for d in dets]
+
+
+def _box_dict(d: Detection) -> dict:
+    return {"x0": round(d.x0, 2), "y0": round(d.y0, 2), "x1": round(d.x1, 2), "y1": round(d.y1, 2),
+            "label": d.label, "class_id": int(d.class_id), "score": round(d.score, 4)}
+
+
+def frame_record(fr: AnalysedFrame) -> dict:
+    """The JSON-lines record of one analysed frame."""
+    job = fr.job
+    lat = {"queue_wait": round(fr.queue_ms, 3), "decode": round(fr.decode_ms, 3),
+           "analytics": round(fr.analytics_ms, 3)}
+    if fr.capture_to_result_ms is not None:
+        lat["capture_to_result"] = round(fr.capture_to_result_ms, 3)
+    return {
+        "camera_id": job.spec.camera_id, "task": job.spec.task, "seq": job.seq, "capture_ts_us": job.capture_ts_us,
+        "result_ts_us": int(time.time() * 1e6), "width": job.spec.width, "height": job.spec.height,
+        "boxes": [_box_dict(d) for d in fr.detections], "edge_boxes": [_box_dict(d) for d in job.edge_boxes],
+        "latency_ms": lat, "packet_bytes": job.packet_bytes, "bpp": round(fr.bpp, 6),
+    }
+
+
+class JsonlSink:
+    """Appends :func:`frame_record` lines to ``path`` (created with its folder); thread-safe."""
+
+    def __init__(self, *, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = self.path.open("a", encoding="utf-8")
+        self._lock = threading.Lock()
+        self.lines = 0
+
+    def __call__(self, fr: AnalysedFrame) -> None:
+        line = json.dumps(frame_record(fr), separators=(",", ":")) + "\n"
+        with self._lock:
+            if self._f.closed:
+                return
+            self._f.write(line)
+            self._f.flush()
+            self.lines += 1
+
+    def close(self) -> None:
+        with self._lock:
+            self._f.close()
+
+
+class Subscriber:
+    """One ``Subscribe`` call: its filter, encoding and bounded queue (used on the event loop)."""
+
+    def __init__(self, *, camera_id: str, task: str, fmt: int, quality: int, queue_size: int) -> None:
+        self.camera_id = camera_id
+        self.task = task
+        self.fmt = fmt
+        self.quality = quality
+        self._q: deque[pb.FrameResult] = deque()
+        self._size = queue_size
+        self._ready = asyncio.Event()
+        self.closed = False
+        self.dropped = 0
+        self.sent = 0
+
+    def matches(self, camera_id: str, task: str) -> bool:
+        return (not self.camera_id or self.camera_id == camera_id) and (not self.task or self.task == task)
+
+    @property
+    def encoding(self) -> Encoding | None:
+        return None if self.fmt == pb.IMAGE_FORMAT_UNSPECIFIED else (self.fmt, self.quality)
+
+    def put(self, msg: pb.FrameResult) -> bool:
+        """Queue ``msg``; False when the oldest frame had to be dropped for it."""
+        dropped = False
+        if len(self._q) >= self._size:
+            self._q.popleft()
+            self.dropped += 1
+            dropped = True
+        self._q.append(msg)
+        self._ready.set()
+        return not dropped
+
+    def close(self) -> None:
+        self.closed = True
+        self._ready.set()
+
+    async def get(self) -> pb.FrameResult | None:
+        """The next frame, or None once closed and drained."""
+        while not self._q:
+            if self.closed:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        self.sent += 1
+        return self._q.popleft()
+
+
+class FanOut:
+    """Subscribers of analysed frames. ``subscribe``/``unsubscribe``/``close`` on the event loop,
+    ``offer`` from worker threads."""
+
+    def __init__(self, *, loop: asyncio.AbstractEventLoop, queue_size: int = 16, jpeg_quality: int = 90,
+                 png_compression: int = 1, metrics: CloudMetrics | None = None) -> None:
+        self._loop = loop
+        self._queue_size = queue_size
+        self.jpeg_quality = jpeg_quality
+        self.png_compression = png_compression
+        self.metrics = metrics
+        self._subs: set[Subscriber] = set()
+        self._lock = threading.Lock()  # guards the set for offer()'s snapshot
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._subs)
+
+    def subscribe(self, req: pb.SubscribeRequest) -> Subscriber:
+        """Register a subscriber for ``req`` (raises ValueError on a bad format or quality)."""
+        if req.format not in (pb.IMAGE_FORMAT_UNSPECIFIED, pb.IMAGE_FORMAT_JPEG, pb.IMAGE_FORMAT_PNG):
+            raise ValueError(f"SubscribeRequest.format {req.format} is not a known ImageFormat")
+        if req.jpeg_quality > 100:
+            raise ValueError(f"SubscribeRequest.jpeg_quality {req.jpeg_quality} out of range 1..100 (0 = default)")
+        if req.format == pb.IMAGE_FORMAT_JPEG:
+            quality = req.jpeg_quality or self.jpeg_quality
+        elif req.format == pb.IMAGE_FORMAT_PNG:
+            quality = self.png_compression
+        else:
+            quality = 0
+        sub = Subscriber(camera_id=req.camera_id, task=req.task, fmt=req.format, quality=quality,
+                         queue_size=self._queue_size)
+        if self._closed:
+            sub.close()
+            return sub
+        with self._lock:
+            self._subs.add(sub)
+        if self.metrics is not None:
+            self.metrics.subscribers.set(len(self._subs))
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        with self._lock:
+            self._subs.discard(sub)
+        sub.close()
+        if self.metrics is not None:
+            self.metrics.subscribers.set(len(self._subs))
+
+    def close(self) -> None:
+        """End every subscription (their calls finish after draining)."""
+        self._closed = True
+        with self._lock:
+            subs = list(self._subs)
+            self._subs.clear()
+        for s in subs:
+            s.close()
+        if self.metrics is not None:
+            self.metrics.subscribers.set(0)
+
+    # ---------------------------------------------------------------- worker side
+    def offer(self, fr: AnalysedFrame) -> None:
+        """Encode ``fr`` for the matching subscribers (in the calling worker thread) and publish it."""
+        spec = fr.job.spec
+        with self._lock:
+            wanted = {s.encoding for s in self._subs if s.matches(spec.camera_id, spec.task)}
+        if not wanted:
+            return
+        images: dict[Encoding, bytes] = {}
+        for enc in wanted:
+            if enc is not None:
+                images[enc] = encode_image(fr.frame, enc[0], jpeg_quality=enc[1], png_compression=enc[1])
+        base = pb.FrameResult(camera_id=spec.camera_id, task=spec.task, seq=fr.job.seq,
+                              capture_ts_us=fr.job.capture_ts_us, width=spec.width, height=spec.height,
+                              boxes=to_proto_boxes(fr.detections), edge_boxes=to_proto_boxes(fr.job.edge_boxes),
+                              packet_bytes=fr.job.packet_bytes)
+        try:
+            self._loop.call_soon_threadsafe(self._publish, base, images)
+        except RuntimeError:  # the loop is closed: the server is gone
+            pass
+
+    def _publish(self, base: pb.FrameResult, images: dict[Encoding, bytes]) -> None:
+        for sub in list(self._subs):
+            if not sub.matches(base.camera_id, base.task):
+                continue
+            msg = pb.FrameResult()
+            msg.CopyFrom(base)
+            enc = sub.encoding
+            if enc is not None:
+                if enc not in images:  # subscribed after the frame was encoded
+                    continue
+                msg.format = enc[0]
+                msg.image = images[enc]
+            if not sub.put(msg) and self.metrics is not None:
+                self.metrics.subscriber_dropped.inc()
