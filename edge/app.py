@@ -50,11 +50,15 @@ class EdgeApp:
     """One camera's edge pipeline. Components may be injected (tests, custom sources)."""
 
     def __init__(self, config: EdgeConfig, *, on_result: Callable[[pb.FrameAnalytics], None] | None = None,
+                 on_frame: Callable[[OutFrame, np.ndarray, Grounding], None] | None = None,
                  source: FrameSource | None = None, grounder: Grounder | None = None, encoder: Any = None):
+        """``on_result`` gets every cloud result; ``on_frame`` every encoded frame with the original
+        RGB frame and its grounding (on the event loop: keep it cheap; the demo keeps originals)."""
         if not isinstance(config, EdgeConfig):
             raise ValueError(f"config must be an EdgeConfig, got {type(config).__name__}")
         self.config = config
         self.on_result = on_result
+        self.on_frame = on_frame
         self._source, self._grounder, self._encoder = source, grounder, encoder
         sc = config.sender
         self.queue = SendQueue(maxsize=sc.queue_size, policy=sc.policy)
@@ -223,6 +227,11 @@ class EdgeApp:
                     self._encode_ms += e_ms
                     out = OutFrame(seq=self._next_seq, capture_ts_us=f.capture_ts_us, packet=packet, boxes=g.boxes)
                     self._next_seq += 1
+                    if self.on_frame is not None:
+                        try:
+                            self.on_frame(out, f.rgb, g)
+                        except Exception:
+                            log.exception("on_frame callback failed for seq %d", out.seq)
                     if not self.queue.put(out):
                         self.dropped_queue_full_new += 1
                 self.queue.close()

@@ -189,10 +189,20 @@ class Grounder:
         matched_d: set[int] = set()
         if self._tracks and dets:
             self._predict(w, h)  # compare detections with where the tracks should be now
-            iou = iou_matrix(np.stack([t.box for t in self._tracks]), det_boxes)
+            tboxes = np.stack([t.box for t in self._tracks])
+            iou = iou_matrix(tboxes, det_boxes)
             same = np.array([[t.label_id == k for _, k in dets] for t in self._tracks])
-            iou = np.where(same, iou, 0.0)
-            for ti, di in sorted(np.argwhere(iou >= self.iou_match).tolist(), key=lambda p: -iou[p[0], p[1]]):
+            # a pair matches on overlap, or when the detection's centre lies within the track's own size
+            # of the track's centre: a narrow pedestrian walking sideways can leave its box between two
+            # detector runs, and an unmatched track would linger as a ghost next to a new one
+            tc = (tboxes[:, None, :2] + tboxes[:, None, 2:]) / 2
+            dc = (det_boxes[None, :, :2] + det_boxes[None, :, 2:]) / 2
+            size = np.maximum(tboxes[:, 2] - tboxes[:, 0], tboxes[:, 3] - tboxes[:, 1])[:, None]
+            near = np.linalg.norm(tc - dc, axis=2) <= size
+            ok = same & ((iou >= self.iou_match) | near)
+            # best overlap first, then nearest centre
+            score = np.where(ok, iou + 1.0 / (1.0 + np.linalg.norm(tc - dc, axis=2)), -1.0)
+            for ti, di in sorted(np.argwhere(ok).tolist(), key=lambda p: -score[p[0], p[1]]):
                 if ti in matched_t or di in matched_d:
                     continue
                 matched_t.add(ti)

@@ -146,3 +146,12 @@ def test_real_detector_pedestrians_on_vtest():
         assert len(o.rois) >= 4 and all(r.label_id == 0 for r in o.rois)
         assert all(r.x1 <= 768 and r.y1 <= 576 for r in o.rois)
         assert all(b.label == "pedestrian" for b in o.boxes)
+
+
+def test_a_narrow_walker_keeps_one_track_between_detector_runs():
+    """A 12-px-wide pedestrian moves 15 px between detector runs (no overlap with its last box):
+    the track follows it instead of leaving a ghost box behind next to a new one."""
+    script = [[det(20 + 15 * k, 30, 32 + 15 * k, 70)] for k in range(6)]
+    g = Grounder(labels=["person"], detector=FakeDetector(script), every=5, margin=0)
+    counts = [len(g.update(FRAME).boxes) for _ in range(30)]
+    assert max(counts) == 1, counts

@@ -10,6 +10,8 @@
     latentcast release codec CHECKPOINT --out W.safetensors
     latentcast bench codec [--out results/codec_bench.json]
     latentcast edge --config edge.yaml             (edge service; --describe lists every option)
+    latentcast cloud --config cloud.yaml           (cloud service; --describe lists every option)
+    latentcast demo [VIDEO]                        (both on loopback: live line, side-by-side video, summary)
 
 Encoding uses the edge bundle (ONNX Runtime, no torch) when it exists for the
 weights, else the PyTorch reference encoder; both write the same packets.
@@ -206,6 +208,28 @@ def cmd_edge(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cloud(a: argparse.Namespace) -> int:
+    import asyncio
+
+    from latentcast.cloud.config import ENV_PREFIX, CloudConfig, ConfigError, load_cloud_config
+    from latentcast.cloud.server import CloudServer
+
+    if a.describe:
+        return _print_config(CloudConfig, ENV_PREFIX)
+    try:
+        asyncio.run(CloudServer(load_cloud_config(a.config)).serve_forever())
+    except (ConfigError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from latentcast.tools.demo import main as demo_main
+
+    return demo_main(a)
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     from latentcast.tools.bench_codec import main as bench_main
 
@@ -279,6 +303,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-frames", type=int, help="stop after this many captured frames")
     g.add_argument("--describe", action="store_true", help="list every config key, its variable and default")
     g.set_defaults(func=cmd_edge)
+
+    c = sub.add_parser("cloud", help="run the cloud service: gRPC Stream/Subscribe, health+reflection, /metrics")
+    c.add_argument("--config", help="cloud YAML config (see cloud/cloud.yaml); LATENTCAST_CLOUD__* variables override it")
+    c.add_argument("--describe", action="store_true", help="list every config key, its variable and default")
+    c.set_defaults(func=cmd_cloud)
+
+    m = sub.add_parser("demo", help="edge + cloud on loopback over a video: live stats, side-by-side video, summary")
+    m.add_argument("video", nargs="?", help="video file or URL (default: vtest.avi in the shared folder)")
+    m.add_argument("--out", default="demo_out", help="output folder for side_by_side.mp4 and summary.json")
+    m.add_argument("--frames", type=int, help="stop after this many captured frames (default: the whole video)")
+    m.add_argument("--labels", help="task labels, e.g. person,car (default: the edge config's)")
+    m.add_argument("--rate", type=int, help="codec rate point (default: the edge config's, 2)")
+    m.add_argument("--pace", choices=["realtime", "none"],
+                   help="realtime: frames arrive at the video's fps and a busy edge drops (default); none: every frame")
+    m.add_argument("--every", type=int, help="run the detector every N frames, track in between (default 5)")
+    m.add_argument("--edge-config", help="edge YAML config (addresses and token are set by the demo)")
+    m.add_argument("--cloud-config", help="cloud YAML config (addresses and token are set by the demo)")
+    m.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="measure the codec (bpp, PSNR, speed) against JPEG/WebP")
     b.add_argument("what", choices=["codec"])
