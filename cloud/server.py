@@ -94,6 +94,8 @@ def grpc_server_options(cfg: CloudConfig) -> list[tuple[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------- streams
+_BACKPRESSURE_POLL_S = 0.005  # how often a paused stream checks for room in the pipeline
+
 class _End:
     """Outbox marker: end the stream with this status."""
 
@@ -385,6 +387,13 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
                 job = FrameJob(stream_id=st.session_id, spec=st.spec, seq=seq, capture_ts_us=int(f.capture_ts_us),
                                packet=packet, packet_bytes=n, edge_boxes=_edge_boxes(f.edge_boxes),
                                deliver=st.deliver)
+                pcfg = srv.config.pipeline
+                if pcfg.backpressure:
+                    # stop reading this stream while its frames fill the pipeline: HTTP/2 flow control
+                    # then fills the edge's send queue, which drops by its own policy (live first)
+                    while (srv.pipeline.in_flight(st.session_id) >= pcfg.max_queued_per_session
+                           and not (st.closed or st.shutting_down)):
+                        await asyncio.sleep(_BACKPRESSURE_POLL_S)
                 st.pending += 1
                 srv.pipeline.submit(job)
             st.outbox.put(_HALF_CLOSED)

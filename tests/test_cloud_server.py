@@ -428,9 +428,10 @@ async def test_subscribe_receives_jpeg_frames_and_detections(make_server, tiny_c
 
 
 async def test_slow_pipeline_drops_are_bounded_and_counted(make_server, tiny_codec, packets):
+    """Without backpressure the cloud drops by its policy and says so per frame."""
     cfg = make_config(ack_every_frames=100)
     cfg.pipeline = dataclasses.replace(cfg.pipeline, max_queued_per_session=2, max_queued_total=4, max_batch=1,
-                                       batch_wait_ms=0.0)
+                                       batch_wait_ms=0.0, backpressure=False)
     det = FakeDetector(delay=0.15)
     srv = await make_server(cfg, detector=det)
     n = 10
@@ -450,6 +451,35 @@ async def test_slow_pipeline_drops_are_bounded_and_counted(make_server, tiny_cod
     assert results[-1].seq == n - 1  # drop_oldest: the newest frame survives
     dropped = srv.metrics.value("latentcast_cloud_frames_dropped_total", {"reason": "cloud_overloaded"})
     assert dropped == len(errors) and det.calls == len(results) + 1  # + the warm-up frame
+
+
+async def test_backpressure_pauses_the_stream_instead_of_dropping(make_server, tiny_codec, packets):
+    """With backpressure (the default) a full pipeline stops reading the stream: nothing is dropped
+    at the cloud, every frame is analysed, and the pipeline never holds more than the limit."""
+    cfg = make_config(ack_every_frames=100)
+    cfg.pipeline = dataclasses.replace(cfg.pipeline, max_queued_per_session=2, max_batch=1, batch_wait_ms=0.0)
+    det = FakeDetector(delay=0.05)
+    srv = await make_server(cfg, detector=det)
+    n, peak = 8, 0
+
+    async def watch():
+        nonlocal peak
+        while True:
+            peak = max(peak, srv.pipeline.queue_depth)
+            await asyncio.sleep(0.005)
+
+    w = asyncio.create_task(watch())
+    async with channel(srv.ports[0]) as ch:
+        call = pb_grpc.LatentcastStub(ch).Stream()
+        await call.write(header(tiny_codec))
+        await read(call)
+        for seq in range(n):
+            await call.write(frame(seq, packets[seq % len(packets)]))
+        await call.done_writing()
+        msgs = await collect(call, until=lambda ms: len(kinds(ms, "result")) == n and acked(ms) == n - 1)
+    w.cancel()
+    assert not kinds(msgs, "error") and [r.seq for r in kinds(msgs, "result")] == list(range(n))
+    assert peak <= 2
 
 
 async def test_newer_stream_of_a_camera_supersedes_the_older(make_server, tiny_codec, packets):
