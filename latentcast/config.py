@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["ConfigError", "load_config", "config_to_dict", "describe_config"]
+__all__ = ["ConfigError", "load_config", "config_to_dict", "describe_config", "example_yaml", "field_comments"]
 
 T = TypeVar("T")
 
@@ -40,6 +40,8 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 
 def _coerce(value: Any, tp: Any, key: str, *, from_env: bool) -> Any:
     tp, optional = _unwrap_optional(tp)
+    if value is None and dataclasses.is_dataclass(tp):  # a YAML section whose keys are all commented out
+        value = {}
     if value is None or (from_env and optional and value == ""):
         if optional:
             return None
@@ -149,10 +151,36 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, *, env_pref
     return _build(cls, _merge(base, over))
 
 
-def describe_config(cls: type, env_prefix: str, path: tuple[str, ...] = ()) -> list[tuple[str, str, Any]]:
-    """(YAML key, environment variable, default) of every leaf field, for documentation."""
+def field_comments(cls: type) -> dict[str, str]:
+    """The trailing ``# comment`` of each field in the class source (continuation lines that are
+    only a comment are appended): the documentation of every option lives next to its default."""
+    import inspect
+    import re
+
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    out: dict[str, str] = {}
+    last = None
+    pat = re.compile(r"^\s+(\w+)\s*:[^#]*#\s?(.*)$")
+    for line in lines:
+        m = pat.match(line)
+        if m:
+            last = m.group(1)
+            out[last] = m.group(2).strip()
+        elif last and line.strip().startswith("#"):
+            out[last] += " " + line.strip().lstrip("#").strip()
+        else:
+            last = None
+    return out
+
+
+def describe_config(cls: type, env_prefix: str, path: tuple[str, ...] = ()) -> list[tuple[str, str, Any, str]]:
+    """(YAML key, environment variable, default, comment) of every leaf field, for documentation."""
     rows = []
     hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
     for f in dataclasses.fields(cls):
         tp, _ = _unwrap_optional(hints[f.name])
         if dataclasses.is_dataclass(tp):
@@ -160,5 +188,28 @@ def describe_config(cls: type, env_prefix: str, path: tuple[str, ...] = ()) -> l
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        rows.append((".".join((*path, f.name)), "__".join((env_prefix, *path, f.name)).upper(), default))
+        rows.append((".".join((*path, f.name)), "__".join((env_prefix, *path, f.name)).upper(), default,
+                     comments.get(f.name, "")))
     return rows
+
+
+def example_yaml(cls: type, env_prefix: str, *, title: str = "") -> str:
+    """A YAML file with every option at its default and its comment (all keys commented out
+    except the section headers, so the file loads to the defaults)."""
+    import yaml
+
+    out = [f"# {title}" if title else "", f"# Every key can also be set with {env_prefix}__<SECTION>__<KEY>",
+           "# (upper case); a variable overrides this file. Uncomment to change a default.", ""]
+    section = None
+    for key, var, default, comment in describe_config(cls, env_prefix):
+        parts = key.split(".")
+        indent = ""
+        if len(parts) > 1:
+            if parts[0] != section:
+                section = parts[0]
+                out += ["", f"{section}:"]
+            indent = "  "
+        value = yaml.safe_dump(list(default) if isinstance(default, tuple) else default,
+                               default_flow_style=True).strip().removesuffix("...").strip()
+        out.append(f"{indent}# {parts[-1]}: {value}  # {comment}  [{var}]")
+    return "\n".join(out).lstrip("\n") + "\n"

@@ -52,7 +52,26 @@ def test_errors_name_the_key(tmp_path):
         load_config(Demo, tmp_path / "missing.yaml", env_prefix="DEMO", env={})
 
 
-def test_describe_lists_every_leaf():
+def test_describe_lists_every_leaf_with_its_comment():
     rows = describe_config(Demo, "DEMO")
-    assert ("server.address", "DEMO__SERVER__ADDRESS", "127.0.0.1:50051") in rows
-    assert len(rows) == 7
+    assert ("server.address", "DEMO__SERVER__ADDRESS", "127.0.0.1:50051", "where to connect") in rows
+    assert len(rows) == 7 and all(r[3] for r in rows)
+
+
+@pytest.mark.parametrize("side", ["edge", "cloud"])
+def test_example_configs_are_complete_and_load_to_the_defaults(side):
+    """edge/edge.yaml and cloud/cloud.yaml document every option (regenerate them with
+    latentcast.config.example_yaml when a field changes) and load to the defaults."""
+    import importlib
+    from pathlib import Path
+
+    from latentcast.config import example_yaml
+
+    mod = importlib.import_module(f"latentcast.{side}.config")
+    cls = {"edge": "EdgeConfig", "cloud": "CloudConfig"}[side]
+    path = Path(__file__).resolve().parent.parent / side / f"{side}.yaml"
+    text = path.read_text()
+    title = text.splitlines()[0].removeprefix("# ")
+    assert text == example_yaml(getattr(mod, cls), mod.ENV_PREFIX, title=title), f"regenerate {path.name}"
+    assert all(r[3] for r in describe_config(getattr(mod, cls), mod.ENV_PREFIX)), "a field has no comment"
+    assert load_config(getattr(mod, cls), path, env_prefix=mod.ENV_PREFIX, env={}) == getattr(mod, cls)()

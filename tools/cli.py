@@ -171,8 +171,8 @@ def cmd_release(a: argparse.Namespace) -> int:
 def _print_config(cls, prefix: str) -> int:
     from latentcast.config import describe_config
 
-    for key, var, default in describe_config(cls, prefix):
-        print(f"{key:34s} {var:52s} {default!r}")
+    for key, var, default, comment in describe_config(cls, prefix):
+        print(f"{key} = {default!r}   [{var}]\n    {comment}")
     return 0
 
 
