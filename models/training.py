@@ -151,15 +151,23 @@ class _Crops:
         """``space``: a pixel latent space that computes targets from the crop (no cached latents)."""
         self.space = space
         self.items = []
+        video: list[int] = []
         for p in sorted(cache.glob("*.npz")):
             if p.name.endswith(".tmp.npz"):
                 continue
             d = np.load(p)
             img, lat = d["image"], d["latent"]
             if img.shape[0] >= crop and img.shape[1] >= crop:
+                if p.name.startswith("vtest-"):
+                    video.append(len(self.items))
                 self.items.append((img, lat))
         if not self.items:
             raise FileNotFoundError(f"no cached training latents of size >= {crop} in {cache}")
+        # half the crops from the photos, half from the video frames: the video has many near-identical
+        # frames of one scene and would otherwise make up most of the data (build for cameras in general)
+        in_video = set(video)
+        photos = [i for i in range(len(self.items)) if i not in in_video]
+        self.groups = [g for g in (photos, video) if g]
         self.crop, self.f, self.rng = crop, factor, rng
         if space is None:
             lat_all = np.concatenate([l.reshape(l.shape[0], -1).astype(np.float32) for _, l in self.items[:64]], axis=1)
@@ -171,17 +179,21 @@ class _Crops:
         xs, ls = [], []
         c, f = self.crop, self.f
         for _ in range(n):
-            img, lat = self.items[self.rng.integers(len(self.items))]
+            group = self.groups[self.rng.integers(len(self.groups))]
+            img, lat = self.items[group[self.rng.integers(len(group))]]
             y0 = self.rng.integers(0, (img.shape[0] - c) // f + 1) * f
             x0 = self.rng.integers(0, (img.shape[1] - c) // f + 1) * f
-            xs.append(img[y0 : y0 + c, x0 : x0 + c])
+            flip = bool(self.rng.integers(2))  # horizontal flip (latents flip with the image)
+            crop_img = img[y0 : y0 + c, x0 : x0 + c]
+            xs.append(crop_img[:, ::-1] if flip else crop_img)
             if self.space is None:
-                ls.append(lat[:, y0 // f : (y0 + c) // f, x0 // f : (x0 + c) // f])
-        x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float() / 255
+                crop_lat = lat[:, y0 // f : (y0 + c) // f, x0 // f : (x0 + c) // f]
+                ls.append(crop_lat[:, :, ::-1] if flip else crop_lat)
+        x = torch.from_numpy(np.ascontiguousarray(np.stack(xs))).permute(0, 3, 1, 2).float() / 255
         if self.space is not None:
             with torch.no_grad():
                 return x, self.space.encode(x)
-        return x, torch.from_numpy(np.stack(ls).astype(np.float32))
+        return x, torch.from_numpy(np.ascontiguousarray(np.stack(ls)).astype(np.float32))
 
 
 def random_masks(n: int, rows: int, cols: int, rng: np.random.Generator, max_masked: float = 0.5) -> torch.Tensor:
