@@ -9,6 +9,7 @@
     latentcast train codec [--steps N ...]        (stage I + II, resumable; see models/training.py)
     latentcast release codec CHECKPOINT --out W.safetensors
     latentcast bench codec [--out results/codec_bench.json]
+    latentcast bench stream [--streams 1,4,16] [--seconds 20] [--out results/stream_bench.json]
     latentcast edge --config edge.yaml             (edge service; --describe lists every option)
     latentcast cloud --config cloud.yaml           (cloud service; --describe lists every option)
     latentcast demo [VIDEO]                        (both on loopback: live line, side-by-side video, summary)
@@ -231,8 +232,18 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
+    if a.what == "stream":
+        from latentcast.tools.bench_stream import main as bench_stream_main
+
+        if a.out is None:
+            a.out = "results/stream_bench.json"
+        return bench_stream_main(a)
     from latentcast.tools.bench_codec import main as bench_main
 
+    if a.out is None:
+        a.out = "results/codec_bench.json"
+    if a.threads is None:
+        a.threads = 2
     return bench_main(a)
 
 
@@ -322,13 +333,33 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--cloud-config", help="cloud YAML config (addresses and token are set by the demo)")
     m.set_defaults(func=cmd_demo)
 
-    b = sub.add_parser("bench", help="measure the codec (bpp, PSNR, speed) against JPEG/WebP")
-    b.add_argument("what", choices=["codec"])
+    b = sub.add_parser("bench", help="benchmarks: codec (bpp, PSNR, speed vs JPEG/WebP) or stream (N concurrent "
+                                     "streams, edge + cloud on loopback, vs JPEG over gRPC)")
+    b.add_argument("what", choices=["codec", "stream"])
     b.add_argument("--weights", help="codec weights; default: the shipped elic-lite")
-    b.add_argument("--kodak", type=int, default=24, help="number of Kodak images (default all 24)")
+    b.add_argument("--kodak", type=int, default=24, help="codec: number of Kodak images (default all 24)")
     b.add_argument("--bundle", help="edge bundle folder; default: the shipped one")
-    b.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    b.add_argument("--out", default="results/codec_bench.json", help="JSON result path")
+    b.add_argument("--threads", type=int, default=None,
+                   help="codec: torch threads (default 2). stream: torch, ONNX Runtime encoder and YOLOX threads on "
+                        "edge and cloud (default: leave the libraries' and configs' defaults)")
+    b.add_argument("--out", default=None,
+                   help="JSON result path, a .md table is written beside it (default results/codec_bench.json, "
+                        "results/stream_bench.json)")
+    b.add_argument("--streams", default="1,4,16",
+                   help="stream: concurrent camera streams per configuration, comma-separated (default 1,4,16)")
+    b.add_argument("--seconds", type=float, default=20.0,
+                   help="stream: duration of each (system, streams) configuration in seconds (default 20)")
+    b.add_argument("--warmup", type=float, default=2.0,
+                   help="stream: first seconds of each configuration not counted in rates and latency (default 2)")
+    b.add_argument("--pace", type=float, default=10.0,
+                   help="stream: frames per second per camera, realtime pacing (default 10)")
+    b.add_argument("--jpeg-quality", type=int, default=75,
+                   help="stream: JPEG quality of the JPEG-over-gRPC baseline (default 75)")
+    b.add_argument("--systems", default="latentcast,jpeg",
+                   help="stream: systems to run, comma-separated from latentcast,jpeg (default both)")
+    b.add_argument("--video", help="stream: video every camera reads (default vtest.avi in the shared folder)")
+    b.add_argument("--rate", type=int, help="stream: codec rate point of the edges (default: the edge config's, 2)")
+    b.add_argument("--labels", help="stream: task labels of the edges, e.g. person,car (default: the edge config's)")
     b.set_defaults(func=cmd_bench)
     return p
 

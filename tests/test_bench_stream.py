@@ -1,0 +1,93 @@
+"""``latentcast bench stream`` machinery, in a few seconds: the tiny codec and bundle, a trivial
+detector on the cloud, the baseline and the edge, 1 and 2 streams for 2 s each, both systems, on
+vtest at 10 fps. Checks the JSON's structure and that its numbers are sane (not their values)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("cv2")
+
+from latentcast.detector import Detection  # noqa: E402
+from latentcast.tools import bench_stream  # noqa: E402
+
+from .conftest import shared_or_skip  # noqa: E402
+
+
+class FakeDetector:
+    """One 'person' box per frame, no model."""
+
+    labels = ["person"]
+    nms_threshold = 0.45
+
+    def detect(self, rgb):
+        return [Detection(x0=100.0, y0=100.0, x1=160.0, y1=260.0, class_id=0, label="person", score=0.9)]
+
+
+def test_jpeg_encoder_and_wire_sizes():
+    import numpy as np
+
+    from latentcast.proto import latentcast_v1_pb2 as pb
+
+    rgb = np.zeros((48, 64, 3), np.uint8)
+    data = bench_stream.JpegEncoder(75).compress(rgb)
+    assert data[:2] == b"\xff\xd8"
+    w = bench_stream._Wire()
+    w.add_frame(pb.EdgeMessage(frame=pb.FramePacket(seq=3, capture_ts_us=10**15, packet=data)), len(data))
+    assert w.frames == 1 and w.message_bytes > len(data) and w.http2_est == 9
+    w.add_down(pb.CloudMessage(ack=pb.Ack(acked_seq=3, frames_received=4)))
+    assert w.down_count["ack"] == 1 and w.down_bytes["ack"] > 5
+
+
+async def test_bench_stream_smoke(tmp_path, tiny_codec, tiny_bundle):
+    video = shared_or_skip() / "data" / "video" / "vtest.avi"
+    out = tmp_path / "stream_bench.json"
+    lines: list[str] = []
+    result = await bench_stream.run_bench(
+        streams=[1, 2], seconds=2.0, warmup=0.5, pace=10.0, video=str(video), labels=["person"], threads=1,
+        codec=tiny_codec, bundle=tiny_bundle, detector=FakeDetector(), out=out, progress=lines.append)
+    saved = json.loads(out.read_text())
+    assert saved["results"] == json.loads(json.dumps(result["results"]))
+    assert out.with_suffix(".md").read_text().startswith("Streaming benchmark")
+    for key in ("command", "commit", "machine", "duration_s", "options", "setup", "definitions", "results",
+                "comparison"):
+        assert key in saved, key
+    assert saved["options"]["streams"] == [1, 2] and saved["options"]["pace_fps"] == 10.0
+    assert len(lines) == 2 * 4  # a start and an end line per configuration
+
+    rows = {(r["system"], r["streams"]): r for r in saved["results"]}
+    assert set(rows) == {("latentcast", 1), ("jpeg", 1), ("latentcast", 2), ("jpeg", 2)}
+    for (system, n), r in rows.items():
+        assert not r["errors"], r["errors"]
+        assert len(r["per_stream"]) == n
+        assert r["results_per_s"] > 0, (system, n)
+        lat = r["latency_ms"]
+        assert 0 < lat["p50"] <= lat["p99"] < 10_000, lat
+        fr = r["frames"]
+        assert fr["captured"] >= n * 10 and fr["sent"] > 0 and fr["results"] > 0
+        assert fr["captured"] >= fr["encoded"] >= fr["sent"]
+        assert set(fr["dropped"]) >= {"encoder_busy", "queue_policy"}
+        b = r["bytes_per_frame"]
+        assert fr["sent"] <= b["frames"] <= fr["sent"] + n and b["packet"] > 0  # + a write cut by the stop
+        assert b["overhead"] > bench_stream.GRPC_PREFIX_BYTES  # seq, capture time, tags: more than the prefix
+        assert b["grpc_message"] == pytest.approx(b["packet"] + b["overhead"], abs=0.2)
+        assert b["http2_data_headers_est"] >= 9 and b["session_headers"] == n
+        d = r["downstream"]
+        assert d["result"]["count"] == fr["results"] and d["result"]["mean_bytes"] > 0
+        assert d["ack"]["count"] > 0 and d["bytes_per_result"] > 0
+        for s in r["per_stream"]:
+            assert s["frames_captured"] > 0 and s["results_total"] > 0 and s["error"] is None
+            if s["results_in_window"]:
+                assert s["latency_ms_p50"] <= s["latency_ms_p99"]
+    lc, jp = rows[("latentcast", 1)], rows[("jpeg", 1)]
+    assert lc["bytes_per_frame"]["overhead_of_which_edge_boxes"] > 0  # the edge's grounding boxes ride along
+    assert jp["bytes_per_frame"]["overhead_of_which_edge_boxes"] == 0
+    assert lc["server"]["latentcast_cloud_frames_decoded_total"] > 0 and jp["server"]["frames_analysed"] > 0
+    comp = {c["streams"]: c for c in saved["comparison"]}
+    assert set(comp) == {1, 2}
+    for c in comp.values():
+        assert c["packet_bytes_ratio_latentcast_over_jpeg"] > 0 and c["wire_bytes_ratio_latentcast_over_jpeg"] > 0
+        assert c["results_per_s"]["latentcast"] > 0 and c["results_per_s"]["jpeg"] > 0

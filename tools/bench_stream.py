@@ -1,0 +1,982 @@
+"""Streaming benchmark: N concurrent cameras against one cloud on loopback, latentcast vs JPEG over gRPC.
+
+::
+
+    latentcast bench stream [--streams 1,4,16] [--seconds 20] [--pace 10] [--out results/stream_bench.json]
+
+For every N in ``--streams`` and every system, N edge streams (one :class:`EdgeApp` each, its own
+camera_id, reading vtest.avi at ``--pace`` fps, realtime: a busy edge drops the oldest frame) run
+for ``--seconds`` against ONE server on 127.0.0.1, in this process:
+
+- ``latentcast``: the real edge (grounding with YOLOX-nano every 5 frames, ONNX Runtime encoder,
+  ROI-only packets at the edge config's rate point) against the real :class:`CloudServer`
+  (``elic-lite`` decode + YOLOX-nano analytics, the cloud config's defaults).
+- ``jpeg``: the baseline. The same EdgeApp machinery (capture, pacing, send queue and drop policy,
+  EdgeClient with acks) with the encoder replaced by ``cv2.imencode`` of the whole frame (quality
+  ``--jpeg-quality``) and no grounding, against :class:`JpegBaselineServer`: the same proto messages
+  (FramePacket.packet carries the JPEG), ``cv2.imdecode`` + the SAME detector object in the same
+  number of worker threads, with the cloud's per-stream backpressure, global queue bound and drop
+  policy and its ack rule (every ``ack_every_frames`` frames or ``ack_interval_ms``).
+
+Measured per (system, N): results per second (total, per stream) over the window after
+``--warmup``; capture-to-result latency p50/p99 (edge clock: receive time in the EdgeApp's
+``on_result`` minus FrameAnalytics.capture_ts_us); edge counters per stream (captured, encoded,
+sent, dropped by reason, frame errors); bytes per frame up and down:
+
+- packet: the codec packet (or JPEG) bytes, mean over the frames written to the stream;
+- overhead: ``EdgeMessage(frame=FramePacket(...)).ByteSize() - len(packet)`` of the very message
+  the EdgeClient writes (seq, capture_ts_us, edge_boxes, tags and lengths) plus gRPC's 5-byte
+  length prefix. HTTP/2 DATA frame headers (9 bytes per DATA frame) come on top and are NOT in
+  ``overhead``; ``http2_data_headers_est`` estimates them as 9 bytes per started 16,384 bytes of
+  the length-prefixed message (the HTTP/2 default SETTINGS_MAX_FRAME_SIZE, one message per DATA
+  frame; gRPC may coalesce small messages or split at flow-control windows). HPACK headers (once
+  per RPC), TCP/IP and TLS are not counted;
+- downstream: every CloudMessage the edge reads after SessionAccepted (acks, FrameAnalytics,
+  FrameErrors) by kind, ``ByteSize() + 5``, and their total per result received.
+
+Edge and cloud share this machine and one event loop, so the latentcast edge's grounding and
+encoding compete with the cloud's decoding for the same cores (the JPEG edge is cheap): the
+numbers are an upper bound on what a cloud box alone would see for latentcast, not for JPEG.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import math
+import os
+import secrets
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "GRPC_PREFIX_BYTES",
+    "HTTP2_FRAME_HEADER_BYTES",
+    "SYSTEMS",
+    "JpegBaselineServer",
+    "JpegEncoder",
+    "NullGrounder",
+    "main",
+    "markdown",
+    "run_bench",
+]
+
+SYSTEMS = ("latentcast", "jpeg")
+GRPC_PREFIX_BYTES = 5  # gRPC length-prefixed message: 1 compressed flag + 4 length bytes
+HTTP2_FRAME_HEADER_BYTES = 9  # per HTTP/2 frame
+HTTP2_DEFAULT_MAX_FRAME = 16384  # HTTP/2 default SETTINGS_MAX_FRAME_SIZE
+_POLL_S = 0.005  # backpressure poll of the baseline (the cloud's value)
+_RUN_TIMEOUT_PAD_S = 60.0  # an edge run must end this long after its stop, else it is cancelled
+
+
+# ------------------------------------------------------------------------------------ baseline edge
+class JpegEncoder:
+    """Stands in for the EdgeEncoder in an EdgeApp: the whole frame as one JPEG (OpenCV/libjpeg)."""
+
+    n_rates = 1
+
+    def __init__(self, quality: int = 75):
+        if not 1 <= int(quality) <= 100:
+            raise ValueError(f"JPEG quality {quality!r} out of range 1..100")
+        self.quality = int(quality)
+        self.manifest = {"codec_id": 0}  # not an LCF codec; the baseline server does not check it
+        self.weights_hash = b"\0" * 8
+
+    def compress(self, rgb: np.ndarray, rois: Sequence[Any] = (), *, rate_point: int = 0, roi_only: bool = False,
+                 label_set_hash: bytes = b"\0\0\0\0") -> bytes:
+        import cv2
+
+        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, self.quality])
+        if not ok:
+            raise RuntimeError("OpenCV cannot encode JPEG")
+        return buf.tobytes()
+
+
+class NullGrounder:
+    """No grounding on the baseline edge: no ROIs, no edge boxes."""
+
+    def __init__(self, labels: Sequence[str]):
+        from latentcast.edge.grounding import Grounding
+
+        self.labels = list(labels)
+        self._g = Grounding(rois=[], boxes=[], detected=False)
+
+    def update(self, rgb: np.ndarray):
+        return self._g
+
+    def reset(self) -> None:
+        pass
+
+
+# ------------------------------------------------------------------------------------ wire counting
+def _http2_headers_est(message_bytes: int) -> int:
+    return HTTP2_FRAME_HEADER_BYTES * max(1, math.ceil((message_bytes + GRPC_PREFIX_BYTES) / HTTP2_DEFAULT_MAX_FRAME))
+
+
+@dataclass
+class _Wire:
+    """Bytes one edge stream put on and took off the gRPC stream (messages, not sockets)."""
+
+    frames: int = 0
+    packet_bytes: int = 0
+    message_bytes: int = 0  # sum of EdgeMessage(frame=...).ByteSize()
+    edge_boxes_bytes: int = 0  # of which the FramePacket.edge_boxes field (tags + lengths + boxes)
+    http2_est: int = 0
+    session_headers: int = 0
+    session_header_bytes: int = 0  # EdgeMessage(header=...) + prefix, once per connection
+    down_count: collections.Counter = field(default_factory=collections.Counter)
+    down_bytes: collections.Counter = field(default_factory=collections.Counter)  # ByteSize() + prefix, by kind
+
+    def add_frame(self, msg, packet_len: int) -> None:
+        from latentcast.proto import latentcast_v1_pb2 as pb
+
+        n = msg.ByteSize()
+        self.frames += 1
+        self.packet_bytes += packet_len
+        self.message_bytes += n
+        boxes = msg.frame.edge_boxes
+        if len(boxes):
+            self.edge_boxes_bytes += pb.FramePacket(edge_boxes=boxes).ByteSize()
+        self.http2_est += _http2_headers_est(n)
+
+    def add_down(self, msg) -> None:
+        kind = msg.WhichOneof("msg") or "empty"
+        self.down_count[kind] += 1
+        self.down_bytes[kind] += msg.ByteSize() + GRPC_PREFIX_BYTES
+
+
+class _CountingCall:
+    """Proxy of a grpc.aio stream call that counts the messages read through it."""
+
+    def __init__(self, call: Any, wire: _Wire):
+        self._call, self._wire = call, wire
+
+    async def read(self):
+        import grpc
+
+        msg = await self._call.read()
+        if msg is not grpc.aio.EOF:
+            self._wire.add_down(msg)
+        return msg
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._call, name)
+
+
+def _bench_edge_app_class():
+    from latentcast.edge.app import EdgeApp
+    from latentcast.proto import latentcast_v1_pb2 as pb
+
+    class BenchEdgeApp(EdgeApp):
+        """EdgeApp whose client counts the exact messages it writes and reads."""
+
+        def __init__(self, config, *, wire: _Wire, **kw):
+            super().__init__(config, **kw)
+            self.wire = wire
+
+        def _make_client(self, width: int, height: int):
+            client = super()._make_client(width, height)
+            wire = self.wire
+            frame_message, read_loop, connection = client._frame_message, client._read_loop, client._connection
+
+            def counted_frame_message(f):
+                msg = frame_message(f)
+                wire.add_frame(msg, len(f.packet))
+                return msg
+
+            async def counted_read_loop(call):
+                return await read_loop(_CountingCall(call, wire))
+
+            async def counted_connection(stop):
+                wire.session_headers += 1
+                wire.session_header_bytes += pb.EdgeMessage(header=client.session).ByteSize() + GRPC_PREFIX_BYTES
+                return await connection(stop)
+
+            client._frame_message = counted_frame_message
+            client._read_loop = counted_read_loop
+            client._connection = counted_connection
+            return client
+
+    return BenchEdgeApp
+
+
+class _Recorder:
+    """A stream's results as the edge receives them."""
+
+    def __init__(self) -> None:
+        self.results: list[tuple[float, float, float, float]] = []  # (monotonic, latency_ms, decode_ms, analytics_ms)
+
+    def on_result(self, r) -> None:
+        lat_ms = (time.time_ns() / 1e3 - r.capture_ts_us) / 1e3
+        self.results.append((time.monotonic(), lat_ms, float(r.decode_ms), float(r.analytics_ms)))
+
+
+# ------------------------------------------------------------------------------------ baseline cloud
+_HALF_CLOSED = object()
+_POKE = object()
+
+
+class _BaselineStream:
+    def __init__(self, *, loop: asyncio.AbstractEventLoop, ack_every: int, ack_interval_s: float, name: str):
+        self.loop, self.name = loop, name
+        self.out: asyncio.Queue = asyncio.Queue()
+        self.ack_every, self.ack_interval_s = ack_every, ack_interval_s
+        self.pending = 0
+        self.received = 0
+        self.last_seq: int | None = None
+        self.unacked = 0
+        self.first_unacked = 0.0
+        self.closed = False
+
+    def count_frame(self, seq: int) -> None:
+        self.received += 1
+        self.last_seq = seq
+        if self.unacked == 0:
+            self.first_unacked = time.monotonic()
+        self.unacked += 1
+        if self.unacked >= self.ack_every:
+            self.out.put_nowait(_POKE)
+
+    def ack_timeout(self) -> float | None:
+        if self.unacked == 0:
+            return None
+        return max(0.0, self.first_unacked + self.ack_interval_s - time.monotonic())
+
+    def take_ack(self, *, force: bool = False):
+        from latentcast.proto import latentcast_v1_pb2 as pb
+
+        if self.unacked == 0 or self.last_seq is None:
+            return None
+        due = self.unacked >= self.ack_every or time.monotonic() - self.first_unacked >= self.ack_interval_s
+        if not (force or due):
+            return None
+        self.unacked = 0
+        return pb.CloudMessage(ack=pb.Ack(acked_seq=self.last_seq, frames_received=self.received))
+
+    def deliver(self, msg) -> None:
+        """From a worker thread."""
+        try:
+            self.loop.call_soon_threadsafe(self._done, msg)
+        except RuntimeError:  # loop closed
+            pass
+
+    def _done(self, msg) -> None:
+        self.pending -= 1
+        if not self.closed:
+            self.out.put_nowait(msg)
+
+
+@dataclass
+class _Job:
+    stream: _BaselineStream
+    seq: int
+    capture_ts_us: int
+    data: bytes
+
+
+class _BaselinePool:
+    """JPEG decode + detector in worker threads, with the cloud pipeline's queue bound and drop policy."""
+
+    def __init__(self, *, detector: Any, workers: int, max_queued_total: int, drop_policy: str):
+        self.detector = detector
+        self.workers, self.max_queued_total, self.drop_policy = workers, max_queued_total, drop_policy
+        self._q: deque[_Job] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._threads: list[threading.Thread] = []
+        self.analysed = 0
+        self.dropped = 0
+        self.failed = 0
+
+    def start(self) -> None:
+        for i in range(self.workers):
+            t = threading.Thread(target=self._worker, name=f"jpeg-baseline-worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._q.clear()
+            self._cond.notify_all()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        self._threads.clear()
+
+    def submit(self, job: _Job) -> list[_Job]:
+        """Queue ``job``; returns the jobs dropped for it (the oldest queued, or ``job`` itself)."""
+        with self._cond:
+            if self._stopping:
+                return [job]
+            dropped: list[_Job] = []
+            if len(self._q) >= self.max_queued_total:
+                if self.drop_policy == "drop_oldest":
+                    dropped.append(self._q.popleft())
+                else:
+                    self.dropped += 1
+                    return [job]
+            self._q.append(job)
+            self._cond.notify()
+            self.dropped += len(dropped)
+            return dropped
+
+    def _worker(self) -> None:
+        while True:
+            with self._cond:
+                while not self._q and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                job = self._q.popleft()
+            job.stream.deliver(self._process(job))
+
+    def _process(self, job: _Job):
+        import cv2
+        from latentcast.cloud.sinks import to_proto_boxes
+        from latentcast.proto import latentcast_v1_pb2 as pb
+
+        t0 = time.monotonic()
+        try:
+            bgr = cv2.imdecode(np.frombuffer(job.data, np.uint8), cv2.IMREAD_COLOR)
+            if bgr is None:
+                raise ValueError("not a JPEG")
+            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            t1 = time.monotonic()
+            dets = list(self.detector.detect(rgb))
+            t2 = time.monotonic()
+        except Exception as exc:  # noqa: BLE001 - this frame's failure, reported to the edge
+            self.failed += 1
+            return pb.CloudMessage(error=pb.FrameError(seq=job.seq, code="decode_failed", message=str(exc)[:200]))
+        self.analysed += 1
+        h, w = rgb.shape[:2]
+        return pb.CloudMessage(result=pb.FrameAnalytics(
+            seq=job.seq, capture_ts_us=job.capture_ts_us, boxes=to_proto_boxes(dets), decode_ms=(t1 - t0) * 1e3,
+            analytics_ms=(t2 - t1) * 1e3, packet_bytes=len(job.data), bpp=len(job.data) * 8.0 / (w * h)))
+
+
+class JpegBaselineServer:
+    """A minimal Latentcast ``Stream`` servicer for JPEG frames: SessionHeader -> SessionAccepted,
+    each FramePacket's JPEG decoded and analysed in ``pipeline.workers`` threads, FrameAnalytics
+    back in completion order, cumulative acks by the cloud's rule. No resume, no dedupe, no
+    Subscribe. Listens on 127.0.0.1 with the cloud's channel options and bearer-token check."""
+
+    def __init__(self, config, *, detector: Any):
+        self.config = config
+        self.detector = detector
+        p = config.pipeline
+        self.pool = _BaselinePool(detector=detector, workers=p.workers, max_queued_total=p.max_queued_total,
+                                  drop_policy=p.drop_policy)
+        self._server = None
+        self.frames_received = 0
+        self.streams = 0
+
+    async def start(self) -> int:
+        import grpc
+        from latentcast.cloud.auth import BearerTokenInterceptor
+        from latentcast.cloud.server import grpc_server_options
+        from latentcast.proto import latentcast_v1_pb2_grpc as pb_grpc
+
+        s = self.config.server
+        interceptors = [BearerTokenInterceptor(tokens=s.tokens)] if s.tokens else []
+        self._server = grpc.aio.server(interceptors=interceptors, options=grpc_server_options(self.config),
+                                       maximum_concurrent_rpcs=s.max_concurrent_rpcs)
+        pb_grpc.add_LatentcastServicer_to_server(_BaselineServicer(self), self._server)
+        port = self._server.add_insecure_port(f"127.0.0.1:{s.port}")
+        if port == 0:
+            raise OSError(f"cannot bind 127.0.0.1:{s.port}")
+        self.pool.start()
+        await self._server.start()
+        return port
+
+    async def stop(self, grace: float = 2.0) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+        await asyncio.to_thread(self.pool.stop, max(1.0, grace))
+
+    def counters(self) -> dict[str, Any]:
+        return {"streams": self.streams, "frames_received": self.frames_received,
+                "frames_analysed": self.pool.analysed, "frames_dropped_cloud_overloaded": self.pool.dropped,
+                "frames_failed": self.pool.failed}
+
+
+def _baseline_servicer_base():
+    from latentcast.proto import latentcast_v1_pb2_grpc as pb_grpc
+
+    return pb_grpc.LatentcastServicer
+
+
+class _BaselineServicer(_baseline_servicer_base()):
+    def __init__(self, srv: JpegBaselineServer):
+        self._srv = srv
+
+    async def Stream(self, request_iterator, context):
+        import grpc
+        from latentcast.proto import latentcast_v1_pb2 as pb
+
+        srv = self._srv
+        cfg = srv.config
+        it = request_iterator.__aiter__()
+        try:
+            first = await it.__anext__()
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("msg") != "header":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a SessionHeader")
+        srv.streams += 1
+        st = _BaselineStream(loop=asyncio.get_running_loop(), ack_every=cfg.server.ack_every_frames,
+                             ack_interval_s=cfg.server.ack_interval_ms / 1000.0, name=first.header.camera_id)
+        yield pb.CloudMessage(accepted=pb.SessionAccepted(session_id=f"jpeg-{srv.streams}", next_seq=0))
+        reader = asyncio.create_task(self._read(st, it), name=f"jpeg-baseline-read-{st.name}")
+        finishing = False
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(st.out.get(), st.ack_timeout())
+                except TimeoutError:
+                    item = None
+                if item is _HALF_CLOSED:
+                    finishing = True
+                elif item is not None and item is not _POKE:
+                    yield item
+                ack = st.take_ack()
+                if ack is not None:
+                    yield ack
+                if finishing and st.pending <= 0 and st.out.empty():
+                    ack = st.take_ack(force=True)
+                    if ack is not None:
+                        yield ack
+                    return
+        finally:
+            st.closed = True
+            if not reader.done():
+                reader.cancel()
+
+    async def _read(self, st: _BaselineStream, it) -> None:
+        import grpc
+        from latentcast.proto import latentcast_v1_pb2 as pb
+
+        srv = self._srv
+        limit = srv.config.pipeline.max_queued_per_session
+        backpressure = srv.config.pipeline.backpressure
+        try:
+            async for msg in it:
+                if msg.WhichOneof("msg") != "frame":
+                    continue
+                f = msg.frame
+                if backpressure:  # the cloud's rule: stop reading while this stream fills the pool
+                    while st.pending >= limit and not st.closed:
+                        await asyncio.sleep(_POLL_S)
+                srv.frames_received += 1
+                st.count_frame(int(f.seq))
+                st.pending += 1
+                for d in srv.pool.submit(_Job(stream=st, seq=int(f.seq), capture_ts_us=int(f.capture_ts_us),
+                                              data=bytes(f.packet))):
+                    d.stream.deliver(pb.CloudMessage(error=pb.FrameError(
+                        seq=d.seq, code="cloud_overloaded", message="the baseline's queue is full; dropped")))
+            st.out.put_nowait(_HALF_CLOSED)
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AioRpcError:
+            st.out.put_nowait(_HALF_CLOSED)
+
+
+# ------------------------------------------------------------------------------------ statistics
+def _pct(v: Sequence[float], q: float) -> float | None:
+    return float(np.percentile(np.asarray(v, dtype=np.float64), q)) if len(v) else None
+
+
+def _mean(v: Sequence[float]) -> float | None:
+    return float(np.mean(v)) if len(v) else None
+
+
+def _r(v: float | None, nd: int = 2) -> float | None:
+    return None if v is None else round(float(v), nd)
+
+
+def _wire_summary(wires: Sequence[_Wire], results_total: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    frames = sum(w.frames for w in wires)
+    pk = sum(w.packet_bytes for w in wires)
+    msg = sum(w.message_bytes for w in wires)
+    boxes = sum(w.edge_boxes_bytes for w in wires)
+    h2 = sum(w.http2_est for w in wires)
+    up: dict[str, Any] = {"frames": frames}
+    if frames:
+        packet = pk / frames
+        grpc_msg = msg / frames + GRPC_PREFIX_BYTES
+        up.update({
+            "packet": _r(packet, 1),
+            "grpc_message": _r(grpc_msg, 1),  # EdgeMessage.ByteSize() + 5-byte gRPC prefix
+            "overhead": _r(grpc_msg - packet, 2),  # protobuf fields/tags/lengths + gRPC prefix, no HTTP/2
+            "overhead_of_which_edge_boxes": _r(boxes / frames, 2),
+            "overhead_of_which_grpc_prefix": GRPC_PREFIX_BYTES,
+            "http2_data_headers_est": _r(h2 / frames, 2),
+            "overhead_incl_http2_est": _r(grpc_msg - packet + h2 / frames, 2),
+            "overhead_pct_of_packet": _r(100.0 * (grpc_msg - packet) / packet, 3) if packet else None,
+        })
+    up["session_header_bytes"] = sum(w.session_header_bytes for w in wires)
+    up["session_headers"] = sum(w.session_headers for w in wires)
+    count: collections.Counter = collections.Counter()
+    byts: collections.Counter = collections.Counter()
+    for w in wires:
+        count.update(w.down_count)
+        byts.update(w.down_bytes)
+    down: dict[str, Any] = {"total_bytes": int(sum(byts.values())),
+                            "bytes_per_result": _r(sum(byts.values()) / results_total, 1) if results_total else None}
+    for kind in ("result", "ack", "error"):
+        down[kind] = {"count": int(count[kind]), "mean_bytes": _r(byts[kind] / count[kind], 1) if count[kind] else None,
+                      "bytes_per_result": _r(byts[kind] / results_total, 2) if results_total else None}
+    down["acks_per_result"] = _r(count["ack"] / results_total, 3) if results_total else None
+    return up, down
+
+
+def _summarise(system: str, n: int, *, recs: Sequence[_Recorder], wires: Sequence[_Wire],
+               stats: Sequence[dict | None], errors: Sequence[str | None], camera_ids: Sequence[str],
+               t_start: float, t_stop: float, warmup: float, server_counters: dict[str, Any]) -> dict[str, Any]:
+    w0 = t_start + warmup
+    window = max(1e-9, t_stop - w0)
+    per_stream = []
+    lat_all: list[float] = []
+    dec_all: list[float] = []
+    ana_all: list[float] = []
+    for i, rec in enumerate(recs):
+        rs = [r for r in rec.results if w0 <= r[0] <= t_stop]
+        lat = [r[1] for r in rs]
+        lat_all += lat
+        dec_all += [r[2] for r in rs]
+        ana_all += [r[3] for r in rs]
+        s = stats[i] or {}
+        per_stream.append({
+            "camera_id": camera_ids[i],
+            "results_in_window": len(rs),
+            "results_per_s": _r(len(rs) / window, 3),
+            "latency_ms_p50": _r(_pct(lat, 50), 1),
+            "latency_ms_p99": _r(_pct(lat, 99), 1),
+            "results_total": len(rec.results),
+            "elapsed_s": s.get("elapsed_s"),
+            "frames_captured": s.get("frames_captured"),
+            "frames_encoded": s.get("frames_encoded"),
+            "frames_sent": s.get("frames_sent"),
+            "frames_acked": s.get("frames_acked"),
+            "dropped": s.get("dropped"),
+            "frame_errors": s.get("frame_errors"),
+            "encode_ms_mean": _r(s.get("encode_ms_mean"), 2),
+            "ground_ms_mean": _r(s.get("ground_ms_mean"), 2),
+            "rois_per_frame": _r(s.get("rois_per_frame"), 2),
+            "bpp": _r(s.get("bpp"), 5),
+            "reconnects": s.get("reconnects"),
+            "error": errors[i],
+        })
+    total = len(lat_all)
+    up, down = _wire_summary(wires, sum(len(r.results) for r in recs))
+    dropped: collections.Counter = collections.Counter()
+    frame_errors: collections.Counter = collections.Counter()
+    for p in per_stream:
+        dropped.update(p["dropped"] or {})
+        frame_errors.update(p["frame_errors"] or {})
+
+    def tot(key: str) -> int:
+        return int(sum(p[key] or 0 for p in per_stream))
+
+    per_s = [p["results_per_s"] for p in per_stream]
+    return {
+        "system": system,
+        "streams": n,
+        "run_s": _r(t_stop - t_start, 2),
+        "window_s": _r(window, 2),
+        "results_per_s": _r(total / window, 3),
+        "results_per_s_per_stream": {"mean": _r(total / window / n, 3), "min": _r(min(per_s), 3),
+                                     "max": _r(max(per_s), 3)},
+        "latency_ms": {"p50": _r(_pct(lat_all, 50), 1), "p99": _r(_pct(lat_all, 99), 1),
+                       "mean": _r(_mean(lat_all), 1), "max": _r(max(lat_all) if lat_all else None, 1),
+                       "results": total},
+        "cloud_ms_mean": {"decode": _r(_mean(dec_all), 2), "analytics": _r(_mean(ana_all), 2)},
+        "frames": {"captured": tot("frames_captured"), "encoded": tot("frames_encoded"), "sent": tot("frames_sent"),
+                   "results": int(sum(len(r.results) for r in recs)), "dropped": dict(dropped),
+                   "frame_errors": dict(frame_errors)},
+        "bytes_per_frame": up,
+        "downstream": down,
+        "server": server_counters,
+        "errors": [e for e in errors if e],
+        "per_stream": per_stream,
+    }
+
+
+def _compare(by: dict[tuple[str, int], dict[str, Any]], streams: Sequence[int]) -> list[dict[str, Any]]:
+    out = []
+    for n in streams:
+        lc, jp = by.get(("latentcast", n)), by.get(("jpeg", n))
+        if lc is None or jp is None:
+            continue
+
+        def ratio(a, b):
+            return _r(a / b, 4) if a is not None and b else None
+
+        lb, jb = lc["bytes_per_frame"], jp["bytes_per_frame"]
+        out.append({
+            "streams": n,
+            "packet_bytes_ratio_latentcast_over_jpeg": ratio(lb.get("packet"), jb.get("packet")),
+            "wire_bytes_ratio_latentcast_over_jpeg": ratio(lb.get("grpc_message"), jb.get("grpc_message")),
+            "packet_bytes": {"latentcast": lb.get("packet"), "jpeg": jb.get("packet")},
+            "wire_bytes_per_frame": {"latentcast": lb.get("grpc_message"), "jpeg": jb.get("grpc_message")},
+            "results_per_s": {"latentcast": lc["results_per_s"], "jpeg": jp["results_per_s"]},
+            "results_per_s_ratio_latentcast_over_jpeg": ratio(lc["results_per_s"], jp["results_per_s"]),
+            "latency_ms_p50": {"latentcast": lc["latency_ms"]["p50"], "jpeg": jp["latency_ms"]["p50"]},
+            "latency_ms_p99": {"latentcast": lc["latency_ms"]["p99"], "jpeg": jp["latency_ms"]["p99"]},
+            "downstream_bytes_per_result": {"latentcast": lc["downstream"]["bytes_per_result"],
+                                            "jpeg": jp["downstream"]["bytes_per_result"]},
+        })
+    return out
+
+
+# ------------------------------------------------------------------------------------ the run
+@dataclass
+class _Ctx:
+    video: str
+    pace: float
+    seconds: float
+    warmup: float
+    jpeg_quality: int
+    rate_point: int | None
+    labels: list[str] | None
+    threads: int | None
+    bundle: str | None
+    codec: Any
+    detector: Any  # the cloud's (and the baseline's) detector
+    edge_detector: Any  # an override for the edge grounding (tests), else one YOLOX per stream
+    edge_pool: list[tuple[Any, Any]] = field(default_factory=list)  # (EdgeEncoder, YOLOX) per stream index
+
+
+def _cloud_config(token: str, threads: int | None):
+    from latentcast.cloud.config import CloudConfig
+
+    cfg = CloudConfig()
+    s = cfg.server
+    s.host = s.maintenance_host = s.metrics_host = "127.0.0.1"
+    s.port, s.maintenance_port, s.metrics_port = 0, -1, -1
+    s.tokens, s.grace_s = [token], 2.0
+    if threads:
+        cfg.pipeline.torch_threads = threads
+        cfg.analytics.threads = threads
+    return cfg
+
+
+def _edge_config(ctx: _Ctx, system: str, camera_id: str, port: int, token: str):
+    from latentcast.edge.config import EdgeConfig
+
+    cfg = EdgeConfig(camera_id=camera_id)
+    cfg.source.uri, cfg.source.pace, cfg.source.fps, cfg.source.loop = ctx.video, "realtime", float(ctx.pace), True
+    if ctx.labels:
+        cfg.grounding.labels = list(ctx.labels)
+    if ctx.bundle:
+        cfg.codec.bundle = str(ctx.bundle)
+    if ctx.rate_point is not None:
+        cfg.codec.rate_point = ctx.rate_point
+    if system == "jpeg":
+        cfg.codec.rate_point = 0
+    if ctx.threads:
+        cfg.codec.threads = cfg.grounding.threads = ctx.threads
+    s = cfg.server
+    s.target, s.token, s.tls = f"127.0.0.1:{port}", token, False
+    s.backoff_initial_s, s.backoff_max_s, s.max_reconnect_attempts = 0.1, 1.0, 5  # a dead server ends the run
+    return cfg
+
+
+def _edge_parts(ctx: _Ctx, cfg, n: int) -> None:
+    """Make sure the first ``n`` streams have an encoder and an edge detector (loaded once, reused)."""
+    from latentcast.edge.encoder import EdgeEncoder
+
+    while len(ctx.edge_pool) < n:
+        enc = EdgeEncoder(bundle=cfg.codec.bundle or None, threads=cfg.codec.threads)
+        if enc.weights_hash != ctx.codec.weights_hash:
+            raise ValueError(f"the edge bundle {enc.bundle} was exported from other weights than the cloud's codec "
+                             f"({enc.weights_hash.hex()} vs {ctx.codec.weights_hash.hex()}); run "
+                             "`latentcast export edge`")
+        if ctx.edge_detector is not None:
+            det = ctx.edge_detector
+        else:
+            from latentcast.detector import YoloxDetector
+
+            g = cfg.grounding
+            det = YoloxDetector(model_path=g.model or None, labels_path=g.labels_file or None,
+                                score_threshold=g.score_threshold, nms_threshold=g.nms_threshold, threads=g.threads)
+        ctx.edge_pool.append((enc, det))
+
+
+async def _run_config(ctx: _Ctx, system: str, n: int, progress: Callable[[str], None]) -> dict[str, Any]:
+    from latentcast.cloud.server import CloudServer
+    from latentcast.edge.grounding import Grounder
+    from latentcast.tools.demo import _cloud_counters
+
+    token = secrets.token_hex(16)
+    ccfg = _cloud_config(token, ctx.threads)
+    if system == "latentcast":
+        server: Any = CloudServer(ccfg, codec=ctx.codec, detector=ctx.detector)
+        port, _, _ = await server.start()
+        await server.wait_ready(timeout=300)
+    else:
+        server = JpegBaselineServer(ccfg, detector=ctx.detector)
+        port = await server.start()
+    BenchEdgeApp = _bench_edge_app_class()
+    camera_ids = [f"bench-{system}-n{n}-{i}" for i in range(n)]
+    recs = [_Recorder() for _ in range(n)]
+    wires = [_Wire() for _ in range(n)]
+    apps = []
+    for i in range(n):
+        ecfg = _edge_config(ctx, system, camera_ids[i], port, token)
+        if system == "latentcast":
+            await asyncio.to_thread(_edge_parts, ctx, ecfg, i + 1)
+            enc, det = ctx.edge_pool[i]
+            g = ecfg.grounding
+            grounder: Any = Grounder(labels=g.labels, detector=det, every=g.every, max_missed=g.max_missed,
+                                     margin=g.margin, motion=g.motion)
+        else:
+            enc, grounder = JpegEncoder(ctx.jpeg_quality), NullGrounder(ecfg.grounding.labels)
+        apps.append(BenchEdgeApp(ecfg, wire=wires[i], on_result=recs[i].on_result, encoder=enc, grounder=grounder))
+
+    stop = asyncio.Event()
+
+    async def run_one(i: int, app) -> dict:
+        await asyncio.sleep(i / (n * ctx.pace))  # cameras are not in lockstep: spread over one frame period
+        return await app.run(stop=stop)
+
+    progress(f"[{system} x{n}] streaming for {ctx.seconds:g} s ...")
+    t_start = time.monotonic()
+    tasks = [asyncio.create_task(run_one(i, a), name=f"bench-{camera_ids[i]}") for i, a in enumerate(apps)]
+    stats: list[dict | None] = [None] * n
+    errors: list[str | None] = [None] * n
+    try:
+        await asyncio.wait(tasks, timeout=ctx.seconds, return_when=asyncio.FIRST_EXCEPTION)
+        t_stop = time.monotonic()
+        stop.set()
+        _, pending = await asyncio.wait(tasks, timeout=_RUN_TIMEOUT_PAD_S)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for i, t in enumerate(tasks):
+            if t.cancelled():
+                errors[i] = "did not stop in time (cancelled)"
+            elif t.exception() is not None:
+                errors[i] = f"{type(t.exception()).__name__}: {t.exception()}"
+            else:
+                stats[i] = {k: v for k, v in t.result().items() if k != "last_results"}
+            if stats[i] is None:
+                stats[i] = {k: v for k, v in apps[i].stats().items() if k != "last_results"}
+        counters = _cloud_counters(server) if system == "latentcast" else server.counters()
+    finally:
+        stop.set()
+        await server.stop(grace=1.0)
+    row = _summarise(system, n, recs=recs, wires=wires, stats=stats, errors=errors, camera_ids=camera_ids,
+                     t_start=t_start, t_stop=t_stop, warmup=ctx.warmup, server_counters=counters)
+    b = row["bytes_per_frame"]
+    progress(f"[{system} x{n}] {row['results_per_s']:.2f} results/s ({row['results_per_s_per_stream']['mean']:.2f} "
+             f"per stream), latency p50 {row['latency_ms']['p50']} ms p99 {row['latency_ms']['p99']} ms, "
+             f"{b.get('packet')} B/frame + {b.get('overhead')} B overhead, dropped {row['frames']['dropped']}"
+             + (f", errors {row['errors']}" if row["errors"] else ""))
+    return row
+
+
+async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.0, warmup: float = 2.0,
+                    pace: float = 10.0, systems: Sequence[str] = SYSTEMS, jpeg_quality: int = 75,
+                    video: str | None = None, rate_point: int | None = None, labels: Sequence[str] | None = None,
+                    threads: int | None = None, weights: str | None = None, bundle: str | os.PathLike | None = None,
+                    codec: Any = None, detector: Any = None, edge_detector: Any = None,
+                    out: str | os.PathLike | None = None, command: str = "latentcast bench stream",
+                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run every (system, N) configuration; returns the result (also written to ``out`` + ``.md``).
+
+    ``codec`` (a LatentCodec), ``bundle`` (its edge bundle) and ``detector`` (cloud and baseline
+    analytics; also the edge grounding's unless ``edge_detector`` is given) override the shipped
+    ``elic-lite`` and YOLOX-nano (tests inject tiny ones)."""
+    from latentcast.tools.bench_codec import _commit, _machine
+
+    progress = progress or (lambda s: print(s, flush=True))
+    streams = [int(s) for s in streams]
+    if not streams or any(s < 1 for s in streams):
+        raise ValueError(f"streams {streams!r} must be integers >= 1")
+    systems = list(systems)
+    if not systems or any(s not in SYSTEMS for s in systems):
+        raise ValueError(f"systems {systems!r} must be among {', '.join(SYSTEMS)}")
+    if not seconds > 0 or not 0 <= warmup < seconds:
+        raise ValueError(f"need seconds > 0 and 0 <= warmup < seconds (got {seconds}, {warmup})")
+    if not 0 < pace <= 100:
+        raise ValueError(f"pace {pace!r} must be in (0, 100] frames per second")
+    if not 1 <= jpeg_quality <= 100:
+        raise ValueError(f"jpeg_quality {jpeg_quality!r} out of range 1..100")
+    if threads is not None and threads < 0:
+        raise ValueError(f"threads {threads!r} must be >= 0 (0 = the libraries' defaults)")
+    if video is None:
+        from latentcast.shared import shared_path
+
+        video = str(shared_path("data", "video", "vtest.avi"))
+    if not Path(video).is_file():
+        raise FileNotFoundError(f"video {video} not found")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    t0 = time.monotonic()
+    load_before = os.getloadavg()
+    if edge_detector is None and detector is not None:
+        edge_detector = detector  # an injected cloud detector is also the edge's (tests); else YOLOX per stream
+    if codec is None:
+        from latentcast.models.codec import LatentCodec
+
+        codec = await asyncio.to_thread(LatentCodec.load, weights or "elic-lite")
+    if detector is None:
+        from latentcast.cloud.analytics import make_detector
+
+        detector = await asyncio.to_thread(make_detector, _cloud_config("x", threads).analytics)
+    ctx = _Ctx(video=str(video), pace=float(pace), seconds=float(seconds), warmup=float(warmup),
+               jpeg_quality=int(jpeg_quality), rate_point=rate_point, labels=list(labels) if labels else None,
+               threads=threads, bundle=str(bundle) if bundle else None, codec=codec, detector=detector,
+               edge_detector=edge_detector)
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    for n in streams:
+        for system in systems:
+            rows[(system, n)] = await _run_config(ctx, system, n, progress)
+    ecfg = _edge_config(ctx, "latentcast", "x", 0, "x")
+    ccfg = _cloud_config("x", threads)
+    result = {
+        "command": command,
+        "commit": _commit(),
+        "machine": _machine() | {"loadavg_before": [round(v, 2) for v in load_before],
+                                 "loadavg_after": [round(v, 2) for v in os.getloadavg()]},
+        "duration_s": round(time.monotonic() - t0, 1),
+        "options": {"streams": streams, "systems": systems, "seconds": seconds, "warmup_s": warmup,
+                    "pace_fps": pace, "jpeg_quality": jpeg_quality, "threads": threads, "video": str(video),
+                    "weights": weights, "bundle": ctx.bundle},
+        "setup": {
+            "codec": {"name": getattr(codec, "codec_name", "?"), "weights_hash": codec.weights_hash.hex(),
+                      "latent_space": getattr(codec, "latent_space_spec", None)},
+            "cloud_detector": type(getattr(detector, "inner", detector)).__name__,
+            "edge_grounding": ("injected " + type(ctx.edge_detector).__name__) if ctx.edge_detector is not None
+            else "YOLOX-nano per stream",
+            "edge": {"labels": ecfg.grounding.labels, "every": ecfg.grounding.every,
+                     "rate_point": ecfg.codec.rate_point, "roi_only": ecfg.codec.roi_only, "queue_size": ecfg.sender.queue_size,
+                     "policy": ecfg.sender.policy, "frame_queue": ecfg.source.frame_queue,
+                     "encoder_threads": ecfg.codec.threads, "grounding_threads": ecfg.grounding.threads},
+            "cloud": {"workers": ccfg.pipeline.workers, "max_batch": ccfg.pipeline.max_batch,
+                      "max_queued_per_session": ccfg.pipeline.max_queued_per_session,
+                      "max_queued_total": ccfg.pipeline.max_queued_total, "drop_policy": ccfg.pipeline.drop_policy,
+                      "backpressure": ccfg.pipeline.backpressure, "torch_threads": ccfg.pipeline.torch_threads,
+                      "analytics_threads": ccfg.analytics.threads, "ack_every_frames": ccfg.server.ack_every_frames,
+                      "ack_interval_ms": ccfg.server.ack_interval_ms},
+            "jpeg_baseline": "EdgeApp with cv2.imencode(quality) of the whole frame, no grounding -> "
+                             "JpegBaselineServer: cv2.imdecode + the same detector object, same worker count, "
+                             "same per-stream backpressure, queue bound, drop policy and ack rule",
+        },
+        "definitions": {
+            "results_per_s": "FrameAnalytics received by the edges within the window [start + warmup, stop], "
+                             "divided by its length",
+            "latency_ms": "edge receive time (on_result) minus FrameAnalytics.capture_ts_us, results in the window",
+            "frames": "edge counters over the whole run (captured at --pace, encoded, sent, dropped by reason)",
+            "bytes_per_frame.frames": "EdgeMessages the EdgeClient built to write (frames_sent, plus at most one per "
+                                      "stream whose write the stop cut short)",
+            "bytes_per_frame.packet": "mean codec packet (or JPEG) bytes of the frames written to the stream",
+            "bytes_per_frame.grpc_message": "EdgeMessage(frame=FramePacket(...)).ByteSize() of the message written, "
+                                            "+ 5 bytes gRPC length prefix",
+            "bytes_per_frame.overhead": "grpc_message - packet (protobuf fields incl. edge_boxes, tags, lengths, "
+                                        "gRPC prefix). HTTP/2 frame headers NOT included",
+            "bytes_per_frame.http2_data_headers_est": "9 bytes per started 16384 bytes of the prefixed message "
+                                                      "(HTTP/2 default max frame size, one message per DATA frame); "
+                                                      "an estimate, not counted in overhead",
+            "downstream": "CloudMessages read by the edge after SessionAccepted (acks, results, errors), "
+                          "ByteSize() + 5 each; bytes_per_result = all of them / results received",
+            "not_counted": "HPACK headers (once per RPC), SessionAccepted, HTTP/2 control frames, TCP/IP",
+            "shared_machine": "edge and cloud run in one process on one machine (one asyncio loop): the latentcast "
+                              "edge's grounding and encoding compete with the cloud for the same cores",
+        },
+        "results": list(rows.values()),
+        "comparison": _compare(rows, streams),
+    }
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        out.with_suffix(".md").write_text(markdown(result))
+    return result
+
+
+def _f(v, fmt: str) -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The benchmark as markdown tables."""
+    o = result["options"]
+    m = result["machine"]
+    title = (f"Streaming benchmark, commit {result['commit'][:10]}, {m.get('cpu', '?')} ({m.get('cpus')} CPUs, "
+             f"load {m.get('loadavg_before')}); {o['seconds']:g} s per configuration (first {o['warmup_s']:g} s not "
+             f"counted), {o['pace_fps']:g} fps per camera, codec {result['setup']['codec']['name']}, "
+             f"JPEG quality {o['jpeg_quality']}.")
+    cols = ["system", "streams", "results/s", "per stream", "latency p50 ms", "p99 ms", "packet B/frame",
+            "overhead B/frame", "+ HTTP/2 est.", "downstream B/result", "captured", "sent", "dropped",
+            "cloud decode / analytics ms"]
+    lines = [title, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in result["results"]:
+        b, d, fr = r["bytes_per_frame"], r["downstream"], r["frames"]
+        drop = ", ".join(f"{k} {v}" for k, v in sorted(fr["dropped"].items()) if v) or "0"
+        errs = sum(fr["frame_errors"].values()) if fr["frame_errors"] else 0
+        if errs:
+            drop += f"; frame errors {errs}"
+        lines.append(
+            f"| {r['system']} | {r['streams']} | {_f(r['results_per_s'], '.2f')} | "
+            f"{_f(r['results_per_s_per_stream']['mean'], '.2f')} | {_f(r['latency_ms']['p50'], '.0f')} | "
+            f"{_f(r['latency_ms']['p99'], '.0f')} | {_f(b.get('packet'), '.0f')} | {_f(b.get('overhead'), '.1f')} | "
+            f"{_f(b.get('http2_data_headers_est'), '.1f')} | {_f(d['bytes_per_result'], '.1f')} | {fr['captured']} | "
+            f"{fr['sent']} | {drop} | {_f(r['cloud_ms_mean']['decode'], '.1f')} / "
+            f"{_f(r['cloud_ms_mean']['analytics'], '.1f')} |")
+    if result["comparison"]:
+        cols = ["streams", "packet bytes latentcast/JPEG", "wire bytes latentcast/JPEG",
+                "results/s latentcast vs JPEG", "latency p50 ms latentcast vs JPEG", "p99 ms latentcast vs JPEG"]
+        lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for c in result["comparison"]:
+            lines.append(
+                f"| {c['streams']} | {_f(c['packet_bytes_ratio_latentcast_over_jpeg'], '.3f')} | "
+                f"{_f(c['wire_bytes_ratio_latentcast_over_jpeg'], '.3f')} | "
+                f"{_f(c['results_per_s']['latentcast'], '.2f')} vs {_f(c['results_per_s']['jpeg'], '.2f')} | "
+                f"{_f(c['latency_ms_p50']['latentcast'], '.0f')} vs {_f(c['latency_ms_p50']['jpeg'], '.0f')} | "
+                f"{_f(c['latency_ms_p99']['latentcast'], '.0f')} vs {_f(c['latency_ms_p99']['jpeg'], '.0f')} |")
+    lines += ["", ("Overhead = protobuf EdgeMessage bytes beyond the packet + 5-byte gRPC prefix; HTTP/2 DATA "
+                   "frame headers (9 B each) are not in it (estimate in its own column). Edge and cloud share the "
+                   "machine.")]
+    return "\n".join(lines) + "\n"
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        v = [int(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"--streams {text!r}: expected comma-separated integers, e.g. 1,4,16") from None
+    if not v:
+        raise ValueError(f"--streams {text!r} is empty")
+    return v
+
+
+def main(args) -> int:
+    if not getattr(args, "verbose", False):  # one line per session start/end x 16 streams drowns the progress
+        for name in ("latentcast.cloud", "latentcast.edge"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    labels = [t.strip() for t in args.labels.split(",") if t.strip()] if args.labels else None
+    result = asyncio.run(run_bench(
+        streams=_int_list(args.streams), seconds=args.seconds, warmup=args.warmup, pace=args.pace, systems=systems,
+        jpeg_quality=args.jpeg_quality, video=args.video, rate_point=args.rate, labels=labels, threads=args.threads,
+        weights=args.weights, bundle=args.bundle, out=args.out, command=" ".join(["latentcast"] + sys.argv[1:])))
+    print()
+    print(markdown(result), end="")
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')} in {result['duration_s']:.0f} s")
+    return 0
