@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import grpc
@@ -125,13 +124,10 @@ def test_config_yaml_env_and_errors(tmp_path):
 
 
 def test_every_config_field_has_a_comment():
-    src = Path(cloud_config.__file__).read_text()
     rows = describe_config(CloudConfig, cloud_config.ENV_PREFIX)
-    assert len(rows) > 40 and ("server.tokens", "LATENTCAST_CLOUD__SERVER__TOKENS", []) in rows
-    for key, _env, _default in rows:
-        name = key.rsplit(".", 1)[-1]
-        lines = [ln for ln in src.splitlines() if re.match(rf"\s+{name}: .+=", ln)]
-        assert lines and all("  # " in ln for ln in lines), key
+    assert len(rows) > 40
+    assert ("server.tokens", "LATENTCAST_CLOUD__SERVER__TOKENS", []) in [r[:3] for r in rows]
+    assert all(comment for *_, comment in rows), [r[0] for r in rows if not r[3]]
 
 
 # ------------------------------------------------------------------------------ auth

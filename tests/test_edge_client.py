@@ -319,7 +319,7 @@ def test_edge_config_yaml_env_and_errors(tmp_path):
     assert cfg.camera_id == "gate-3" and cfg.source.resize == (640, 360)
     assert cfg.grounding.labels == ["pedestrian", "vehicle"] and cfg.sender.policy == "drop-newest"
     assert cfg.server.resolved_token() == "tok" and cfg.codec.rate_point == 1
-    keys = {k for k, _, _ in describe_config(EdgeConfig, ENV_PREFIX)}
+    keys = {row[0] for row in describe_config(EdgeConfig, ENV_PREFIX)}
     assert {"server.keepalive_s", "sender.backlog_bytes", "source.pace", "codec.roi_only"} <= keys
     p.write_text("sender:\n  policy: lifo\n")
     with pytest.raises(ConfigError, match="sender.policy 'lifo' is not one of drop-oldest, drop-newest"):
