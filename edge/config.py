@@ -85,7 +85,7 @@ class GroundingConfig:
 @dataclass
 class CodecConfig:
     bundle: str = ""  # edge bundle folder (ONNX); "" = the one shipped in models/weights
-    rate_point: int = 2  # codec rate point, 0..n_rates-1 of the bundle
+    rate_point: int = 1  # codec rate point, 0 (lowest rate) .. n_rates-1 of the bundle (elic-lite: 0..2)
     roi_only: bool = True  # code only the ROI latent cells (+ z); False = the whole frame
     threads: int = 0  # ONNX Runtime threads for the encoder; 0 = its default
 

@@ -294,6 +294,20 @@ class ElicCodec(nn.Module):
         self.rate_delta.copy_(torch.round(torch.exp(ks * self.cfg.log_step) * 256) / 256)
         self.rate_zdelta.copy_(torch.round(torch.exp(ks * self.cfg.log_step / 2) * 256) / 256)
 
+    def select_rate_points(self, keep: list[int]) -> None:
+        """Keep only the rate points ``keep`` (ascending indices into the trained ones), e.g. to
+        ship a subset of what was trained; their steps, table offsets and z priors move along."""
+        n = self.n_rates
+        if not keep or sorted(set(keep)) != list(keep) or not all(isinstance(q, int) and 0 <= q < n for q in keep):
+            raise ValueError(f"rate points {keep!r} must be ascending distinct indices in 0..{n - 1}")
+        import dataclasses
+
+        self.cfg = dataclasses.replace(self.cfg, rate_steps=tuple(self.cfg.rate_steps[q] for q in keep))
+        self.prior_z = nn.ModuleList([self.prior_z[q] for q in keep])
+        idx = torch.tensor(keep)
+        for name in ("rate_k", "rate_delta", "rate_zdelta"):
+            setattr(self, name, getattr(self, name)[idx].clone())  # registered buffers: replaced in place
+
     # ------------------------------------------------------------------ shared pieces
     @property
     def n_rates(self) -> int:

@@ -1,11 +1,17 @@
 """Boxes in pixels <-> masks on the codec's latent grid (numpy only).
 
 The codec's latent ``y`` sits on a grid of stride ``stride`` (16) over the
-frame padded up to a multiple of ``pad_to`` (64). A box covers the grid cells it
-touches, grown by ``margin`` cells on each side so that the receptive field of
-the synthesis transform around the object is transmitted too::
+frame padded up to a multiple of ``pad_to`` (64). A box is grown by
+``margin_px`` pixels on each side (clipped to the padded frame) and covers the
+grid cells that grown box touches, so the latents just around the object, which
+the synthesis transform uses for the object's edge pixels, are transmitted too::
 
-    pixels (x0, y0, x1, y1)  ──►  cells [floor(y0/16)-m, ceil(y1/16)+m) x [...]  ──►  bool mask (Hy, Wy)
+    pixels (x0, y0, x1, y1)  ──►  cells [floor((y0-m)/16), ceil((y1+m)/16)) x [...]  ──►  bool mask (Hy, Wy)
+
+``ROI_MARGIN_PX`` = 8 (half a cell), measured on Kodak with ``elic-lite``: the PSNR
+inside a box decoded from an ROI-only packet is within 0.05 dB of the full-frame
+decode at every rate point, while a whole-cell margin costs about 10 % more bytes
+(``models/weights/elic-lite.md``).
 
 Integer arithmetic only: encoder and decoder derive the same mask from the
 ROI list in the packet header.
@@ -17,7 +23,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
-__all__ = ["padded_size", "grid_shape", "roi_mask", "anchor_mask", "transmit_mask"]
+__all__ = ["ROI_MARGIN_PX", "padded_size", "grid_shape", "roi_mask", "anchor_mask", "transmit_mask"]
+
+ROI_MARGIN_PX = 8  # pixels added around every ROI box before it is mapped to latent cells
 
 
 def padded_size(width: int, height: int, *, pad_to: int = 64) -> tuple[int, int]:
@@ -40,25 +48,26 @@ def roi_mask(
     *,
     stride: int = 16,
     pad_to: int = 64,
-    margin: int = 1,
+    margin_px: int = ROI_MARGIN_PX,
 ) -> np.ndarray:
-    """Boolean mask (rows, cols) of the grid cells covered by any box (+ margin).
+    """Boolean mask (rows, cols) of the grid cells covered by any box grown by ``margin_px``.
 
     ``boxes`` are ``(x0, y0, x1, y1)`` in pixels with ``x0 < x1 <= width`` and
     ``y0 < y1 <= height``; an empty iterable gives an all-False mask.
     """
-    if margin < 0:
-        raise ValueError(f"margin {margin} must be >= 0")
+    if margin_px < 0:
+        raise ValueError(f"margin_px {margin_px} must be >= 0")
     rows, cols = grid_shape(width, height, stride=stride, pad_to=pad_to)
+    m = margin_px
     mask = np.zeros((rows, cols), dtype=bool)
     for b in boxes:
         x0, y0, x1, y1 = (int(v) for v in b)
         if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
             raise ValueError(f"box {(x0, y0, x1, y1)} is empty or outside the {width}x{height} frame")
-        c0 = max(0, x0 // stride - margin)
-        r0 = max(0, y0 // stride - margin)
-        c1 = min(cols, -(-x1 // stride) + margin)
-        r1 = min(rows, -(-y1 // stride) + margin)
+        c0 = max(0, (x0 - m) // stride)
+        r0 = max(0, (y0 - m) // stride)
+        c1 = min(cols, -(-(x1 + m) // stride))
+        r1 = min(rows, -(-(y1 + m) // stride))
         mask[r0:r1, c0:c1] = True
     return mask
 

@@ -81,10 +81,14 @@ def test_garbage_streams_decode_or_fail_cleanly(data):
 
 def test_roi_mask_margin_and_bounds():
     assert grid_shape(768, 576) == (36, 48)
-    m = roi_mask([(120, 40, 380, 300)], 768, 576, margin=1)
-    rows = np.flatnonzero(m.any(axis=1))
-    cols = np.flatnonzero(m.any(axis=0))
-    assert (rows[0], rows[-1], cols[0], cols[-1]) == (1, 19, 6, 24)
+    def span(m):
+        rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+        return rows[0], rows[-1], cols[0], cols[-1]
+
+    # 8 px margin: x 112..388 -> cells 7..24, y 32..308 -> cells 2..19
+    assert span(roi_mask([(120, 40, 380, 300)], 768, 576)) == (2, 19, 7, 24)
+    assert span(roi_mask([(120, 40, 380, 300)], 768, 576, margin_px=0)) == (2, 18, 7, 23)
+    assert span(roi_mask([(4, 4, 20, 20)], 768, 576, margin_px=16)) == (0, 2, 0, 2)  # clipped at 0
     assert not roi_mask([], 768, 576).any()
     assert transmit_mask(768, 576, [], False).all()
     with pytest.raises(ValueError, match="outside"):

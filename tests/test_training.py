@@ -48,6 +48,15 @@ def test_train_resume_release(tmp_path, tiny_sources):
     rec = codec.decompress(codec.compress(img, rate_point=1))
     assert rec.frame.shape == img.shape
     assert "out" not in codec.meta["train"] and "cache" not in codec.meta["train"]
+    # ship a subset of the trained rate points: their steps, offsets and z priors move along
+    sub = tmp_path / "w13.safetensors"
+    assert main(["release", "codec", str(ckpt), "--out", str(sub), "--no-calibrate", "--rate-points", "1,3"]) == 0
+    part = LatentCodec.from_file(sub)
+    assert part.n_rates == 2 and part.cfg.rate_steps == (codec.cfg.rate_steps[1], codec.cfg.rate_steps[3])
+    assert part.model.rate_delta.tolist() == codec.model.rate_delta[[1, 3]].tolist()
+    a, b = codec.compress(img, rate_point=3), part.compress(img, rate_point=1)
+    assert codec.decompress(a).frame.tobytes() == part.decompress(b).frame.tobytes()
+    assert main(["release", "codec", str(ckpt), "--out", str(sub), "--rate-points", "3,1"]) == 2
 
 
 def test_init_slices_a_wider_codec_and_resets_rate_points():

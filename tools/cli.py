@@ -2,7 +2,7 @@
 
 ::
 
-    latentcast encode IMAGE [--roi x0,y0,x1,y1 ...] [--labels person,car] [--rate 2] [--full] -o OUT.lcf
+    latentcast encode IMAGE [--roi x0,y0,x1,y1 ...] [--labels person,car] [--rate 1] [--full] -o OUT.lcf
     latentcast decode IN.lcf -o OUT.png [--latent OUT.npy]
     latentcast info IN.lcf
     latentcast export edge [--weights W.safetensors] --out DIR
@@ -157,6 +157,11 @@ def cmd_release(a: argparse.Namespace) -> int:
     # machine-specific paths (checkpoint folder, cache) stay out of the released file
     train_cfg = {k: v for k, v in (state.get("train") or {}).items() if k not in ("out", "cache", "init")}
     meta = {"train": train_cfg, "step": state.get("step"), "latent_var": state.get("latent_var")}
+    if a.rate_points:
+        keep = [int(v) for v in a.rate_points.split(",")]
+        meta["trained_rate_steps"] = list(model.cfg.rate_steps)
+        model.select_rate_points(keep)
+        meta["released_rate_points"] = keep
     space = state["train"]["latent_space"]
     LatentCodec.save(model, a.out, latent_space=space, meta=meta)
     if not a.no_calibrate:
@@ -259,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--labels", help="task labels, e.g. person,car: ROIs from the edge grounding (YOLOX-nano "
                                     "in the shared folder); label ids index this list")
     e.add_argument("--full", action="store_true", help="code the whole frame even when ROIs are given")
-    e.add_argument("--rate", type=int, default=2, help="rate point, 0 (lowest rate) .. 3 (default 2)")
+    e.add_argument("--rate", type=int, default=1, help="rate point, 0 (lowest rate) .. n-1 (elic-lite: 0..2; default 1)")
     e.add_argument("--weights", help="codec weights (.safetensors); default: the shipped elic-lite")
     e.add_argument("--bundle", help="edge bundle folder (ONNX); default: the shipped one if present")
     e.add_argument("-o", "--output", required=True)
@@ -304,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("what", choices=["codec"])
     r.add_argument("checkpoint")
     r.add_argument("--out", required=True)
+    r.add_argument("--rate-points", help="ship only these trained rate points, e.g. 1,2,3 (default: all)")
     r.add_argument("--no-calibrate", action="store_true",
                    help="keep the trained table offsets (default: calibrate them on training images for real bytes)")
     r.set_defaults(func=cmd_release)
@@ -325,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", default="demo_out", help="output folder for side_by_side.mp4 and summary.json")
     m.add_argument("--frames", type=int, help="stop after this many captured frames (default: the whole video)")
     m.add_argument("--labels", help="task labels, e.g. person,car (default: the edge config's)")
-    m.add_argument("--rate", type=int, help="codec rate point (default: the edge config's, 2)")
+    m.add_argument("--rate", type=int, help="codec rate point (default: the edge config's, 1)")
     m.add_argument("--pace", choices=["realtime", "none"],
                    help="realtime: frames arrive at the video's fps and a busy edge drops (default); none: every frame")
     m.add_argument("--every", type=int, help="run the detector every N frames, track in between (default 5)")
@@ -358,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--systems", default="latentcast,jpeg",
                    help="stream: systems to run, comma-separated from latentcast,jpeg (default both)")
     b.add_argument("--video", help="stream: video every camera reads (default vtest.avi in the shared folder)")
-    b.add_argument("--rate", type=int, help="stream: codec rate point of the edges (default: the edge config's, 2)")
+    b.add_argument("--rate", type=int, help="stream: codec rate point of the edges (default: the edge config's, 1)")
     b.add_argument("--labels", help="stream: task labels of the edges, e.g. person,car (default: the edge config's)")
     b.set_defaults(func=cmd_bench)
     return p
