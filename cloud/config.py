@@ -100,7 +100,7 @@ class PipelineConfig:
     torch_threads: int = 0  # torch intra-op threads for decoding; 0 = leave torch's default
     max_batch: int = 4  # frames a worker takes at once
     batch_wait_ms: float = 5.0  # a worker waits at most this long to fill a batch after its first frame
-    max_queued_per_session: int = 8  # frames of one stream queued or being processed (see backpressure)
+    max_queued_per_session: int = 2  # frames of one stream queued or being processed (see backpressure); small = low latency
     backpressure: bool = True  # at max_queued_per_session, stop reading that stream until a frame completes, so
     #                            the edge's bounded send queue drops by its policy; false = drop here by drop_policy
     max_queued_total: int = 64  # frames of all streams queued; more are dropped by drop_policy

@@ -343,6 +343,15 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
                 f = msg.frame
                 seq = int(f.seq)
                 n = len(f.packet)
+                pcfg = srv.config.pipeline
+                if pcfg.backpressure:
+                    # stop reading this stream while its frames fill the pipeline: HTTP/2 flow control
+                    # then fills the edge's send queue, which drops by its own policy (live first)
+                    while (srv.pipeline.in_flight(st.session_id) >= pcfg.max_queued_per_session
+                           and not (st.closed or st.shutting_down)):
+                        await asyncio.sleep(_BACKPRESSURE_POLL_S)
+                    if st.closed or st.shutting_down:
+                        return  # this frame is not accepted, so not acked: the edge resends it after resuming
                 if not st.state.seqs.accept(seq):
                     st.duplicates += 1
                     m.frames_duplicate.inc()
@@ -387,13 +396,6 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
                 job = FrameJob(stream_id=st.session_id, spec=st.spec, seq=seq, capture_ts_us=int(f.capture_ts_us),
                                packet=packet, packet_bytes=n, edge_boxes=_edge_boxes(f.edge_boxes),
                                deliver=st.deliver)
-                pcfg = srv.config.pipeline
-                if pcfg.backpressure:
-                    # stop reading this stream while its frames fill the pipeline: HTTP/2 flow control
-                    # then fills the edge's send queue, which drops by its own policy (live first)
-                    while (srv.pipeline.in_flight(st.session_id) >= pcfg.max_queued_per_session
-                           and not (st.closed or st.shutting_down)):
-                        await asyncio.sleep(_BACKPRESSURE_POLL_S)
                 st.pending += 1
                 srv.pipeline.submit(job)
             st.outbox.put(_HALF_CLOSED)

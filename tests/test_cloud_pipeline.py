@@ -143,7 +143,7 @@ def test_workers_survive_bad_frames_and_metrics_count(tiny_codec, packet):
     bad = repack(packet, symbol_crc=7)
     broken = repack(packet, symbol_crc=8)
     pipe = Pipeline(codec=_BrokenCodec(tiny_codec, broken), detector=FakeDetector(), metrics=m,
-                    config=PipelineConfig(workers=2, max_batch=2, batch_wait_ms=1.0))
+                    config=PipelineConfig(workers=2, max_batch=2, batch_wait_ms=1.0, max_queued_per_session=8))
     deliver, wait = _collector()
     pipe.start()
     try:
