@@ -132,7 +132,8 @@ class EdgeApp:
                           backoff_initial_s=s.backoff_initial_s, backoff_max_s=s.backoff_max_s,
                           backoff_jitter=s.backoff_jitter,
                           max_reconnect_attempts=s.max_reconnect_attempts or None,
-                          accept_timeout_s=s.accept_timeout_s, on_result=self._on_result)
+                          accept_timeout_s=s.accept_timeout_s, on_result=self._on_result,
+                          max_in_flight=self.config.sender.max_in_flight)
 
     # ------------------------------------------------------------------ per frame
 

@@ -142,7 +142,13 @@ class EdgeClient:
                  backoff_max_s: float = 30.0, backoff_jitter: float = 0.2,
                  max_reconnect_attempts: int | None = None, accept_timeout_s: float = 10.0,
                  on_result: Callable[[pb.FrameAnalytics], None] | None = None, result_queue_size: int = 0,
-                 error_log_interval_s: float = 5.0, rng: random.Random | None = None):
+                 error_log_interval_s: float = 5.0, rng: random.Random | None = None, max_in_flight: int = 0):
+        """``max_in_flight``: at most this many frames sent and not yet acknowledged (0 = no limit);
+        beyond it the frames wait in the send queue, which drops by its policy, so a slow cloud
+        cannot build a long queue in the transport (live first)."""
+        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 0:
+            raise ValueError(f"max_in_flight {max_in_flight!r} must be an integer >= 0 (0 = no limit)")
+        self.max_in_flight = max_in_flight
         if not isinstance(target, str) or not target.strip():
             raise ValueError(f"target {target!r} must be host:port (e.g. '127.0.0.1:50051')")
         for name, v in (("keepalive_s", keepalive_s), ("keepalive_timeout_s", keepalive_timeout_s),
@@ -338,6 +344,11 @@ class EdgeClient:
             await call.write(self._frame_message(f))
             self.frames_resent += 1
         while True:
+            while self.max_in_flight and len(self.backlog) >= self.max_in_flight:
+                self._acked.clear()
+                if len(self.backlog) < self.max_in_flight:
+                    break
+                await self._acked.wait()
             try:
                 f = await self.queue.get()
             except QueueClosed:

@@ -98,6 +98,7 @@ class CodecConfig:
 class SenderConfig:
     queue_size: int = 8  # encoded frames waiting for the stream
     policy: str = "drop-oldest"  # when the queue is full: "drop-oldest" or "drop-newest"
+    max_in_flight: int = 4  # frames sent and not yet acknowledged; more wait in the queue (0 = no limit)
     backlog_frames: int = 300  # sent-but-unacked frames kept for resume (30 s at 10 fps)
     backlog_bytes: int = 64 * 1024 * 1024  # byte bound of that backlog
     drain_timeout_s: float = 10.0  # at the end of a run, how long to wait for the last acks
@@ -105,6 +106,7 @@ class SenderConfig:
     def __post_init__(self) -> None:
         _check_choice("sender.policy", self.policy, _POLICIES)
         _check_min("sender.queue_size", self.queue_size, 1)
+        _check_min("sender.max_in_flight", self.max_in_flight, 0)
         _check_min("sender.backlog_frames", self.backlog_frames, 1)
         _check_min("sender.backlog_bytes", self.backlog_bytes, 1)
         _check_min("sender.drain_timeout_s", self.drain_timeout_s, 0.0)

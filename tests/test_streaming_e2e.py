@@ -117,7 +117,9 @@ async def test_cloud_restart_mid_stream_loses_nothing_and_processes_nothing_twic
     await first.start()
     await first.wait_ready(TIMEOUT)
     results: list[int] = []
-    app = EdgeApp(_edge_config(vtest, port, tiny_bundle), on_result=lambda r: results.append(r.seq))
+    cfg = _edge_config(vtest, port, tiny_bundle)
+    cfg.sender.queue_size = 64  # room for the whole outage: this test is about resume, not the drop policy
+    app = EdgeApp(cfg, on_result=lambda r: results.append(r.seq))
     run = asyncio.create_task(app.run(max_frames=30))
     deadline = time.monotonic() + TIMEOUT
     while len(seen) < 8 and time.monotonic() < deadline:
@@ -163,12 +165,13 @@ async def test_slow_cloud_bounded_edge_drops_by_policy(tiny_codec, tiny_bundle, 
         cfg.sender.drain_timeout_s = 3.0
         cfg.grounding.every = 10
         app = EdgeApp(cfg)
-        max_depth = 0
+        max_depth = max_in_flight = 0
 
         async def watch():
-            nonlocal max_depth
+            nonlocal max_depth, max_in_flight
             while True:
                 max_depth = max(max_depth, app.queue.stats()["queued"])
+                max_in_flight = max(max_in_flight, len(app.backlog))
                 await asyncio.sleep(0.02)
 
         w = asyncio.create_task(watch())
@@ -177,7 +180,7 @@ async def test_slow_cloud_bounded_edge_drops_by_policy(tiny_codec, tiny_bundle, 
     finally:
         await cloud.stop(grace=1.0)
     dropped = stats["dropped"]
-    assert max_depth <= 4
+    assert max_depth <= 4 and max_in_flight <= cfg.sender.max_in_flight == 4
     assert dropped["encoder_busy"] + dropped["queue_policy"] + dropped["backlog_full"] > 0, stats
     assert stats["results"] < stats["frames_captured"]
     lat = stats["result_latency_ms_p50"]
