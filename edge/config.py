@@ -96,9 +96,9 @@ class CodecConfig:
 
 @dataclass
 class SenderConfig:
-    queue_size: int = 8  # encoded frames waiting for the stream
+    queue_size: int = 2  # encoded frames waiting for the stream (small = low latency; older ones are dropped)
     policy: str = "drop-oldest"  # when the queue is full: "drop-oldest" or "drop-newest"
-    max_in_flight: int = 4  # frames sent and not yet acknowledged; more wait in the queue (0 = no limit)
+    max_in_flight: int = 2  # frames sent and not yet acknowledged; more wait in the queue (0 = no limit)
     backlog_frames: int = 300  # sent-but-unacked frames kept for resume (30 s at 10 fps)
     backlog_bytes: int = 64 * 1024 * 1024  # byte bound of that backlog
     drain_timeout_s: float = 10.0  # at the end of a run, how long to wait for the last acks
