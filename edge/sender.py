@@ -97,26 +97,28 @@ class SendQueue:
         for loop, fut in waiters:
             loop.call_soon_threadsafe(_resolve, fut)
 
+    def _pop_locked(self) -> OutFrame | None:
+        """With the lock held: the oldest frame, None when empty; ``QueueClosed`` when closed and empty."""
+        if self._items:
+            self.sent += 1
+            return self._items.popleft()
+        if self._closed:
+            raise QueueClosed("SendQueue closed")
+        return None
+
     def get_nowait(self) -> OutFrame | None:
         """The oldest frame, or None when empty (raises ``QueueClosed`` when closed and empty)."""
         with self._lock:
-            if self._items:
-                self.sent += 1
-                return self._items.popleft()
-            if self._closed:
-                raise QueueClosed("SendQueue closed")
-            return None
+            return self._pop_locked()
 
     async def get(self) -> OutFrame:
         """Wait for the oldest frame; raises ``QueueClosed`` once closed and drained."""
         loop = asyncio.get_running_loop()
         while True:
             with self._lock:
-                if self._items:
-                    self.sent += 1
-                    return self._items.popleft()
-                if self._closed:
-                    raise QueueClosed("SendQueue closed")
+                f = self._pop_locked()
+                if f is not None:
+                    return f
                 fut = loop.create_future()
                 self._waiters.append((loop, fut))
             try:
