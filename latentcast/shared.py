@@ -13,7 +13,7 @@ from pathlib import Path
 
 ENV_VAR = "LATENTCAST_SHARED"
 
-__all__ = ["ENV_VAR", "shared_dir", "shared_path"]
+__all__ = ["ENV_VAR", "portable_path", "shared_dir", "shared_path"]
 
 
 def _candidates() -> list[Path]:
@@ -43,3 +43,19 @@ def shared_path(*parts: str) -> Path:
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist (shared folder from {ENV_VAR} or ../shared)")
     return p
+
+
+def portable_path(path: str | os.PathLike) -> str:
+    """A path for results files without this machine's layout: ``$LATENTCAST_SHARED/...`` for files in
+    the shared folder, a path relative to the current directory for files below it, else the path."""
+    p = Path(path)
+    if "://" in str(path):
+        return str(path)
+    try:
+        return "$" + ENV_VAR + "/" + p.resolve().relative_to(shared_dir().resolve()).as_posix()
+    except (ValueError, FileNotFoundError):
+        pass
+    try:
+        return p.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)

@@ -75,3 +75,16 @@ def test_example_configs_are_complete_and_load_to_the_defaults(side):
     assert text == example_yaml(getattr(mod, cls), mod.ENV_PREFIX, title=title), f"regenerate {path.name}"
     assert all(r[3] for r in describe_config(getattr(mod, cls), mod.ENV_PREFIX)), "a field has no comment"
     assert load_config(getattr(mod, cls), path, env_prefix=mod.ENV_PREFIX, env={}) == getattr(mod, cls)()
+
+
+def test_portable_path_hides_the_machine_layout(tmp_path, monkeypatch):
+    from latentcast.shared import portable_path
+
+    shared = tmp_path / "shared"
+    (shared / "data").mkdir(parents=True)
+    (shared / "data" / "v.avi").write_bytes(b"")
+    monkeypatch.setenv("LATENTCAST_SHARED", str(shared))
+    monkeypatch.chdir(tmp_path)
+    assert portable_path(shared / "data" / "v.avi") == "$LATENTCAST_SHARED/data/v.avi"
+    assert portable_path(tmp_path / "out" / "s.json") == "out/s.json"
+    assert portable_path("rtsp://cam/1") == "rtsp://cam/1"

@@ -817,9 +817,9 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
         raise ValueError(f"jpeg_quality {jpeg_quality!r} out of range 1..100")
     if threads is not None and threads < 0:
         raise ValueError(f"threads {threads!r} must be >= 0 (0 = the libraries' defaults)")
-    if video is None:
-        from latentcast.shared import shared_path
+    from latentcast.shared import portable_path, shared_path
 
+    if video is None:
         video = str(shared_path("data", "video", "vtest.avi"))
     if not Path(video).is_file():
         raise FileNotFoundError(f"video {video} not found")
@@ -856,7 +856,7 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
                                  "loadavg_after": [round(v, 2) for v in os.getloadavg()]},
         "duration_s": round(time.monotonic() - t0, 1),
         "options": {"streams": streams, "systems": systems, "seconds": seconds, "warmup_s": warmup,
-                    "pace_fps": pace, "jpeg_quality": jpeg_quality, "threads": threads, "video": str(video),
+                    "pace_fps": pace, "jpeg_quality": jpeg_quality, "threads": threads, "video": portable_path(video),
                     "weights": weights, "bundle": ctx.bundle},
         "setup": {
             "codec": {"name": getattr(codec, "codec_name", "?"), "weights_hash": codec.weights_hash.hex(),

@@ -192,6 +192,7 @@ async def run_demo(*, video: str, out_dir: Path, max_frames: int | None = None, 
     from latentcast.edge.config import load_edge_config
     from latentcast.proto import latentcast_v1_pb2 as pb
     from latentcast.proto import latentcast_v1_pb2_grpc as pb_grpc
+    from latentcast.shared import portable_path
     from latentcast.tools.bench_codec import _commit, _machine
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -285,12 +286,13 @@ async def run_demo(*, video: str, out_dir: Path, max_frames: int | None = None, 
         "command": command,
         "commit": _commit(),
         "machine": _machine(),
-        "video": str(video),
+        "video": portable_path(video),
         "elapsed_s": round(elapsed, 2),
         "edge": {k: v for k, v in edge_stats.items() if k != "last_results"},
         "cloud": cloud_counters,
         "quality": col.summary(),
-        "outputs": {"video": str(out_dir / "side_by_side.mp4"), "summary": str(out_dir / "summary.json")},
+        "outputs": {"video": portable_path(out_dir / "side_by_side.mp4"),
+                    "summary": portable_path(out_dir / "summary.json")},
         "config": {"labels": ecfg.grounding.labels, "rate_point": ecfg.codec.rate_point, "pace": ecfg.source.pace,
                    "grounding_every": ecfg.grounding.every, "roi_only": ecfg.codec.roi_only},
     }
