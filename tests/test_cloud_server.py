@@ -427,6 +427,18 @@ async def test_subscribe_receives_jpeg_frames_and_detections(make_server, tiny_c
         png.cancel()
 
 
+async def stream_frames(srv, tiny_codec, packets, n: int, *, until) -> list:
+    """One stream: header, frames 0..n-1 (cycling ``packets``), half-close; the messages read until ``until``."""
+    async with channel(srv.ports[0]) as ch:
+        call = pb_grpc.LatentcastStub(ch).Stream()
+        await call.write(header(tiny_codec))
+        await read(call)
+        for seq in range(n):
+            await call.write(frame(seq, packets[seq % len(packets)]))
+        await call.done_writing()
+        return await collect(call, until=until)
+
+
 async def test_slow_pipeline_drops_are_bounded_and_counted(make_server, tiny_codec, packets):
     """Without backpressure the cloud drops by its policy and says so per frame."""
     cfg = make_config(ack_every_frames=100)
@@ -435,15 +447,9 @@ async def test_slow_pipeline_drops_are_bounded_and_counted(make_server, tiny_cod
     det = FakeDetector(delay=0.15)
     srv = await make_server(cfg, detector=det)
     n = 10
-    async with channel(srv.ports[0]) as ch:
-        call = pb_grpc.LatentcastStub(ch).Stream()
-        await call.write(header(tiny_codec))
-        await read(call)
-        for seq in range(n):
-            await call.write(frame(seq, packets[seq % len(packets)]))
-        await call.done_writing()
-        msgs = await collect(call, until=lambda ms: len(kinds(ms, "result")) + len(kinds(ms, "error")) == n
-                             and acked(ms) == n - 1)
+    msgs = await stream_frames(srv, tiny_codec, packets, n,
+                               until=lambda ms: len(kinds(ms, "result")) + len(kinds(ms, "error")) == n
+                               and acked(ms) == n - 1)
     errors = kinds(msgs, "error")
     results = kinds(msgs, "result")
     assert errors and all(e.code == "cloud_overloaded" for e in errors)
@@ -469,14 +475,8 @@ async def test_backpressure_pauses_the_stream_instead_of_dropping(make_server, t
             await asyncio.sleep(0.005)
 
     w = asyncio.create_task(watch())
-    async with channel(srv.ports[0]) as ch:
-        call = pb_grpc.LatentcastStub(ch).Stream()
-        await call.write(header(tiny_codec))
-        await read(call)
-        for seq in range(n):
-            await call.write(frame(seq, packets[seq % len(packets)]))
-        await call.done_writing()
-        msgs = await collect(call, until=lambda ms: len(kinds(ms, "result")) == n and acked(ms) == n - 1)
+    msgs = await stream_frames(srv, tiny_codec, packets, n,
+                               until=lambda ms: len(kinds(ms, "result")) == n and acked(ms) == n - 1)
     w.cancel()
     assert not kinds(msgs, "error") and [r.seq for r in kinds(msgs, "result")] == list(range(n))
     assert peak <= 2
