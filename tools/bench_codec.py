@@ -19,42 +19,12 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 log = logging.getLogger(__name__)
-
-
-def _machine() -> dict:
-    import os
-
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    import onnxruntime
-    import torch
-
-    info["torch"], info["onnxruntime"], info["torch_threads"] = torch.__version__, onnxruntime.__version__, torch.get_num_threads()
-    return info
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
-    except Exception:
-        return "unknown"
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -127,6 +97,7 @@ def main(args) -> int:
     from latentcast.edge.encoder import EdgeEncoder
     from latentcast.models.codec import LatentCodec
     from latentcast.proto.bitstream import Packet, SectionKind
+    from latentcast.tools.provenance import command, commit, machine
     from latentcast.shared import shared_path
 
     torch.set_num_threads(args.threads)
@@ -213,9 +184,9 @@ def main(args) -> int:
             "z_bytes": len(Packet.from_bytes(data).sections[SectionKind.Z])}
 
     result = {
-        "command": " ".join(["latentcast"] + sys.argv[1:]),
-        "commit": _commit(),
-        "machine": _machine(),
+        "command": command(),
+        "commit": commit(),
+        "machine": machine(),
         "codec": {"name": codec.codec_name, "weights_hash": codec.weights_hash.hex(), "latent_space": codec.latent_space_spec},
         "kodak_images": len(kodak),
         "latent_space_ceiling_psnr": float(np.mean(ceiling)) if ceiling else None,

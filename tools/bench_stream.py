@@ -800,7 +800,7 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
     ``codec`` (a LatentCodec), ``bundle`` (its edge bundle) and ``detector`` (cloud and baseline
     analytics; also the edge grounding's unless ``edge_detector`` is given) override the shipped
     ``elic-lite`` and YOLOX-nano (tests inject tiny ones)."""
-    from latentcast.tools.bench_codec import _commit, _machine
+    from latentcast.tools.provenance import commit as _commit, machine as _machine
 
     progress = progress or (lambda s: print(s, flush=True))
     streams = [int(s) for s in streams]

@@ -13,6 +13,7 @@
     latentcast edge --config edge.yaml             (edge service; --describe lists every option)
     latentcast cloud --config cloud.yaml           (cloud service; --describe lists every option)
     latentcast demo [VIDEO]                        (both on loopback: live line, side-by-side video, summary)
+    latentcast eval --data VIDEO|DIR|COCO.json --out DIR   (rate vs mAP/top-1/PSNR/MS-SSIM, BD-rates, plots)
 
 Encoding uses the edge bundle (ONNX Runtime, no torch) when it exists for the
 weights, else the PyTorch reference encoder; both write the same packets.
@@ -252,6 +253,12 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return bench_main(a)
 
 
+def cmd_eval(a: argparse.Namespace) -> int:
+    from latentcast.tools.eval.runner import main as eval_main
+
+    return eval_main(a)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="latentcast", description="task-aware latent streaming, edge to cloud")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -367,6 +374,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rate", type=int, help="stream: codec rate point of the edges (default: the edge config's, 1)")
     b.add_argument("--labels", help="stream: task labels of the edges, e.g. person,car (default: the edge config's)")
     b.set_defaults(func=cmd_bench)
+
+    from latentcast.tools.eval.runner import add_arguments as eval_arguments
+
+    v = sub.add_parser("eval", help="rate vs task accuracy (mAP, top-1, PSNR, MS-SSIM, BD-rate) of latentcast and "
+                                    "JPEG/WebP/x264/x265/downscaling on a video, image folder or COCO file")
+    eval_arguments(v)
+    v.set_defaults(func=cmd_eval)
     return p
 
 

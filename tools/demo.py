@@ -193,7 +193,7 @@ async def run_demo(*, video: str, out_dir: Path, max_frames: int | None = None, 
     from latentcast.proto import latentcast_v1_pb2 as pb
     from latentcast.proto import latentcast_v1_pb2_grpc as pb_grpc
     from latentcast.shared import portable_path
-    from latentcast.tools.bench_codec import _commit, _machine
+    from latentcast.tools.provenance import commit as _commit, machine as _machine
 
     out_dir.mkdir(parents=True, exist_ok=True)
     token = secrets.token_hex(16)

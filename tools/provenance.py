@@ -1,0 +1,55 @@
+"""What every results file records about its run: the command, the commit and the machine."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+__all__ = ["command", "commit", "machine"]
+
+
+def command() -> str:
+    """The command line as a user would type it (``latentcast ...``)."""
+    return " ".join(["latentcast"] + sys.argv[1:])
+
+
+def commit() -> str:
+    """The repository's HEAD commit (with ``+dirty`` when the work tree has changes), or "unknown"."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True, cwd=here).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def machine() -> dict:
+    """Platform, Python, CPU model and count, and the versions of the numeric runtimes."""
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        info["torch"], info["torch_threads"] = torch.__version__, torch.get_num_threads()
+    except ImportError:
+        pass
+    return info
