@@ -126,12 +126,13 @@ def test_eval_command_on_images_writes_json_table_and_plots(tmp_path):
     root = shared_or_skip()
     out = tmp_path / "kodak"
     rc = _run_cli("eval", "--data", str(root / "data" / "images" / "kodak"), "--max-frames", "2",
-                  "--codecs", "latentcast,jpeg,x265", "--out", str(out))
+                  "--codecs", "latentcast,jpeg,x265", "--labels", "all", "--out", str(out))
     assert rc == 0
     res = json.loads((out / "eval.json").read_text())
     assert {p["codec"] for p in res["points"]} == {"latentcast-full", "latentcast-roi", "jpeg", "x265"}
     assert res["data"]["scored_frames"] == 2 and res["tasks"] == ["detection", "classification"]
     assert res["ground_truth"].startswith("the detector's boxes")
+    assert res["labels"] == "all detector classes (general detection)" and len(res["scored_classes"]) == 80
     # the uncompressed frames against their own detections: perfect by construction
     assert res["uncompressed"]["map50"] == pytest.approx(1.0) and res["uncompressed"]["top1"] == 1.0
     for p in res["points"]:
@@ -153,12 +154,14 @@ def test_eval_command_on_video_scores_every_8th_frame(tmp_path):
     root = shared_or_skip()
     out = tmp_path / "vtest"
     rc = _run_cli("eval", "--data", str(root / "data" / "video" / "vtest.avi"), "--task", "detection",
-                  "--max-frames", "17", "--codecs", "x264,downscale,webp", "--anchor", "x264", "--labels", "person",
-                  "--out", str(out))
+                  "--max-frames", "17", "--codecs", "x264,downscale,webp", "--anchor", "x264", "--out", str(out))
     assert rc == 0
     res = json.loads((out / "eval.json").read_text())
     assert res["data"]["scored_frames"] == 3 and res["data"]["frames"] == 17
-    assert res["scored_classes"] == ["person"] and res["gt_boxes"] >= 6
+    # default task: the edge's default labels, mapped to detector classes as the edge maps them
+    assert res["labels"] == ["person", "vehicle", "bicycle"]
+    assert res["scored_classes"] == ["person", "bicycle", "car", "motorcycle", "bus", "truck"]
+    assert res["gt_boxes"] >= 6
     x264 = {p["param"]: p for p in res["points"] if p["codec"] == "x264"}
     assert x264[18]["map50"] > x264[51]["map50"] and x264[18]["map50"] > 0.8
     assert x264[18]["frames_coded"] == 17 and x264[18]["kbps"] == pytest.approx(x264[18]["bpp"] * 768 * 576 * 10 / 1000)

@@ -14,8 +14,9 @@
     ─► BD-rate (Bjøntegaard, quality vs log-rate, PCHIP on each curve's Pareto front) of every codec
        against every other, for every metric ─► JSON, markdown, plots (report.py)
 
-Only the task's classes are scored (``--labels``; default: every detector class, i.e. general
-detection), and the same labels drive latentcast's ROI grounding, as a deployed edge would.
+Only the task's classes are scored (``--labels``; default: the edge's default task labels, person,
+vehicle, bicycle; ``all``: every detector class, i.e. general detection), and the same labels drive
+latentcast's ROI grounding, as a deployed edge would.
 """
 
 from __future__ import annotations
@@ -158,8 +159,9 @@ def evaluate(clips: list[Clip], codecs: list, *, tasks: tuple[str, ...], detecto
     points = []
     for codec in codecs:
         for param in codec.params:
-            bar.set_postfix_str(f"{codec.name} {codec.param_name}={param}")
+            bar.set_postfix_str(f"{codec.name} {codec.param_name}={param}: coding")
             runs = [codec.run(clip, param) for clip in clips]
+            bar.set_postfix_str(f"{codec.name} {codec.param_name}={param}: scoring")
             scores, ex_rec, ex_dets = _score(clips, runs, ref, detector=det, classifier=cls, class_ids=class_ids,
                                              class_names=class_names, keep_example=ex_key, progress=bar)
             n_bytes, n_pix = sum(r.bytes for r in runs), sum(r.pixels for r in runs)
@@ -219,8 +221,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codecs", default=",".join(CODECS),
                    help=f"comma-separated codecs: {', '.join(CODECS)} (default: all)")
     p.add_argument("--labels", default="",
-                   help="task labels (comma-separated) for the ROIs and the scored classes; default: every detector "
-                        "class (general detection)")
+                   help="task labels (comma-separated) for latentcast's ROIs and the scored classes, or 'all' for "
+                        "every detector class (general detection); default: the edge's default task labels "
+                        "(grounding.labels in edge/edge.yaml)")
     p.add_argument("--every", type=int, default=8, help="score every N-th frame of a video (index %% N == 0)")
     p.add_argument("--max-frames", type=int, default=None, help="use only the first N video frames / images")
     p.add_argument("--gt-score", type=float, default=0.3,
@@ -258,7 +261,12 @@ def main(a: argparse.Namespace) -> int:
     names = _parse_list(a.codecs, CODECS, "--codecs")
     torch.set_num_threads(a.threads)
     detector = YoloxDetector(score_threshold=PRED_SCORE)
-    labels = [s.strip() for s in a.labels.split(",") if s.strip()] or list(detector.labels)
+    if a.labels.strip().lower() == "all":
+        labels = list(detector.labels)
+    else:
+        from latentcast.edge.config import GroundingConfig
+
+        labels = [s.strip() for s in a.labels.split(",") if s.strip()] or list(GroundingConfig().labels)
     try:
         class_to_label = map_labels(labels, detector.labels)
     except ValueError as exc:
@@ -306,7 +314,7 @@ def main(a: argparse.Namespace) -> int:
                  "every": a.every if video else None, "sizes": sorted({f"{c.width}x{c.height}" for c in clips}),
                  "fps": sorted({c.fps for c in clips}) if video else None},
         "tasks": list(tasks),
-        "labels": labels if a.labels else "all detector classes (general detection)",
+        "labels": "all detector classes (general detection)" if a.labels.strip().lower() == "all" else labels,
         "scored_classes": [detector.labels[i] for i in class_ids],
         "ground_truth": res["ground_truth"],
         "gt_score": a.gt_score,
