@@ -31,6 +31,7 @@ from latentcast.edge.client import EdgeClient, FatalStreamError, GaveUpError, Tl
 from latentcast.edge.config import EdgeConfig
 from latentcast.edge.grounding import Grounder, Grounding
 from latentcast.edge.sender import Backlog, OutFrame, SendQueue
+from latentcast.edge.tasks import TaskList, load_task
 from latentcast.proto import latentcast_v1_pb2 as pb
 from latentcast.proto.ids import label_set_hash
 
@@ -64,7 +65,14 @@ class EdgeApp:
         self.queue = SendQueue(maxsize=sc.queue_size, policy=sc.policy)
         self.backlog = Backlog(max_frames=sc.backlog_frames, max_bytes=sc.backlog_bytes)
         self.client: EdgeClient | None = None
-        self.labels = list(config.grounding.labels)
+        self.task_list: TaskList | None = None  # with grounding.labels_from_task: the resolved task list
+        if config.grounding.labels_from_task:
+            self.task_list = load_task(config.grounding.task)
+            self.labels = list(self.task_list.labels)
+            log.info("task %r: %d labels from %s (%s, label set hash %s)", self.task_list.name, len(self.labels),
+                     self.task_list.path, self.task_list.source.model, self.task_list.hash)
+        else:
+            self.labels = list(config.grounding.labels)
         self._label_hash = label_set_hash(self.labels)
         self.frame_size: tuple[int, int] | None = None
         self._next_seq = 0
@@ -107,10 +115,12 @@ class EdgeApp:
             g = cfg.grounding
             det = YoloxDetector(model_path=g.model or None, labels_path=g.labels_file or None,
                                 score_threshold=g.score_threshold, nms_threshold=g.nms_threshold, threads=g.threads)
+            # a task list names far more labels than a closed-set detector knows: skip those (logged once)
             self._grounder = Grounder(labels=self.labels, detector=det, every=g.every, max_missed=g.max_missed,
-                                      margin=g.margin, motion=g.motion)
+                                      margin=g.margin, motion=g.motion, strict_labels=self.task_list is None)
         elif list(self._grounder.labels) != self.labels:
-            raise ValueError(f"the grounder's labels {self._grounder.labels!r} differ from grounding.labels "
+            what = f"task list {self.task_list.name!r}" if self.task_list is not None else "grounding.labels"
+            raise ValueError(f"the grounder's labels {self._grounder.labels!r} differ from the {what} "
                              f"{self.labels!r}")
 
     def _session(self, width: int, height: int) -> pb.SessionHeader:
@@ -282,6 +292,9 @@ class EdgeApp:
         n = self.frames_encoded
         lat = sorted(self._latency_ms)
         return {
+            "task": self.config.grounding.task,
+            "label_count": len(self.labels),
+            "label_set_hash": self._label_hash.hex(),
             "elapsed_s": round(elapsed, 3),
             "frame_size": list(self.frame_size) if self.frame_size else None,
             "frames_captured": self.frames_captured,

@@ -60,8 +60,12 @@ class SourceConfig:
 
 @dataclass
 class GroundingConfig:
-    task: str = "traffic"  # task name sent in the session header
+    task: str = "traffic"  # task name sent in the session header (and the task list to load, see labels_from_task)
     labels: list[str] = field(default_factory=lambda: ["person", "vehicle", "bicycle"])  # task labels to ground
+    labels_from_task: bool = False  # true: ground the label list of the task named by "task" instead of
+    # "labels" (user cache $LATENTCAST_CACHE/tasks, then the shipped lists; see latentcast task list); its
+    # labels and hash go into the session and packet headers, and labels the detector cannot ground are
+    # skipped. latentcast edge --task NAME sets task and this
     model: str = ""  # YOLOX ONNX file; "" = models/yolox_nano.onnx in the shared folder
     labels_file: str = ""  # detector class names; "" = models/coco80_labels.txt in the shared folder
     score_threshold: float = 0.3  # detector confidence to keep a box
@@ -75,6 +79,10 @@ class GroundingConfig:
     def __post_init__(self) -> None:
         if not self.labels:
             raise ValueError("grounding.labels is empty: give at least one task label (e.g. [person, vehicle])")
+        if self.labels_from_task:
+            from latentcast.edge.tasks import check_task_name
+
+            check_task_name(self.task)
         _check_choice("grounding.motion", self.motion, _MOTIONS)
         _check_min("grounding.every", self.every, 1)
         _check_min("grounding.max_missed", self.max_missed, 0)

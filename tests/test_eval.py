@@ -188,3 +188,19 @@ def test_clip_frames_stop_at_n_frames():
     assert [i for i, _ in clip.frames()] == [0, 1, 2]
     assert [int(f[0, 0, 0]) for _, f in clip.scored_frames()] == [0, 2]
     assert cv2 is not None
+
+
+def test_eval_command_with_coco_annotations_scores_against_them(tmp_path):
+    root = shared_or_skip()
+    path, doc = _coco_file(tmp_path, root)
+    out = tmp_path / "coco"
+    rc = _run_cli("eval", "--data", str(path), "--task", "detection", "--codecs", "jpeg", "--anchor", "jpeg",
+                  "--labels", "person", "--out", str(out))
+    assert rc == 0
+    res = json.loads((out / "eval.json").read_text())
+    assert res["ground_truth"] == "annotations (COCO file)"
+    assert res["gt_boxes"] == 2 and res["uncompressed"]["gt_boxes"] == 2  # the unicorn box is not a detector class
+    # the detector on the uncompressed images against the hand-drawn boxes: a real accuracy, not 1 by construction
+    assert 0.0 <= res["uncompressed"]["map"] < 1.0
+    jpeg = {p["param"]: p for p in res["points"]}
+    assert jpeg[90]["map50"] is not None and jpeg[90]["frames_coded"] == 2

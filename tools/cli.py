@@ -10,7 +10,9 @@
     latentcast release codec CHECKPOINT --out W.safetensors
     latentcast bench codec [--out results/codec_bench.json]
     latentcast bench stream [--streams 1,4,16] [--seconds 20] [--out results/stream_bench.json]
-    latentcast edge --config edge.yaml             (edge service; --describe lists every option)
+    latentcast task new NAME --description TEXT    (task label list from an LLM, once; cached)
+    latentcast task show NAME | task list          (label lists: shipped ones and the cache)
+    latentcast edge --config edge.yaml [--task NAME]  (edge service; --describe lists every option)
     latentcast cloud --config cloud.yaml           (cloud service; --describe lists every option)
     latentcast demo [VIDEO]                        (both on loopback: live line, side-by-side video, summary)
     latentcast eval --data VIDEO|DIR|COCO.json --out DIR   (rate vs mAP/top-1/PSNR/MS-SSIM, BD-rates, plots)
@@ -196,15 +198,20 @@ def cmd_edge(a: argparse.Namespace) -> int:
     cfg = load_edge_config(a.config)
     if a.source:
         cfg.source.uri = a.source
+    if a.task:  # the task's label list (user cache, then shipped) replaces grounding.labels
+        from latentcast.edge.tasks import check_task_name
+
+        cfg.grounding.task, cfg.grounding.labels_from_task = check_task_name(a.task), True
     if not cfg.source.uri:
         raise SystemExit("error: no source: set source.uri in the config, LATENTCAST_EDGE__SOURCE__URI, or --source")
+    app = EdgeApp(cfg)  # resolves the task list: an unknown task is an error before anything starts
 
     async def run() -> dict:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        return await EdgeApp(cfg).run(max_frames=a.max_frames, stop=stop)
+        return await app.run(max_frames=a.max_frames, stop=stop)
 
     try:
         stats = asyncio.run(run())
@@ -324,9 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("edge", help="run the edge service: capture, grounding, encoding, stream to the cloud")
     g.add_argument("--config", help="edge YAML config (see edge/edge.yaml); LATENTCAST_EDGE__* variables override it")
     g.add_argument("--source", help="override source.uri (video file, image folder, rtsp:// URL, /dev/videoN)")
+    g.add_argument("--task", help="ground this task's label list (latentcast task list: the user cache, then the "
+                                  "shipped lists); sets grounding.task and grounding.labels_from_task")
     g.add_argument("--max-frames", type=int, help="stop after this many captured frames")
     g.add_argument("--describe", action="store_true", help="list every config key, its variable and default")
     g.set_defaults(func=cmd_edge)
+
+    from latentcast.tools.task import add_parser as task_parser
+
+    task_parser(sub)
 
     c = sub.add_parser("cloud", help="run the cloud service: gRPC Stream/Subscribe, health+reflection, /metrics")
     c.add_argument("--config", help="cloud YAML config (see cloud/cloud.yaml); LATENTCAST_CLOUD__* variables override it")
