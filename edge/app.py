@@ -110,18 +110,41 @@ class EdgeApp:
         if not 0 <= cfg.codec.rate_point < n_rates:
             raise ValueError(f"codec.rate_point {cfg.codec.rate_point} out of range 0..{n_rates - 1} for this bundle")
         if self._grounder is None:
-            from latentcast.detector import YoloxDetector
-
             g = cfg.grounding
-            det = YoloxDetector(model_path=g.model or None, labels_path=g.labels_file or None,
-                                score_threshold=g.score_threshold, nms_threshold=g.nms_threshold, threads=g.threads)
-            # a task list names far more labels than a closed-set detector knows: skip those (logged once)
+            if g.backend == "open-vocab":
+                det = self._open_vocab_detector()
+                strict = True  # the bundle grounds exactly the task's labels
+            else:
+                from latentcast.detector import YoloxDetector
+
+                det = YoloxDetector(model_path=g.model or None, labels_path=g.labels_file or None,
+                                    score_threshold=g.score_threshold, nms_threshold=g.nms_threshold,
+                                    threads=g.threads)
+                # a task list names far more labels than a closed-set detector knows: skip those (logged once)
+                strict = self.task_list is None
             self._grounder = Grounder(labels=self.labels, detector=det, every=g.every, max_missed=g.max_missed,
-                                      margin=g.margin, motion=g.motion, strict_labels=self.task_list is None)
+                                      margin=g.margin, motion=g.motion, strict_labels=strict)
         elif list(self._grounder.labels) != self.labels:
             what = f"task list {self.task_list.name!r}" if self.task_list is not None else "grounding.labels"
             raise ValueError(f"the grounder's labels {self._grounder.labels!r} differ from the {what} "
                              f"{self.labels!r}")
+
+    def _open_vocab_detector(self):
+        """The exported Grounding DINO bundle; its label list must be the task's (same label-set hash)."""
+        from latentcast.edge.open_vocab import OpenVocabDetector
+
+        g = self.config.grounding
+        det = OpenVocabDetector(bundle=g.bundle, box_threshold=g.box_threshold or None,
+                                text_threshold=g.text_threshold or None, nms_threshold=g.nms_threshold,
+                                threads=g.threads, provider=g.provider)
+        if label_set_hash(det.labels) != self._label_hash:
+            what = f"the task list {self.task_list.name!r}" if self.task_list is not None else "grounding.labels"
+            raise ValueError(
+                f"grounding bundle {g.bundle} was exported for {len(det.labels)} labels (label set hash "
+                f"{label_set_hash(det.labels).hex()}), not for {what} ({len(self.labels)} labels, hash "
+                f"{self._label_hash.hex()}); export it for these labels: latentcast export grounding --labels "
+                f"{self.task_list.name if self.task_list is not None else ','.join(self.labels)} --out {g.bundle}")
+        return det
 
     def _session(self, width: int, height: int) -> pb.SessionHeader:
         enc = self._encoder

@@ -23,6 +23,8 @@ ENV_PREFIX = "LATENTCAST_EDGE"
 _PACES = ("realtime", "none")
 _POLICIES = ("drop-oldest", "drop-newest")
 _MOTIONS = ("constant-velocity", "last")
+_BACKENDS = ("yolox", "open-vocab")  # grounding backends
+_PROVIDERS = ("cpu", "cuda", "tensorrt")  # ONNX Runtime execution providers of the open-vocab backend
 
 
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
@@ -66,9 +68,15 @@ class GroundingConfig:
     # "labels" (user cache $LATENTCAST_CACHE/tasks, then the shipped lists; see latentcast task list); its
     # labels and hash go into the session and packet headers, and labels the detector cannot ground are
     # skipped. latentcast edge --task NAME sets task and this
-    model: str = ""  # YOLOX ONNX file; "" = models/yolox_nano.onnx in the shared folder
-    labels_file: str = ""  # detector class names; "" = models/coco80_labels.txt in the shared folder
-    score_threshold: float = 0.3  # detector confidence to keep a box
+    backend: str = "yolox"  # "yolox": closed-set YOLOX (labels mapped to its COCO classes); "open-vocab":
+    # a Grounding DINO bundle from `latentcast export grounding` (ONNX Runtime; its labels must be the task's)
+    bundle: str = ""  # open-vocab: the exported bundle folder (manifest.json, image.onnx, text.npz)
+    provider: str = "cpu"  # open-vocab: ONNX Runtime execution provider, "cpu", "cuda" or "tensorrt"
+    box_threshold: float = 0.0  # open-vocab: query confidence to keep a box; 0 = the bundle's (0.35)
+    text_threshold: float = 0.0  # open-vocab: label score to name a box; 0 = the bundle's (0.25)
+    model: str = ""  # yolox: YOLOX ONNX file; "" = models/yolox_nano.onnx in the shared folder
+    labels_file: str = ""  # yolox: detector class names; "" = models/coco80_labels.txt in the shared folder
+    score_threshold: float = 0.3  # yolox: detector confidence to keep a box
     nms_threshold: float = 0.45  # IoU above which same-class boxes are merged
     every: int = 5  # run the detector every N frames; track boxes in between
     max_missed: int = 2  # detector runs a track may go unmatched before it is dropped
@@ -84,6 +92,15 @@ class GroundingConfig:
 
             check_task_name(self.task)
         _check_choice("grounding.motion", self.motion, _MOTIONS)
+        _check_choice("grounding.backend", self.backend, _BACKENDS)
+        _check_choice("grounding.provider", self.provider, _PROVIDERS)
+        if self.backend == "open-vocab" and not self.bundle:
+            raise ValueError("grounding.bundle is empty: the open-vocab backend needs the folder written by "
+                             "`latentcast export grounding` (or set grounding.backend: yolox)")
+        for name in ("box_threshold", "text_threshold"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise ValueError(f"grounding.{name} {v!r} out of range (0 <= value <= 1; 0 = the bundle's)")
         _check_min("grounding.every", self.every, 1)
         _check_min("grounding.max_missed", self.max_missed, 0)
         _check_min("grounding.margin", self.margin, 0)

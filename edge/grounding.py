@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from latentcast.detector import YoloxDetector, nms
+from latentcast.detector import Detector, nms
 from latentcast.proto.bitstream import MAX_ROIS, Roi
 from latentcast.proto.latentcast_v1_pb2 import Box
 
@@ -273,7 +273,7 @@ class Grounding:
 class Grounder:
     """Grounds a task's labels on frames: detector every ``every`` frames, IoU tracking in between."""
 
-    def __init__(self, *, labels: Sequence[str], detector: YoloxDetector, every: int = 5, max_missed: int = 2,
+    def __init__(self, *, labels: Sequence[str], detector: Detector, every: int = 5, max_missed: int = 2,
                  margin: int = 8, iou_match: float = 0.3, motion: str = "constant-velocity",
                  max_rois: int = 64, strict_labels: bool = True):
         """``strict_labels=False``: labels the detector cannot ground are skipped (logged once) instead of

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import cv2
 import numpy as np
@@ -24,7 +25,7 @@ from latentcast.shared import ENV_VAR, shared_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Detection", "YoloxDetector", "nms", "letterbox", "STRIDES", "PAD_VALUE"]
+__all__ = ["Detection", "Detector", "YoloxDetector", "nms", "letterbox", "STRIDES", "PAD_VALUE"]
 
 STRIDES = (8, 16, 32)  # YOLOX head strides, in the model's anchor order
 PAD_VALUE = 114  # letterbox fill value of the YOLOX reference preprocessing
@@ -41,6 +42,18 @@ class Detection:
     class_id: int
     label: str
     score: float
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """What the edge's grounding needs from any backend (closed-set YOLOX, the exported open-vocabulary
+    Grounding DINO on ONNX Runtime or TensorRT): its class names, and frame -> labelled boxes."""
+
+    labels: list[str]  # class names; Detection.class_id indexes this list
+
+    def detect(self, rgb: np.ndarray) -> list[Detection]:
+        """Objects in an (H, W, 3) uint8 RGB frame, boxes in frame pixels."""
+        ...
 
 
 def _resolve(path: str | Path | None, default_name: str, what: str) -> Path:

@@ -17,7 +17,7 @@ def test_edge_and_proto_import_without_torch(tiny_bundle):
         sys.meta_path.insert(0, Block())
         import numpy as np
         from latentcast.edge.encoder import EdgeEncoder
-        from latentcast.edge import app, capture, client, config, grounding, sender
+        from latentcast.edge import app, capture, client, config, grounding, open_vocab, sender, tasks
         import latentcast.detector
         from latentcast.proto import bitstream, entropy, grid, symbols
         enc = EdgeEncoder(bundle={str(tiny_bundle)!r})

@@ -91,11 +91,14 @@ def test_demo_streams_vtest_and_the_cloud_finds_the_edges_boxes(tmp_path, vtest,
     assert "analysed" in printed and "side_by_side.mp4" in printed
     summary = json.loads((out / "summary.json").read_text())
     q, e = summary["quality"], summary["edge"]
-    assert e["frames_encoded"] == 8 and q["results"] == 8 and q["frames_in_video"] == 8
-    assert summary["cloud"]["latentcast_cloud_frames_decoded_total"] == 8
-    assert q["edge_boxes"] >= 8 * 3  # vtest has several pedestrians in every frame
+    # unpaced, the edge may drop a frame by its live-first send-queue policy; every frame the cloud
+    # accepted is analysed and reaches the subscriber
+    assert e["frames_encoded"] == 8
+    assert q["results"] == q["frames_in_video"] == e["frames_acked"] == 8 - sum(e["dropped"].values()) >= 6, e
+    assert summary["cloud"]["latentcast_cloud_frames_decoded_total"] == q["results"]
+    assert q["edge_boxes"] >= q["results"] * 3  # vtest has several pedestrians in every frame
     # the cloud's YOLOX on the reconstruction finds most of what the edge's YOLOX found on the original
-    assert q["edge_box_recall"] >= 0.5 and q["frames_with_half_or_more_found"] >= 6, q
+    assert q["edge_box_recall"] >= 0.5 and q["frames_with_half_or_more_found"] >= q["results"] - 2, q
     assert q["psnr_inside_edge_boxes_db"] > q["psnr_frame_db"]  # ROIs coded, the background from the prior
     assert 0 < e["bpp"] < 0.2
     cap = cv2.VideoCapture(str(out / "side_by_side.mp4"))

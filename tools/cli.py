@@ -10,6 +10,8 @@
     latentcast release codec CHECKPOINT --out W.safetensors
     latentcast bench codec [--out results/codec_bench.json]
     latentcast bench stream [--streams 1,4,16] [--seconds 20] [--out results/stream_bench.json]
+    latentcast bench grounding [--full-random] [--grounding-model DIR]   (seconds per frame, YOLOX vs Grounding DINO)
+    latentcast export grounding --model grounding-dino-tiny --labels traffic [--tensorrt] [--out DIR]
     latentcast task new NAME --description TEXT    (task label list from an LLM, once; cached)
     latentcast task show NAME | task list          (label lists: shipped ones and the cache)
     latentcast edge --config edge.yaml [--task NAME]  (edge service; --describe lists every option)
@@ -126,6 +128,10 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
+    if a.what == "grounding":
+        from latentcast.tools.export_grounding import main as export_grounding_main
+
+        return export_grounding_main(a)
     from latentcast.edge.encoder import default_bundle_dir
     from latentcast.models.codec import LatentCodec
     from latentcast.models.export import export_edge_bundle
@@ -245,6 +251,13 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
+    if a.what == "grounding":
+        from latentcast.tools.bench_grounding import main as bench_grounding_main
+
+        a.out = a.out or "results/grounding_bench.json"
+        a.threads = 2 if a.threads is None else a.threads
+        a.model = a.grounding_model
+        return bench_grounding_main(a)
     if a.what == "stream":
         from latentcast.tools.bench_stream import main as bench_stream_main
 
@@ -295,10 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("input")
     i.set_defaults(func=cmd_info)
 
-    x = sub.add_parser("export", help="export ONNX graphs")
-    x.add_argument("what", choices=["edge"])
-    x.add_argument("--weights", help="codec weights (.safetensors); default: the shipped elic-lite")
-    x.add_argument("--out", help="bundle folder; default: models/weights/<codec>.onnx")
+    x = sub.add_parser("export", help="export ONNX graphs: edge (the codec's encoder bundle) or grounding "
+                                      "(Grounding DINO for the open-vocabulary edge backend)")
+    x.add_argument("what", choices=["edge", "grounding"])
+    x.add_argument("--weights", help="edge: codec weights (.safetensors); default: the shipped elic-lite")
+    x.add_argument("--out", help="bundle folder; default: models/weights/<codec>.onnx (edge), "
+                                 "grounding/<model>-<task> (grounding)")
+    from latentcast.tools.export_grounding import add_arguments as export_grounding_arguments
+
+    export_grounding_arguments(x)
     x.set_defaults(func=cmd_export)
 
     t = sub.add_parser("train", help="train the codec (stage I then II; resumes from --out)")
@@ -361,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks: codec (bpp, PSNR, speed vs JPEG/WebP) or stream (N concurrent "
                                      "streams, edge + cloud on loopback, vs JPEG over gRPC)")
-    b.add_argument("what", choices=["codec", "stream"])
+    b.add_argument("what", choices=["codec", "stream", "grounding"])
     b.add_argument("--weights", help="codec weights; default: the shipped elic-lite")
     b.add_argument("--kodak", type=int, default=24, help="codec: number of Kodak images (default all 24)")
     b.add_argument("--bundle", help="edge bundle folder; default: the shipped one")
@@ -386,6 +404,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--video", help="stream: video every camera reads (default vtest.avi in the shared folder)")
     b.add_argument("--rate", type=int, help="stream: codec rate point of the edges (default: the edge config's, 1)")
     b.add_argument("--labels", help="stream: task labels of the edges, e.g. person,car (default: the edge config's)")
+    b.add_argument("--frames", type=int, default=20, help="grounding: timed frames per detector (default 20)")
+    b.add_argument("--grounding-model", default=None,
+                   help="grounding: a local Grounding DINO folder to time too (default: none on this machine)")
+    b.add_argument("--full-random", action="store_true",
+                   help="grounding: also time the released architecture (Swin-T + BERT-base) with random weights")
+    b.add_argument("--full-frames", type=int, default=5, help="grounding: timed frames for full-size models")
+    b.add_argument("--image-size", default="576x768", help="grounding: exported graph input HxW (default 576x768)")
+    b.add_argument("--provider", default="cpu", choices=("cpu", "cuda", "tensorrt"),
+                   help="grounding: ONNX Runtime execution provider for the Grounding DINO graphs")
     b.set_defaults(func=cmd_bench)
 
     from latentcast.tools.eval.runner import add_arguments as eval_arguments
@@ -403,7 +430,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:  # bad input, missing files/weights, absent backends
+        if args.verbose:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

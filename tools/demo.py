@@ -272,7 +272,12 @@ async def run_demo(*, video: str, out_dir: Path, max_frames: int | None = None, 
     t0 = time.monotonic()
     try:
         edge_stats = await app.run(max_frames=max_frames, stop=stop)
-        await asyncio.sleep(0.5)  # the last results reach the subscriber
+        # the edge stops once its frames are acknowledged (= accepted by the cloud's pipeline); the
+        # subscriber still gets the results of the frames in flight: wait for them (bounded)
+        deadline = time.monotonic() + 10.0
+        while col.results < edge_stats.get("frames_acked", 0) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)
     finally:
         tick.cancel()
         cloud_counters = _cloud_counters(cloud)
