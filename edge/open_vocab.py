@@ -21,7 +21,6 @@ into :class:`latentcast.edge.grounding.Grounder` like the YOLOX one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -30,6 +29,8 @@ import cv2
 import numpy as np
 
 from latentcast.detector import Detection, nms
+from latentcast.proto.symbols import check_frame
+from latentcast.shared import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +83,6 @@ def postprocess_chunk(logits: np.ndarray, boxes: np.ndarray, spans, label_ids, *
     return xyxy[ok], score[keep][ok], ids[ok]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_unit(name: str, v, *, open_low: bool = False) -> float:
@@ -125,7 +120,7 @@ class OpenVocabDetector:
             if not p.is_file():
                 raise FileNotFoundError(f"grounding bundle {self.bundle}: {f} missing")
             want = man.get("files", {}).get(f)
-            if verify and want and _sha256(p) != want:
+            if verify and want and file_sha256(p) != want:
                 raise ValueError(f"{p}: sha256 differs from the manifest (a partial copy, or files of two exports)")
         self.manifest = man
         self.labels: list[str] = [str(s) for s in man["labels"]]
@@ -207,10 +202,7 @@ class OpenVocabDetector:
 
     def detect(self, rgb: np.ndarray) -> list[Detection]:
         """Objects in an (H, W, 3) uint8 RGB frame, best score first; boxes in frame pixels, clipped."""
-        if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8 \
-                or rgb.shape[0] < 1 or rgb.shape[1] < 1:
-            desc = f"{type(rgb).__name__} {getattr(rgb, 'shape', '')} {getattr(rgb, 'dtype', '')}"
-            raise ValueError(f"frame must be an (H, W, 3) uint8 RGB array, got {desc}")
+        check_frame(rgb)
         h, w = rgb.shape[:2]
         boxes, scores, ids = [], [], []
         for (logits, pred), (_, spans, label_ids) in zip(self.raw(rgb), self._chunks):

@@ -21,6 +21,7 @@ from typing import Protocol, runtime_checkable
 import cv2
 import numpy as np
 
+from latentcast.proto.symbols import check_frame
 from latentcast.shared import ENV_VAR, shared_path
 
 log = logging.getLogger(__name__)
@@ -170,10 +171,7 @@ class YoloxDetector:
 
     def detect(self, rgb: np.ndarray) -> list[Detection]:
         """Objects in an (H, W, 3) uint8 RGB frame, best score first; boxes in frame pixels, clipped."""
-        if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8 \
-                or rgb.shape[0] < 1 or rgb.shape[1] < 1:
-            desc = f"{type(rgb).__name__} {getattr(rgb, 'shape', '')} {getattr(rgb, 'dtype', '')}"
-            raise ValueError(f"frame must be an (H, W, 3) uint8 RGB array, got {desc}")
+        check_frame(rgb)
         h, w = rgb.shape[:2]
         out, r = self._raw(rgb)
         cls_scores = out[:, 5:]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 ENV_VAR = "LATENTCAST_SHARED"
 
-__all__ = ["ENV_VAR", "portable_path", "shared_dir", "shared_path"]
+__all__ = ["ENV_VAR", "file_sha256", "portable_path", "shared_dir", "shared_path"]
 
 
 def _candidates() -> list[Path]:
@@ -59,3 +59,14 @@ def portable_path(path: str | os.PathLike) -> str:
         return p.resolve().relative_to(Path.cwd().resolve()).as_posix()
     except ValueError:
         return str(path)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks (bundle manifests record these)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from latentcast.shared import file_sha256
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -552,12 +554,6 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _export_image_graph(model, chunk: TextChunk, path: Path, image_size: tuple[int, int], opset: int,
@@ -647,7 +643,7 @@ def export_labels(model, tokenizer, labels: Sequence[str], out_dir: str | Path, 
         "text_threshold": float(text_threshold),
         "inputs": list(IMAGE_INPUTS),
         "outputs": list(IMAGE_OUTPUTS),
-        "files": {"image.onnx": _sha256(image), "text.npz": _sha256(out / "text.npz")},
+        "files": {"image.onnx": file_sha256(image), "text.npz": file_sha256(out / "text.npz")},
     }
     path = out / "manifest.json"
     path.write_text(json.dumps(manifest, indent=2))

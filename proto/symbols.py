@@ -128,7 +128,8 @@ class LatentDecoder:
 
 def check_frame(frame: np.ndarray) -> None:
     """Raise ``ValueError`` naming the value unless ``frame`` is an (H, W, 3) uint8 RGB array."""
-    if not isinstance(frame, np.ndarray) or frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+    if not isinstance(frame, np.ndarray) or frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8 \
+            or frame.shape[0] < 1 or frame.shape[1] < 1:
         desc = f"{type(frame).__name__} {getattr(frame, 'shape', '')} {getattr(frame, 'dtype', '')}"
         raise ValueError(f"frame must be an (H, W, 3) uint8 RGB array, got {desc}")
 
