@@ -4,7 +4,9 @@
 
     streams ─► submit(FrameJob) ─► one bounded queue (per-stream and global limits, drop policy)
         ─► worker threads take batches (up to max_batch, or what came within batch_wait_ms)
-        ─► per frame: checks against the session ─► LatentCodec.decompress ─► detector
+        ─► per frame: checks against the session ─► LatentCodec.decompress
+        ─► composer (none: the latent decoder; controlnet: diffusion over the whole batch, across streams)
+        ─► per frame: detector
         ─► AnalysedFrame | FrameFailure ─► job.deliver (the stream) and on_result (sinks, fan-out)
 
 Per-frame problems never stop a worker; they become a :class:`FrameFailure` with a code:
@@ -106,6 +108,20 @@ class AnalysedFrame:
 
 
 @dataclass
+class _Decoded:
+    """A frame between decoding and analytics (its ``frame`` is None until composed)."""
+
+    job: FrameJob
+    rec: object  # models.codec.Reconstruction
+    frame: np.ndarray | None
+    width: int
+    height: int
+    labels: list[str]  # the task labels of the packet's ROIs (the composer's caption)
+    queue_ms: float
+    decode_ms: float
+
+
+@dataclass
 class FrameFailure:
     """A frame that produced no result, and why."""
 
@@ -138,9 +154,14 @@ class Pipeline:
 
     def __init__(self, *, codec: LatentCodec, detector: Detector, config: PipelineConfig | None = None,
                  metrics: CloudMetrics | None = None, on_result: Sequence[Callable[[AnalysedFrame], None]] = (),
-                 max_packet_bytes: int = MAX_PACKET_BYTES) -> None:
+                 max_packet_bytes: int = MAX_PACKET_BYTES, composer=None, compose_steps: int = 8) -> None:
+        """``composer``: None decodes ẑ_c with the codec's latent decoder (the embedded default); a
+        ``latentcast.models.composer`` composer (e.g. ControlNet diffusion) composes each batch's frames
+        together, with ``compose_steps`` sampling steps (the frames' consumers are machines)."""
         self.codec = codec
         self.detector = detector
+        self.composer = composer
+        self.compose_steps = compose_steps
         self.config = config or PipelineConfig()
         self.metrics = metrics
         self.on_result = list(on_result)
@@ -276,16 +297,21 @@ class Pipeline:
             self._run_batch(batch)
 
     def _run_batch(self, batch: list[FrameJob]) -> None:
-        for job in batch:
-            try:
-                outcome = self.process(job)
-            except Exception as exc:  # noqa: BLE001 - a worker must survive anything a frame does
-                _rl(logging.ERROR, "internal", "frame %s/%d: unexpected error", job.spec.camera_id, job.seq,
-                    exc_info=exc)
-                outcome = FrameFailure(job=job, code="internal_error", message=f"{type(exc).__name__}: {exc}")
+        outcomes = self._safe(batch, lambda: self.process_batch(batch))
+        for job, outcome in zip(batch, outcomes):
             with self._cond:
                 self._release(job)
             self._emit(outcome)
+
+    def _safe(self, jobs: list[FrameJob], fn: Callable[[], list[FrameOutcome]]) -> list[FrameOutcome]:
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - a worker must survive anything a frame does
+            if len(jobs) > 1:  # find the frame that fails: the others still get their results
+                return [self._safe([j], lambda j=j: self.process_batch([j]))[0] for j in jobs]
+            job = jobs[0]
+            _rl(logging.ERROR, "internal", "frame %s/%d: unexpected error", job.spec.camera_id, job.seq, exc_info=exc)
+            return [FrameFailure(job=job, code="internal_error", message=f"{type(exc).__name__}: {exc}")]
 
     def _emit(self, outcome: FrameOutcome) -> None:
         job = outcome.job
@@ -325,6 +351,41 @@ class Pipeline:
     # ------------------------------------------------------------------ one frame
     def process(self, job: FrameJob) -> FrameOutcome:
         """Check, decode and analyse one frame (synchronously, in the calling thread)."""
+        return self.process_batch([job])[0]
+
+    def process_batch(self, jobs: list[FrameJob]) -> list[FrameOutcome]:
+        """Check and decode each frame, compose the decoded ones together (one batched composer call
+        across streams), then analyse each; one outcome per job, in order."""
+        decoded = [self._decode(job) for job in jobs]
+        ok = [d for d in decoded if not isinstance(d, FrameFailure)]
+        if ok and self.composer is not None:
+            from latentcast.models.composer import ComposeRequest
+
+            t0 = time.monotonic()
+            frames = self.composer.compose([
+                ComposeRequest(latent=d.rec.latent, mask=d.rec.mask, width=d.width, height=d.height,
+                               labels=d.labels, stream_id=d.job.spec.camera_id, steps=self.compose_steps)
+                for d in ok])
+            per_frame_ms = (time.monotonic() - t0) * 1000.0 / len(ok)
+            for d, f in zip(ok, frames):
+                d.frame, d.decode_ms = f, d.decode_ms + per_frame_ms
+        return [d if isinstance(d, FrameFailure) else self._analyse(d) for d in decoded]
+
+    def _analyse(self, d: "_Decoded") -> FrameOutcome:
+        t1 = time.monotonic()
+        try:
+            detections = list(self.detector.detect(d.frame))
+        except Exception as exc:  # noqa: BLE001 - any detector failure is this frame's
+            return FrameFailure(job=d.job, code="analytics_failed", message=f"{type(exc).__name__}: {exc}")
+        t2 = time.monotonic()
+        c2r = None
+        if d.job.capture_ts_us > 0:
+            c2r = time.time() * 1000.0 - d.job.capture_ts_us / 1000.0
+        return AnalysedFrame(job=d.job, frame=d.frame, detections=detections, queue_ms=d.queue_ms,
+                             decode_ms=d.decode_ms, analytics_ms=(t2 - t1) * 1000.0,
+                             capture_to_result_ms=c2r, bpp=d.job.packet_bytes * 8.0 / (d.width * d.height))
+
+    def _decode(self, job: FrameJob) -> "_Decoded | FrameFailure":
         t0 = time.monotonic()
         queue_ms = (t0 - job.enqueued) * 1000.0
         spec = job.spec
@@ -352,21 +413,13 @@ class Pipeline:
             return FrameFailure(job=job, code="label_set_mismatch", message=(
                 f"ROI label id(s) {bad_ids[:8]} outside the session's {len(spec.labels)} labels"))
         try:
-            rec = codec.decompress(packet)
+            # a composer makes the frame from the latent: skip the latent decoder then
+            rec = codec.decompress(packet) if self.composer is None else codec.decompress(packet, decode_frame=False)
         except CodecError as exc:
             code = "checksum_mismatch" if "checksum" in str(exc) else "decode_failed"
             return FrameFailure(job=job, code=code, message=str(exc))
         except (ValueError, IndexError, OverflowError) as exc:  # the range decoder on hostile section bytes
             return FrameFailure(job=job, code="decode_failed", message=f"{type(exc).__name__}: {exc}")
-        t1 = time.monotonic()
-        try:
-            detections = list(self.detector.detect(rec.frame))
-        except Exception as exc:  # noqa: BLE001 - any detector failure is this frame's
-            return FrameFailure(job=job, code="analytics_failed", message=f"{type(exc).__name__}: {exc}")
-        t2 = time.monotonic()
-        c2r = None
-        if job.capture_ts_us > 0:
-            c2r = time.time() * 1000.0 - job.capture_ts_us / 1000.0
-        return AnalysedFrame(job=job, frame=rec.frame, detections=detections, queue_ms=queue_ms,
-                             decode_ms=(t1 - t0) * 1000.0, analytics_ms=(t2 - t1) * 1000.0,
-                             capture_to_result_ms=c2r, bpp=job.packet_bytes * 8.0 / (hd.width * hd.height))
+        return _Decoded(job=job, rec=rec, frame=rec.frame, width=hd.width, height=hd.height,
+                        labels=[spec.labels[r.label_id] for r in hd.rois], queue_ms=queue_ms,
+                        decode_ms=(time.monotonic() - t0) * 1000.0)
