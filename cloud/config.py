@@ -44,6 +44,7 @@ __all__ = [
 
 ENV_PREFIX = "LATENTCAST_CLOUD"
 DROP_POLICIES = ("drop_oldest", "drop_newest")
+COMPOSER_KINDS = ("none", "controlnet")  # = latentcast.models.composer.COMPOSER_KINDS (no torch import here)
 DETECTOR_KINDS = ("yolox", "onnx", "none")
 
 
@@ -115,6 +116,32 @@ class PipelineConfig:
 
 
 @dataclass
+class ComposerConfig:
+    kind: str = "none"  # "none": ẑ_c through the codec's latent decoder (embedded default); "controlnet": ControlNet
+    # diffusion on Stable Diffusion composes the frame from the transmitted latents (paper profile, wants a GPU)
+    sd: str = "stabilityai/stable-diffusion-2-1-base"  # controlnet: SD 2.1-base folder or hub id ("tiny": random test model)
+    controlnet: str = ""  # controlnet: trained ControlNet + adapter folder (latentcast train composer); "" = untrained
+    local_files_only: bool = True  # controlnet: read hub ids from the local Hugging Face cache only, never download
+    scheduler: str = "dpm++"  # controlnet: sampler, "dpm++" (DPM-Solver++ multistep) or "ddim"
+    steps: int = 8  # controlnet: sampling steps for the analysed frames (machine consumers)
+    start_strength: float = 1.0  # controlnet: 1 = start from pure noise; < 1 = from the decoded latent, noised
+    keep_roi: bool = True  # controlnet: keep the transmitted ROI latents in the composed latent
+    guidance_scale: float = 1.0  # controlnet: classifier-free guidance; 1 = off (one UNet pass per step)
+    use_caption: bool = True  # controlnet: caption from the frame's ROI labels ("a photo of a car, two persons")
+    seed: int = 0  # controlnet: mixed into each stream's fixed noise seed (consecutive frames do not flicker)
+
+    def __post_init__(self) -> None:
+        if self.kind not in COMPOSER_KINDS:
+            raise ValueError(f"composer.kind {self.kind!r} is not one of {', '.join(COMPOSER_KINDS)}")
+        if self.scheduler not in ("dpm++", "ddim"):
+            raise ValueError(f"composer.scheduler {self.scheduler!r} is not one of dpm++, ddim")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"composer.steps must be an integer >= 1, got {self.steps!r}")
+        if not 0.0 < self.start_strength <= 1.0:
+            raise ValueError(f"composer.start_strength {self.start_strength!r} out of range (0 < value <= 1)")
+
+
+@dataclass
 class SessionsConfig:
     max_cameras: int = 4096  # camera states kept for resume; the least recently seen idle ones are forgotten beyond
     max_out_of_order: int = 1024  # seqs held above the contiguous watermark; beyond, the oldest gap is given up
@@ -136,6 +163,7 @@ class CloudConfig:
     server: ServerConfig = field(default_factory=ServerConfig)  # gRPC, maintenance and metrics endpoints, auth, TLS
     codec: CodecConfig = field(default_factory=CodecConfig)  # the codec the packets are decoded with
     analytics: AnalyticsConfig = field(default_factory=AnalyticsConfig)  # detector run on every reconstruction
+    composer: ComposerConfig = field(default_factory=ComposerConfig)  # how a frame is made from the decoded latent
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)  # decode/analytics worker pool and queues
     sessions: SessionsConfig = field(default_factory=SessionsConfig)  # per-camera resume state
     sinks: SinksConfig = field(default_factory=SinksConfig)  # JSON lines and Subscribe fan-out

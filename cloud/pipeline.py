@@ -24,6 +24,7 @@ label_set_mismatch    the packet's label-set hash is not the session's label lis
                       hash is accepted only on a packet without ROIs), or an ROI label id is
                       outside the session's label list
 decode_failed         any other decoder refusal (CodecError: rate point, missing section, ...)
+compose_failed        the composer (e.g. ControlNet diffusion) raised on the frame's batch
 analytics_failed      the detector raised
 cloud_overloaded      dropped by the queue's drop policy, never decoded
 server_shutdown       still queued when the pipeline stopped
@@ -70,7 +71,7 @@ __all__ = ["FrameJob", "AnalysedFrame", "FrameFailure", "FrameOutcome", "Pipelin
            "ERROR_CODES"]
 
 ERROR_CODES = ("malformed_packet", "checksum_mismatch", "wrong_codec", "frame_size_mismatch", "label_set_mismatch",
-               "decode_failed", "analytics_failed", "cloud_overloaded", "server_shutdown", "internal_error")
+               "decode_failed", "compose_failed", "analytics_failed", "cloud_overloaded", "server_shutdown", "internal_error")
 _ZERO_HASH = b"\0\0\0\0"
 
 
@@ -362,10 +363,15 @@ class Pipeline:
             from latentcast.models.composer import ComposeRequest
 
             t0 = time.monotonic()
-            frames = self.composer.compose([
-                ComposeRequest(latent=d.rec.latent, mask=d.rec.mask, width=d.width, height=d.height,
-                               labels=d.labels, stream_id=d.job.spec.camera_id, steps=self.compose_steps)
-                for d in ok])
+            try:
+                frames = self.composer.compose([
+                    ComposeRequest.from_reconstruction(d.rec, labels=d.labels, stream_id=d.job.spec.camera_id,
+                                                       steps=self.compose_steps) for d in ok])
+            except Exception as exc:  # noqa: BLE001 - the batch's frames fail, the worker goes on
+                msg = f"{type(exc).__name__}: {exc}"
+                decoded = [d if isinstance(d, FrameFailure) else FrameFailure(job=d.job, code="compose_failed",
+                                                                              message=msg) for d in decoded]
+                return decoded
             per_frame_ms = (time.monotonic() - t0) * 1000.0 / len(ok)
             for d, f in zip(ok, frames):
                 d.frame, d.decode_ms = f, d.decode_ms + per_frame_ms

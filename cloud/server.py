@@ -430,6 +430,16 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
 
 
 # ---------------------------------------------------------------------------------------- server
+
+def _make_composer(c, codec):
+    """The ControlNet composer from ``composer.*`` settings (the codec's latent space conditions it)."""
+    from latentcast.models.composer import make_composer
+
+    return make_composer(c.kind, codec=codec, sd=c.sd, controlnet=c.controlnet or None,
+                         local_files_only=c.local_files_only, scheduler=c.scheduler, seed=c.seed,
+                         default_steps=c.steps, start_strength=c.start_strength, keep_roi=c.keep_roi,
+                         guidance_scale=c.guidance_scale, use_caption=c.use_caption)
+
 class CloudServer:
     """The cloud service; ``codec`` and ``detector`` may be injected (tests), else loaded from config."""
 
@@ -438,6 +448,7 @@ class CloudServer:
         self.config = config or CloudConfig()
         self.codec: LatentCodec | None = codec
         self.detector: Detector | None = detector
+        self.composer = None  # built from config.composer when its kind is not "none"
         self.metrics = metrics or CloudMetrics()
         self.sessions = SessionRegistry(config=self.config.sessions)
         self.pipeline: Pipeline | None = None
@@ -520,7 +531,8 @@ class CloudServer:
             await asyncio.to_thread(self._load_and_warm_sync)
             self.pipeline = Pipeline(codec=self.codec, detector=self.detector, config=self.config.pipeline,
                                      metrics=self.metrics, on_result=self._result_sinks(),
-                                     max_packet_bytes=self.config.server.max_packet_bytes)
+                                     max_packet_bytes=self.config.server.max_packet_bytes,
+                                     composer=self.composer, compose_steps=self.config.composer.steps)
             self.pipeline.start()
             self._ready.set()
             for name in ("", SERVICE_NAME):
@@ -530,7 +542,7 @@ class CloudServer:
                      self.codec.weights_hash.hex(), type(self.detector).__name__)
         except Exception as exc:  # noqa: BLE001 - reported by wait_ready / serve_forever
             self._warm_error = exc
-            log.error("loading or warming the codec/detector failed: %s", exc)
+            log.error("loading or warming the codec/composer/detector failed: %s", exc)
             self._ready.set()
 
     def _load_and_warm_sync(self) -> None:
@@ -544,6 +556,12 @@ class CloudServer:
         dummy = np.stack([xx * 255 // n, yy * 255 // n, (xx + yy) * 127 // n], axis=-1).astype(np.uint8)
         data = self.codec.compress(dummy, [Roi(x0=0, y0=0, x1=n // 2, y1=n // 2)], rate_point=0)
         rec = self.codec.decompress(data)
+        if cfg.composer.kind != "none" and self.composer is None:
+            self.composer = _make_composer(cfg.composer, self.codec)
+        if self.composer is not None:  # warm the sampler too: the first frame must not pay for it
+            from latentcast.models.composer import ComposeRequest
+
+            self.composer.compose([ComposeRequest.from_reconstruction(rec, stream_id="warmup", steps=1)])
         self.detector.detect(rec.frame)
 
     def _result_sinks(self) -> list:
