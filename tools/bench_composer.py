@@ -35,6 +35,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+PROG = "python -m latentcast.tools.bench_composer"  # how this benchmark is run (not a latentcast subcommand)
+
 W, H = 768, 576
 
 
@@ -228,7 +230,7 @@ def main(args: argparse.Namespace) -> int:
         comp = None  # free the models before the next setup
 
     result = {
-        "command": command(),
+        "command": command(PROG),
         "commit": commit(),
         "machine": machine(),
         "device": device,
@@ -260,6 +262,6 @@ def main(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="latentcast bench composer", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     raise SystemExit(main(parser.parse_args()))

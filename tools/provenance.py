@@ -11,9 +11,9 @@ from pathlib import Path
 __all__ = ["command", "commit", "machine"]
 
 
-def command() -> str:
-    """The command line as a user would type it (``latentcast ...``)."""
-    return " ".join(["latentcast"] + sys.argv[1:])
+def command(prog: str = "latentcast") -> str:
+    """The command line as a user would type it (``latentcast ...``, or ``prog`` and the arguments)."""
+    return " ".join([prog] + sys.argv[1:])
 
 
 def commit() -> str:
