@@ -102,6 +102,7 @@ class AnalysedFrame:
     analytics_ms: float
     capture_to_result_ms: float | None  # None when the capture time is unknown (0)
     bpp: float  # packet bits per frame pixel
+    compose_request: object = None  # with a composer: the ComposeRequest that made ``frame`` (recomposable)
 
     @property
     def seq(self) -> int:
@@ -120,6 +121,7 @@ class _Decoded:
     labels: list[str]  # the task labels of the packet's ROIs (the composer's caption)
     queue_ms: float
     decode_ms: float
+    request: object = None  # the ComposeRequest, once composed
 
 
 @dataclass
@@ -363,18 +365,18 @@ class Pipeline:
             from latentcast.models.composer import ComposeRequest
 
             t0 = time.monotonic()
+            requests = [ComposeRequest.from_reconstruction(d.rec, labels=d.labels, stream_id=d.job.spec.camera_id,
+                                                           steps=self.compose_steps) for d in ok]
             try:
-                frames = self.composer.compose([
-                    ComposeRequest.from_reconstruction(d.rec, labels=d.labels, stream_id=d.job.spec.camera_id,
-                                                       steps=self.compose_steps) for d in ok])
+                frames = self.composer.compose(requests)
             except Exception as exc:  # noqa: BLE001 - the batch's frames fail, the worker goes on
                 msg = f"{type(exc).__name__}: {exc}"
                 decoded = [d if isinstance(d, FrameFailure) else FrameFailure(job=d.job, code="compose_failed",
                                                                               message=msg) for d in decoded]
                 return decoded
             per_frame_ms = (time.monotonic() - t0) * 1000.0 / len(ok)
-            for d, f in zip(ok, frames):
-                d.frame, d.decode_ms = f, d.decode_ms + per_frame_ms
+            for d, f, r in zip(ok, frames, requests):
+                d.frame, d.decode_ms, d.request = f, d.decode_ms + per_frame_ms, r
         return [d if isinstance(d, FrameFailure) else self._analyse(d) for d in decoded]
 
     def _analyse(self, d: "_Decoded") -> FrameOutcome:
@@ -389,7 +391,8 @@ class Pipeline:
             c2r = time.time() * 1000.0 - d.job.capture_ts_us / 1000.0
         return AnalysedFrame(job=d.job, frame=d.frame, detections=detections, queue_ms=d.queue_ms,
                              decode_ms=d.decode_ms, analytics_ms=(t2 - t1) * 1000.0,
-                             capture_to_result_ms=c2r, bpp=d.job.packet_bytes * 8.0 / (d.width * d.height))
+                             capture_to_result_ms=c2r, bpp=d.job.packet_bytes * 8.0 / (d.width * d.height),
+                             compose_request=d.request)
 
     def _decode(self, job: FrameJob) -> "_Decoded | FrameFailure":
         t0 = time.monotonic()

@@ -533,6 +533,7 @@ class CloudServer:
                                      metrics=self.metrics, on_result=self._result_sinks(),
                                      max_packet_bytes=self.config.server.max_packet_bytes,
                                      composer=self.composer, compose_steps=self.config.composer.steps)
+            self.fanout.composer = self.composer  # subscribers may ask for their own composer steps
             self.pipeline.start()
             self._ready.set()
             for name in ("", SERVICE_NAME):

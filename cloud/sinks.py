@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["JsonlSink", "FanOut", "Subscriber", "encode_image", "frame_record", "to_proto_boxes"]
 
-Encoding = tuple[int, int]  # (ImageFormat value, quality or PNG level)
+Encoding = tuple[int, int, int]  # (ImageFormat value, quality or PNG level, composer steps or 0)
 
 
 def encode_image(rgb: np.ndarray, fmt: int, *, jpeg_quality: int = 90, png_compression: int = 1) -> bytes:
@@ -102,11 +102,13 @@ class JsonlSink:
 class Subscriber:
     """One ``Subscribe`` call: its filter, encoding and bounded queue (used on the event loop)."""
 
-    def __init__(self, *, camera_id: str, task: str, fmt: int, quality: int, queue_size: int) -> None:
+    def __init__(self, *, camera_id: str, task: str, fmt: int, quality: int, queue_size: int,
+                 steps: int = 0) -> None:
         self.camera_id = camera_id
         self.task = task
         self.fmt = fmt
         self.quality = quality
+        self.steps = steps  # composer sampling steps of this client's frames; 0 = the analysed frame
         self._q: deque[pb.FrameResult] = deque()
         self._size = queue_size
         self._ready = asyncio.Event()
@@ -119,7 +121,7 @@ class Subscriber:
 
     @property
     def encoding(self) -> Encoding | None:
-        return None if self.fmt == pb.IMAGE_FORMAT_UNSPECIFIED else (self.fmt, self.quality)
+        return None if self.fmt == pb.IMAGE_FORMAT_UNSPECIFIED else (self.fmt, self.quality, self.steps)
 
     def put(self, msg: pb.FrameResult) -> bool:
         """Queue ``msg``; False when the oldest frame had to be dropped for it."""
@@ -152,8 +154,13 @@ class FanOut:
     ``offer`` from worker threads."""
 
     def __init__(self, *, loop: asyncio.AbstractEventLoop, queue_size: int = 16, jpeg_quality: int = 90,
-                 png_compression: int = 1, metrics: CloudMetrics | None = None) -> None:
+                 png_compression: int = 1, metrics: CloudMetrics | None = None, composer=None,
+                 max_compose_steps: int = 200) -> None:
+        """``composer``: the pipeline's diffusion composer, if any; subscribers may then ask for frames
+        composed with their own number of sampling steps (``SubscribeRequest.compose_steps``)."""
         self._loop = loop
+        self.composer = composer
+        self.max_compose_steps = max_compose_steps
         self._queue_size = queue_size
         self.jpeg_quality = jpeg_quality
         self.png_compression = png_compression
@@ -177,8 +184,12 @@ class FanOut:
             quality = self.png_compression
         else:
             quality = 0
+        if req.compose_steps > self.max_compose_steps:
+            raise ValueError(f"SubscribeRequest.compose_steps {req.compose_steps} out of range 0..{self.max_compose_steps}")
+        # without a diffusion composer the frame does not depend on steps: everyone gets the analysed frame
+        steps = req.compose_steps if self.composer is not None and req.format != pb.IMAGE_FORMAT_UNSPECIFIED else 0
         sub = Subscriber(camera_id=req.camera_id, task=req.task, fmt=req.format, quality=quality,
-                         queue_size=self._queue_size)
+                         queue_size=self._queue_size, steps=steps)
         if self._closed:
             sub.close()
             return sub
@@ -215,9 +226,13 @@ class FanOut:
         if not wanted:
             return
         images: dict[Encoding, bytes] = {}
-        for enc in wanted:
-            if enc is not None:
-                images[enc] = encode_image(fr.frame, enc[0], jpeg_quality=enc[1], png_compression=enc[1])
+        frames = {0: fr.frame}  # by sampling steps; 0 = the analysed frame
+        for enc in sorted((e for e in wanted if e is not None), key=lambda e: e[2]):
+            steps = enc[2]
+            if steps not in frames:  # a client asked for other steps (people: 50): compose once more
+                frames[steps] = self._recompose(fr, steps)
+            if frames[steps] is not None:
+                images[enc] = encode_image(frames[steps], enc[0], jpeg_quality=enc[1], png_compression=enc[1])
         base = pb.FrameResult(camera_id=spec.camera_id, task=spec.task, seq=fr.job.seq,
                               capture_ts_us=fr.job.capture_ts_us, width=spec.width, height=spec.height,
                               boxes=to_proto_boxes(fr.detections), edge_boxes=to_proto_boxes(fr.job.edge_boxes),
@@ -226,6 +241,22 @@ class FanOut:
             self._loop.call_soon_threadsafe(self._publish, base, images)
         except RuntimeError:  # the loop is closed: the server is gone
             pass
+
+    def _recompose(self, fr: AnalysedFrame, steps: int) -> np.ndarray | None:
+        """``fr`` composed again with ``steps`` sampling steps (same seed and caption), in this worker
+        thread; None (that client misses the frame, counted) when the composer fails."""
+        req = fr.compose_request
+        if req is None or self.composer is None:
+            return fr.frame
+        try:
+            import dataclasses
+
+            return self.composer.compose([dataclasses.replace(req, steps=steps)])[0]
+        except Exception as exc:  # noqa: BLE001 - a subscriber's extra frame must not stop the worker
+            log.warning("recomposing %s/%d with %d steps failed: %s", fr.job.spec.camera_id, fr.seq, steps, exc)
+            if self.metrics is not None:
+                self.metrics.subscriber_dropped.inc()
+            return None
 
     def _publish(self, base: pb.FrameResult, images: dict[Encoding, bytes]) -> None:
         for sub in list(self._subs):

@@ -133,16 +133,18 @@ class CloudMessage(_message.Message):
     def __init__(self, accepted: _Optional[_Union[SessionAccepted, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., result: _Optional[_Union[FrameAnalytics, _Mapping]] = ..., error: _Optional[_Union[FrameError, _Mapping]] = ...) -> None: ...
 
 class SubscribeRequest(_message.Message):
-    __slots__ = ("camera_id", "task", "format", "jpeg_quality")
+    __slots__ = ("camera_id", "task", "format", "jpeg_quality", "compose_steps")
     CAMERA_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     JPEG_QUALITY_FIELD_NUMBER: _ClassVar[int]
+    COMPOSE_STEPS_FIELD_NUMBER: _ClassVar[int]
     camera_id: str
     task: str
     format: ImageFormat
     jpeg_quality: int
-    def __init__(self, camera_id: _Optional[str] = ..., task: _Optional[str] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., jpeg_quality: _Optional[int] = ...) -> None: ...
+    compose_steps: int
+    def __init__(self, camera_id: _Optional[str] = ..., task: _Optional[str] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., jpeg_quality: _Optional[int] = ..., compose_steps: _Optional[int] = ...) -> None: ...
 
 class FrameResult(_message.Message):
     __slots__ = ("camera_id", "task", "seq", "capture_ts_us", "width", "height", "format", "image", "boxes", "edge_boxes", "packet_bytes")

@@ -94,3 +94,48 @@ async def test_missing_sd_weights_keep_the_server_not_serving(make_server, tmp_p
     srv = await make_server(_controlnet_config(sd=str(tmp_path / "no-sd")), wait=False)
     with pytest.raises(RuntimeError, match="could not start: Stable Diffusion weights .*no-sd.*composer.sd"):
         await srv.wait_ready(TIMEOUT)
+
+
+async def test_subscribers_get_frames_composed_with_their_own_steps(make_server, tiny_codec, packets):  # noqa: F811
+    """Analytics use composer.steps (2 here); a PNG subscriber asking for 5 steps gets the same packet
+    composed with 5 (same seed and caption); one asking for 0 gets the analysed frame."""
+    import asyncio
+
+    import cv2
+    import numpy as np
+
+    from latentcast.proto import latentcast_v1_pb2 as pb
+
+    seen = []
+    srv = await make_server(_controlnet_config())
+    srv.pipeline.on_result.append(seen.append)
+    async with channel(srv.ports[0]) as ch:
+        stub = pb_grpc.LatentcastStub(ch)
+        people = stub.Subscribe(pb.SubscribeRequest(format=pb.IMAGE_FORMAT_PNG, compose_steps=5))
+        machine = stub.Subscribe(pb.SubscribeRequest(format=pb.IMAGE_FORMAT_PNG))
+        for _ in range(100):
+            if len(srv.fanout) == 2:
+                break
+            await asyncio.sleep(0.02)
+        call = stub.Stream()
+        await call.write(header(tiny_codec))
+        await read(call)
+        await call.write(frame(0, packets[0]))
+        await call.done_writing()
+        while await asyncio.wait_for(call.read(), TIMEOUT) is not grpc.aio.EOF:
+            pass
+        p5 = await asyncio.wait_for(people.read(), TIMEOUT)
+        p0 = await asyncio.wait_for(machine.read(), TIMEOUT)
+        people.cancel()
+        machine.cancel()
+
+    def png(msg):
+        return cv2.imdecode(np.frombuffer(msg.image, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+
+    analysed = seen[0]
+    assert analysed.compose_request.steps == 2
+    assert (png(p0) == analysed.frame).all()
+    five = srv.composer.compose([dataclasses.replace(analysed.compose_request, steps=5)])[0]
+    assert (png(p5) == five).all() and not (five == analysed.frame).all()
+    with pytest.raises(ValueError, match="compose_steps 1000"):
+        srv.fanout.subscribe(pb.SubscribeRequest(format=pb.IMAGE_FORMAT_PNG, compose_steps=1000))
