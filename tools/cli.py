@@ -7,6 +7,8 @@
     latentcast info IN.lcf
     latentcast export edge [--weights W.safetensors] --out DIR
     latentcast train codec [--steps N ...]        (stage I + II, resumable; see models/training.py)
+    latentcast train composer --sd DIR [--steps-1 N --steps-2 M --batch B --crop C --out DIR --resume]
+                                                  (ControlNet + adapter, DISCOVER sec. 3.4; models/composer_training.py)
     latentcast release codec CHECKPOINT --out W.safetensors
     latentcast bench codec [--out results/codec_bench.json]
     latentcast bench stream [--streams 1,4,16] [--seconds 20] [--out results/stream_bench.json]
@@ -142,13 +144,42 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def _pick(value, default):
+    return default if value is None else value
+
+
 def cmd_train(a: argparse.Namespace) -> int:
+    if a.what == "composer":
+        return _train_composer(a)
     from latentcast.models.training import TrainConfig, train
 
-    cfg = TrainConfig(model=a.model, latent_space=a.latent_space, out=a.out, stage1_steps=a.stage1_steps, stage2_steps=a.stage2_steps,
-                      batch=a.batch, crop=a.crop, lr=a.lr, lam=a.lam, threads=a.threads, cache=a.cache or "",
-                      init=a.init or "")
+    cfg = TrainConfig(model=a.model, latent_space=a.latent_space, out=_pick(a.out, "checkpoints/elic-lite"),
+                      stage1_steps=_pick(a.stage1_steps, 6000), stage2_steps=_pick(a.stage2_steps, 1000),
+                      batch=_pick(a.batch, 8), crop=_pick(a.crop, 192), lr=_pick(a.lr, 2e-4), lam=a.lam,
+                      threads=a.threads, cache=a.cache or "", init=a.init or "")
     print(train(cfg))
+    return 0
+
+
+def _train_composer(a: argparse.Namespace) -> int:
+    from latentcast.models.composer_training import ComposerTrainConfig, train_composer
+
+    d = ComposerTrainConfig()
+    lo, hi = d.mask_min, d.mask_max
+    if a.mask_range:
+        try:
+            lo, hi = (float(v) for v in a.mask_range.split(","))
+        except ValueError:
+            raise SystemExit(f"error: --mask-range {a.mask_range!r}: expected MIN,MAX, e.g. 0,0.5") from None
+    cfg = ComposerTrainConfig(
+        sd=a.sd, controlnet=a.controlnet or "", codec=a.codec, out=_pick(a.out, d.out), resume=a.resume,
+        cache=a.cache or "", stage1_steps=_pick(a.stage1_steps, d.stage1_steps),
+        stage2_steps=_pick(a.stage2_steps, d.stage2_steps), batch=_pick(a.batch, d.batch), crop=_pick(a.crop, d.crop),
+        lr=_pick(a.lr, d.lr), adapter_lr=_pick(a.adapter_lr, d.adapter_lr), lam_diff=a.lam_diff,
+        lam_latent=a.lam_latent, train_gs=a.train_gs, mask_min=lo, mask_max=hi, caption=a.caption, seed=a.seed,
+        checkpoint_every=a.checkpoint_every, log_every=a.log_every, device=a.device, precision=a.precision,
+        gradient_checkpointing=a.gradient_checkpointing, local_files_only=not a.allow_download, threads=a.threads)
+    print(train_composer(cfg))
     return 0
 
 
@@ -319,22 +350,54 @@ def build_parser() -> argparse.ArgumentParser:
     export_grounding_arguments(x)
     x.set_defaults(func=cmd_export)
 
-    t = sub.add_parser("train", help="train the codec (stage I then II; resumes from --out)")
-    t.add_argument("what", choices=["codec"])
-    t.add_argument("--model", default="lite", help="codec configuration: lite, lite-taef2 or paper (default lite)")
-    t.add_argument("--out", default="checkpoints/elic-lite", help="checkpoint folder (default checkpoints/elic-lite)")
-    t.add_argument("--stage1-steps", type=int, default=6000, help="stage I steps (default 6000)")
-    t.add_argument("--stage2-steps", type=int, default=1000, help="stage II steps (default 1000)")
-    t.add_argument("--batch", type=int, default=8, help="crops per step (default 8)")
-    t.add_argument("--crop", type=int, default=192, help="crop size, multiple of 64 (default 192)")
-    t.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (default 2e-4)")
+    t = sub.add_parser("train", help="train the codec or the ControlNet composer (stage I then II; resumable)")
+    t.add_argument("what", choices=["codec", "composer"])
+    t.add_argument("--model", default="lite", help="codec: configuration lite, lite-taef2 or paper (default lite)")
+    t.add_argument("--out", default=None,
+                   help="checkpoint folder (default checkpoints/elic-lite; composer: checkpoints/composer)")
+    t.add_argument("--stage1-steps", "--steps-1", dest="stage1_steps", type=int, default=None,
+                   help="stage I steps (default: codec 6000, composer 2000)")
+    t.add_argument("--stage2-steps", "--steps-2", dest="stage2_steps", type=int, default=None,
+                   help="stage II steps (default: codec 1000, composer 500)")
+    t.add_argument("--batch", type=int, default=None, help="crops per step (default: codec 8, composer 1)")
+    t.add_argument("--crop", type=int, default=None,
+                   help="crop size, multiple of 64 (default: codec 192, composer 128; the paper: 512)")
+    t.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: codec 2e-4 Adam, composer 1e-5 AdamW for the ControlNet)")
     t.add_argument("--lam", type=float, default=64.0,
-                   help="weight of the normalized MSE at quantization step 1 (default 64)")
+                   help="codec: weight of the normalized MSE at quantization step 1 (default 64)")
     t.add_argument("--latent-space", default="pixels:4",
-                   help="target space: pixels:4 for lite, taef2 for lite-taef2, sd-vae:<path> for paper")
+                   help="codec: target space: pixels:4 for lite, taef2 for lite-taef2, sd-vae:<path> for paper")
     t.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    t.add_argument("--cache", help="training-data cache folder (default ~/.cache/latentcast/train-<space>)")
-    t.add_argument("--init", help="start from a released codec weight file (e.g. to train the shipped weights longer)")
+    t.add_argument("--cache", help="training-data cache folder (default ~/.cache/latentcast/train-<space>; "
+                                   "composer: .../train-images)")
+    t.add_argument("--init", help="codec: start from a released codec weight file (e.g. to train the shipped weights longer)")
+    t.add_argument("--sd", default="stabilityai/stable-diffusion-2-1-base",
+                   help="composer: Stable Diffusion 2.1-base folder or hub id (local cache only unless "
+                        "--allow-download), or 'tiny' (random test model)")
+    t.add_argument("--controlnet", help="composer: start from a trained ControlNet + adapter folder")
+    t.add_argument("--codec", default="elic-lite",
+                   help="composer: the codec whose latent conditions it (shipped name or .safetensors; default elic-lite)")
+    t.add_argument("--resume", action="store_true", help="composer: continue from OUT/last.pt if it exists "
+                                                         "(without it an existing checkpoint is an error)")
+    t.add_argument("--adapter-lr", type=float, default=None, help="composer: adapter learning rate (default 1e-4)")
+    t.add_argument("--lam-diff", type=float, default=2.0, help="composer: λ_diff of eq. 4 (default 2)")
+    t.add_argument("--lam-latent", type=float, default=1.0,
+                   help="composer: weight of ||z_c - ẑ_c||² / var(z_c) when g_s trains (default 1)")
+    t.add_argument("--train-gs", action="store_true",
+                   help="composer: also train the codec's g_s in stage II (writes OUT/codec.safetensors, new hash)")
+    t.add_argument("--mask-range", help="composer: stage II fraction of y cells dropped, MIN,MAX (default 0,0.5)")
+    t.add_argument("--caption", default="a photo", help="composer: caption of every training crop (default 'a photo')")
+    t.add_argument("--seed", type=int, default=0, help="composer: random seed (default 0)")
+    t.add_argument("--checkpoint-every", type=int, default=200, help="composer: steps between checkpoints (default 200)")
+    t.add_argument("--log-every", type=int, default=10,
+                   help="composer: steps between history.jsonl lines and progress updates (default 10)")
+    t.add_argument("--device", default="auto", help="composer: auto, cpu, cuda, cuda:N (default auto)")
+    t.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="composer: mixed precision on CUDA (auto: bf16 if supported, else fp16); the CPU uses fp32")
+    t.add_argument("--gradient-checkpointing", action="store_true",
+                   help="composer: recompute UNet/ControlNet activations in backward (less GPU memory)")
+    t.add_argument("--allow-download", action="store_true", help="composer: let hub ids download (default: cache only)")
     t.set_defaults(func=cmd_train)
 
     r = sub.add_parser("release", help="freeze a training checkpoint into a codec weight file")
