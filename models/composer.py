@@ -1047,6 +1047,10 @@ def make_composer(kind: str, **kw: Any) -> Composer:
             raise ValueError("composer 'controlnet' needs components= or sd= (a Stable Diffusion folder, hub id, "
                              "or 'tiny')")
         if sd == "tiny":
+            if cn:
+                raise ValueError(f"sd 'tiny' builds random components and cannot take the trained ControlNet {cn!r}; "
+                                 "pass the SD folder the training wrote beside it (latentcast train composer: "
+                                 "<out>/sd) as sd")
             components = tiny_components(int(kw.get("seed", 0)), codec_channels=codec_channels)
         else:
             components = load_components(sd, cn, codec_channels=codec_channels, **load_kw)
