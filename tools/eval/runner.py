@@ -47,31 +47,35 @@ MS_SSIM_MIN_SIDE = 161  # MS-SSIM's 5 scales need at least this many pixels on a
 
 @dataclass(frozen=True)
 class _Ref:
-    """The reference pass: per image id, ground truth and the classifier's top-1 on the original."""
+    """The reference pass: per image id, ground truth, the detector's output and the classifier's top-1
+    on the original (each model runs once per original frame)."""
 
     gt: dict[int, list[GtBox]]
+    dets: dict[int, list]  # the detector on the original (score >= PRED_SCORE): the uncompressed point
     top1: dict[int, int]
     ids: dict[tuple[int, int], int]  # (clip index, frame index) -> image id
     source: str
 
 
 def _reference(clips: list[Clip], *, detector, classifier, gt_score: float, progress) -> _Ref:
-    gt, top1, ids = {}, {}, {}
+    gt, dets, top1, ids = {}, {}, {}, {}
     annotated = all(c.gt is not None for c in clips)
     for ci, clip in enumerate(clips):
         for fi, frame in clip.scored_frames():
             k = ids[(ci, fi)] = len(ids)
+            if detector is not None:
+                dets[k] = detector.detect(frame)
             if annotated:
                 gt[k] = list(clip.gt.get(fi, []))
             elif detector is not None:
                 gt[k] = [GtBox(x0=d.x0, y0=d.y0, x1=d.x1, y1=d.y1, class_id=d.class_id)
-                         for d in detector.detect(frame) if d.score >= gt_score]
+                         for d in dets[k] if d.score >= gt_score]
             if classifier is not None:
                 top1[k] = classifier.top1(frame)
             progress.update(1)
     source = ("annotations (COCO file)" if annotated else
               f"the detector's boxes with score >= {gt_score} on the uncompressed frames (no annotations given)")
-    return _Ref(gt=gt, top1=top1, ids=ids, source=source)
+    return _Ref(gt=gt, dets=dets, top1=top1, ids=ids, source=source)
 
 
 def _score(clips: list[Clip], runs: list, ref: _Ref, *, detector, classifier, class_ids, class_names,
@@ -144,8 +148,7 @@ def evaluate(clips: list[Clip], codecs: list, *, tasks: tuple[str, ...], detecto
     uncompressed = {"codec": "uncompressed", "param_name": None, "param": None, "bpp": 24.0, "psnr": None,
                     "ms_ssim": None}
     if det is not None:
-        preds = {ref.ids[(ci, fi)]: det.detect(f) for ci, c in enumerate(clips) for fi, f in c.scored_frames()}
-        m = detection_map(ref.gt, preds, class_ids=class_ids, class_names=class_names)
+        m = detection_map(ref.gt, ref.dets, class_ids=class_ids, class_names=class_names)
         uncompressed |= {"map50": m["map50"], "map": m["map"], "gt_boxes": m["gt_boxes"],
                          "per_class_ap50": m["per_class_ap50"]}
         bar.update(n_scored)
@@ -153,7 +156,7 @@ def evaluate(clips: list[Clip], codecs: list, *, tasks: tuple[str, ...], detecto
         uncompressed["top1"] = 1.0
     ex_orig = next(f for fi, f in clips[ex_key[0]].scored_frames() if fi == ex_key[1])
     examples = {"frame": f"{clips[ex_key[0]].name}#{ex_key[1]}", "original": ex_orig,
-                "original_dets": det.detect(ex_orig) if det is not None else [], "points": []}
+                "original_dets": ref.dets.get(ref.ids[ex_key], []), "points": []}
 
     video = len(clips) == 1 and clips[0].n_frames > 1
     points = []
