@@ -70,6 +70,8 @@ class CloudMetrics:
         self.auth_rejections = Counter(f"{p}_auth_rejections", "calls refused by the token check", ["reason"],
                                        registry=r)
         self.bytes_received = Counter(f"{p}_bytes_received", "codec packet bytes received", registry=r)
+        self.refresh_requests = Counter(f"{p}_refresh_requests", "keyframes asked of temporal edges (missing reference)",
+                                        registry=r)
         self.bpp = Histogram(f"{p}_packet_bpp", "packet bits per frame pixel", buckets=_BPP_BUCKETS, registry=r)
         self.stage_seconds = Histogram(f"{p}_stage_seconds", "stage latency in seconds", ["stage"],
                                        buckets=_LATENCY_BUCKETS, registry=r)

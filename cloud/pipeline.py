@@ -24,6 +24,9 @@ label_set_mismatch    the packet's label-set hash is not the session's label lis
                       hash is accepted only on a packet without ROIs), or an ROI label id is
                       outside the session's label list
 decode_failed         any other decoder refusal (CodecError: rate point, missing section, ...)
+missing_reference     temporal streams: the frame is predicted from a frame or keyframe the cloud
+                      does not hold (lost or dropped on the way); it is not rendered and the
+                      server asks the edge for a keyframe (RefreshRequest)
 compose_failed        the composer (e.g. ControlNet diffusion) raised on the frame's batch
 analytics_failed      the detector raised
 cloud_overloaded      dropped by the queue's drop policy, never decoded
@@ -71,7 +74,7 @@ __all__ = ["FrameJob", "AnalysedFrame", "FrameFailure", "FrameOutcome", "Pipelin
            "ERROR_CODES"]
 
 ERROR_CODES = ("malformed_packet", "checksum_mismatch", "wrong_codec", "frame_size_mismatch", "label_set_mismatch",
-               "decode_failed", "compose_failed", "analytics_failed", "cloud_overloaded", "server_shutdown", "internal_error")
+               "decode_failed", "missing_reference", "compose_failed", "analytics_failed", "cloud_overloaded", "server_shutdown", "internal_error")
 _ZERO_HASH = b"\0\0\0\0"
 
 
@@ -88,6 +91,9 @@ class FrameJob:
     edge_boxes: tuple[Detection, ...] = ()  # the edge's grounding boxes (class_id = label id)
     deliver: Callable[[FrameOutcome], None] | None = None  # thread-safe hand-back to the stream
     enqueued: float = field(default_factory=time.monotonic)
+    # temporal streams: the stream's reader decoded the packet in order into its state; this renders
+    # the frame from a copy of that state (``prepared(decode_frame) -> Reconstruction``)
+    prepared: Callable[[bool], object] | None = None
 
 
 @dataclass
@@ -394,16 +400,9 @@ class Pipeline:
                              capture_to_result_ms=c2r, bpp=d.job.packet_bytes * 8.0 / (d.width * d.height),
                              compose_request=d.request)
 
-    def _decode(self, job: FrameJob) -> "_Decoded | FrameFailure":
-        t0 = time.monotonic()
-        queue_ms = (t0 - job.enqueued) * 1000.0
+    def check(self, job: FrameJob, packet: Packet) -> "FrameFailure | None":
+        """The packet against the session and the loaded codec (codec, size, label set); None if it fits."""
         spec = job.spec
-        packet = job.packet
-        if not isinstance(packet, Packet):
-            try:
-                packet = Packet.from_bytes(packet, max_packet_bytes=self.max_packet_bytes)
-            except BitstreamError as exc:
-                return FrameFailure(job=job, code=classify_parse_error(exc, job.packet), message=str(exc))
         hd = packet.header
         codec = self.codec
         if hd.codec_id != codec.codec_id or hd.weights_hash != codec.weights_hash:
@@ -421,9 +420,29 @@ class Pipeline:
         if bad_ids:
             return FrameFailure(job=job, code="label_set_mismatch", message=(
                 f"ROI label id(s) {bad_ids[:8]} outside the session's {len(spec.labels)} labels"))
+        return None
+
+    def _decode(self, job: FrameJob) -> "_Decoded | FrameFailure":
+        t0 = time.monotonic()
+        queue_ms = (t0 - job.enqueued) * 1000.0
+        packet = job.packet
+        if not isinstance(packet, Packet):
+            try:
+                packet = Packet.from_bytes(packet, max_packet_bytes=self.max_packet_bytes)
+            except BitstreamError as exc:
+                return FrameFailure(job=job, code=classify_parse_error(exc, job.packet), message=str(exc))
+        failure = self.check(job, packet)
+        if failure is not None:
+            return failure
+        hd = packet.header
+        spec = job.spec
+        codec = self.codec
         try:
             # a composer makes the frame from the latent: skip the latent decoder then
-            rec = codec.decompress(packet) if self.composer is None else codec.decompress(packet, decode_frame=False)
+            if job.prepared is not None:
+                rec = job.prepared(self.composer is None)
+            else:
+                rec = codec.decompress(packet, decode_frame=self.composer is None)
         except CodecError as exc:
             code = "checksum_mismatch" if "checksum" in str(exc) else "decode_failed"
             return FrameFailure(job=job, code=code, message=str(exc))

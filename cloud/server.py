@@ -55,7 +55,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from latentcast.models.codec import LatentCodec
+from latentcast.models.codec import CodecError, LatentCodec
+from latentcast.models.temporal import is_temporal
 from latentcast.proto import latentcast_v1_pb2 as pb
 from latentcast.proto import latentcast_v1_pb2_grpc as pb_grpc
 from latentcast.proto.bitstream import BitstreamError, Packet, Roi
@@ -396,6 +397,10 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
                 job = FrameJob(stream_id=st.session_id, spec=st.spec, seq=seq, capture_ts_us=int(f.capture_ts_us),
                                packet=packet, packet_bytes=n, edge_boxes=_edge_boxes(f.edge_boxes),
                                deliver=st.deliver)
+                if is_temporal(packet):
+                    job.prepared = await self._temporal(st, job, packet)
+                    if job.prepared is None:
+                        continue
                 st.pending += 1
                 srv.pipeline.submit(job)
             st.outbox.put(_HALF_CLOSED)
@@ -406,6 +411,38 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
         except Exception as exc:  # noqa: BLE001 - report, do not kill the server
             log.exception("session %s: reader failed", st.session_id)
             st.end(grpc.StatusCode.INTERNAL, f"internal error reading the stream: {type(exc).__name__}")
+
+    async def _temporal(self, st: _Stream, job: FrameJob, packet: Packet):
+        """Decode a temporal packet into the camera's state, in arrival order; None (and an Error, and when a
+        reference is missing a RefreshRequest) if it cannot be rendered."""
+        from latentcast.models.temporal import MissingReference, TemporalDecoder
+
+        srv = self._srv
+        m = srv.metrics
+        failure = srv.pipeline.check(job, packet)
+        code = message = None
+        if failure is not None:
+            code, message = failure.code, failure.message
+        else:
+            try:
+                if st.state.temporal is None:
+                    st.state.temporal = TemporalDecoder(codec=srv.codec, tables=srv.temporal_tables())
+                return await asyncio.to_thread(st.state.temporal.prepare, packet)
+            except MissingReference as exc:
+                code, message = "missing_reference", str(exc)
+                now = time.monotonic()
+                if now - st.state.refresh_asked >= srv.config.codec.refresh_retry_s:
+                    st.state.refresh_asked = now
+                    m.refresh_requests.inc()
+                    st.outbox.put(pb.CloudMessage(refresh=pb.RefreshRequest(seq=job.seq, reason=message[:1024])))
+            except CodecError as exc:
+                code, message = ("checksum_mismatch" if "checksum" in str(exc) else "decode_failed"), str(exc)
+            except (ValueError, IndexError, OverflowError, OSError) as exc:  # hostile bytes, missing tables
+                code, message = "decode_failed", f"{type(exc).__name__}: {exc}"
+        m.frame_errors.labels(code=code).inc()
+        _rl(logging.WARNING, f"fail:{code}", "frame %s/%d: %s", st.spec.camera_id, job.seq, message)
+        st.outbox.put(_frame_error(job.seq, code, message))
+        return None
 
     async def Subscribe(self, request: pb.SubscribeRequest,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.FrameResult]:
@@ -466,6 +503,17 @@ class CloudServer:
         self._stopped = False
         self._stop_requested = asyncio.Event()
         self.ports: tuple[int, int, int] = (0, 0, 0)
+        self._temporal_tables = None
+
+    def temporal_tables(self):
+        """The P-frame tables of temporal streams (``codec.temporal_tables``), loaded on first use."""
+        if self._temporal_tables is None:
+            from latentcast.models.temporal import default_tables_path
+            from latentcast.proto.temporal import TemporalTables
+
+            path = self.config.codec.temporal_tables or default_tables_path(self.codec)
+            self._temporal_tables = TemporalTables.load(path, weights_hash=self.codec.weights_hash)
+        return self._temporal_tables
 
     @property
     def ready(self) -> bool:

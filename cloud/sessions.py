@@ -131,6 +131,8 @@ class CameraState:
     streams: int = 0  # streams opened for this camera
     active_stream: str | None = None  # session_id of the stream that owns the camera now
     last_seen: float = field(default_factory=time.monotonic)
+    temporal: object = None  # models.temporal.TemporalDecoder of a temporal stream (survives reconnects)
+    refresh_asked: float = float("-inf")  # monotonic time of the last RefreshRequest sent
 
 
 class SessionRegistry:

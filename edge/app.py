@@ -21,6 +21,7 @@ import concurrent.futures
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -90,6 +91,9 @@ class EdgeApp:
         self._latency_ms: collections.deque[float] = collections.deque(maxlen=100)
         self.recent_results: collections.deque[dict[str, Any]] = collections.deque(maxlen=_RECENT_RESULTS)
         self.error: BaseException | None = None
+        self.temporal = None  # the TemporalEncoder when temporal.enabled
+        self.refresh_requests = 0  # keyframes the cloud asked for (a reference it lacks)
+        self._queue_dropped = 0
 
     # ------------------------------------------------------------------ building
 
@@ -109,6 +113,18 @@ class EdgeApp:
         n_rates = int(self._encoder.n_rates)
         if not 0 <= cfg.codec.rate_point < n_rates:
             raise ValueError(f"codec.rate_point {cfg.codec.rate_point} out of range 0..{n_rates - 1} for this bundle")
+        if cfg.temporal.enabled and self.temporal is None:
+            from latentcast.edge.temporal import TemporalEncoder, tables_path
+            from latentcast.proto.temporal import TemporalTables
+
+            path = tables_path(cfg.temporal, Path(getattr(self._encoder, "bundle", "")))
+            tables = TemporalTables.load(path, weights_hash=self._encoder.weights_hash)
+            self.temporal = TemporalEncoder(compressor=self._encoder, tables=tables, config=cfg.temporal,
+                                            fps=float(self._source.fps or 10.0))
+            log.info("temporal coding: keyframes at rate point %d every %.0f s, ROI cells at %s, tables %s",
+                     cfg.temporal.key_rate_point, cfg.temporal.refresh_s,
+                     f"{cfg.temporal.target_kbps} kbit/s (rate control)" if cfg.temporal.target_kbps
+                     else f"rate point {cfg.temporal.rate_point}", path)
         if self._grounder is None:
             g = cfg.grounding
             if g.backend == "open-vocab":
@@ -166,7 +182,16 @@ class EdgeApp:
                           backoff_jitter=s.backoff_jitter,
                           max_reconnect_attempts=s.max_reconnect_attempts or None,
                           accept_timeout_s=s.accept_timeout_s, on_result=self._on_result,
-                          max_in_flight=self.config.sender.max_in_flight)
+                          max_in_flight=self.config.sender.max_in_flight, on_refresh=self._on_refresh)
+
+    def _on_refresh(self, r: pb.RefreshRequest) -> None:
+        """The cloud lacks a reference: the next packet is a keyframe (on the event loop; the encoder
+        thread picks the flag up before its next frame)."""
+        self.refresh_requests += 1
+        if self.temporal is not None:
+            self.temporal.request_refresh()
+        else:
+            log.warning("the cloud asked for a keyframe (seq %d: %s) but temporal coding is off", r.seq, r.reason)
 
     # ------------------------------------------------------------------ per frame
 
@@ -175,8 +200,15 @@ class EdgeApp:
         t0 = time.perf_counter()
         g = self._grounder.update(rgb)
         t1 = time.perf_counter()
-        packet = self._encoder.compress(rgb, g.rois, rate_point=self.config.codec.rate_point,
-                                        roi_only=self.config.codec.roi_only, label_set_hash=self._label_hash)
+        if self.temporal is not None:
+            dropped = self.queue.stats()["dropped_by_policy"]
+            if dropped != self._queue_dropped:  # a frame of the chain never left: start a new one
+                self._queue_dropped = dropped
+                self.temporal.request_refresh("edge_drop")
+            packet = self.temporal.encode(rgb, g.rois, label_set_hash=self._label_hash)
+        else:
+            packet = self._encoder.compress(rgb, g.rois, rate_point=self.config.codec.rate_point,
+                                            roi_only=self.config.codec.roi_only, label_set_hash=self._label_hash)
         t2 = time.perf_counter()
         return packet, g, (t1 - t0) * 1e3, (t2 - t1) * 1e3
 
@@ -346,6 +378,8 @@ class EdgeApp:
             "reconnects": cs.get("reconnects", 0),
             "connect_failures": cs.get("connect_failures", 0),
             "capture_reconnects": self._source.reconnects if self._source is not None else 0,
+            "refresh_requests": self.refresh_requests,
+            "temporal": dict(self.temporal.counts) if self.temporal is not None else None,
             "last_error": cs.get("last_error") or (str(self.error) if self.error else None),
             "last_results": list(self.recent_results),
         }

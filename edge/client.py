@@ -142,10 +142,12 @@ class EdgeClient:
                  backoff_max_s: float = 30.0, backoff_jitter: float = 0.2,
                  max_reconnect_attempts: int | None = None, accept_timeout_s: float = 10.0,
                  on_result: Callable[[pb.FrameAnalytics], None] | None = None, result_queue_size: int = 0,
-                 error_log_interval_s: float = 5.0, rng: random.Random | None = None, max_in_flight: int = 0):
+                 error_log_interval_s: float = 5.0, rng: random.Random | None = None, max_in_flight: int = 0,
+                 on_refresh: Callable[[pb.RefreshRequest], None] | None = None):
         """``max_in_flight``: at most this many frames sent and not yet acknowledged (0 = no limit);
         beyond it the frames wait in the send queue, which drops by its policy, so a slow cloud
-        cannot build a long queue in the transport (live first)."""
+        cannot build a long queue in the transport (live first). ``on_refresh``: the cloud asks for a
+        keyframe (temporal streams; called on the event loop)."""
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 0:
             raise ValueError(f"max_in_flight {max_in_flight!r} must be an integer >= 0 (0 = no limit)")
         self.max_in_flight = max_in_flight
@@ -181,6 +183,8 @@ class EdgeClient:
         self.backoff_jitter, self.max_reconnect_attempts = float(backoff_jitter), max_reconnect_attempts
         self.accept_timeout_s = float(accept_timeout_s)
         self.on_result = on_result
+        self.on_refresh = on_refresh
+        self.refresh_requests = 0
         self.results: asyncio.Queue[pb.FrameAnalytics] | None = (
             asyncio.Queue(maxsize=result_queue_size) if result_queue_size > 0 else None)
         self.error_log_interval_s = float(error_log_interval_s)
@@ -384,6 +388,13 @@ class EdgeClient:
                 self._deliver(msg.result)
             elif kind == "error":
                 self._frame_error(msg.error)
+            elif kind == "refresh":
+                self.refresh_requests += 1
+                if self.on_refresh is not None:
+                    try:
+                        self.on_refresh(msg.refresh)
+                    except Exception:
+                        log.exception("on_refresh callback failed for seq %d", msg.refresh.seq)
             else:
                 log.warning("unexpected %r message from the cloud mid-stream; ignored", kind)
 

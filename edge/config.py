@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from latentcast.config import load_config
 
-__all__ = ["ENV_PREFIX", "EdgeConfig", "SourceConfig", "GroundingConfig", "CodecConfig", "SenderConfig",
+__all__ = ["ENV_PREFIX", "EdgeConfig", "SourceConfig", "GroundingConfig", "CodecConfig", "TemporalConfig", "SenderConfig",
            "ServerConfig", "load_edge_config"]
 
 ENV_PREFIX = "LATENTCAST_EDGE"
@@ -120,6 +120,37 @@ class CodecConfig:
 
 
 @dataclass
+class TemporalConfig:
+    """How the edge codes a stream over time (``edge.yaml``: ``temporal``)."""
+
+    enabled: bool = False  # temporal coding; off: every frame is an independent (ROI-only) packet
+    key_rate_point: int = 2  # rate point of keyframes: the background every P frame draws on
+    rate_point: int = 0  # quantization step of ROI cells in P frames (without rate control)
+    threshold: int = 1  # a ROI cell is re-coded when its change has this many nonzero symbols
+    bg_rate_point: int = 0  # quantization step of background updates
+    bg_threshold: int = 8  # a background cell is re-coded when its change has this many nonzero symbols
+    refresh_s: float = 60.0  # a keyframe at least this often (0: only at start, scene change and request)
+    scene_change: float = 0.4  # a keyframe when this fraction of the frame's cells would be re-coded
+    target_kbps: float = 0.0  # rate control: the stream's target bitrate (0: off, the fixed settings above)
+    tables: str = ""  # P-frame entropy tables; "" = models/weights/<codec>-temporal.safetensors next to the bundle
+
+    def __post_init__(self) -> None:
+        for name in ("key_rate_point", "rate_point", "bg_rate_point"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"temporal.{name} {v!r} must be a rate point index >= 0")
+        for name in ("threshold", "bg_threshold"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"temporal.{name} {v!r} must be an integer >= 1")
+        for name, lo, hi in (("refresh_s", 0.0, float("inf")), ("scene_change", 0.0, 1.0),
+                             ("target_kbps", 0.0, float("inf"))):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+                raise ValueError(f"temporal.{name} {v!r} out of range [{lo}, {hi}]")
+
+
+@dataclass
 class SenderConfig:
     queue_size: int = 2  # encoded frames waiting for the stream (small = low latency; older ones are dropped)
     policy: str = "drop-oldest"  # when the queue is full: "drop-oldest" or "drop-newest"
@@ -191,6 +222,7 @@ class EdgeConfig:
     source: SourceConfig = field(default_factory=SourceConfig)  # where frames come from
     grounding: GroundingConfig = field(default_factory=GroundingConfig)  # task labels -> ROIs
     codec: CodecConfig = field(default_factory=CodecConfig)  # the ONNX encoder
+    temporal: TemporalConfig = field(default_factory=TemporalConfig)  # video coding: keyframes + changed ROI cells
     sender: SenderConfig = field(default_factory=SenderConfig)  # send queue and backlog bounds
     server: ServerConfig = field(default_factory=ServerConfig)  # the cloud connection
 

@@ -63,7 +63,10 @@ class EdgeEncoder(FrameCompressor):
         y_tables = TableSet.from_packed(t["y_packed"], t["y_lengths"], t["y_offsets"])
         z_tables = TableSet.from_packed(t["z_packed"], t["z_lengths"], t["z_offsets"])
         self.weights_hash = bytes.fromhex(self.manifest["weights_hash"])
+        self.y_tables = y_tables
         self.n_rates = int(self.manifest["n_rates"])
+        self.M = int(self.manifest["M"])
+        self.rate_deltas = [float(d) for d in self.manifest["rate_delta"]]
         self._enc = LatentEncoder(groups=self.manifest["groups"], y_tables=y_tables, z_tables=z_tables,
                                   codec_id=int(self.manifest["codec_id"]), weights_hash=self.weights_hash,
                                   latent_space_id=int(self.manifest["latent_space_id"]))
@@ -77,11 +80,23 @@ class EdgeEncoder(FrameCompressor):
     def z_symbols(self, z: np.ndarray, rate_point: int) -> np.ndarray:
         return quantize_z(z, float(self.manifest["rate_zdelta"][rate_point]))
 
-    def encode_symbols(self, y: np.ndarray, z_sym: np.ndarray, *, rate_point: int,
-                       tx_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _entropy(self, outputs: list[str], y: np.ndarray, z_sym: np.ndarray, rate_point: int,
+                 tx_mask: np.ndarray) -> list[np.ndarray]:
         h, w = y.shape[1:]
         feeds = {"y": y[None].astype(np.float32), "z_sym": z_sym[None].astype(np.float32),
                  "tx": tx_mask[None, None], "anchor": anchor_mask(h, w)[None, None],
                  "rate": np.array([rate_point], dtype=np.int64)}
-        sym, tab = self._ent.run(None, feeds)
-        return sym[0].astype(np.int64), tab[0].astype(np.int64)
+        return [o[0] for o in self._ent.run(outputs, feeds)]
+
+    def encode_symbols(self, y: np.ndarray, z_sym: np.ndarray, *, rate_point: int,
+                       tx_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        sym, tab = self._entropy(["y_sym", "y_table"], y, z_sym, rate_point, tx_mask)
+        return sym.astype(np.int64), tab.astype(np.int64)
+
+    def encode_symbols_y_hat(self, y: np.ndarray, z_sym: np.ndarray, *, rate_point: int,
+                             tx_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if "y_hat" not in {o.name for o in self._ent.get_outputs()}:
+            raise ValueError(f"edge bundle {self.bundle} predates temporal coding (entropy.onnx has no y_hat "
+                             "output): re-export it with `latentcast export edge`")
+        sym, tab, y_hat = self._entropy(["y_sym", "y_table", "y_hat"], y, z_sym, rate_point, tx_mask)
+        return sym.astype(np.int64), tab.astype(np.int64), y_hat

@@ -191,6 +191,14 @@ class LatentCodec(FrameCompressor):
     def n_rates(self) -> int:
         return self.model.n_rates
 
+    @property
+    def M(self) -> int:
+        return self.cfg.M
+
+    @property
+    def rate_deltas(self) -> list[float]:
+        return [float(d) for d in self.model.rate_delta]
+
     def latent_space(self):
         if self._latent_space is None:
             from .latent_spaces import load_latent_space
@@ -211,13 +219,19 @@ class LatentCodec(FrameCompressor):
         """Quantize z with the rate point's step: floor(z / Δz_q + 1/2)."""
         return quantize_z(z, float(self.model.rate_zdelta[rate_point]))
 
-    @torch.no_grad()
     def encode_symbols(self, y: np.ndarray, z_sym: np.ndarray, *, rate_point: int, tx_mask: np.ndarray,
                        raw_index: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Exact entropy loop at the encoder: y symbols and table indices (M,h,w) int64.
 
         ``raw_index``: return the networks' scale index before the rate point's offset and clipping
         (used to calibrate the offsets)."""
+        sym, tab, _ = self.encode_symbols_y_hat(y, z_sym, rate_point=rate_point, tx_mask=tx_mask, raw_index=raw_index)
+        return sym, tab
+
+    @torch.no_grad()
+    def encode_symbols_y_hat(self, y: np.ndarray, z_sym: np.ndarray, *, rate_point: int, tx_mask: np.ndarray,
+                             raw_index: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`encode_symbols` and the decoded latent ŷ (M,h,w) float64, exact (the decoder's)."""
         m = self.model
         q = torch.tensor([rate_point])
         yt = torch.from_numpy(y).double()[None]
@@ -237,11 +251,11 @@ class LatentCodec(FrameCompressor):
 
         z_hat = torch.from_numpy(z_sym).double()[None] * m.rate_zdelta[q].view(1, 1, 1, 1)
         H = m.hyper_features(z_hat, exact=True)
-        m.entropy_params_loop(H, step, exact=True)
-        return sym[0].numpy().astype(np.int64), tab[0].numpy().astype(np.int64)
+        y_hat = m.entropy_params_loop(H, step, exact=True)
+        return sym[0].numpy().astype(np.int64), tab[0].numpy().astype(np.int64), y_hat[0].numpy()
 
     # ------------------------------------------------------------------ decoding
-    def check_packet(self, packet: Packet) -> None:
+    def check_packet(self, packet: Packet, *, sections: tuple[SectionKind, ...] = (SectionKind.Z, SectionKind.Y)) -> None:
         hd = packet.header
         if hd.codec_id != self.codec_id:
             raise CodecError(f"packet codec_id {hd.codec_id} is not this codec's ({self.codec_id} = {self.codec_name})")
@@ -254,13 +268,29 @@ class LatentCodec(FrameCompressor):
             raise CodecError(f"packet rate_point {hd.rate_point} out of range 0..{self.n_rates - 1}")
         if hd.width * hd.height > MAX_DECODE_PIXELS:
             raise CodecError(f"frame {hd.width}x{hd.height} exceeds the decoder limit of {MAX_DECODE_PIXELS} pixels")
-        missing = [k.name for k in (SectionKind.Z, SectionKind.Y) if k not in packet.sections]
+        missing = [k.name for k in sections if k not in packet.sections]
         if missing:
             raise CodecError(f"packet lacks section(s) {', '.join(missing)}")
 
     @torch.no_grad()
     def decode_latent(self, packet: Packet) -> tuple[torch.Tensor, np.ndarray]:
         """Entropy-decode and synthesize: returns ẑ_c (1,C,h,w) cropped to the frame, and the mask."""
+        y_hat, z_t, tx = self.decode_y(packet)
+        hd = packet.header
+        return self.synthesize(y_hat, tx, z_t, width=hd.width, height=hd.height), tx
+
+    @torch.no_grad()
+    def synthesize(self, y_hat: torch.Tensor, tx: np.ndarray, z_t: torch.Tensor, *, width: int,
+                   height: int) -> torch.Tensor:
+        """g_s: ŷ (1,M,h,w), the transmit mask and ẑ -> ẑ_c (1,C,h,w) cropped to the frame."""
+        mask_t = torch.from_numpy(np.asarray(tx, dtype=np.float32))[None, None]
+        latent = self.model.g_s(y_hat.float(), mask_t, z_t.float())
+        f = self.cfg.latent_factor
+        return latent[:, :, : -(-height // f), : -(-width // f)]
+
+    @torch.no_grad()
+    def decode_y(self, packet: Packet) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """Entropy decoding only: ŷ (1,M,h,w) float64, ẑ (1,Nz,h/4,w/4) float64 and the transmit mask."""
         self.check_packet(packet)
         hd = packet.header
         m = self.model
@@ -288,11 +318,7 @@ class LatentCodec(FrameCompressor):
         if dec.crc != hd.symbol_crc:
             raise CodecError(f"symbol checksum mismatch (decoded {dec.crc:#010x}, packet {hd.symbol_crc:#010x}): "
                              "the entropy parameters differ from the encoder's; frame not rendered")
-        mask_t = torch.from_numpy(tx.astype(np.float32))[None, None]
-        latent = m.g_s(y_hat.float(), mask_t, z_t.float())
-        f = self.cfg.latent_factor
-        latent = latent[:, :, : -(-hd.height // f), : -(-hd.width // f)]
-        return latent, tx
+        return y_hat, z_t, tx
 
     def decompress(self, data: bytes | Packet, *, decode_frame: bool = True) -> Reconstruction:
         """Bytes -> :class:`Reconstruction` (latent, and the frame through the latent decoder)."""

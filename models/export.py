@@ -6,6 +6,7 @@
       analysis.onnx   image (1,3,H,W) float32, H,W multiples of 64 ─► y (1,M,H/16,W/16), z (1,Nz,H/64,W/64)
       entropy.onnx    y, z_sym, tx (1,1,h,w) bool, anchor (1,1,h,w) bool, rate (1,) int64
                         ─► y_sym, y_table (1,M,h,w) int32      exact integer networks (ConvInteger)
+                           y_hat (1,M,h,w) float64               the decoded latent (temporal reference)
       tables.npz      integer probability tables (y: per scale, z: per channel), groups
       manifest.json   codec name and id, weights hash, latent space, rate points, file hashes
 
@@ -126,7 +127,7 @@ def _entropy_graph(codec: LatentCodec):
     H = g.qseq(m.h_s, g.quantize_input(z, 1.0))
     shape_hw = g.op("Slice", [g.op("Shape", [y]), g.const(np.array([2], np.int64)), g.const(np.array([4], np.int64))])
     codes_prev: list[str] = []
-    syms, tabs = [], []
+    syms, tabs, y_parts = [], [], []
     start = 0
     for k, c in enumerate(cfg.groups):
         yk = g.op("Slice", [y, g.const(np.array([start], np.int64)), g.const(np.array([start + c], np.int64)),
@@ -158,12 +159,16 @@ def _entropy_graph(codec: LatentCodec):
         syms.append(g.op("Where", ["anchor", res["s_a"], res["s_n"]]))
         tabs.append(g.op("Where", ["anchor", res["t_a"], res["t_n"]]))
         y_k = g.op("Where", ["anchor", res["y_a"], res["y_n"]])
+        y_parts.append(y_k)
         codes_prev.append(g.quantize_input(y_k, float(Y_IN_RES)))
     zero = g.d(0.0)
     sym = g.op("Where", ["tx", g.op("Concat", syms, axis=1) if len(syms) > 1 else syms[0], zero])
     tab = g.op("Where", ["tx", g.op("Concat", tabs, axis=1) if len(tabs) > 1 else tabs[0], zero])
     g.nodes.append(helper.make_node("Cast", [sym], ["y_sym"], to=TensorProto.INT32))
     g.nodes.append(helper.make_node("Cast", [tab], ["y_table"], to=TensorProto.INT32))
+    # ŷ (exact dyadic float64): the temporal edge keeps it as its reference latent
+    g.nodes.append(helper.make_node("Identity", [g.op("Concat", y_parts, axis=1) if len(y_parts) > 1 else y_parts[0]],
+                                    ["y_hat"]))
     inputs = [
         helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cfg.M, "h", "w"]),
         helper.make_tensor_value_info("z_sym", TensorProto.FLOAT, [1, cfg.Nz, "hz", "wz"]),
@@ -174,6 +179,7 @@ def _entropy_graph(codec: LatentCodec):
     outputs = [
         helper.make_tensor_value_info("y_sym", TensorProto.INT32, [1, cfg.M, "h", "w"]),
         helper.make_tensor_value_info("y_table", TensorProto.INT32, [1, cfg.M, "h", "w"]),
+        helper.make_tensor_value_info("y_hat", TensorProto.DOUBLE, [1, cfg.M, "h", "w"]),
     ]
     graph = helper.make_graph(g.nodes, "latentcast_entropy_encoder", inputs, outputs, g.inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)

@@ -30,7 +30,9 @@ Byte layout::
                                       with 0 <= x0 < x1 <= width, 0 <= y0 < y1 <= height
     ...     section table    n_sections x 5 bytes: kind u8, length u32
                                       kind: 1 = Z (hyperprior), 2 = Y (latent symbols),
-                                      3 = META (free bytes); unknown kinds are rejected;
+                                      3 = META (free bytes), 4 = T (temporal: frame,
+                                      reference and keyframe ids, see proto.temporal);
+                                      unknown kinds are rejected;
                                       each kind at most once; each length <=
                                       MAX_SECTION_BYTES (= 64 MiB); the lengths sum to
                                       exactly the bytes between the table and the CRC
@@ -129,6 +131,7 @@ class SectionKind(enum.IntEnum):
     Z = 1  # hyperprior symbols
     Y = 2  # latent symbols
     META = 3  # free bytes
+    T = 4  # temporal: frame id, reference and keyframe it depends on (proto.temporal.TemporalInfo)
 
 
 _VALID_KINDS = ", ".join(f"{k.value}={k.name}" for k in SectionKind)

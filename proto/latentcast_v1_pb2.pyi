@@ -120,17 +120,27 @@ class FrameError(_message.Message):
     message: str
     def __init__(self, seq: _Optional[int] = ..., code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
+class RefreshRequest(_message.Message):
+    __slots__ = ("seq", "reason")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    reason: str
+    def __init__(self, seq: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class CloudMessage(_message.Message):
-    __slots__ = ("accepted", "ack", "result", "error")
+    __slots__ = ("accepted", "ack", "result", "error", "refresh")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    REFRESH_FIELD_NUMBER: _ClassVar[int]
     accepted: SessionAccepted
     ack: Ack
     result: FrameAnalytics
     error: FrameError
-    def __init__(self, accepted: _Optional[_Union[SessionAccepted, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., result: _Optional[_Union[FrameAnalytics, _Mapping]] = ..., error: _Optional[_Union[FrameError, _Mapping]] = ...) -> None: ...
+    refresh: RefreshRequest
+    def __init__(self, accepted: _Optional[_Union[SessionAccepted, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., result: _Optional[_Union[FrameAnalytics, _Mapping]] = ..., error: _Optional[_Union[FrameError, _Mapping]] = ..., refresh: _Optional[_Union[RefreshRequest, _Mapping]] = ...) -> None: ...
 
 class SubscribeRequest(_message.Message):
     __slots__ = ("camera_id", "task", "format", "jpeg_quality", "compose_steps")

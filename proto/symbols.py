@@ -24,6 +24,7 @@ import numpy as np
 from .bitstream import Packet, PacketHeader, Roi, SectionKind
 from .entropy import SymbolDecoder, SymbolEncoder, TableSet
 from .grid import anchor_mask, transmit_mask
+from .temporal import TemporalInfo
 
 __all__ = ["coding_steps", "quantize_z", "check_frame", "FrameCompressor", "LatentEncoder", "LatentDecoder"]
 
@@ -63,16 +64,32 @@ class LatentEncoder:
 
     def packet(self, *, width: int, height: int, rois: Sequence[Roi], roi_only: bool, rate_point: int,
                z_sym: np.ndarray, y_sym: np.ndarray, y_table: np.ndarray, tx_mask: np.ndarray,
-               label_set_hash: bytes = b"\0\0\0\0") -> bytes:
-        """Code the symbols and wrap them in a versioned packet (see ``bitstream``).
+               label_set_hash: bytes = b"\0\0\0\0", temporal: TemporalInfo | None = None) -> bytes:
+        """Code the symbols and wrap them in a versioned packet (see ``bitstream``); ``temporal``
+        adds the T section of a temporal keyframe.
 
         The z tables are laid out rate point by rate point: table ``rate_point * Nz + c``."""
         zb, yb, crc = self.encode(z_sym=z_sym, y_sym=y_sym, y_table=y_table, tx_mask=tx_mask,
                                   z_table_base=rate_point * z_sym.shape[0])
+        sections = {SectionKind.Z: zb, SectionKind.Y: yb}
+        if temporal is not None:
+            sections[SectionKind.T] = temporal.to_bytes()
+        return self._wrap(width=width, height=height, rois=rois, roi_only=roi_only, rate_point=rate_point, crc=crc,
+                          label_set_hash=label_set_hash, sections=sections)
+
+    def _wrap(self, *, width: int, height: int, rois: Sequence[Roi], roi_only: bool, rate_point: int, crc: int,
+              label_set_hash: bytes, sections: dict) -> bytes:
         header = PacketHeader(codec_id=self.codec_id, weights_hash=self.weights_hash, rate_point=rate_point,
                               latent_space_id=self.latent_space_id, width=width, height=height,
                               label_set_hash=label_set_hash, symbol_crc=crc, roi_only=roi_only, rois=tuple(rois))
-        return Packet(header=header, sections={SectionKind.Z: zb, SectionKind.Y: yb}).to_bytes()
+        return Packet(header=header, sections=sections).to_bytes()
+
+    def p_packet(self, *, width: int, height: int, rate_point: int, y_bytes: bytes, crc: int, temporal: TemporalInfo,
+                 rois: Sequence[Roi] = (), label_set_hash: bytes = b"\0\0\0\0") -> bytes:
+        """A temporal P frame: the T and Y sections of ``proto.temporal.encode_p``, no Z."""
+        return self._wrap(width=width, height=height, rois=rois, roi_only=True, rate_point=rate_point, crc=crc,
+                          label_set_hash=label_set_hash, sections={SectionKind.T: temporal.to_bytes(),
+                                                                   SectionKind.Y: y_bytes})
 
     def encode(
         self, *, z_sym: np.ndarray, y_sym: np.ndarray, y_table: np.ndarray, tx_mask: np.ndarray,
@@ -140,7 +157,14 @@ class FrameCompressor:
     (``_enc``); the frame, ROI, mask and packet handling here is the one both share."""
 
     n_rates: int
+    M: int  # latent channels
+    rate_deltas: Sequence[float]  # quantization step Δ_q of each rate point
+    y_tables: TableSet  # the Gaussian tables of y (temporal P frames use them too)
     _enc: LatentEncoder
+
+    def p_packet(self, **kwargs) -> bytes:
+        """:meth:`LatentEncoder.p_packet` with this codec's identity."""
+        return self._enc.p_packet(**kwargs)
 
     def analyze(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """y (M,h,w) and z (Nz,hz,wz), float32."""
@@ -153,6 +177,28 @@ class FrameCompressor:
                        tx_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """y symbols and table indices (both (M,h,w) int64; only cells in ``tx_mask`` matter)."""
         raise NotImplementedError
+
+    def encode_symbols_y_hat(self, y: np.ndarray, z_sym: np.ndarray, *, rate_point: int,
+                             tx_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`encode_symbols` and the decoded latent ŷ (M,h,w) float64 (exact: the decoder's)."""
+        raise NotImplementedError
+
+    def compress_key(self, frame: np.ndarray, *, rate_point: int, temporal: TemporalInfo, rois: Sequence[Roi] = (),
+                     label_set_hash: bytes = b"\0\0\0\0",
+                     analysis: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[bytes, np.ndarray]:
+        """A temporal keyframe: every cell coded, plus the T section; returns (packet bytes, ŷ).
+        ``analysis``: the frame's (y, z) if already computed."""
+        check_frame(frame)
+        rate_point = self.check_rate(rate_point)
+        h, w = frame.shape[:2]
+        y, z = analysis if analysis is not None else self.analyze(frame)
+        z_sym = self.z_symbols(z, rate_point)
+        tx = np.ones(y.shape[1:], dtype=bool)
+        y_sym, y_tab, y_hat = self.encode_symbols_y_hat(y, z_sym, rate_point=rate_point, tx_mask=tx)
+        data = self._enc.packet(width=w, height=h, rois=tuple(rois), roi_only=False, rate_point=rate_point,
+                                z_sym=z_sym, y_sym=y_sym, y_table=y_tab, tx_mask=tx, label_set_hash=label_set_hash,
+                                temporal=temporal)
+        return data, np.asarray(y_hat, dtype=np.float64)
 
     def check_rate(self, rate_point: int) -> int:
         if not isinstance(rate_point, (int, np.integer)) or not 0 <= int(rate_point) < self.n_rates:

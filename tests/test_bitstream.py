@@ -173,7 +173,7 @@ def test_constants_and_layout():
     assert (bs.HEADER_BYTES, bs.ROI_ENTRY_BYTES, bs.SECTION_ENTRY_BYTES, bs.CRC_BYTES) == (33, 12, 5, 4)
     assert bs.MIN_PACKET_BYTES == 42
     assert issubclass(BitstreamError, ValueError)
-    assert [(k.name, k.value) for k in SectionKind] == [("Z", 1), ("Y", 2), ("META", 3)]
+    assert [(k.name, k.value) for k in SectionKind] == [("Z", 1), ("Y", 2), ("META", 3), ("T", 4)]
     for name in ("magic", "version", "flags", "codec_id", "weights_hash", "rate_point",
                  "latent_space_id", "width", "height", "label_set_hash", "symbol_crc",
                  "n_rois", "n_sections", "crc32"):
@@ -381,8 +381,8 @@ CRAFTED = [
         dict(sections=((2, b"a"), (1, b"b"), (2, b"c"))),
         r"sections\[2\]\.kind 2=Y duplicates sections\[0\]",
     ),
-    ("unknown kind 7", dict(sections=((7, b"abc"),)), r"unknown sections\[0\]\.kind 7 \(valid: 1=Z, 2=Y, 3=META\)"),
-    ("kind 0", dict(sections=((2, b"a"), (0, b"b"))), r"unknown sections\[1\]\.kind 0 \(valid: 1=Z, 2=Y, 3=META\)"),
+    ("unknown kind 7", dict(sections=((7, b"abc"),)), r"unknown sections\[0\]\.kind 7 \(valid: 1=Z, 2=Y, 3=META, 4=T\)"),
+    ("kind 0", dict(sections=((2, b"a"), (0, b"b"))), r"unknown sections\[1\]\.kind 0 \(valid: 1=Z, 2=Y, 3=META, 4=T\)"),
     (
         "x1 > width",
         dict(rois=((0, 0, 65, 10, 0, 255, 0),)),
@@ -503,7 +503,7 @@ BAD_CONSTRUCTORS = [
     (
         "unknown kind",
         lambda: Packet(header=simple_packet().header, sections={7: b""}),
-        r"^unknown section kind 7 \(valid: 1=Z, 2=Y, 3=META\)$",
+        r"^unknown section kind 7 \(valid: 1=Z, 2=Y, 3=META, 4=T\)$",
     ),
     (
         "payload str",

@@ -7,6 +7,7 @@
     latentcast info IN.lcf
     latentcast export edge [--weights W.safetensors] --out DIR
     latentcast train codec [--steps N ...]        (stage I + II, resumable; see models/training.py)
+    latentcast train temporal [--data V --every 8]  (fit the P-frame entropy model; models/temporal.py)
     latentcast train composer --sd DIR [--steps-1 N --steps-2 M --batch B --crop C --out DIR --resume]
                                                   (ControlNet + adapter, DISCOVER sec. 3.4; models/composer_training.py)
     latentcast release codec CHECKPOINT --out W.safetensors
@@ -151,6 +152,10 @@ def _pick(value, default):
 def cmd_train(a: argparse.Namespace) -> int:
     if a.what == "composer":
         return _train_composer(a)
+    if a.what == "temporal":
+        from latentcast.models.temporal import main as train_temporal
+
+        return train_temporal(a)
     from latentcast.models.training import TrainConfig, train
 
     cfg = TrainConfig(model=a.model, latent_space=a.latent_space, out=_pick(a.out, "checkpoints/elic-lite"),
@@ -350,8 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     export_grounding_arguments(x)
     x.set_defaults(func=cmd_export)
 
-    t = sub.add_parser("train", help="train the codec or the ControlNet composer (stage I then II; resumable)")
-    t.add_argument("what", choices=["codec", "composer"])
+    t = sub.add_parser("train", help="train the codec or the ControlNet composer (stage I then II; resumable), "
+                                     "or fit the temporal P-frame entropy model on a video")
+    t.add_argument("what", choices=["codec", "composer", "temporal"])
     t.add_argument("--model", default="lite", help="codec: configuration lite, lite-taef2 or paper (default lite)")
     t.add_argument("--out", default=None,
                    help="checkpoint folder (default checkpoints/elic-lite; composer: checkpoints/composer)")
@@ -377,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--allow-download), or 'tiny' (random test model)")
     t.add_argument("--controlnet", help="composer: start from a trained ControlNet + adapter folder")
     t.add_argument("--codec", default="elic-lite",
-                   help="composer: the codec whose latent conditions it (shipped name or .safetensors; default elic-lite)")
+                   help="composer: the codec whose latent conditions it; temporal: the codec it is fitted for "
+                        "(shipped name or .safetensors; default elic-lite)")
     t.add_argument("--resume", action="store_true", help="composer: continue from OUT/last.pt if it exists "
                                                          "(without it an existing checkpoint is an error)")
     t.add_argument("--adapter-lr", type=float, default=None, help="composer: adapter learning rate (default 1e-4)")
@@ -398,6 +405,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--gradient-checkpointing", action="store_true",
                    help="composer: recompute UNet/ControlNet activations in backward (less GPU memory)")
     t.add_argument("--allow-download", action="store_true", help="composer: let hub ids download (default: cache only)")
+    t.add_argument("--data", default="data/video/vtest.avi",
+                   help="temporal: video to fit on (relative paths resolve against $LATENTCAST_SHARED, "
+                        "default ../shared; default data/video/vtest.avi)")
+    t.add_argument("--every", type=int, default=8, help="temporal: frames whose index is divisible by this are held out")
+    t.add_argument("--max-frames", type=int, default=None, help="temporal: stop after this many frames")
+    t.add_argument("--labels", default="person,vehicle,bicycle", help="temporal: task labels the edge grounds (ROIs)")
+    t.add_argument("--key-rate-point", type=int, default=2, help="temporal: rate point of the keyframe (default 2)")
+    t.add_argument("--bg-rate-point", type=int, default=0,
+                   help="temporal: rate point of background updates (default 0)")
     t.set_defaults(func=cmd_train)
 
     r = sub.add_parser("release", help="freeze a training checkpoint into a codec weight file")

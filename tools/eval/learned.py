@@ -25,9 +25,11 @@ from latentcast.tools.eval.data import Clip, CodecRun
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GroundingSettings", "LatentcastCodec", "MODES"]
+__all__ = ["GroundingSettings", "LatentcastCodec", "TemporalLatentcastCodec", "MODES", "TEMPORAL_LEVELS"]
 
 MODES = ("full", "roi")
+# temporal sweep: q<rate point of ROI cells>/t<nonzero symbols for a ROI cell to be re-coded>, coarsest first
+TEMPORAL_LEVELS = ("q0/t32", "q0/t8", "q0/t1", "q1/t1", "q2/t1")
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,26 @@ class GroundingSettings:
     margin: int = 8  # pixels added around each box
     max_missed: int = 2  # detector runs a track may go unmatched before it is dropped
     motion: str = "constant-velocity"  # box motion between detector runs
+
+
+def grounding_rois(clip: Clip, g: GroundingSettings, detector, cache: dict, *, every_frame: bool) -> dict[int, list]:
+    """The edge grounding's ROIs for the scored frames of ``clip`` (or every frame), cached in ``cache``."""
+    key = (clip.name, clip.n_frames, clip.scored, every_frame)
+    if key not in cache:
+        from latentcast.edge.grounding import Grounder
+
+        grounder = Grounder(labels=list(g.labels), detector=detector, every=g.every if clip.n_frames > 1 else 1,
+                            max_missed=g.max_missed, margin=g.margin, motion=g.motion)
+        keep, last = set(clip.scored), (clip.n_frames - 1 if every_frame else max(clip.scored))
+        out = {}
+        for i, frame in clip.frames():
+            r = grounder.update(frame)
+            if every_frame or i in keep:
+                out[i] = list(r.rois)
+            if i >= last:
+                break
+        cache[key] = out
+    return cache[key]
 
 
 @dataclass
@@ -77,23 +99,7 @@ class LatentcastCodec:
 
     def rois(self, clip: Clip) -> dict[int, list]:
         """The edge grounding's ROIs for the clip's scored frames (cached per clip)."""
-        key = (clip.name, clip.n_frames, clip.scored)
-        if key not in self._rois:
-            from latentcast.edge.grounding import Grounder
-
-            g = self.grounding
-            grounder = Grounder(labels=list(g.labels), detector=self.detector, every=g.every if clip.n_frames > 1 else 1,
-                                max_missed=g.max_missed, margin=g.margin, motion=g.motion)
-            keep, last = set(clip.scored), max(clip.scored)
-            out = {}
-            for i, frame in clip.frames():
-                r = grounder.update(frame)
-                if i in keep:
-                    out[i] = list(r.rois)
-                if i >= last:
-                    break
-            self._rois[key] = out
-        return self._rois[key]
+        return grounding_rois(clip, self.grounding, self.detector, self._rois, every_frame=False)
 
     def run(self, clip: Clip, param: int) -> CodecRun:
         rate_point = int(param)
@@ -111,5 +117,100 @@ class LatentcastCodec:
             t_enc += t1 - t0
             t_dec += t2 - t1
             recon[i] = np.ascontiguousarray(rec.frame)
+        return CodecRun(bytes=n_bytes, pixels=n_frames * clip.width * clip.height, frames_coded=n_frames, recon=recon,
+                        encode_seconds=t_enc, decode_seconds=t_dec)
+
+
+@dataclass
+class TemporalLatentcastCodec:
+    """latentcast's temporal mode: the edge's :class:`~latentcast.edge.temporal.TemporalEncoder` over the
+    whole clip (keyframes, then ROI cells that changed), decoded in order by the cloud's
+    :class:`~latentcast.models.temporal.TemporalDecoder`; every frame is coded and counted, the
+    scored ones are rendered. ``param`` is a level ``q<rate point>/t<threshold>``."""
+
+    grounding: GroundingSettings
+    encoder: object  # a FrameCompressor with encode_symbols_y_hat (the edge bundle)
+    decoder: object  # latentcast.models.codec.LatentCodec
+    detector: object
+    tables: object  # latentcast.proto.temporal.TemporalTables
+    config: object = None  # latentcast.edge.temporal.TemporalConfig (None: the edge's defaults)
+    params: tuple[str, ...] = TEMPORAL_LEVELS
+    param_name: str = "level"
+    name: str = "latentcast-temporal"
+    _rois: dict = field(default_factory=dict, repr=False)
+    _analysis: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        from latentcast.edge.temporal import TemporalConfig
+        from latentcast.proto.ids import label_set_hash
+
+        if self.encoder.weights_hash != self.decoder.weights_hash:
+            raise ValueError("the edge bundle was exported from other weights than the decoder's; run `latentcast export edge`")
+        self.config = self.config or TemporalConfig(enabled=True)
+        for p in self.params:
+            self.level(p)
+        self._label_hash = label_set_hash(list(self.grounding.labels))
+
+    def level(self, param: str) -> tuple[int, int]:
+        try:
+            q, t = param.split("/")
+            if not (q.startswith("q") and t.startswith("t")):
+                raise ValueError
+            return int(q[1:]), int(t[1:])
+        except ValueError:
+            raise ValueError(f"temporal level {param!r} is not q<rate point>/t<threshold>, e.g. q0/t1") from None
+
+    def describe(self) -> dict:
+        import dataclasses
+
+        c = self.config
+        return {"codec": self.decoder.codec_name, "weights_hash": self.decoder.weights_hash.hex(), "mode": "temporal",
+                "levels": "q<rate point of ROI cells>/t<nonzero symbols for a ROI cell to be re-coded>",
+                "temporal": {k: v for k, v in dataclasses.asdict(c).items() if k not in ("rate_point", "threshold")},
+                "tables": dict(self.tables.meta),
+                "encoder": "edge bundle (ONNX Runtime) + edge.temporal.TemporalEncoder",
+                "decoder": "models.temporal.TemporalDecoder (PyTorch)",
+                "grounding": {"labels": list(self.grounding.labels), "every": self.grounding.every}}
+
+    def _analyze(self, clip: Clip, i: int, frame: np.ndarray):
+        """(y, z) and the seconds g_a took: computed once per frame (the same at every level), timed every time."""
+        key = (clip.name, i)
+        if key not in self._analysis:
+            t0 = time.perf_counter()
+            y, z = self.encoder.analyze(frame)
+            self._analysis[key] = ((y, z), time.perf_counter() - t0)
+        return self._analysis[key]
+
+    def run(self, clip: Clip, param: str) -> CodecRun:
+        import dataclasses
+
+        from latentcast.edge.temporal import TemporalEncoder
+        from latentcast.models.temporal import TemporalDecoder
+
+        q, t = self.level(param)
+        cfg = dataclasses.replace(self.config, rate_point=q, threshold=t, target_kbps=0.0)
+        enc = TemporalEncoder(compressor=self.encoder, tables=self.tables, config=cfg, fps=clip.fps)
+        dec = TemporalDecoder(codec=self.decoder, tables=self.tables)
+        rois = grounding_rois(clip, self.grounding, self.detector, self._rois, every_frame=True)
+        keep = set(clip.scored)
+        n_bytes, n_frames, t_enc, t_dec, recon = 0, 0, 0.0, 0.0, {}
+        for i, frame in clip.frames():
+            if i >= clip.n_frames:
+                break
+            ana, t_ana = self._analyze(clip, i, frame)
+            t_enc += t_ana
+            t0 = time.perf_counter()
+            data = enc.encode(frame, rois[i], label_set_hash=self._label_hash, analysis=ana)
+            t1 = time.perf_counter()
+            if i in keep:
+                recon[i] = np.ascontiguousarray(dec.decompress(data).frame)
+            else:
+                dec.decode_state(data)
+            t2 = time.perf_counter()
+            n_bytes += len(data)
+            n_frames += 1
+            t_enc += t1 - t0
+            t_dec += t2 - t1
+        log.info("%s %s: %s, decoder %s", self.name, param, enc.counts, dec.counts)
         return CodecRun(bytes=n_bytes, pixels=n_frames * clip.width * clip.height, frames_coded=n_frames, recon=recon,
                         encode_seconds=t_enc, decode_seconds=t_dec)

@@ -31,13 +31,15 @@ from pathlib import Path
 import numpy as np
 
 from latentcast.tools.eval.data import Clip, GtBox, load_data
+from latentcast.tools.eval.learned import TEMPORAL_LEVELS
 
 log = logging.getLogger(__name__)
 
 __all__ = ["TASKS", "CODECS", "METRICS", "evaluate", "add_arguments", "main"]
 
 TASKS = ("detection", "classification")
-CODECS = ("latentcast", "jpeg", "webp", "x264", "x265", "downscale")  # latentcast = latentcast-full + latentcast-roi
+# latentcast = latentcast-full + latentcast-roi (independent frames); latentcast-temporal codes the clip as video
+CODECS = ("latentcast", "latentcast-temporal", "jpeg", "webp", "x264", "x265", "downscale")
 # metric key -> (label, task it needs or None)
 METRICS = {"map50": ("mAP@0.5", "detection"), "map": ("mAP@0.5:0.95", "detection"),
            "top1": ("top-1 agreement", "classification"), "psnr": ("PSNR dB", None), "ms_ssim": ("MS-SSIM", None)}
@@ -238,15 +240,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None, help="latentcast codec weights (default: the shipped elic-lite)")
     p.add_argument("--bundle", default=None, help="latentcast edge bundle (default: the shipped export)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the latentcast decoder")
+    p.add_argument("--temporal-tables", default=None,
+                   help="latentcast-temporal: P-frame entropy tables (default models/weights/<codec>-temporal.safetensors)")
+    p.add_argument("--temporal-levels", default=",".join(TEMPORAL_LEVELS),
+                   help="latentcast-temporal: levels q<rate point>/t<threshold> to sweep "
+                        f"(default {','.join(TEMPORAL_LEVELS)})")
     p.add_argument("--out", required=True, help="output folder: eval.json, eval.md, rate_accuracy.png, examples.png")
 
 
-def _parse_list(text: str, valid: tuple[str, ...], what: str) -> list[str]:
+def _parse_list(text: str, valid: tuple[str, ...], what: str, *, check: bool = True) -> list[str]:
     items = [s.strip() for s in text.split(",") if s.strip()]
     if not items:
         raise SystemExit(f"error: {what} is empty (valid: {', '.join(valid)})")
     for s in items:
-        if s not in valid:
+        if check and s not in valid:
             raise SystemExit(f"error: {what} {s!r} is not one of {', '.join(valid)}")
     return items
 
@@ -283,21 +290,32 @@ def main(a: argparse.Namespace) -> int:
         classifier = Classifier()
 
     codecs = []
-    if "latentcast" in names:
+    if "latentcast" in names or "latentcast-temporal" in names:
         from latentcast.edge.encoder import EdgeEncoder
         from latentcast.models.codec import LatentCodec
-        from latentcast.tools.eval.learned import GroundingSettings, LatentcastCodec
+        from latentcast.tools.eval.learned import GroundingSettings, LatentcastCodec, TemporalLatentcastCodec
 
         enc = EdgeEncoder(bundle=a.bundle)
         dec = LatentCodec.load(a.weights or "elic-lite")
         gdet = YoloxDetector(score_threshold=GroundingSettings.score_threshold)
         gs = GroundingSettings(labels=tuple(labels), every=a.grounding_every)
-        codecs += [LatentcastCodec(mode=m, grounding=gs, encoder=enc, decoder=dec, detector=gdet) for m in ("full", "roi")]
+        if "latentcast" in names:
+            codecs += [LatentcastCodec(mode=m, grounding=gs, encoder=enc, decoder=dec, detector=gdet)
+                       for m in ("full", "roi")]
+        if "latentcast-temporal" in names:
+            from latentcast.models.temporal import default_tables_path
+            from latentcast.proto.temporal import TemporalTables
+
+            tables = TemporalTables.load(a.temporal_tables or default_tables_path(dec), weights_hash=dec.weights_hash)
+            levels = tuple(_parse_list(a.temporal_levels, (), "--temporal-levels", check=False))
+            codecs.append(TemporalLatentcastCodec(grounding=gs, encoder=enc, decoder=dec, detector=gdet, tables=tables,
+                                                  params=levels))
     from latentcast.tools.eval.baselines import make_baselines
 
     # one encoder thread: x264 codes one slice per thread with zerolatency, so its size depends on the
     # thread count; one thread gives the same bytes on every machine
-    codecs += make_baselines([n for n in names if n != "latentcast"], preset=a.preset, gop=a.gop, threads=1)
+    codecs += make_baselines([n for n in names if not n.startswith("latentcast")], preset=a.preset, gop=a.gop,
+                             threads=1)
     if a.anchor not in {c.name for c in codecs}:
         raise SystemExit(f"error: --anchor {a.anchor!r} is not among the codecs run "
                          f"({', '.join(c.name for c in codecs)})")

@@ -1,0 +1,161 @@
+"""The edge's temporal encoder: a keyframe, then per frame only the ROI cells that changed (no torch).
+
+::
+
+    frame, ROIs ─► analyze (g_a) ─► y ─┬─ keyframe due? (start, every refresh_s, scene change, refresh asked,
+                                       │                 rate-control level change of the key rate)
+                                       │     yes ─► compress_key: full intra packet + T{KEY} ─► state = ŷ
+                                       └─ no ─► proto.temporal.choose_modes(state, y, ROI cells)
+                                                ─► encode_p ─► packet T{P, ref = last frame, key} + Y
+                                                ─► state.apply (the same update the cloud makes)
+    bytes sent ─► RateController (leaky bucket on target_kbps) ─► level = (rate_point, threshold)
+
+The refresh on request is how the stream recovers from loss: the cloud, missing
+a frame's reference, asks over the session's back channel and the next packet is
+a keyframe (:meth:`TemporalEncoder.request_refresh`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from dataclasses import dataclass, field
+
+from latentcast.edge.config import TemporalConfig
+
+import numpy as np
+
+from latentcast.proto.bitstream import Roi
+from latentcast.proto.grid import transmit_mask
+from latentcast.proto.symbols import FrameCompressor
+from latentcast.proto.temporal import (
+    BGCODE, KIND_KEY, KIND_P, MAX_FRAME_ID, TemporalInfo, TemporalState, TemporalTables, choose_modes, encode_p,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TemporalConfig", "RateController", "TemporalEncoder", "LEVELS", "tables_path"]
+
+# rate-control ladder, finest first: (rate point of ROI cells, nonzero symbols for a ROI cell to be re-coded)
+LEVELS: tuple[tuple[int, int], ...] = ((2, 1), (1, 1), (1, 4), (0, 1), (0, 4), (0, 12), (0, 32))
+
+
+@dataclass
+class RateController:
+    """A leaky bucket on the stream's bytes: too many bytes -> a coarser level of :data:`LEVELS`.
+
+    The bucket drains ``target_kbps`` and fills with every packet; above +window it steps one level
+    coarser, below -window one finer (the window is ``window_s`` seconds of the target rate)."""
+
+    target_kbps: float
+    fps: float
+    level: int = 3
+    window_s: float = 2.0
+    levels: tuple[tuple[int, int], ...] = LEVELS
+    fill: float = field(default=0.0, init=False)  # bytes above the target so far
+
+    def __post_init__(self) -> None:
+        if not self.target_kbps > 0 or not self.fps > 0:
+            raise ValueError(f"rate control needs target_kbps > 0 and fps > 0 (got {self.target_kbps}, {self.fps})")
+        self.level = min(max(self.level, 0), len(self.levels) - 1)
+
+    @property
+    def budget(self) -> float:
+        """Bytes per frame at the target rate."""
+        return self.target_kbps * 1000 / 8 / self.fps
+
+    def update(self, n_bytes: int) -> tuple[int, int]:
+        window = self.window_s * self.fps * self.budget
+        self.fill = min(max(self.fill + n_bytes - self.budget, -window), 4 * window)
+        if self.fill > window and self.level < len(self.levels) - 1:
+            self.level += 1
+            self.fill = 0.0
+        elif self.fill < -window and self.level > 0:
+            self.level -= 1
+            self.fill = 0.0
+        return self.levels[self.level]
+
+
+def tables_path(config: TemporalConfig, bundle: Path) -> Path:
+    """``temporal.tables``, or the tables shipped next to the bundle's codec
+    (``models/weights/<codec>-temporal.safetensors`` for ``models/weights/<codec>.onnx``)."""
+    if config.tables:
+        return Path(config.tables)
+    return bundle.parent / f"{bundle.name.removesuffix('.onnx')}-temporal.safetensors"
+
+
+class TemporalEncoder:
+    """One stream's temporal encoder: ``encode(frame, rois)`` -> packet bytes (a keyframe or a P frame)."""
+
+    def __init__(self, *, compressor: FrameCompressor, tables: TemporalTables, config: TemporalConfig = TemporalConfig(),
+                 fps: float = 10.0):
+        for name in ("key_rate_point", "rate_point", "bg_rate_point"):
+            compressor.check_rate(getattr(config, name))
+        if tables.M != compressor.M:
+            raise ValueError(f"temporal tables are for M={tables.M} latent channels, the codec has {compressor.M}")
+        self.compressor, self.tables, self.config, self.fps = compressor, tables, config, float(fps)
+        self.steps = [float(d) for d in compressor.rate_deltas]
+        self.rate = RateController(target_kbps=config.target_kbps, fps=fps) if config.target_kbps > 0 else None
+        self.state: TemporalState | None = None
+        self.frame_id = 0
+        self._since_key = 0
+        self._refresh: str | None = "start"
+        self.counts = {"key": 0, "p": 0, "scene_change": 0, "refresh_requested": 0, "periodic": 0}
+
+    def request_refresh(self, reason: str = "requested") -> None:
+        """The next packet is a keyframe (the cloud lost a reference, a new subscriber, ...)."""
+        if self._refresh is None:
+            self._refresh = reason
+
+    @property
+    def level(self) -> tuple[int, int]:
+        """(rate point, threshold) of ROI cells in the next P frame."""
+        return self.rate.levels[self.rate.level] if self.rate else (self.config.rate_point, self.config.threshold)
+
+    def encode(self, frame: np.ndarray, rois: Sequence[Roi] = (), *, label_set_hash: bytes = b"\0\0\0\0",
+               analysis: tuple[np.ndarray, np.ndarray] | None = None) -> bytes:
+        """Code the next frame of the stream. ``analysis``: its (y, z) if already computed."""
+        c = self.config
+        h, w = frame.shape[:2]
+        y, z = analysis if analysis is not None else self.compressor.analyze(frame)
+        fid = self.frame_id
+        self.frame_id = (self.frame_id + 1) % (MAX_FRAME_ID + 1)
+        if self._refresh is None and c.refresh_s > 0 and self._since_key >= c.refresh_s * self.fps:
+            self._refresh = "periodic"
+        modes = sym = None
+        if self._refresh is None:
+            rate_point, threshold = self.level
+            roi = transmit_mask(w, h, [(r.x0, r.y0, r.x1, r.y1) for r in rois], True)
+            modes, sym = choose_modes(self.state, y, roi, step=self.steps[rate_point],
+                                      bg_step=self.steps[c.bg_rate_point], threshold=threshold,
+                                      bg_threshold=c.bg_threshold)
+            if c.scene_change < 1.0 and float(np.mean(modes == BGCODE)) > c.scene_change:
+                self._refresh = "scene_change"
+        if self._refresh is not None:
+            reason, self._refresh = self._refresh, None
+            key = "refresh_requested" if reason == "requested" else reason
+            if key in self.counts:
+                self.counts[key] += 1
+            info = TemporalInfo(kind=KIND_KEY, frame_id=fid, ref_id=fid, key_id=fid)
+            data, y_hat = self.compressor.compress_key(frame, rate_point=c.key_rate_point, temporal=info,
+                                                       rois=tuple(rois), label_set_hash=label_set_hash,
+                                                       analysis=(y, z))
+            self.state = TemporalState.from_key(y_hat, fid)
+            self._since_key = 1
+            self.counts["key"] += 1
+            log.debug("frame %d: keyframe (%s), %d bytes", fid, reason, len(data))
+        else:
+            info = TemporalInfo(kind=KIND_P, frame_id=fid, ref_id=self.state.frame_id, key_id=self.state.key_id,
+                                bg_rate_point=c.bg_rate_point)
+            yb, crc = encode_p(self.state, modes, sym, tables=self.tables, y_tables=self.compressor.y_tables,
+                               rate_point=rate_point, bg_rate_point=c.bg_rate_point)
+            data = self.compressor.p_packet(width=w, height=h, rate_point=rate_point, y_bytes=yb, crc=crc,
+                                            temporal=info, label_set_hash=label_set_hash)
+            self.state.apply(modes, sym, step=self.steps[rate_point], bg_step=self.steps[c.bg_rate_point],
+                             frame_id=fid)
+            self._since_key += 1
+            self.counts["p"] += 1
+        if self.rate is not None:
+            self.rate.update(len(data))
+        return data

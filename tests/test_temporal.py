@@ -1,0 +1,267 @@
+"""Temporal coding: T section, edge encoder and cloud decoder in lockstep, loss recovery, fitting, rate control."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from latentcast.proto.bitstream import Packet, Roi, SectionKind
+from latentcast.proto.temporal import (
+    BG, BGCODE, CODE, KEEP, KIND_KEY, KIND_P, N_MODE_CTX, N_RES_CTX, TemporalError, TemporalInfo, TemporalState,
+    TemporalTables, choose_modes, decode_p, encode_p,
+)
+
+W = H = 128
+BOX = 32
+
+
+def _background(seed: int = 0) -> np.ndarray:
+    r = np.random.default_rng(seed)
+    small = r.integers(40, 200, size=(H // 16, W // 16, 3)).astype(np.uint8)
+    return np.kron(small, np.ones((16, 16, 1), dtype=np.uint8))
+
+
+def _frame(t: int, bg: np.ndarray) -> tuple[np.ndarray, list[Roi]]:
+    """A textured background with a bright square moving right 4 px per frame; its ROI."""
+    f = bg.copy()
+    x = 8 + 4 * t
+    f[40:40 + BOX, x:x + BOX] = (250, 240, 20)
+    return f, [Roi(x0=x, y0=40, x1=x + BOX, y1=40 + BOX, label_id=0, score=0.9)]
+
+
+def _flat_tables(M: int, n_rates: int, scale: int = 30) -> TemporalTables:
+    return TemporalTables.from_counts(np.ones((N_MODE_CTX, 4)), np.full((n_rates * N_RES_CTX, M), scale))
+
+
+@pytest.fixture(scope="module")
+def edge_encoder(tiny_bundle):
+    from latentcast.edge.encoder import EdgeEncoder
+
+    return EdgeEncoder(bundle=tiny_bundle)
+
+
+def _pair(edge_encoder, tiny_codec, tables=None, **cfg):
+    from latentcast.edge.temporal import TemporalConfig, TemporalEncoder
+    from latentcast.models.temporal import TemporalDecoder
+
+    tables = tables or _flat_tables(tiny_codec.M, tiny_codec.n_rates)
+    config = TemporalConfig(enabled=True, **({"refresh_s": 0.0} | cfg))
+    return (TemporalEncoder(compressor=edge_encoder, tables=tables, config=config, fps=10.0),
+            TemporalDecoder(codec=tiny_codec, tables=tables))
+
+
+# ----------------------------------------------------------------------------- wire format
+
+
+def test_info_round_trip_and_errors():
+    info = TemporalInfo(kind=KIND_P, frame_id=7, ref_id=6, key_id=0, bg_rate_point=1)
+    assert TemporalInfo.from_bytes(info.to_bytes()) == info
+    with pytest.raises(TemporalError, match="kind 9"):
+        TemporalInfo(kind=9, frame_id=0, ref_id=0, key_id=0)
+    with pytest.raises(TemporalError, match="keyframe depends on nothing"):
+        TemporalInfo(kind=KIND_KEY, frame_id=3, ref_id=2, key_id=3)
+    with pytest.raises(TemporalError, match="frame_id -1"):
+        TemporalInfo(kind=KIND_P, frame_id=-1, ref_id=0, key_id=0)
+    with pytest.raises(TemporalError, match="expected 14"):
+        TemporalInfo.from_bytes(b"\0" * 5)
+
+
+def test_p_symbols_round_trip_with_every_mode(tiny_codec, rng):
+    M, h, w = tiny_codec.M, 4, 6
+    state = TemporalState.from_key(rng.normal(size=(M, h, w)).round(2), frame_id=0)
+    state.fg[0, :2] = True
+    roi = np.zeros((h, w), bool)
+    roi[1:3, 1:4] = True
+    changed = roi.copy()
+    changed[3, 4:] = True  # a background change outside the ROI
+    y = state.y + np.where(changed[None], rng.normal(scale=3.0, size=state.y.shape), 0.0)
+    modes, sym = choose_modes(state, y, roi, step=1.0, bg_step=2.0, threshold=1, bg_threshold=M // 2)
+    assert set(np.unique(modes)) >= {CODE, BG, BGCODE} and (modes[roi] != BG).all()
+    tables = _flat_tables(M, tiny_codec.n_rates)
+    data, crc = encode_p(state, modes, sym, tables=tables, y_tables=tiny_codec.y_tables, rate_point=1, bg_rate_point=0)
+    m2, s2, crc2 = decode_p(state, data, tables=tables, y_tables=tiny_codec.y_tables, rate_point=1, bg_rate_point=0)
+    assert crc2 == crc and np.array_equal(m2, modes) and np.array_equal(s2, sym)
+    before = state.copy()
+    state.apply(modes, sym, step=1.0, bg_step=2.0, frame_id=1)
+    assert np.array_equal(state.y[:, modes == KEEP], before.y[:, modes == KEEP])
+    assert np.array_equal(state.y[:, modes == BG], before.bg[:, modes == BG])
+    assert np.abs(state.y[:, modes == CODE] - y[:, modes == CODE]).max() <= 0.5  # quantized with step 1
+    assert not state.fg[modes == BG].any() and state.fg[modes == CODE].all()
+
+
+def test_tables_save_load_and_wrong_codec(tmp_path, tiny_codec):
+    t = _flat_tables(tiny_codec.M, tiny_codec.n_rates)
+    p = tmp_path / "t.safetensors"
+    t.save(p, weights_hash=tiny_codec.weights_hash)
+    back = TemporalTables.load(p, weights_hash=tiny_codec.weights_hash)
+    assert np.array_equal(back.mode_freqs, t.mode_freqs) and np.array_equal(back.res_scale, t.res_scale)
+    with pytest.raises(TemporalError, match="refit"):
+        TemporalTables.load(p, weights_hash=b"\1" * 8)
+    with pytest.raises(FileNotFoundError, match="latentcast train temporal"):
+        TemporalTables.load(tmp_path / "missing.safetensors")
+
+
+# ----------------------------------------------------------------------------- edge + cloud
+
+
+def test_edge_and_cloud_hold_the_same_latent(edge_encoder, tiny_codec):
+    enc, dec = _pair(edge_encoder, tiny_codec)
+    bg = _background()
+    sizes = []
+    for t in range(10):
+        f, rois = _frame(t, bg)
+        data = enc.encode(f, rois)
+        pk = Packet.from_bytes(data)
+        info = TemporalInfo.from_bytes(pk.sections[SectionKind.T])
+        assert info.kind == (KIND_KEY if t == 0 else KIND_P) and info.frame_id == t
+        assert (SectionKind.Z in pk.sections) == (t == 0)
+        rec = dec.decompress(data)
+        assert rec.frame.shape == (H, W, 3)
+        np.testing.assert_array_equal(dec.state.y, enc.state.y)  # exact, not close
+        sizes.append(len(data))
+    assert max(sizes[1:]) < sizes[0] / 2  # only the moving square's cells after the keyframe
+    assert enc.counts == {"key": 1, "p": 9, "scene_change": 0, "refresh_requested": 0, "periodic": 0}
+
+
+def test_a_static_scene_codes_no_cell(edge_encoder, tiny_codec):
+    enc, dec = _pair(edge_encoder, tiny_codec)
+    f, rois = _frame(0, _background())
+    key = enc.encode(f, rois)
+    dec.decompress(key)
+    y0 = dec.state.y.copy()
+    for _ in range(3):
+        data = enc.encode(f, rois)
+        pk = Packet.from_bytes(data)
+        # flat mode tables: 2 bits per cell and no residual
+        assert len(pk.sections[SectionKind.Y]) <= dec.state.fg.size // 4 + 8, len(pk.sections[SectionKind.Y])
+        rec = dec.decompress(data)
+        assert rec.mask.all() and not dec.last_coded.any()
+        np.testing.assert_array_equal(dec.state.y, y0)
+
+
+def test_periodic_and_scene_change_keyframes(edge_encoder, tiny_codec):
+    enc, _ = _pair(edge_encoder, tiny_codec, refresh_s=0.3)  # 3 frames at 10 fps
+    bg = _background()
+    kinds = [TemporalInfo.from_bytes(Packet.from_bytes(enc.encode(*_frame(t, bg))).sections[SectionKind.T]).kind
+             for t in range(7)]
+    assert kinds == [KIND_KEY, KIND_P, KIND_P, KIND_KEY, KIND_P, KIND_P, KIND_KEY]
+    enc, _ = _pair(edge_encoder, tiny_codec, scene_change=0.3, bg_rate_point=3, bg_threshold=1)
+    enc.encode(*_frame(0, bg))
+    f, rois = _frame(1, _background(seed=5))  # another scene
+    assert TemporalInfo.from_bytes(Packet.from_bytes(enc.encode(f, rois)).sections[SectionKind.T]).is_key
+    assert enc.counts["scene_change"] == 1
+
+
+def test_loss_never_renders_from_a_missing_reference_and_recovers_on_refresh(edge_encoder, tiny_codec):
+    """Drop random packets: from a loss until the next keyframe that arrives, every frame is refused (never
+    rendered from a missing reference); each refusal asks for a keyframe, and the next packet is one."""
+    from latentcast.models.temporal import MissingReference
+
+    enc, dec = _pair(edge_encoder, tiny_codec)
+    bg = _background()
+    lost = set(np.random.default_rng(3).choice(np.arange(2, 40), size=8, replace=False).tolist())
+    broken, refused_at, kinds, rendered = False, [], [], 0
+    for t in range(40):
+        data = enc.encode(*_frame(t % 20, bg))
+        info = TemporalInfo.from_bytes(Packet.from_bytes(data).sections[SectionKind.T])
+        kinds.append(info.kind)
+        if t in lost:
+            broken = True
+            continue
+        if info.is_key:
+            broken = False
+        try:
+            rec = dec.decompress(data)
+        except MissingReference:
+            assert broken, f"frame {t} refused although nothing it depends on was lost"
+            refused_at.append(t)
+            enc.request_refresh()  # the cloud's refresh request over the back channel
+            continue
+        assert not broken, f"frame {t} was rendered although a frame it depends on was lost"
+        np.testing.assert_array_equal(dec.state.y, enc.state.y)  # exactly the edge's own reconstruction
+        assert rec.frame is not None
+        rendered += 1
+    assert refused_at and all(kinds[t + 1] == KIND_KEY for t in refused_at if t + 1 < len(kinds))
+    assert rendered + len(refused_at) + len(lost) == 40 and enc.counts["refresh_requested"] == len(refused_at)
+
+
+def test_p_frame_with_another_size_or_codec_is_refused(edge_encoder, tiny_codec):
+    from latentcast.models.codec import CodecError
+    from latentcast.models.temporal import MissingReference
+
+    enc, dec = _pair(edge_encoder, tiny_codec)
+    bg = _background()
+    dec.decompress(enc.encode(*_frame(0, bg)))
+    p = Packet.from_bytes(enc.encode(*_frame(1, bg)))
+    bad = Packet(header=type(p.header)(**{**p.header.__dict__, "weights_hash": b"\2" * 8}), sections=p.sections)
+    with pytest.raises(CodecError, match="weights hash"):
+        dec.decompress(bad)
+    other = TemporalInfo(kind=KIND_P, frame_id=5, ref_id=4, key_id=0)
+    forged = Packet(header=p.header, sections={**p.sections, SectionKind.T: other.to_bytes()})
+    with pytest.raises(MissingReference, match="predicted from frame 4"):
+        dec.decompress(forged)
+    dec.decompress(p)  # the real one still applies: a refused packet changes nothing
+
+
+# ----------------------------------------------------------------------------- fitting and rate control
+
+
+def test_fitted_tables_code_in_fewer_bytes_than_flat_ones(edge_encoder, tiny_codec):
+    from latentcast.models.temporal import fit_tables
+
+    bg = _background()
+
+    def frames():
+        for t in range(12):
+            f, rois = _frame(t, bg)
+            yield t, f, [(r.x0, r.y0, r.x1, r.y1) for r in rois]
+
+    tables, stats = fit_tables(tiny_codec, frames(), train=lambda i: i % 4 != 0, key_rate_point=2)
+    assert stats["train_frames"] == 9 and stats["residual_symbols"] > 0
+    totals = {}
+    for name, t in (("flat", _flat_tables(tiny_codec.M, tiny_codec.n_rates)), ("fitted", tables)):
+        enc, dec = _pair(edge_encoder, tiny_codec, tables=t)
+        n = 0
+        for i in range(12):
+            data = enc.encode(*_frame(i, bg))
+            dec.decode_state(data)
+            n += len(data) if i else 0
+        totals[name] = n
+    assert totals["fitted"] < 0.9 * totals["flat"], totals
+
+
+def test_rate_controller_moves_toward_the_target():
+    from latentcast.edge.temporal import LEVELS, RateController
+
+    cost = [4000, 2500, 1800, 1200, 800, 500, 300]  # bytes per frame at each level, finest first
+    rc = RateController(target_kbps=8 * 10 * 900 / 1000, fps=10.0, level=0)  # 900 B/frame
+    seen = []
+    for _ in range(300):
+        rc.update(cost[rc.level])
+        seen.append(rc.level)
+    tail = [cost[lv] for lv in seen[-100:]]
+    assert 500 <= np.mean(tail) <= 1300 and set(seen[-100:]) <= {3, 4, 5}
+    assert len(LEVELS) == len(cost)
+    with pytest.raises(ValueError, match="target_kbps > 0"):
+        RateController(target_kbps=0, fps=10)
+
+
+def test_encoder_under_rate_control_stays_near_its_target(edge_encoder, tiny_codec):
+    enc, dec = _pair(edge_encoder, tiny_codec, target_kbps=3.0)
+    bg = _background()
+    sizes = []
+    for t in range(40):
+        data = enc.encode(*_frame(t % 20, bg))
+        dec.decode_state(data)
+        sizes.append(len(data))
+    assert enc.rate.level > 4  # 3 kbit/s at 10 fps = 37 B/frame: pushed to the coarse end of the ladder
+
+
+def test_shipped_tables_match_the_shipped_codec():
+    from latentcast.models.codec import LatentCodec
+    from latentcast.models.temporal import default_tables_path
+
+    codec = LatentCodec.load("elic-lite")
+    t = TemporalTables.load(default_tables_path(codec), weights_hash=codec.weights_hash)
+    assert t.M == codec.M and t.n_rates == codec.n_rates
+    assert "held_out" in t.meta and t.meta["train_frames"] > 0
