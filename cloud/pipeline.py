@@ -441,8 +441,10 @@ class Pipeline:
             # a composer makes the frame from the latent: skip the latent decoder then
             if job.prepared is not None:
                 rec = job.prepared(self.composer is None)
+            elif self.composer is None:
+                rec = codec.decompress(packet)
             else:
-                rec = codec.decompress(packet, decode_frame=self.composer is None)
+                rec = codec.decompress(packet, decode_frame=False)
         except CodecError as exc:
             code = "checksum_mismatch" if "checksum" in str(exc) else "decode_failed"
             return FrameFailure(job=job, code=code, message=str(exc))

@@ -129,6 +129,7 @@ class TemporalConfig:
     threshold: int = 1  # a ROI cell is re-coded when its change has this many nonzero symbols
     bg_rate_point: int = 0  # quantization step of background updates
     bg_threshold: int = 8  # a background cell is re-coded when its change has this many nonzero symbols
+    deadzone: float = 0.0  # widening of the residual quantizer's zero bin (0..0.5): fewer bits, a little less detail
     refresh_s: float = 60.0  # a keyframe at least this often (0: only at start, scene change and request)
     scene_change: float = 0.4  # a keyframe when this fraction of the frame's cells would be re-coded
     target_kbps: float = 0.0  # rate control: the stream's target bitrate (0: off, the fixed settings above)
@@ -143,7 +144,7 @@ class TemporalConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"temporal.{name} {v!r} must be an integer >= 1")
-        for name, lo, hi in (("refresh_s", 0.0, float("inf")), ("scene_change", 0.0, 1.0),
+        for name, lo, hi in (("refresh_s", 0.0, float("inf")), ("scene_change", 0.0, 1.0), ("deadzone", 0.0, 0.5),
                              ("target_kbps", 0.0, float("inf"))):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:

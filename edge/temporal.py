@@ -129,7 +129,7 @@ class TemporalEncoder:
             roi = transmit_mask(w, h, [(r.x0, r.y0, r.x1, r.y1) for r in rois], True)
             modes, sym = choose_modes(self.state, y, roi, step=self.steps[rate_point],
                                       bg_step=self.steps[c.bg_rate_point], threshold=threshold,
-                                      bg_threshold=c.bg_threshold)
+                                      bg_threshold=c.bg_threshold, deadzone=c.deadzone)
             if c.scene_change < 1.0 and float(np.mean(modes == BGCODE)) > c.scene_change:
                 self._refresh = "scene_change"
         if self._refresh is not None:

@@ -20,6 +20,7 @@ fewest bits are kept, from the training frames only.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
@@ -33,8 +34,8 @@ from latentcast.proto.bitstream import Packet, SectionKind
 from latentcast.proto.entropy import TableSet
 from latentcast.proto.grid import transmit_mask
 from latentcast.proto.temporal import (
-    BGCODE, CODE, N_MODE_CTX, N_RES_CTX, TemporalError, TemporalInfo, TemporalState, TemporalTables, choose_modes,
-    decode_p, residual_context,
+    BGCODE, CODE, N_CLASSES, N_GROUP_CTX, N_MODE_CTX, N_RES_CTX, TemporalError, TemporalInfo, TemporalState,
+    TemporalTables, choose_modes, decode_p, group_context,
 )
 
 from .codec import WEIGHTS_DIR, CodecError, LatentCodec, Reconstruction
@@ -158,12 +159,14 @@ def fit_tables(codec: LatentCodec, frames: Iterable[tuple[int, np.ndarray, list]
     """Fit :class:`TemporalTables` on a video: ``frames`` yields (index, RGB frame, ROI boxes in pixels).
 
     Every rate point runs its own closed loop over all frames (keyframe at the first frame); only
-    frames with ``train(index)`` add to the statistics."""
-    n_rates = codec.n_rates
+    frames with ``train(index)`` add to the statistics. The class edges are the quartiles of the coded
+    cells' residual L1 norm at each rate point; then, per context, class and channel, the Gaussian
+    table that codes the residuals in the fewest bits."""
+    n_rates, M = codec.n_rates, codec.M
     steps = codec.rate_deltas
     lengths, R = _code_lengths(codec.y_tables)
-    hist = np.zeros((n_rates * N_RES_CTX, codec.M, 2 * R + 1), dtype=np.int64)
     mode_counts = np.zeros((N_MODE_CTX, 4), dtype=np.int64)
+    cells_by_rate: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n_rates)]  # (group ctx, symbols)
     states: list[TemporalState | None] = [None] * n_rates
     n_train = 0
     for i, frame, boxes in frames:
@@ -184,16 +187,30 @@ def fit_tables(codec: LatentCodec, frames: Iterable[tuple[int, np.ndarray, list]
             if use:
                 np.add.at(mode_counts, (st.mode_context().ravel(), modes.ravel()), 1)
                 for kind, cells in enumerate((modes == CODE, modes == BGCODE)):
-                    if not cells.any():
-                        continue
-                    rq = q if kind == 0 else bg_rate_point
-                    ctx = residual_context(st, cells, kind, rq)  # (n,)
-                    v = np.clip(sym[:, cells], -R, R) + R  # (M, n)
-                    ch = np.broadcast_to(np.arange(codec.M)[:, None], v.shape)
-                    np.add.at(hist, (np.broadcast_to(ctx[None], v.shape).ravel(), ch.ravel(), v.ravel()), 1)
+                    if cells.any():
+                        rq = q if kind == 0 else bg_rate_point
+                        cells_by_rate[rq].append((group_context(st, cells, kind, rq),
+                                                  np.clip(sym[:, cells], -R, R).astype(np.int16)))
             st.apply(modes, sym, step=steps[q], bg_step=steps[bg_rate_point], frame_id=i)
         if progress is not None:
             progress.update(1)
+    class_counts = np.zeros((n_rates * N_GROUP_CTX, N_CLASSES), dtype=np.int64)
+    edges = np.zeros((n_rates, N_CLASSES - 1), dtype=np.int64)
+    hist = np.zeros((n_rates * N_RES_CTX, M, 2 * R + 1), dtype=np.int64)
+    for q, parts in enumerate(cells_by_rate):
+        if not parts:
+            edges[q] = np.arange(1, N_CLASSES)
+            continue
+        g = np.concatenate([p[0] for p in parts])
+        v = np.concatenate([p[1] for p in parts], axis=1).astype(np.int64)  # (M, n)
+        l1 = np.abs(v).sum(0)
+        e = np.quantile(l1, np.arange(1, N_CLASSES) / N_CLASSES, method="lower").astype(np.int64) + 1
+        edges[q] = np.maximum.accumulate(np.maximum(e, np.arange(1, N_CLASSES)))
+        k = np.searchsorted(edges[q], l1, side="right")
+        np.add.at(class_counts, (g, k), 1)
+        ctx = q * N_RES_CTX + (g - q * N_GROUP_CTX) * N_CLASSES + k
+        ch = np.broadcast_to(np.arange(M)[:, None], v.shape)
+        np.add.at(hist, (np.broadcast_to(ctx[None], v.shape).ravel(), ch.ravel(), (v + R).ravel()), 1)
     # per (context, channel): the table with the fewest bits; unseen contexts: the channel's best overall
     cost = np.einsum("cmv,tv->cmt", hist.astype(np.float64), lengths)  # (ctx, M, tables)
     best = cost.argmin(-1)
@@ -202,10 +219,10 @@ def fit_tables(codec: LatentCodec, frames: Iterable[tuple[int, np.ndarray, list]
     res_scale = np.where(seen, best, pooled[None]).astype(np.int64)
     bits = float(np.take_along_axis(cost, best[..., None], -1).sum())
     stats = {"train_frames": n_train, "residual_symbols": int(hist.sum()), "residual_bits": round(bits),
-             "mode_counts": mode_counts.tolist()}
+             "class_edges": edges.tolist(), "mode_counts": mode_counts.tolist()}
     meta = {"key_rate_point": key_rate_point, "bg_rate_point": bg_rate_point, "threshold": threshold,
             "bg_threshold": bg_threshold}
-    return TemporalTables.from_counts(mode_counts, res_scale, meta=meta), stats
+    return TemporalTables.from_counts(mode_counts, class_counts, edges, res_scale, meta=meta), stats
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -244,7 +261,7 @@ def main(a: argparse.Namespace) -> int:
     meta = dict(tables.meta, data=portable_path(path), held_out=f"frames with index % {a.every} == 0",
                 frames=clip.n_frames, command=provenance.command(), commit=provenance.commit(),
                 seconds=round(time.time() - t0, 1), **{k: v for k, v in stats.items() if k != "mode_counts"})
-    tables = TemporalTables(mode_freqs=tables.mode_freqs, res_scale=tables.res_scale, meta=meta)
+    tables = dataclasses.replace(tables, meta=meta)
     out = Path(a.out) if a.out else default_tables_path(codec)
     tables.save(out, weights_hash=codec.weights_hash)
     print(json.dumps({"out": portable_path(out), **meta}, indent=2))

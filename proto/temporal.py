@@ -24,16 +24,18 @@ are dyadic float64 arithmetic (``Δ`` has 8 fractional bits), exact on any machi
 
 Entropy coding (the "conditional" model, :class:`TemporalTables`): the residual
 ``s`` is coded with the previous latent as its mean (``s`` is the change) and a
-zero-mean Gaussian table whose scale depends on the channel, the mode and
-whether the cell was coded in the previous frame too (a moving object); the modes
-are coded with a 4-symbol table chosen by the cell's context in the previous
-frame. Every context is known before the frame is decoded, so a frame decodes
-in two vectorized calls. The tables are fitted on footage
+zero-mean Gaussian table whose scale depends on the channel, the mode, whether
+the cell was coded in the previous frame too (a moving object) and the cell's
+class, a 4-level measure of how much it changed that the encoder sends first;
+the modes are coded with a 4-symbol table chosen by the cell's context in the
+previous frame. Every context is known before its symbols are decoded, so a
+frame decodes in a handful of vectorized calls. The tables are fitted on footage
 (``latentcast train temporal``) and stored as integers.
 
-``Y`` section order: all modes (row-major), then the residual symbols of CODE
-cells (channel-major, then row-major), then those of BGCODE cells. The packet's
-``symbol_crc`` is the CRC32 of the modes followed by the symbols in that order.
+``Y`` section order: all modes (row-major); then for CODE cells their classes
+(row-major) and their residual symbols (channel-major, then row-major); then the
+same for BGCODE cells. The packet's ``symbol_crc`` is the CRC32 of all of these
+in that order.
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ from .entropy import SymbolDecoder, SymbolEncoder, TableSet, quantize_pmf
 
 __all__ = [
     "KEEP", "CODE", "BG", "BGCODE", "MODES", "KIND_KEY", "KIND_P", "TemporalError", "TemporalInfo",
-    "TemporalTables", "TemporalState", "choose_modes", "encode_p", "decode_p", "residual_context", "N_MODE_CTX",
-    "N_RES_CTX",
+    "TemporalTables", "TemporalState", "choose_modes", "encode_p", "decode_p", "residual_context", "group_context",
+    "cell_classes", "N_MODE_CTX", "N_GROUP_CTX", "N_CLASSES", "N_RES_CTX",
 ]
 
 KEEP, CODE, BG, BGCODE = 0, 1, 2, 3
@@ -58,7 +60,9 @@ MODES = ("KEEP", "CODE", "BG", "BGCODE")
 KIND_KEY, KIND_P = 0, 1
 _KINDS = {KIND_KEY: "KEY", KIND_P: "P"}
 N_MODE_CTX = 8  # fg_state x (coded here last frame) x (coded in the 3x3 neighbourhood last frame)
-N_RES_CTX = 4  # per rate point: (CODE | BGCODE) x (coded here last frame)
+N_GROUP_CTX = 4  # per rate point: (CODE | BGCODE) x (coded here last frame)
+N_CLASSES = 4  # classes of coded cells by the L1 norm of their residual (side information)
+N_RES_CTX = N_GROUP_CTX * N_CLASSES  # residual table contexts per rate point
 _INFO = struct.Struct("<BIIIB")
 MAX_FRAME_ID = 2**32 - 1
 
@@ -111,21 +115,36 @@ class TemporalInfo:
 
 @dataclass(frozen=True)
 class TemporalTables:
-    """Integer entropy model of P frames: mode tables per context, residual scale index per context and channel.
+    """Integer entropy model of P frames.
 
-    ``res_scale[q * N_RES_CTX + c, m]`` is the table of channel ``m`` in context ``c`` at rate point ``q``:
-    an index into the codec's Gaussian ``y_tables`` (the same tables intra frames use)."""
+    - ``mode_freqs[c]``: the 4-symbol table of a cell's mode in mode context ``c`` (:meth:`TemporalState.mode_context`);
+    - ``class_edges[q]``: a coded cell's class is how many of these its residual's L1 norm reaches (rate point ``q``);
+      ``class_freqs[q * N_GROUP_CTX + g]``: the class table in group context ``g`` = (CODE | BGCODE) x (coded here
+      last frame);
+    - ``res_scale[q * N_RES_CTX + g * N_CLASSES + k, m]``: the Gaussian table (an index into the codec's ``y_tables``,
+      the ones intra frames use) of channel ``m`` of a class-``k`` cell in group context ``g`` at rate point ``q``.
+
+    The class is side information the encoder picks (2 bits at most, entropy coded): it tells the decoder how
+    much the cell changed, so each channel's table can fit small and large changes separately."""
 
     mode_freqs: np.ndarray  # (N_MODE_CTX, 4) int32, each row sums to 2**16, entries >= 1
+    class_freqs: np.ndarray  # (n_rates * N_GROUP_CTX, N_CLASSES) int32, rows sum to 2**16, entries >= 1
+    class_edges: np.ndarray  # (n_rates, N_CLASSES - 1) int64, ascending L1 thresholds
     res_scale: np.ndarray  # (n_rates * N_RES_CTX, M) int64 scale-table index
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        mf, rs = np.asarray(self.mode_freqs), np.asarray(self.res_scale)
-        if mf.shape != (N_MODE_CTX, 4) or np.any(mf < 1) or np.any(mf.sum(1) != 1 << 16):
-            raise TemporalError(f"mode_freqs must be ({N_MODE_CTX}, 4) positive rows summing to 2**16, got {mf.shape}")
+        mf, cf, ce, rs = (np.asarray(a) for a in (self.mode_freqs, self.class_freqs, self.class_edges, self.res_scale))
+        for name, f, shape in (("mode_freqs", mf, (N_MODE_CTX, 4)), ("class_freqs", cf, None)):
+            if (shape is not None and f.shape != shape) or f.ndim != 2 or np.any(f < 1) or np.any(f.sum(1) != 1 << 16):
+                raise TemporalError(f"{name} must be positive rows summing to 2**16 of shape {shape or '(*, *)'}, "
+                                    f"got {f.shape}")
         if rs.ndim != 2 or rs.shape[0] % N_RES_CTX or not rs.shape[0] or np.any(rs < 0):
             raise TemporalError(f"res_scale must be (n_rates * {N_RES_CTX}, M) non-negative indices, got {rs.shape}")
+        n = rs.shape[0] // N_RES_CTX
+        if cf.shape != (n * N_GROUP_CTX, N_CLASSES) or ce.shape != (n, N_CLASSES - 1) or np.any(np.diff(ce, axis=1) < 0):
+            raise TemporalError(f"class_freqs {cf.shape} / class_edges {ce.shape} do not fit {n} rate points "
+                                f"and {N_CLASSES} classes (edges ascending)")
 
     @property
     def n_rates(self) -> int:
@@ -137,12 +156,32 @@ class TemporalTables:
 
     @property
     def mode_tables(self) -> TableSet:
-        return _mode_tableset(self.mode_freqs.tobytes())
+        return _freq_tableset(self.mode_freqs)
+
+    @property
+    def class_tables(self) -> TableSet:
+        return _freq_tableset(self.class_freqs)
 
     @classmethod
-    def from_counts(cls, mode_counts: np.ndarray, res_scale: np.ndarray, meta: dict | None = None) -> "TemporalTables":
-        freqs = np.stack([quantize_pmf(np.asarray(c, dtype=np.float64) + 0.5) for c in mode_counts]).astype(np.int32)
-        return cls(mode_freqs=freqs, res_scale=np.asarray(res_scale, dtype=np.int64), meta=dict(meta or {}))
+    def from_counts(cls, mode_counts: np.ndarray, class_counts: np.ndarray, class_edges: np.ndarray,
+                    res_scale: np.ndarray, meta: dict | None = None) -> "TemporalTables":
+        """Tables from symbol counts (+1/2 each, so every symbol stays codable)."""
+
+        def freqs(counts):
+            return np.stack([quantize_pmf(np.asarray(c, dtype=np.float64) + 0.5) for c in counts]).astype(np.int32)
+
+        return cls(mode_freqs=freqs(mode_counts), class_freqs=freqs(class_counts),
+                   class_edges=np.asarray(class_edges, dtype=np.int64), res_scale=np.asarray(res_scale, dtype=np.int64),
+                   meta=dict(meta or {}))
+
+    @classmethod
+    def flat(cls, *, M: int, n_rates: int, scale: int = 30, edges: tuple[int, ...] = (4, 12, 32)) -> "TemporalTables":
+        """Untrained tables (uniform modes and classes, one scale everywhere): tests and a first fit."""
+        return cls.from_counts(np.ones((N_MODE_CTX, 4)), np.ones((n_rates * N_GROUP_CTX, N_CLASSES)),
+                               np.tile(np.asarray(edges, dtype=np.int64), (n_rates, 1)),
+                               np.full((n_rates * N_RES_CTX, M), scale))
+
+    _ARRAYS = ("mode_freqs", "class_freqs", "class_edges", "res_scale")
 
     def save(self, path: Path | str, *, weights_hash: bytes) -> None:
         """A safetensors file (numpy arrays) naming the codec weights it was fitted for."""
@@ -150,10 +189,9 @@ class TemporalTables:
 
         from safetensors.numpy import save_file
 
-        md = {"format": "latentcast-temporal-1", "weights_hash": weights_hash.hex(), "meta": json.dumps(self.meta)}
+        md = {"format": "latentcast-temporal-2", "weights_hash": weights_hash.hex(), "meta": json.dumps(self.meta)}
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_file({"mode_freqs": self.mode_freqs.astype(np.int32), "res_scale": self.res_scale.astype(np.int64)},
-                  str(path), metadata=md)
+        save_file({k: np.ascontiguousarray(getattr(self, k)) for k in self._ARRAYS}, str(path), metadata=md)
 
     @classmethod
     def load(cls, path: Path | str, *, weights_hash: bytes | None = None) -> "TemporalTables":
@@ -167,28 +205,30 @@ class TemporalTables:
         with safe_open(str(path), framework="numpy") as f:
             md = f.metadata() or {}
             arrays = {k: f.get_tensor(k) for k in f.keys()}
-        if md.get("format") != "latentcast-temporal-1":
-            raise TemporalError(f"{path} is not a latentcast temporal table file (format {md.get('format')!r})")
+        if md.get("format") != "latentcast-temporal-2":
+            raise TemporalError(f"{path} is not a latentcast temporal table file of this version (format "
+                                f"{md.get('format')!r}, expected 'latentcast-temporal-2'): refit with "
+                                "`latentcast train temporal`")
         if weights_hash is not None and md.get("weights_hash") != weights_hash.hex():
             raise TemporalError(f"{path} was fitted for codec weights {md.get('weights_hash')}, "
                                 f"not {weights_hash.hex()}: refit with `latentcast train temporal`")
-        return cls(mode_freqs=arrays["mode_freqs"], res_scale=arrays["res_scale"], meta=json.loads(md.get("meta", "{}")))
+        return cls(**{k: arrays[k] for k in cls._ARRAYS}, meta=json.loads(md.get("meta", "{}")))
 
 
-_MODE_TABLE_CACHE: dict[bytes, TableSet] = {}
+_TABLE_CACHE: dict[tuple, TableSet] = {}
 
 
-def _mode_tableset(key: bytes) -> TableSet:
-    if key not in _MODE_TABLE_CACHE:
-        freqs = np.frombuffer(key, dtype=np.int32).reshape(N_MODE_CTX, 4)
-        # 4 direct symbols 0..3 and an (unused) escape entry that needs a frequency >= 1
+def _freq_tableset(freqs: np.ndarray) -> TableSet:
+    """Rows of frequencies (symbols 0..n-1) as a TableSet; each gets the (unused) escape entry the coder needs."""
+    key = (freqs.shape, freqs.astype(np.int32).tobytes())
+    if key not in _TABLE_CACHE:
         tabs = []
-        for row in freqs:
-            t = row.astype(np.int64).copy()
+        for row in np.asarray(freqs, dtype=np.int64):
+            t = row.copy()
             t[int(np.argmax(t))] -= 1
             tabs.append(np.append(t, 1).astype(np.int32))
-        _MODE_TABLE_CACHE[key] = TableSet(freqs=tuple(tabs), offsets=np.zeros(N_MODE_CTX, dtype=np.int64))
-    return _MODE_TABLE_CACHE[key]
+        _TABLE_CACHE[key] = TableSet(freqs=tuple(tabs), offsets=np.zeros(len(tabs), dtype=np.int64))
+    return _TABLE_CACHE[key]
 
 
 # ----------------------------------------------------------------------------- state
@@ -253,18 +293,26 @@ class TemporalState:
         self.frame_id = int(frame_id)
 
 
+def _quantize(r: np.ndarray, step: float, deadzone: float) -> np.ndarray:
+    """Rounding with a dead zone: ``sign(r) floor(|r|/step + 1/2 - deadzone)``, clipped at 0."""
+    if deadzone == 0.0:
+        return np.floor(r / step + 0.5)
+    return np.sign(r) * np.maximum(np.floor(np.abs(r) / step + 0.5 - deadzone), 0.0)
+
+
 def choose_modes(state: TemporalState, y: np.ndarray, roi: np.ndarray, *, step: float, bg_step: float,
-                 threshold: int, bg_threshold: int) -> tuple[np.ndarray, np.ndarray]:
+                 threshold: int, bg_threshold: int, deadzone: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """The edge's decision for one frame: modes (h,w) and residual symbols (M,h,w).
 
     ``roi``: (h,w) bool cells under the grounded ROIs. A ROI cell is coded (CODE) when its change
     against the previous latent, quantized with ``step``, has at least ``threshold`` nonzero symbols.
     Elsewhere, a cell showing foreground goes back to the background (BG), and any cell whose
     change against the background, quantized with ``bg_step``, has at least ``bg_threshold``
-    nonzero symbols is re-coded into the background (BGCODE)."""
+    nonzero symbols is re-coded into the background (BGCODE). ``deadzone`` (0..0.5) widens the zero
+    bin of the residual quantizer: fewer small symbols, fewer bits (the decoder is unchanged)."""
     y = np.asarray(y, dtype=np.float64)
-    s_fg = np.floor((y - state.y) / step + 0.5)
-    s_bg = np.floor((y - state.bg) / bg_step + 0.5)
+    s_fg = _quantize(y - state.y, step, deadzone)
+    s_bg = _quantize(y - state.bg, bg_step, deadzone)
     code = roi & ((s_fg != 0).sum(0) >= threshold)
     bgcode = ~roi & ((s_bg != 0).sum(0) >= bg_threshold)
     modes = np.full(roi.shape, KEEP, dtype=np.int64)
@@ -275,16 +323,26 @@ def choose_modes(state: TemporalState, y: np.ndarray, roi: np.ndarray, *, step: 
     return modes, sym
 
 
-def residual_context(state: TemporalState, cells: np.ndarray, kind: int, rate_point: int) -> np.ndarray:
-    """Row of ``res_scale`` for each cell of ``cells`` (kind 0: CODE, 1: BGCODE), (n,) int."""
-    return rate_point * N_RES_CTX + kind * 2 + state.coded[cells].astype(np.int64)
+def group_context(state: TemporalState, cells: np.ndarray, kind: int, rate_point: int) -> np.ndarray:
+    """Row of ``class_freqs`` for each cell of ``cells`` (kind 0: CODE, 1: BGCODE), (n,) int."""
+    return rate_point * N_GROUP_CTX + kind * 2 + state.coded[cells].astype(np.int64)
 
 
-def _residual_tables(tables: TemporalTables, state: TemporalState, cells: np.ndarray, kind: int,
-                     rate_point: int) -> np.ndarray:
+def cell_classes(tables: TemporalTables, sym: np.ndarray, rate_point: int) -> np.ndarray:
+    """The class of each coded cell: how many of the rate point's L1 edges its residual (M, n) reaches."""
+    return np.searchsorted(tables.class_edges[rate_point], np.abs(sym).sum(0), side="right").astype(np.int64)
+
+
+def residual_context(state: TemporalState, cells: np.ndarray, kind: int, rate_point: int,
+                     classes: np.ndarray) -> np.ndarray:
+    """Row of ``res_scale`` for each cell of ``cells`` with its class, (n,) int."""
+    g = kind * 2 + state.coded[cells].astype(np.int64)
+    return rate_point * N_RES_CTX + g * N_CLASSES + classes
+
+
+def _check_rate(tables: TemporalTables, rate_point: int) -> None:
     if not 0 <= rate_point < tables.n_rates:
         raise TemporalError(f"rate point {rate_point} has no temporal tables (fitted: 0..{tables.n_rates - 1})")
-    return tables.res_scale[residual_context(state, cells, kind, rate_point)].T  # (M, n)
 
 
 def encode_p(state: TemporalState, modes: np.ndarray, sym: np.ndarray, *, tables: TemporalTables,
@@ -297,10 +355,13 @@ def encode_p(state: TemporalState, modes: np.ndarray, sym: np.ndarray, *, tables
     for kind, cells in enumerate((modes == CODE, modes == BGCODE)):
         if not cells.any():
             continue
-        v = sym[:, cells]
         q = rate_point if kind == 0 else bg_rate_point
-        enc.encode(v.ravel(), _residual_tables(tables, state, cells, kind, q).ravel(), y_tables)
-        crc = zlib.crc32(v.astype("<i4").tobytes(), crc)
+        _check_rate(tables, q)
+        v = sym[:, cells]
+        k = cell_classes(tables, v, q)
+        enc.encode(k, group_context(state, cells, kind, q), tables.class_tables)
+        enc.encode(v.ravel(), tables.res_scale[residual_context(state, cells, kind, q, k)].T.ravel(), y_tables)
+        crc = zlib.crc32(v.astype("<i4").tobytes(), zlib.crc32(k.astype("<i4").tobytes(), crc))
     return enc.to_bytes(), crc
 
 
@@ -317,8 +378,13 @@ def decode_p(state: TemporalState, data: bytes, *, tables: TemporalTables, y_tab
     for kind, cells in enumerate((m == CODE, m == BGCODE)):
         if not cells.any():
             continue
-        t = _residual_tables(tables, state, cells, kind, rate_point if kind == 0 else bg_rate_point)
+        q = rate_point if kind == 0 else bg_rate_point
+        _check_rate(tables, q)
+        k = dec.decode(group_context(state, cells, kind, q), tables.class_tables).astype(np.int64)
+        if np.any((k < 0) | (k >= N_CLASSES)):
+            raise TemporalError("decoded a cell class out of range: corrupt Y section")
+        t = tables.res_scale[residual_context(state, cells, kind, q, k)].T  # (M, n)
         v = dec.decode(t.ravel(), y_tables).reshape(t.shape).astype(np.int64)
         sym[:, cells] = v
-        crc = zlib.crc32(v.astype("<i4").tobytes(), crc)
+        crc = zlib.crc32(v.astype("<i4").tobytes(), zlib.crc32(k.astype("<i4").tobytes(), crc))
     return m, sym, crc

@@ -16,14 +16,13 @@ from latentcast.proto import latentcast_v1_pb2 as pb  # noqa: E402
 from latentcast.proto import latentcast_v1_pb2_grpc as pb_grpc  # noqa: E402
 from latentcast.proto.bitstream import Packet, Roi, SectionKind  # noqa: E402
 from latentcast.proto.ids import label_set_hash  # noqa: E402
-from latentcast.proto.temporal import N_MODE_CTX, N_RES_CTX, TemporalInfo, TemporalTables  # noqa: E402
+from latentcast.proto.temporal import TemporalInfo, TemporalTables  # noqa: E402
 from tests.test_cloud_server import LABELS, TIMEOUT, H, W, channel, frame, header, make_config, make_server  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")
 def tables_file(tiny_codec, tmp_path_factory):
-    t = TemporalTables.from_counts(np.ones((N_MODE_CTX, 4)),
-                                   np.full((tiny_codec.n_rates * N_RES_CTX, tiny_codec.M), 30))
+    t = TemporalTables.flat(M=tiny_codec.M, n_rates=tiny_codec.n_rates)
     p = tmp_path_factory.mktemp("temporal") / "tiny-temporal.safetensors"
     t.save(p, weights_hash=tiny_codec.weights_hash)
     return p
@@ -53,7 +52,7 @@ async def _next_for(call, seq: int, refreshes: list) -> pb.CloudMessage:
             return m
 
 
-async def test_lost_packets_are_refused_then_a_refresh_recovers(make_server, tiny_codec, tiny_bundle, tables_file):
+async def test_lost_packets_are_refused_then_a_refresh_recovers(make_server, tiny_codec, tiny_bundle, tables_file):  # noqa: F811
     from latentcast.edge.config import TemporalConfig
     from latentcast.edge.encoder import EdgeEncoder
     from latentcast.edge.temporal import TemporalEncoder
@@ -102,7 +101,7 @@ async def test_lost_packets_are_refused_then_a_refresh_recovers(make_server, tin
     assert srv.metrics.value("latentcast_cloud_frame_errors_total", {"code": "missing_reference"}) == len(refused)
 
 
-async def test_edge_app_with_temporal_coding_recovers_from_lost_packets(make_server, tiny_codec, tiny_bundle,
+async def test_edge_app_with_temporal_coding_recovers_from_lost_packets(make_server, tiny_codec, tiny_bundle,  # noqa: F811
                                                                         tables_file, tmp_path):
     """The edge service with ``temporal.enabled`` against the cloud service; a few packets vanish between
     them. The cloud asks for keyframes, the edge sends them, and every frame after a recovery is analysed."""

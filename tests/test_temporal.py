@@ -7,7 +7,7 @@ import pytest
 
 from latentcast.proto.bitstream import Packet, Roi, SectionKind
 from latentcast.proto.temporal import (
-    BG, BGCODE, CODE, KEEP, KIND_KEY, KIND_P, N_MODE_CTX, N_RES_CTX, TemporalError, TemporalInfo, TemporalState,
+    BG, BGCODE, CODE, KEEP, KIND_KEY, KIND_P, TemporalError, TemporalInfo, TemporalState,
     TemporalTables, choose_modes, decode_p, encode_p,
 )
 
@@ -30,7 +30,7 @@ def _frame(t: int, bg: np.ndarray) -> tuple[np.ndarray, list[Roi]]:
 
 
 def _flat_tables(M: int, n_rates: int, scale: int = 30) -> TemporalTables:
-    return TemporalTables.from_counts(np.ones((N_MODE_CTX, 4)), np.full((n_rates * N_RES_CTX, M), scale))
+    return TemporalTables.flat(M=M, n_rates=n_rates, scale=scale)
 
 
 @pytest.fixture(scope="module")
@@ -265,3 +265,27 @@ def test_shipped_tables_match_the_shipped_codec():
     t = TemporalTables.load(default_tables_path(codec), weights_hash=codec.weights_hash)
     assert t.M == codec.M and t.n_rates == codec.n_rates
     assert "held_out" in t.meta and t.meta["train_frames"] > 0
+
+
+def test_bench_temporal_runs_rate_control_and_loss(tmp_path, tiny_codec_path, tiny_codec, tiny_bundle):
+    """`latentcast bench temporal` end to end on 16 vtest frames with the tiny codec."""
+    import json
+
+    from latentcast.tools.cli import main
+    from tests.conftest import shared_or_skip
+
+    shared_or_skip()
+    tables = tmp_path / "t.safetensors"
+    _flat_tables(tiny_codec.M, tiny_codec.n_rates).save(tables, weights_hash=tiny_codec.weights_hash)
+    out = tmp_path / "tb.json"
+    assert main(["bench", "temporal", "--weights", str(tiny_codec_path), "--bundle", str(tiny_bundle), "--tables",
+                 str(tables), "--max-frames", "16", "--targets", "20", "--loss", "0.2", "--threads", "1",
+                 "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    runs = {r["run"]: r for r in res["runs"]}
+    assert set(runs) == {"fixed q0/t1", "target 20 kbit/s", "fixed q0/t1, 20% loss", "target 20 kbit/s, 20% loss"}
+    clean = runs["fixed q0/t1"]
+    assert clean["frames"] == 16 and clean["keyframes"] == 1 and clean["lost"] == clean["refused"] == 0
+    lossy = runs["fixed q0/t1, 20% loss"]
+    assert lossy["lost"] > 0 and lossy["keyframes"] > 1 and lossy["refused"] > 0
+    assert out.with_suffix(".md").read_text().count("\n| ") >= 5

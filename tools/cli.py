@@ -14,6 +14,7 @@
     latentcast bench codec [--out results/codec_bench.json]
     latentcast bench stream [--streams 1,4,16] [--seconds 20] [--out results/stream_bench.json]
     latentcast bench grounding [--full-random] [--grounding-model DIR]   (seconds per frame, YOLOX vs Grounding DINO)
+    latentcast bench temporal [--targets 60,100,200] [--loss 0.01]      (rate control and loss recovery on a video)
     latentcast export grounding --model grounding-dino-tiny --labels traffic [--tensorrt] [--out DIR]
     latentcast task new NAME --description TEXT    (task label list from an LLM, once; cached)
     latentcast task show NAME | task list          (label lists: shipped ones and the cache)
@@ -294,6 +295,13 @@ def cmd_bench(a: argparse.Namespace) -> int:
         a.threads = 2 if a.threads is None else a.threads
         a.model = a.grounding_model
         return bench_grounding_main(a)
+    if a.what == "temporal":
+        from latentcast.tools.bench_temporal import main as bench_temporal_main
+
+        a.out = a.out or "results/temporal_bench.json"
+        a.threads = 2 if a.threads is None else a.threads
+        a.labels = a.labels or "person,vehicle,bicycle"
+        return bench_temporal_main(a)
     if a.what == "stream":
         from latentcast.tools.bench_stream import main as bench_stream_main
 
@@ -458,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks: codec (bpp, PSNR, speed vs JPEG/WebP) or stream (N concurrent "
                                      "streams, edge + cloud on loopback, vs JPEG over gRPC)")
-    b.add_argument("what", choices=["codec", "stream", "grounding"])
+    b.add_argument("what", choices=["codec", "stream", "grounding", "temporal"])
     b.add_argument("--weights", help="codec weights; default: the shipped elic-lite")
     b.add_argument("--kodak", type=int, default=24, help="codec: number of Kodak images (default all 24)")
     b.add_argument("--bundle", help="edge bundle folder; default: the shipped one")
@@ -492,6 +500,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--image-size", default="576x768", help="grounding: exported graph input HxW (default 576x768)")
     b.add_argument("--provider", default="cpu", choices=("cpu", "cuda", "tensorrt"),
                    help="grounding: ONNX Runtime execution provider for the Grounding DINO graphs")
+    b.add_argument("--targets", default="60,100,200",
+                   help="temporal: rate-control targets in kbit/s, comma-separated (default 60,100,200)")
+    b.add_argument("--loss", type=float, default=0.01, help="temporal: packet loss of the lossy runs (default 0.01)")
+    b.add_argument("--rtt-frames", type=int, default=2,
+                   help="temporal: frames until a refresh request reaches the edge (default 2)")
+    b.add_argument("--max-frames", type=int, default=None, help="temporal: code only the first N frames")
+    b.add_argument("--tables", default=None,
+                   help="temporal: P-frame tables (default models/weights/<codec>-temporal.safetensors)")
     b.set_defaults(func=cmd_bench)
 
     from latentcast.tools.eval.runner import add_arguments as eval_arguments
