@@ -83,6 +83,7 @@ class EdgeApp:
         self.frames_encoded = 0
         self.dropped_encoder_busy = 0
         self.dropped_queue_full_new = 0  # refused by drop-newest (also in the queue's dropped_by_policy)
+        self.dropped_queue_full_temporal = 0  # temporal: not encoded because the send queue was full
         self.bytes_encoded = 0
         self.rois_total = 0
         self.detector_runs = 0
@@ -277,6 +278,11 @@ class EdgeApp:
                         break
                     if stop.is_set():
                         continue  # drain without processing
+                    if self.temporal is not None and len(self.queue) >= self.config.sender.queue_size:
+                        # temporal: an encoded P frame dropped from a full queue breaks the chain and costs a
+                        # keyframe; a frame skipped before encoding costs nothing
+                        self.dropped_queue_full_temporal += 1
+                        continue
                     h, w = f.rgb.shape[:2]
                     if client_task is None:
                         self.frame_size = (w, h)
@@ -361,6 +367,7 @@ class EdgeApp:
             "dropped": {
                 "encoder_busy": self.dropped_encoder_busy,  # captured while the encoder was busy (live first)
                 "queue_policy": qs["dropped_by_policy"],  # send queue full (slow cloud)
+                "queue_full_temporal": self.dropped_queue_full_temporal,  # temporal: skipped before encoding
                 "backlog_full": bs["lost_to_backlog"],  # unacked frames dropped during an outage
                 "too_large": cs.get("dropped_too_large", 0),  # over server.max_message_bytes
             },

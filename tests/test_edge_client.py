@@ -372,7 +372,8 @@ async def test_edge_app_streams_vtest_frames(tiny_bundle):
         assert p.header.roi_only and len(p.header.rois) >= 3 and len(f.edge_boxes) == len(p.header.rois)
         assert f.capture_ts_us > 0
     assert stats["frames_captured"] == stats["frames_encoded"] == stats["frames_sent"] == stats["frames_acked"] == 10
-    assert stats["dropped"] == {"encoder_busy": 0, "queue_policy": 0, "backlog_full": 0, "too_large": 0}
+    assert stats["dropped"] == {"encoder_busy": 0, "queue_policy": 0, "queue_full_temporal": 0, "backlog_full": 0,
+                                "too_large": 0}
     assert stats["detector_runs"] == 4 and stats["results"] == 10 and stats["frames_pending"] == 0
     assert stats["bytes_encoded"] == sum(len(f.packet) for f in packets) == stats["bytes_sent"]
     assert stats["bpp"] == pytest.approx(8 * stats["bytes_encoded"] / (10 * 768 * 576))

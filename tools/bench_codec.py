@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -97,7 +96,7 @@ def main(args) -> int:
     from latentcast.edge.encoder import EdgeEncoder
     from latentcast.models.codec import LatentCodec
     from latentcast.proto.bitstream import Packet, SectionKind
-    from latentcast.tools.provenance import command, commit, machine
+    from latentcast.tools.provenance import command, commit, machine, write_results
     from latentcast.shared import shared_path
 
     torch.set_num_threads(args.threads)
@@ -195,9 +194,6 @@ def main(args) -> int:
         "roi": "centered box covering 20% of the frame; roi_ratio = ROI-only packet bytes / full-frame packet bytes",
         "timing_768x576_seconds_median_of_5": timing,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(markdown(result))
+    write_results(args.out, result, markdown(result))
     print(json.dumps({"rate_points": rates, "timing": timing}, indent=2))
     return 0

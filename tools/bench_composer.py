@@ -26,10 +26,8 @@ so the same command measures a GPU elsewhere (``--device cuda --dtype float16``)
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -139,7 +137,7 @@ def main(args: argparse.Namespace) -> int:
     from latentcast.models.composer import load_components, tiny_components
     from latentcast.proto.bitstream import Roi
     from latentcast.shared import portable_path, shared_path
-    from latentcast.tools.provenance import command, commit, machine
+    from latentcast.tools.provenance import command, commit, machine, write_results
 
     torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -252,10 +250,7 @@ def main(args: argparse.Namespace) -> int:
                  "random UNet paints noise). PSNR in/outside ROI: pixels of transmitted / other 16-pixel cells. "
                  "recall: YOLOX persons of the original found again (IoU >= 0.5)."),
     }
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2))
-    out_path.with_suffix(".md").write_text(markdown(result))
+    write_results(args.out, result, markdown(result))
     print(markdown(result))
     return 0
 

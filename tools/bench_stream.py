@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 import math
 import os
@@ -800,7 +799,7 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
     ``codec`` (a LatentCodec), ``bundle`` (its edge bundle) and ``detector`` (cloud and baseline
     analytics; also the edge grounding's unless ``edge_detector`` is given) override the shipped
     ``elic-lite`` and YOLOX-nano (tests inject tiny ones)."""
-    from latentcast.tools.provenance import commit as _commit, machine as _machine
+    from latentcast.tools.provenance import commit as _commit, machine as _machine, write_results
 
     progress = progress or (lambda s: print(s, flush=True))
     streams = [int(s) for s in streams]
@@ -903,10 +902,7 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
         "comparison": _compare(rows, streams),
     }
     if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-        out.with_suffix(".md").write_text(markdown(result))
+        write_results(out, result, markdown(result))
     return result
 
 

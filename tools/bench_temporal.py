@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
@@ -181,10 +180,7 @@ def main(a: argparse.Namespace) -> int:
                     "size": f"{clip.width}x{clip.height}", "scored": len(gt)},
            "labels": labels, "tables": dict(tables.meta), "temporal_defaults": dataclasses.asdict(base),
            "rtt_frames": a.rtt_frames, "runs": out_runs}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
-    out.with_suffix(".md").write_text(_markdown(res))
+    provenance.write_results(a.out, res, _markdown(res))
     print(_markdown(res))
     return 0
 

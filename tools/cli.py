@@ -460,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--pace", choices=["realtime", "none"],
                    help="realtime: frames arrive at the video's fps and a busy edge drops (default); none: every frame")
     m.add_argument("--every", type=int, help="run the detector every N frames, track in between (default 5)")
+    m.add_argument("--temporal", action="store_true",
+                   help="temporal coding: a keyframe, then only the ROI cells that changed (temporal.enabled)")
+    m.add_argument("--target-kbps", type=float, help="temporal coding with rate control at this bitrate")
     m.add_argument("--edge-config", help="edge YAML config (addresses and token are set by the demo)")
     m.add_argument("--cloud-config", help="cloud YAML config (addresses and token are set by the demo)")
     m.set_defaults(func=cmd_demo)

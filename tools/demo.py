@@ -182,6 +182,7 @@ def _live_line(t: float, edge: dict, prev: dict | None, dt: float, col: _Collect
 async def run_demo(*, video: str, out_dir: Path, max_frames: int | None = None, edge_config: str | None = None,
                    cloud_config: str | None = None, labels: list[str] | None = None, rate_point: int | None = None,
                    pace: str | None = None, every: int | None = None, live: bool = True,
+                   temporal: bool = False, target_kbps: float | None = None,
                    command: str = "latentcast demo") -> dict[str, Any]:
     """Run edge and cloud on loopback over ``video``; returns the summary (also written to disk)."""
     import grpc
@@ -213,6 +214,10 @@ async def run_demo(*, video: str, out_dir: Path, max_frames: int | None = None, 
         ecfg.source.pace = pace
     if every:
         ecfg.grounding.every = every
+    if temporal or target_kbps:
+        ecfg.temporal.enabled = True
+    if target_kbps:
+        ecfg.temporal.target_kbps = float(target_kbps)
 
     cloud = CloudServer(ccfg)
     port, _maint, metrics_port = await cloud.start()
@@ -299,7 +304,8 @@ async def run_demo(*, video: str, out_dir: Path, max_frames: int | None = None, 
         "outputs": {"video": portable_path(out_dir / "side_by_side.mp4"),
                     "summary": portable_path(out_dir / "summary.json")},
         "config": {"labels": ecfg.grounding.labels, "rate_point": ecfg.codec.rate_point, "pace": ecfg.source.pace,
-                   "grounding_every": ecfg.grounding.every, "roi_only": ecfg.codec.roi_only},
+                   "grounding_every": ecfg.grounding.every, "roi_only": ecfg.codec.roi_only,
+                   "temporal": ecfg.temporal.enabled, "target_kbps": ecfg.temporal.target_kbps or None},
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -328,6 +334,8 @@ def main(args) -> int:
     summary = asyncio.run(run_demo(video=video, out_dir=Path(args.out), max_frames=args.frames,
                                    edge_config=args.edge_config, cloud_config=args.cloud_config, labels=labels,
                                    rate_point=args.rate, pace=args.pace, every=args.every,
+                                   temporal=getattr(args, "temporal", False),
+                                   target_kbps=getattr(args, "target_kbps", None),
                                    command=" ".join(["latentcast"] + sys.argv[1:])))
     q, e = summary["quality"], summary["edge"]
     print(f"\n{e['frames_captured']} frames captured, {e['frames_encoded']} encoded, {q['results']} analysed in "

@@ -53,3 +53,14 @@ def machine() -> dict:
     except ImportError:
         pass
     return info
+
+
+def write_results(path: str | os.PathLike, result: dict, markdown: str) -> Path:
+    """A benchmark's JSON at ``path`` and its markdown table beside it (``.md``); returns the JSON path."""
+    import json
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(markdown)
+    return out
