@@ -8,7 +8,9 @@
                                        └─ no ─► proto.temporal.choose_modes(state, y, ROI cells)
                                                 ─► encode_p ─► packet T{P, ref = last frame, key} + Y
                                                 ─► state.apply (the same update the cloud makes)
-    bytes sent ─► RateController (leaky bucket on target_kbps) ─► level = (rate_point, threshold)
+    bytes sent ─► RateController (leaky bucket on target_kbps) ─► level = (rate point and threshold of ROI
+                  cells, keyframe rate point, refresh period factor): coarser levels also make keyframes
+                  cheaper and rarer
 
 The refresh on request is how the stream recovers from loss: the cloud, missing
 a frame's reference, asks over the session's back channel and the next packet is
@@ -37,8 +39,10 @@ log = logging.getLogger(__name__)
 
 __all__ = ["TemporalConfig", "RateController", "TemporalEncoder", "LEVELS", "tables_path"]
 
-# rate-control ladder, finest first: (rate point of ROI cells, nonzero symbols for a ROI cell to be re-coded)
-LEVELS: tuple[tuple[int, int], ...] = ((2, 1), (1, 1), (1, 4), (0, 1), (0, 4), (0, 12), (0, 32))
+# rate-control ladder, finest first: (rate point of ROI cells, nonzero symbols for a ROI cell to be re-coded,
+# at most this keyframe rate point, refresh period x this factor)
+LEVELS: tuple[tuple[int, int, int, int], ...] = (
+    (2, 1, 2, 1), (1, 1, 2, 1), (1, 4, 2, 1), (0, 1, 2, 1), (0, 4, 1, 2), (0, 12, 1, 2), (0, 32, 0, 4))
 
 
 @dataclass
@@ -52,7 +56,7 @@ class RateController:
     fps: float
     level: int = 3
     window_s: float = 2.0
-    levels: tuple[tuple[int, int], ...] = LEVELS
+    levels: tuple[tuple[int, int, int, int], ...] = LEVELS
     fill: float = field(default=0.0, init=False)  # bytes above the target so far
 
     def __post_init__(self) -> None:
@@ -65,7 +69,7 @@ class RateController:
         """Bytes per frame at the target rate."""
         return self.target_kbps * 1000 / 8 / self.fps
 
-    def update(self, n_bytes: int) -> tuple[int, int]:
+    def update(self, n_bytes: int) -> tuple[int, int, int, int]:
         window = self.window_s * self.fps * self.budget
         self.fill = min(max(self.fill + n_bytes - self.budget, -window), 4 * window)
         if self.fill > window and self.level < len(self.levels) - 1:
@@ -111,7 +115,14 @@ class TemporalEncoder:
     @property
     def level(self) -> tuple[int, int]:
         """(rate point, threshold) of ROI cells in the next P frame."""
-        return self.rate.levels[self.rate.level] if self.rate else (self.config.rate_point, self.config.threshold)
+        return self._level()[:2]
+
+    def _level(self) -> tuple[int, int, int, int]:
+        c = self.config
+        if self.rate is None:
+            return c.rate_point, c.threshold, c.key_rate_point, 1
+        q, t, kq, mult = self.rate.levels[self.rate.level]
+        return min(q, self.compressor.n_rates - 1), t, min(kq, c.key_rate_point), mult
 
     def encode(self, frame: np.ndarray, rois: Sequence[Roi] = (), *, label_set_hash: bytes = b"\0\0\0\0",
                analysis: tuple[np.ndarray, np.ndarray] | None = None) -> bytes:
@@ -121,11 +132,11 @@ class TemporalEncoder:
         y, z = analysis if analysis is not None else self.compressor.analyze(frame)
         fid = self.frame_id
         self.frame_id = (self.frame_id + 1) % (MAX_FRAME_ID + 1)
-        if self._refresh is None and c.refresh_s > 0 and self._since_key >= c.refresh_s * self.fps:
+        rate_point, threshold, key_rate_point, refresh_mult = self._level()
+        if self._refresh is None and c.refresh_s > 0 and self._since_key >= c.refresh_s * refresh_mult * self.fps:
             self._refresh = "periodic"
         modes = sym = None
         if self._refresh is None:
-            rate_point, threshold = self.level
             roi = transmit_mask(w, h, [(r.x0, r.y0, r.x1, r.y1) for r in rois], True)
             modes, sym = choose_modes(self.state, y, roi, step=self.steps[rate_point],
                                       bg_step=self.steps[c.bg_rate_point], threshold=threshold,
@@ -138,7 +149,7 @@ class TemporalEncoder:
             if key in self.counts:
                 self.counts[key] += 1
             info = TemporalInfo(kind=KIND_KEY, frame_id=fid, ref_id=fid, key_id=fid)
-            data, y_hat = self.compressor.compress_key(frame, rate_point=c.key_rate_point, temporal=info,
+            data, y_hat = self.compressor.compress_key(frame, rate_point=key_rate_point, temporal=info,
                                                        rois=tuple(rois), label_set_hash=label_set_hash,
                                                        analysis=(y, z))
             self.state = TemporalState.from_key(y_hat, fid)

@@ -269,6 +269,9 @@ class LatentCodec(FrameCompressor):
         if hd.width * hd.height > MAX_DECODE_PIXELS:
             raise CodecError(f"frame {hd.width}x{hd.height} exceeds the decoder limit of {MAX_DECODE_PIXELS} pixels")
         missing = [k.name for k in sections if k not in packet.sections]
+        if missing and SectionKind.T in packet.sections:
+            raise CodecError("a temporal P frame depends on the frames before it: decode it in its stream "
+                             "(latentcast.models.temporal.TemporalDecoder), not on its own")
         if missing:
             raise CodecError(f"packet lacks section(s) {', '.join(missing)}")
 

@@ -201,6 +201,8 @@ def test_p_frame_with_another_size_or_codec_is_refused(edge_encoder, tiny_codec)
     with pytest.raises(MissingReference, match="predicted from frame 4"):
         dec.decompress(forged)
     dec.decompress(p)  # the real one still applies: a refused packet changes nothing
+    with pytest.raises(CodecError, match="decode it in its stream"):
+        tiny_codec.decompress(enc.encode(*_frame(2, bg)))  # a P frame on its own
 
 
 # ----------------------------------------------------------------------------- fitting and rate control
@@ -255,6 +257,9 @@ def test_encoder_under_rate_control_stays_near_its_target(edge_encoder, tiny_cod
         dec.decode_state(data)
         sizes.append(len(data))
     assert enc.rate.level > 4  # 3 kbit/s at 10 fps = 37 B/frame: pushed to the coarse end of the ladder
+    enc.request_refresh()
+    key = Packet.from_bytes(enc.encode(*_frame(0, bg)))
+    assert SectionKind.Z in key.sections and key.header.rate_point < 2  # coarse levels: cheaper keyframes
 
 
 def test_shipped_tables_match_the_shipped_codec():
