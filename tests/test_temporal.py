@@ -294,3 +294,18 @@ def test_bench_temporal_runs_rate_control_and_loss(tmp_path, tiny_codec_path, ti
     lossy = runs["fixed q0/t1, 20% loss"]
     assert lossy["lost"] > 0 and lossy["keyframes"] > 1 and lossy["refused"] > 0
     assert out.with_suffix(".md").read_text().count("\n| ") >= 5
+
+
+def test_info_shows_the_temporal_section(tmp_path, edge_encoder, tiny_codec, capsys):
+    import json
+
+    from latentcast.tools.cli import main
+
+    enc, _ = _pair(edge_encoder, tiny_codec)
+    bg = _background()
+    enc.encode(*_frame(0, bg))
+    p = tmp_path / "p.lcf"
+    p.write_bytes(enc.encode(*_frame(1, bg)))
+    assert main(["info", str(p)]) == 0
+    t = json.loads(capsys.readouterr().out)["temporal"]
+    assert (t["kind"], t["frame_id"], t["ref_id"], t["key_id"]) == ("P", 1, 0, 0)

@@ -125,9 +125,19 @@ def cmd_decode(a: argparse.Namespace) -> int:
 
 
 def cmd_info(a: argparse.Namespace) -> int:
-    from latentcast.proto.bitstream import describe
+    from latentcast.proto.bitstream import Packet, SectionKind, describe
 
-    print(json.dumps(describe(Path(a.input).read_bytes()), indent=2))
+    data = Path(a.input).read_bytes()
+    info = describe(data)
+    t = Packet.from_bytes(data).sections.get(SectionKind.T)
+    if t is not None:
+        import dataclasses
+
+        from latentcast.proto.temporal import MODES, TemporalInfo
+
+        ti = TemporalInfo.from_bytes(t)
+        info["temporal"] = {**dataclasses.asdict(ti), "kind": "KEY" if ti.is_key else "P", "modes": list(MODES)}
+    print(json.dumps(info, indent=2))
     return 0
 
 
