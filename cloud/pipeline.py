@@ -94,6 +94,7 @@ class FrameJob:
     # temporal streams: the stream's reader decoded the packet in order into its state; this renders
     # the frame from a copy of that state (``prepared(decode_frame) -> Reconstruction``)
     prepared: Callable[[bool], object] | None = None
+    prepare_ms: float = 0.0  # time the reader spent decoding it into the state (part of decode_ms)
 
 
 @dataclass
@@ -452,4 +453,4 @@ class Pipeline:
             return FrameFailure(job=job, code="decode_failed", message=f"{type(exc).__name__}: {exc}")
         return _Decoded(job=job, rec=rec, frame=rec.frame, width=hd.width, height=hd.height,
                         labels=[spec.labels[r.label_id] for r in hd.rois], queue_ms=queue_ms,
-                        decode_ms=(time.monotonic() - t0) * 1000.0)
+                        decode_ms=(time.monotonic() - t0) * 1000.0 + job.prepare_ms)

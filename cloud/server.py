@@ -427,7 +427,10 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
             try:
                 if st.state.temporal is None:
                     st.state.temporal = TemporalDecoder(codec=srv.codec, tables=srv.temporal_tables())
-                return await asyncio.to_thread(st.state.temporal.prepare, packet)
+                t0 = time.monotonic()
+                render = await asyncio.to_thread(st.state.temporal.prepare, packet)
+                job.prepare_ms = (time.monotonic() - t0) * 1000.0
+                return render
             except MissingReference as exc:
                 code, message = "missing_reference", str(exc)
                 now = time.monotonic()
