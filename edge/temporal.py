@@ -72,10 +72,10 @@ class RateController:
     def update(self, n_bytes: int) -> tuple[int, int, int, int]:
         window = self.window_s * self.fps * self.budget
         self.fill = min(max(self.fill + n_bytes - self.budget, -window), 4 * window)
-        if self.fill > window and self.level < len(self.levels) - 1:
+        if self.fill >= window and self.level < len(self.levels) - 1:
             self.level += 1
             self.fill = 0.0
-        elif self.fill < -window and self.level > 0:
+        elif self.fill <= -window and self.level > 0:
             self.level -= 1
             self.fill = 0.0
         return self.levels[self.level]

@@ -244,6 +244,13 @@ def test_rate_controller_moves_toward_the_target():
     tail = [cost[lv] for lv in seen[-100:]]
     assert 500 <= np.mean(tail) <= 1300 and set(seen[-100:]) <= {3, 4, 5}
     assert len(LEVELS) == len(cost)
+    rc = RateController(target_kbps=8 * 10 * 2000 / 1000, fps=10.0, level=len(LEVELS) - 1)  # 2000 B/frame: finer
+    seen = []
+    for _ in range(1000):
+        rc.update(cost[rc.level])
+        seen.append(rc.level)
+    tail = seen[-500:]
+    assert set(tail) <= {1, 2} and 1600 <= np.mean([cost[lv] for lv in tail]) <= 2400  # around the target
     with pytest.raises(ValueError, match="target_kbps > 0"):
         RateController(target_kbps=0, fps=10)
 
