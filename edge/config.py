@@ -131,7 +131,7 @@ class TemporalConfig:
     bg_threshold: int = 8  # a background cell is re-coded when its change has this many nonzero symbols
     deadzone: float = 0.0  # widening of the residual quantizer's zero bin (0..0.5): fewer bits, a little less detail
     refresh_s: float = 60.0  # a keyframe at least this often (0: only at start, scene change and request)
-    scene_change: float = 0.4  # a keyframe when this fraction of the frame's cells would be re-coded
+    scene_change: float = 0.4  # a keyframe when this fraction of all cells changed by bg_threshold symbols (a cut)
     target_kbps: float = 0.0  # rate control target (0: off): picks rate point, threshold, keyframe cost and period
     tables: str = ""  # P-frame entropy tables; "" = models/weights/<codec>-temporal.safetensors next to the bundle
 

@@ -32,7 +32,7 @@ from latentcast.proto.bitstream import Roi
 from latentcast.proto.grid import transmit_mask
 from latentcast.proto.symbols import FrameCompressor
 from latentcast.proto.temporal import (
-    BGCODE, KIND_KEY, KIND_P, MAX_FRAME_ID, TemporalInfo, TemporalState, TemporalTables, choose_modes, encode_p,
+    KIND_KEY, KIND_P, MAX_FRAME_ID, TemporalInfo, TemporalState, TemporalTables, choose_modes, encode_p,
 )
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,13 @@ class TemporalEncoder:
         if self._refresh is None:
             self._refresh = reason
 
+    def changed_fraction(self, y: np.ndarray) -> float:
+        """Fraction of all cells (ROI or not) whose change against the current latent, quantized with the
+        background step, has at least ``bg_threshold`` nonzero symbols: a cut or a camera move is near 1."""
+        step = self.steps[self.config.bg_rate_point]
+        nz = (np.floor((np.asarray(y, dtype=np.float64) - self.state.y) / step + 0.5) != 0).sum(0)
+        return float(np.mean(nz >= self.config.bg_threshold))
+
     @property
     def level(self) -> tuple[int, int]:
         """(rate point, threshold) of ROI cells in the next P frame."""
@@ -141,7 +148,7 @@ class TemporalEncoder:
             modes, sym = choose_modes(self.state, y, roi, step=self.steps[rate_point],
                                       bg_step=self.steps[c.bg_rate_point], threshold=threshold,
                                       bg_threshold=c.bg_threshold, deadzone=c.deadzone)
-            if c.scene_change < 1.0 and float(np.mean(modes == BGCODE)) > c.scene_change:
+            if c.scene_change < 1.0 and self.changed_fraction(y) > c.scene_change:
                 self._refresh = "scene_change"
         if self._refresh is not None:
             reason, self._refresh = self._refresh, None
