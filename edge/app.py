@@ -94,6 +94,9 @@ class EdgeApp:
         self.error: BaseException | None = None
         self.temporal = None  # the TemporalEncoder when temporal.enabled
         self.refresh_requests = 0  # keyframes the cloud asked for (a reference it lacks)
+        self.refresh_ignored = 0  # requests about frames older than a keyframe already sent
+        self._keys_sent = 0
+        self._last_key_seq: int | None = None
         self._queue_dropped = 0
 
     # ------------------------------------------------------------------ building
@@ -189,7 +192,9 @@ class EdgeApp:
         """The cloud lacks a reference: the next packet is a keyframe (on the event loop; the encoder
         thread picks the flag up before its next frame)."""
         self.refresh_requests += 1
-        if self.temporal is not None:
+        if self._last_key_seq is not None and self._last_key_seq > r.seq:
+            self.refresh_ignored += 1  # a keyframe newer than the refused frame is already on its way
+        elif self.temporal is not None:
             self.temporal.request_refresh()
         else:
             log.warning("the cloud asked for a keyframe (seq %d: %s) but temporal coding is off", r.seq, r.reason)
@@ -299,6 +304,8 @@ class EdgeApp:
                     self._encode_ms += e_ms
                     out = OutFrame(seq=self._next_seq, capture_ts_us=f.capture_ts_us, packet=packet, boxes=g.boxes)
                     self._next_seq += 1
+                    if self.temporal is not None and self.temporal.counts["key"] != self._keys_sent:
+                        self._keys_sent, self._last_key_seq = self.temporal.counts["key"], out.seq
                     if self.on_frame is not None:
                         try:
                             self.on_frame(out, f.rgb, g)
@@ -386,6 +393,7 @@ class EdgeApp:
             "connect_failures": cs.get("connect_failures", 0),
             "capture_reconnects": self._source.reconnects if self._source is not None else 0,
             "refresh_requests": self.refresh_requests,
+            "refresh_ignored": self.refresh_ignored,
             "temporal": dict(self.temporal.counts) if self.temporal is not None else None,
             "last_error": cs.get("last_error") or (str(self.error) if self.error else None),
             "last_results": list(self.recent_results),

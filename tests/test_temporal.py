@@ -316,3 +316,23 @@ def test_info_shows_the_temporal_section(tmp_path, edge_encoder, tiny_codec, cap
     assert main(["info", str(p)]) == 0
     t = json.loads(capsys.readouterr().out)["temporal"]
     assert (t["kind"], t["frame_id"], t["ref_id"], t["key_id"]) == ("P", 1, 0, 0)
+
+
+def test_edge_ignores_a_refresh_request_older_than_its_last_keyframe():
+    """The cloud asks about a frame sent before a keyframe that is already on its way: no second keyframe."""
+    from latentcast.edge.app import EdgeApp
+    from latentcast.edge.config import EdgeConfig
+    from latentcast.proto import latentcast_v1_pb2 as pb
+
+    class _Enc:
+        asked = 0
+
+        def request_refresh(self, reason="requested"):
+            self.asked += 1
+
+    app = EdgeApp(EdgeConfig())
+    app.temporal, app._last_key_seq = _Enc(), 10
+    app._on_refresh(pb.RefreshRequest(seq=7, reason="lost"))
+    assert app.temporal.asked == 0 and app.refresh_ignored == 1
+    app._on_refresh(pb.RefreshRequest(seq=12, reason="lost"))
+    assert app.temporal.asked == 1 and app.refresh_requests == 2
