@@ -367,7 +367,7 @@ class Pipeline:
         """Check and decode each frame, compose the decoded ones together (one batched composer call
         across streams), then analyse each; one outcome per job, in order."""
         decoded = [self._decode(job) for job in jobs]
-        ok = [d for d in decoded if not isinstance(d, FrameFailure)]
+        ok = [d for d in decoded if not isinstance(d, FrameFailure) and d.frame is None]  # to compose
         if ok and self.composer is not None:
             from latentcast.models.composer import ComposeRequest
 
@@ -441,7 +441,8 @@ class Pipeline:
         try:
             # a composer makes the frame from the latent: skip the latent decoder then
             if job.prepared is not None:
-                rec = job.prepared(self.composer is None)
+                # temporal: every cell of the stream's latent was transmitted, nothing is left to compose
+                rec = job.prepared(True)
             elif self.composer is None:
                 rec = codec.decompress(packet)
             else:

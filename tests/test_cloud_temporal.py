@@ -133,3 +133,35 @@ async def test_edge_app_with_temporal_coding_recovers_from_lost_packets(make_ser
     errors = stats["frame_errors"]
     assert set(errors) == {"missing_reference"} and errors["missing_reference"] >= 1
     assert stats["results"] + errors["missing_reference"] == 24 - len(lost)
+
+
+def test_temporal_frames_bypass_the_composer(tiny_codec, tiny_bundle, tables_file):
+    """Every cell of a temporal stream's latent was transmitted: the pipeline renders it with the latent
+    decoder and never hands it to a diffusion composer (which would only repaint transmitted cells)."""
+    from latentcast.cloud.pipeline import AnalysedFrame, FrameJob, Pipeline
+    from latentcast.cloud.sessions import SessionSpec
+    from latentcast.edge.config import TemporalConfig
+    from latentcast.edge.encoder import EdgeEncoder
+    from latentcast.edge.temporal import TemporalEncoder
+    from latentcast.models.temporal import TemporalDecoder
+    from tests.test_cloud_server import FakeDetector
+
+    class NoCompose:
+        def compose(self, requests):
+            raise AssertionError("a temporal frame reached the composer")
+
+    tables = TemporalTables.load(tables_file, weights_hash=tiny_codec.weights_hash)
+    enc = TemporalEncoder(compressor=EdgeEncoder(bundle=tiny_bundle), tables=tables,
+                          config=TemporalConfig(enabled=True), fps=10.0)
+    dec = TemporalDecoder(codec=tiny_codec, tables=tables)
+    spec = SessionSpec(camera_id="cam", task="t", labels=tuple(LABELS), label_set_hash=label_set_hash(LABELS),
+                       width=W, height=H, fps=10.0, edge_version="t")
+    pipe = Pipeline(codec=tiny_codec, detector=FakeDetector(), composer=NoCompose())
+    jobs = []
+    for seq, (f, rois) in enumerate(_frames(3)):
+        p = Packet.from_bytes(enc.encode(f, rois, label_set_hash=label_set_hash(LABELS)))
+        jobs.append(FrameJob(stream_id="s", spec=spec, seq=seq, capture_ts_us=0, packet=p, packet_bytes=1,
+                             prepared=dec.prepare(p)))
+    out = pipe.process_batch(jobs)
+    assert all(isinstance(o, AnalysedFrame) and o.frame.shape == (H, W, 3) for o in out), out
+    np.testing.assert_array_equal(out[-1].frame, jobs[-1].prepared(True).frame)  # the latent decoder's frame
