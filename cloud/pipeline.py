@@ -71,7 +71,7 @@ log = logging.getLogger(__name__)
 _rl = RateLimitedLog(log)
 
 __all__ = ["FrameJob", "AnalysedFrame", "FrameFailure", "FrameOutcome", "Pipeline", "classify_parse_error",
-           "ERROR_CODES"]
+           "ERROR_CODES", "codec_error_code"]
 
 ERROR_CODES = ("malformed_packet", "checksum_mismatch", "wrong_codec", "frame_size_mismatch", "label_set_mismatch",
                "decode_failed", "missing_reference", "compose_failed", "analytics_failed", "cloud_overloaded", "server_shutdown", "internal_error")
@@ -145,6 +145,11 @@ class FrameFailure:
 
 
 FrameOutcome = AnalysedFrame | FrameFailure
+
+
+def codec_error_code(exc: CodecError) -> str:
+    """``checksum_mismatch`` for a decoder divergence (symbol CRC), else ``decode_failed``."""
+    return "checksum_mismatch" if "checksum" in str(exc) else "decode_failed"
 
 
 def classify_parse_error(exc: BitstreamError, data: bytes | memoryview) -> str:
@@ -448,8 +453,7 @@ class Pipeline:
             else:
                 rec = codec.decompress(packet, decode_frame=False)
         except CodecError as exc:
-            code = "checksum_mismatch" if "checksum" in str(exc) else "decode_failed"
-            return FrameFailure(job=job, code=code, message=str(exc))
+            return FrameFailure(job=job, code=codec_error_code(exc), message=str(exc))
         except (ValueError, IndexError, OverflowError) as exc:  # the range decoder on hostile section bytes
             return FrameFailure(job=job, code="decode_failed", message=f"{type(exc).__name__}: {exc}")
         return _Decoded(job=job, rec=rec, frame=rec.frame, width=hd.width, height=hd.height,

@@ -65,7 +65,7 @@ from .analytics import Detection, Detector, make_detector
 from .auth import BearerTokenInterceptor
 from .config import CloudConfig
 from .metrics import CloudMetrics, MetricsHttpServer, RateLimitedLog
-from .pipeline import AnalysedFrame, FrameJob, FrameOutcome, Pipeline, classify_parse_error
+from .pipeline import AnalysedFrame, FrameJob, FrameOutcome, Pipeline, classify_parse_error, codec_error_code
 from .sessions import CameraState, SessionRejected, SessionRegistry, SessionSpec, validate_header
 from .sinks import FanOut, JsonlSink, to_proto_boxes
 
@@ -439,7 +439,7 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
                     m.refresh_requests.inc()
                     st.outbox.put(pb.CloudMessage(refresh=pb.RefreshRequest(seq=job.seq, reason=message[:1024])))
             except CodecError as exc:
-                code, message = ("checksum_mismatch" if "checksum" in str(exc) else "decode_failed"), str(exc)
+                code, message = codec_error_code(exc), str(exc)
             except (ValueError, IndexError, OverflowError, OSError) as exc:  # hostile bytes, missing tables
                 code, message = "decode_failed", f"{type(exc).__name__}: {exc}"
         m.frame_errors.labels(code=code).inc()

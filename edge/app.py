@@ -97,7 +97,6 @@ class EdgeApp:
         self.refresh_ignored = 0  # requests about frames older than a keyframe already sent
         self._keys_sent = 0
         self._last_key_seq: int | None = None
-        self._queue_dropped = 0
 
     # ------------------------------------------------------------------ building
 
@@ -206,11 +205,7 @@ class EdgeApp:
         t0 = time.perf_counter()
         g = self._grounder.update(rgb)
         t1 = time.perf_counter()
-        if self.temporal is not None:
-            dropped = self.queue.stats()["dropped_by_policy"]
-            if dropped != self._queue_dropped:  # a frame of the chain never left: start a new one
-                self._queue_dropped = dropped
-                self.temporal.request_refresh("edge_drop")
+        if self.temporal is not None:  # (never dropped from the send queue: skipped before encoding instead)
             packet = self.temporal.encode(rgb, g.rois, label_set_hash=self._label_hash)
         else:
             packet = self._encoder.compress(rgb, g.rois, rate_point=self.config.codec.rate_point,

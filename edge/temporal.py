@@ -2,8 +2,7 @@
 
 ::
 
-    frame, ROIs ─► analyze (g_a) ─► y ─┬─ keyframe due? (start, every refresh_s, scene change, refresh asked,
-                                       │                 rate-control level change of the key rate)
+    frame, ROIs ─► analyze (g_a) ─► y ─┬─ keyframe due? (start, every refresh_s, scene change, refresh asked)
                                        │     yes ─► compress_key: full intra packet + T{KEY} ─► state = ŷ
                                        └─ no ─► proto.temporal.choose_modes(state, y, ROI cells)
                                                 ─► encode_p ─► packet T{P, ref = last frame, key} + Y
@@ -21,13 +20,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from dataclasses import dataclass, field
-
-from latentcast.edge.config import TemporalConfig
+from pathlib import Path
 
 import numpy as np
 
+from latentcast.edge.config import TemporalConfig
 from latentcast.proto.bitstream import Roi
 from latentcast.proto.grid import transmit_mask
 from latentcast.proto.symbols import FrameCompressor
@@ -142,14 +140,8 @@ class TemporalEncoder:
         rate_point, threshold, key_rate_point, refresh_mult = self._level()
         if self._refresh is None and c.refresh_s > 0 and self._since_key >= c.refresh_s * refresh_mult * self.fps:
             self._refresh = "periodic"
-        modes = sym = None
-        if self._refresh is None:
-            roi = transmit_mask(w, h, [(r.x0, r.y0, r.x1, r.y1) for r in rois], True)
-            modes, sym = choose_modes(self.state, y, roi, step=self.steps[rate_point],
-                                      bg_step=self.steps[c.bg_rate_point], threshold=threshold,
-                                      bg_threshold=c.bg_threshold, deadzone=c.deadzone)
-            if c.scene_change < 1.0 and self.changed_fraction(y) > c.scene_change:
-                self._refresh = "scene_change"
+        if self._refresh is None and c.scene_change < 1.0 and self.changed_fraction(y) > c.scene_change:
+            self._refresh = "scene_change"
         if self._refresh is not None:
             reason, self._refresh = self._refresh, None
             key = "refresh_requested" if reason == "requested" else reason
@@ -164,6 +156,10 @@ class TemporalEncoder:
             self.counts["key"] += 1
             log.debug("frame %d: keyframe (%s), %d bytes", fid, reason, len(data))
         else:
+            roi = transmit_mask(w, h, [(r.x0, r.y0, r.x1, r.y1) for r in rois], True)
+            modes, sym = choose_modes(self.state, y, roi, step=self.steps[rate_point],
+                                      bg_step=self.steps[c.bg_rate_point], threshold=threshold,
+                                      bg_threshold=c.bg_threshold, deadzone=c.deadzone)
             info = TemporalInfo(kind=KIND_P, frame_id=fid, ref_id=self.state.frame_id, key_id=self.state.key_id,
                                 bg_rate_point=c.bg_rate_point)
             yb, crc = encode_p(self.state, modes, sym, tables=self.tables, y_tables=self.compressor.y_tables,

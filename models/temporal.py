@@ -72,10 +72,6 @@ class TemporalDecoder:
         self.last_coded: np.ndarray | None = None  # (h, w) cells coded in the last packet
         self.counts = {"key": 0, "p": 0, "missing_reference": 0}
 
-    @property
-    def last_frame_id(self) -> int | None:
-        return None if self.state is None else self.state.frame_id
-
     def decode_state(self, packet: Packet | bytes) -> tuple[TemporalInfo, np.ndarray]:
         """Advance the stream's state by one packet; returns its T info and the cells coded in it."""
         packet = packet if isinstance(packet, Packet) else Packet.from_bytes(packet)
@@ -124,14 +120,14 @@ class TemporalDecoder:
         cell of the state was transmitted at some point (:attr:`last_coded`: the cells of this packet)."""
         packet = data if isinstance(data, Packet) else Packet.from_bytes(data)
         _, self.last_coded = self.decode_state(packet)
-        coded = np.ones(self.last_coded.shape, dtype=bool)
+        every = np.ones(self.last_coded.shape, dtype=bool)
         y, z, (w, h), codec = self.state.y.copy(), self._z, self._size, self.codec
 
         @torch.no_grad()
         def render(decode_frame: bool = True) -> Reconstruction:
-            latent = codec.synthesize(torch.from_numpy(y)[None], np.ones(coded.shape, dtype=bool), z, width=w, height=h)
+            latent = codec.synthesize(torch.from_numpy(y)[None], every, z, width=w, height=h)
             frame = codec.latent_to_frame(latent, w, h) if decode_frame else None
-            return Reconstruction(latent=latent[0].numpy(), frame=frame, packet=packet, mask=coded)
+            return Reconstruction(latent=latent[0].numpy(), frame=frame, packet=packet, mask=every)
 
         return render
 

@@ -188,16 +188,8 @@ class FrameCompressor:
                      analysis: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[bytes, np.ndarray]:
         """A temporal keyframe: every cell coded, plus the T section; returns (packet bytes, ŷ).
         ``analysis``: the frame's (y, z) if already computed."""
-        check_frame(frame)
-        rate_point = self.check_rate(rate_point)
-        h, w = frame.shape[:2]
-        y, z = analysis if analysis is not None else self.analyze(frame)
-        z_sym = self.z_symbols(z, rate_point)
-        tx = np.ones(y.shape[1:], dtype=bool)
-        y_sym, y_tab, y_hat = self.encode_symbols_y_hat(y, z_sym, rate_point=rate_point, tx_mask=tx)
-        data = self._enc.packet(width=w, height=h, rois=tuple(rois), roi_only=False, rate_point=rate_point,
-                                z_sym=z_sym, y_sym=y_sym, y_table=y_tab, tx_mask=tx, label_set_hash=label_set_hash,
-                                temporal=temporal)
+        data, y_hat = self._intra(frame, rois, rate_point=rate_point, roi_only=False, label_set_hash=label_set_hash,
+                                  temporal=temporal, analysis=analysis, with_y_hat=True)
         return data, np.asarray(y_hat, dtype=np.float64)
 
     def check_rate(self, rate_point: int) -> int:
@@ -209,14 +201,27 @@ class FrameCompressor:
                  roi_only: bool | None = None, label_set_hash: bytes = b"\0\0\0\0") -> bytes:
         """One RGB frame (H,W,3 uint8) -> packet bytes. With ROIs, ``roi_only`` (default: True when
         ROIs are given) codes only their latent cells (+ margin); z is always coded."""
+        rois = tuple(rois)
+        roi_only = bool(rois) if roi_only is None else roi_only
+        return self._intra(frame, rois, rate_point=rate_point, roi_only=roi_only, label_set_hash=label_set_hash)[0]
+
+    def _intra(self, frame: np.ndarray, rois: Sequence[Roi], *, rate_point: int, roi_only: bool, label_set_hash: bytes,
+               temporal: TemporalInfo | None = None, analysis: tuple[np.ndarray, np.ndarray] | None = None,
+               with_y_hat: bool = False) -> tuple[bytes, np.ndarray | None]:
+        """The intra packet both ``compress`` and ``compress_key`` make; ŷ too when ``with_y_hat``."""
         check_frame(frame)
         rate_point = self.check_rate(rate_point)
         h, w = frame.shape[:2]
         rois = tuple(rois)
-        roi_only = bool(rois) if roi_only is None else roi_only
-        y, z = self.analyze(frame)
+        y, z = analysis if analysis is not None else self.analyze(frame)
         z_sym = self.z_symbols(z, rate_point)
         tx = transmit_mask(w, h, [(r.x0, r.y0, r.x1, r.y1) for r in rois], roi_only)
-        y_sym, y_tab = self.encode_symbols(y, z_sym, rate_point=rate_point, tx_mask=tx)
-        return self._enc.packet(width=w, height=h, rois=rois, roi_only=roi_only, rate_point=rate_point,
-                                z_sym=z_sym, y_sym=y_sym, y_table=y_tab, tx_mask=tx, label_set_hash=label_set_hash)
+        y_hat = None
+        if with_y_hat:
+            y_sym, y_tab, y_hat = self.encode_symbols_y_hat(y, z_sym, rate_point=rate_point, tx_mask=tx)
+        else:
+            y_sym, y_tab = self.encode_symbols(y, z_sym, rate_point=rate_point, tx_mask=tx)
+        data = self._enc.packet(width=w, height=h, rois=rois, roi_only=roi_only, rate_point=rate_point, z_sym=z_sym,
+                                y_sym=y_sym, y_table=y_tab, tx_mask=tx, label_set_hash=label_set_hash,
+                                temporal=temporal)
+        return data, y_hat
