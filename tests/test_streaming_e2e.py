@@ -107,6 +107,29 @@ def test_demo_streams_vtest_and_the_cloud_finds_the_edges_boxes(tmp_path, vtest,
     assert ok and frame.shape == (576, 2 * 768, 3)
 
 
+def test_demo_grounds_a_task_list(tmp_path, vtest, capsys):
+    """``demo --task``: the task's label list is grounded (as ``edge --task``), named in the summary and
+    in the session; the cloud's detections are compared under the task's labels."""
+    from latentcast.edge.tasks import load_task
+    from latentcast.tools.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", str(vtest), "--task", "people-counting", "--frames", "4", "--pace", "none", "--every", "2",
+                 "--rate", "2", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["task"] == "people-counting"
+    assert summary["config"]["labels"] == list(load_task("people-counting").labels)
+    q = summary["quality"]
+    assert q["edge_boxes"] >= q["results"] * 2 and q["edge_boxes_found_by_cloud"] >= q["edge_boxes"] // 3, q
+
+
+def test_demo_refuses_labels_and_a_task_together(tmp_path, vtest):
+    from latentcast.tools.demo import run_demo
+
+    with pytest.raises(ValueError, match="either labels or a task"):
+        asyncio.run(run_demo(video=str(vtest), out_dir=tmp_path, labels=["person"], task="traffic"))
+
+
 async def test_cloud_restart_mid_stream_loses_nothing_and_processes_nothing_twice(tiny_codec, tiny_bundle, vtest):
     port = _free_port()
     seen: list[tuple[str, int]] = []

@@ -466,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", default="demo_out", help="output folder for side_by_side.mp4 and summary.json")
     m.add_argument("--frames", type=int, help="stop after this many captured frames (default: the whole video)")
     m.add_argument("--labels", help="task labels, e.g. person,car (default: the edge config's)")
+    m.add_argument("--task", help="ground this task's label list instead of --labels (latentcast task list), as "
+                                  "`latentcast edge --task` does")
     m.add_argument("--rate", type=int, help="codec rate point (default: the edge config's, 1)")
     m.add_argument("--pace", choices=["realtime", "none"],
                    help="realtime: frames arrive at the video's fps and a busy edge drops (default); none: every frame")

@@ -182,9 +182,12 @@ def _live_line(t: float, edge: dict, prev: dict | None, dt: float, col: _Collect
 async def run_demo(*, video: str, out_dir: Path, max_frames: int | None = None, edge_config: str | None = None,
                    cloud_config: str | None = None, labels: list[str] | None = None, rate_point: int | None = None,
                    pace: str | None = None, every: int | None = None, live: bool = True,
-                   temporal: bool = False, target_kbps: float | None = None,
+                   temporal: bool = False, target_kbps: float | None = None, task: str | None = None,
                    command: str = "latentcast demo") -> dict[str, Any]:
-    """Run edge and cloud on loopback over ``video``; returns the summary (also written to disk)."""
+    """Run edge and cloud on loopback over ``video``; returns the summary (also written to disk).
+
+    ``task``: ground that task's label list (``latentcast task list``) instead of ``labels``, as
+    ``latentcast edge --task`` does; an unknown task is an error before anything starts."""
     import grpc
 
     from latentcast.cloud.config import load_cloud_config
@@ -206,8 +209,14 @@ async def run_demo(*, video: str, out_dir: Path, max_frames: int | None = None, 
     ecfg.source.uri = video
     ecfg.server.token, ecfg.server.tls = token, False
     ecfg.camera_id = ecfg.camera_id if edge_config else "demo-camera"
+    if labels and task:
+        raise ValueError("give either labels or a task, not both (a task's label list replaces the labels)")
     if labels:
         ecfg.grounding.labels = list(labels)
+    if task:
+        from latentcast.edge.tasks import check_task_name
+
+        ecfg.grounding.task, ecfg.grounding.labels_from_task = check_task_name(task), True
     if rate_point is not None:
         ecfg.codec.rate_point = rate_point
     if pace:
@@ -231,15 +240,18 @@ async def run_demo(*, video: str, out_dir: Path, max_frames: int | None = None, 
     cap = cv2.VideoCapture(video)
     fps = cap.get(cv2.CAP_PROP_FPS) or 10.0
     cap.release()
+    app = EdgeApp(ecfg, on_frame=lambda out, rgb, g: col.keep_original(out.seq, rgb))
+    task_labels = list(app.labels)  # grounding.labels, or the task list's
     classes = list(getattr(cloud.detector, "labels", []) or [])
     cloud_to_task = None
     if classes:
         from latentcast.edge.grounding import map_labels
 
-        cloud_to_task = {c: ecfg.grounding.labels[k] for c, k in map_labels(ecfg.grounding.labels, classes).items()}
+        # a task list names labels the closed-set detector lacks: those are skipped, as the edge does
+        cloud_to_task = {c: task_labels[k] for c, k in
+                         map_labels(task_labels, classes, strict=app.task_list is None).items()}
     col = _Collector(out_video=out_dir / "side_by_side.mp4", fps=float(ecfg.source.fps or fps),
                      cloud_to_task=cloud_to_task)
-    app = EdgeApp(ecfg, on_frame=lambda out, rgb, g: col.keep_original(out.seq, rgb))
     stop = asyncio.Event()
 
     channel = grpc.aio.insecure_channel(ecfg.server.target, options=[
@@ -303,7 +315,8 @@ async def run_demo(*, video: str, out_dir: Path, max_frames: int | None = None, 
         "quality": col.summary(),
         "outputs": {"video": portable_path(out_dir / "side_by_side.mp4"),
                     "summary": portable_path(out_dir / "summary.json")},
-        "config": {"labels": ecfg.grounding.labels, "rate_point": ecfg.codec.rate_point, "pace": ecfg.source.pace,
+        "config": {"task": ecfg.grounding.task if ecfg.grounding.labels_from_task else None,
+                   "labels": task_labels, "rate_point": ecfg.codec.rate_point, "pace": ecfg.source.pace,
                    "grounding_every": ecfg.grounding.every, "roi_only": ecfg.codec.roi_only,
                    "temporal": ecfg.temporal.enabled, "target_kbps": ecfg.temporal.target_kbps or None},
     }
@@ -335,7 +348,7 @@ def main(args) -> int:
                                    edge_config=args.edge_config, cloud_config=args.cloud_config, labels=labels,
                                    rate_point=args.rate, pace=args.pace, every=args.every,
                                    temporal=getattr(args, "temporal", False),
-                                   target_kbps=getattr(args, "target_kbps", None),
+                                   target_kbps=getattr(args, "target_kbps", None), task=getattr(args, "task", None),
                                    command=" ".join(["latentcast"] + sys.argv[1:])))
     q, e = summary["quality"], summary["edge"]
     print(f"\n{e['frames_captured']} frames captured, {e['frames_encoded']} encoded, {q['results']} analysed in "
