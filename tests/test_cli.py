@@ -83,3 +83,19 @@ def test_encode_with_labels_grounds_rois(tmp_path, tiny_bundle, capsys):
     assert hd.label_set_hash == label_set_hash(["person"])
     assert main(["encode", str(video), "--labels", "unicorn", "--bundle", str(tiny_bundle), "-o", str(lcf)]) == 2
     assert "unicorn" in capsys.readouterr().err
+
+
+def test_bench_composer_runs_from_the_cli(tmp_path):
+    """``latentcast bench composer``: both composers timed on a vtest frame, the command recorded as typed."""
+    pytest.importorskip("diffusers")
+    from tests.conftest import shared_or_skip
+
+    shared_or_skip()
+    out = tmp_path / "composer.json"
+    assert main(["bench", "composer", "--steps", "1", "--repeats", "1", "--batch", "1", "--strength", "1",
+                 "--no-detector", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert {(r["composer"], r.get("steps")) for r in result["runs"]} == {("none", None), ("controlnet", 1)}
+    assert all(r["seconds_per_frame"] > 0 for r in result["runs"])
+    assert result["command"].startswith("latentcast bench composer")
+    assert "| composer |" in out.with_suffix(".md").read_text()

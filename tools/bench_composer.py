@@ -18,8 +18,8 @@ Composers timed (median of ``--repeats`` after one warm-up per composer):
 The JSON records the command, commit, machine, device, dtype and each composer's ``describe()``,
 so the same command measures a GPU elsewhere (``--device cuda --dtype float16``)::
 
-    python -m latentcast.tools.bench_composer --out results/composer_bench.json
-    python -m latentcast.tools.bench_composer --sd /models/sd-2-1-base --controlnet /models/discover-cn \\
+    latentcast bench composer --out results/composer_bench.json
+    latentcast bench composer --sd /models/sd-2-1-base --controlnet /models/discover-cn \\
         --device cuda --dtype float16 --out results/composer_bench_gpu.json
 """
 
@@ -33,7 +33,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-PROG = "python -m latentcast.tools.bench_composer"  # how this benchmark is run (not a latentcast subcommand)
+PROG = "python -m latentcast.tools.bench_composer"  # how this module runs on its own (or: latentcast bench composer)
 
 W, H = 768, 576
 
@@ -228,7 +228,7 @@ def main(args: argparse.Namespace) -> int:
         comp = None  # free the models before the next setup
 
     result = {
-        "command": command(PROG),
+        "command": command(getattr(args, "prog", PROG)),
         "commit": commit(),
         "machine": machine(),
         "device": device,

@@ -15,6 +15,7 @@
     latentcast bench stream [--streams 1,4,16] [--seconds 20] [--out results/stream_bench.json]
     latentcast bench grounding [--full-random] [--grounding-model DIR]   (seconds per frame, YOLOX vs Grounding DINO)
     latentcast bench temporal [--targets 60,100,200] [--loss 0.01]      (rate control and loss recovery on a video)
+    latentcast bench composer [--steps 8,50] [--sd DIR --controlnet DIR] (seconds per frame of each composer)
     latentcast export grounding --model grounding-dino-tiny --labels traffic [--tensorrt] [--out DIR]
     latentcast task new NAME --description TEXT    (task label list from an LLM, once; cached)
     latentcast task show NAME | task list          (label lists: shipped ones and the cache)
@@ -312,6 +313,15 @@ def cmd_bench(a: argparse.Namespace) -> int:
         a.threads = 2 if a.threads is None else a.threads
         a.labels = a.labels or "person,vehicle,bicycle"
         return bench_temporal_main(a)
+    if a.what == "composer":
+        from latentcast.tools.bench_composer import main as bench_composer_main
+
+        a.out = a.out or "results/composer_bench.json"
+        a.threads = 2 if a.threads is None else a.threads
+        a.weights = a.weights or "elic-lite"
+        a.rate = 1 if a.rate is None else a.rate
+        a.prog = "latentcast"
+        return bench_composer_main(a)
     if a.what == "stream":
         from latentcast.tools.bench_stream import main as bench_stream_main
 
@@ -481,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks: codec (bpp, PSNR, speed vs JPEG/WebP) or stream (N concurrent "
                                      "streams, edge + cloud on loopback, vs JPEG over gRPC)")
-    b.add_argument("what", choices=["codec", "stream", "grounding", "temporal"])
+    b.add_argument("what", choices=["codec", "stream", "grounding", "temporal", "composer"])
     b.add_argument("--weights", help="codec weights; default: the shipped elic-lite")
     b.add_argument("--kodak", type=int, default=24, help="codec: number of Kodak images (default all 24)")
     b.add_argument("--bundle", help="edge bundle folder; default: the shipped one")
@@ -523,6 +533,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-frames", type=int, default=None, help="temporal: code only the first N frames")
     b.add_argument("--tables", default=None,
                    help="temporal: P-frame tables (default models/weights/<codec>-temporal.safetensors)")
+    b.add_argument("--frame", type=int, default=0, help="composer: vtest frame index (default 0)")
+    b.add_argument("--steps", default="8,50", help="composer: sampling steps to time, comma-separated (default 8,50)")
+    b.add_argument("--strength", type=float, default=0.5,
+                   help="composer: partial-noise start to time as well (1 = off; default 0.5)")
+    b.add_argument("--batch", type=int, default=2, help="composer: streams composed in one batch (default 2; 1 = skip)")
+    b.add_argument("--repeats", type=int, default=3, help="composer: timed runs per configuration (default 3)")
+    b.add_argument("--device", default=None, help="composer: torch device (default: cuda when available, else cpu)")
+    b.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="composer: diffusion dtype")
+    b.add_argument("--sd", default=None, help="composer: Stable Diffusion 2.1-base folder: time the real models too")
+    b.add_argument("--controlnet", default=None, help="composer: trained ControlNet + adapter folder (with --sd)")
+    b.add_argument("--no-tiny", action="store_true", help="composer: skip the tiny random components")
+    b.add_argument("--no-detector", action="store_true", help="composer: centred ROI instead of YOLOX boxes")
     b.set_defaults(func=cmd_bench)
 
     from latentcast.tools.eval.runner import add_arguments as eval_arguments
