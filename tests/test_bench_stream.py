@@ -91,3 +91,21 @@ async def test_bench_stream_smoke(tmp_path, tiny_codec, tiny_bundle):
     for c in comp.values():
         assert c["packet_bytes_ratio_latentcast_over_jpeg"] > 0 and c["wire_bytes_ratio_latentcast_over_jpeg"] > 0
         assert c["results_per_s"]["latentcast"] > 0 and c["results_per_s"]["jpeg"] > 0
+
+
+async def test_bench_stream_grounds_a_task_list(tmp_path, tiny_codec, tiny_bundle):
+    """``bench stream --task``: the edges ground the task's label list (labels the detector lacks are
+    skipped, as on the edge) and the session names the task."""
+    video = shared_or_skip() / "data" / "video" / "vtest.avi"
+    out = tmp_path / "bench.json"
+    result = await bench_stream.run_bench(
+        streams=[1], seconds=1.5, warmup=0.3, pace=10.0, video=str(video), task="people-counting", threads=1,
+        systems=["latentcast"], codec=tiny_codec, bundle=tiny_bundle, detector=FakeDetector(), out=out,
+        progress=lambda _line: None)
+    assert result["setup"]["edge"]["task"] == "people-counting"
+    (row,) = result["results"]
+    assert not row["errors"] and row["frames"]["results"] > 0
+    assert row["bytes_per_frame"]["overhead_of_which_edge_boxes"] > 0  # 'person' of the task list was grounded
+    with pytest.raises(ValueError, match="either labels or a task"):
+        await bench_stream.run_bench(streams=[1], task="traffic", labels=["person"], codec=tiny_codec,
+                                     bundle=tiny_bundle, detector=FakeDetector(), out=out)

@@ -655,6 +655,7 @@ class _Ctx:
     codec: Any
     detector: Any  # the cloud's (and the baseline's) detector
     edge_detector: Any  # an override for the edge grounding (tests), else one YOLOX per stream
+    task: str | None = None  # ground this task's label list (as `latentcast edge --task`) instead of labels
     edge_pool: list[tuple[Any, Any]] = field(default_factory=list)  # (EdgeEncoder, YOLOX) per stream index
 
 
@@ -679,6 +680,8 @@ def _edge_config(ctx: _Ctx, system: str, camera_id: str, port: int, token: str):
     cfg.source.uri, cfg.source.pace, cfg.source.fps, cfg.source.loop = ctx.video, "realtime", float(ctx.pace), True
     if ctx.labels:
         cfg.grounding.labels = list(ctx.labels)
+    if ctx.task:
+        cfg.grounding.task, cfg.grounding.labels_from_task = ctx.task, True
     if ctx.bundle:
         cfg.codec.bundle = str(ctx.bundle)
     if ctx.rate_point is not None:
@@ -739,8 +742,13 @@ async def _run_config(ctx: _Ctx, system: str, n: int, progress: Callable[[str], 
             await asyncio.to_thread(_edge_parts, ctx, ecfg, i + 1)
             enc, det = ctx.edge_pool[i]
             g = ecfg.grounding
-            grounder: Any = Grounder(labels=g.labels, detector=det, every=g.every, max_missed=g.max_missed,
-                                     margin=g.margin, motion=g.motion)
+            labels = g.labels
+            if ctx.task:  # a task list names labels the closed-set detector lacks: skipped, as on the edge
+                from latentcast.edge.tasks import load_task
+
+                labels = list(load_task(ctx.task).labels)
+            grounder: Any = Grounder(labels=labels, detector=det, every=g.every, max_missed=g.max_missed,
+                                     margin=g.margin, motion=g.motion, strict_labels=not ctx.task)
         else:
             enc, grounder = JpegEncoder(ctx.jpeg_quality), NullGrounder(ecfg.grounding.labels)
         apps.append(BenchEdgeApp(ecfg, wire=wires[i], on_result=recs[i].on_result, encoder=enc, grounder=grounder))
@@ -790,7 +798,7 @@ async def _run_config(ctx: _Ctx, system: str, n: int, progress: Callable[[str], 
 async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.0, warmup: float = 2.0,
                     pace: float = 10.0, systems: Sequence[str] = SYSTEMS, jpeg_quality: int = 75,
                     video: str | None = None, rate_point: int | None = None, labels: Sequence[str] | None = None,
-                    threads: int | None = None, weights: str | None = None, bundle: str | os.PathLike | None = None,
+                    task: str | None = None, threads: int | None = None, weights: str | None = None, bundle: str | os.PathLike | None = None,
                     codec: Any = None, detector: Any = None, edge_detector: Any = None,
                     out: str | os.PathLike | None = None, command: str = "latentcast bench stream",
                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -838,10 +846,16 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
         from latentcast.cloud.analytics import make_detector
 
         detector = await asyncio.to_thread(make_detector, _cloud_config("x", threads).analytics)
+    if task and labels:
+        raise ValueError("give either labels or a task, not both (a task's label list replaces the labels)")
+    if task:
+        from latentcast.edge.tasks import check_task_name, load_task
+
+        load_task(check_task_name(task))  # an unknown task is an error before anything starts
     ctx = _Ctx(video=str(video), pace=float(pace), seconds=float(seconds), warmup=float(warmup),
                jpeg_quality=int(jpeg_quality), rate_point=rate_point, labels=list(labels) if labels else None,
                threads=threads, bundle=str(bundle) if bundle else None, codec=codec, detector=detector,
-               edge_detector=edge_detector)
+               edge_detector=edge_detector, task=task)
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     for n in streams:
         for system in systems:
@@ -863,7 +877,8 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
             "cloud_detector": type(getattr(detector, "inner", detector)).__name__,
             "edge_grounding": ("injected " + type(ctx.edge_detector).__name__) if ctx.edge_detector is not None
             else "YOLOX-nano per stream",
-            "edge": {"labels": ecfg.grounding.labels, "every": ecfg.grounding.every,
+            "edge": {"task": task, "labels": ecfg.grounding.labels if not task else f"the {task!r} task list",
+                     "every": ecfg.grounding.every,
                      "rate_point": ecfg.codec.rate_point, "roi_only": ecfg.codec.roi_only, "queue_size": ecfg.sender.queue_size,
                      "policy": ecfg.sender.policy, "frame_queue": ecfg.source.frame_queue,
                      "encoder_threads": ecfg.codec.threads, "grounding_threads": ecfg.grounding.threads},
@@ -970,7 +985,8 @@ def main(args) -> int:
     labels = [t.strip() for t in args.labels.split(",") if t.strip()] if args.labels else None
     result = asyncio.run(run_bench(
         streams=_int_list(args.streams), seconds=args.seconds, warmup=args.warmup, pace=args.pace, systems=systems,
-        jpeg_quality=args.jpeg_quality, video=args.video, rate_point=args.rate, labels=labels, threads=args.threads,
+        jpeg_quality=args.jpeg_quality, video=args.video, rate_point=args.rate, labels=labels,
+        task=getattr(args, "task", None), threads=args.threads,
         weights=args.weights, bundle=args.bundle, out=args.out, command=" ".join(["latentcast"] + sys.argv[1:])))
     print()
     print(markdown(result), end="")

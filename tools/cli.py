@@ -516,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--video", help="stream: video every camera reads (default vtest.avi in the shared folder)")
     b.add_argument("--rate", type=int, help="stream: codec rate point of the edges (default: the edge config's, 1)")
     b.add_argument("--labels", help="stream: task labels of the edges, e.g. person,car (default: the edge config's)")
+    b.add_argument("--task", help="stream: ground this task's label list instead of --labels (latentcast task list)")
     b.add_argument("--frames", type=int, default=20, help="grounding: timed frames per detector (default 20)")
     b.add_argument("--grounding-model", default=None,
                    help="grounding: a local Grounding DINO folder to time too (default: none on this machine)")
