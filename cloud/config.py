@@ -158,6 +158,13 @@ class SinksConfig:
     subscriber_queue: int = 16  # frames buffered per Subscribe client; the oldest are dropped for slow clients
     jpeg_quality: int = 90  # JPEG quality when a SubscribeRequest asks for 0 (server default)
     png_compression: int = 1  # cv2 PNG compression level 0..9 for subscribers asking for PNG
+    recompose_queue: int = 4  # frames waiting to be composed again for subscribers with their own compose_steps (oldest dropped)
+
+    def __post_init__(self) -> None:
+        for name in ("subscriber_queue", "recompose_queue"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"sinks.{name} {v!r} must be an integer >= 1")
 
 
 @dataclass

@@ -531,7 +531,7 @@ class CloudServer:
         self._loop = asyncio.get_running_loop()
         self.fanout = FanOut(loop=self._loop, queue_size=cfg.sinks.subscriber_queue,
                              jpeg_quality=cfg.sinks.jpeg_quality, png_compression=cfg.sinks.png_compression,
-                             metrics=self.metrics)
+                             metrics=self.metrics, recompose_queue=cfg.sinks.recompose_queue)
         metrics_port = -1
         if s.metrics_port >= 0:
             self._http = self.metrics.serve(host=s.metrics_host, port=s.metrics_port)

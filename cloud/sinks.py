@@ -6,7 +6,17 @@
 - :class:`FanOut`: the subscribers of ``Subscribe``. Each has a bounded queue; a slow subscriber
   loses its oldest frames (counted), never slows the pipeline. :meth:`FanOut.offer` runs in a
   worker thread: it encodes the frame once per (format, quality) that matching subscribers asked
-  for (``cv2.imencode``), then hands the results to the event loop.
+  for (``cv2.imencode``), then hands the results to the event loop. A subscriber that asked for
+  its own composer steps (``compose_steps``, e.g. 50 for people) gets its frames from one
+  recompose thread with a bounded backlog (``sinks.recompose_queue``; the oldest pending frame
+  is dropped, counted): a 50-step recomposition never holds up the analytics workers, and the
+  other subscribers get the analysed frame at once.
+
+::
+
+    worker thread: offer(fr) ─► analysed frame, encoded per (format, quality) ─► event loop ─► subscribers
+                            └─► (fr, [steps ...]) ─► recompose backlog (drop oldest)
+    recompose thread:           ─► composer.compose(steps) ─► encoded ─► event loop ─► those subscribers
 """
 
 from __future__ import annotations
@@ -155,12 +165,20 @@ class FanOut:
 
     def __init__(self, *, loop: asyncio.AbstractEventLoop, queue_size: int = 16, jpeg_quality: int = 90,
                  png_compression: int = 1, metrics: CloudMetrics | None = None, composer=None,
-                 max_compose_steps: int = 200) -> None:
+                 max_compose_steps: int = 200, recompose_queue: int = 4) -> None:
         """``composer``: the pipeline's diffusion composer, if any; subscribers may then ask for frames
-        composed with their own number of sampling steps (``SubscribeRequest.compose_steps``)."""
+        composed with their own number of sampling steps (``SubscribeRequest.compose_steps``), made in
+        one recompose thread with at most ``recompose_queue`` frames waiting."""
+        if isinstance(recompose_queue, bool) or not isinstance(recompose_queue, int) or recompose_queue < 1:
+            raise ValueError(f"recompose_queue {recompose_queue!r} must be an integer >= 1")
         self._loop = loop
         self.composer = composer
         self.max_compose_steps = max_compose_steps
+        self.recompose_queue = recompose_queue
+        self._pending: deque[tuple[AnalysedFrame, pb.FrameResult, list[Encoding]]] = deque()
+        self._pending_cv = threading.Condition()
+        self._recomposer: threading.Thread | None = None
+        self.recompose_dropped = 0
         self._queue_size = queue_size
         self.jpeg_quality = jpeg_quality
         self.png_compression = png_compression
@@ -207,8 +225,14 @@ class FanOut:
             self.metrics.subscribers.set(len(self._subs))
 
     def close(self) -> None:
-        """End every subscription (their calls finish after draining)."""
+        """End every subscription (their calls finish after draining) and the recompose thread."""
         self._closed = True
+        with self._pending_cv:
+            self._pending.clear()
+            self._pending_cv.notify_all()
+        t = self._recomposer
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=30.0)  # the composition in progress, at most
         with self._lock:
             subs = list(self._subs)
             self._subs.clear()
@@ -225,25 +249,62 @@ class FanOut:
             wanted = {s.encoding for s in self._subs if s.matches(spec.camera_id, spec.task)}
         if not wanted:
             return
-        images: dict[Encoding, bytes] = {}
-        frames = {0: fr.frame}  # by sampling steps; 0 = the analysed frame
-        for enc in sorted((e for e in wanted if e is not None), key=lambda e: e[2]):
-            steps = enc[2]
-            if steps not in frames:  # a client asked for other steps (people: 50): compose once more
-                frames[steps] = self._recompose(fr, steps)
-            if frames[steps] is not None:
-                images[enc] = encode_image(frames[steps], enc[0], jpeg_quality=enc[1], png_compression=enc[1])
         base = pb.FrameResult(camera_id=spec.camera_id, task=spec.task, seq=fr.job.seq,
                               capture_ts_us=fr.job.capture_ts_us, width=spec.width, height=spec.height,
                               boxes=to_proto_boxes(fr.detections), edge_boxes=to_proto_boxes(fr.job.edge_boxes),
                               packet_bytes=fr.job.packet_bytes)
+        now = [e for e in wanted if e is not None and e[2] == 0]
+        later = [e for e in wanted if e is not None and e[2] != 0]  # clients that asked for other steps (people: 50)
+        if later and (fr.compose_request is None or self.composer is None):
+            now, later = now + later, []  # nothing to recompose: the analysed frame is the frame
+        images = {e: self._encode(fr.frame, e) for e in now}
+        self._call(self._publish, base, images, True)
+        if later:
+            self._enqueue(fr, base, later)
+
+    def _encode(self, frame: np.ndarray, enc: Encoding) -> bytes:
+        return encode_image(frame, enc[0], jpeg_quality=enc[1], png_compression=enc[1])
+
+    def _call(self, fn, *args) -> None:
         try:
-            self._loop.call_soon_threadsafe(self._publish, base, images)
+            self._loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # the loop is closed: the server is gone
             pass
 
+    # ---------------------------------------------------------------- recompose thread
+    def _enqueue(self, fr: AnalysedFrame, base: pb.FrameResult, encs: list[Encoding]) -> None:
+        with self._pending_cv:
+            if self._closed:
+                return
+            if len(self._pending) >= self.recompose_queue:
+                self._pending.popleft()  # the oldest waiting frame: its step-subscribers miss it
+                self.recompose_dropped += 1
+                if self.metrics is not None:
+                    self.metrics.subscriber_dropped.inc()
+            self._pending.append((fr, base, encs))
+            if self._recomposer is None:
+                self._recomposer = threading.Thread(target=self._recompose_loop, name="fanout-recompose", daemon=True)
+                self._recomposer.start()
+            self._pending_cv.notify()
+
+    def _recompose_loop(self) -> None:
+        while True:
+            with self._pending_cv:
+                while not self._pending and not self._closed:
+                    self._pending_cv.wait()
+                if self._closed:
+                    return
+                fr, base, encs = self._pending.popleft()
+            images: dict[Encoding, bytes] = {}
+            for steps in sorted({e[2] for e in encs}):
+                frame = self._recompose(fr, steps)
+                if frame is not None:
+                    images.update({e: self._encode(frame, e) for e in encs if e[2] == steps})
+            if images and not self._closed:
+                self._call(self._publish, base, images, False)
+
     def _recompose(self, fr: AnalysedFrame, steps: int) -> np.ndarray | None:
-        """``fr`` composed again with ``steps`` sampling steps (same seed and caption), in this worker
+        """``fr`` composed again with ``steps`` sampling steps (same seed and caption), in the recompose
         thread; None (that client misses the frame, counted) when the composer fails."""
         req = fr.compose_request
         if req is None or self.composer is None:
@@ -258,13 +319,17 @@ class FanOut:
                 self.metrics.subscriber_dropped.inc()
             return None
 
-    def _publish(self, base: pb.FrameResult, images: dict[Encoding, bytes]) -> None:
+    def _publish(self, base: pb.FrameResult, images: dict[Encoding, bytes], results_only: bool = True) -> None:
+        """Queue the frame for the matching subscribers whose encoding is in ``images``, and for the
+        results-only ones when ``results_only`` (the first publication of a frame)."""
         for sub in list(self._subs):
             if not sub.matches(base.camera_id, base.task):
                 continue
+            enc = sub.encoding
+            if enc is None and not results_only:
+                continue
             msg = pb.FrameResult()
             msg.CopyFrom(base)
-            enc = sub.encoding
             if enc is not None:
                 if enc not in images:  # subscribed after the frame was encoded
                     continue

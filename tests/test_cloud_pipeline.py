@@ -278,3 +278,50 @@ async def test_fanout_drops_oldest_for_slow_subscribers(tiny_codec, packet):
     fan.close()
     assert await asyncio.wait_for(slow.get(), TIMEOUT) is None
     assert m.value("latentcast_cloud_subscribers") == 0
+
+
+async def test_recomposition_for_step_subscribers_never_holds_up_the_worker(tiny_codec, packet):
+    """A subscriber with its own compose_steps gets its frames from the recompose thread: offer()
+    (the analytics worker) returns at once and the other subscribers get the analysed frame while a
+    slow composition runs; the recompose backlog is bounded (oldest dropped, counted)."""
+    import dataclasses
+    import threading
+
+    @dataclasses.dataclass
+    class Req:
+        steps: int
+
+    class SlowComposer:
+        def __init__(self):
+            self.release, self.calls = threading.Event(), []
+
+        def compose(self, reqs):
+            self.calls.append(reqs[0].steps)
+            assert self.release.wait(TIMEOUT)
+            return [np.full((H, W, 3), 7, np.uint8)]
+
+    m = CloudMetrics()
+    comp = SlowComposer()
+    fan = FanOut(loop=asyncio.get_running_loop(), metrics=m, composer=comp, recompose_queue=2)
+    people = fan.subscribe(pb.SubscribeRequest(format=pb.IMAGE_FORMAT_PNG, compose_steps=50))
+    machine = fan.subscribe(pb.SubscribeRequest(format=pb.IMAGE_FORMAT_PNG))
+    results = fan.subscribe(pb.SubscribeRequest())
+    base = Pipeline(codec=tiny_codec, detector=FakeDetector()).process(job(packet))
+    for seq in range(6):
+        fr = dataclasses.replace(base, job=dataclasses.replace(base.job, seq=seq), compose_request=Req(steps=2))
+        await asyncio.wait_for(asyncio.to_thread(fan.offer, fr), 5.0)  # never waits for the composition
+        for _ in range(500):  # bounded: frame 0 is taken up by the recompose thread before the others come
+            if comp.calls:
+                break
+            await asyncio.sleep(0.01)
+    got = [await asyncio.wait_for(machine.get(), TIMEOUT) for _ in range(6)]
+    assert [g.seq for g in got] == list(range(6)) and not people._q  # while frame 0 is still being composed
+    assert [(await asyncio.wait_for(results.get(), TIMEOUT)).seq for _ in range(6)] == list(range(6))
+    assert fan.recompose_dropped == 3 and m.value("latentcast_cloud_subscriber_dropped_total") == 3
+    comp.release.set()
+    seqs = [(await asyncio.wait_for(people.get(), TIMEOUT)).seq for _ in range(3)]
+    assert seqs == [0, 4, 5] and comp.calls == [50, 50, 50]  # the one in progress, then the 2 newest waiting
+    await asyncio.sleep(0.05)
+    assert not results._q and not machine._q  # the recomposed frames went to the step subscriber only
+    fan.close()
+    assert fan._recomposer is not None and not fan._recomposer.is_alive()
