@@ -38,23 +38,35 @@ PROG = "python -m latentcast.tools.bench_composer"  # how this module runs on it
 W, H = 768, 576
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="results/composer_bench.json", help="JSON result path; a .md table is written beside it")
-    p.add_argument("--weights", default="elic-lite", help="codec weights (default: the shipped elic-lite)")
-    p.add_argument("--frame", type=int, default=0, help="vtest frame index (default 0)")
-    p.add_argument("--rate", type=int, default=1, help="codec rate point (default 1)")
-    p.add_argument("--steps", default="8,50", help="sampling steps to time, comma-separated (default 8,50: machines, people)")
-    p.add_argument("--strength", type=float, default=0.5,
-                   help="partial-noise start to time as well (fraction of the schedule run; 1 = off; default 0.5)")
-    p.add_argument("--batch", type=int, default=2, help="streams composed in one batch for the batched timing (default 2; 1 = skip)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (default 3)")
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"), help="diffusion dtype")
-    p.add_argument("--sd", default=None, help="Stable Diffusion 2.1-base folder or hub id (cached): time the real models too")
-    p.add_argument("--controlnet", default=None, help="trained ControlNet + adapter folder (with --sd)")
-    p.add_argument("--no-tiny", action="store_true", help="skip the tiny random components")
-    p.add_argument("--no-detector", action="store_true", help="centred ROI instead of YOLOX boxes; no recall")
+#: options every ``latentcast bench`` benchmark has (the CLI defines them once)
+COMMON = ("--out", "--weights", "--rate", "--threads")
+
+
+def add_arguments(p: argparse.ArgumentParser, *, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
+    """This benchmark's options on ``p``; ``prefix`` starts each help text, ``skip`` leaves options out
+    (``latentcast bench composer`` shares :data:`COMMON` with the other benchmarks)."""
+    opts: list[tuple[str, dict]] = [
+        ("--out", dict(default="results/composer_bench.json", help="JSON result path; a .md table is written beside it")),
+        ("--weights", dict(default="elic-lite", help="codec weights (default: the shipped elic-lite)")),
+        ("--frame", dict(type=int, default=0, help="vtest frame index (default 0)")),
+        ("--rate", dict(type=int, default=1, help="codec rate point (default 1)")),
+        ("--steps", dict(default="8,50", help="sampling steps to time, comma-separated (default 8,50: machines, people)")),
+        ("--strength", dict(type=float, default=0.5, help="partial-noise start to time as well (fraction of the "
+                                                          "schedule run; 1 = off; default 0.5)")),
+        ("--batch", dict(type=int, default=2, help="streams composed in one batch for the batched timing "
+                                                   "(default 2; 1 = skip)")),
+        ("--repeats", dict(type=int, default=3, help="timed runs per configuration (default 3)")),
+        ("--threads", dict(type=int, default=2, help="torch intra-op threads (default 2)")),
+        ("--device", dict(default=None, help="torch device (default: cuda when available, else cpu)")),
+        ("--dtype", dict(default="float32", choices=("float32", "float16", "bfloat16"), help="diffusion dtype")),
+        ("--sd", dict(default=None, help="Stable Diffusion 2.1-base folder or hub id (cached): time the real models too")),
+        ("--controlnet", dict(default=None, help="trained ControlNet + adapter folder (with --sd)")),
+        ("--no-tiny", dict(action="store_true", help="skip the tiny random components")),
+        ("--no-detector", dict(action="store_true", help="centred ROI instead of YOLOX boxes; no recall")),
+    ]
+    for name, kw in opts:
+        if name not in skip:
+            p.add_argument(name, **{**kw, "help": prefix + kw["help"]})
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float | None:

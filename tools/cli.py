@@ -534,19 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-frames", type=int, default=None, help="temporal: code only the first N frames")
     b.add_argument("--tables", default=None,
                    help="temporal: P-frame tables (default models/weights/<codec>-temporal.safetensors)")
-    b.add_argument("--frame", type=int, default=0, help="composer: vtest frame index (default 0)")
-    b.add_argument("--steps", default="8,50", help="composer: sampling steps to time, comma-separated (default 8,50)")
-    b.add_argument("--strength", type=float, default=0.5,
-                   help="composer: partial-noise start to time as well (1 = off; default 0.5)")
-    b.add_argument("--batch", type=int, default=2, help="composer: streams composed in one batch (default 2; 1 = skip)")
-    b.add_argument("--repeats", type=int, default=3, help="composer: timed runs per configuration (default 3)")
-    b.add_argument("--device", default=None, help="composer: torch device (default: cuda when available, else cpu)")
-    b.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
-                   help="composer: diffusion dtype")
-    b.add_argument("--sd", default=None, help="composer: Stable Diffusion 2.1-base folder: time the real models too")
-    b.add_argument("--controlnet", default=None, help="composer: trained ControlNet + adapter folder (with --sd)")
-    b.add_argument("--no-tiny", action="store_true", help="composer: skip the tiny random components")
-    b.add_argument("--no-detector", action="store_true", help="composer: centred ROI instead of YOLOX boxes")
+    from latentcast.tools import bench_composer
+
+    bench_composer.add_arguments(b, prefix="composer: ", skip=bench_composer.COMMON)
     b.set_defaults(func=cmd_bench)
 
     from latentcast.tools.eval.runner import add_arguments as eval_arguments
