@@ -5,16 +5,20 @@
     bundle/
       analysis.onnx   image (1,3,H,W) float32, H,W multiples of 64 ─► y (1,M,H/16,W/16), z (1,Nz,H/64,W/64)
       entropy.onnx    y, z_sym, tx (1,1,h,w) bool, anchor (1,1,h,w) bool, rate (1,) int64
-                        ─► y_sym, y_table (1,M,h,w) int32      exact integer networks (ConvInteger)
+                        ─► y_sym, y_table (1,M,h,w) int32      exact integer networks (Conv / ConvInteger)
                            y_hat (1,M,h,w) float64               the decoded latent (temporal reference)
       tables.npz      integer probability tables (y: per scale, z: per channel), groups
       manifest.json   codec name and id, weights hash, latent space, rate points, file hashes
 
 ``analysis.onnx`` is the float g_a and h_a (torch.onnx export). ``entropy.onnx``
 is written node by node from the frozen integer parameters, mirroring
-``ElicCodec.entropy_params_loop`` operation for operation: ``ConvInteger`` for
-the convolutions, float64 for the requantization (all values are integers or
-dyadic rationals, so every operation is exact; see ``models/quant.py``). Each
+``ElicCodec.entropy_params_loop`` operation for operation: a float32 ``Conv``
+for each convolution whose accumulator provably stays below 2**24 (the sum of its
+|weights| times the largest input code; all layers of ``elic-lite``), so float32
+is exact, and ``ConvInteger`` for any other; float64 for the requantization (all
+values are integers or dyadic rationals, so every operation is exact; see
+``models/quant.py``). The edge runs this graph on ONNX Runtime's CPU provider only:
+a GPU provider may convolve in TF32 or with Winograd, which is not exact. Each
 ONNX file carries the codec's weights hash in its metadata.
 """
 
@@ -30,7 +34,7 @@ import torch
 
 from .codec import LatentCodec
 from .elic import MEAN_RES, Y_IN_RES
-from .quant import QConv, QSequential
+from .quant import ACT_MAX, QConv, QSequential
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,14 @@ class _Analysis(torch.nn.Module):
     def forward(self, x: torch.Tensor):
         y = self.g_a(x)
         return y, self.h_a(y)
+
+
+def float32_conv_is_exact(layer: QConv) -> bool:
+    """True when no partial sum of the layer's accumulator can reach 2**24 for uint8 codes: then float32
+    arithmetic (any summation order, FMA or not, no Winograd/FFT) gives the exact int32 result."""
+    w = layer.w_int.numpy().astype(np.int64)
+    max_in = max(int(layer.in_zero), ACT_MAX - int(layer.in_zero))
+    return int(np.abs(w).sum(axis=(1, 2, 3)).max()) * max_in < 2**24
 
 
 class _Graph:
@@ -82,11 +94,18 @@ class _Graph:
     def qconv(self, layer: QConv, codes: str) -> str:
         if not bool(layer.frozen):
             raise ValueError("export needs frozen integer parameters")
-        x8 = self.op("Cast", [codes], to=self.TP.UINT8)
-        w = self.const(layer.w_int.numpy().astype(np.int8), "w")
-        zp = self.const(np.array(layer.in_zero, dtype=np.uint8), "zp")
         p = layer.kernel // 2
-        acc = self.op("ConvInteger", [x8, w, zp], pads=[p, p, p, p])
+        w_int = layer.w_int.numpy().astype(np.int64)
+        if float32_conv_is_exact(layer):
+            # every partial sum is an integer below 2**24: a float32 Conv (im2col + SGEMM) is exact, and
+            # far faster than ConvInteger on CPU; zero padding of (codes - zp) = ConvInteger's zp padding
+            x = self.op("Cast", [self.op("Sub", [codes, self.d(float(layer.in_zero))])], to=self.TP.FLOAT)
+            w = self.op("Cast", [self.const(w_int.astype(np.int8), "w")], to=self.TP.FLOAT)  # int8 in the file
+            acc = self.op("Conv", [x, w], pads=[p, p, p, p])
+        else:
+            x8 = self.op("Cast", [codes], to=self.TP.UINT8)
+            zp = self.const(np.array(layer.in_zero, dtype=np.uint8), "zp")
+            acc = self.op("ConvInteger", [x8, self.const(w_int.astype(np.int8), "w"), zp], pads=[p, p, p, p])
         acc = self.op("Cast", [acc], to=self.TP.DOUBLE)
         mult = self.const(layer.mult.numpy().reshape(1, -1, 1, 1).astype(np.float64), "mult")
         bias = self.const(layer.bias_int.numpy().reshape(1, -1, 1, 1).astype(np.float64), "bias")

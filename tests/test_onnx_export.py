@@ -32,8 +32,49 @@ def test_bundle_carries_the_weights_hash(tiny_codec, tiny_bundle):
     for name in ("analysis.onnx", "entropy.onnx"):
         meta = {p.key: p.value for p in onnx.load(str(tiny_bundle / name)).metadata_props}
         assert meta["latentcast.weights_hash"] == tiny_codec.weights_hash.hex()
-    ops = {n.op_type for n in onnx.load(str(tiny_bundle / "entropy.onnx")).graph.node}
-    assert "ConvInteger" in ops and "Conv" not in ops, "entropy networks must be integer convolutions"
+    from latentcast.models.export import float32_conv_is_exact
+    from latentcast.models.quant import QConv
+
+    ops = [n.op_type for n in onnx.load(str(tiny_bundle / "entropy.onnx")).graph.node]
+    layers = [m for m in tiny_codec.model.modules() if isinstance(m, QConv)]
+    exact = [float32_conv_is_exact(m) for m in layers]
+    # each integer layer is a float32 Conv where that is provably exact, ConvInteger elsewhere (the
+    # spatial-context and parameter networks run twice per group: anchors, then non-anchors)
+    assert ops.count("Conv") >= sum(exact) and (ops.count("ConvInteger") > 0) == (not all(exact))
+    assert ops.count("Conv") + ops.count("ConvInteger") > len(layers)
+
+
+@pytest.mark.parametrize("weight", [1, 127])
+def test_integer_layer_export_is_exact_on_either_path(weight, rng):
+    """A layer whose accumulator stays below 2**24 becomes a float32 Conv, a wider one ConvInteger; both
+    equal PyTorch's exact integer convolution on codes at the extremes (0, 255 and random)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from latentcast.models.export import IR_VERSION, OPSET, _Graph, float32_conv_is_exact
+    from latentcast.models.quant import QConv
+
+    layer = QConv(64, 8, 5, in_scale=1.0, in_zero=128, out_scale=1.0, relu=False)
+    w = rng.integers(-weight, weight + 1, layer.w_int.shape)
+    w[0] = weight  # one output channel at the bound: 64 * 25 * weight * 128
+    layer.w_int.copy_(torch.from_numpy(w).to(torch.int8))
+    layer.mult.fill_(3.0)
+    layer.bias_int.copy_(torch.from_numpy(rng.integers(-1000, 1000, 8)).double())
+    layer.shift.fill_(2)
+    layer.frozen.fill_(True)
+    assert float32_conv_is_exact(layer) == (weight == 1)
+    g = _Graph()
+    out = g.qconv(layer, "codes")
+    g.nodes.append(helper.make_node("Identity", [out], ["out"]))
+    graph = helper.make_graph(g.nodes, "one_layer", [helper.make_tensor_value_info("codes", TensorProto.DOUBLE, None)],
+                              [helper.make_tensor_value_info("out", TensorProto.DOUBLE, None)], g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+    assert {n.op_type for n in model.graph.node} >= ({"Conv"} if weight == 1 else {"ConvInteger"})
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for codes in (np.zeros((1, 64, 9, 11)), np.full((1, 64, 9, 11), 255.0), rng.integers(0, 256, (1, 64, 9, 11))):
+        codes = codes.astype(np.float64)
+        ref = layer.forward_exact(torch.from_numpy(codes)).numpy()
+        np.testing.assert_array_equal(sess.run(None, {"codes": codes})[0], ref)
 
 
 def test_analysis_parity(tiny_codec, tiny_bundle, rng):
