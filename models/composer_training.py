@@ -3,7 +3,7 @@
 ::
 
     training images (models.training: photos, samples, vtest frames with index % 8 != 0)
-        │  prepare_cache (decoded once) ─► random aligned crops x, flips (models.training._Crops)
+        │  prepare_cache (decoded once) ─► random aligned crops x, flips (models.training.RandomCrops)
         ▼
     x ──► frozen codec, exactly as the cloud decodes it (no entropy coding: it is lossless):
           g_a, h_a, ẑ = Δz·floor(z/Δz + ½), integer entropy networks (μ), ŷ = μ + Δ·floor((y-μ)/Δ + ½)
@@ -342,7 +342,7 @@ def train_composer(cfg: ComposerTrainConfig) -> Path:
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    crops = codec_training._Crops(cache, cfg.crop, 8, rng, PixelSpace())  # (x, x): z_c is computed on `dev`
+    crops = codec_training.RandomCrops(cache, cfg.crop, 8, rng, PixelSpace())  # (x, x): z_c is computed on `dev`
 
     def encode_targets(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The diffusion target (SD VAE latent, scaled) and the codec's target z_c of a batch."""

@@ -39,7 +39,7 @@ from .elic import CONFIGS, ElicCodec, ElicConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "training_sources", "prepare_cache", "train", "default_cache_dir", "load_init"]
+__all__ = ["TrainConfig", "RandomCrops", "training_sources", "prepare_cache", "train", "default_cache_dir", "load_init"]
 
 
 def default_cache_dir() -> Path:
@@ -144,7 +144,7 @@ def prepare_cache(cfg: TrainConfig) -> Path:
     return cache
 
 
-class _Crops:
+class RandomCrops:
     """Random aligned crops of (image, latent) pairs held in memory."""
 
     def __init__(self, cache: Path, crop: int, factor: int, rng: np.random.Generator, space=None):
@@ -289,7 +289,7 @@ def train(cfg: TrainConfig) -> Path:
     if space is not None and (space.channels, space.factor) != (ccfg.latent_channels, ccfg.latent_factor):
         raise ValueError(f"latent space {cfg.latent_space!r} ({space.channels} ch at 1/{space.factor}) does not match "
                          f"codec {ccfg.name!r} ({ccfg.latent_channels} ch at 1/{ccfg.latent_factor})")
-    crops = _Crops(cache, cfg.crop, ccfg.latent_factor, rng, space)
+    crops = RandomCrops(cache, cfg.crop, ccfg.latent_factor, rng, space)
     total = cfg.stage1_steps + cfg.stage2_steps
     (out / "train_config.json").write_text(json.dumps({"train": asdict(cfg), "codec": ccfg.to_dict(),
                                                         "latent_var": crops.latent_var}, indent=2))
