@@ -305,10 +305,9 @@ class FanOut:
 
     def _recompose(self, fr: AnalysedFrame, steps: int) -> np.ndarray | None:
         """``fr`` composed again with ``steps`` sampling steps (same seed and caption), in the recompose
-        thread; None (that client misses the frame, counted) when the composer fails."""
+        thread (only frames with a compose request, with a composer, are queued for it); None (that
+        client misses the frame, counted) when the composer fails."""
         req = fr.compose_request
-        if req is None or self.composer is None:
-            return fr.frame
         try:
             import dataclasses
 

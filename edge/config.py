@@ -84,6 +84,13 @@ class GroundingConfig:
     motion: str = "constant-velocity"  # box motion between detections: "constant-velocity" or "last"
     threads: int = 0  # ONNX Runtime threads for the detector; 0 = its default
 
+    def use_task(self, name: str) -> None:
+        """Ground the label list of task ``name`` (``latentcast ... --task NAME``): sets ``task`` and
+        ``labels_from_task``; an invalid name is a ``TaskError``, an unknown one fails when the edge loads it."""
+        from latentcast.edge.tasks import check_task_name
+
+        self.task, self.labels_from_task = check_task_name(name), True
+
     def __post_init__(self) -> None:
         if not self.labels:
             raise ValueError("grounding.labels is empty: give at least one task label (e.g. [person, vehicle])")

@@ -656,6 +656,7 @@ class _Ctx:
     detector: Any  # the cloud's (and the baseline's) detector
     edge_detector: Any  # an override for the edge grounding (tests), else one YOLOX per stream
     task: str | None = None  # ground this task's label list (as `latentcast edge --task`) instead of labels
+    task_labels: list[str] | None = None  # that list, loaded once
     edge_pool: list[tuple[Any, Any]] = field(default_factory=list)  # (EdgeEncoder, YOLOX) per stream index
 
 
@@ -681,7 +682,7 @@ def _edge_config(ctx: _Ctx, system: str, camera_id: str, port: int, token: str):
     if ctx.labels:
         cfg.grounding.labels = list(ctx.labels)
     if ctx.task:
-        cfg.grounding.task, cfg.grounding.labels_from_task = ctx.task, True
+        cfg.grounding.use_task(ctx.task)
     if ctx.bundle:
         cfg.codec.bundle = str(ctx.bundle)
     if ctx.rate_point is not None:
@@ -742,13 +743,10 @@ async def _run_config(ctx: _Ctx, system: str, n: int, progress: Callable[[str], 
             await asyncio.to_thread(_edge_parts, ctx, ecfg, i + 1)
             enc, det = ctx.edge_pool[i]
             g = ecfg.grounding
-            labels = g.labels
-            if ctx.task:  # a task list names labels the closed-set detector lacks: skipped, as on the edge
-                from latentcast.edge.tasks import load_task
-
-                labels = list(load_task(ctx.task).labels)
-            grounder: Any = Grounder(labels=labels, detector=det, every=g.every, max_missed=g.max_missed,
-                                     margin=g.margin, motion=g.motion, strict_labels=not ctx.task)
+            # a task list names labels the closed-set detector lacks: skipped, as on the edge
+            grounder: Any = Grounder(labels=ctx.task_labels or g.labels, detector=det, every=g.every,
+                                     max_missed=g.max_missed, margin=g.margin, motion=g.motion,
+                                     strict_labels=not ctx.task)
         else:
             enc, grounder = JpegEncoder(ctx.jpeg_quality), NullGrounder(ecfg.grounding.labels)
         apps.append(BenchEdgeApp(ecfg, wire=wires[i], on_result=recs[i].on_result, encoder=enc, grounder=grounder))
@@ -848,14 +846,15 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
         detector = await asyncio.to_thread(make_detector, _cloud_config("x", threads).analytics)
     if task and labels:
         raise ValueError("give either labels or a task, not both (a task's label list replaces the labels)")
+    task_labels = None
     if task:
         from latentcast.edge.tasks import check_task_name, load_task
 
-        load_task(check_task_name(task))  # an unknown task is an error before anything starts
+        task_labels = list(load_task(check_task_name(task)).labels)  # an unknown task fails before anything starts
     ctx = _Ctx(video=str(video), pace=float(pace), seconds=float(seconds), warmup=float(warmup),
                jpeg_quality=int(jpeg_quality), rate_point=rate_point, labels=list(labels) if labels else None,
                threads=threads, bundle=str(bundle) if bundle else None, codec=codec, detector=detector,
-               edge_detector=edge_detector, task=task)
+               edge_detector=edge_detector, task=task, task_labels=task_labels)
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     for n in streams:
         for system in systems:

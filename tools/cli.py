@@ -253,9 +253,7 @@ def cmd_edge(a: argparse.Namespace) -> int:
     if a.source:
         cfg.source.uri = a.source
     if a.task:  # the task's label list (user cache, then shipped) replaces grounding.labels
-        from latentcast.edge.tasks import check_task_name
-
-        cfg.grounding.task, cfg.grounding.labels_from_task = check_task_name(a.task), True
+        cfg.grounding.use_task(a.task)
     if not cfg.source.uri:
         raise SystemExit("error: no source: set source.uri in the config, LATENTCAST_EDGE__SOURCE__URI, or --source")
     app = EdgeApp(cfg)  # resolves the task list: an unknown task is an error before anything starts

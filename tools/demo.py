@@ -214,9 +214,7 @@ async def run_demo(*, video: str, out_dir: Path, max_frames: int | None = None, 
     if labels:
         ecfg.grounding.labels = list(labels)
     if task:
-        from latentcast.edge.tasks import check_task_name
-
-        ecfg.grounding.task, ecfg.grounding.labels_from_task = check_task_name(task), True
+        ecfg.grounding.use_task(task)
     if rate_point is not None:
         ecfg.codec.rate_point = rate_point
     if pace:
