@@ -208,8 +208,9 @@ class EdgeApp:
         if self.temporal is not None:  # (never dropped from the send queue: skipped before encoding instead)
             packet = self.temporal.encode(rgb, g.rois, label_set_hash=self._label_hash)
         else:
-            packet = self._encoder.compress(rgb, g.rois, rate_point=self.config.codec.rate_point,
-                                            roi_only=self.config.codec.roi_only, label_set_hash=self._label_hash)
+            c = self.config.codec
+            packet = self._encoder.compress(rgb, g.rois, rate_point=c.rate_point, roi_only=c.roi_only,
+                                            label_set_hash=self._label_hash, background=c.background_level)
         t2 = time.perf_counter()
         return packet, g, (t1 - t0) * 1e3, (t2 - t1) * 1e3
 

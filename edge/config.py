@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 
 from latentcast.config import load_config
+from latentcast.proto.symbols import parse_background
 
 __all__ = ["ENV_PREFIX", "EdgeConfig", "SourceConfig", "GroundingConfig", "CodecConfig", "TemporalConfig", "SenderConfig",
            "ServerConfig", "load_edge_config"]
@@ -119,11 +120,25 @@ class CodecConfig:
     bundle: str = ""  # edge bundle folder (ONNX); "" = the one shipped in models/weights
     rate_point: int = 1  # codec rate point, 0 (lowest rate) .. n_rates-1 of the bundle (elic-lite: 0..2)
     roi_only: bool = True  # code only the ROI latent cells (+ z); False = the whole frame
+    background: str = "none"  # with roi_only: rate point 0..rate_point the other cells are coded at (ROI-QP), or none
     threads: int = 0  # ONNX Runtime threads for the encoder; 0 = its default
 
     def __post_init__(self) -> None:
         _check_min("codec.rate_point", self.rate_point, 0)
         _check_min("codec.threads", self.threads, 0)
+        self.background = str(self.background).strip().lower()
+        try:
+            level = parse_background(self.background)
+        except ValueError as exc:
+            raise ValueError(f"codec.{exc}") from None
+        if level is not None and level > self.rate_point:
+            raise ValueError(f"codec.background {level} out of range: none or a rate point 0..{self.rate_point} "
+                             f"(at most codec.rate_point {self.rate_point})")
+
+    @property
+    def background_level(self) -> int | None:
+        """The background's rate point, or None (ROI-only)."""
+        return parse_background(self.background)
 
 
 @dataclass

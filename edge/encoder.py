@@ -3,8 +3,8 @@
 ::
 
     frame (H,W,3 uint8 RGB) ─► pad to 64 (edge replicate) ─► analysis.onnx ─► y, z ─► z_sym = floor(z/Δz_q + ½)
-    ROIs ─► proto.grid.transmit_mask ─► tx ─┐
-    y, z_sym, tx, anchor, rate ─► entropy.onnx (exact integer networks) ─► y_sym, y_table
+    ROIs ─► proto.grid.coded_cells ─► tx, rate map (ROI cells finer than a coded background) ─┐
+    y, z_sym, tx, anchor, rate, rate map ─► entropy.onnx (exact integer networks) ─► y_sym, y_table
     ─► proto.symbols.LatentEncoder (range coding, CRC) ─► packet bytes
 
 The bundle is written by ``latentcast export edge`` (``models/export.py``);
@@ -59,6 +59,7 @@ class EdgeEncoder(FrameCompressor):
         prov = ["CPUExecutionProvider"]
         self._ana = ort.InferenceSession(str(self.bundle / "analysis.onnx"), opts, providers=prov)
         self._ent = ort.InferenceSession(str(self.bundle / "entropy.onnx"), opts, providers=prov)
+        self._has_rate_map = "rate_map" in {i.name for i in self._ent.get_inputs()}
         t = np.load(self.bundle / "tables.npz")
         y_tables = TableSet.from_packed(t["y_packed"], t["y_lengths"], t["y_offsets"])
         z_tables = TableSet.from_packed(t["z_packed"], t["z_lengths"], t["z_offsets"])
@@ -81,22 +82,29 @@ class EdgeEncoder(FrameCompressor):
         return quantize_z(z, float(self.manifest["rate_zdelta"][rate_point]))
 
     def _entropy(self, outputs: list[str], y: np.ndarray, z_sym: np.ndarray, rate_point: int,
-                 tx_mask: np.ndarray) -> list[np.ndarray]:
+                 tx_mask: np.ndarray, cell_rate: np.ndarray | None) -> list[np.ndarray]:
         h, w = y.shape[1:]
         feeds = {"y": y[None].astype(np.float32), "z_sym": z_sym[None].astype(np.float32),
                  "tx": tx_mask[None, None], "anchor": anchor_mask(h, w)[None, None],
                  "rate": np.array([rate_point], dtype=np.int64)}
+        if self._has_rate_map:
+            rmap = np.full((h, w), rate_point, dtype=np.int64) if cell_rate is None else cell_rate.astype(np.int64)
+            feeds["rate_map"] = rmap[None, None]
+        elif cell_rate is not None and np.any(cell_rate[tx_mask] != rate_point):
+            raise ValueError(f"edge bundle {self.bundle} predates coded backgrounds (entropy.onnx has no rate_map "
+                             "input): re-export it with `latentcast export edge`")
         return [o[0] for o in self._ent.run(outputs, feeds)]
 
     def encode_symbols(self, y: np.ndarray, z_sym: np.ndarray, *, rate_point: int,
-                       tx_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        sym, tab = self._entropy(["y_sym", "y_table"], y, z_sym, rate_point, tx_mask)
+                       tx_mask: np.ndarray, cell_rate: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        sym, tab = self._entropy(["y_sym", "y_table"], y, z_sym, rate_point, tx_mask, cell_rate)
         return sym.astype(np.int64), tab.astype(np.int64)
 
     def encode_symbols_y_hat(self, y: np.ndarray, z_sym: np.ndarray, *, rate_point: int,
-                             tx_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                             tx_mask: np.ndarray, cell_rate: np.ndarray | None = None
+                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if "y_hat" not in {o.name for o in self._ent.get_outputs()}:
             raise ValueError(f"edge bundle {self.bundle} predates temporal coding (entropy.onnx has no y_hat "
                              "output): re-export it with `latentcast export edge`")
-        sym, tab, y_hat = self._entropy(["y_sym", "y_table", "y_hat"], y, z_sym, rate_point, tx_mask)
+        sym, tab, y_hat = self._entropy(["y_sym", "y_table", "y_hat"], y, z_sym, rate_point, tx_mask, cell_rate)
         return sym.astype(np.int64), tab.astype(np.int64), y_hat

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from latentcast.proto.bitstream import Packet, SectionKind
 from latentcast.proto.entropy import TableSet, gaussian_tables, quantize_pmf
-from latentcast.proto.grid import grid_shape, padded_size, transmit_mask
+from latentcast.proto.grid import coded_cells, grid_shape, padded_size
 from latentcast.proto.ids import CODEC_IDS, LATENT_SPACE_IDS
 from latentcast.proto.symbols import FrameCompressor, LatentDecoder, LatentEncoder, check_frame, coding_steps, quantize_z
 
@@ -220,23 +220,35 @@ class LatentCodec(FrameCompressor):
         return quantize_z(z, float(self.model.rate_zdelta[rate_point]))
 
     def encode_symbols(self, y: np.ndarray, z_sym: np.ndarray, *, rate_point: int, tx_mask: np.ndarray,
-                       raw_index: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                       raw_index: bool = False, cell_rate: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Exact entropy loop at the encoder: y symbols and table indices (M,h,w) int64.
 
         ``raw_index``: return the networks' scale index before the rate point's offset and clipping
-        (used to calibrate the offsets)."""
-        sym, tab, _ = self.encode_symbols_y_hat(y, z_sym, rate_point=rate_point, tx_mask=tx_mask, raw_index=raw_index)
+        (used to calibrate the offsets). ``cell_rate`` (h,w): the rate point of each cell (default
+        ``rate_point`` everywhere; ``proto.grid.coded_cells``)."""
+        sym, tab, _ = self.encode_symbols_y_hat(y, z_sym, rate_point=rate_point, tx_mask=tx_mask, raw_index=raw_index,
+                                                cell_rate=cell_rate)
         return sym, tab
+
+    def _step_sizes(self, rate_point: int, cell_rate: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rate index for ``table_index``, Δ broadcastable to (1,M,h,w)) of one rate point or per cell."""
+        m = self.model
+        if cell_rate is None:
+            q = torch.tensor([rate_point])
+            return q, m.rate_delta[q].view(1, 1, 1, 1)
+        q = torch.from_numpy(np.asarray(cell_rate, dtype=np.int64))[None, None]
+        return q, m.rate_delta[q]
 
     @torch.no_grad()
     def encode_symbols_y_hat(self, y: np.ndarray, z_sym: np.ndarray, *, rate_point: int, tx_mask: np.ndarray,
-                             raw_index: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                             raw_index: bool = False, cell_rate: np.ndarray | None = None
+                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`encode_symbols` and the decoded latent ŷ (M,h,w) float64, exact (the decoder's)."""
         m = self.model
         q = torch.tensor([rate_point])
         yt = torch.from_numpy(y).double()[None]
         tx = torch.from_numpy(tx_mask)[None, None]
-        delta = m.rate_delta[q].view(1, 1, 1, 1)
+        qc, delta = self._step_sizes(rate_point, cell_rate)
         sym = torch.zeros_like(yt)
         tab = torch.zeros_like(yt)
         slices = m.group_slices()
@@ -246,7 +258,7 @@ class LatentCodec(FrameCompressor):
             s = torch.floor((yt[:, sl] - mu) / delta + 0.5)
             where = cells & tx
             sym[:, sl] = torch.where(where, s, sym[:, sl])
-            tab[:, sl] = torch.where(where, idx if raw_index else m.table_index(idx, q), tab[:, sl])
+            tab[:, sl] = torch.where(where, idx if raw_index else m.table_index(idx, qc), tab[:, sl])
             return torch.where(tx, mu + delta * s, mu)
 
         z_hat = torch.from_numpy(z_sym).double()[None] * m.rate_zdelta[q].view(1, 1, 1, 1)
@@ -266,6 +278,7 @@ class LatentCodec(FrameCompressor):
             raise CodecError(f"packet latent_space_id {hd.latent_space_id} is not {self.latent_space_id}")
         if hd.rate_point >= self.n_rates:
             raise CodecError(f"packet rate_point {hd.rate_point} out of range 0..{self.n_rates - 1}")
+        # (bg_rate_point <= rate_point is checked by the bitstream parser)
         if hd.width * hd.height > MAX_DECODE_PIXELS:
             raise CodecError(f"frame {hd.width}x{hd.height} exceeds the decoder limit of {MAX_DECODE_PIXELS} pixels")
         missing = [k.name for k in sections if k not in packet.sections]
@@ -298,18 +311,19 @@ class LatentCodec(FrameCompressor):
         hd = packet.header
         m = self.model
         rows, cols = grid_shape(hd.width, hd.height)
-        tx = transmit_mask(hd.width, hd.height, [(r.x0, r.y0, r.x1, r.y1) for r in hd.rois], hd.roi_only)
+        tx, cell_rate = coded_cells(hd.width, hd.height, [(r.x0, r.y0, r.x1, r.y1) for r in hd.rois],
+                                    roi_only=hd.roi_only, rate_point=hd.rate_point, bg_rate_point=hd.bg_rate_point)
         dec = LatentDecoder(groups=self.cfg.groups, y_tables=self.y_tables, z_tables=self.z_tables,
                             z_bytes=packet.sections[SectionKind.Z], y_bytes=packet.sections[SectionKind.Y])
         z = dec.decode_z((self.cfg.Nz, rows // 4, cols // 4), z_table_base=hd.rate_point * self.cfg.Nz)
         q = torch.tensor([hd.rate_point])
         z_t = torch.from_numpy(z).double()[None] * m.rate_zdelta[q].view(1, 1, 1, 1)
-        delta = m.rate_delta[q].view(1, 1, 1, 1)
+        qc, delta = self._step_sizes(hd.rate_point, None if hd.bg_rate_point is None else cell_rate)
         steps = {(k, a): sl for k, sl, a in coding_steps(self.cfg.groups)}
 
         def step(k, is_anchor, cells, mu, idx):
             sl = steps[(k, is_anchor)]
-            tab = m.table_index(idx, q)[0].numpy().astype(np.int64)
+            tab = m.table_index(idx, qc)[0].numpy().astype(np.int64)
             vals, where = dec.decode_step(sl=sl, anchor=is_anchor, y_table=tab, tx_mask=tx)
             s = np.zeros(tab.shape, dtype=np.float64)
             s[:, where] = vals

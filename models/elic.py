@@ -363,8 +363,10 @@ class ElicCodec(nn.Module):
         return torch.cat(y_parts, dim=1)
 
     def table_index(self, idx_raw: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
-        """Exact integer table index: clip(idx_raw - k_q, 0, L-1); ``rate`` is (B,) long."""
-        k = self.rate_k[rate].view(-1, 1, 1, 1).to(idx_raw.dtype)
+        """Exact integer table index: clip(idx_raw - k_q, 0, L-1); ``rate`` is (B,) long, one rate point
+        per image, or (B,1,h,w), one per latent cell (a background coded coarser than the ROIs)."""
+        k = self.rate_k[rate]
+        k = (k.view(-1, 1, 1, 1) if rate.dim() == 1 else k).to(idx_raw.dtype)
         return torch.clamp(idx_raw - k, 0, self.cfg.n_scales - 1)
 
     # ------------------------------------------------------------------ training

@@ -4,7 +4,8 @@
 
     bundle/
       analysis.onnx   image (1,3,H,W) float32, H,W multiples of 64 ─► y (1,M,H/16,W/16), z (1,Nz,H/64,W/64)
-      entropy.onnx    y, z_sym, tx (1,1,h,w) bool, anchor (1,1,h,w) bool, rate (1,) int64
+      entropy.onnx    y, z_sym, tx (1,1,h,w) bool, anchor (1,1,h,w) bool, rate (1,) int64 (z's step),
+                      rate_map (1,1,h,w) int64 (each cell's rate point: ROIs finer than the background)
                         ─► y_sym, y_table (1,M,h,w) int32      exact integer networks (Conv / ConvInteger)
                            y_hat (1,M,h,w) float64               the decoded latent (temporal reference)
       tables.npz      integer probability tables (y: per scale, z: per channel), groups
@@ -139,10 +140,9 @@ def _entropy_graph(codec: LatentCodec):
     zdelta = g.op("Reshape", [g.op("Gather", [g.const(m.rate_zdelta.numpy().astype(np.float64)), rate], axis=0),
                               g.const(np.array([1, 1, 1, 1], dtype=np.int64))])
     z = g.op("Mul", [g.op("Cast", ["z_sym"], to=TensorProto.DOUBLE), zdelta])
-    delta = g.op("Reshape", [g.op("Gather", [g.const(m.rate_delta.numpy().astype(np.float64)), rate], axis=0),
-                             g.const(np.array([1, 1, 1, 1], dtype=np.int64))])
-    kq = g.op("Reshape", [g.op("Gather", [g.const(m.rate_k.numpy().astype(np.float64)), rate], axis=0),
-                          g.const(np.array([1, 1, 1, 1], dtype=np.int64))])
+    # each cell's step and table offset: Gather over the (1,1,h,w) rate map keeps its shape
+    delta = g.op("Gather", [g.const(m.rate_delta.numpy().astype(np.float64)), "rate_map"], axis=0)
+    kq = g.op("Gather", [g.const(m.rate_k.numpy().astype(np.float64)), "rate_map"], axis=0)
     H = g.qseq(m.h_s, g.quantize_input(z, 1.0))
     shape_hw = g.op("Slice", [g.op("Shape", [y]), g.const(np.array([2], np.int64)), g.const(np.array([4], np.int64))])
     codes_prev: list[str] = []
@@ -194,6 +194,7 @@ def _entropy_graph(codec: LatentCodec):
         helper.make_tensor_value_info("tx", TensorProto.BOOL, [1, 1, "h", "w"]),
         helper.make_tensor_value_info("anchor", TensorProto.BOOL, [1, 1, "h", "w"]),
         helper.make_tensor_value_info("rate", TensorProto.INT64, [1]),
+        helper.make_tensor_value_info("rate_map", TensorProto.INT64, [1, 1, "h", "w"]),
     ]
     outputs = [
         helper.make_tensor_value_info("y_sym", TensorProto.INT32, [1, cfg.M, "h", "w"]),

@@ -17,8 +17,9 @@ crop draws a rate point ``q`` and the loss weighs its distortion with
 quantization-step variable-rate codecs).
 
 Data policy (evaluation sets stay unseen): ``data/images/photos``,
-``data/images/samples`` and the frames of ``vtest.avi`` whose index is not
-divisible by 8. Kodak and frames 0, 8, 16, ... are never read here.
+``data/images/samples``, ``data/images/extra`` and the frames of ``vtest.avi``
+whose index is not divisible by 8. Kodak and frames 0, 8, 16, ... are never
+read here.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class TrainConfig:
     threads: int = 2  # torch threads
     overrides: dict = field(default_factory=dict)  # ElicConfig field overrides, e.g. {"N": 64}
     init: str = ""  # start a new run from a released codec weight file (float parameters; no optimizer state)
+    mask_fraction: float = 0.0  # stage I: share of crops with 0-50 % of y masked, so g_s keeps learning ROI-only decoding
 
     def codec_config(self) -> ElicConfig:
         import dataclasses
@@ -75,11 +77,17 @@ class TrainConfig:
         return dataclasses.replace(base, **self.overrides)
 
 
+TRAIN_IMAGE_DIRS = ("photos", "samples", "extra")  # folders of ../shared/data/images that training may read
+
+
 def training_sources(*, vtest_stride: int = 5) -> list[tuple[str, Path, int | None]]:
     """(name, path, frame index or None) of every training image, evaluation sets excluded."""
     out: list[tuple[str, Path, int | None]] = []
-    for sub in ("photos", "samples"):
+    for sub in TRAIN_IMAGE_DIRS:
         d = shared_path("data", "images", sub)
+        if not d.is_dir():
+            log.warning("training images %s not found; skipped", d)
+            continue
         for p in sorted(d.iterdir()):
             if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"):
                 out.append((f"{sub}-{p.stem}", p, None))
@@ -226,10 +234,15 @@ def load_init(model: ElicCodec, sd: dict[str, torch.Tensor]) -> list[str]:
     """
     own = model.state_dict()
     sliced, missing = [], []
+    n_file_priors = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("prior_z.")), default=-1)
     for name, dst in own.items():
         if name.startswith("rate_") or name.rsplit(".", 1)[-1] in _FROZEN_FORM:
             continue
         src = sd.get(name)
+        if src is None and name.startswith("prior_z.") and n_file_priors:
+            # a rate point the file lacks (e.g. a finer one added for training) starts from the file's last z prior
+            parts = name.split(".")
+            src = sd.get(".".join([parts[0], str(min(int(parts[1]), n_file_priors - 1))] + parts[2:]))
         if src is None:
             missing.append(name)
             continue
@@ -327,6 +340,10 @@ def train(cfg: TrainConfig) -> Path:
         mask = None
         if stage == 2:
             mask = random_masks(cfg.batch, cfg.crop // 16, cfg.crop // 16, rng)
+        elif cfg.mask_fraction > 0:
+            mask = random_masks(cfg.batch, cfg.crop // 16, cfg.crop // 16, rng)
+            keep_full = torch.from_numpy(rng.random(cfg.batch) >= cfg.mask_fraction)
+            mask[keep_full] = 1.0
         model.train()
         res = model(x, rate=rate, mask=mask)
         npix = x.shape[2] * x.shape[3]

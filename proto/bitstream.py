@@ -1,4 +1,4 @@
-"""LCF v1: the versioned frame-packet container.
+"""LCF v1/v2: the versioned frame-packet container.
 
 One packet carries one coded frame: a fixed header (codec identity, frame size,
 rate point, checksums), a table of regions of interest, a table of sections and the
@@ -9,7 +9,7 @@ Byte layout::
 
     offset  field
     0       magic            4 bytes  b"LCF\\x00"
-    4       version          u8       = 1
+    4       version          u8       = 1, or 2 when the packet codes a background (below)
     5       flags            u8       bit0 = has_roi_mask_only (packet codes only the
                                       ROI regions of y); other bits must be 0
     6       codec_id         u16      registry id of the codec architecture (nonzero)
@@ -24,6 +24,12 @@ Byte layout::
                                       by the codec after entropy decoding, not here)
     30      n_rois           u16      0..MAX_ROIS (= 1024)
     32      n_sections       u8       1..MAX_SECTIONS (= 16)
+    (33     bg_rate_point    u8       version 2 only: the rate point of the cells outside
+                                      the ROIs, 0..rate_point; needs roi_only. The ROI
+                                      cells are coded at rate_point, every other cell at
+                                      this coarser step: ROI-QP, as in H.264/H.265 and
+                                      MPEG's video coding for machines. Every offset
+                                      below moves by one byte.)
     33      ROI table        n_rois x 12 bytes:
                                       x0 u16, y0 u16, x1 u16, y1 u16, label_id u16,
                                       score u8 (round(confidence * 255)), reserved u8 (= 0)
@@ -38,6 +44,10 @@ Byte layout::
                                       exactly the bytes between the table and the CRC
     ...     section payloads, concatenated in table order
     end-4   crc32            u32      zlib.crc32 of every byte before it
+
+A writer emits version 1 for every packet without a background (so those bytes are
+exactly what v1 writers made) and version 2 only for packets with one; readers accept
+both.
 
 Parsing order: packet length (against ``max_packet_bytes`` and the 42-byte minimum),
 magic, version, CRC32, then the fields in layout order. Every count and length is
@@ -66,6 +76,7 @@ from typing import Any, Mapping
 __all__ = [
     "MAGIC",
     "VERSION",
+    "VERSIONS",
     "MAX_ROIS",
     "MAX_SECTIONS",
     "MAX_SECTION_BYTES",
@@ -88,7 +99,8 @@ __all__ = [
 ]
 
 MAGIC = b"LCF\x00"
-VERSION = 1
+VERSION = 2  # the newest version this module reads and writes
+VERSIONS = (1, 2)  # every version it reads
 MAX_ROIS = 1024
 MAX_SECTIONS = 16
 MAX_SECTION_BYTES = 64 * 1024 * 1024
@@ -103,6 +115,7 @@ _HEADER = struct.Struct("<4sBBH8sBBHH4sIHB")
 _ROI = struct.Struct("<HHHHHBB")
 _SECTION = struct.Struct("<BI")
 _CRC = struct.Struct("<I")
+_V2_EXTRA = struct.Struct("<B")  # version 2: bg_rate_point after the fixed header
 
 HEADER_BYTES = _HEADER.size  # 33
 ROI_ENTRY_BYTES = _ROI.size  # 12
@@ -264,6 +277,12 @@ class PacketHeader:
     symbol_crc: int = 0
     roi_only: bool = False
     rois: tuple[Roi, ...] = ()
+    bg_rate_point: int | None = None  # rate point of the cells outside the ROIs (None: not coded); needs roi_only
+
+    @property
+    def version(self) -> int:
+        """The LCF version this header is written in: 2 only when it codes a background."""
+        return 1 if self.bg_rate_point is None else 2
 
     def __post_init__(self) -> None:
         self.validate()
@@ -280,6 +299,12 @@ class PacketHeader:
         put(self, "label_set_hash", _check_bytes("label_set_hash", self.label_set_hash, size=_LABEL_SET_HASH_BYTES))
         put(self, "symbol_crc", _check_int("symbol_crc", self.symbol_crc, 0, _U32))
         put(self, "roi_only", _check_bool("roi_only", self.roi_only))
+        if self.bg_rate_point is not None:
+            note = f" (the background is coded at most as finely as the ROIs: rate_point {self.rate_point})"
+            put(self, "bg_rate_point", _check_int("bg_rate_point", self.bg_rate_point, 0, self.rate_point, note))
+            if not self.roi_only:
+                raise _err(f"bg_rate_point {self.bg_rate_point} needs roi_only (a full-frame packet codes every "
+                           "cell at rate_point)")
         rois = self.rois
         if isinstance(rois, (str, bytes, bytearray, Mapping)) or not hasattr(rois, "__iter__"):
             raise _err(f"rois must be a sequence of Roi, got {type(rois).__name__}")
@@ -342,7 +367,7 @@ class Packet:
         parts = [
             _HEADER.pack(
                 MAGIC,
-                VERSION,
+                h.version,
                 h.flags,
                 h.codec_id,
                 h.weights_hash,
@@ -356,6 +381,8 @@ class Packet:
                 len(sections),
             )
         ]
+        if h.bg_rate_point is not None:
+            parts.append(_V2_EXTRA.pack(h.bg_rate_point))
         parts.extend(_ROI.pack(r.x0, r.y0, r.x1, r.y1, r.label_id, r.score_u8, 0) for r in h.rois)
         parts.extend(_SECTION.pack(int(kind), len(payload)) for kind, payload in sections.items())
         parts.extend(sections.values())
@@ -406,8 +433,11 @@ def _parse(data: Any, max_packet_bytes: int) -> Packet:
     if magic != MAGIC:
         raise _err(f"magic {magic!r} is not {MAGIC!r} (not an LCF packet)")
     version = buf[4]
-    if version != VERSION:
-        raise _err(f"version {version} out of range {VERSION}..{VERSION} (unsupported LCF version)")
+    if version not in VERSIONS:
+        raise _err(f"version {version} out of range {VERSIONS[0]}..{VERSIONS[-1]} (unsupported LCF version)")
+    if version >= 2 and total < MIN_PACKET_BYTES + _V2_EXTRA.size:
+        raise _err(f"packet length {total} out of range {MIN_PACKET_BYTES + _V2_EXTRA.size}..{max_packet_bytes} "
+                   f"(too short for version {version})")
     (stored_crc,) = _CRC.unpack_from(buf, total - CRC_BYTES)
     computed_crc = zlib.crc32(buf[: total - CRC_BYTES]) & _U32
     if stored_crc != computed_crc:
@@ -444,6 +474,13 @@ def _parse(data: Any, max_packet_bytes: int) -> Packet:
 
     end = total - CRC_BYTES  # first byte of the CRC trailer
     pos = HEADER_BYTES
+    bg_rate_point = None
+    if version >= 2:
+        (bg_rate_point,) = _V2_EXTRA.unpack_from(buf, pos)
+        pos += _V2_EXTRA.size
+        if not flags & FLAG_ROI_ONLY:
+            raise _err(f"bg_rate_point {bg_rate_point} needs roi_only (flags 0x{flags:02x} has bit0 clear)")
+        _check_int("bg_rate_point", bg_rate_point, 0, rate_point, f" (at most rate_point {rate_point})")
 
     # ROI table: bound the count by its maximum and by the bytes left, before slicing.
     _check_int("n_rois", n_rois, 0, MAX_ROIS)
@@ -519,6 +556,7 @@ def _parse(data: Any, max_packet_bytes: int) -> Packet:
         symbol_crc=symbol_crc,
         roi_only=bool(flags & FLAG_ROI_ONLY),
         rois=tuple(rois),
+        bg_rate_point=bg_rate_point,
     )
     return Packet(header=header, sections=sections)
 
@@ -558,7 +596,7 @@ def describe(packet: Packet | bytes, *, max_packet_bytes: int = MAX_PACKET_BYTES
     header_bytes = total - sum(section_bytes.values())
     return {
         "format": "LCF",
-        "version": VERSION,
+        "version": h.version,
         "flags": h.flags,
         "codec_id": h.codec_id,
         "weights_hash": h.weights_hash.hex(),
@@ -569,6 +607,7 @@ def describe(packet: Packet | bytes, *, max_packet_bytes: int = MAX_PACKET_BYTES
         "label_set_hash": h.label_set_hash.hex(),
         "symbol_crc": h.symbol_crc,
         "roi_only": h.roi_only,
+        "bg_rate_point": h.bg_rate_point,
         "n_rois": len(h.rois),
         "rois": [
             {

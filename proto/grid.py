@@ -23,7 +23,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-__all__ = ["ROI_MARGIN_PX", "padded_size", "grid_shape", "roi_mask", "anchor_mask", "transmit_mask"]
+__all__ = ["ROI_MARGIN_PX", "padded_size", "grid_shape", "roi_mask", "anchor_mask", "transmit_mask", "coded_cells"]
 
 ROI_MARGIN_PX = 8  # pixels added around every ROI box before it is mapped to latent cells
 
@@ -84,3 +84,18 @@ def transmit_mask(width: int, height: int, boxes: Iterable[tuple[int, int, int, 
     if not roi_only:
         return np.ones(grid_shape(width, height), dtype=bool)
     return roi_mask(boxes, width, height)
+
+
+def coded_cells(width: int, height: int, boxes: Iterable[tuple[int, int, int, int]], *, roi_only: bool,
+                rate_point: int, bg_rate_point: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The cells a packet codes and the rate point of each: ``(tx, cell_rate)``, both (rows, cols).
+
+    Full frame: every cell at ``rate_point``. ROI-only: the ROI cells at ``rate_point``, and with
+    ``bg_rate_point`` every other cell too, at that (coarser) rate point; without it the others
+    are not coded (``tx`` False; their ``cell_rate`` is ``rate_point`` and unused)."""
+    roi = transmit_mask(width, height, boxes, roi_only)
+    cell_rate = np.full(roi.shape, rate_point, dtype=np.int64)
+    if bg_rate_point is None or not roi_only:
+        return roi, cell_rate
+    cell_rate[~roi] = bg_rate_point
+    return np.ones_like(roi), cell_rate

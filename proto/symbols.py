@@ -23,10 +23,38 @@ import numpy as np
 
 from .bitstream import Packet, PacketHeader, Roi, SectionKind
 from .entropy import SymbolDecoder, SymbolEncoder, TableSet
-from .grid import anchor_mask, transmit_mask
+from .grid import anchor_mask, coded_cells
 from .temporal import TemporalInfo
 
-__all__ = ["coding_steps", "quantize_z", "check_frame", "FrameCompressor", "LatentEncoder", "LatentDecoder"]
+__all__ = ["coding_steps", "quantize_z", "check_frame", "parse_background", "describe_levels", "FrameCompressor",
+           "LatentEncoder", "LatentDecoder"]
+
+BACKGROUND_NONE = "none"  # the background level of ROI-only packets: the cloud fills it from the hyperprior
+
+
+def parse_background(value: str | int | None) -> int | None:
+    """A background level as users write it (``none`` or a rate point) -> None or the rate point.
+    Whether the rate point fits a codec is checked where the codec is known (``check_background``)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in (BACKGROUND_NONE, "")):
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"background {value!r}: expected '{BACKGROUND_NONE}' or a rate point 0, 1, ...")
+    try:
+        level = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"background {value!r}: expected '{BACKGROUND_NONE}' or a rate point 0, 1, ...") from None
+    if level < 0 or (isinstance(value, float) and value != level):
+        raise ValueError(f"background {value!r}: expected '{BACKGROUND_NONE}' or a rate point 0, 1, ...")
+    return level
+
+
+def describe_levels(header: PacketHeader) -> dict:
+    """The quantization levels a packet codes: the ROIs' rate point and the background's
+    (a rate point, ``none`` for ROI-only packets, or ``full frame``)."""
+    if not header.roi_only:
+        return {"roi": header.rate_point, "background": "full frame"}
+    bg = header.bg_rate_point
+    return {"roi": header.rate_point, "background": BACKGROUND_NONE if bg is None else bg}
 
 
 def quantize_z(z: np.ndarray, step: float) -> np.ndarray:
@@ -64,9 +92,11 @@ class LatentEncoder:
 
     def packet(self, *, width: int, height: int, rois: Sequence[Roi], roi_only: bool, rate_point: int,
                z_sym: np.ndarray, y_sym: np.ndarray, y_table: np.ndarray, tx_mask: np.ndarray,
-               label_set_hash: bytes = b"\0\0\0\0", temporal: TemporalInfo | None = None) -> bytes:
+               label_set_hash: bytes = b"\0\0\0\0", temporal: TemporalInfo | None = None,
+               bg_rate_point: int | None = None) -> bytes:
         """Code the symbols and wrap them in a versioned packet (see ``bitstream``); ``temporal``
-        adds the T section of a temporal keyframe.
+        adds the T section of a temporal keyframe; ``bg_rate_point`` names the rate point the
+        cells outside the ROIs were coded at (``tx_mask`` then covers them too).
 
         The z tables are laid out rate point by rate point: table ``rate_point * Nz + c``."""
         zb, yb, crc = self.encode(z_sym=z_sym, y_sym=y_sym, y_table=y_table, tx_mask=tx_mask,
@@ -75,13 +105,14 @@ class LatentEncoder:
         if temporal is not None:
             sections[SectionKind.T] = temporal.to_bytes()
         return self._wrap(width=width, height=height, rois=rois, roi_only=roi_only, rate_point=rate_point, crc=crc,
-                          label_set_hash=label_set_hash, sections=sections)
+                          label_set_hash=label_set_hash, sections=sections, bg_rate_point=bg_rate_point)
 
     def _wrap(self, *, width: int, height: int, rois: Sequence[Roi], roi_only: bool, rate_point: int, crc: int,
-              label_set_hash: bytes, sections: dict) -> bytes:
+              label_set_hash: bytes, sections: dict, bg_rate_point: int | None = None) -> bytes:
         header = PacketHeader(codec_id=self.codec_id, weights_hash=self.weights_hash, rate_point=rate_point,
                               latent_space_id=self.latent_space_id, width=width, height=height,
-                              label_set_hash=label_set_hash, symbol_crc=crc, roi_only=roi_only, rois=tuple(rois))
+                              label_set_hash=label_set_hash, symbol_crc=crc, roi_only=roi_only, rois=tuple(rois),
+                              bg_rate_point=bg_rate_point)
         return Packet(header=header, sections=sections).to_bytes()
 
     def p_packet(self, *, width: int, height: int, rate_point: int, y_bytes: bytes, crc: int, temporal: TemporalInfo,
@@ -174,12 +205,14 @@ class FrameCompressor:
         raise NotImplementedError
 
     def encode_symbols(self, y: np.ndarray, z_sym: np.ndarray, *, rate_point: int,
-                       tx_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """y symbols and table indices (both (M,h,w) int64; only cells in ``tx_mask`` matter)."""
+                       tx_mask: np.ndarray, cell_rate: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """y symbols and table indices (both (M,h,w) int64; only cells in ``tx_mask`` matter).
+        ``cell_rate`` (h,w): each cell's rate point (default: ``rate_point`` everywhere)."""
         raise NotImplementedError
 
     def encode_symbols_y_hat(self, y: np.ndarray, z_sym: np.ndarray, *, rate_point: int,
-                             tx_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                             tx_mask: np.ndarray, cell_rate: np.ndarray | None = None
+                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`encode_symbols` and the decoded latent ŷ (M,h,w) float64 (exact: the decoder's)."""
         raise NotImplementedError
 
@@ -197,31 +230,48 @@ class FrameCompressor:
             raise ValueError(f"rate_point {rate_point!r} out of range 0..{self.n_rates - 1}")
         return int(rate_point)
 
+    def check_background(self, background: int | None, rate_point: int) -> int | None:
+        """A background level: None (not coded) or a rate point ``0..rate_point``; precise error otherwise."""
+        if background is None:
+            return None
+        if isinstance(background, bool) or not isinstance(background, (int, np.integer)) \
+                or not 0 <= int(background) <= rate_point:
+            raise ValueError(f"background {background!r} out of range: None (ROIs only) or a rate point "
+                             f"0..{rate_point} (at most the ROIs' rate point {rate_point})")
+        return int(background)
+
     def compress(self, frame: np.ndarray, rois: Sequence[Roi] = (), *, rate_point: int = 0,
-                 roi_only: bool | None = None, label_set_hash: bytes = b"\0\0\0\0") -> bytes:
+                 roi_only: bool | None = None, label_set_hash: bytes = b"\0\0\0\0",
+                 background: int | None = None) -> bytes:
         """One RGB frame (H,W,3 uint8) -> packet bytes. With ROIs, ``roi_only`` (default: True when
-        ROIs are given) codes only their latent cells (+ margin); z is always coded."""
+        ROIs are given) codes only their latent cells (+ margin); z is always coded. ``background``:
+        with ``roi_only``, the rate point (``0..rate_point``) the other cells are coded at (an LCF v2
+        packet); None leaves them out (the cloud fills them from the hyperprior)."""
         rois = tuple(rois)
         roi_only = bool(rois) if roi_only is None else roi_only
-        return self._intra(frame, rois, rate_point=rate_point, roi_only=roi_only, label_set_hash=label_set_hash)[0]
+        return self._intra(frame, rois, rate_point=rate_point, roi_only=roi_only, label_set_hash=label_set_hash,
+                           background=background)[0]
 
     def _intra(self, frame: np.ndarray, rois: Sequence[Roi], *, rate_point: int, roi_only: bool, label_set_hash: bytes,
                temporal: TemporalInfo | None = None, analysis: tuple[np.ndarray, np.ndarray] | None = None,
-               with_y_hat: bool = False) -> tuple[bytes, np.ndarray | None]:
+               with_y_hat: bool = False, background: int | None = None) -> tuple[bytes, np.ndarray | None]:
         """The intra packet both ``compress`` and ``compress_key`` make; ŷ too when ``with_y_hat``."""
         check_frame(frame)
         rate_point = self.check_rate(rate_point)
+        background = self.check_background(background, rate_point) if roi_only else None
         h, w = frame.shape[:2]
         rois = tuple(rois)
         y, z = analysis if analysis is not None else self.analyze(frame)
         z_sym = self.z_symbols(z, rate_point)
-        tx = transmit_mask(w, h, [(r.x0, r.y0, r.x1, r.y1) for r in rois], roi_only)
+        tx, cell_rate = coded_cells(w, h, [(r.x0, r.y0, r.x1, r.y1) for r in rois], roi_only=roi_only,
+                                    rate_point=rate_point, bg_rate_point=background)
+        kw = {} if background is None else {"cell_rate": cell_rate}
         y_hat = None
         if with_y_hat:
-            y_sym, y_tab, y_hat = self.encode_symbols_y_hat(y, z_sym, rate_point=rate_point, tx_mask=tx)
+            y_sym, y_tab, y_hat = self.encode_symbols_y_hat(y, z_sym, rate_point=rate_point, tx_mask=tx, **kw)
         else:
-            y_sym, y_tab = self.encode_symbols(y, z_sym, rate_point=rate_point, tx_mask=tx)
+            y_sym, y_tab = self.encode_symbols(y, z_sym, rate_point=rate_point, tx_mask=tx, **kw)
         data = self._enc.packet(width=w, height=h, rois=rois, roi_only=roi_only, rate_point=rate_point, z_sym=z_sym,
                                 y_sym=y_sym, y_table=y_tab, tx_mask=tx, label_set_hash=label_set_hash,
-                                temporal=temporal)
+                                temporal=temporal, bg_rate_point=background)
         return data, y_hat

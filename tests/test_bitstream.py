@@ -112,7 +112,7 @@ def with_crc(body: bytes) -> bytes:
 def raw_packet(
     *,
     magic: bytes = MAGIC,
-    version: int = VERSION,
+    version: int = 1,
     flags: int = 0,
     codec_id: int = 1,
     weights_hash: bytes = b"\x01" * 8,
@@ -168,7 +168,7 @@ def parse_or_reject(data) -> Packet | None:
 
 
 def test_constants_and_layout():
-    assert MAGIC == b"LCF\x00" and VERSION == 1
+    assert MAGIC == b"LCF\x00" and VERSION == 2 and bs.VERSIONS == (1, 2)
     assert (MAX_ROIS, MAX_SECTIONS, MAX_SECTION_BYTES, MAX_DIM) == (1024, 16, 64 * MIB, 16384)
     assert (bs.HEADER_BYTES, bs.ROI_ENTRY_BYTES, bs.SECTION_ENTRY_BYTES, bs.CRC_BYTES) == (33, 12, 5, 4)
     assert bs.MIN_PACKET_BYTES == 42
@@ -307,7 +307,7 @@ def test_random_bytes_only_bitstream_error(data):
 @given(st.binary(max_size=300))
 def test_random_body_with_valid_magic_version_and_crc(rest):
     # gets past magic, version and CRC, so this fuzzes the field validation
-    p = parse_or_reject(with_crc(MAGIC + bytes([VERSION]) + rest))
+    p = parse_or_reject(with_crc(MAGIC + bytes([1]) + rest))
     if p is not None:
         assert unpack(pack(p)) == p
 
@@ -338,8 +338,9 @@ def test_non_bytes_input_is_bitstream_error():
 CRAFTED = [
     # (id, raw_packet kwargs, regex the message must match: field, value, valid range)
     ("magic", dict(magic=b"LCF\x01"), r"magic b'LCF\\x01' is not b'LCF\\x00'"),
-    ("version 2", dict(version=2), r"version 2 out of range 1\.\.1"),
-    ("version 0", dict(version=0), r"version 0 out of range 1\.\.1"),
+    ("version 3", dict(version=3), r"version 3 out of range 1\.\.2"),
+    ("version 0", dict(version=0), r"version 0 out of range 1\.\.2"),
+    ("version 2 without roi_only", dict(version=2), r"bg_rate_point \d+ needs roi_only"),
     ("bad crc", dict(crc=0), r"crc32 0x00000000 does not match computed 0x[0-9a-f]{8}"),
     ("flags bit1", dict(flags=0x02), r"flags 0x02 out of range 0x00\.\.0x01"),
     ("flags bit7", dict(flags=0x81), r"flags 0x81 out of range 0x00\.\.0x01"),
@@ -597,3 +598,65 @@ def test_writer_refuses_a_packet_readers_would_refuse():
     big = Packet(header=p.header, sections={SectionKind.Z: bytes(40 << 20), SectionKind.Y: bytes(30 << 20)})
     with pytest.raises(BitstreamError, match="exceeds MAX_PACKET_BYTES"):
         big.to_bytes()
+
+
+# --------------------------------------------------------------------------- version 2: a coded background
+
+
+def bg_packet(bg=1, rate_point=2, **kw) -> Packet:
+    return simple_packet(rate_point=rate_point, roi_only=True, bg_rate_point=bg, **kw)
+
+
+def test_v1_packets_are_written_as_v1():
+    b = pack(simple_packet())
+    assert b[4] == 1 and unpack(b).header.bg_rate_point is None and unpack(b).header.version == 1
+
+
+def test_background_packet_is_v2_and_round_trips():
+    p = bg_packet(bg=1)
+    b = pack(p)
+    assert b[4] == 2
+    assert len(b) == len(pack(simple_packet(rate_point=2, roi_only=True))) + 1  # one byte: bg_rate_point
+    q = unpack(b)
+    assert pack(q) == b and q.header.bg_rate_point == 1 and q.header.version == 2
+    d = describe(b)
+    assert d["version"] == 2 and d["bg_rate_point"] == 1 and d["rate_point"] == 2
+    assert describe(pack(simple_packet()))["bg_rate_point"] is None
+
+
+def test_background_finer_than_the_rois_is_rejected():
+    with pytest.raises(BitstreamError, match=r"bg_rate_point 3 out of range 0\.\.2 \(the background is coded at most"):
+        bg_packet(bg=3, rate_point=2)
+    with pytest.raises(BitstreamError, match=r"bg_rate_point -1 out of range"):
+        bg_packet(bg=-1)
+
+
+def test_background_needs_roi_only():
+    with pytest.raises(BitstreamError, match=r"bg_rate_point 0 needs roi_only"):
+        simple_packet(rate_point=1, roi_only=False, bg_rate_point=0)
+
+
+def test_v2_wire_checks():
+    b = bytearray(pack(bg_packet(bg=1, rate_point=2)))
+    # the bg byte (offset 33) above the rate point
+    b[bs.HEADER_BYTES] = 5
+    with pytest.raises(BitstreamError, match=r"bg_rate_point 5 out of range 0\.\.2"):
+        unpack(with_crc(bytes(b[:-4])))
+    # a v2 packet whose roi_only flag is clear
+    b = bytearray(pack(bg_packet(bg=1, rate_point=2)))
+    b[5] = 0
+    with pytest.raises(BitstreamError, match=r"needs roi_only"):
+        unpack(with_crc(bytes(b[:-4])))
+    # unknown versions
+    b = bytearray(pack(simple_packet()))
+    b[4] = 3
+    with pytest.raises(BitstreamError, match=r"version 3 out of range 1\.\.2"):
+        unpack(with_crc(bytes(b[:-4])))
+
+
+@FAST
+@given(st.binary(max_size=300))
+def test_random_v2_body_only_bitstream_error(rest):
+    p = parse_or_reject(with_crc(MAGIC + bytes([2]) + rest))
+    if p is not None:
+        assert unpack(pack(p)) == p

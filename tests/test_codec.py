@@ -56,6 +56,46 @@ def test_roi_packet_is_smaller_and_keeps_z(tiny_codec, image):
     assert tiny_codec.decompress(both, decode_frame=False).mask.all()
 
 
+def test_coded_background_sits_between_roi_only_and_full_frame(tiny_codec, image):
+    """ROI cells at rate point 3, the rest at a coarser one (LCF v2); every level decodes exactly."""
+    roi = [Roi(x0=20, y0=30, x1=120, y1=110, label_id=3, score=0.9)]
+    full = tiny_codec.compress(image, rate_point=3)
+    only = tiny_codec.compress(image, roi, rate_point=3)
+    rec_full = tiny_codec.decompress(full, decode_frame=False)
+    sizes = []
+    for bg in range(4):
+        data = tiny_codec.compress(image, roi, rate_point=3, background=bg)
+        p = Packet.from_bytes(data)
+        assert p.header.version == 2 and p.header.bg_rate_point == bg and p.header.roi_only
+        assert p.sections[SectionKind.Z] == Packet.from_bytes(full).sections[SectionKind.Z]
+        rec = tiny_codec.decompress(data, decode_frame=False)  # raises on any symbol mismatch
+        assert rec.mask.all()
+        sizes.append(len(data))
+        # the encoder's ŷ is the decoder's, cell for cell
+        y, z = tiny_codec.analyze(image)
+        from latentcast.proto.grid import coded_cells
+        h, w = image.shape[:2]
+        tx, cr = coded_cells(w, h, [(r.x0, r.y0, r.x1, r.y1) for r in roi], roi_only=True, rate_point=3,
+                             bg_rate_point=bg)
+        assert (cr[~tx] == 3).all() and set(np.unique(cr)) <= {bg, 3}
+    assert len(only) < sizes[0] < sizes[2] and sizes[3] <= len(full) + 16
+    # the background at the ROIs' own rate point codes exactly the full frame's symbols
+    rec_same = tiny_codec.decompress(tiny_codec.compress(image, roi, rate_point=3, background=3), decode_frame=False)
+    assert np.array_equal(rec_same.latent, rec_full.latent)
+    assert Packet.from_bytes(tiny_codec.compress(image, roi, rate_point=3, background=3)).header.symbol_crc == \
+        Packet.from_bytes(full).header.symbol_crc
+
+
+def test_background_arguments_are_checked(tiny_codec, image):
+    roi = [Roi(x0=20, y0=30, x1=120, y1=110)]
+    for bad in (4, -1, 1.5, "0", True):
+        with pytest.raises(ValueError, match=r"background .* out of range: None \(ROIs only\) or a rate point 0\.\.2"):
+            tiny_codec.compress(image, roi, rate_point=2, background=bad)
+    # a full-frame packet codes every cell at its rate point: the background level does not apply
+    assert tiny_codec.compress(image, roi, rate_point=2, roi_only=False, background=0) == \
+        tiny_codec.compress(image, roi, rate_point=2, roi_only=False)
+
+
 def test_symbol_corruption_is_detected_not_rendered(tiny_codec, image):
     data = tiny_codec.compress(image, rate_point=1)
     p = Packet.from_bytes(data)

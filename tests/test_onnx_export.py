@@ -102,6 +102,31 @@ def test_entropy_graph_equals_pytorch_exactly(tiny_codec, tiny_bundle, rng):
             assert len(np.unique(t1)) > 3
 
 
+def test_entropy_graph_equals_pytorch_with_per_cell_rates(tiny_codec, tiny_bundle, rng):
+    """A coded background: each cell its own rate point; ONNX Runtime and PyTorch agree exactly."""
+    enc = EdgeEncoder(bundle=tiny_bundle)
+    img = rng.integers(0, 256, (128, 192, 3)).astype(np.uint8)
+    y, z_float = tiny_codec.analyze(img)
+    y = y * 40
+    tx = np.ones(y.shape[1:], bool)
+    for q in range(1, tiny_codec.n_rates):
+        z = tiny_codec.z_symbols(z_float * 40, q)
+        cell_rate = np.where(rng.random(y.shape[1:]) < 0.4, q, rng.integers(0, q, y.shape[1:])).astype(np.int64)
+        s1, t1, y1 = enc.encode_symbols_y_hat(y, z, rate_point=q, tx_mask=tx, cell_rate=cell_rate)
+        s2, t2, y2 = tiny_codec.encode_symbols_y_hat(y, z, rate_point=q, tx_mask=tx, cell_rate=cell_rate)
+        assert np.array_equal(s1, s2) and np.array_equal(t1, t2) and np.array_equal(y1, y2)
+
+
+def test_edge_background_packets_decode_in_the_cloud(tiny_codec, tiny_bundle):
+    enc = EdgeEncoder(bundle=tiny_bundle)
+    img = _kodak(1)[0]
+    roi = [Roi(x0=100, y0=50, x1=400, y1=300)]
+    for bg in range(tiny_codec.n_rates - 1):
+        data = enc.compress(img, roi, rate_point=tiny_codec.n_rates - 1, background=bg)
+        assert Packet.from_bytes(data).header.bg_rate_point == bg
+        assert tiny_codec.decompress(data, decode_frame=False).mask.all()
+
+
 def test_edge_encode_cloud_decode_bit_exact_tiny(tiny_codec, tiny_bundle):
     enc = EdgeEncoder(bundle=tiny_bundle)
     for img in _kodak(3):

@@ -99,13 +99,27 @@ def cmd_encode(a: argparse.Namespace) -> int:
         label_hash = label_set_hash(labels)
         if not grounding.rois:
             print(f"no {', '.join(labels)} found: only the global prior is coded (use --full for the whole frame)")
-    enc = _encoder(a.weights, a.bundle)
+    from latentcast.proto.symbols import parse_background
+
+    try:
+        background = parse_background(a.background)
+    except ValueError as exc:
+        raise SystemExit(f"error: --background: {exc}") from None
     roi_only = (bool(rois) or bool(a.labels)) and not a.full
-    data = enc.compress(img, rois, rate_point=a.rate, roi_only=roi_only, label_set_hash=label_hash)
+    if background is not None and not roi_only:
+        raise SystemExit("error: --background codes the cells outside the ROIs: give --roi or --labels, without --full")
+    enc = _encoder(a.weights, a.bundle)
+    try:
+        data = enc.compress(img, rois, rate_point=a.rate, roi_only=roi_only, label_set_hash=label_hash,
+                            background=background)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     Path(a.output).write_bytes(data)
     d = describe(data)
+    mode = "full frame" if not d["roi_only"] else (
+        "ROI-only" if background is None else f"ROIs + background at rate point {background}")
     print(f"{a.output}: {len(data)} bytes, {d['bpp']:.4f} bpp, {w}x{h}, rate point {a.rate}, "
-          f"{'ROI-only' if d['roi_only'] else 'full frame'} ({len(rois)} ROIs)")
+          f"{mode} ({len(rois)} ROIs)")
     return 0
 
 
@@ -129,8 +143,12 @@ def cmd_info(a: argparse.Namespace) -> int:
     from latentcast.proto.bitstream import Packet, SectionKind, describe
 
     data = Path(a.input).read_bytes()
+    from latentcast.proto.symbols import describe_levels
+
     info = describe(data)
-    t = Packet.from_bytes(data).sections.get(SectionKind.T)
+    packet = Packet.from_bytes(data)
+    info["levels"] = describe_levels(packet.header)
+    t = packet.sections.get(SectionKind.T)
     if t is not None:
         import dataclasses
 
@@ -173,7 +191,13 @@ def cmd_train(a: argparse.Namespace) -> int:
     cfg = TrainConfig(model=a.model, latent_space=a.latent_space, out=_pick(a.out, "checkpoints/elic-lite"),
                       stage1_steps=_pick(a.stage1_steps, 6000), stage2_steps=_pick(a.stage2_steps, 1000),
                       batch=_pick(a.batch, 8), crop=_pick(a.crop, 192), lr=_pick(a.lr, 2e-4), lam=a.lam,
-                      threads=a.threads, cache=a.cache or "", init=a.init or "")
+                      threads=a.threads, cache=a.cache or "", init=a.init or "",
+                      checkpoint_every=a.checkpoint_every, seed=a.seed, mask_fraction=a.mask_fraction)
+    if a.rate_steps:
+        try:
+            cfg.overrides["rate_steps"] = tuple(int(v) for v in a.rate_steps.split(","))
+        except ValueError:
+            raise SystemExit(f"error: --rate-steps {a.rate_steps!r}: expected integers, e.g. 14,7,0,-7") from None
     print(train(cfg))
     return 0
 
@@ -354,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "in the shared folder); label ids index this list")
     e.add_argument("--full", action="store_true", help="code the whole frame even when ROIs are given")
     e.add_argument("--rate", type=int, default=1, help="rate point, 0 (lowest rate) .. n-1 (elic-lite: 0..2; default 1)")
+    e.add_argument("--background", default="none",
+                   help="with ROIs: code the cells outside them too, at this coarser rate point 0..RATE "
+                        "(ROI-QP; an LCF v2 packet); 'none' (default) sends only the ROIs and z")
     e.add_argument("--weights", help="codec weights (.safetensors); default: the shipped elic-lite")
     e.add_argument("--bundle", help="edge bundle folder (ONNX); default: the shipped one if present")
     e.add_argument("-o", "--output", required=True)
@@ -404,6 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cache", help="training-data cache folder (default ~/.cache/latentcast/train-<space>; "
                                    "composer: .../train-images)")
     t.add_argument("--init", help="codec: start from a released codec weight file (e.g. to train the shipped weights longer)")
+    t.add_argument("--rate-steps", help="codec: table offsets k_q of the trained rate points, lowest rate first "
+                                        "(Δ_q = exp(δ k_q); default 22,14,7,0)")
+    t.add_argument("--mask-fraction", type=float, default=0.0,
+                   help="codec: share of stage I crops with 0-50 %% of y masked (ROI-only decoding; default 0)")
     t.add_argument("--sd", default="stabilityai/stable-diffusion-2-1-base",
                    help="composer: Stable Diffusion 2.1-base folder or hub id (local cache only unless "
                         "--allow-download), or 'tiny' (random test model)")
@@ -421,8 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="composer: also train the codec's g_s in stage II (writes OUT/codec.safetensors, new hash)")
     t.add_argument("--mask-range", help="composer: stage II fraction of y cells dropped, MIN,MAX (default 0,0.5)")
     t.add_argument("--caption", default="a photo", help="composer: caption of every training crop (default 'a photo')")
-    t.add_argument("--seed", type=int, default=0, help="composer: random seed (default 0)")
-    t.add_argument("--checkpoint-every", type=int, default=200, help="composer: steps between checkpoints (default 200)")
+    t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    t.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (default 200)")
     t.add_argument("--log-every", type=int, default=10,
                    help="composer: steps between history.jsonl lines and progress updates (default 10)")
     t.add_argument("--device", default="auto", help="composer: auto, cpu, cuda, cuda:N (default auto)")

@@ -12,9 +12,7 @@ import cv2
 import numpy as np
 import torch
 
-import latentcast.models.codec as C
 import latentcast.proto.grid as G
-import latentcast.proto.symbols as S
 from latentcast.models.codec import LatentCodec
 from latentcast.proto.bitstream import Roi
 from latentcast.shared import shared_path
@@ -37,7 +35,7 @@ def main() -> None:
     def psnr(a, b): return 10*np.log10(255**2/np.mean((a.astype(float)-b)**2))
     for q in range(c.n_rates):
         for mode in ("cell", "8", "0"):
-            S.transmit_mask = C.transmit_mask = make_tx(mode)
+            G.transmit_mask = make_tx(mode)  # coded_cells (codec and edge) looks it up there
             r=[]; pin=[]; pfull=[]
             for f in files:
                 img = np.ascontiguousarray(cv2.imread(f)[:,:,::-1]); h,w = img.shape[:2]

@@ -1,4 +1,4 @@
-"""latentcast itself as an evaluation codec: one curve for full frames, one for ROI-only packets.
+"""latentcast itself as an evaluation codec: curves for full frames, ROI-only packets and ROIs with a coded background.
 
 ::
 
@@ -9,7 +9,8 @@
 
 ``mode="full"`` codes every latent cell (the ROI list still goes in the header); ``mode="roi"``
 codes only the cells under the grounded ROIs plus the hyper-latent z, exactly as the streaming
-edge does. The grounding runs on every frame of the clip (a camera at its full rate with no
+edge does; ``mode="roibg"`` codes the ROI cells at one rate point and every other cell at a
+coarser one (levels ``q<ROI rate point>/b<background rate point>``, LCF v2 packets). The grounding runs on every frame of the clip (a camera at its full rate with no
 frames dropped), so the tracker sees what it would see live.
 """
 
@@ -25,11 +26,32 @@ from latentcast.tools.eval.data import Clip, CodecRun
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GroundingSettings", "LatentcastCodec", "TemporalLatentcastCodec", "MODES", "TEMPORAL_LEVELS"]
+__all__ = ["GroundingSettings", "LatentcastCodec", "TemporalLatentcastCodec", "MODES", "TEMPORAL_LEVELS",
+           "roibg_levels", "parse_roibg_level"]
 
-MODES = ("full", "roi")
+MODES = ("full", "roi", "roibg")
 # temporal sweep: q<rate point of ROI cells>/t<nonzero symbols for a ROI cell to be re-coded>, coarsest first
 TEMPORAL_LEVELS = ("q0/t32", "q0/t8", "q0/t1", "q1/t1", "q2/t1")
+
+
+def roibg_levels(n_rates: int) -> tuple[str, ...]:
+    """The default ``roibg`` sweep for a codec with ``n_rates`` rate points: each ROI rate point q >= 1
+    with the background one and two rate points coarser (``q<q>/b<q-1>``, ``q<q>/b<q-2>``)."""
+    return tuple(f"q{q}/b{b}" for q in range(1, n_rates) for b in sorted({max(q - 2, 0), q - 1}))
+
+
+def parse_roibg_level(level: str, n_rates: int) -> tuple[int, int]:
+    """``q<ROI rate point>/b<background rate point>`` -> (q, b) with 0 <= b <= q < n_rates."""
+    try:
+        q, b = level.split("/")
+        if not (q.startswith("q") and b.startswith("b")):
+            raise ValueError
+        q, b = int(q[1:]), int(b[1:])
+    except ValueError:
+        raise ValueError(f"roibg level {level!r} is not q<ROI rate point>/b<background rate point>, e.g. q2/b0") from None
+    if not 0 <= b <= q < n_rates:
+        raise ValueError(f"roibg level {level!r}: need 0 <= background <= ROI rate point <= {n_rates - 1}")
+    return q, b
 
 
 @dataclass(frozen=True)
@@ -66,7 +88,8 @@ def grounding_rois(clip: Clip, g: GroundingSettings, detector, cache: dict, *, e
 
 @dataclass
 class LatentcastCodec:
-    """``run(clip, rate_point)`` -> :class:`CodecRun`; ``mode`` is ``"full"`` or ``"roi"``."""
+    """``run(clip, param)`` -> :class:`CodecRun`; ``mode`` is ``"full"``, ``"roi"`` (``param``: a rate point)
+    or ``"roibg"`` (``param``: a level ``q<ROI rate point>/b<background rate point>``)."""
 
     mode: str
     grounding: GroundingSettings
@@ -74,6 +97,7 @@ class LatentcastCodec:
     decoder: object  # latentcast.models.codec.LatentCodec
     detector: object  # latentcast.detector.YoloxDetector used for grounding
     param_name: str = "rate_point"
+    levels: tuple[str, ...] = ()  # roibg: the levels to sweep (default: roibg_levels(n_rates))
     _rois: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -87,6 +111,11 @@ class LatentcastCodec:
 
         self.name = f"latentcast-{self.mode}"
         self.params = tuple(range(self.decoder.n_rates))
+        if self.mode == "roibg":
+            self.param_name = "level"
+            self.params = tuple(self.levels) or roibg_levels(self.decoder.n_rates)
+            for p in self.params:
+                parse_roibg_level(p, self.decoder.n_rates)
         self._label_hash = label_set_hash(list(self.grounding.labels))
 
     def describe(self) -> dict:
@@ -101,14 +130,17 @@ class LatentcastCodec:
         """The edge grounding's ROIs for the clip's scored frames (cached per clip)."""
         return grounding_rois(clip, self.grounding, self.detector, self._rois, every_frame=False)
 
-    def run(self, clip: Clip, param: int) -> CodecRun:
-        rate_point = int(param)
+    def run(self, clip: Clip, param: int | str) -> CodecRun:
+        if self.mode == "roibg":
+            rate_point, background = parse_roibg_level(str(param), self.decoder.n_rates)
+        else:
+            rate_point, background = int(param), None
         rois = self.rois(clip)
         n_bytes, n_frames, t_enc, t_dec, recon = 0, 0, 0.0, 0.0, {}
         for i, frame in clip.scored_frames():
             t0 = time.perf_counter()
-            data = self.encoder.compress(frame, rois[i], rate_point=rate_point, roi_only=self.mode == "roi",
-                                         label_set_hash=self._label_hash)
+            data = self.encoder.compress(frame, rois[i], rate_point=rate_point, roi_only=self.mode != "full",
+                                         label_set_hash=self._label_hash, background=background)
             t1 = time.perf_counter()
             rec = self.decoder.decompress(data)
             t2 = time.perf_counter()

@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 __all__ = ["TASKS", "CODECS", "METRICS", "evaluate", "add_arguments", "main"]
 
 TASKS = ("detection", "classification")
-# latentcast = latentcast-full + latentcast-roi (independent frames); latentcast-temporal codes the clip as video
-CODECS = ("latentcast", "latentcast-temporal", "jpeg", "webp", "x264", "x265", "downscale")
+# latentcast = latentcast-full + latentcast-roi (independent frames); latentcast-roibg: ROIs plus a coarser coded
+# background (independent frames); latentcast-temporal codes the clip as video
+CODECS = ("latentcast", "latentcast-roibg", "latentcast-temporal", "jpeg", "webp", "x264", "x265", "downscale")
 # metric key -> (label, task it needs or None)
 METRICS = {"map50": ("mAP@0.5", "detection"), "map": ("mAP@0.5:0.95", "detection"),
            "top1": ("top-1 agreement", "classification"), "psnr": ("PSNR dB", None), "ms_ssim": ("MS-SSIM", None)}
@@ -245,6 +246,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temporal-levels", default=",".join(TEMPORAL_LEVELS),
                    help="latentcast-temporal: levels q<rate point>/t<threshold> to sweep "
                         f"(default {','.join(TEMPORAL_LEVELS)})")
+    p.add_argument("--roibg-levels", default="",
+                   help="latentcast-roibg: levels q<ROI rate point>/b<background rate point> to sweep (default: "
+                        "each ROI rate point with the background one and two rate points coarser)")
     p.add_argument("--out", required=True, help="output folder: eval.json, eval.md, rate_accuracy.png, examples.png")
 
 
@@ -290,7 +294,7 @@ def main(a: argparse.Namespace) -> int:
         classifier = Classifier()
 
     codecs = []
-    if "latentcast" in names or "latentcast-temporal" in names:
+    if "latentcast" in names or "latentcast-roibg" in names or "latentcast-temporal" in names:
         from latentcast.edge.encoder import EdgeEncoder
         from latentcast.models.codec import LatentCodec
         from latentcast.tools.eval.learned import GroundingSettings, LatentcastCodec, TemporalLatentcastCodec
@@ -302,6 +306,13 @@ def main(a: argparse.Namespace) -> int:
         if "latentcast" in names:
             codecs += [LatentcastCodec(mode=m, grounding=gs, encoder=enc, decoder=dec, detector=gdet)
                        for m in ("full", "roi")]
+        if "latentcast-roibg" in names:
+            levels = tuple(_parse_list(a.roibg_levels, (), "--roibg-levels", check=False)) if a.roibg_levels else ()
+            try:
+                codecs.append(LatentcastCodec(mode="roibg", grounding=gs, encoder=enc, decoder=dec, detector=gdet,
+                                              levels=levels))
+            except ValueError as exc:
+                raise SystemExit(f"error: --roibg-levels: {exc}") from None
         if "latentcast-temporal" in names:
             from latentcast.models.temporal import default_tables_path
             from latentcast.proto.temporal import TemporalTables
