@@ -93,6 +93,7 @@ class EdgeApp:
         self.recent_results: collections.deque[dict[str, Any]] = collections.deque(maxlen=_RECENT_RESULTS)
         self.error: BaseException | None = None
         self.temporal = None  # the TemporalEncoder when temporal.enabled
+        self.frame_rate = None  # independent frames with codec.target_kbps: RateController over background_ladder
         self.refresh_requests = 0  # keyframes the cloud asked for (a reference it lacks)
         self.refresh_ignored = 0  # requests about frames older than a keyframe already sent
         self._keys_sent = 0
@@ -116,6 +117,16 @@ class EdgeApp:
         n_rates = int(self._encoder.n_rates)
         if not 0 <= cfg.codec.rate_point < n_rates:
             raise ValueError(f"codec.rate_point {cfg.codec.rate_point} out of range 0..{n_rates - 1} for this bundle")
+        c = cfg.codec
+        if c.background_level is not None and c.background_level >= n_rates:
+            raise ValueError(f"codec.background {c.background_level} out of range 0..{n_rates - 1} for this bundle")
+        if c.target_kbps > 0 and not cfg.temporal.enabled and self.frame_rate is None:
+            from latentcast.edge.rate_control import RateController, background_ladder
+
+            ladder = background_ladder(c.rate_point, c.background_level if c.roi_only else None)
+            self.frame_rate = RateController(target_kbps=c.target_kbps, fps=float(self._source.fps or 10.0), level=0,
+                                             levels=ladder)
+            log.info("rate control: %.0f kbit/s over levels (rate point, background) %s", c.target_kbps, ladder)
         if cfg.temporal.enabled and self.temporal is None:
             from latentcast.edge.temporal import TemporalEncoder, tables_path
             from latentcast.proto.temporal import TemporalTables
@@ -209,8 +220,13 @@ class EdgeApp:
             packet = self.temporal.encode(rgb, g.rois, label_set_hash=self._label_hash)
         else:
             c = self.config.codec
-            packet = self._encoder.compress(rgb, g.rois, rate_point=c.rate_point, roi_only=c.roi_only,
-                                            label_set_hash=self._label_hash, background=c.background_level)
+            rate_point, background = c.rate_point, c.background_level
+            if self.frame_rate is not None:
+                rate_point, background = self.frame_rate.levels[self.frame_rate.level]
+            packet = self._encoder.compress(rgb, g.rois, rate_point=rate_point, roi_only=c.roi_only,
+                                            label_set_hash=self._label_hash, background=background)
+            if self.frame_rate is not None:
+                self.frame_rate.update(len(packet))
         t2 = time.perf_counter()
         return packet, g, (t1 - t0) * 1e3, (t2 - t1) * 1e3
 
@@ -391,6 +407,10 @@ class EdgeApp:
             "refresh_requests": self.refresh_requests,
             "refresh_ignored": self.refresh_ignored,
             "temporal": dict(self.temporal.counts) if self.temporal is not None else None,
+            "rate_control": None if self.frame_rate is None else {
+                "target_kbps": self.frame_rate.target_kbps, "level": self.frame_rate.level,
+                "rate_point": self.frame_rate.levels[self.frame_rate.level][0],
+                "background": self.frame_rate.levels[self.frame_rate.level][1]},
             "last_error": cs.get("last_error") or (str(self.error) if self.error else None),
             "last_results": list(self.recent_results),
         }

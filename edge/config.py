@@ -121,11 +121,13 @@ class CodecConfig:
     rate_point: int = 1  # codec rate point, 0 (lowest rate) .. n_rates-1 of the bundle (elic-lite: 0..2)
     roi_only: bool = True  # code only the ROI latent cells (+ z); False = the whole frame
     background: str = "none"  # with roi_only: rate point 0..rate_point the other cells are coded at (ROI-QP), or none
+    target_kbps: float = 0.0  # rate control of independent frames (0: off): background coarser, then none, then ROIs
     threads: int = 0  # ONNX Runtime threads for the encoder; 0 = its default
 
     def __post_init__(self) -> None:
         _check_min("codec.rate_point", self.rate_point, 0)
         _check_min("codec.threads", self.threads, 0)
+        _check_min("codec.target_kbps", self.target_kbps, 0)
         self.background = str(self.background).strip().lower()
         try:
             level = parse_background(self.background)

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from latentcast.edge.config import TemporalConfig
+from latentcast.edge.rate_control import TEMPORAL_LEVELS, RateController
 from latentcast.proto.bitstream import Roi
 from latentcast.proto.grid import transmit_mask
 from latentcast.proto.symbols import FrameCompressor
@@ -37,46 +37,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["TemporalConfig", "RateController", "TemporalEncoder", "LEVELS", "tables_path"]
 
-# rate-control ladder, finest first: (rate point of ROI cells, nonzero symbols for a ROI cell to be re-coded,
-# at most this keyframe rate point, refresh period x this factor)
-LEVELS: tuple[tuple[int, int, int, int], ...] = (
-    (2, 1, 2, 1), (1, 1, 2, 1), (1, 4, 2, 1), (0, 1, 2, 1), (0, 4, 1, 2), (0, 12, 1, 2), (0, 32, 0, 4))
-
-
-@dataclass
-class RateController:
-    """A leaky bucket on the stream's bytes: too many bytes -> a coarser level of :data:`LEVELS`.
-
-    The bucket drains ``target_kbps`` and fills with every packet; above +window it steps one level
-    coarser, below -window one finer (the window is ``window_s`` seconds of the target rate)."""
-
-    target_kbps: float
-    fps: float
-    level: int = 3
-    window_s: float = 2.0
-    levels: tuple[tuple[int, int, int, int], ...] = LEVELS
-    fill: float = field(default=0.0, init=False)  # bytes above the target so far
-
-    def __post_init__(self) -> None:
-        if not self.target_kbps > 0 or not self.fps > 0:
-            raise ValueError(f"rate control needs target_kbps > 0 and fps > 0 (got {self.target_kbps}, {self.fps})")
-        self.level = min(max(self.level, 0), len(self.levels) - 1)
-
-    @property
-    def budget(self) -> float:
-        """Bytes per frame at the target rate."""
-        return self.target_kbps * 1000 / 8 / self.fps
-
-    def update(self, n_bytes: int) -> tuple[int, int, int, int]:
-        window = self.window_s * self.fps * self.budget
-        self.fill = min(max(self.fill + n_bytes - self.budget, -window), 4 * window)
-        if self.fill >= window and self.level < len(self.levels) - 1:
-            self.level += 1
-            self.fill = 0.0
-        elif self.fill <= -window and self.level > 0:
-            self.level -= 1
-            self.fill = 0.0
-        return self.levels[self.level]
+LEVELS = TEMPORAL_LEVELS  # the temporal rate-control ladder (edge.rate_control)
 
 
 def tables_path(config: TemporalConfig, bundle: Path) -> Path:

@@ -59,6 +59,37 @@ def test_pytorch_and_onnx_encoders_agree(tmp_path, photo, tiny_codec_path, tiny_
     assert np.abs(la - lb).mean() < 1e-2 * (np.abs(la).mean() + 1e-6)
 
 
+def test_encode_with_a_coded_background(tmp_path, photo, tiny_codec_path, tiny_bundle, capsys):
+    lcf = tmp_path / "bg.lcf"
+    assert main(["encode", str(photo), "--roi", "20,30,120,100,1", "--rate", "2", "--background", "0",
+                 "--bundle", str(tiny_bundle), "-o", str(lcf)]) == 0
+    assert "ROIs + background at rate point 0" in capsys.readouterr().out
+    assert main(["info", str(lcf)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["version"] == 2 and info["bg_rate_point"] == 0 and info["levels"] == {"roi": 2, "background": 0}
+    assert main(["decode", str(lcf), "--weights", str(tiny_codec_path), "-o", str(tmp_path / "bg.png")]) == 0
+    assert "660/660 latent cells transmitted" in capsys.readouterr().out
+    only = tmp_path / "only.lcf"
+    assert main(["encode", str(photo), "--roi", "20,30,120,100,1", "--rate", "2", "--bundle", str(tiny_bundle),
+                 "-o", str(only)]) == 0
+    assert only.stat().st_size < lcf.stat().st_size
+    capsys.readouterr()
+    assert main(["info", str(only)]) == 0
+    assert json.loads(capsys.readouterr().out)["levels"] == {"roi": 2, "background": "none"}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--roi", "20,30,120,100", "--rate", "1", "--background", "2"], r"background 2 out of range: None .* 0\.\.1"),
+    (["--roi", "20,30,120,100", "--background", "coarse"], r"--background: background 'coarse': expected 'none'"),
+    (["--background", "0"], r"--background codes the cells outside the ROIs: give --roi or --labels"),
+    (["--roi", "20,30,120,100", "--full", "--background", "0"], r"--background codes the cells outside the ROIs"),
+])
+def test_bad_background_is_a_clear_error(tmp_path, photo, tiny_bundle, args, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["encode", str(photo), *args, "--bundle", str(tiny_bundle), "-o", str(tmp_path / "x.lcf")])
+    assert not (tmp_path / "x.lcf").exists()
+
+
 def test_bad_roi_is_a_clear_error(tmp_path, photo, tiny_bundle):
     with pytest.raises(SystemExit, match="outside the 240x176 image"):
         main(["encode", str(photo), "--roi", "0,0,500,10", "--bundle", str(tiny_bundle), "-o", str(tmp_path / "x")])

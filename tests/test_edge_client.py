@@ -380,6 +380,60 @@ async def test_edge_app_streams_vtest_frames(tiny_bundle):
     assert stats["kbps"] > 0 and len(stats["last_results"]) == 8 and stats["reconnects"] == 0
 
 
+async def test_edge_app_background_and_rate_control(tiny_bundle):
+    """codec.background codes the cells outside the ROIs coarser (LCF v2); codec.target_kbps steps along
+    the background-first ladder: a tiny target drives it to ROI-only at the lowest rate point."""
+    from latentcast.edge.app import EdgeApp
+    from latentcast.edge.config import EdgeConfig
+    from latentcast.proto import bitstream
+    from tests.conftest import shared_or_skip
+
+    video = shared_or_skip() / "data" / "video" / "vtest.avi"
+    for target, want_last in ((0.0, (2, 1)), (1.0, (0, None))):
+        packets: list[pb.FramePacket] = []
+
+        async def keep(f):
+            packets.append(f)
+
+        server, port = await start_server(FakeCloud({}, token="tok", on_frame=keep))
+        cfg = EdgeConfig(camera_id="bg")
+        cfg.source.uri, cfg.source.pace = str(video), "none"
+        cfg.grounding.threads, cfg.codec.threads = 1, 1
+        cfg.codec.bundle, cfg.codec.rate_point, cfg.codec.background = str(tiny_bundle), 2, "1"
+        cfg.codec.target_kbps = target
+        cfg.server.target, cfg.server.token = f"127.0.0.1:{port}", "tok"
+        app = EdgeApp(cfg)
+        if target:
+            app._build()
+            app.frame_rate.window_s = 0.1  # react within a frame or two
+        try:
+            stats = await asyncio.wait_for(app.run(max_frames=12), 90)
+        finally:
+            await server.stop(None)
+        hdrs = [bitstream.unpack(f.packet).header for f in packets]
+        assert len(hdrs) == 12
+        assert (hdrs[0].rate_point, hdrs[0].bg_rate_point) == (2, 1)
+        assert (hdrs[-1].rate_point, hdrs[-1].bg_rate_point) == want_last
+        if target:
+            assert stats["rate_control"]["level"] == len(app.frame_rate.levels) - 1
+            assert {(h.rate_point, h.bg_rate_point) for h in hdrs} >= {(2, 1), (2, 0), (2, None)}
+        else:
+            assert stats["rate_control"] is None and all(h.version == 2 for h in hdrs)
+
+
+def test_edge_config_background_is_checked():
+    from latentcast.edge.config import CodecConfig
+
+    assert CodecConfig(background="NONE").background_level is None
+    assert CodecConfig(rate_point=2, background=1).background_level == 1
+    with pytest.raises(ValueError, match=r"codec.background 2 out of range: none or a rate point 0\.\.1"):
+        CodecConfig(rate_point=1, background="2")
+    with pytest.raises(ValueError, match=r"codec.background 'fine': expected 'none' or a rate point"):
+        CodecConfig(background="fine")
+    with pytest.raises(ValueError, match=r"codec.target_kbps"):
+        CodecConfig(target_kbps=-1)
+
+
 async def test_edge_app_fatal_status_stops_the_run(tiny_bundle):
     from latentcast.edge.app import EdgeApp
     from latentcast.edge.config import EdgeConfig
