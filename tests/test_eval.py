@@ -82,7 +82,8 @@ def latentcast_codecs():
 
     enc, dec, det = EdgeEncoder(), LatentCodec.load("elic-lite"), YoloxDetector()
     gs = GroundingSettings(labels=("person",))
-    return {m: LatentcastCodec(mode=m, grounding=gs, encoder=enc, decoder=dec, detector=det) for m in ("full", "roi")}
+    return {m: LatentcastCodec(mode=m, grounding=gs, encoder=enc, decoder=dec, detector=det)
+            for m in ("full", "roi", "roibg")}
 
 
 def test_latentcast_rois_are_the_edge_grounders(latentcast_codecs):
@@ -114,6 +115,29 @@ def test_latentcast_roi_packets_are_smaller_and_decode(latentcast_codecs):
 
     assert 20 < psnr(orig[8], full.recon[8]) < 30  # elic-lite rate point 1 on a street frame
     assert latentcast_codecs["full"].params == (0, 1, 2)
+
+
+def test_latentcast_roibg_fills_the_gap(latentcast_codecs):
+    from latentcast.tools.eval.learned import LatentcastCodec, parse_roibg_level, roibg_levels
+
+    root = shared_or_skip()
+    (clip,) = load_data(root / "data" / "video" / "vtest.avi", classes=_classes(), every=8, max_frames=1)
+    c = latentcast_codecs["roibg"]
+    n = c.decoder.n_rates
+    assert c.name == "latentcast-roibg" and c.param_name == "level" and c.params == roibg_levels(n)
+    top = f"q{n - 1}/b0"
+    bg = c.run(clip, top)
+    full = latentcast_codecs["full"].run(clip, n - 1)
+    roi = latentcast_codecs["roi"].run(clip, n - 1)
+    assert roi.bytes < bg.bytes < full.bytes
+    assert roibg_levels(3) == ("q1/b0", "q2/b0", "q2/b1")
+    assert parse_roibg_level("q2/b1", 3) == (2, 1)
+    for bad in ("q2b1", "q1/b2", "q3/b0", "x1/b0"):
+        with pytest.raises(ValueError, match="roibg level"):
+            parse_roibg_level(bad, 3)
+    with pytest.raises(ValueError, match=r"roibg level 'q9/b0'"):
+        LatentcastCodec(mode="roibg", grounding=c.grounding, encoder=c.encoder, decoder=c.decoder, detector=c.detector,
+                        levels=("q9/b0",))
 
 
 def _run_cli(*args) -> int:
