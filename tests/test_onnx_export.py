@@ -162,3 +162,12 @@ def test_edge_encode_cloud_decode_bit_exact_kodak():
         rec = codec.decompress(data, decode_frame=False)
         assert Packet.from_bytes(data).header.symbol_crc != 0
         assert np.isfinite(rec.latent).all()
+    # ROIs with a coded background: every (ROI rate point, background rate point) pair, on real images
+    pairs = [(q, b) for q in range(codec.n_rates) for b in range(q + 1)]
+    for i, img in enumerate(images[: 2 * len(pairs)]):
+        q, b = pairs[i % len(pairs)]
+        h, w = img.shape[:2]
+        roi = Roi(x0=w // 4, y0=h // 5, x1=w // 4 + w // 3, y1=h // 5 + h // 2)
+        data = enc.compress(img, [roi], rate_point=q, background=b)
+        assert Packet.from_bytes(data).header.bg_rate_point == b
+        assert codec.decompress(data, decode_frame=False).mask.all()

@@ -1,0 +1,154 @@
+"""The codec's learning curve: Kodak bpp and PSNR of training checkpoints against training hours.
+
+::
+
+    checkpoint (.pt, from `latentcast train codec`) or released weights (.safetensors)
+        ─► ElicCodec.forward on each Kodak image, every rate point, whole frame
+        ─► bpp = ideal code length of the rounded symbols under the model's own Gaussian and z tables
+           (what training minimizes; within about 1 % of the range coder's bytes, headers excluded)
+        ─► PSNR of the reconstruction (the latent decoder of the codec's target space)
+
+Hours come from the checkpoint's ``history.jsonl`` (wall-clock seconds of the run up to the
+checkpoint's step) plus ``--hours-offset`` for the training the run started from. Real packet
+bytes of released weights come from ``latentcast bench codec``; this tool is for following a run::
+
+    python -m latentcast.tools.codec_learning_curve RUN/snapshots/*.pt --history RUN/history.jsonl \\
+        --hours-offset 1.25 --out results/codec_learning_curve
+
+writes ``learning_curve.json`` and ``learning_curve.png`` (PSNR and bpp per rate point over hours).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = ["evaluate_checkpoint", "main"]
+
+
+def _load(path: Path):
+    import torch
+
+    from latentcast.models.codec import LatentCodec
+    from latentcast.models.elic import ElicCodec, ElicConfig
+
+    if path.suffix == ".safetensors":
+        c = LatentCodec.from_file(path)
+        return c.model, c.latent_space_spec, c.meta.get("step"), None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    cd = dict(state["codec"])
+    cd["groups"], cd["rate_steps"] = tuple(cd["groups"]), tuple(cd["rate_steps"])
+    model = ElicCodec(ElicConfig(**cd))
+    model.load_state_dict(state["model"])
+    return model, state["train"]["latent_space"], int(state["step"]), state["train"]
+
+
+def evaluate_checkpoint(path: Path, images: list[np.ndarray]) -> dict:
+    """bpp (ideal code length) and PSNR per rate point over ``images`` (full frames)."""
+    import torch
+
+    from latentcast.models.codec import image_to_tensor, pad_image
+    from latentcast.models.latent_spaces import load_latent_space
+
+    model, space_spec, step, _ = _load(path)
+    model.eval()
+    space = load_latent_space(space_spec).eval()
+    out = {"checkpoint": path.name, "step": step, "rate_steps": list(model.cfg.rate_steps), "bpp": [], "psnr": []}
+    with torch.no_grad():
+        for q in range(model.n_rates):
+            bits, mse_db = 0.0, []
+            npix = 0
+            for img in images:
+                h, w = img.shape[:2]
+                x = pad_image(image_to_tensor(img))
+                r = model(x, rate=torch.tensor([q]))
+                bits += float(r["bits_y"][0] + r["bits_z"][0])
+                npix += h * w
+                rec = space.decode(r["latent"])[0, :, :h, :w].clamp(0, 1)
+                rec8 = (rec.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+                mse = np.mean((rec8.astype(np.float64) - img) ** 2)
+                mse_db.append(10 * np.log10(255 ** 2 / max(mse, 1e-10)))
+            out["bpp"].append(round(bits / npix, 5))
+            out["psnr"].append(round(float(np.mean(mse_db)), 3))
+    return out
+
+
+def _hours(step: int | None, history: Path | None) -> float | None:
+    if step is None or history is None or not history.is_file():
+        return None
+    sec = None
+    for line in history.read_text().splitlines():
+        d = json.loads(line)
+        if d["step"] <= step:
+            sec = d["sec"]
+    return None if sec is None else sec / 3600
+
+
+def main(argv: list[str] | None = None) -> int:
+    import cv2
+    import torch
+
+    from latentcast.shared import shared_path
+    from latentcast.tools import provenance
+
+    p = argparse.ArgumentParser(prog="python -m latentcast.tools.codec_learning_curve", description=__doc__.split("\n")[0])
+    p.add_argument("checkpoints", nargs="+", help="training checkpoints (.pt) and/or released weights (.safetensors)")
+    p.add_argument("--history", default=None, help="the run's history.jsonl (training seconds per step)")
+    p.add_argument("--hours-offset", type=float, default=0.0, help="hours of training before this run (its --init)")
+    p.add_argument("--images", type=int, default=24, help="first N Kodak images (default all 24)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="results/codec_learning_curve")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    files = sorted(shared_path("data", "images", "kodak").glob("kodim*.png"))[: a.images]
+    images = [np.ascontiguousarray(cv2.imread(str(f))[:, :, ::-1]) for f in files]
+    hist = Path(a.history) if a.history else None
+    points = []
+    t0 = time.time()
+    for c in a.checkpoints:
+        r = evaluate_checkpoint(Path(c), images)
+        h = _hours(r["step"], hist) if Path(c).suffix == ".pt" else None
+        r["hours"] = None if h is None else round(h + a.hours_offset, 3)
+        points.append(r)
+        print(f"{c}: step {r['step']}, hours {r['hours']}, bpp {r['bpp']}, PSNR {r['psnr']}", flush=True)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res = {"command": provenance.command("python -m latentcast.tools.codec_learning_curve"),
+           "commit": provenance.commit(), "machine": provenance.machine(), "images": len(images),
+           "bpp": "ideal code length of the rounded symbols under the model's tables (headers excluded)",
+           "seconds": round(time.time() - t0, 1), "points": points}
+    (out / "learning_curve.json").write_text(json.dumps(res, indent=1))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = sorted((q for q in points if q["hours"] is not None), key=lambda q: q["hours"])
+    if pts:
+        fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+        n = max(len(q["psnr"]) for q in pts)
+        for i in range(n):
+            xs = [q["hours"] for q in pts if i < len(q["psnr"])]
+            ax[0].plot(xs, [q["psnr"][i] for q in pts if i < len(q["psnr"])], "o-", label=f"rate point {i}")
+            ax[1].plot(xs, [q["bpp"][i] for q in pts if i < len(q["bpp"])], "o-", label=f"rate point {i}")
+        ax[0].set(xlabel="training hours (2-core CPU)", ylabel="Kodak PSNR dB", title="quality")
+        ax[1].set(xlabel="training hours (2-core CPU)", ylabel="Kodak bpp (ideal code length)", title="rate",
+                  yscale="log")
+        for x in ax:
+            x.grid(alpha=0.3)
+            x.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "learning_curve.png", dpi=110)
+    print(f"{out / 'learning_curve.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
