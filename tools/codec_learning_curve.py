@@ -56,6 +56,7 @@ def evaluate_checkpoint(path: Path, images: list[np.ndarray]) -> dict:
 
     from latentcast.models.codec import image_to_tensor, pad_image
     from latentcast.models.latent_spaces import load_latent_space
+    from latentcast.tools.eval.metrics import psnr
 
     model, space_spec, step, _ = _load(path)
     model.eval()
@@ -73,8 +74,7 @@ def evaluate_checkpoint(path: Path, images: list[np.ndarray]) -> dict:
                 npix += h * w
                 rec = space.decode(r["latent"])[0, :, :h, :w].clamp(0, 1)
                 rec8 = (rec.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-                mse = np.mean((rec8.astype(np.float64) - img) ** 2)
-                mse_db.append(10 * np.log10(255 ** 2 / max(mse, 1e-10)))
+                mse_db.append(psnr(img, rec8))
             out["bpp"].append(round(bits / npix, 5))
             out["psnr"].append(round(float(np.mean(mse_db)), 3))
     return out

@@ -54,25 +54,21 @@ def coded_pixels(mask: np.ndarray, width: int, height: int, stride: int = 16) ->
     return np.kron(mask.astype(np.uint8), np.ones((stride, stride), np.uint8))[:height, :width].astype(bool)
 
 
-def _iou(a, b) -> float:
-    ix = max(0.0, min(a.x1, b.x1) - max(a.x0, b.x0))
-    iy = max(0.0, min(a.y1, b.y1) - max(a.y0, b.y0))
-    inter = ix * iy
-    union = (a.x1 - a.x0) * (a.y1 - a.y0) + (b.x1 - b.x0) * (b.y1 - b.y0) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def _match(gt: list, dets: list) -> tuple[list[bool], list[bool]]:
     """Greedy same-class matching at IoU >= 0.5 (highest score first): (gt found?, det matched?)."""
+    from latentcast.edge.grounding import iou_matrix
+
     found = [False] * len(gt)
     used = [False] * len(dets)
+    if not gt or not dets:
+        return found, used
+    iou = iou_matrix(np.array([[d.x0, d.y0, d.x1, d.y1] for d in dets], dtype=np.float64),
+                     np.array([[g.x0, g.y0, g.x1, g.y1] for g in gt], dtype=np.float64))
     for j in sorted(range(len(dets)), key=lambda j: -dets[j].score):
         best, bi = 0.5, -1
         for i, g in enumerate(gt):
-            if not found[i] and g.class_id == dets[j].class_id:
-                v = _iou(g, dets[j])
-                if v >= best:
-                    best, bi = v, i
+            if not found[i] and g.class_id == dets[j].class_id and iou[j, i] >= best:
+                best, bi = iou[j, i], i
         if bi >= 0:
             found[bi] = used[j] = True
     return found, used
