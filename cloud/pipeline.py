@@ -12,7 +12,7 @@
 Per-frame problems never stop a worker; they become a :class:`FrameFailure` with a code:
 
 ====================  ======================================================================
-malformed_packet      the bytes are not a valid LCF v1 packet (BitstreamError); the server
+malformed_packet      the bytes are not a valid LCF packet (BitstreamError); the server
                       parses packets before submitting and ends such a stream with
                       INVALID_ARGUMENT, so this code only appears for raw-bytes jobs
 checksum_mismatch     the packet's CRC32 does not match its bytes (corrupt in transit), or the
@@ -23,6 +23,8 @@ frame_size_mismatch   the packet's frame size is not the session's
 label_set_mismatch    the packet's label-set hash is not the session's label list's (an all-zero
                       hash is accepted only on a packet without ROIs), or an ROI label id is
                       outside the session's label list
+invalid_edge_boxes    the frame's edge boxes are not finite, outside the frame, too many, or name a
+                      label outside the session's list (checked by the server; never decoded)
 decode_failed         any other decoder refusal (CodecError: rate point, missing section, ...)
 missing_reference     temporal streams: the frame is predicted from a frame or keyframe the cloud
                       does not hold (lost or dropped on the way); it is not rendered and the
@@ -57,7 +59,7 @@ from latentcast.proto.bitstream import (
     MAGIC,
     MAX_PACKET_BYTES,
     MIN_PACKET_BYTES,
-    VERSION,
+    VERSIONS,
     BitstreamError,
     Packet,
 )
@@ -74,7 +76,7 @@ __all__ = ["FrameJob", "AnalysedFrame", "FrameFailure", "FrameOutcome", "Pipelin
            "ERROR_CODES", "codec_error_code"]
 
 ERROR_CODES = ("malformed_packet", "checksum_mismatch", "wrong_codec", "frame_size_mismatch", "label_set_mismatch",
-               "decode_failed", "missing_reference", "compose_failed", "analytics_failed", "cloud_overloaded", "server_shutdown", "internal_error")
+               "invalid_edge_boxes", "decode_failed", "missing_reference", "compose_failed", "analytics_failed", "cloud_overloaded", "server_shutdown", "internal_error")
 _ZERO_HASH = b"\0\0\0\0"
 
 
@@ -157,7 +159,7 @@ def classify_parse_error(exc: BitstreamError, data: bytes | memoryview) -> str:
     its bytes, else ``malformed_packet``."""
     mv = memoryview(data)
     n = mv.nbytes
-    if n >= MIN_PACKET_BYTES and bytes(mv[:4]) == MAGIC and mv[4] == VERSION:
+    if n >= MIN_PACKET_BYTES and bytes(mv[:4]) == MAGIC and mv[4] in VERSIONS:
         stored = int.from_bytes(mv[n - CRC_BYTES:], "little")
         if stored != zlib.crc32(mv[: n - CRC_BYTES]):
             return "checksum_mismatch"

@@ -24,10 +24,20 @@ calls before that end with UNAVAILABLE. On shutdown it turns NOT_SERVING first.
   EdgeMessage. The refused frame's seq still counts as received, so a reconnecting edge that
   resends it gets a re-ack instead of the same error again. Per-frame errors (a FrameError, the
   stream goes on): a CRC32 that does not match the packet's bytes or a symbol-checksum mismatch
-  (``checksum_mismatch``), another codec in the packet, a frame size or label set other than the
-  session's, decoder or detector failures, and frames dropped because the cloud is overloaded
-  (``cloud_overloaded``); codes in ``cloud/pipeline.py``. A whole gRPC message above
-  ``server.max_message_bytes`` is refused by gRPC itself with RESOURCE_EXHAUSTED.
+  (``checksum_mismatch``), edge boxes that do not fit the session (``invalid_edge_boxes``, see
+  :func:`_edge_boxes`: the frame is refused, not decoded and not written to the sinks), another codec
+  in the packet, a frame size or label set other than the session's, decoder or detector failures,
+  and frames dropped because the cloud is overloaded (``cloud_overloaded``); codes in
+  ``cloud/pipeline.py``. A whole gRPC message above ``server.max_message_bytes`` is refused by gRPC
+  itself with RESOURCE_EXHAUSTED.
+- Bytes that are not a protobuf message of the method's request type (first message, a later one, or
+  a SubscribeRequest) end the call with INVALID_ARGUMENT: the service is registered with a request
+  deserializer that never raises (:func:`_lenient`), so a DecodeError is a client error, not a
+  servicer exception with a traceback.
+- Client errors are logged without a traceback, through the server's :class:`RateLimitedLog`
+  (``CloudServer.rl``), keyed by what happened and the peer's host, with the peer in the line: a
+  client that repeats a mistake (or a bad token) at line rate gets one line per interval with the
+  count of the others. Tokens are never logged.
 - "Received" (acks, next_seq) means the cloud took responsibility for the frame, before decoding.
 - Frames go to the :class:`~latentcast.cloud.pipeline.Pipeline` (worker threads); FrameAnalytics
   results are sent as they come back, in completion order. A cumulative Ack (every seq <= acked_seq
@@ -42,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 import time
 from collections import deque
@@ -59,7 +70,7 @@ from latentcast.models.codec import CodecError, LatentCodec
 from latentcast.models.temporal import is_temporal
 from latentcast.proto import latentcast_v1_pb2 as pb
 from latentcast.proto import latentcast_v1_pb2_grpc as pb_grpc
-from latentcast.proto.bitstream import BitstreamError, Packet, Roi
+from latentcast.proto.bitstream import MAX_ROIS, BitstreamError, Packet, Roi
 
 from .analytics import Detection, Detector, make_detector
 from .auth import BearerTokenInterceptor
@@ -70,9 +81,9 @@ from .sessions import CameraState, SessionRejected, SessionRegistry, SessionSpec
 from .sinks import FanOut, JsonlSink, to_proto_boxes
 
 log = logging.getLogger(__name__)
-_rl = RateLimitedLog(log)
 
-__all__ = ["CloudServer", "SERVICE_NAME", "grpc_server_options"]
+__all__ = ["CloudServer", "SERVICE_NAME", "grpc_server_options", "MAX_EDGE_BOXES", "INVALID_EDGE_BOXES",
+           "InvalidEdgeBoxes"]
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Latentcast"].full_name  # "latentcast.v1.Latentcast"
 _HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -235,9 +246,152 @@ def _frame_error(seq: int, code: str, message: str) -> pb.CloudMessage:
     return pb.CloudMessage(error=pb.FrameError(seq=seq, code=code, message=message[:1024]))
 
 
-def _edge_boxes(boxes) -> tuple[Detection, ...]:
-    return tuple(Detection(x0=b.x0, y0=b.y0, x1=b.x1, y1=b.y1, class_id=int(b.label_id), label=b.label,
-                           score=b.score) for b in boxes)
+# ------------------------------------------------------------------------------ client input
+MAX_EDGE_BOXES = MAX_ROIS  # edge boxes per FramePacket: as many as a packet can carry ROIs (1024)
+INVALID_EDGE_BOXES = "invalid_edge_boxes"  # FrameError code of a frame refused for its edge boxes
+
+
+class InvalidEdgeBoxes(ValueError):
+    """A FramePacket's edge boxes do not fit its session (the message names the first bad box)."""
+
+
+def _edge_boxes(boxes, spec: SessionSpec) -> tuple[Detection, ...]:
+    """The FramePacket's ``edge_boxes`` as Detections, checked against the session.
+
+    Every box must have finite coordinates inside the session's frame (0 <= x0 <= x1 <= width,
+    0 <= y0 <= y1 <= height; a zero-width box is tolerated, float32 rounding can make one), a
+    ``label_id`` indexing the session's label list, a ``label`` that is empty or that label (the
+    Detection always carries the session's text, so no client string reaches the sinks), and a
+    finite score in [0, 1]; at most :data:`MAX_EDGE_BOXES` boxes (checked first: O(1) for a huge list).
+    Raises :class:`InvalidEdgeBoxes`; the caller refuses the frame with a per-frame error.
+    """
+    n = len(boxes)
+    if n > MAX_EDGE_BOXES:
+        raise InvalidEdgeBoxes(f"{n} edge boxes in one frame (max {MAX_EDGE_BOXES})")
+    w, h, labels = spec.width, spec.height, spec.labels
+    out = []
+    for i, b in enumerate(boxes):
+        x0, y0, x1, y1, score = b.x0, b.y0, b.x1, b.y1, b.score
+        if not (math.isfinite(x0) and math.isfinite(y0) and math.isfinite(x1) and math.isfinite(y1)):
+            raise InvalidEdgeBoxes(f"edge box {i}: coordinates ({x0}, {y0}, {x1}, {y1}) are not finite")
+        if not (0.0 <= x0 <= x1 <= w and 0.0 <= y0 <= y1 <= h):
+            raise InvalidEdgeBoxes(f"edge box {i}: ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is not a box inside the "
+                                   f"session's {w}x{h} frame (0 <= x0 <= x1 <= {w}, 0 <= y0 <= y1 <= {h})")
+        if not (math.isfinite(score) and 0.0 <= score <= 1.0):
+            raise InvalidEdgeBoxes(f"edge box {i}: score {score} is not in [0, 1]")
+        label_id = int(b.label_id)
+        if label_id >= len(labels):
+            raise InvalidEdgeBoxes(f"edge box {i}: label_id {label_id} is outside the session's "
+                                   f"{len(labels)} labels")
+        if b.label and b.label != labels[label_id]:
+            raise InvalidEdgeBoxes(f"edge box {i}: label {b.label[:64]!r} is not the session's label "
+                                   f"{label_id} ({labels[label_id]!r})")
+        out.append(Detection(x0=x0, y0=y0, x1=x1, y1=y1, class_id=label_id, label=labels[label_id], score=score))
+    return tuple(out)
+
+
+class _Undecodable:
+    """What :func:`_lenient` hands the servicer for request bytes that are not a valid message."""
+
+    __slots__ = ("type_name", "size", "error")
+
+    def __init__(self, type_name: str, size: int, error: Exception) -> None:
+        self.type_name = type_name
+        self.size = size
+        self.error = error
+
+    def __str__(self) -> str:
+        return (f"{self.size} bytes that are not a valid {self.type_name} protobuf message "
+                f"({type(self.error).__name__}: {str(self.error)[:200]})")
+
+
+def _lenient(message_cls):
+    """A request deserializer that never raises: grpc.aio would turn a DecodeError in its own
+    deserialization into UNKNOWN (unary requests) or an exception out of the request iterator,
+    both with a traceback; an :class:`_Undecodable` lets the servicer answer INVALID_ARGUMENT."""
+    parse = message_cls.FromString
+    type_name = message_cls.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes):
+        try:
+            return parse(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError, or anything else hostile bytes make the parser raise
+            return _Undecodable(type_name, len(data), exc)
+
+    return deserialize
+
+
+_HANDLER_KINDS = {(False, False): grpc.unary_unary_rpc_method_handler,
+                  (False, True): grpc.unary_stream_rpc_method_handler,
+                  (True, False): grpc.stream_unary_rpc_method_handler,
+                  (True, True): grpc.stream_stream_rpc_method_handler}
+
+
+def _add_servicer(servicer, server: grpc.aio.Server) -> None:
+    """``latentcast_v1_pb2_grpc.add_LatentcastServicer_to_server`` with :func:`_lenient` request
+    deserializers; the methods, their streaming kinds and message types come from the proto's
+    service descriptor, so this follows the committed stubs."""
+    service = pb.DESCRIPTOR.services_by_name["Latentcast"]
+    handlers = {}
+    for method in service.methods:
+        request_cls = getattr(pb, method.input_type.name)
+        response_cls = getattr(pb, method.output_type.name)
+        make = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(getattr(servicer, method.name), request_deserializer=_lenient(request_cls),
+                                     response_serializer=response_cls.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def _peer_host(peer: str) -> str:
+    """``ipv4:10.0.0.7:53122`` -> ``ipv4:10.0.0.7`` (a client's connections share one rate-limit key)."""
+    host, sep, port = peer.rpartition(":")
+    return host if sep and port.isdigit() else peer
+
+
+class _PeerLoggingAuth(BearerTokenInterceptor):
+    """The bearer-token check, with each refusal logged through the server's rate limiter with the
+    peer (the interceptor itself does not know the peer: only the call's context does)."""
+
+    _DETAILS = {"missing": "missing 'authorization: Bearer <token>' metadata",
+                "malformed": "the authorization metadata must be 'Bearer <token>'",
+                "unknown": "unknown bearer token"}
+
+    def __init__(self, *, tokens, on_reject, rl: RateLimitedLog) -> None:
+        super().__init__(tokens=tokens, on_reject=on_reject)
+        self._rl = rl
+
+    async def intercept_service(self, continuation, handler_call_details):
+        reason = self._check(handler_call_details.invocation_metadata)
+        if reason is None:
+            return await continuation(handler_call_details)
+        if self._on_reject is not None:
+            self._on_reject(reason)
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        details = self._DETAILS[reason]
+        rl = self._rl
+
+        async def refuse(context) -> None:
+            peer = context.peer()
+            rl(logging.INFO, f"auth:{reason}:{_peer_host(peer)}", "refused %s from %s: %s bearer token", method,
+               peer, reason)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, details)
+
+        async def unary(_request, context):
+            await refuse(context)
+
+        async def stream(_request, context):  # async generator
+            await refuse(context)
+            yield  # pragma: no cover - unreachable, makes this an async generator
+
+        req_stream = bool(handler and handler.request_streaming)
+        resp_stream = bool(handler and handler.response_streaming)
+        kw = {}
+        if handler is not None:
+            kw = {"request_deserializer": handler.request_deserializer,
+                  "response_serializer": handler.response_serializer}
+        return _HANDLER_KINDS[(req_stream, resp_stream)](stream if resp_stream else unary, **kw)
 
 
 class _LatentcastServicer(pb_grpc.LatentcastServicer):
@@ -251,8 +405,9 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
 
         async def fail(code: grpc.StatusCode, message: str) -> None:
             m.stream_errors.labels(code=code.name).inc()
-            _rl(logging.INFO, f"stream:{code.name}", "stream from %s ended: %s: %s", context.peer(), code.name,
-                message)
+            peer = context.peer()
+            srv.rl(logging.INFO, f"stream:{code.name}:{_peer_host(peer)}", "stream from %s ended: %s: %s", peer,
+                   code.name, message)
             await context.abort(code, message)
 
         if not srv.ready:
@@ -262,6 +417,8 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
             first = await it.__anext__()
         except StopAsyncIteration:
             await fail(grpc.StatusCode.INVALID_ARGUMENT, "the stream ended before its SessionHeader")
+        if isinstance(first, _Undecodable):
+            await fail(grpc.StatusCode.INVALID_ARGUMENT, f"the first message is {first}")
         kind = first.WhichOneof("msg")
         if kind != "header":
             await fail(grpc.StatusCode.INVALID_ARGUMENT,
@@ -334,6 +491,9 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
         scfg = srv.config.server
         try:
             async for msg in it:
+                if isinstance(msg, _Undecodable):
+                    st.end(grpc.StatusCode.INVALID_ARGUMENT, f"a message after the SessionHeader is {msg}")
+                    return
                 await st.outbox.wait_room(scfg.stream_outbox)
                 kind = msg.WhichOneof("msg")
                 if kind != "frame":
@@ -386,17 +546,24 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
                     code = classify_parse_error(exc, f.packet)
                     if code == "checksum_mismatch":
                         m.frame_errors.labels(code=code).inc()
-                        _rl(logging.WARNING, f"fail:{code}", "frame %s/%d: %s", st.spec.camera_id, seq, exc)
+                        srv.rl(logging.WARNING, f"fail:{code}", "frame %s/%d: %s", st.spec.camera_id, seq, exc)
                         st.outbox.put(_frame_error(seq, code, str(exc)))
                         continue
                     m.frame_errors.labels(code="malformed_packet").inc()
                     st.end(grpc.StatusCode.INVALID_ARGUMENT, f"frame seq {seq}: malformed packet: {exc}")
                     return
+                try:
+                    edge_boxes = _edge_boxes(f.edge_boxes, st.spec)
+                except InvalidEdgeBoxes as exc:  # the edge's mistake: refuse this frame, keep the stream
+                    m.frame_errors.labels(code=INVALID_EDGE_BOXES).inc()
+                    srv.rl(logging.WARNING, f"fail:{INVALID_EDGE_BOXES}:{_peer_host(st.peer)}",
+                           "frame %s/%d from %s: %s", st.spec.camera_id, seq, st.peer, exc)
+                    st.outbox.put(_frame_error(seq, INVALID_EDGE_BOXES, str(exc)))
+                    continue
                 hd = packet.header
                 m.bpp.observe(n * 8.0 / (hd.width * hd.height))
                 job = FrameJob(stream_id=st.session_id, spec=st.spec, seq=seq, capture_ts_us=int(f.capture_ts_us),
-                               packet=packet, packet_bytes=n, edge_boxes=_edge_boxes(f.edge_boxes),
-                               deliver=st.deliver)
+                               packet=packet, packet_bytes=n, edge_boxes=edge_boxes, deliver=st.deliver)
                 if is_temporal(packet):
                     job.prepared = await self._temporal(st, job, packet)
                     if job.prepared is None:
@@ -443,7 +610,7 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
             except (ValueError, IndexError, OverflowError, OSError) as exc:  # hostile bytes, missing tables
                 code, message = "decode_failed", f"{type(exc).__name__}: {exc}"
         m.frame_errors.labels(code=code).inc()
-        _rl(logging.WARNING, f"fail:{code}", "frame %s/%d: %s", st.spec.camera_id, job.seq, message)
+        srv.rl(logging.WARNING, f"fail:{code}", "frame %s/%d: %s", st.spec.camera_id, job.seq, message)
         st.outbox.put(_frame_error(job.seq, code, message))
         return None
 
@@ -452,6 +619,11 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
         srv = self._srv
         if not srv.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the cloud is warming up (health NOT_SERVING)")
+        if isinstance(request, _Undecodable):
+            peer = context.peer()
+            srv.rl(logging.INFO, f"subscribe:INVALID_ARGUMENT:{_peer_host(peer)}",
+                   "subscription from %s refused: INVALID_ARGUMENT: %s", peer, request)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is {request}")
         try:
             sub = srv.fanout.subscribe(request)
         except ValueError as exc:
@@ -490,6 +662,7 @@ class CloudServer:
         self.detector: Detector | None = detector
         self.composer = None  # built from config.composer when its kind is not "none"
         self.metrics = metrics or CloudMetrics()
+        self.rl = RateLimitedLog(log)  # every client error and per-frame failure this server logs
         self.sessions = SessionRegistry(config=self.config.sessions)
         self.pipeline: Pipeline | None = None
         self.fanout: FanOut | None = None
@@ -552,11 +725,12 @@ class CloudServer:
 
         interceptors = []
         if s.tokens:
-            interceptors.append(BearerTokenInterceptor(
-                tokens=s.tokens, on_reject=lambda reason: self.metrics.auth_rejections.labels(reason=reason).inc()))
+            interceptors.append(_PeerLoggingAuth(
+                tokens=s.tokens, on_reject=lambda reason: self.metrics.auth_rejections.labels(reason=reason).inc(),
+                rl=self.rl))
         self._server = grpc.aio.server(interceptors=interceptors, options=grpc_server_options(cfg),
                                        maximum_concurrent_rpcs=s.max_concurrent_rpcs)
-        pb_grpc.add_LatentcastServicer_to_server(_LatentcastServicer(self), self._server)
+        _add_servicer(_LatentcastServicer(self), self._server)
         address = f"{s.host}:{s.port}"
         if s.tls_cert_file:
             creds = grpc.ssl_server_credentials(

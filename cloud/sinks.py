@@ -2,7 +2,9 @@
 
 - :class:`JsonlSink`: one JSON object per analysed frame and line (camera, task, seq, capture
   time, cloud boxes, edge boxes, stage latencies, packet bytes, bpp). Written from the worker
-  threads under a lock, flushed per line.
+  threads under a lock, flushed per line. Every line is strict JSON: a non-finite number (a
+  detector that returns NaN) is written as null, and strings are ASCII-escaped, so control
+  characters and the separators U+2028/U+0085 never split a line.
 - :class:`FanOut`: the subscribers of ``Subscribe``. Each has a bounded queue; a slow subscriber
   loses its oldest frames (counted), never slows the pipeline. :meth:`FanOut.offer` runs in a
   worker thread: it encodes the frame once per (format, quality) that matching subscribers asked
@@ -24,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -65,23 +68,29 @@ def to_proto_boxes(dets: Iterable[Detection]) -> list[pb.Box]:
                    score=d.score) for d in dets]
 
 
+def _num(x: float, ndigits: int) -> float | None:
+    """``x`` rounded, or None (JSON null) when it is NaN or infinite: those are not JSON."""
+    x = float(x)
+    return round(x, ndigits) if math.isfinite(x) else None
+
+
 def _box_dict(d: Detection) -> dict:
-    return {"x0": round(d.x0, 2), "y0": round(d.y0, 2), "x1": round(d.x1, 2), "y1": round(d.y1, 2),
-            "label": d.label, "class_id": int(d.class_id), "score": round(d.score, 4)}
+    return {"x0": _num(d.x0, 2), "y0": _num(d.y0, 2), "x1": _num(d.x1, 2), "y1": _num(d.y1, 2),
+            "label": str(d.label), "class_id": int(d.class_id), "score": _num(d.score, 4)}
 
 
 def frame_record(fr: AnalysedFrame) -> dict:
     """The JSON-lines record of one analysed frame."""
     job = fr.job
-    lat = {"queue_wait": round(fr.queue_ms, 3), "decode": round(fr.decode_ms, 3),
-           "analytics": round(fr.analytics_ms, 3)}
+    lat = {"queue_wait": _num(fr.queue_ms, 3), "decode": _num(fr.decode_ms, 3),
+           "analytics": _num(fr.analytics_ms, 3)}
     if fr.capture_to_result_ms is not None:
-        lat["capture_to_result"] = round(fr.capture_to_result_ms, 3)
+        lat["capture_to_result"] = _num(fr.capture_to_result_ms, 3)
     return {
         "camera_id": job.spec.camera_id, "task": job.spec.task, "seq": job.seq, "capture_ts_us": job.capture_ts_us,
         "result_ts_us": int(time.time() * 1e6), "width": job.spec.width, "height": job.spec.height,
         "boxes": [_box_dict(d) for d in fr.detections], "edge_boxes": [_box_dict(d) for d in job.edge_boxes],
-        "latency_ms": lat, "packet_bytes": job.packet_bytes, "bpp": round(fr.bpp, 6),
+        "latency_ms": lat, "packet_bytes": job.packet_bytes, "bpp": _num(fr.bpp, 6),
     }
 
 
@@ -96,7 +105,10 @@ class JsonlSink:
         self.lines = 0
 
     def __call__(self, fr: AnalysedFrame) -> None:
-        line = json.dumps(frame_record(fr), separators=(",", ":")) + "\n"
+        # allow_nan=False: a non-finite number that got past frame_record raises (the pipeline logs the
+        # failed sink) instead of writing NaN/Infinity, which no strict JSON reader accepts; ensure_ascii
+        # (the default) escapes every non-ASCII character, so no line separator can split a record
+        line = json.dumps(frame_record(fr), separators=(",", ":"), allow_nan=False, ensure_ascii=True) + "\n"
         with self._lock:
             if self._f.closed:
                 return

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from latentcast.proto.bitstream import Packet, SectionKind
+from latentcast.proto.bitstream import MAX_DECODE_PIXELS, Packet, SectionKind
 from latentcast.proto.entropy import TableSet, gaussian_tables, quantize_pmf
 from latentcast.proto.grid import coded_cells, grid_shape, padded_size
 from latentcast.proto.ids import CODEC_IDS, LATENT_SPACE_IDS
@@ -47,7 +47,6 @@ __all__ = ["WEIGHTS_DIR", "Reconstruction", "LatentCodec", "CodecError", "image_
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 Z_RADIUS = 64  # z symbols coded directly in -64..64, escaped beyond
-MAX_DECODE_PIXELS = 4096 * 2304  # frames larger than this are refused before any allocation
 
 
 class CodecError(ValueError):

@@ -82,6 +82,7 @@ __all__ = [
     "MAX_SECTION_BYTES",
     "MAX_DIM",
     "MAX_PACKET_BYTES",
+    "MAX_DECODE_PIXELS",
     "HEADER_BYTES",
     "ROI_ENTRY_BYTES",
     "SECTION_ENTRY_BYTES",
@@ -107,6 +108,9 @@ MAX_SECTION_BYTES = 64 * 1024 * 1024
 MAX_DIM = 16384
 #: Default bound on a whole packet accepted by :func:`unpack`.
 MAX_PACKET_BYTES = 64 * 1024 * 1024
+#: Frames larger than this (width x height) are refused by the decoder before any allocation, and by
+#: the encoders before any work (the format itself allows MAX_DIM x MAX_DIM).
+MAX_DECODE_PIXELS = 4096 * 2304
 
 FLAG_ROI_ONLY = 0x01
 _KNOWN_FLAGS = FLAG_ROI_ONLY

@@ -33,10 +33,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 log = logging.getLogger("latentcast")
+
+#: what ``decode -o`` writes: the image formats cv2.imwrite picks by extension (any case)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 
 
 def _read_image(path: str):
@@ -53,17 +57,81 @@ def _read_image(path: str):
     return np.ascontiguousarray(img[:, :, ::-1])
 
 
+def _check_decodable(path: str, w: int, h: int) -> None:
+    """Refuse a frame the decoder would refuse before encoding it (the encoder's memory grows with it)."""
+    from latentcast.proto import bitstream
+
+    limit = bitstream.MAX_DECODE_PIXELS  # read at call time (one definition, no torch needed)
+    if w * h > limit:
+        raise SystemExit(f"error: {path!r} is {w}x{h} = {w * h} pixels, more than the decoder limit of "
+                         f"{limit} pixels; resize it first")
+
+
+def _read_packet(path: str) -> bytes:
+    """A .lcf file's bytes; a file larger than any packet (MAX_PACKET_BYTES) is refused before it is read."""
+    from latentcast.proto.bitstream import MAX_PACKET_BYTES
+
+    too_big = f"more than a packet can be (MAX_PACKET_BYTES={MAX_PACKET_BYTES})"
+    try:
+        size = os.stat(path).st_size
+        if size > MAX_PACKET_BYTES:
+            raise SystemExit(f"error: {path!r} is {size} bytes, {too_big}")
+        with open(path, "rb") as f:
+            data = f.read(MAX_PACKET_BYTES + 1)  # a pipe or device has no size: read one byte past the limit
+    except FileNotFoundError:
+        raise SystemExit(f"error: {path!r} does not exist") from None
+    except OSError as exc:
+        raise SystemExit(f"error: cannot read {path!r}: {exc.strerror or exc}") from None
+    if len(data) > MAX_PACKET_BYTES:
+        raise SystemExit(f"error: {path!r} is {too_big}")
+    return data
+
+
+def _check_output_folder(option: str, path: str) -> None:
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise SystemExit(f"error: {option} {path!r}: folder {str(folder)!r} "
+                         f"{'is not a folder' if folder.exists() else 'does not exist'}")
+
+
+def _check_image_output(option: str, path: str) -> None:
+    ext = Path(path).suffix.lower()
+    if ext not in IMAGE_EXTENSIONS:
+        what = f"a {ext} file" if ext else "a file without an extension"
+        raise SystemExit(f"error: {option} {path!r}: cannot write {what} as an image; "
+                         f"use one of {', '.join(IMAGE_EXTENSIONS)}")
+    _check_output_folder(option, path)
+
+
 def _parse_roi(text: str):
-    from latentcast.proto.bitstream import Roi
+    from latentcast.proto.bitstream import MAX_DIM, Roi
+
+    def bad(reason: str) -> argparse.ArgumentTypeError:  # argparse prints "argument --roi: <reason>"
+        return argparse.ArgumentTypeError(f"{text!r}: {reason}")
 
     parts = text.split(",")
     if len(parts) not in (4, 5):
-        raise argparse.ArgumentTypeError(f"--roi {text!r}: expected x0,y0,x1,y1[,label_id]")
+        raise bad("expected x0,y0,x1,y1[,label_id]")
     try:
         v = [int(p) for p in parts]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--roi {text!r}: values must be integers") from None
-    return Roi(x0=v[0], y0=v[1], x1=v[2], y1=v[3], label_id=v[4] if len(v) == 5 else 0)
+        raise bad("values must be integers") from None
+    x0, y0, x1, y1 = v[:4]
+    label_id = v[4] if len(v) == 5 else 0
+    if min(x0, y0, x1, y1) < 0:
+        raise bad("coordinates must be >= 0")
+    if max(x0, y0, x1, y1) > MAX_DIM:
+        raise bad(f"coordinates must be <= {MAX_DIM}")
+    if x1 <= x0:
+        raise bad(f"x1 {x1} must be greater than x0 {x0}")
+    if y1 <= y0:
+        raise bad(f"y1 {y1} must be greater than y0 {y0}")
+    if not 0 <= label_id <= 0xFFFF:
+        raise bad(f"label_id {label_id} out of range 0..65535")
+    try:
+        return Roi(x0=x0, y0=y0, x1=x1, y1=y1, label_id=label_id)
+    except ValueError as exc:  # anything else the bitstream refuses
+        raise bad(str(exc)) from None
 
 
 def _encoder(weights: str | None, bundle: str | None):
@@ -80,8 +148,9 @@ def _encoder(weights: str | None, bundle: str | None):
 def cmd_encode(a: argparse.Namespace) -> int:
     from latentcast.proto.bitstream import describe
 
-    img = _read_image(a.image)
+    img = _read_image(a.image)  # an image, or a video's first frame
     h, w = img.shape[:2]
+    _check_decodable(a.image, w, h)
     for r in a.roi:
         if not (0 <= r.x0 < r.x1 <= w and 0 <= r.y0 < r.y1 <= h):
             raise SystemExit(f"error: --roi {r.x0},{r.y0},{r.x1},{r.y1} is outside the {w}x{h} image")
@@ -124,14 +193,23 @@ def cmd_encode(a: argparse.Namespace) -> int:
 
 
 def cmd_decode(a: argparse.Namespace) -> int:
+    _check_image_output("-o", a.output)  # before the weights are loaded and the packet decoded
+    if a.latent:
+        _check_output_folder("--latent", a.latent)
+    data = _read_packet(a.input)
     import cv2
     import numpy as np
 
     from latentcast.models.codec import LatentCodec
 
     codec = LatentCodec.load(a.weights or "elic-lite")
-    rec = codec.decompress(Path(a.input).read_bytes(), decode_frame=True)
-    cv2.imwrite(a.output, rec.frame[:, :, ::-1])
+    rec = codec.decompress(data, decode_frame=True)
+    try:
+        written = cv2.imwrite(a.output, rec.frame[:, :, ::-1])
+    except cv2.error:
+        written = False
+    if not written:
+        raise SystemExit(f"error: could not write {a.output!r} (cv2.imwrite failed)")
     if a.latent:
         np.save(a.latent, rec.latent)
     print(f"{a.output}: {rec.frame.shape[1]}x{rec.frame.shape[0]}, latent {tuple(rec.latent.shape)}, "
@@ -142,7 +220,7 @@ def cmd_decode(a: argparse.Namespace) -> int:
 def cmd_info(a: argparse.Namespace) -> int:
     from latentcast.proto.bitstream import Packet, SectionKind, describe
 
-    data = Path(a.input).read_bytes()
+    data = _read_packet(a.input)
     from latentcast.proto.symbols import describe_levels
 
     info = describe(data)

@@ -7,6 +7,8 @@
         ─► bpp = ideal code length of the rounded symbols under the model's own Gaussian and z tables
            (what training minimizes; within about 1 % of the range coder's bytes, headers excluded)
         ─► PSNR of the reconstruction (the latent decoder of the codec's target space)
+        ─► the transform's ceiling: PSNR of g_s(g_a(x)) with y and z not quantized at all
+           (when the finest rate point is near it, more bits cannot buy quality: the transforms limit it)
 
 Hours come from the checkpoint's ``history.jsonl`` (wall-clock seconds of the run up to the
 checkpoint's step) plus ``--hours-offset`` for the training the run started from. Real packet
@@ -62,7 +64,18 @@ def evaluate_checkpoint(path: Path, images: list[np.ndarray]) -> dict:
     model.eval()
     space = load_latent_space(space_spec).eval()
     out = {"checkpoint": path.name, "step": step, "rate_steps": list(model.cfg.rate_steps), "bpp": [], "psnr": []}
+
+    def to_rgb(latent, h, w):
+        rec = space.decode(latent)[0, :, :h, :w].clamp(0, 1)
+        return (rec.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+
     with torch.no_grad():
+        ceil = []
+        for img in images:
+            x = pad_image(image_to_tensor(img))
+            y = model.g_a(x)
+            ceil.append(psnr(img, to_rgb(model.g_s(y, torch.ones_like(y[:, :1]), model.h_a(y)), *img.shape[:2])))
+        out["psnr_unquantized"] = round(float(np.mean(ceil)), 3)
         for q in range(model.n_rates):
             bits, mse_db = 0.0, []
             npix = 0
@@ -72,9 +85,7 @@ def evaluate_checkpoint(path: Path, images: list[np.ndarray]) -> dict:
                 r = model(x, rate=torch.tensor([q]))
                 bits += float(r["bits_y"][0] + r["bits_z"][0])
                 npix += h * w
-                rec = space.decode(r["latent"])[0, :, :h, :w].clamp(0, 1)
-                rec8 = (rec.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-                mse_db.append(psnr(img, rec8))
+                mse_db.append(psnr(img, to_rgb(r["latent"], h, w)))
             out["bpp"].append(round(bits / npix, 5))
             out["psnr"].append(round(float(np.mean(mse_db)), 3))
     return out
@@ -117,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         h = _hours(r["step"], hist) if Path(c).suffix == ".pt" else None
         r["hours"] = None if h is None else round(h + a.hours_offset, 3)
         points.append(r)
-        print(f"{c}: step {r['step']}, hours {r['hours']}, bpp {r['bpp']}, PSNR {r['psnr']}", flush=True)
+        print(f"{c}: step {r['step']}, hours {r['hours']}, bpp {r['bpp']}, PSNR {r['psnr']}, "
+              f"unquantized {r['psnr_unquantized']}", flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     res = {"command": provenance.command("python -m latentcast.tools.codec_learning_curve"),
@@ -138,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             xs = [q["hours"] for q in pts if i < len(q["psnr"])]
             ax[0].plot(xs, [q["psnr"][i] for q in pts if i < len(q["psnr"])], "o-", label=f"rate point {i}")
             ax[1].plot(xs, [q["bpp"][i] for q in pts if i < len(q["bpp"])], "o-", label=f"rate point {i}")
+        ax[0].plot([q["hours"] for q in pts], [q["psnr_unquantized"] for q in pts], "k--", label="y, z unquantized")
         ax[0].set(xlabel="training hours (2-core CPU)", ylabel="Kodak PSNR dB", title="quality")
         ax[1].set(xlabel="training hours (2-core CPU)", ylabel="Kodak bpp (ideal code length)", title="rate",
                   yscale="log")
