@@ -223,8 +223,9 @@ class EdgeApp:
             rate_point, background = c.rate_point, c.background_level
             if self.frame_rate is not None:
                 rate_point, background = self.frame_rate.levels[self.frame_rate.level]
+            kw = {} if background is None else {"background": background}  # (baseline encoders lack it)
             packet = self._encoder.compress(rgb, g.rois, rate_point=rate_point, roi_only=c.roi_only,
-                                            label_set_hash=self._label_hash, background=background)
+                                            label_set_hash=self._label_hash, **kw)
             if self.frame_rate is not None:
                 self.frame_rate.update(len(packet))
         t2 = time.perf_counter()
