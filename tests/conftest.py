@@ -59,3 +59,15 @@ def tiny_bundle(tiny_codec, tmp_path_factory) -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def photo(tmp_path) -> Path:
+    """A smooth random 240x176 PNG (seed 3) for the command-line tests."""
+    import cv2
+
+    rng = np.random.default_rng(3)
+    img = cv2.resize(rng.integers(0, 255, (9, 12, 3)).astype(np.uint8), (240, 176), interpolation=cv2.INTER_CUBIC)
+    p = tmp_path / "photo.png"
+    cv2.imwrite(str(p), img)
+    return p

@@ -13,15 +13,6 @@ cv2 = pytest.importorskip("cv2")
 from latentcast.tools.cli import main  # noqa: E402
 
 
-@pytest.fixture
-def photo(tmp_path):
-    rng = np.random.default_rng(3)
-    img = cv2.resize(rng.integers(0, 255, (9, 12, 3)).astype(np.uint8), (240, 176), interpolation=cv2.INTER_CUBIC)
-    p = tmp_path / "photo.png"
-    cv2.imwrite(str(p), img)
-    return p
-
-
 def test_encode_info_decode(tmp_path, photo, tiny_codec_path, tiny_bundle, capsys):
     lcf = tmp_path / "photo.lcf"
     assert main(["encode", str(photo), "--roi", "20,30,120,100,1", "--rate", "2", "--bundle", str(tiny_bundle),

@@ -19,15 +19,6 @@ VALID = r"\.png, \.jpg, \.jpeg, \.bmp, \.webp, \.tif, \.tiff, \.ppm"
 
 
 @pytest.fixture
-def photo(tmp_path):
-    rng = np.random.default_rng(3)
-    img = cv2.resize(rng.integers(0, 255, (9, 12, 3)).astype(np.uint8), (240, 176), interpolation=cv2.INTER_CUBIC)
-    p = tmp_path / "photo.png"
-    cv2.imwrite(str(p), img)
-    return p
-
-
-@pytest.fixture
 def packet(tmp_path, photo, tiny_bundle):
     lcf = tmp_path / "photo.lcf"
     assert main(["encode", str(photo), "--rate", "0", "--bundle", str(tiny_bundle), "-o", str(lcf)]) == 0
