@@ -22,6 +22,7 @@ Example ``cloud.yaml``::
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -101,13 +102,19 @@ class AnalyticsConfig:
 class PipelineConfig:
     workers: int = 1  # decode+analytics worker threads (each frame uses torch/ORT threads too; 1 per 2 cores)
     torch_threads: int = 0  # torch intra-op threads for decoding; 0 = leave torch's default
-    max_batch: int = 4  # frames a worker takes at once
+    max_batch: int = 4  # frames a worker takes at once for the composer to compose together (composer.kind none:
+    #                     one at a time, so another stream's frame never waits for a whole batch)
     batch_wait_ms: float = 5.0  # a worker waits at most this long to fill a batch after its first frame
     max_queued_per_session: int = 2  # frames of one stream queued or being processed (see backpressure); small = low latency
     backpressure: bool = True  # at max_queued_per_session, stop reading that stream until a frame completes, so
     #                            the edge's bounded send queue drops by its policy; false = drop here by drop_policy
     max_queued_total: int = 64  # frames of all streams queued; more are dropped by drop_policy
-    drop_policy: str = "drop_oldest"  # when full: "drop_oldest" (evict the oldest queued) or "drop_newest" (refuse)
+    drop_policy: str = "drop_oldest"  # when full: "drop_oldest" (evict the stream's oldest; globally, the oldest of the
+    #                                   longest stream queue) or "drop_newest" (refuse the new frame)
+    max_frame_age_s: float = 5.0  # a frame queued longer than this is dropped before decoding (frame_expired); 0 = no limit
+    refused_backoff_max_s: float = 1.0  # a stream whose frames keep being refused as the sender's fault (undecodable,
+    #   bad checksum or edge boxes, not the session's) is read more slowly: after 3 in a row, 10 ms before its next
+    #   frame, doubling per refusal up to this; one analysed frame resets it. 0 = off
 
     def __post_init__(self) -> None:
         if self.drop_policy not in DROP_POLICIES:
@@ -115,6 +122,12 @@ class PipelineConfig:
         for name in ("workers", "max_batch", "max_queued_per_session", "max_queued_total"):
             if getattr(self, name) < 1:
                 raise ValueError(f"pipeline.{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.refused_backoff_max_s >= 0 and math.isfinite(self.refused_backoff_max_s)):
+            raise ValueError(f"pipeline.refused_backoff_max_s must be a finite number >= 0 (0 = off), "
+                             f"got {self.refused_backoff_max_s!r}")
+        if not (self.max_frame_age_s >= 0 and math.isfinite(self.max_frame_age_s)):
+            raise ValueError(f"pipeline.max_frame_age_s must be a finite number >= 0 (0 = no limit), "
+                             f"got {self.max_frame_age_s!r}")
 
 
 @dataclass
@@ -150,6 +163,8 @@ class SessionsConfig:
     skip_gaps: bool = True  # seqs strictly increase on a stream, so a gap below a newer seq is lost: ack past it
     max_labels: int = 4096  # labels a SessionHeader may carry
     max_id_chars: int = 256  # longest camera_id / task / label
+    max_frame_pixels: int = 1920 * 1088  # largest frame (width x height) a session may declare: 1080p coded size;
+    #                                      decode cost grows with it (up to proto.bitstream.MAX_DECODE_PIXELS)
 
 
 @dataclass

@@ -11,7 +11,7 @@ frames_received_total                  counter    FramePackets accepted into a s
 frames_duplicate_total                 counter    FramePackets whose seq was already received (re-acked)
 frames_missing_total                   counter    seqs given up as lost (gaps below newer seqs)
 frames_decoded_total                   counter    frames decoded and analysed
-frames_dropped_total{reason}           counter    frames not processed: cloud_overloaded, stream_closed
+frames_dropped_total{reason}           counter    frames never decoded: cloud_overloaded, frame_expired, stream_ended, server_shutdown
 frame_errors_total{code}               counter    FrameErrors sent: malformed_packet, wrong_codec, ...
 stream_errors_total{code}              counter    streams ended with a gRPC error status (code name)
 auth_rejections_total{reason}          counter    calls refused by the token check

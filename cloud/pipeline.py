@@ -2,8 +2,10 @@
 
 ::
 
-    streams ─► submit(FrameJob) ─► one bounded queue (per-stream and global limits, drop policy)
-        ─► worker threads take batches (up to max_batch, or what came within batch_wait_ms)
+    streams ─► submit(FrameJob) ─► a queue per stream (per-stream and global limits, drop policy)
+        ─► worker threads take frames round-robin across the streams (with a composer, batches of
+           up to max_batch, or what came within batch_wait_ms); a frame queued longer than
+           max_frame_age_s is dropped
         ─► per frame: checks against the session ─► LatentCodec.decompress
         ─► composer (none: the latent decoder; controlnet: diffusion over the whole batch, across streams)
         ─► per frame: detector
@@ -32,9 +34,19 @@ missing_reference     temporal streams: the frame is predicted from a frame or k
 compose_failed        the composer (e.g. ControlNet diffusion) raised on the frame's batch
 analytics_failed      the detector raised
 cloud_overloaded      dropped by the queue's drop policy, never decoded
+frame_expired         waited in the queue longer than ``pipeline.max_frame_age_s``, never decoded
+stream_ended          still queued when its stream ended (client gone, refused or superseded),
+                      never decoded (:meth:`Pipeline.cancel`)
 server_shutdown       still queued when the pipeline stopped
 internal_error        anything else (logged with its traceback, rate-limited)
 ====================  ======================================================================
+
+Fairness and cost. Each stream has its own queue and the workers serve the streams in turn, one
+frame each, so a stream that sends expensive or hostile frames delays another stream's frame by at
+most one of its own frames per worker, however many it queues; the global limit drops from the
+longest queue. What one frame can cost is bounded before it gets here: the session's frame size
+(``sessions.max_frame_pixels``) and the entropy decoder's budget checks (``proto/entropy.py``:
+a forged section is refused at its first inconsistent symbol group).
 
 ``submit`` is called from the event loop and never blocks; ``deliver`` and ``on_result``
 callbacks run in worker threads (or, for drops, in the caller of ``submit``) and must be
@@ -47,7 +59,7 @@ import logging
 import threading
 import time
 import zlib
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -73,10 +85,15 @@ log = logging.getLogger(__name__)
 _rl = RateLimitedLog(log)
 
 __all__ = ["FrameJob", "AnalysedFrame", "FrameFailure", "FrameOutcome", "Pipeline", "classify_parse_error",
-           "ERROR_CODES", "codec_error_code"]
+           "ERROR_CODES", "DROP_CODES", "CLIENT_FAULT_CODES", "codec_error_code"]
 
 ERROR_CODES = ("malformed_packet", "checksum_mismatch", "wrong_codec", "frame_size_mismatch", "label_set_mismatch",
-               "invalid_edge_boxes", "decode_failed", "missing_reference", "compose_failed", "analytics_failed", "cloud_overloaded", "server_shutdown", "internal_error")
+               "invalid_edge_boxes", "decode_failed", "missing_reference", "compose_failed", "analytics_failed",
+               "cloud_overloaded", "frame_expired", "stream_ended", "server_shutdown", "internal_error")
+DROP_CODES = ("cloud_overloaded", "frame_expired", "stream_ended", "server_shutdown")  # never decoded: counted as drops
+# the sender's fault: frames a correct edge never sends (a stream that keeps sending them is read more slowly)
+CLIENT_FAULT_CODES = ("malformed_packet", "checksum_mismatch", "wrong_codec", "frame_size_mismatch",
+                      "label_set_mismatch", "invalid_edge_boxes", "decode_failed")
 _ZERO_HASH = b"\0\0\0\0"
 
 
@@ -183,7 +200,8 @@ class Pipeline:
         self.metrics = metrics
         self.on_result = list(on_result)
         self.max_packet_bytes = max_packet_bytes
-        self._queue: deque[FrameJob] = deque()
+        self._queues: OrderedDict[str, deque[FrameJob]] = OrderedDict()  # queued frames by stream, in serving order
+        self._queued = 0  # frames in all queues
         self._per_stream: dict[str, int] = {}  # frames queued or being processed, by stream
         self._cond = threading.Condition()
         self._stopping = False
@@ -209,8 +227,9 @@ class Pipeline:
         """Fail the frames still queued (``server_shutdown``), let workers finish their batch, join them."""
         with self._cond:
             self._stopping = True
-            pending = list(self._queue)
-            self._queue.clear()
+            pending = [j for q in self._queues.values() for j in q]
+            self._queues.clear()
+            self._queued = 0
             self._cond.notify_all()
         for job in pending:
             self._fail(job, "server_shutdown", "the server is shutting down; the frame was not decoded")
@@ -224,7 +243,8 @@ class Pipeline:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        """Frames waiting in the queues (all streams)."""
+        return self._queued
 
     def in_flight(self, stream_id: str) -> int:
         """Frames of ``stream_id`` queued or being processed."""
@@ -249,7 +269,7 @@ class Pipeline:
                         accepted = False
                     else:
                         dropped.append(victim)
-                if accepted and len(self._queue) >= cfg.max_queued_total:
+                if accepted and self._queued >= cfg.max_queued_total:
                     victim = self._victim(None) if cfg.drop_policy == "drop_oldest" else None
                     if victim is None:
                         accepted = False
@@ -257,11 +277,15 @@ class Pipeline:
                         dropped.append(victim)
                 if accepted:
                     job.enqueued = time.monotonic()
-                    self._queue.append(job)
+                    q = self._queues.get(job.stream_id)
+                    if q is None:  # a stream with nothing queued joins the end of the rotation
+                        q = self._queues[job.stream_id] = deque()
+                    q.append(job)
+                    self._queued += 1
                     self._per_stream[job.stream_id] = self._per_stream.get(job.stream_id, 0) + 1
                     self._cond.notify()
             if self.metrics is not None:
-                self.metrics.queue_depth.set(len(self._queue))
+                self.metrics.queue_depth.set(self._queued)
         if not accepted:
             dropped.append(job)
             if dropped_reason == "server_shutdown":
@@ -270,17 +294,55 @@ class Pipeline:
         for d in dropped:
             self._fail(d, "cloud_overloaded",
                        f"the cloud's decode queue is full ({self._per_stream.get(d.stream_id, 0)} frames of this "
-                       f"stream, {len(self._queue)} in all; policy {cfg.drop_policy}); the frame was dropped")
+                       f"stream, {self._queued} in all; policy {cfg.drop_policy}); the frame was dropped")
         return accepted
 
-    def _victim(self, stream_id: str | None) -> FrameJob | None:
-        """Remove and return the oldest queued job (of ``stream_id`` when given); lock held."""
-        for i, j in enumerate(self._queue):
-            if stream_id is None or j.stream_id == stream_id:
-                del self._queue[i]
+    def cancel(self, stream_id: str) -> int:
+        """Drop the frames of ``stream_id`` still queued (its stream ended): each gets a ``stream_ended``
+        FrameFailure and is counted; frames already being decoded finish. Returns how many were dropped."""
+        with self._cond:
+            q = self._queues.pop(stream_id, None)
+            jobs = list(q) if q else []
+            self._queued -= len(jobs)
+            for j in jobs:
                 self._release(j)
-                return j
-        return None
+            if self.metrics is not None:
+                self.metrics.queue_depth.set(self._queued)
+        for j in jobs:
+            self._fail(j, "stream_ended", "the frame's stream ended before it was decoded; the frame was dropped")
+        return len(jobs)
+
+    def _victim(self, stream_id: str | None) -> FrameJob | None:
+        """Remove and return the oldest queued job of ``stream_id``, or (None) of the stream with the
+        most frames queued (the heaviest stream pays for a full queue); lock held."""
+        if stream_id is None:
+            if not self._queues:
+                return None
+            stream_id = max(self._queues, key=lambda s: len(self._queues[s]))
+        q = self._queues.get(stream_id)
+        if not q:
+            return None
+        j = q.popleft()
+        self._dequeued(stream_id, q)
+        self._release(j)
+        return j
+
+    def _dequeued(self, stream_id: str, q: deque[FrameJob]) -> None:
+        """Bookkeeping after a job left ``q`` (the queue of ``stream_id``); lock held."""
+        self._queued -= 1
+        if not q:
+            del self._queues[stream_id]
+
+    def _next_job(self) -> FrameJob | None:
+        """The next frame in round-robin order (the stream served moves to the end); lock held."""
+        if not self._queues:
+            return None
+        stream_id, q = next(iter(self._queues.items()))
+        j = q.popleft()
+        self._dequeued(stream_id, q)
+        if q:
+            self._queues.move_to_end(stream_id)
+        return j
 
     def _release(self, job: FrameJob) -> None:
         n = self._per_stream.get(job.stream_id, 0) - 1
@@ -294,24 +356,37 @@ class Pipeline:
         cfg = self.config
         wait_s = cfg.batch_wait_ms / 1000.0
         while True:
+            expired: list[FrameJob] = []
             with self._cond:
-                while not self._queue and not self._stopping:
+                while not self._queues and not self._stopping:
                     self._cond.wait()
-                if not self._queue:
+                if not self._queues:
                     return
-                batch = [self._queue.popleft()]
+                batch: list[FrameJob] = []
                 deadline = time.monotonic() + wait_s
-                while len(batch) < cfg.max_batch:
-                    if self._queue:
-                        batch.append(self._queue.popleft())
+                # only a composer gains from a batch (it composes the frames together); without one a frame
+                # is taken when a worker is free, so a stream's frame waits for at most one frame of another
+                limit = cfg.max_batch if self.composer is not None else 1
+                while len(batch) < limit:
+                    job = self._next_job()
+                    if job is not None:
+                        if cfg.max_frame_age_s > 0 and time.monotonic() - job.enqueued > cfg.max_frame_age_s:
+                            self._release(job)
+                            expired.append(job)
+                        else:
+                            batch.append(job)
                         continue
                     left = deadline - time.monotonic()
-                    if left <= 0 or self._stopping:
+                    if left <= 0 or self._stopping or not batch:
                         break
                     self._cond.wait(left)
                 if self.metrics is not None:
-                    self.metrics.queue_depth.set(len(self._queue))
-            self._run_batch(batch)
+                    self.metrics.queue_depth.set(self._queued)
+            for job in expired:
+                self._fail(job, "frame_expired", f"the frame waited {time.monotonic() - job.enqueued:.1f} s in the "
+                           f"decode queue (pipeline.max_frame_age_s {cfg.max_frame_age_s:g}); dropped undecoded")
+            if batch:
+                self._run_batch(batch)
 
     def _run_batch(self, batch: list[FrameJob]) -> None:
         outcomes = self._safe(batch, lambda: self.process_batch(batch))
@@ -336,7 +411,7 @@ class Pipeline:
         if isinstance(outcome, FrameFailure):
             if m is not None:
                 m.frame_errors.labels(code=outcome.code).inc()
-            level = logging.WARNING if outcome.code not in ("cloud_overloaded", "server_shutdown") else logging.INFO
+            level = logging.WARNING if outcome.code not in DROP_CODES else logging.INFO
             _rl(level, f"fail:{outcome.code}", "frame %s/%d: %s: %s", job.spec.camera_id, job.seq, outcome.code,
                 outcome.message)
         else:
@@ -361,7 +436,7 @@ class Pipeline:
                     exc_info=exc)
 
     def _fail(self, job: FrameJob, code: str, message: str) -> None:
-        if self.metrics is not None and code in ("cloud_overloaded", "server_shutdown"):
+        if self.metrics is not None and code in DROP_CODES:
             self.metrics.frames_dropped.labels(reason=code).inc()
         self._emit(FrameFailure(job=job, code=code, message=message))
 

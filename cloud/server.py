@@ -46,6 +46,14 @@ calls before that end with UNAVAILABLE. On shutdown it turns NOT_SERVING first.
   still in flight and a final Ack, then ends OK.
 - Backpressure: when ``stream_outbox`` messages wait for the client, the server stops reading its
   frames (gRPC flow control then slows the edge).
+- Decode cost: a session declares at most ``sessions.max_frame_pixels`` (1920x1088); the pipeline
+  serves streams in turn and drops frames older than ``pipeline.max_frame_age_s`` and the queued frames
+  of a stream that ended (``cloud/pipeline.py``); the entropy decoder refuses a forged section at its
+  first inconsistent group (``proto/entropy.py``). A stream whose frames keep being refused for the
+  sender's fault (``CLIENT_FAULT_CODES``: undecodable, bad checksum or edge boxes, not the session's)
+  is read more slowly: after 3 in a row, 10 ms before its next frame, doubling up to
+  ``pipeline.refused_backoff_max_s``; an analysed frame resets it. A garbage stream then costs a few
+  frames a second however fast it sends.
 """
 
 from __future__ import annotations
@@ -76,7 +84,15 @@ from .analytics import Detection, Detector, make_detector
 from .auth import BearerTokenInterceptor
 from .config import CloudConfig
 from .metrics import CloudMetrics, MetricsHttpServer, RateLimitedLog
-from .pipeline import AnalysedFrame, FrameJob, FrameOutcome, Pipeline, classify_parse_error, codec_error_code
+from .pipeline import (
+    CLIENT_FAULT_CODES,
+    AnalysedFrame,
+    FrameJob,
+    FrameOutcome,
+    Pipeline,
+    classify_parse_error,
+    codec_error_code,
+)
 from .sessions import CameraState, SessionRejected, SessionRegistry, SessionSpec, validate_header
 from .sinks import FanOut, JsonlSink, to_proto_boxes
 
@@ -107,6 +123,8 @@ def grpc_server_options(cfg: CloudConfig) -> list[tuple[str, Any]]:
 
 # ---------------------------------------------------------------------------------------- streams
 _BACKPRESSURE_POLL_S = 0.005  # how often a paused stream checks for room in the pipeline
+_REFUSALS_FREE = 3  # frames refused in a row (the sender's fault) before the stream is read more slowly
+_REFUSAL_BACKOFF_S = 0.01  # the first wait; it doubles per further refusal up to pipeline.refused_backoff_max_s
 
 class _End:
     """Outbox marker: end the stream with this status."""
@@ -182,6 +200,23 @@ class _Stream:
         self.duplicates = 0
         self.outcome = "cancelled"  # how the stream ended, for the log
         self.shutting_down = False
+        self.refused_in_row = 0  # frames refused in a row for the sender's fault (CLIENT_FAULT_CODES)
+        self.refused = 0
+
+    # ---------------------------------------------------------------- refused frames slow the stream down
+    def frame_refused(self, code: str) -> None:
+        if code in CLIENT_FAULT_CODES:
+            self.refused_in_row += 1
+            self.refused += 1
+
+    def refused_backoff(self) -> float:
+        """Seconds to wait before reading the next frame: 0 until ``_REFUSALS_FREE`` refusals in a row, then
+        10 ms doubling per refusal up to ``pipeline.refused_backoff_max_s``."""
+        cap = self.server.config.pipeline.refused_backoff_max_s
+        k = self.refused_in_row - _REFUSALS_FREE
+        if k < 0 or cap <= 0:
+            return 0.0
+        return min(cap, _REFUSAL_BACKOFF_S * 2.0 ** min(k, 30))
 
     # ---------------------------------------------------------------- acks
     def count_frame(self, *, duplicate: bool = False) -> None:
@@ -219,6 +254,10 @@ class _Stream:
 
     def _on_outcome(self, outcome: FrameOutcome) -> None:
         self.pending -= 1
+        if isinstance(outcome, AnalysedFrame):
+            self.refused_in_row = 0
+        else:
+            self.frame_refused(outcome.code)
         if self.closed:
             return
         if isinstance(outcome, AnalysedFrame):
@@ -474,11 +513,16 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
                     st.outcome = "finished"
                     return
         finally:
-            log.info("session %s (camera %r) ended (%s): %d frames, %d duplicates, next_seq %d", session_id,
-                     spec.camera_id, st.outcome, st.frames, st.duplicates, state.seqs.next_seq)
+            log.info("session %s (camera %r) ended (%s): %d frames, %d refused, %d duplicates, next_seq %d",
+                     session_id, spec.camera_id, st.outcome, st.frames, st.refused, st.duplicates,
+                     state.seqs.next_seq)
             st.closed = True
             if st.reader is not None and not st.reader.done():
                 st.reader.cancel()
+            if st.outcome not in ("finished", "server shutdown") and srv.pipeline is not None:
+                dropped = srv.pipeline.cancel(session_id)  # nobody waits for them: do not spend the CPU
+                if dropped:
+                    log.info("session %s: %d queued frame(s) dropped undecoded (stream ended)", session_id, dropped)
             if srv._streams.get(spec.camera_id) is st:
                 del srv._streams[spec.camera_id]
             srv.sessions.close(spec.camera_id, session_id)
@@ -495,6 +539,12 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
                     st.end(grpc.StatusCode.INVALID_ARGUMENT, f"a message after the SessionHeader is {msg}")
                     return
                 await st.outbox.wait_room(scfg.stream_outbox)
+                backoff = st.refused_backoff()
+                if backoff > 0:  # its frames keep being refused: read it slowly (flow control slows the sender)
+                    srv.rl(logging.WARNING, f"backoff:{_peer_host(st.peer)}",
+                           "stream of camera %r from %s: %d frames refused in a row; its next frame is read %.2f s "
+                           "later", st.spec.camera_id, st.peer, st.refused_in_row, backoff)
+                    await asyncio.sleep(backoff)
                 kind = msg.WhichOneof("msg")
                 if kind != "frame":
                     what = "a second SessionHeader" if kind == "header" else "an empty EdgeMessage"
@@ -545,6 +595,7 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
                 except BitstreamError as exc:
                     code = classify_parse_error(exc, f.packet)
                     if code == "checksum_mismatch":
+                        st.frame_refused(code)
                         m.frame_errors.labels(code=code).inc()
                         srv.rl(logging.WARNING, f"fail:{code}", "frame %s/%d: %s", st.spec.camera_id, seq, exc)
                         st.outbox.put(_frame_error(seq, code, str(exc)))
@@ -555,6 +606,7 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
                 try:
                     edge_boxes = _edge_boxes(f.edge_boxes, st.spec)
                 except InvalidEdgeBoxes as exc:  # the edge's mistake: refuse this frame, keep the stream
+                    st.frame_refused(INVALID_EDGE_BOXES)
                     m.frame_errors.labels(code=INVALID_EDGE_BOXES).inc()
                     srv.rl(logging.WARNING, f"fail:{INVALID_EDGE_BOXES}:{_peer_host(st.peer)}",
                            "frame %s/%d from %s: %s", st.spec.camera_id, seq, st.peer, exc)
@@ -610,6 +662,7 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
             except (ValueError, IndexError, OverflowError, OSError) as exc:  # hostile bytes, missing tables
                 code, message = "decode_failed", f"{type(exc).__name__}: {exc}"
         m.frame_errors.labels(code=code).inc()
+        st.frame_refused(code)
         srv.rl(logging.WARNING, f"fail:{code}", "frame %s/%d: %s", st.spec.camera_id, job.seq, message)
         st.outbox.put(_frame_error(job.seq, code, message))
         return None

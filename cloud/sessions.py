@@ -218,10 +218,11 @@ def validate_header(header, *, codec_id: int, weights_hash: bytes,
     if not (1 <= w <= MAX_DIM and 1 <= h <= MAX_DIM):
         raise SessionRejected(grpc.StatusCode.INVALID_ARGUMENT,
                               f"SessionHeader frame size {w}x{h} out of range 1..{MAX_DIM} per side")
-    if w * h > MAX_DECODE_PIXELS:
+    max_pixels = min(cfg.max_frame_pixels, MAX_DECODE_PIXELS)
+    if w * h > max_pixels:
         raise SessionRejected(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"SessionHeader frame size {w}x{h} exceeds the decoder limit of "
-                              f"{MAX_DECODE_PIXELS} pixels")
+                              f"SessionHeader frame size {w}x{h} ({w * h} pixels) exceeds the cloud's limit of "
+                              f"{max_pixels} pixels (sessions.max_frame_pixels; 1920x1088 = {1920 * 1088})")
     fps = float(header.fps)
     if not math.isfinite(fps) or fps < 0:
         raise SessionRejected(grpc.StatusCode.INVALID_ARGUMENT, f"SessionHeader.fps {fps!r} must be finite and >= 0")

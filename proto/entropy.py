@@ -13,6 +13,15 @@ entropy-parameter networks compute in exact integer arithmetic (see
                      └─ |s| > R_l: escape symbol + Elias-γ ─┘     (constriction)
     z symbols (int) ──► per-channel table (factorized prior) ──► range coder ──► bytes
 
+Hostile bytes cost little to refuse. A decoder checks, after every group, that the section could
+hold what it decoded: the information content of the symbols decoded so far (``-log2 p`` under
+the tables) cannot exceed the section's bits plus :data:`BUDGET_SLACK_BITS` (a range coder never
+writes fewer bits than that), and escaped symbols (a Python loop each) stay within
+:func:`escape_budget` of the symbols so far. A forged or corrupt section (all zeros, a
+truncated stream, symbols the section is too short for) is refused at the first group that
+breaks either rule, not after decoding a whole frame of garbage; the encoder refuses a frame
+that would break the escape rule, so no packet it writes is refused.
+
 A table ``T`` is an int32 array of frequencies summing to ``2**PRECISION``;
 entry ``i`` codes the symbol ``i - R`` for ``i < 2R+1`` and the last entry is the
 escape for values outside ``[-R, R]``. Every frequency is >= 1 so every symbol
@@ -42,11 +51,22 @@ __all__ = [
     "gaussian_tables",
     "quantize_pmf",
     "EntropyError",
+    "BUDGET_SLACK_BITS",
+    "escape_budget",
 ]
 
 PRECISION = 16  # frequencies sum to 2**PRECISION
 _ESC_BITS_ALPHABET = 33  # Elias-gamma prefix: bit length 0..32 of an escaped magnitude
 _ESC_CHUNK = 16  # escaped low bits are coded 16 at a time (constriction's uniform model limit is lower than 2**32)
+_ESC_LEN_BITS = math.log2(_ESC_BITS_ALPHABET)  # information of an escape's bit-length symbol
+BUDGET_SLACK_BITS = 128  # a section's bits may fall short of its symbols' information by at most this (range coder)
+ESCAPE_FREE = 1024  # escaped symbols always allowed per section ...
+ESCAPE_SHARE = 64  # ... plus one per this many symbols (real frames: ~15 escapes in 800,000 symbols)
+
+
+def escape_budget(symbols: int) -> int:
+    """How many escaped symbols a section may hold among its first ``symbols`` symbols."""
+    return ESCAPE_FREE + symbols // ESCAPE_SHARE
 
 
 class EntropyError(ValueError):
@@ -140,6 +160,11 @@ class TableSet:
         return len(self.freqs)
 
     @cached_property
+    def bits(self) -> tuple[np.ndarray, ...]:
+        """Information content ``-log2 p`` (bits, float64) of each entry of each table."""
+        return tuple(PRECISION - np.log2(f.astype(np.float64)) for f in self.freqs)
+
+    @cached_property
     def models(self) -> "_Models":
         """constriction models of the tables, built once per table set."""
         return _Models(self)
@@ -178,6 +203,8 @@ class SymbolEncoder:
         import constriction
 
         self._enc = constriction.stream.queue.RangeEncoder()
+        self._symbols = 0  # symbols encoded so far (the escape budget counts them)
+        self._escapes = 0
 
     def encode(self, values: np.ndarray, table_index: np.ndarray, tables: TableSet) -> None:
         """Encode ``values[i]`` with table ``table_index[i]``; the decoder must call
@@ -195,6 +222,12 @@ class SymbolEncoder:
             n_direct = len(tables.freqs[t]) - 1
             esc = (v < 0) | (v >= n_direct)
             sym = np.where(esc, n_direct, v).astype(np.int32)
+            self._symbols += sym.size
+            self._escapes += int(esc.sum())
+            if self._escapes > escape_budget(self._symbols):
+                raise ValueError(f"{self._escapes} of the first {self._symbols} symbols are outside their tables' "
+                                 f"range (at most {escape_budget(self._symbols)} may be escape-coded): the values "
+                                 "are not what the entropy model was trained for")
             self._enc.encode(sym, models.cats[t])
             if esc.any():
                 self._encode_escapes(v[esc], n_direct, models)
@@ -234,6 +267,11 @@ class SymbolDecoder:
             self._dec = constriction.stream.queue.RangeDecoder(words)
         except Exception as exc:  # constriction rejects some malformed streams up front
             raise EntropyError(f"cannot start decoding: {exc}") from exc
+        self._size = len(data)
+        self._budget = 8.0 * len(data) + BUDGET_SLACK_BITS  # bits the section can account for
+        self.info_bits = 0.0  # information content of the symbols decoded so far
+        self._symbols = 0
+        self._escapes = 0
 
     def decode(self, table_index: np.ndarray, tables: TableSet) -> np.ndarray:
         table_index = np.asarray(table_index, dtype=np.int64).ravel()
@@ -246,9 +284,15 @@ class SymbolDecoder:
             for t, pos in _runs(table_index):
                 n_direct = len(tables.freqs[t]) - 1
                 sym = np.asarray(self._dec.decode(models.cats[t], int(pos.size)), dtype=np.int64)
+                self.info_bits += float(tables.bits[t][sym].sum())
                 esc = sym == n_direct
-                if esc.any():
-                    sym[esc] = self._decode_escapes(int(esc.sum()), n_direct, models)
+                n_esc = int(esc.sum())
+                self._symbols += sym.size
+                self._escapes += n_esc
+                self._check_budget()
+                if n_esc:
+                    sym[esc] = self._decode_escapes(n_esc, n_direct, models)
+                    self._check_budget()
                 out[pos] = sym + tables.offsets[t]
         except EntropyError:
             raise
@@ -258,10 +302,20 @@ class SymbolDecoder:
             raise EntropyError(f"entropy decoding failed: {exc}") from exc
         return out
 
+    def _check_budget(self) -> None:
+        if self._escapes > escape_budget(self._symbols):
+            raise EntropyError(f"{self._escapes} escaped symbols among the first {self._symbols} (at most "
+                               f"{escape_budget(self._symbols)}): corrupt or forged section")
+        if self.info_bits > self._budget:
+            raise EntropyError(f"a section of {self._size} bytes cannot hold the symbols decoded from it so far "
+                               f"({self.info_bits:.0f} bits of information after {self._symbols} symbols): corrupt "
+                               "or forged section")
+
     def _decode_escapes(self, n: int, n_direct: int, models: _Models) -> np.ndarray:
         res = np.empty(n, dtype=np.int64)
         for i in range(n):
             nb = int(self._dec.decode(models.esc_len, 1)[0])
+            self.info_bits += _ESC_LEN_BITS + max(0, nb - 1)
             if nb < 1:
                 raise EntropyError(f"escape bit length {nb} out of range 1..32")
             x, bits = 1, nb - 1

@@ -94,8 +94,16 @@ def logs(caplog) -> pytest.LogCaptureFixture:
     return caplog
 
 
+def _grpc_multi_loop_noise(r: logging.LogRecord) -> bool:
+    """grpc.aio's poller, bound to the event loops of earlier tests in this process (pytest-asyncio makes one
+    per test), logs a spurious BlockingIOError through asyncio when another loop took its wake-up byte
+    (grpc/grpc#25364; harmless, fix proposed in grpc/grpc#36096). Not the server's traceback."""
+    exc = r.exc_info[1] if r.exc_info else None
+    return r.name == "asyncio" and isinstance(exc, BlockingIOError) and "PollerCompletionQueue" in r.getMessage()
+
+
 def assert_no_traceback(caplog) -> None:
-    tracebacks = [r for r in caplog.records if r.exc_info or r.exc_text]
+    tracebacks = [r for r in caplog.records if (r.exc_info or r.exc_text) and not _grpc_multi_loop_noise(r)]
     assert not tracebacks, [f"{r.name}: {r.getMessage()}" for r in tracebacks]
 
 

@@ -195,9 +195,16 @@ def test_bounded_queue_drop_policies(tiny_codec, packet, policy):
     assert m.value("latentcast_cloud_frames_dropped_total", {"reason": "cloud_overloaded"}) == 3
 
 
+class _FlatComposer:
+    """Composes every frame of a batch at once, as mid-grey (the batching is what is tested)."""
+
+    def compose(self, requests):
+        return [np.full((H, W, 3), 128, np.uint8) for _ in requests]
+
+
 def test_batches_and_stop_fails_queued(tiny_codec, packet, monkeypatch):
     cfg = PipelineConfig(workers=1, max_batch=3, batch_wait_ms=200.0, max_queued_per_session=8)
-    pipe = Pipeline(codec=tiny_codec, detector=FakeDetector(), config=cfg)
+    pipe = Pipeline(codec=tiny_codec, detector=FakeDetector(), config=cfg, composer=_FlatComposer())
     sizes: list[int] = []
     real = pipe._run_batch
     monkeypatch.setattr(pipe, "_run_batch", lambda batch: (sizes.append(len(batch)), real(batch)))

@@ -69,7 +69,7 @@ def test_validate_header_ok():
     (dict(camera_id="a\nb"), grpc.StatusCode.INVALID_ARGUMENT, "control characters"),
     (dict(width=0), grpc.StatusCode.INVALID_ARGUMENT, "frame size 0x576"),
     (dict(width=20000), grpc.StatusCode.INVALID_ARGUMENT, "out of range 1..16384"),
-    (dict(width=16000, height=16000), grpc.StatusCode.INVALID_ARGUMENT, "decoder limit"),
+    (dict(width=16000, height=16000), grpc.StatusCode.INVALID_ARGUMENT, "sessions.max_frame_pixels"),
     (dict(fps=float("nan")), grpc.StatusCode.INVALID_ARGUMENT, "fps"),
     (dict(labels=["l"] * 5000), grpc.StatusCode.INVALID_ARGUMENT, "5000 labels"),
     (dict(codec_id=3), grpc.StatusCode.FAILED_PRECONDITION,

@@ -16,6 +16,7 @@
     latentcast bench grounding [--full-random] [--grounding-model DIR]   (seconds per frame, YOLOX vs Grounding DINO)
     latentcast bench temporal [--targets 60,100,200] [--loss 0.01]      (rate control and loss recovery on a video)
     latentcast bench composer [--steps 8,50] [--sd DIR --controlnet DIR] (seconds per frame of each composer)
+    latentcast bench hostile [--frames 20] [--hostile-streams 2]        (a good stream's latency beside forged packets)
     latentcast export grounding --model grounding-dino-tiny --labels traffic [--tensorrt] [--out DIR]
     latentcast task new NAME --description TEXT    (task label list from an LLM, once; cached)
     latentcast task show NAME | task list          (label lists: shipped ones and the cache)
@@ -422,6 +423,15 @@ def cmd_bench(a: argparse.Namespace) -> int:
         a.rate = 1 if a.rate is None else a.rate
         a.prog = "latentcast"
         return bench_composer_main(a)
+    if a.what == "hostile":
+        from latentcast.tools.bench_hostile import main as bench_hostile_main
+
+        a.out = a.out or "results/hostile_bench.json"
+        a.weights = a.weights or "elic-lite"
+        a.rate = 1 if a.rate is None else a.rate
+        a.threads = a.threads or 0
+        a.prog = "latentcast"
+        return bench_hostile_main(a)
     if a.what == "stream":
         from latentcast.tools.bench_stream import main as bench_stream_main
 
@@ -598,7 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks: codec (bpp, PSNR, speed vs JPEG/WebP) or stream (N concurrent "
                                      "streams, edge + cloud on loopback, vs JPEG over gRPC)")
-    b.add_argument("what", choices=["codec", "stream", "grounding", "temporal", "composer"])
+    b.add_argument("what", choices=["codec", "stream", "grounding", "temporal", "composer", "hostile"])
     b.add_argument("--weights", help="codec weights; default: the shipped elic-lite")
     b.add_argument("--kodak", type=int, default=24, help="codec: number of Kodak images (default all 24)")
     b.add_argument("--bundle", help="edge bundle folder; default: the shipped one")
@@ -644,6 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
     from latentcast.tools import bench_composer
 
     bench_composer.add_arguments(b, prefix="composer: ", skip=bench_composer.COMMON)
+    from latentcast.tools import bench_hostile
+
+    bench_hostile.add_arguments(b, prefix="hostile: ", skip=bench_hostile.COMMON)
     b.set_defaults(func=cmd_bench)
 
     from latentcast.tools.eval.runner import add_arguments as eval_arguments
