@@ -163,6 +163,10 @@ class SessionsConfig:
     skip_gaps: bool = True  # seqs strictly increase on a stream, so a gap below a newer seq is lost: ack past it
     max_labels: int = 4096  # labels a SessionHeader may carry
     max_id_chars: int = 256  # longest camera_id / task / label
+    takeover_after_s: float = 15.0  # a stream from another edge instance for a camera whose live stream sent a
+    #   message within this is refused (ALREADY_EXISTS); a holder silent longer is superseded (a restarted edge)
+    max_seq_ahead: int = 1 << 24  # a frame's seq must be below next_seq + this (else INVALID_ARGUMENT, state kept):
+    #   6 days of frames at 30 fps, so an edge that was offline for long still resumes, and no seq can exhaust uint64
     max_frame_pixels: int = 1920 * 1088  # largest frame (width x height) a session may declare: 1080p coded size;
     #                                      decode cost grows with it (up to proto.bitstream.MAX_DECODE_PIXELS)
 

@@ -467,22 +467,28 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
                                    config=srv.config.sessions)
         except SessionRejected as exc:
             await fail(exc.code, exc.message)
-        state, session_id = srv.sessions.open(spec)
+        try:
+            state, session_id, resumed = srv.sessions.open(spec, peer=context.peer())
+        except SessionRejected as exc:  # another edge instance publishes this camera
+            await fail(exc.code, exc.message)
         previous = srv._streams.get(spec.camera_id)
         if previous is not None:
             previous.end(grpc.StatusCode.ABORTED,
-                         f"superseded by a newer stream of camera {spec.camera_id!r} (session {session_id})")
+                         f"superseded by a newer stream of camera {spec.camera_id!r} (session {session_id}, "
+                         f"instance {spec.instance_id or '(none)'})")
         st = _Stream(server=srv, state=state, spec=spec, session_id=session_id, peer=context.peer())
         srv._streams[spec.camera_id] = st
         m.active_sessions.inc()
         next_seq = state.seqs.next_seq
         if next_seq > 0:
             m.reconnects.inc()
-        log.info("session %s: camera %r task %r %dx%d, %d labels, edge %s from %s; next_seq %d", session_id,
-                 spec.camera_id, spec.task, spec.width, spec.height, len(spec.labels), spec.edge_version or "?",
-                 context.peer(), next_seq)
+        log.info("session %s: camera %r task %r %dx%d, %d labels, edge %s instance %s from %s; next_seq %d (%s)",
+                 session_id, spec.camera_id, spec.task, spec.width, spec.height, len(spec.labels),
+                 spec.edge_version or "?", spec.instance_id or "(none)", context.peer(), next_seq,
+                 "resumed" if resumed else "fresh")
         try:
-            yield pb.CloudMessage(accepted=pb.SessionAccepted(session_id=session_id, next_seq=next_seq))
+            yield pb.CloudMessage(accepted=pb.SessionAccepted(session_id=session_id, next_seq=next_seq,
+                                                              resumed=resumed))
             st.reader = asyncio.create_task(self._read(st, it), name=f"latentcast-stream-{session_id}")
             finishing = False
             while True:
@@ -535,6 +541,7 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
         scfg = srv.config.server
         try:
             async for msg in it:
+                st.state.last_message = time.monotonic()  # the holder is alive (sessions.takeover_after_s)
                 if isinstance(msg, _Undecodable):
                     st.end(grpc.StatusCode.INVALID_ARGUMENT, f"a message after the SessionHeader is {msg}")
                     return
@@ -563,6 +570,10 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
                         await asyncio.sleep(_BACKPRESSURE_POLL_S)
                     if st.closed or st.shutting_down:
                         return  # this frame is not accepted, so not acked: the edge resends it after resuming
+                refusal = st.state.seqs.refusal(seq, srv.config.sessions.max_seq_ahead)
+                if refusal is not None:  # checked before anything is recorded: the camera's state stays as it is
+                    st.end(grpc.StatusCode.INVALID_ARGUMENT, f"frame seq {seq}: {refusal}")
+                    return
                 if not st.state.seqs.accept(seq):
                     st.duplicates += 1
                     m.frames_duplicate.inc()

@@ -2,6 +2,13 @@
 
 State is keyed by ``camera_id`` (proto/latentcast_v1.proto, "Session and resume semantics"):
 
+- :meth:`SessionRegistry.open` applies the identity rules: a stream of the camera's instance (or an edge
+  without an instance id) resumes its state; another instance starts it afresh (next_seq 0); while a live
+  stream of another instance holds the camera and sent a message within ``takeover_after_s``, a new one is
+  refused with ALREADY_EXISTS before anything changes.
+- :meth:`SeqTracker.refusal` bounds a frame's seq to ``next_seq + max_seq_ahead`` (and to what uint64 can
+  answer), checked before the seq is recorded.
+
 - :class:`SeqTracker` keeps a contiguous watermark ``next_seq`` (every seq below it was received)
   and a bounded set of seqs received above it. ``accept(seq)`` is False for a seq already
   received (the stream re-acks it and does not process it again).
@@ -37,7 +44,11 @@ from latentcast.proto.ids import codec_name, label_set_hash
 from .config import SessionsConfig
 
 __all__ = ["SeqTracker", "CameraState", "SessionRegistry", "SessionRejected", "SessionSpec", "validate_header",
-           "MAX_DECODE_PIXELS"]
+           "MAX_DECODE_PIXELS", "MAX_SEQ", "MAX_INSTANCE_ID_CHARS"]
+
+MAX_INSTANCE_ID_CHARS = 64  # SessionHeader.instance_id (the edge sends 32 hex digits)
+MAX_SEQ = 1 << 63  # no seq at or above this is accepted: next_seq (seq + 1) must fit the uint64 reply fields
+
 
 class SessionRejected(Exception):
     """A SessionHeader the cloud cannot serve; ``code`` is the gRPC status to end the stream with."""
@@ -74,6 +85,14 @@ class SeqTracker:
     @property
     def pending_out_of_order(self) -> int:
         return len(self._ahead)
+
+    def refusal(self, seq: int, max_ahead: int) -> str | None:
+        """Why ``seq`` must be refused (too far ahead of ``next_seq``), or None; changes nothing."""
+        limit = min(self._next + max_ahead, MAX_SEQ)
+        if seq >= limit:
+            return (f"seq {seq} is not below next_seq {self._next} + sessions.max_seq_ahead {max_ahead} "
+                    f"(= {limit}); sequence numbers count frames from 0 per edge instance")
+        return None
 
     def seen(self, seq: int) -> bool:
         return seq < self._next or seq in self._ahead
@@ -118,6 +137,7 @@ class SessionSpec:
     height: int
     fps: float
     edge_version: str
+    instance_id: str = ""  # the edge process's random id ("" = an edge without one: resume by camera_id)
 
 
 @dataclass
@@ -130,6 +150,10 @@ class CameraState:
     frames_received: int = 0  # since the server started
     streams: int = 0  # streams opened for this camera
     active_stream: str | None = None  # session_id of the stream that owns the camera now
+    active_peer: str = ""  # that stream's peer, for the ALREADY_EXISTS message
+    active_since: float = 0.0  # time.time() the active stream opened
+    instance_id: str = ""  # the edge instance the sequence state belongs to
+    last_message: float = field(default_factory=time.monotonic)  # a message of the active stream arrived
     last_seen: float = field(default_factory=time.monotonic)
     temporal: object = None  # models.temporal.TemporalDecoder of a temporal stream (survives reconnects)
     refresh_asked: float = float("-inf")  # monotonic time of the last RefreshRequest sent
@@ -150,23 +174,43 @@ class SessionRegistry:
     def get(self, camera_id: str) -> CameraState | None:
         return self._cams.get(camera_id)
 
-    def open(self, spec: SessionSpec) -> tuple[CameraState, str]:
-        """The camera's state (created when new) and a fresh session id; the new stream owns it."""
+    def _new_seqs(self) -> SeqTracker:
+        return SeqTracker(max_out_of_order=self.config.max_out_of_order, skip_gaps=self.config.skip_gaps)
+
+    def open(self, spec: SessionSpec, *, peer: str = "") -> tuple[CameraState, str, bool]:
+        """The camera's state, a fresh session id, and whether the state was resumed (else it starts at
+        next_seq 0); the new stream owns the camera. Raises :class:`SessionRejected` (ALREADY_EXISTS),
+        changing nothing, while a live stream of another instance holds the camera."""
         with self._lock:
+            now = time.monotonic()
             st = self._cams.get(spec.camera_id)
             if st is None:
-                st = CameraState(camera_id=spec.camera_id,
-                                 seqs=SeqTracker(max_out_of_order=self.config.max_out_of_order,
-                                                 skip_gaps=self.config.skip_gaps))
+                st = CameraState(camera_id=spec.camera_id, seqs=self._new_seqs())
                 self._cams[spec.camera_id] = st
+            elif (st.active_stream is not None and spec.instance_id != st.instance_id
+                  and now - st.last_message < self.config.takeover_after_s):
+                since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(st.active_since))
+                raise SessionRejected(grpc.StatusCode.ALREADY_EXISTS, (
+                    f"camera {spec.camera_id!r} is published by another edge (instance "
+                    f"{st.instance_id or '(none)'} from {st.active_peer or '?'}) since {since}; two edges may not "
+                    f"share a camera_id (it is taken over only after {self.config.takeover_after_s:g} s of silence)"))
+            resumed = spec.instance_id == st.instance_id and st.seqs.next_seq > 0
+            if spec.instance_id != st.instance_id:
+                # another process of the edge: its seqs start at 0, so the camera's state starts afresh
+                st.seqs = self._new_seqs()
+                st.temporal = None
+                st.refresh_asked = float("-inf")
             self._cams.move_to_end(spec.camera_id)
             session_id = uuid.uuid4().hex[:16]
             st.spec = spec
+            st.instance_id = spec.instance_id
             st.streams += 1
             st.active_stream = session_id
-            st.last_seen = time.monotonic()
+            st.active_peer = peer
+            st.active_since = time.time()
+            st.last_message = st.last_seen = now
             self._evict()
-            return st, session_id
+            return st, session_id, resumed
 
     def close(self, camera_id: str, session_id: str) -> None:
         """The stream ``session_id`` ended; the state stays for a later resume."""
@@ -242,4 +286,6 @@ def validate_header(header, *, codec_id: int, weights_hash: bytes,
                               f"the cloud's codec weights {weights_hash.hex()}")
     return SessionSpec(camera_id=camera_id, task=task, labels=tuple(labels), label_set_hash=label_set_hash(labels),
                        width=w, height=h, fps=fps, edge_version=_check_text("edge_version", header.edge_version,
-                                                                            cfg.max_id_chars, required=False))
+                                                                            cfg.max_id_chars, required=False),
+                       instance_id=_check_text("instance_id", header.instance_id, MAX_INSTANCE_ID_CHARS,
+                                               required=False))

@@ -20,6 +20,7 @@ import collections
 import concurrent.futures
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,9 @@ class EdgeApp:
         self._label_hash = label_set_hash(self.labels)
         self.frame_size: tuple[int, int] | None = None
         self._next_seq = 0
+        # this process's identity: the cloud resumes the camera's sequence state only for the same instance
+        # (a restarted edge numbers its frames from 0 again and starts the camera's state afresh)
+        self.instance_id = uuid.uuid4().hex
         self._t_start: float | None = None
         self._t_end: float | None = None
         self.frames_captured = 0
@@ -181,7 +185,7 @@ class EdgeApp:
         return pb.SessionHeader(camera_id=self.config.camera_id, task=self.config.grounding.task, labels=self.labels,
                                 codec_id=int(enc.manifest["codec_id"]), weights_hash=bytes(enc.weights_hash),
                                 width=width, height=height, fps=float(self._source.fps),
-                                edge_version=latentcast.__version__)
+                                edge_version=latentcast.__version__, instance_id=self.instance_id)
 
     def _make_client(self, width: int, height: int) -> EdgeClient:
         s = self.config.server
@@ -195,7 +199,8 @@ class EdgeApp:
                           backoff_initial_s=s.backoff_initial_s, backoff_max_s=s.backoff_max_s,
                           backoff_jitter=s.backoff_jitter,
                           max_reconnect_attempts=s.max_reconnect_attempts or None,
-                          accept_timeout_s=s.accept_timeout_s, on_result=self._on_result,
+                          accept_timeout_s=s.accept_timeout_s, already_exists_retry_s=s.already_exists_retry_s,
+                          max_unknown_retries=s.max_unknown_retries, on_result=self._on_result,
                           max_in_flight=self.config.sender.max_in_flight, on_refresh=self._on_refresh)
 
     def _on_refresh(self, r: pb.RefreshRequest) -> None:

@@ -9,12 +9,20 @@ Per connection (see the session semantics in ``proto/latentcast_v1.proto``)::
        FrameError → counted, logged (rate-limited)
 
 A lost network or a retryable status (UNAVAILABLE, CANCELLED, DEADLINE_EXCEEDED, INTERNAL,
-UNKNOWN, ABORTED, RESOURCE_EXHAUSTED, ...) closes the channel and reconnects after an
+ABORTED, RESOURCE_EXHAUSTED, ...) closes the channel and reconnects after an
 exponential backoff with jitter (``backoff_initial_s`` doubling up to ``backoff_max_s``, times a
 random factor in ``1 ± backoff_jitter``; reset after a successful SessionAccepted). Frames keep
 flowing into the SendQueue meanwhile (its drop policy applies) and the Backlog keeps the written,
-unacknowledged ones within its bounds. Fatal statuses (:data:`FATAL_CODES`: a bad token, a session
-the cloud refuses) raise :class:`FatalStreamError` instead of retrying forever.
+unacknowledged ones within its bounds. Fatal statuses (:data:`FATAL_CODES`: a bad token, a camera
+the token may not publish, a session or a frame the cloud refuses) raise :class:`FatalStreamError`
+at once instead of retrying forever; ALREADY_EXISTS (another edge publishes this camera_id) is
+retried for ``already_exists_retry_s`` (a restarted edge gets in once the cloud gives up the dead
+one's stream) and UNKNOWN (a cloud bug, not the network) ``max_unknown_retries`` times in a row,
+then they are fatal too.
+
+The session header carries an instance id (``SessionHeader.instance_id``, made once per client when
+the header has none): the cloud resumes the camera's sequence state for the same instance and starts
+it afresh for another one (a restarted edge numbers its frames from 0 again).
 
 :meth:`EdgeClient.run` returns when ``stop`` is set, or once the SendQueue is closed and every
 frame taken from it was acknowledged (a clean drain).
@@ -28,6 +36,7 @@ import contextlib
 import logging
 import random
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,7 +152,8 @@ class EdgeClient:
                  max_reconnect_attempts: int | None = None, accept_timeout_s: float = 10.0,
                  on_result: Callable[[pb.FrameAnalytics], None] | None = None, result_queue_size: int = 0,
                  error_log_interval_s: float = 5.0, rng: random.Random | None = None, max_in_flight: int = 0,
-                 on_refresh: Callable[[pb.RefreshRequest], None] | None = None):
+                 on_refresh: Callable[[pb.RefreshRequest], None] | None = None,
+                 already_exists_retry_s: float = 60.0, max_unknown_retries: int = 5):
         """``max_in_flight``: at most this many frames sent and not yet acknowledged (0 = no limit);
         beyond it the frames wait in the send queue, which drops by its policy, so a slow cloud
         cannot build a long queue in the transport (live first). ``on_refresh``: the cloud asks for a
@@ -166,10 +176,21 @@ class EdgeClient:
         if max_reconnect_attempts is not None and (not isinstance(max_reconnect_attempts, int)
                                                    or max_reconnect_attempts < 0):
             raise ValueError(f"max_reconnect_attempts {max_reconnect_attempts!r} must be an integer >= 0 or None")
+        if isinstance(already_exists_retry_s, bool) or not isinstance(already_exists_retry_s, (int, float)) \
+                or not already_exists_retry_s >= 0:
+            raise ValueError(f"already_exists_retry_s {already_exists_retry_s!r} must be a number >= 0")
+        if isinstance(max_unknown_retries, bool) or not isinstance(max_unknown_retries, int) or max_unknown_retries < 0:
+            raise ValueError(f"max_unknown_retries {max_unknown_retries!r} must be an integer >= 0")
+        self.already_exists_retry_s = float(already_exists_retry_s)
+        self.max_unknown_retries = max_unknown_retries
+        self._already_exists_since: float | None = None  # first ALREADY_EXISTS of the current run of them
+        self._unknown_in_row = 0
         if token is not None and (not isinstance(token, str) or not token or any(c.isspace() for c in token)):
             raise ValueError("token must be a non-empty string without whitespace (or None)")
         self.target = target.strip()
         self.session = _session_header(session)
+        if not self.session.instance_id:
+            self.session.instance_id = uuid.uuid4().hex
         self.queue = queue if queue is not None else SendQueue(maxsize=8)
         self.backlog = backlog if backlog is not None else Backlog(max_frames=300, max_bytes=64 * 1024 * 1024)
         self.tls = tls
@@ -266,8 +287,27 @@ class EdgeClient:
     # ------------------------------------------------------------------ one connection
 
     def _classify(self, code: grpc.StatusCode, details: str) -> str:
+        """The reason to retry after a stream ended with ``code``, or :class:`FatalStreamError`."""
         if code in FATAL_CODES:
             raise FatalStreamError(code, details)
+        if code == grpc.StatusCode.ALREADY_EXISTS:
+            now = time.monotonic()
+            if self._already_exists_since is None:
+                self._already_exists_since = now
+            waited = now - self._already_exists_since
+            if waited >= self.already_exists_retry_s:
+                raise FatalStreamError(code, f"{details} (another edge publishes camera_id "
+                                             f"{self.session.camera_id!r}: still refused after {waited:.0f} s; give "
+                                             f"each edge its own camera_id)")
+        else:
+            self._already_exists_since = None
+        if code == grpc.StatusCode.UNKNOWN:
+            self._unknown_in_row += 1
+            if self._unknown_in_row > self.max_unknown_retries:
+                raise FatalStreamError(code, f"{details} ({self._unknown_in_row} streams in a row ended with UNKNOWN, "
+                                             f"max_unknown_retries {self.max_unknown_retries})")
+        else:
+            self._unknown_in_row = 0
         return f"{code.name}: {details}"
 
     def _channel(self) -> grpc.aio.Channel:
@@ -302,9 +342,11 @@ class EdgeClient:
             if self.connects > 1:
                 self.reconnects += 1
             self.session_id, self.next_seq_from_cloud = acc.session_id, acc.next_seq
+            self._already_exists_since, self._unknown_in_row = None, 0
             resend = self.backlog.resume(acc.next_seq)
-            log.info("session %s accepted by %s: next_seq %d, resending %d frame(s)", acc.session_id or "?",
-                     self.target, acc.next_seq, len(resend))
+            log.info("session %s accepted by %s (instance %s, %s): next_seq %d, resending %d frame(s)",
+                     acc.session_id or "?", self.target, self.session.instance_id,
+                     "resumed" if acc.resumed else "fresh state", acc.next_seq, len(resend))
             reader = asyncio.create_task(self._read_loop(call), name="edge-client-read")
             writer = asyncio.create_task(self._write_loop(call, resend), name="edge-client-write")
             tasks = [reader, writer]

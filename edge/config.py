@@ -211,6 +211,9 @@ class ServerConfig:
     backoff_jitter: float = 0.2  # delays are scaled by a random factor in 1 +- this
     max_reconnect_attempts: int = 0  # failed attempts in a row before giving up; 0 = never give up
     accept_timeout_s: float = 10.0  # wait for SessionAccepted after opening the stream
+    already_exists_retry_s: float = 60.0  # the cloud says another edge publishes this camera_id (ALREADY_EXISTS):
+    #   keep retrying this long (longer than the cloud's takeover window, so a restart after a crash gets in), then stop
+    max_unknown_retries: int = 5  # streams in a row ending with UNKNOWN (a cloud bug, not the network) before stopping
 
     def __post_init__(self) -> None:
         if not self.target.strip():
@@ -224,6 +227,8 @@ class ServerConfig:
             raise ValueError(f"server.backoff_jitter {self.backoff_jitter!r} out of range 0 <= value < 1")
         _check_min("server.max_reconnect_attempts", self.max_reconnect_attempts, 0)
         _check_min("server.accept_timeout_s", self.accept_timeout_s, 0.0, strict=True)
+        _check_min("server.already_exists_retry_s", self.already_exists_retry_s, 0.0)
+        _check_min("server.max_unknown_retries", self.max_unknown_retries, 0)
 
     def resolved_token(self) -> str | None:
         """The token, from ``token`` or else ``token_file``; None when neither is set."""

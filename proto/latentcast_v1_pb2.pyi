@@ -17,7 +17,7 @@ IMAGE_FORMAT_JPEG: ImageFormat
 IMAGE_FORMAT_PNG: ImageFormat
 
 class SessionHeader(_message.Message):
-    __slots__ = ("camera_id", "task", "labels", "codec_id", "weights_hash", "width", "height", "fps", "edge_version")
+    __slots__ = ("camera_id", "task", "labels", "codec_id", "weights_hash", "width", "height", "fps", "edge_version", "instance_id")
     CAMERA_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class SessionHeader(_message.Message):
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     FPS_FIELD_NUMBER: _ClassVar[int]
     EDGE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     camera_id: str
     task: str
     labels: _containers.RepeatedScalarFieldContainer[str]
@@ -36,7 +37,8 @@ class SessionHeader(_message.Message):
     height: int
     fps: float
     edge_version: str
-    def __init__(self, camera_id: _Optional[str] = ..., task: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., codec_id: _Optional[int] = ..., weights_hash: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., fps: _Optional[float] = ..., edge_version: _Optional[str] = ...) -> None: ...
+    instance_id: str
+    def __init__(self, camera_id: _Optional[str] = ..., task: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., codec_id: _Optional[int] = ..., weights_hash: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., fps: _Optional[float] = ..., edge_version: _Optional[str] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class Box(_message.Message):
     __slots__ = ("x0", "y0", "x1", "y1", "label", "label_id", "score")
@@ -77,12 +79,14 @@ class EdgeMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[SessionHeader, _Mapping]] = ..., frame: _Optional[_Union[FramePacket, _Mapping]] = ...) -> None: ...
 
 class SessionAccepted(_message.Message):
-    __slots__ = ("session_id", "next_seq")
+    __slots__ = ("session_id", "next_seq", "resumed")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NEXT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     next_seq: int
-    def __init__(self, session_id: _Optional[str] = ..., next_seq: _Optional[int] = ...) -> None: ...
+    resumed: bool
+    def __init__(self, session_id: _Optional[str] = ..., next_seq: _Optional[int] = ..., resumed: _Optional[bool] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("acked_seq", "frames_received")

@@ -88,10 +88,11 @@ def test_validate_header_rejects(kw, code, needle):
 def test_registry_keeps_state_and_evicts_idle():
     reg = SessionRegistry(config=SessionsConfig(max_cameras=2))
     spec = validate_header(header(camera_id="a"), codec_id=1, weights_hash=HASH)
-    st, sid = reg.open(spec)
+    st, sid, resumed = reg.open(spec)
+    assert not resumed
     st.seqs.accept(0)
-    st2, sid2 = reg.open(spec)  # reconnect: same state, new session id
-    assert st2 is st and sid2 != sid and st.seqs.next_seq == 1 and st.active_stream == sid2
+    st2, sid2, resumed = reg.open(spec)  # reconnect: same state, new session id
+    assert resumed and st2 is st and sid2 != sid and st.seqs.next_seq == 1 and st.active_stream == sid2
     reg.close("a", sid)  # the old stream's close does not release the new owner
     assert st.active_stream == sid2
     reg.open(validate_header(header(camera_id="b"), codec_id=1, weights_hash=HASH))
