@@ -8,9 +8,9 @@ ENV_PREFIX)`` lists them with their environment variables, e.g. ``server.tokens`
 Example ``cloud.yaml``::
 
     server:
-      host: 0.0.0.0
+      host: 0.0.0.0                        # every interface: needs TLS and tokens (or insecure: true)
       port: 50051
-      tokens: [s3cret]
+      tokens_file: /etc/latentcast/tokens.yaml
       tls_cert_file: /etc/latentcast/tls.crt
       tls_key_file: /etc/latentcast/tls.key
     analytics:
@@ -49,13 +49,28 @@ COMPOSER_KINDS = ("none", "controlnet")  # = latentcast.models.composer.COMPOSER
 DETECTOR_KINDS = ("yolox", "onnx", "none")
 
 
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach: 127.0.0.0/8, ::1, localhost, a unix socket."""
+    import ipaddress
+
+    h = host.strip().strip("[]")
+    if h == "localhost" or h.startswith("unix:"):
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass
 class ServerConfig:
-    host: str = "0.0.0.0"  # address the Latentcast service listens on ("[::]" for IPv6)
+    host: str = "127.0.0.1"  # address the Latentcast service listens on ("0.0.0.0" / "[::]": every interface, which
+    #   needs TLS and tokens, or insecure: true)
     port: int = 50051  # Latentcast gRPC port; 0 picks a free port (tests)
-    maintenance_host: str = "0.0.0.0"  # address of the maintenance server (health, reflection)
+    maintenance_host: str = "127.0.0.1"  # address of the maintenance server (health, reflection; no auth: keep it
+    #   loopback or on a private network)
     maintenance_port: int = 50052  # health + reflection gRPC port, no auth, no TLS; 0 = free port, -1 = off
-    metrics_host: str = "0.0.0.0"  # address of the Prometheus HTTP endpoint
+    metrics_host: str = "127.0.0.1"  # address of the Prometheus HTTP endpoint (no auth: loopback or a private network)
     metrics_port: int = 9464  # Prometheus /metrics HTTP port; 0 = free port, -1 = off
     max_message_bytes: int = 8 * 1024 * 1024  # gRPC max receive/send message (RESOURCE_EXHAUSTED beyond)
     max_packet_bytes: int = 4 * 1024 * 1024  # largest codec packet accepted in a FramePacket (INVALID_ARGUMENT beyond)
@@ -65,7 +80,10 @@ class ServerConfig:
     keepalive_permit_without_calls: bool = True  # accept client keepalive pings on connections without an RPC
     min_client_ping_interval_s: float = 10.0  # clients may ping at most this often (edge keepalive must be >= this)
     max_ping_strikes: int = 2  # too-frequent client pings tolerated before GOAWAY
-    tokens: list[str] = field(default_factory=list)  # accepted bearer tokens; empty = authentication off
+    tokens: list[str] = field(default_factory=list)  # bearer tokens, each an admin of every camera; prefer tokens_file
+    tokens_file: str = ""  # YAML token file: name, sha256 (or token), role publish|subscribe|admin, camera globs
+    #   (cloud/auth.py; `latentcast token new` makes an entry). No tokens and no file = authentication off
+    insecure: bool = False  # allow a non-loopback host without TLS and tokens (e.g. behind a TLS-terminating proxy)
     tls_cert_file: str = ""  # PEM server certificate chain; empty = plaintext (loopback / behind a TLS proxy only)
     tls_key_file: str = ""  # PEM private key of tls_cert_file
     tls_client_ca_file: str = ""  # PEM CA bundle; when set, clients must present a certificate it signed (mTLS)
@@ -73,6 +91,17 @@ class ServerConfig:
     ack_every_frames: int = 8  # send a cumulative Ack after this many received frames ...
     ack_interval_ms: float = 250.0  # ... or this long after the first unacknowledged frame, whichever first
     stream_outbox: int = 64  # per-stream messages awaiting the client before the server stops reading its frames
+
+    def __post_init__(self) -> None:
+        if not is_loopback(self.host) and not self.insecure and not (self.tls_cert_file and (self.tokens
+                                                                                             or self.tokens_file)):
+            missing = " and ".join(w for w, ok in (("TLS (tls_cert_file, tls_key_file)", self.tls_cert_file),
+                                                   ("tokens (tokens_file)", self.tokens or self.tokens_file))
+                                   if not ok)
+            raise ValueError(f"server.host {self.host!r} is not a loopback address, and the service has no {missing}: "
+                             "anyone on the network could publish and subscribe to every camera. Configure them, "
+                             "or set server.insecure: true to serve it this way anyway (e.g. behind a "
+                             "TLS-terminating proxy that authenticates)")
 
 
 @dataclass

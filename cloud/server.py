@@ -74,6 +74,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from latentcast.config import ConfigError
 from latentcast.models.codec import CodecError, LatentCodec
 from latentcast.models.temporal import is_temporal
 from latentcast.proto import latentcast_v1_pb2 as pb
@@ -81,8 +82,8 @@ from latentcast.proto import latentcast_v1_pb2_grpc as pb_grpc
 from latentcast.proto.bitstream import MAX_ROIS, BitstreamError, Packet, Roi
 
 from .analytics import Detection, Detector, make_detector
-from .auth import BearerTokenInterceptor
-from .config import CloudConfig
+from .auth import REJECT_DETAILS, BearerTokenInterceptor, TokenRegistry
+from .config import CloudConfig, is_loopback
 from .metrics import CloudMetrics, MetricsHttpServer, RateLimitedLog
 from .pipeline import (
     CLIENT_FAULT_CODES,
@@ -392,45 +393,15 @@ class _PeerLoggingAuth(BearerTokenInterceptor):
     """The bearer-token check, with each refusal logged through the server's rate limiter with the
     peer (the interceptor itself does not know the peer: only the call's context does)."""
 
-    _DETAILS = {"missing": "missing 'authorization: Bearer <token>' metadata",
-                "malformed": "the authorization metadata must be 'Bearer <token>'",
-                "unknown": "unknown bearer token"}
-
-    def __init__(self, *, tokens, on_reject, rl: RateLimitedLog) -> None:
-        super().__init__(tokens=tokens, on_reject=on_reject)
+    def __init__(self, *, registry: TokenRegistry, on_reject, rl: RateLimitedLog) -> None:
+        super().__init__(registry=registry, on_reject=on_reject)
         self._rl = rl
 
-    async def intercept_service(self, continuation, handler_call_details):
-        reason = self._check(handler_call_details.invocation_metadata)
-        if reason is None:
-            return await continuation(handler_call_details)
-        if self._on_reject is not None:
-            self._on_reject(reason)
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        details = self._DETAILS[reason]
-        rl = self._rl
-
-        async def refuse(context) -> None:
-            peer = context.peer()
-            rl(logging.INFO, f"auth:{reason}:{_peer_host(peer)}", "refused %s from %s: %s bearer token", method,
-               peer, reason)
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, details)
-
-        async def unary(_request, context):
-            await refuse(context)
-
-        async def stream(_request, context):  # async generator
-            await refuse(context)
-            yield  # pragma: no cover - unreachable, makes this an async generator
-
-        req_stream = bool(handler and handler.request_streaming)
-        resp_stream = bool(handler and handler.response_streaming)
-        kw = {}
-        if handler is not None:
-            kw = {"request_deserializer": handler.request_deserializer,
-                  "response_serializer": handler.response_serializer}
-        return _HANDLER_KINDS[(req_stream, resp_stream)](stream if resp_stream else unary, **kw)
+    async def refuse(self, context, method: str, reason: str) -> None:
+        peer = context.peer()
+        self._rl(logging.INFO, f"auth:{reason}:{_peer_host(peer)}", "refused %s from %s: %s bearer token", method,
+                 peer, reason)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, REJECT_DETAILS[reason])
 
 
 class _LatentcastServicer(pb_grpc.LatentcastServicer):
@@ -467,6 +438,10 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
                                    config=srv.config.sessions)
         except SessionRejected as exc:
             await fail(exc.code, exc.message)
+        principal = srv.principal(context)
+        if principal is not None and not principal.may_publish(spec.camera_id):  # before any state is touched
+            await fail(grpc.StatusCode.PERMISSION_DENIED,
+                       f"{principal.describe()} may not publish camera {spec.camera_id!r}")
         try:
             state, session_id, resumed = srv.sessions.open(spec, peer=context.peer())
         except SessionRejected as exc:  # another edge instance publishes this camera
@@ -688,8 +663,20 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
             srv.rl(logging.INFO, f"subscribe:INVALID_ARGUMENT:{_peer_host(peer)}",
                    "subscription from %s refused: INVALID_ARGUMENT: %s", peer, request)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is {request}")
+        principal = srv.principal(context)
+        allowed = None
+        if principal is not None:  # a request for any camera gets the cameras this token may see
+            want = request.camera_id
+            if not (principal.may_subscribe(want) if want else principal.role in ("subscribe", "admin")):
+                peer = context.peer()
+                what = f"camera {want!r}" if want else "any camera"
+                srv.rl(logging.INFO, f"subscribe:PERMISSION_DENIED:{_peer_host(peer)}",
+                       "subscription from %s refused: %s may not subscribe to %s", peer, principal.name, what)
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                    f"{principal.describe()} may not subscribe to {what}")
+            allowed = principal.may_subscribe
         try:
-            sub = srv.fanout.subscribe(request)
+            sub = srv.fanout.subscribe(request, allowed=allowed)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         log.info("subscriber %s: camera %r task %r format %s", context.peer(), request.camera_id or "*",
@@ -744,6 +731,14 @@ class CloudServer:
         self._stop_requested = asyncio.Event()
         self.ports: tuple[int, int, int] = (0, 0, 0)
         self._temporal_tables = None
+        self.auth: TokenRegistry | None = None  # the accepted tokens (None: authentication off), set by start()
+
+    def principal(self, context: grpc.aio.ServicerContext):
+        """The caller's :class:`~latentcast.cloud.auth.Principal` (None when authentication is off). The
+        interceptor already refused unknown tokens, so with auth on this is never None for a served call."""
+        if self.auth is None:
+            return None
+        return self.auth.principal(context.invocation_metadata())
 
     def temporal_tables(self):
         """The P-frame tables of temporal streams (``codec.temporal_tables``), loaded on first use."""
@@ -788,10 +783,14 @@ class CloudServer:
             await self._maint.start()
 
         interceptors = []
-        if s.tokens:
+        try:
+            self.auth = TokenRegistry.from_config(tokens=s.tokens, tokens_file=s.tokens_file)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.auth is not None:
             interceptors.append(_PeerLoggingAuth(
-                tokens=s.tokens, on_reject=lambda reason: self.metrics.auth_rejections.labels(reason=reason).inc(),
-                rl=self.rl))
+                registry=self.auth, rl=self.rl,
+                on_reject=lambda reason: self.metrics.auth_rejections.labels(reason=reason).inc()))
         self._server = grpc.aio.server(interceptors=interceptors, options=grpc_server_options(cfg),
                                        maximum_concurrent_rpcs=s.max_concurrent_rpcs)
         _add_servicer(_LatentcastServicer(self), self._server)
@@ -810,7 +809,13 @@ class CloudServer:
         self.ports = (port, maint_port, metrics_port)
         log.info("latentcast cloud on %s:%d (%s, auth %s), health/reflection on %d, metrics on %d", s.host, port,
                  "mTLS" if s.tls_client_ca_file else "TLS" if s.tls_cert_file else "plaintext",
-                 "on" if s.tokens else "OFF", maint_port, metrics_port)
+                 f"on: {len(self.auth.entries)} token(s)" if self.auth else "OFF", maint_port, metrics_port)
+        if self.auth is None:
+            log.warning("authentication is OFF on %s:%d: anyone who reaches this port may publish and subscribe to "
+                        "every camera (set server.tokens_file)", s.host, port)
+        if not s.tls_cert_file and not is_loopback(s.host):
+            log.warning("plaintext on %s:%d (server.insecure): tokens and frames cross the network in clear",
+                        s.host, port)
         self._warm_task = asyncio.create_task(self._load_and_warm(), name="latentcast-cloud-warmup")
         return self.ports
 

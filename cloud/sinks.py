@@ -30,7 +30,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import cv2
@@ -125,8 +125,9 @@ class Subscriber:
     """One ``Subscribe`` call: its filter, encoding and bounded queue (used on the event loop)."""
 
     def __init__(self, *, camera_id: str, task: str, fmt: int, quality: int, queue_size: int,
-                 steps: int = 0) -> None:
+                 steps: int = 0, allowed: Callable[[str], bool] | None = None) -> None:
         self.camera_id = camera_id
+        self.allowed = allowed  # the cameras the subscriber's token may see (None: any)
         self.task = task
         self.fmt = fmt
         self.quality = quality
@@ -139,7 +140,8 @@ class Subscriber:
         self.sent = 0
 
     def matches(self, camera_id: str, task: str) -> bool:
-        return (not self.camera_id or self.camera_id == camera_id) and (not self.task or self.task == task)
+        return ((not self.camera_id or self.camera_id == camera_id) and (not self.task or self.task == task)
+                and (self.allowed is None or self.allowed(camera_id)))
 
     @property
     def encoding(self) -> Encoding | None:
@@ -202,8 +204,9 @@ class FanOut:
     def __len__(self) -> int:
         return len(self._subs)
 
-    def subscribe(self, req: pb.SubscribeRequest) -> Subscriber:
-        """Register a subscriber for ``req`` (raises ValueError on a bad format or quality)."""
+    def subscribe(self, req: pb.SubscribeRequest, *, allowed: Callable[[str], bool] | None = None) -> Subscriber:
+        """Register a subscriber for ``req`` (raises ValueError on a bad format or quality); ``allowed``
+        limits it to the cameras its token may see."""
         if req.format not in (pb.IMAGE_FORMAT_UNSPECIFIED, pb.IMAGE_FORMAT_JPEG, pb.IMAGE_FORMAT_PNG):
             raise ValueError(f"SubscribeRequest.format {req.format} is not a known ImageFormat")
         if req.jpeg_quality > 100:
@@ -219,7 +222,7 @@ class FanOut:
         # without a diffusion composer the frame does not depend on steps: everyone gets the analysed frame
         steps = req.compose_steps if self.composer is not None and req.format != pb.IMAGE_FORMAT_UNSPECIFIED else 0
         sub = Subscriber(camera_id=req.camera_id, task=req.task, fmt=req.format, quality=quality,
-                         queue_size=self._queue_size, steps=steps)
+                         queue_size=self._queue_size, steps=steps, allowed=allowed)
         if self._closed:
             sub.close()
             return sub

@@ -94,6 +94,11 @@ def logs(caplog) -> pytest.LogCaptureFixture:
     return caplog
 
 
+# grpc.aio's client reports this INTERNAL status instead of the server's when one of its writes loses the race
+# with the server ending the call (grpc/grpc#36066, fix proposed in grpc/grpc#43486): a client-side artefact
+CLIENT_WRITE_RACE = "Internal error from Core"
+
+
 def _grpc_multi_loop_noise(r: logging.LogRecord) -> bool:
     """grpc.aio's poller, bound to the event loops of earlier tests in this process (pytest-asyncio makes one
     per test), logs a spurious BlockingIOError through asyncio when another loop took its wake-up byte
@@ -252,6 +257,9 @@ async def test_refused_tokens_are_rate_limited_and_name_the_peer(make_server, ti
         for i in range(n):
             md = (("authorization", f"Bearer wrong-{i}"),)
             err = await status_of(stub.Stream(metadata=md), header(tiny_codec))
+            if err.code() == grpc.StatusCode.INTERNAL and err.details() == CLIENT_WRITE_RACE:
+                n += 1  # the client hid the server's status (see CLIENT_WRITE_RACE); the server counted it: again
+                err = await status_of(stub.Stream(metadata=md), header(tiny_codec))
             assert err.code() == grpc.StatusCode.UNAUTHENTICATED
         garbled = raw_stream(ch, metadata=(("authorization", "Bearer nope"),))  # refused before it is parsed
         assert (await status_of(garbled, garbage(3))).code() == grpc.StatusCode.UNAUTHENTICATED
@@ -260,7 +268,7 @@ async def test_refused_tokens_are_rate_limited_and_name_the_peer(make_server, ti
         assert (await collect(ok, until=lambda ms: True))[0].WhichOneof("msg") == "accepted"
         ok.cancel()
     assert srv.metrics.value("latentcast_cloud_auth_rejections_total", {"reason": "unknown"}) == n + 1
-    refused = [r.getMessage() for r in logs.records if "token" in r.getMessage()]
+    refused = [r.getMessage() for r in logs.records if "bearer token" in r.getMessage()]
     assert 1 <= len(refused) <= 3, refused
     assert "127.0.0.1" in refused[0] and "unknown" in refused[0]
     assert not any("s3cret" in r.getMessage() or "wrong-" in r.getMessage() for r in logs.records)

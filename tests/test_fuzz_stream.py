@@ -33,6 +33,7 @@ from latentcast.proto.bitstream import CRC_BYTES, Packet, Roi, SectionKind  # no
 from latentcast.proto.ids import label_set_hash  # noqa: E402
 
 from .test_cloud_hardening import (  # noqa: E402
+    CLIENT_WRITE_RACE,
     LABELS,
     _grpc_multi_loop_noise,
     TIMEOUT,
@@ -57,10 +58,6 @@ STREAMS = 4  # concurrent fuzzing streams
 PER_STREAM = 40  # messages per stream before it half-closes (a refused stream reconnects sooner)
 ALLOWED_STATUS = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}
 ALLOWED_FRAME_ERRORS = set(ERROR_CODES) - {"internal_error"}
-# grpc.aio's client reports this INTERNAL status instead of the server's when one of its writes loses the race
-# with the server ending the call (grpc/grpc#36066, fix proposed in #43486); the server's own count of the
-# statuses it ended streams with is checked instead
-CLIENT_WRITE_RACE = "Internal error from Core"
 
 
 def _fix_crc(data: bytes) -> bytes:
@@ -187,7 +184,7 @@ async def _fuzz_stream(ch, tiny_codec, camera: str, mut: Mutator, budget: int) -
         pass
     code = await asyncio.wait_for(call.code(), TIMEOUT)
     if code == grpc.StatusCode.INTERNAL and await call.details() == CLIENT_WRITE_RACE:
-        code = None  # grpc.aio's client hid the server's status (see CLIENT_WRITE_RACE); the server's metrics have it
+        code = None  # the client hid the server's status (CLIENT_WRITE_RACE); the server's own count is checked below
     return sent, code, errors
 
 

@@ -22,6 +22,8 @@
     latentcast task show NAME | task list          (label lists: shipped ones and the cache)
     latentcast edge --config edge.yaml [--task NAME]  (edge service; --describe lists every option)
     latentcast cloud --config cloud.yaml           (cloud service; --describe lists every option)
+    latentcast token new --name N --role publish --cameras 'gate-*'   (a fresh token and its tokens_file entry)
+    latentcast token hash < TOKEN                  (the sha256 line of a token you already have)
     latentcast demo [VIDEO]                        (both on loopback: live line, side-by-side video, summary)
     latentcast eval --data VIDEO|DIR|COCO.json --out DIR   (rate vs mAP/top-1/PSNR/MS-SSIM, BD-rates, plots)
 
@@ -393,6 +395,32 @@ def cmd_cloud(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_token(a: argparse.Namespace) -> int:
+    import yaml
+
+    from latentcast.cloud.auth import ROLES, hash_token, new_token
+
+    if a.action == "hash":
+        token = sys.stdin.readline().strip()
+        if not token or any(c.isspace() for c in token):
+            print("error: give the token on stdin, one line without spaces", file=sys.stderr)
+            return 2
+        print(hash_token(token).hex())
+        return 0
+    cams = [c.strip() for c in (a.cameras or "").split(",") if c.strip()]
+    if not a.name or not cams or a.role not in ROLES:
+        print(f"error: token new needs --name, --role ({', '.join(ROLES)}) and --cameras (comma-separated globs, "
+              f"e.g. 'gate-*'); got name={a.name!r} role={a.role!r} cameras={a.cameras!r}", file=sys.stderr)
+        return 2
+    token = new_token()
+    entry = yaml.safe_dump([{"name": a.name, "sha256": hash_token(token).hex(), "role": a.role, "cameras": cams}],
+                           sort_keys=False).rstrip()
+    print(f"# token for {a.name!r}: give it to the client (edge: server.token_file), keep it secret\n{token}\n"
+          f"# add under 'tokens:' in the cloud's server.tokens_file (only the hash is stored there)")
+    print("\n".join("  " + line for line in entry.splitlines()))
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from latentcast.tools.demo import main as demo_main
 
@@ -587,6 +615,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", help="cloud YAML config (see cloud/cloud.yaml); LATENTCAST_CLOUD__* variables override it")
     c.add_argument("--describe", action="store_true", help="list every config key, its variable and default")
     c.set_defaults(func=cmd_cloud)
+
+    k = sub.add_parser("token", help="bearer tokens for the cloud's server.tokens_file: new (random token + its "
+                                     "entry) or hash (the sha256 of a token read from stdin)")
+    k.add_argument("action", choices=["new", "hash"])
+    k.add_argument("--name", help="new: the entry's name (for logs and errors)")
+    k.add_argument("--role", default="publish", help="new: publish, subscribe or admin (default publish)")
+    k.add_argument("--cameras", help="new: camera id globs it may use, comma-separated (e.g. 'gate-*,lobby')")
+    k.set_defaults(func=cmd_token)
 
     m = sub.add_parser("demo", help="edge + cloud on loopback over a video: live stats, side-by-side video, summary")
     m.add_argument("video", nargs="?", help="video file or URL (default: vtest.avi in the shared folder)")
