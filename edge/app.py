@@ -35,6 +35,7 @@ from latentcast.edge.grounding import Grounder, Grounding
 from latentcast.edge.sender import Backlog, OutFrame, SendQueue
 from latentcast.edge.tasks import TaskList, load_task
 from latentcast.proto import latentcast_v1_pb2 as pb
+from latentcast.proto.entropy import UncodableSymbols
 from latentcast.proto.ids import label_set_hash
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,8 @@ class EdgeApp:
         self.frames_captured = 0
         self.frames_encoded = 0
         self.dropped_encoder_busy = 0
+        self.dropped_uncodable = 0
+        self._uncodable_logged = float("-inf")
         self.dropped_queue_full_new = 0  # refused by drop-newest (also in the queue's dropped_by_policy)
         self.dropped_queue_full_temporal = 0  # temporal: not encoded because the send queue was full
         self.bytes_encoded = 0
@@ -313,7 +316,15 @@ class EdgeApp:
                         client_task = asyncio.create_task(self.client.run(client_stop), name="edge-client")
                         client_task.add_done_callback(lambda t: stop.set() if not t.cancelled() and t.exception()
                                                       else None)
-                    packet, g, g_ms, e_ms = await loop.run_in_executor(work_exec, self._process, f.rgb)
+                    try:
+                        packet, g, g_ms, e_ms = await loop.run_in_executor(work_exec, self._process, f.rgb)
+                    except UncodableSymbols as exc:  # a frame far outside what the codec was trained on: skip it
+                        self.dropped_uncodable += 1
+                        now = time.monotonic()
+                        if now - self._uncodable_logged >= 10.0:
+                            self._uncodable_logged = now
+                            log.warning("frame not coded (%d so far): %s", self.dropped_uncodable, exc)
+                        continue
                     self.frames_encoded += 1
                     self.bytes_encoded += len(packet)
                     self.rois_total += len(g.rois)
@@ -395,6 +406,7 @@ class EdgeApp:
                 "queue_full_temporal": self.dropped_queue_full_temporal,  # temporal: skipped before encoding
                 "backlog_full": bs["lost_to_backlog"],  # unacked frames dropped during an outage
                 "too_large": cs.get("dropped_too_large", 0),  # over server.max_message_bytes
+                "uncodable": self.dropped_uncodable,  # the entropy coder refused the frame's values
             },
             "bytes_encoded": self.bytes_encoded,
             "bytes_sent": cs.get("bytes_written", 0),

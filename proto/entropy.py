@@ -51,6 +51,7 @@ __all__ = [
     "gaussian_tables",
     "quantize_pmf",
     "EntropyError",
+    "UncodableSymbols",
     "BUDGET_SLACK_BITS",
     "escape_budget",
 ]
@@ -71,6 +72,11 @@ def escape_budget(symbols: int) -> int:
 
 class EntropyError(ValueError):
     """A symbol stream that cannot be decoded (corrupt or truncated bytes, bad table)."""
+
+
+class UncodableSymbols(ValueError):
+    """Values the encoder refuses to code: too many outside their tables' range (the escape budget) or
+    too large to escape-code. The frame that made them cannot be sent; the caller skips it."""
 
 
 def quantize_pmf(pmf: np.ndarray, *, precision: int = PRECISION) -> np.ndarray:
@@ -225,7 +231,7 @@ class SymbolEncoder:
             self._symbols += sym.size
             self._escapes += int(esc.sum())
             if self._escapes > escape_budget(self._symbols):
-                raise ValueError(f"{self._escapes} of the first {self._symbols} symbols are outside their tables' "
+                raise UncodableSymbols(f"{self._escapes} of the first {self._symbols} symbols are outside their tables' "
                                  f"range (at most {escape_budget(self._symbols)} may be escape-coded): the values "
                                  "are not what the entropy model was trained for")
             self._enc.encode(sym, models.cats[t])
@@ -238,7 +244,7 @@ class SymbolEncoder:
         u = np.where(v < 0, -2 * v - 1, 2 * (v - n_direct)).astype(np.int64)  # >= 0
         u = u + 1  # >= 1, so bit length >= 1
         if u.max() >= (1 << 32):
-            raise ValueError(f"symbol magnitude {int(u.max())} too large to escape-code")
+            raise UncodableSymbols(f"symbol magnitude {int(u.max())} too large to escape-code")
         for x in u:
             nb = int(x).bit_length()
             self._enc.encode(np.array([nb], dtype=np.int32), models.esc_len)

@@ -373,7 +373,7 @@ async def test_edge_app_streams_vtest_frames(tiny_bundle):
         assert f.capture_ts_us > 0
     assert stats["frames_captured"] == stats["frames_encoded"] == stats["frames_sent"] == stats["frames_acked"] == 10
     assert stats["dropped"] == {"encoder_busy": 0, "queue_policy": 0, "queue_full_temporal": 0, "backlog_full": 0,
-                                "too_large": 0}
+                                "too_large": 0, "uncodable": 0}
     assert stats["detector_runs"] == 4 and stats["results"] == 10 and stats["frames_pending"] == 0
     assert stats["bytes_encoded"] == sum(len(f.packet) for f in packets) == stats["bytes_sent"]
     assert stats["bpp"] == pytest.approx(8 * stats["bytes_encoded"] / (10 * 768 * 576))
@@ -476,3 +476,38 @@ async def test_edge_app_stop_event_ends_a_looping_realtime_run(tiny_bundle):
         await server.stop(None)
     assert stats["results"] >= 3 and stats["frames_captured"] >= stats["frames_encoded"] >= 3
     assert cameras["loop"].processed[:3] == [0, 1, 2]
+
+
+async def test_edge_app_skips_a_frame_the_coder_refuses(tiny_bundle, monkeypatch):
+    """A frame whose latent the entropy coder refuses (values far outside its model: UncodableSymbols) is
+    skipped and counted; the stream goes on with the next frames."""
+    from latentcast.edge.app import EdgeApp
+    from latentcast.edge.config import EdgeConfig
+    from latentcast.proto.entropy import UncodableSymbols
+    from tests.conftest import shared_or_skip
+
+    video = shared_or_skip() / "data" / "video" / "vtest.avi"
+    cameras: dict[str, CameraState] = {}
+    server, port = await start_server(FakeCloud(cameras))
+    cfg = EdgeConfig(camera_id="odd")
+    cfg.source.uri, cfg.source.pace = str(video), "none"
+    cfg.grounding.labels, cfg.grounding.every, cfg.grounding.threads = ["pedestrian"], 3, 1
+    cfg.codec.bundle, cfg.codec.rate_point, cfg.codec.threads = str(tiny_bundle), 0, 1
+    cfg.server.target = f"127.0.0.1:{port}"
+    app = EdgeApp(cfg)
+    real = app._process
+    calls = []
+
+    def process(rgb):  # ground and encode: the third frame's latent is refused by the entropy coder
+        calls.append(1)
+        if len(calls) == 3:
+            raise UncodableSymbols("5000 of the first 6000 symbols are outside their tables' range")
+        return real(rgb)
+
+    monkeypatch.setattr(app, "_process", process)
+    try:
+        stats = await asyncio.wait_for(app.run(max_frames=6), 60)
+    finally:
+        await server.stop(None)
+    assert stats["dropped"]["uncodable"] == 1 and stats["frames_sent"] == 5
+    assert cameras["odd"].processed == list(range(5))  # seqs stay contiguous: the skipped frame has none

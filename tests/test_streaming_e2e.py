@@ -163,7 +163,7 @@ async def test_cloud_restart_mid_stream_loses_nothing_and_processes_nothing_twic
     assert stats["frames_encoded"] == 30 and stats["reconnects"] >= 1
     assert sorted(seqs) == list(range(30)), seqs  # every frame analysed, none twice
     assert stats["dropped"] == {"encoder_busy": 0, "queue_policy": 0, "queue_full_temporal": 0, "backlog_full": 0,
-                                "too_large": 0}
+                                "too_large": 0, "uncodable": 0}
 
 
 def _spy(make_sinks, seen):
