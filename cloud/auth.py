@@ -33,7 +33,9 @@ Tokens come from ``server.tokens_file`` (YAML; :func:`load_token_file`)::
 and from ``server.tokens`` (a plain list, as before this file existed): each is an admin of every
 camera. Presented tokens are hashed once and compared with every entry's hash with
 ``hmac.compare_digest``, all entries every time, so the time does not depend on which entry (if
-any) matched. The maintenance server (health, reflection) has no interceptor: probes need no
+any) matched; one token in two entries is an error (which role would it have?). A served call whose
+metadata does not resolve (the interceptor let it through) is :data:`NOBODY`, who may do nothing. The
+maintenance server (health, reflection) has no interceptor: probes need no
 token. With mTLS the client certificate is checked by the TLS layer before this.
 """
 
@@ -53,8 +55,8 @@ import grpc
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AUTH_METADATA_KEY", "ROLES", "BearerTokenInterceptor", "Principal", "TokenEntry", "TokenRegistry",
-           "hash_token", "load_token_file", "new_token", "REJECT_DETAILS"]
+__all__ = ["AUTH_METADATA_KEY", "ROLES", "BearerTokenInterceptor", "NOBODY", "Principal", "TokenEntry",
+           "TokenRegistry", "hash_token", "load_token_file", "new_token", "REJECT_DETAILS"]
 
 AUTH_METADATA_KEY = "authorization"
 _SCHEME = "bearer "
@@ -92,7 +94,10 @@ class Principal:
         return self.role in ("subscribe", "admin") and self._matches(camera_id)
 
     def describe(self) -> str:
-        return f"token {self.name!r} (role {self.role}, cameras {', '.join(self.cameras)})"
+        return f"token {self.name!r} (role {self.role}, cameras {', '.join(self.cameras) or '(none)'})"
+
+
+NOBODY = Principal(name="(no valid token)", role="none", cameras=())  # may do nothing: what an unresolved caller is
 
 
 @dataclass(frozen=True)
@@ -177,6 +182,12 @@ class TokenRegistry:
     def __init__(self, entries: Sequence[TokenEntry]) -> None:
         if not entries:
             raise ValueError("a TokenRegistry needs at least one token")
+        seen: dict[bytes, str] = {}
+        for e in entries:  # one token, two entries: which role and cameras would it have?
+            if e.digest in seen:
+                raise ValueError(f"server.tokens / server.tokens_file: entries {seen[e.digest]!r} and "
+                                 f"{e.principal.name!r} hold the same token; give each entry its own token")
+            seen[e.digest] = e.principal.name
         self.entries = tuple(entries)
 
     @classmethod

@@ -93,15 +93,24 @@ class ServerConfig:
     stream_outbox: int = 64  # per-stream messages awaiting the client before the server stops reading its frames
 
     def __post_init__(self) -> None:
-        if not is_loopback(self.host) and not self.insecure and not (self.tls_cert_file and (self.tokens
-                                                                                             or self.tokens_file)):
-            missing = " and ".join(w for w, ok in (("TLS (tls_cert_file, tls_key_file)", self.tls_cert_file),
-                                                   ("tokens (tokens_file)", self.tokens or self.tokens_file))
-                                   if not ok)
-            raise ValueError(f"server.host {self.host!r} is not a loopback address, and the service has no {missing}: "
-                             "anyone on the network could publish and subscribe to every camera. Configure them, "
-                             "or set server.insecure: true to serve it this way anyway (e.g. behind a "
-                             "TLS-terminating proxy that authenticates)")
+        problem = self.exposure_problem()
+        if problem:
+            raise ValueError(problem)
+
+    def exposure_problem(self) -> str | None:
+        """Why this service may not listen on ``host`` as configured (a non-loopback address without both TLS
+        and tokens, and no ``insecure: true``), else None. Checked on construction and again by
+        ``CloudServer.start`` (a config object can be changed after it was built)."""
+        has_tls = bool(self.tls_cert_file)
+        has_tokens = any(self.tokens) or bool(self.tokens_file)
+        if is_loopback(self.host) or self.insecure or (has_tls and has_tokens):
+            return None
+        missing = " and ".join(w for w, ok in (("TLS (tls_cert_file, tls_key_file)", has_tls),
+                                               ("tokens (tokens_file)", has_tokens)) if not ok)
+        return (f"server.host {self.host!r} is not a loopback address, and the service has no {missing}: "
+                "anyone on the network could publish and subscribe to every camera. Configure them, "
+                "or set server.insecure: true to serve it this way anyway (e.g. behind a "
+                "TLS-terminating proxy that authenticates)")
 
 
 @dataclass

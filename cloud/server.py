@@ -82,7 +82,7 @@ from latentcast.proto import latentcast_v1_pb2_grpc as pb_grpc
 from latentcast.proto.bitstream import MAX_ROIS, BitstreamError, Packet, Roi
 
 from .analytics import Detection, Detector, make_detector
-from .auth import REJECT_DETAILS, BearerTokenInterceptor, TokenRegistry
+from .auth import NOBODY, REJECT_DETAILS, BearerTokenInterceptor, Principal, TokenRegistry
 from .config import CloudConfig, is_loopback
 from .metrics import CloudMetrics, MetricsHttpServer, RateLimitedLog
 from .pipeline import (
@@ -733,12 +733,13 @@ class CloudServer:
         self._temporal_tables = None
         self.auth: TokenRegistry | None = None  # the accepted tokens (None: authentication off), set by start()
 
-    def principal(self, context: grpc.aio.ServicerContext):
+    def principal(self, context: grpc.aio.ServicerContext) -> Principal | None:
         """The caller's :class:`~latentcast.cloud.auth.Principal` (None when authentication is off). The
-        interceptor already refused unknown tokens, so with auth on this is never None for a served call."""
+        interceptor already refused unknown tokens; should the metadata not resolve here anyway, the caller
+        is :data:`~latentcast.cloud.auth.NOBODY`, who may do nothing (fail closed)."""
         if self.auth is None:
             return None
-        return self.auth.principal(context.invocation_metadata())
+        return self.auth.principal(context.invocation_metadata()) or NOBODY
 
     def temporal_tables(self):
         """The P-frame tables of temporal streams (``codec.temporal_tables``), loaded on first use."""
@@ -760,6 +761,13 @@ class CloudServer:
         endpoint that is off. Loading and warm-up continue in the background (see :meth:`wait_ready`)."""
         cfg = self.config
         s = cfg.server
+        problem = s.exposure_problem()  # again here: the config may have been changed since it was built
+        if problem:
+            raise ConfigError(problem)
+        try:  # before anything is bound: a bad token file leaves no port open
+            self.auth = TokenRegistry.from_config(tokens=s.tokens, tokens_file=s.tokens_file)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self._loop = asyncio.get_running_loop()
         self.fanout = FanOut(loop=self._loop, queue_size=cfg.sinks.subscriber_queue,
                              jpeg_quality=cfg.sinks.jpeg_quality, png_compression=cfg.sinks.png_compression,
@@ -783,10 +791,6 @@ class CloudServer:
             await self._maint.start()
 
         interceptors = []
-        try:
-            self.auth = TokenRegistry.from_config(tokens=s.tokens, tokens_file=s.tokens_file)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
         if self.auth is not None:
             interceptors.append(_PeerLoggingAuth(
                 registry=self.auth, rl=self.rl,

@@ -266,3 +266,29 @@ def test_server_config_replace_keeps_checks():
     cfg = CloudConfig()
     with pytest.raises(ValueError):
         dataclasses.replace(cfg.server, host="0.0.0.0")
+
+
+async def test_start_checks_the_exposure_again(tiny_codec):
+    from latentcast.config import ConfigError
+
+    cfg = make_config(metrics_port=0, maintenance_port=0)
+    cfg.server.host = "0.0.0.0"  # changed after the checks of its construction ran
+    srv = CloudServer(cfg, codec=tiny_codec, detector=FakeDetector())
+    with pytest.raises(ConfigError, match="server.insecure: true"):
+        await srv.start()
+    assert srv._server is None and srv._maint is None and srv._http is None  # nothing was bound
+    await srv.stop(0.1)
+
+
+def test_one_token_in_two_entries_is_an_error(token_file):
+    with pytest.raises(ValueError, match="'server.tokens\\[0\\]' and 'gate-edge' hold the same token"):
+        TokenRegistry.from_config(tokens=[TOKENS["gate"]], tokens_file=str(token_file))
+
+
+async def test_an_unresolved_caller_may_do_nothing(server):
+    class Ctx:  # as if the interceptor had let a call through that the servicer cannot resolve
+        def invocation_metadata(self):
+            return (("authorization", "Bearer not-a-token"),)
+
+    p = server.principal(Ctx())
+    assert p is auth.NOBODY and not p.may_publish("lobby") and not p.may_subscribe("lobby")
