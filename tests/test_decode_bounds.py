@@ -36,6 +36,7 @@ from latentcast.proto import latentcast_v1_pb2 as pb  # noqa: E402
 from latentcast.proto.bitstream import Packet, Roi, SectionKind  # noqa: E402
 from latentcast.proto.entropy import EntropyError, SymbolDecoder, SymbolEncoder, TableSet, escape_budget  # noqa: E402
 from latentcast.proto.ids import label_set_hash  # noqa: E402
+from latentcast.tools.bench_hostile import replace_sections as forged  # noqa: E402
 
 from .test_cloud_hardening import (  # noqa: E402
     LABELS,
@@ -50,15 +51,6 @@ from .test_cloud_hardening import (  # noqa: E402
 from .test_cloud_pipeline import SPEC, _collector, job  # noqa: E402
 
 TIMEOUT = 10.0
-
-
-def forged(data: bytes, **sections: bytes) -> bytes:
-    """``data`` with some sections replaced (the packet CRC is recomputed: only the decoder can tell)."""
-    p = Packet.from_bytes(data)
-    secs = dict(p.sections)
-    for name, payload in sections.items():
-        secs[SectionKind[name]] = payload
-    return Packet(header=p.header, sections=secs).to_bytes()
 
 
 # ------------------------------------------------------------------------- the entropy decoder's budget

@@ -51,7 +51,7 @@ from . import provenance
 
 log = logging.getLogger(__name__)
 
-__all__ = ["COMMON", "HOSTILE_KINDS", "add_arguments", "forge", "main", "markdown", "run_bench"]
+__all__ = ["COMMON", "HOSTILE_KINDS", "add_arguments", "forge", "main", "markdown", "replace_sections", "run_bench"]
 
 COMMON = ("--out", "--weights", "--rate", "--threads", "--frames", "--video")  # flags `latentcast bench` already has
 
@@ -60,7 +60,9 @@ MAX_W, MAX_H = 1920, 1088  # the default sessions.max_frame_pixels as a frame
 LABELS = ["person", "car"]
 
 
-def _replace_sections(data: bytes, **sections: bytes) -> bytes:
+def replace_sections(data: bytes, **sections: bytes) -> bytes:
+    """``data`` with some sections replaced (by kind name: Z, Y, ...), the packet CRC recomputed: a forgery
+    only the decoder can tell."""
     from latentcast.proto.bitstream import Packet, SectionKind
 
     p = Packet.from_bytes(data)
@@ -90,14 +92,14 @@ def forge(codec, kind: str, legit_max: bytes, seed: int = 0) -> bytes:
 
     rng = np.random.default_rng(seed)
     if kind in ("zeros", "zeros-no-guard"):
-        return _replace_sections(legit_max, Z=b"\0" * 8, Y=b"\0" * 8)
+        return replace_sections(legit_max, Z=b"\0" * 8, Y=b"\0" * 8)
     if kind == "random":
-        return _replace_sections(legit_max, Z=rng.bytes(2048), Y=rng.bytes(51_200))
+        return replace_sections(legit_max, Z=rng.bytes(2048), Y=rng.bytes(51_200))
     if kind == "truncated":
         y = Packet.from_bytes(legit_max).sections[SectionKind.Y]
-        return _replace_sections(legit_max, Y=y[: len(y) // 4 // 4 * 4])
+        return replace_sections(legit_max, Y=y[: len(y) // 4 // 4 * 4])
     if kind == "escapes":
-        return _replace_sections(legit_max, Y=_escape_section(codec, 200_000))
+        return replace_sections(legit_max, Y=_escape_section(codec, 200_000))
     if kind == "legit-max":
         return legit_max
     raise ValueError(f"hostile kind {kind!r} is not one of {', '.join(HOSTILE_KINDS)}")
