@@ -377,3 +377,18 @@ async def test_a_stream_of_refused_frames_is_read_more_slowly(tiny_codec, packet
     assert slow_s >= 0.01 + 0.02 + 0.04 + 0.08 + 3 * 0.1, slow_s
     assert [m for m in (r.getMessage() for r in caplog.records) if "refused in a row" in m]
     assert [m for m in (r.getMessage() for r in caplog.records) if "10 refused" in m]
+
+
+def test_the_benchmark_forgeries_are_what_they_say(tiny_codec, image):
+    """``latentcast bench hostile``'s packets: every forged kind is refused by the decoder, legit-max decodes."""
+    from latentcast.tools.bench_hostile import HOSTILE_KINDS, forge
+
+    legit = tiny_codec.compress(image, [], rate_point=1)
+    for kind in HOSTILE_KINDS:
+        data = forge(tiny_codec, kind, legit)
+        if kind == "legit-max":
+            assert tiny_codec.decompress(data).frame.shape == image.shape
+            continue
+        with pytest.raises(Exception) as ei:
+            tiny_codec.decompress(data)
+        assert "Entropy" in type(ei.value).__name__ or "checksum" in str(ei.value), (kind, ei.value)

@@ -20,8 +20,10 @@ escapes        a Y section of 200,000 escape-coded symbols (a forger's encoder w
                budget and without the decoder's tables; the entropy tests cover the budget itself)
 legit-max      real 1920x1088 frames, validly coded: not hostile bytes but the most a session may
                cost per frame; shows what fair scheduling alone gives (no budget check applies)
+zeros-no-backoff  the zeros packet with ``pipeline.refused_backoff_max_s`` 0: streams of refused
+               frames are read as fast as they come (that lever's effect)
 zeros-no-guard the zeros packet with the entropy decoder's budget checks switched off in this
-               process (what the decoder did before them): the lever's effect
+               process (what the decoder did before them): that lever's effect
 =============  ===================================================================================
 
 Reported per phase: the good stream's latency p50/p95/max and its ratio to the unloaded p50, the
@@ -55,7 +57,7 @@ __all__ = ["COMMON", "HOSTILE_KINDS", "add_arguments", "forge", "main", "markdow
 
 COMMON = ("--out", "--weights", "--rate", "--threads", "--frames", "--video")  # flags `latentcast bench` already has
 
-HOSTILE_KINDS = ("zeros", "random", "truncated", "escapes", "legit-max", "zeros-no-guard")
+HOSTILE_KINDS = ("zeros", "random", "truncated", "escapes", "legit-max", "zeros-no-backoff", "zeros-no-guard")
 MAX_W, MAX_H = 1920, 1088  # the default sessions.max_frame_pixels as a frame
 LABELS = ["person", "car"]
 
@@ -91,7 +93,7 @@ def forge(codec, kind: str, legit_max: bytes, seed: int = 0) -> bytes:
     from latentcast.proto.bitstream import Packet, SectionKind
 
     rng = np.random.default_rng(seed)
-    if kind in ("zeros", "zeros-no-guard"):
+    if kind in ("zeros", "zeros-no-backoff", "zeros-no-guard"):
         return replace_sections(legit_max, Z=b"\0" * 8, Y=b"\0" * 8)
     if kind == "random":
         return replace_sections(legit_max, Z=rng.bytes(2048), Y=rng.bytes(51_200))
@@ -282,6 +284,9 @@ async def run_bench(a: argparse.Namespace) -> dict:
                            for j in range(a.hostile_streams)]
                 stop, out = ctx.Event(), ctx.Queue()
                 guard = _budget_off(entropy) if kind == "zeros-no-guard" else contextlib.nullcontext()
+                pipeline_cfg = srv.config.pipeline
+                if kind == "zeros-no-backoff":  # read by the server at every frame: takes effect at once
+                    srv.config.pipeline = dataclasses.replace(pipeline_cfg, refused_backoff_max_s=0.0)
                 with guard:
                     proc = ctx.Process(target=_attacker, args=(srv.ports[0], headers, forged[kind], stop, out),
                                        daemon=True)
@@ -294,6 +299,7 @@ async def run_bench(a: argparse.Namespace) -> dict:
                     sent, codes = await asyncio.to_thread(out.get, True, 120)
                     await asyncio.to_thread(proc.join, 30)
                     await asyncio.sleep(1.0)  # let the cloud drop what the cancelled streams left queued
+                srv.config.pipeline = pipeline_cfg
                 s = _summary(lat, lost, base)
                 answered = sum(codes.values())
                 phases.append({"phase": kind, **s, "seconds": round(secs, 1), "hostile_streams": a.hostile_streams,
