@@ -208,6 +208,15 @@ class SessionsConfig:
     max_frame_pixels: int = 1920 * 1088  # largest frame (width x height) a session may declare: 1080p coded size;
     #                                      decode cost grows with it (up to proto.bitstream.MAX_DECODE_PIXELS)
 
+    def __post_init__(self) -> None:
+        t = self.takeover_after_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t >= 0 and math.isfinite(t)):
+            raise ValueError(f"sessions.takeover_after_s must be a finite number >= 0 (0 = a newer stream always "
+                             f"takes over), got {t!r}")
+        a = self.max_seq_ahead
+        if isinstance(a, bool) or not isinstance(a, int) or not 1 <= a <= 1 << 63:
+            raise ValueError(f"sessions.max_seq_ahead must be an integer in 1..2**63, got {a!r}")
+
 
 @dataclass
 class SinksConfig:

@@ -14,10 +14,24 @@ calls before that end with UNAVAILABLE. On shutdown it turns NOT_SERVING first.
 
 - The first message must be a SessionHeader (else INVALID_ARGUMENT). It is validated against the
   loaded codec (``sessions.validate_header``: FAILED_PRECONDITION for another codec id or weights
-  hash, INVALID_ARGUMENT for a bad header); the reply is SessionAccepted(next_seq) from the
-  camera's state, which survives reconnects. A newer stream for the same camera takes over: the
-  older one ends with ABORTED.
-- Each FramePacket: a seq already received is re-acknowledged at once and not processed again.
+  hash, INVALID_ARGUMENT for a bad header); the reply is SessionAccepted(next_seq, resumed) from the
+  camera's state (``sessions.SessionRegistry.open``).
+- Edge identity, one publisher per camera. The camera's sequence state belongs to the edge instance
+  that made it (``SessionHeader.instance_id``, random per edge process): the same instance
+  reconnecting resumes it (``resumed``), another instance (a restarted edge, whose seqs start at 0
+  again) starts it afresh at next_seq 0 with no temporal decoder state, so every frame it sends is
+  analysed; an edge without an instance id resumes by camera_id, as before instance ids. The stream
+  that holds the camera keeps it: a stream of another instance is refused with ALREADY_EXISTS (the
+  message names the holder's instance, peer and start time) while the holder sent a message within
+  ``sessions.takeover_after_s`` or still has frames in the pipeline (backpressure may have stopped
+  reading it: that silence is the cloud's); a holder silent longer (a killed edge whose connection
+  is not yet seen dead) is superseded and ends with ABORTED. A newer stream of the same instance
+  supersedes its older one at once (ABORTED); a stream that ended frees the camera at once. A
+  refused stream changes nothing.
+- Each FramePacket: its seq must be below ``next_seq + sessions.max_seq_ahead`` (and below 2**63, so
+  every reply field fits uint64), else the stream ends with INVALID_ARGUMENT naming the seq, next_seq
+  and the limit, and the camera's state is not touched (a reconnect is accepted as before).
+  A seq already received is re-acknowledged at once and not processed again.
   Otherwise the packet is parsed on the event loop (bounded by ``server.max_packet_bytes``, O(len)).
   Stream-ending errors (INVALID_ARGUMENT, this stream only): an empty packet, a packet above
   ``max_packet_bytes``, bytes that are not an LCF v1 packet, a second SessionHeader or an empty
@@ -243,7 +257,7 @@ class _Stream:
         self._unacked = 0
         self._ack_now = False
         self._last_acked = acked
-        return pb.CloudMessage(ack=pb.Ack(acked_seq=acked, frames_received=self.state.frames_received))
+        return pb.CloudMessage(ack=pb.Ack(acked_seq=_u64(acked), frames_received=_u64(self.state.frames_received)))
 
     # ---------------------------------------------------------------- pipeline hand-back
     def deliver(self, outcome: FrameOutcome) -> None:
@@ -280,6 +294,15 @@ class _Stream:
         if self.reader is not None:
             self.reader.cancel()
         self.outbox.put(_SHUTDOWN)
+
+
+_U64_MAX = (1 << 64) - 1
+
+
+def _u64(value: int) -> int:
+    """``value`` clamped to a uint64 reply field: building a reply never raises ("Value out of range"),
+    whatever the state (seqs are kept below ``sessions.MAX_SEQ`` at the boundary anyway)."""
+    return min(max(int(value), 0), _U64_MAX)
 
 
 def _frame_error(seq: int, code: str, message: str) -> pb.CloudMessage:
@@ -442,15 +465,29 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
         if principal is not None and not principal.may_publish(spec.camera_id):  # before any state is touched
             await fail(grpc.StatusCode.PERMISSION_DENIED,
                        f"{principal.describe()} may not publish camera {spec.camera_id!r}")
+        previous = srv._streams.get(spec.camera_id)  # the stream holding the camera, if any
+        if previous is not None and srv.pipeline is not None and srv.pipeline.in_flight(previous.session_id) > 0:
+            # its frames are still being decoded, and backpressure may have stopped reading it: that silence is
+            # the cloud's, not the edge's (a slow decoder must not hand the camera to another edge)
+            previous.state.last_message = time.monotonic()
+        silent_s = time.monotonic() - previous.state.last_message if previous is not None else 0.0
         try:
             state, session_id, resumed = srv.sessions.open(spec, peer=context.peer())
         except SessionRejected as exc:  # another edge instance publishes this camera
             await fail(exc.code, exc.message)
-        previous = srv._streams.get(spec.camera_id)
         if previous is not None:
-            previous.end(grpc.StatusCode.ABORTED,
-                         f"superseded by a newer stream of camera {spec.camera_id!r} (session {session_id}, "
-                         f"instance {spec.instance_id or '(none)'})")
+            if previous.spec.instance_id != spec.instance_id:  # a holder of another instance, silent too long
+                log.warning("camera %r: stream %s (instance %s from %s) sent nothing for %.1f s "
+                            "(sessions.takeover_after_s %g): taken over by instance %s from %s",
+                            spec.camera_id, previous.session_id, previous.spec.instance_id or "(none)",
+                            previous.peer, silent_s, srv.config.sessions.takeover_after_s,
+                            spec.instance_id or "(none)", context.peer())
+                why = (f"superseded by edge instance {spec.instance_id or '(none)'} from {context.peer()}: this "
+                       f"stream sent nothing for {silent_s:.1f} s (sessions.takeover_after_s "
+                       f"{srv.config.sessions.takeover_after_s:g})")
+            else:
+                why = f"superseded by a newer stream of the same edge instance {spec.instance_id or '(none)'}"
+            previous.end(grpc.StatusCode.ABORTED, f"camera {spec.camera_id!r}: {why} (session {session_id})")
         st = _Stream(server=srv, state=state, spec=spec, session_id=session_id, peer=context.peer())
         srv._streams[spec.camera_id] = st
         m.active_sessions.inc()
@@ -462,7 +499,7 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
                  spec.edge_version or "?", spec.instance_id or "(none)", context.peer(), next_seq,
                  "resumed" if resumed else "fresh")
         try:
-            yield pb.CloudMessage(accepted=pb.SessionAccepted(session_id=session_id, next_seq=next_seq,
+            yield pb.CloudMessage(accepted=pb.SessionAccepted(session_id=session_id, next_seq=_u64(next_seq),
                                                               resumed=resumed))
             st.reader = asyncio.create_task(self._read(st, it), name=f"latentcast-stream-{session_id}")
             finishing = False

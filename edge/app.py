@@ -266,6 +266,8 @@ class EdgeApp:
         cap_exec = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edge-capture")
         work_exec = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edge-encode")
         self._t_start = time.monotonic()
+        log.info("edge instance %s: camera %r to %s (the cloud resumes this camera's frames for this instance "
+                 "only; seqs start at 0)", self.instance_id, self.config.camera_id, self.config.server.target)
         tasks: list[asyncio.Task] = []
         client_task: asyncio.Task | None = None
         try:

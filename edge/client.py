@@ -16,9 +16,10 @@ flowing into the SendQueue meanwhile (its drop policy applies) and the Backlog k
 unacknowledged ones within its bounds. Fatal statuses (:data:`FATAL_CODES`: a bad token, a camera
 the token may not publish, a session or a frame the cloud refuses) raise :class:`FatalStreamError`
 at once instead of retrying forever; ALREADY_EXISTS (another edge publishes this camera_id) is
-retried for ``already_exists_retry_s`` (a restarted edge gets in once the cloud gives up the dead
-one's stream) and UNKNOWN (a cloud bug, not the network) ``max_unknown_retries`` times in a row,
-then they are fatal too.
+retried for ``already_exists_retry_s`` after the first refusal (a restarted edge gets in once the cloud
+gives up the dead one's stream; only an accepted session restarts that clock) and UNKNOWN (a cloud
+bug, not the network) ``max_unknown_retries`` times without a frame acknowledged in between, then
+they are fatal too.
 
 The session header carries an instance id (``SessionHeader.instance_id``, made once per client when
 the header has none): the cloud resumes the camera's sequence state for the same instance and starts
@@ -183,8 +184,8 @@ class EdgeClient:
             raise ValueError(f"max_unknown_retries {max_unknown_retries!r} must be an integer >= 0")
         self.already_exists_retry_s = float(already_exists_retry_s)
         self.max_unknown_retries = max_unknown_retries
-        self._already_exists_since: float | None = None  # first ALREADY_EXISTS of the current run of them
-        self._unknown_in_row = 0
+        self._already_exists_since: float | None = None  # first ALREADY_EXISTS since a session was last accepted
+        self._unknown_in_row = 0  # streams ended with UNKNOWN since a frame was last acknowledged
         if token is not None and (not isinstance(token, str) or not token or any(c.isspace() for c in token)):
             raise ValueError("token must be a non-empty string without whitespace (or None)")
         self.target = target.strip()
@@ -240,7 +241,8 @@ class EdgeClient:
                 "frames_resent": self.frames_resent, "dropped_too_large": self.dropped_too_large, "acks": self.acks,
                 "results": self.results_received, "results_dropped": self.results_dropped,
                 "frame_errors": dict(self.frame_errors), "last_error": self.last_error,
-                "session_id": self.session_id, "queue": self.queue.stats(), "backlog": self.backlog.stats()}
+                "session_id": self.session_id, "instance_id": self.session.instance_id,
+                "queue": self.queue.stats(), "backlog": self.backlog.stats()}
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Stream until ``stop`` is set or the queue is closed and drained (every frame acknowledged).
@@ -297,17 +299,17 @@ class EdgeClient:
             waited = now - self._already_exists_since
             if waited >= self.already_exists_retry_s:
                 raise FatalStreamError(code, f"{details} (another edge publishes camera_id "
-                                             f"{self.session.camera_id!r}: still refused after {waited:.0f} s; give "
+                                             f"{self.session.camera_id!r}: still refused after {waited:.0f} s, "
+                                             f"server.already_exists_retry_s {self.already_exists_retry_s:g}; give "
                                              f"each edge its own camera_id)")
-        else:
-            self._already_exists_since = None
-        if code == grpc.StatusCode.UNKNOWN:
+            return (f"{code.name}: {details} (retrying for up to {self.already_exists_retry_s - waited:.0f} s more: "
+                    f"the cloud takes the camera over from a stream that has gone silent)")
+        if code == grpc.StatusCode.UNKNOWN:  # reset only by an acknowledged frame (_read_loop), not by other codes
             self._unknown_in_row += 1
             if self._unknown_in_row > self.max_unknown_retries:
-                raise FatalStreamError(code, f"{details} ({self._unknown_in_row} streams in a row ended with UNKNOWN, "
-                                             f"max_unknown_retries {self.max_unknown_retries})")
-        else:
-            self._unknown_in_row = 0
+                raise FatalStreamError(code, f"{details} ({self._unknown_in_row} streams ended with UNKNOWN without "
+                                             f"a frame acknowledged in between, max_unknown_retries "
+                                             f"{self.max_unknown_retries}: a cloud fault retrying does not fix)")
         return f"{code.name}: {details}"
 
     def _channel(self) -> grpc.aio.Channel:
@@ -333,8 +335,7 @@ class EdgeClient:
                 code, details = await call.code(), await call.details()
                 if code == grpc.StatusCode.OK:
                     raise _Retry("the cloud closed the stream before accepting the session")
-                self._classify(code, details or "")
-                raise _Retry(f"{code.name}: {details}")
+                raise _Retry(self._classify(code, details or ""))
             if first.WhichOneof("msg") != "accepted":
                 raise FatalStreamError(None, f"expected SessionAccepted first, got {first.WhichOneof('msg')!r}")
             acc = first.accepted
@@ -342,7 +343,7 @@ class EdgeClient:
             if self.connects > 1:
                 self.reconnects += 1
             self.session_id, self.next_seq_from_cloud = acc.session_id, acc.next_seq
-            self._already_exists_since, self._unknown_in_row = None, 0
+            self._already_exists_since = None  # in: the camera is ours (UNKNOWN counts until a frame is acked)
             resend = self.backlog.resume(acc.next_seq)
             log.info("session %s accepted by %s (instance %s, %s): next_seq %d, resending %d frame(s)",
                      acc.session_id or "?", self.target, self.session.instance_id,
@@ -367,8 +368,7 @@ class EdgeClient:
                         code, details = await call.code(), await call.details()
                         if code == grpc.StatusCode.OK:
                             raise _Retry("the cloud ended the stream")
-                        self._classify(code, details or "")
-                        raise _Retry(f"{code.name}: {details}")
+                        raise _Retry(self._classify(code, details or ""))
                     raise exc
             return False  # reader hit EOF with status OK while frames were still due
         finally:
@@ -425,6 +425,7 @@ class EdgeClient:
             if kind == "ack":
                 self.backlog.ack(msg.ack.acked_seq)
                 self.acks += 1
+                self._unknown_in_row = 0  # the cloud took a frame: earlier UNKNOWN endings were not a loop
                 self._acked.set()
             elif kind == "result":
                 self._deliver(msg.result)

@@ -212,8 +212,10 @@ class ServerConfig:
     max_reconnect_attempts: int = 0  # failed attempts in a row before giving up; 0 = never give up
     accept_timeout_s: float = 10.0  # wait for SessionAccepted after opening the stream
     already_exists_retry_s: float = 60.0  # the cloud says another edge publishes this camera_id (ALREADY_EXISTS):
-    #   keep retrying this long (longer than the cloud's takeover window, so a restart after a crash gets in), then stop
-    max_unknown_retries: int = 5  # streams in a row ending with UNKNOWN (a cloud bug, not the network) before stopping
+    #   retry this long, then stop with that error; above the cloud's sessions.takeover_after_s (15 s) plus the
+    #   reconnect backoff (attempts near 15 s and 31 s), so an edge restarted after a crash gets the camera back
+    max_unknown_retries: int = 5  # streams ending with UNKNOWN (a cloud bug, not the network) without a frame acked
+    #   in between before stopping; a few, as a transport reset can end one stream with UNKNOWN
 
     def __post_init__(self) -> None:
         if not self.target.strip():
