@@ -3,9 +3,9 @@
 ::
 
     streams ─► submit(FrameJob) ─► a queue per stream (per-stream and global limits, drop policy)
-        ─► worker threads take frames round-robin across the streams (with a composer, batches of
-           up to max_batch, or what came within batch_wait_ms); a frame queued longer than
-           max_frame_age_s is dropped
+        ─► worker threads take frames across the streams by deficit round robin on pixels (with a
+           composer, batches of up to max_batch, or what came within batch_wait_ms); a frame
+           queued longer than max_frame_age_s is dropped
         ─► per frame: checks against the session ─► LatentCodec.decompress
         ─► composer (none: the latent decoder; controlnet: diffusion over the whole batch, across streams)
         ─► per frame: detector
@@ -41,10 +41,11 @@ server_shutdown       still queued when the pipeline stopped
 internal_error        anything else (logged with its traceback, rate-limited)
 ====================  ======================================================================
 
-Fairness and cost. Each stream has its own queue and the workers serve the streams in turn, one
-frame each, so a stream that sends expensive or hostile frames delays another stream's frame by at
-most one of its own frames per worker, however many it queues; the global limit drops from the
-longest queue. What one frame can cost is bounded before it gets here: the session's frame size
+Fairness and cost. Each stream has its own queue and the workers serve the streams in turn by
+deficit round robin on pixels (:meth:`Pipeline._next_job`): every stream gets the same decode work,
+so a 1920x1088 stream gets about one frame for every five of a 768x576 one, and a stream that sends
+expensive or hostile frames delays another stream's frame by at most one of its own frames per
+worker, however many it queues; the global limit drops from the longest queue. What one frame can cost is bounded before it gets here: the session's frame size
 (``sessions.max_frame_pixels``) and the entropy decoder's budget checks (``proto/entropy.py``:
 a forged section is refused at its first inconsistent symbol group).
 
@@ -87,6 +88,7 @@ _rl = RateLimitedLog(log)
 __all__ = ["FrameJob", "AnalysedFrame", "FrameFailure", "FrameOutcome", "Pipeline", "classify_parse_error",
            "ERROR_CODES", "DROP_CODES", "CLIENT_FAULT_CODES", "codec_error_code"]
 
+_QUANTUM_PIXELS = 640 * 480  # deficit round robin: decode credit a stream gains per turn (a VGA frame)
 ERROR_CODES = ("malformed_packet", "checksum_mismatch", "wrong_codec", "frame_size_mismatch", "label_set_mismatch",
                "invalid_edge_boxes", "decode_failed", "missing_reference", "compose_failed", "analytics_failed",
                "cloud_overloaded", "frame_expired", "stream_ended", "server_shutdown", "internal_error")
@@ -202,6 +204,7 @@ class Pipeline:
         self.max_packet_bytes = max_packet_bytes
         self._queues: OrderedDict[str, deque[FrameJob]] = OrderedDict()  # queued frames by stream, in serving order
         self._queued = 0  # frames in all queues
+        self._credit: dict[str, int] = {}  # deficit round robin: pixels each queued stream may still decode
         self._per_stream: dict[str, int] = {}  # frames queued or being processed, by stream
         self._cond = threading.Condition()
         self._stopping = False
@@ -302,6 +305,7 @@ class Pipeline:
         FrameFailure and is counted; frames already being decoded finish. Returns how many were dropped."""
         with self._cond:
             q = self._queues.pop(stream_id, None)
+            self._credit.pop(stream_id, None)
             jobs = list(q) if q else []
             self._queued -= len(jobs)
             for j in jobs:
@@ -332,17 +336,30 @@ class Pipeline:
         self._queued -= 1
         if not q:
             del self._queues[stream_id]
+            self._credit.pop(stream_id, None)
 
     def _next_job(self) -> FrameJob | None:
-        """The next frame in round-robin order (the stream served moves to the end); lock held."""
-        if not self._queues:
-            return None
-        stream_id, q = next(iter(self._queues.items()))
-        j = q.popleft()
-        self._dequeued(stream_id, q)
-        if q:
-            self._queues.move_to_end(stream_id)
-        return j
+        """The next frame by deficit round robin over the streams, a frame's cost being its pixels: each
+        turn a stream gains ``_QUANTUM_PIXELS`` of credit and is served while its credit covers its next
+        frame, so every stream gets the same decode work whatever its frame size (a 1080p stream does not
+        get four times a 768x576 one's share); lock held."""
+        while self._queues:
+            stream_id, q = next(iter(self._queues.items()))
+            credit = self._credit.get(stream_id, 0) + _QUANTUM_PIXELS
+            cost = q[0].spec.width * q[0].spec.height
+            if credit < cost:  # not yet: its credit carries over to its next turn
+                self._credit[stream_id] = credit
+                self._queues.move_to_end(stream_id)
+                continue
+            j = q.popleft()
+            self._dequeued(stream_id, q)
+            if q:
+                self._credit[stream_id] = credit - cost
+                self._queues.move_to_end(stream_id)
+            else:
+                self._credit.pop(stream_id, None)  # an idle stream saves no credit
+            return j
+        return None
 
     def _release(self, job: FrameJob) -> None:
         n = self._per_stream.get(job.stream_id, 0) - 1

@@ -213,6 +213,34 @@ def test_streams_are_served_in_turn(tiny_codec, packet, max_batch):
     assert [s for s in order if s < 100] == list(range(11))  # each stream's own order is kept
 
 
+def test_decode_work_is_shared_by_pixels(tiny_codec, packet):
+    """Deficit round robin on pixels: a stream of 1920x1088 frames gets about one frame for every five of a
+    768x576 stream (frame-by-frame round robin would give one for one)."""
+    det = _GatedDetector()
+    cfg = PipelineConfig(workers=1, max_batch=1, batch_wait_ms=0.0, max_queued_per_session=32, max_queued_total=64,
+                         max_frame_age_s=0.0)
+    pipe = Pipeline(codec=tiny_codec, detector=det, config=cfg)
+    big = dataclasses.replace(SPEC, camera_id="big", width=1920, height=1088)
+    small = dataclasses.replace(SPEC, camera_id="small", width=768, height=576)
+    deliver, wait = _collector()
+    pipe.start()
+    try:
+        pipe.submit(job(packet, 0, stream="gate", deliver=deliver))  # holds the worker in the detector
+        _wait_idle_queue(pipe)
+        for seq in range(6):  # (their packets are not the sessions' size: refused cheaply, order is the point)
+            pipe.submit(job(packet, 100 + seq, spec=big, stream="big", deliver=deliver))
+            pipe.submit(job(packet, 200 + seq, spec=small, stream="small", deliver=deliver))
+        det.gate.set()
+        got = wait(13)
+    finally:
+        det.gate.set()
+        pipe.stop(TIMEOUT)
+    order = [o.seq for o in got][1:]
+    first6 = order[:6]
+    assert sum(s >= 200 for s in first6) >= 4, order  # round robin by frames would give 3
+    assert sorted(order) == [100, 101, 102, 103, 104, 105, 200, 201, 202, 203, 204, 205]
+
+
 def test_overload_drops_from_the_longest_queue(tiny_codec, packet):
     det = _GatedDetector()
     m = CloudMetrics()
