@@ -232,7 +232,7 @@ async def run_bench(a: argparse.Namespace) -> dict:
 
     from latentcast.cloud.config import CloudConfig
     from latentcast.cloud.server import CloudServer
-    from latentcast.shared import shared_path
+    from latentcast.shared import portable_path, shared_path
     from latentcast.models.codec import LatentCodec
     from latentcast.proto import entropy
     from latentcast.proto import latentcast_v1_pb2_grpc as pb_grpc
@@ -311,7 +311,7 @@ async def run_bench(a: argparse.Namespace) -> dict:
     finally:
         await srv.stop(1.0)
     return {"command": provenance.command(getattr(a, "prog", "latentcast")), "commit": provenance.commit(), "machine": provenance.machine(),
-            "weights": a.weights, "video": video, "good_frame": f"{w}x{h}", "rate_point": a.rate, "pace_fps": a.good_fps,
+            "weights": portable_path(a.weights), "video": portable_path(video), "good_frame": f"{w}x{h}", "rate_point": a.rate, "pace_fps": a.good_fps,
             "hostile_frame": f"{MAX_W}x{MAX_H}", "legit_max_bytes": len(legit_max),
             "pipeline": dataclasses.asdict(cfg.pipeline), "phases": phases}
 
