@@ -55,12 +55,17 @@ import grpc
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AUTH_METADATA_KEY", "ROLES", "BearerTokenInterceptor", "NOBODY", "Principal", "TokenEntry",
-           "TokenRegistry", "hash_token", "load_token_file", "new_token", "REJECT_DETAILS"]
+__all__ = ["AUTH_METADATA_KEY", "ROLES", "BearerTokenInterceptor", "HANDLER_KINDS", "NOBODY", "Principal",
+           "TokenEntry", "TokenRegistry", "hash_token", "load_token_file", "new_token", "REJECT_DETAILS"]
 
 AUTH_METADATA_KEY = "authorization"
 _SCHEME = "bearer "
 ROLES = ("publish", "subscribe", "admin")
+# method handler factory by (request streaming, response streaming)
+HANDLER_KINDS = {(False, False): grpc.unary_unary_rpc_method_handler,
+                 (False, True): grpc.unary_stream_rpc_method_handler,
+                 (True, False): grpc.stream_unary_rpc_method_handler,
+                 (True, True): grpc.stream_stream_rpc_method_handler}
 REJECT_DETAILS = {"missing": "missing 'authorization: Bearer <token>' metadata",
                   "malformed": "the authorization metadata must be 'Bearer <token>'",
                   "unknown": "unknown bearer token"}
@@ -277,8 +282,4 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if handler is not None:
             kw = {"request_deserializer": handler.request_deserializer,
                   "response_serializer": handler.response_serializer}
-        make = {(False, False): grpc.unary_unary_rpc_method_handler,
-                (False, True): grpc.unary_stream_rpc_method_handler,
-                (True, False): grpc.stream_unary_rpc_method_handler,
-                (True, True): grpc.stream_stream_rpc_method_handler}[(req_stream, resp_stream)]
-        return make(stream if resp_stream else unary, **kw)
+        return HANDLER_KINDS[(req_stream, resp_stream)](stream if resp_stream else unary, **kw)

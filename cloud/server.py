@@ -96,7 +96,7 @@ from latentcast.proto import latentcast_v1_pb2_grpc as pb_grpc
 from latentcast.proto.bitstream import MAX_ROIS, BitstreamError, Packet, Roi
 
 from .analytics import Detection, Detector, make_detector
-from .auth import NOBODY, REJECT_DETAILS, BearerTokenInterceptor, Principal, TokenRegistry
+from .auth import HANDLER_KINDS, NOBODY, REJECT_DETAILS, BearerTokenInterceptor, Principal, TokenRegistry
 from .config import CloudConfig, is_loopback
 from .metrics import CloudMetrics, MetricsHttpServer, RateLimitedLog
 from .pipeline import (
@@ -384,12 +384,6 @@ def _lenient(message_cls):
     return deserialize
 
 
-_HANDLER_KINDS = {(False, False): grpc.unary_unary_rpc_method_handler,
-                  (False, True): grpc.unary_stream_rpc_method_handler,
-                  (True, False): grpc.stream_unary_rpc_method_handler,
-                  (True, True): grpc.stream_stream_rpc_method_handler}
-
-
 def _add_servicer(servicer, server: grpc.aio.Server) -> None:
     """``latentcast_v1_pb2_grpc.add_LatentcastServicer_to_server`` with :func:`_lenient` request
     deserializers; the methods, their streaming kinds and message types come from the proto's
@@ -399,7 +393,7 @@ def _add_servicer(servicer, server: grpc.aio.Server) -> None:
     for method in service.methods:
         request_cls = getattr(pb, method.input_type.name)
         response_cls = getattr(pb, method.output_type.name)
-        make = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        make = HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = make(getattr(servicer, method.name), request_deserializer=_lenient(request_cls),
                                      response_serializer=response_cls.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
