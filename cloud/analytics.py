@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 
 from latentcast.detector import Detection, letterbox
+from latentcast.onnx_runtime import ort_session
 
 from .config import AnalyticsConfig
 
@@ -98,8 +99,6 @@ class OnnxBoxesDetector:
     def __init__(self, *, model_path: str | Path, labels_path: str | Path, score_threshold: float = 0.3,
                  input_size: tuple[int, int] | None = None, input_channels: str = "rgb",
                  input_scale: float = 1.0 / 255.0, threads: int = 0) -> None:
-        import onnxruntime as ort
-
         p = Path(model_path).expanduser()
         if not p.is_file():
             raise FileNotFoundError(f"detector model {p} not found (analytics.model_path)")
@@ -112,11 +111,7 @@ class OnnxBoxesDetector:
         self.score_threshold = float(score_threshold)
         self.input_channels = input_channels
         self.input_scale = float(input_scale)
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        self._sess = ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
+        self._sess = ort_session(p, threads=threads)
         inputs = self._sess.get_inputs()
         if len(inputs) != 1:
             raise ValueError(f"{p}: expected one input, the model has {[i.name for i in inputs]}")

@@ -33,10 +33,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from latentcast.detector import Detector, nms
 from latentcast.proto.bitstream import MAX_ROIS, Roi
 from latentcast.proto.latentcast_v1_pb2 import Box
+
+from latentcast.boxes import iou_matrix
+from latentcast.detector import Detector, nms
 
 log = logging.getLogger(__name__)
 
@@ -234,18 +235,6 @@ def map_labels(labels: Sequence[str], classes: Sequence[str], *, strict: bool = 
             log.info("the detector cannot ground %d of %d task labels (skipped): %s%s", len(names), len(labels),
                      ", ".join(names[:30]), ", ..." if len(names) > 30 else "")
     return cov.class_to_label
-
-
-def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every box in ``a`` (N,4) with every box in ``b`` (M,4), x0,y0,x1,y1."""
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)[:, None]
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)[None]
-    w = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
-    h = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
-    inter = w * h
-    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
-    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-    return inter / np.maximum(area_a + area_b - inter, 1e-12)
 
 
 @dataclass

@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 
 from latentcast.detector import Detection, nms
+from latentcast.onnx_runtime import ort_session
 from latentcast.proto.symbols import check_frame
 from latentcast.shared import file_sha256
 
@@ -159,13 +160,9 @@ class OpenVocabDetector:
             raise ValueError(f"{man_path}: chunks do not cover the {len(self.labels)} labels once each, or text.npz "
                              f"has not {n_chunks} rows")
 
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
         self.provider = provider
-        self._sess = ort.InferenceSession(str(self.bundle / "image.onnx"), opts,
-                                          providers=self._providers(ort, provider, trt_fp16, trt_cache))
+        self._sess = ort_session(self.bundle / "image.onnx", threads=threads,
+                                 providers=self._providers(ort, provider, trt_fp16, trt_cache))
         names = [i.name for i in self._sess.get_inputs()]
         if names != ["pixel_values", "pixel_mask", *_TEXT_KEYS]:
             raise ValueError(f"{self.bundle / 'image.onnx'}: inputs {names} are not a grounding image graph's")

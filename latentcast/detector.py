@@ -21,6 +21,8 @@ from typing import Protocol, runtime_checkable
 import cv2
 import numpy as np
 
+from latentcast.boxes import iou_matrix
+from latentcast.onnx_runtime import ort_session
 from latentcast.proto.symbols import check_frame
 from latentcast.shared import ENV_VAR, shared_path
 
@@ -97,18 +99,13 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float,
     if class_ids is not None:  # offset each class into its own region: no cross-class overlap
         span = float(boxes.max() - min(boxes.min(), 0.0)) + 1.0
         boxes = boxes + (np.asarray(class_ids, dtype=np.float64).reshape(-1, 1) * span)
-    x0, y0, x1, y1 = boxes.T
-    areas = np.maximum(x1 - x0, 0) * np.maximum(y1 - y0, 0)
     order = np.argsort(-scores, kind="stable")
     keep = []
     while order.size:
         i = order[0]
         keep.append(i)
         rest = order[1:]
-        w = np.maximum(0.0, np.minimum(x1[i], x1[rest]) - np.maximum(x0[i], x0[rest]))
-        h = np.maximum(0.0, np.minimum(y1[i], y1[rest]) - np.maximum(y0[i], y0[rest]))
-        inter = w * h
-        iou = inter / np.maximum(areas[i] + areas[rest] - inter, 1e-12)
+        iou = iou_matrix(boxes[i:i + 1], boxes[rest])[0]
         order = rest[iou <= iou_threshold]
     return np.asarray(keep, dtype=np.int64)
 
@@ -118,8 +115,6 @@ class YoloxDetector:
 
     def __init__(self, *, model_path: str | Path | None = None, labels_path: str | Path | None = None,
                  score_threshold: float = 0.3, nms_threshold: float = 0.45, threads: int = 0):
-        import onnxruntime as ort
-
         for name, v, lo_open in (("score_threshold", score_threshold, False), ("nms_threshold", nms_threshold, True)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
                     (0.0 < v <= 1.0) if lo_open else (0.0 <= v <= 1.0)):
@@ -133,11 +128,7 @@ class YoloxDetector:
         self.labels_path = _resolve(labels_path, "coco80_labels.txt", "detector label file")
         self.labels: list[str] = [s.strip() for s in self.labels_path.read_text().splitlines() if s.strip()]
 
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        self._sess = ort.InferenceSession(str(self.model_path), opts, providers=["CPUExecutionProvider"])
+        self._sess = ort_session(self.model_path, threads=threads)
         inp = self._sess.get_inputs()[0]
         self._input_name = inp.name
         shape = list(inp.shape)
