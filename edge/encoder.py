@@ -22,6 +22,7 @@ import numpy as np
 from latentcast.proto.entropy import TableSet
 from latentcast.proto.grid import anchor_mask, padded_size
 from latentcast.proto.symbols import FrameCompressor, LatentEncoder, quantize_z
+from latentcast.weights import weights_path
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,8 @@ __all__ = ["EdgeEncoder", "default_bundle_dir"]
 
 
 def default_bundle_dir(codec: str = "elic-lite") -> Path:
-    """The bundle exported from the codec weights shipped in the repository."""
-    return Path(__file__).resolve().parent.parent / "models" / "weights" / f"{codec}.onnx"
+    """The bundle exported from the codec weights shipped in the repository (``<weights>/<codec>.onnx``)."""
+    return weights_path(codec, "edge-bundle")
 
 
 def pad_frame(frame: np.ndarray, pad_to: int = 64) -> np.ndarray:

@@ -111,7 +111,7 @@ class TaskSource:
 
     kind: str  # "shipped" (hand-curated, in edge/tasks/) or "llm" (latentcast task new)
     model: str  # the LLM's name as the endpoint reported it, or "hand-curated"
-    prompt_version: str | None = None  # tools/task.py PROMPT_VERSION of an LLM list; None for shipped lists
+    prompt_version: str | None = None  # edge/task_llm.py PROMPT_VERSION of an LLM list; None for shipped lists
     endpoint: str | None = None  # LLM host[:port] (no scheme, user, key or query); None for shipped lists
     created: str = ""  # ISO 8601 date or UTC time
 

@@ -32,6 +32,7 @@ from latentcast.proto.symbols import FrameCompressor
 from latentcast.proto.temporal import (
     KIND_KEY, KIND_P, MAX_FRAME_ID, TemporalInfo, TemporalState, TemporalTables, choose_modes, encode_p,
 )
+from latentcast.weights import codec_name_of, weights_path
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def tables_path(config: TemporalConfig, bundle: Path) -> Path:
     (``models/weights/<codec>-temporal.safetensors`` for ``models/weights/<codec>.onnx``)."""
     if config.tables:
         return Path(config.tables)
-    return bundle.parent / f"{bundle.name.removesuffix('.onnx')}-temporal.safetensors"
+    return weights_path(codec_name_of(bundle), "temporal-tables", folder=bundle.parent)
 
 
 class TemporalEncoder:

@@ -38,6 +38,7 @@ from latentcast.proto.entropy import TableSet, gaussian_tables, quantize_pmf
 from latentcast.proto.grid import coded_cells, grid_shape, padded_size
 from latentcast.proto.ids import CODEC_IDS, LATENT_SPACE_IDS
 from latentcast.proto.symbols import FrameCompressor, LatentDecoder, LatentEncoder, check_frame, coding_steps, quantize_z
+from latentcast.weights import weights_dir, weights_path
 
 from .elic import ElicCodec, ElicConfig
 
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["WEIGHTS_DIR", "Reconstruction", "LatentCodec", "CodecError", "image_to_tensor", "Z_RADIUS"]
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+WEIGHTS_DIR = weights_dir()  # the shipped weights (latentcast.weights: the one place that resolves them)
 Z_RADIUS = 64  # z symbols coded directly in -64..64, escaped beyond
 
 
@@ -180,7 +181,7 @@ class LatentCodec(FrameCompressor):
         p = Path(name)
         if p.is_file() or p.suffix == ".safetensors":
             return cls.from_file(p)
-        cand = WEIGHTS_DIR / f"{name}.safetensors"
+        cand = weights_path(name, "codec")
         if not cand.is_file():
             have = sorted(q.stem for q in WEIGHTS_DIR.glob("*.safetensors"))
             raise FileNotFoundError(f"no codec weights named {name!r} (shipped: {', '.join(have) or 'none'})")

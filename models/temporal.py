@@ -1,4 +1,4 @@
-"""Temporal coding in the cloud: the per-stream decoder, and fitting the P-frame entropy model.
+"""Temporal coding in the cloud: the per-stream decoder of keyframes and P frames.
 
 ::
 
@@ -10,39 +10,29 @@
                                        yes ─► proto.temporal.decode_p ─► CRC ─► state.apply
                          ─► g_s(ŷ_state, all cells, ẑ_key) ─► ẑ_c ─► latent decoder ─► frame
 
-Fitting (``latentcast train temporal``): the edge's own decisions
-(``proto.temporal.choose_modes`` with the ROIs the edge grounding finds) run
-over a video at every rate point; the mode frequencies per context and, per rate
-point, context and channel, the Gaussian table that codes the residuals in the
-fewest bits are kept, from the training frames only.
+The P-frame tables it decodes with are fitted by ``latentcast train temporal``
+(``tools/fit_temporal_tables.py``) and shipped beside the codec
+(:func:`default_tables_path`, resolved by ``latentcast.weights``).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import logging
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from latentcast.proto.bitstream import Packet, SectionKind
-from latentcast.proto.entropy import TableSet
-from latentcast.proto.grid import transmit_mask
-from latentcast.proto.temporal import (
-    BGCODE, CODE, N_CLASSES, N_GROUP_CTX, N_MODE_CTX, N_RES_CTX, TemporalError, TemporalInfo, TemporalState,
-    TemporalTables, choose_modes, decode_p, group_context,
-)
+from latentcast.proto.temporal import BGCODE, CODE, TemporalError, TemporalInfo, TemporalState, TemporalTables, decode_p
+from latentcast.weights import weights_path
 
-from .codec import WEIGHTS_DIR, CodecError, LatentCodec, Reconstruction
+from .codec import CodecError, LatentCodec, Reconstruction
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MissingReference", "TemporalDecoder", "fit_tables", "default_tables_path", "is_temporal"]
+__all__ = ["MissingReference", "TemporalDecoder", "default_tables_path", "is_temporal"]
 
 
 class MissingReference(TemporalError):
@@ -52,7 +42,7 @@ class MissingReference(TemporalError):
 def default_tables_path(codec: LatentCodec) -> Path:
     """``models/weights/<codec>-temporal.safetensors`` next to the shipped codec."""
     name = codec.path.stem if codec.path is not None else codec.codec_name
-    return WEIGHTS_DIR / f"{name}-temporal.safetensors"
+    return weights_path(name, "temporal-tables")
 
 
 def is_temporal(packet: Packet) -> bool:
@@ -130,135 +120,3 @@ class TemporalDecoder:
             return Reconstruction(latent=latent[0].numpy(), frame=frame, packet=packet, mask=every)
 
         return render
-
-
-# ----------------------------------------------------------------------------- fitting
-
-
-def _code_lengths(y_tables: TableSet) -> tuple[np.ndarray, int]:
-    """(n_tables, 2R+1) bits of each value -R..R under each table (escapes: escape entry + ~2 log2|v| + 1)."""
-    R = max(len(f) for f in y_tables.freqs)
-    vals = np.arange(-R, R + 1)
-    out = np.empty((len(y_tables), vals.size))
-    for t, (f, off) in enumerate(zip(y_tables.freqs, y_tables.offsets)):
-        bits = -np.log2(f / 65536.0)
-        idx = vals - off
-        inside = (idx >= 0) & (idx < len(f) - 1)
-        esc = bits[-1] + 2 * np.log2(np.abs(vals) + 1) + 1
-        out[t] = np.where(inside, bits[np.clip(idx, 0, len(f) - 2)], esc)
-    return out, R
-
-
-def fit_tables(codec: LatentCodec, frames: Iterable[tuple[int, np.ndarray, list]], *, train: Callable[[int], bool],
-               key_rate_point: int, bg_rate_point: int = 0, threshold: int = 1, bg_threshold: int = 8,
-               progress=None) -> tuple[TemporalTables, dict]:
-    """Fit :class:`TemporalTables` on a video: ``frames`` yields (index, RGB frame, ROI boxes in pixels).
-
-    Every rate point runs its own closed loop over all frames (keyframe at the first frame); only
-    frames with ``train(index)`` add to the statistics. The class edges are the quartiles of the coded
-    cells' residual L1 norm at each rate point; then, per context, class and channel, the Gaussian
-    table that codes the residuals in the fewest bits."""
-    n_rates, M = codec.n_rates, codec.M
-    steps = codec.rate_deltas
-    lengths, R = _code_lengths(codec.y_tables)
-    mode_counts = np.zeros((N_MODE_CTX, 4), dtype=np.int64)
-    cells_by_rate: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n_rates)]  # (group ctx, symbols)
-    states: list[TemporalState | None] = [None] * n_rates
-    n_train = 0
-    for i, frame, boxes in frames:
-        h, w = frame.shape[:2]
-        y, z = codec.analyze(frame)
-        roi = transmit_mask(w, h, boxes, True)
-        use = bool(train(i))
-        n_train += use
-        for q in range(n_rates):
-            if states[q] is None:
-                info = TemporalInfo(kind=0, frame_id=i, ref_id=i, key_id=i)
-                _, y_hat = codec.compress_key(frame, rate_point=key_rate_point, temporal=info, analysis=(y, z))
-                states[q] = TemporalState.from_key(y_hat, i)
-                continue
-            st = states[q]
-            modes, sym = choose_modes(st, y, roi, step=steps[q], bg_step=steps[bg_rate_point], threshold=threshold,
-                                      bg_threshold=bg_threshold)
-            if use:
-                np.add.at(mode_counts, (st.mode_context().ravel(), modes.ravel()), 1)
-                for kind, cells in enumerate((modes == CODE, modes == BGCODE)):
-                    if cells.any():
-                        rq = q if kind == 0 else bg_rate_point
-                        cells_by_rate[rq].append((group_context(st, cells, kind, rq),
-                                                  np.clip(sym[:, cells], -R, R).astype(np.int16)))
-            st.apply(modes, sym, step=steps[q], bg_step=steps[bg_rate_point], frame_id=i)
-        if progress is not None:
-            progress.update(1)
-    class_counts = np.zeros((n_rates * N_GROUP_CTX, N_CLASSES), dtype=np.int64)
-    edges = np.zeros((n_rates, N_CLASSES - 1), dtype=np.int64)
-    hist = np.zeros((n_rates * N_RES_CTX, M, 2 * R + 1), dtype=np.int64)
-    for q, parts in enumerate(cells_by_rate):
-        if not parts:
-            edges[q] = np.arange(1, N_CLASSES)
-            continue
-        g = np.concatenate([p[0] for p in parts])
-        v = np.concatenate([p[1] for p in parts], axis=1).astype(np.int64)  # (M, n)
-        l1 = np.abs(v).sum(0)
-        e = np.quantile(l1, np.arange(1, N_CLASSES) / N_CLASSES, method="lower").astype(np.int64) + 1
-        edges[q] = np.maximum.accumulate(np.maximum(e, np.arange(1, N_CLASSES)))
-        k = np.searchsorted(edges[q], l1, side="right")
-        np.add.at(class_counts, (g, k), 1)
-        ctx = q * N_RES_CTX + (g - q * N_GROUP_CTX) * N_CLASSES + k
-        ch = np.broadcast_to(np.arange(M)[:, None], v.shape)
-        np.add.at(hist, (np.broadcast_to(ctx[None], v.shape).ravel(), ch.ravel(), (v + R).ravel()), 1)
-    # per (context, channel): the table with the fewest bits; unseen contexts: the channel's best overall
-    cost = np.einsum("cmv,tv->cmt", hist.astype(np.float64), lengths)  # (ctx, M, tables)
-    best = cost.argmin(-1)
-    seen = hist.sum(-1) > 0
-    pooled = np.einsum("mv,tv->mt", hist.sum(0).astype(np.float64), lengths).argmin(-1)
-    res_scale = np.where(seen, best, pooled[None]).astype(np.int64)
-    bits = float(np.take_along_axis(cost, best[..., None], -1).sum())
-    stats = {"train_frames": n_train, "residual_symbols": int(hist.sum()), "residual_bits": round(bits),
-             "class_edges": edges.tolist(), "mode_counts": mode_counts.tolist()}
-    meta = {"key_rate_point": key_rate_point, "bg_rate_point": bg_rate_point, "threshold": threshold,
-            "bg_threshold": bg_threshold}
-    return TemporalTables.from_counts(mode_counts, class_counts, edges, res_scale, meta=meta), stats
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def main(a: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from latentcast.detector import YoloxDetector
-    from latentcast.edge.grounding import Grounder
-    from latentcast.shared import portable_path, shared_path
-    from latentcast.tools import provenance
-    from latentcast.tools.eval.data import video_clip
-
-    torch.set_num_threads(a.threads)
-    if a.every < 2:
-        raise SystemExit(f"error: --every {a.every} must be >= 2 (frames divisible by it are held out)")
-    path = Path(a.data)
-    if not path.is_file():
-        path = shared_path(a.data)
-    codec = LatentCodec.load(a.codec)
-    clip = video_clip(path, every=a.every, max_frames=a.max_frames)
-    grounder = Grounder(labels=[s.strip() for s in a.labels.split(",") if s.strip()],
-                        detector=YoloxDetector(score_threshold=0.3), every=5)
-
-    def frames():
-        for i, f in clip.frames():
-            if a.max_frames is not None and i >= a.max_frames:
-                return
-            yield i, f, [(r.x0, r.y0, r.x1, r.y1) for r in grounder.update(f).rois]
-
-    t0 = time.time()
-    with tqdm(total=clip.n_frames, unit="frame", desc="fit temporal tables") as bar:
-        tables, stats = fit_tables(codec, frames(), train=lambda i: i % a.every != 0, key_rate_point=a.key_rate_point,
-                                   bg_rate_point=a.bg_rate_point, progress=bar)
-    meta = dict(tables.meta, data=portable_path(path), held_out=f"frames with index % {a.every} == 0",
-                frames=clip.n_frames, command=provenance.command(), commit=provenance.commit(),
-                seconds=round(time.time() - t0, 1), **{k: v for k, v in stats.items() if k != "mode_counts"})
-    tables = dataclasses.replace(tables, meta=meta)
-    out = Path(a.out) if a.out else default_tables_path(codec)
-    tables.save(out, weights_hash=codec.weights_hash)
-    print(json.dumps({"out": portable_path(out), **meta}, indent=2))
-    return 0

@@ -50,22 +50,22 @@ def default_cache_dir() -> Path:
 
 @dataclass
 class TrainConfig:
-    model: str = "lite"  # codec configuration name (models.elic.CONFIGS)
-    latent_space: str = "pixels:4"  # target space (models.latent_spaces spec); must match the codec config
+    model: str = "lite"  # codec configuration: lite, lite-taef2 or paper (models.elic.CONFIGS)
+    latent_space: str = "pixels:4"  # target space: pixels:4 for lite, taef2 for lite-taef2, sd-vae:<path> for paper
     out: str = "checkpoints/elic-lite"  # checkpoint folder (resumed from if it holds one)
     cache: str = ""  # latent cache folder ("" = <default cache>/train-<latent_space>)
     stage1_steps: int = 6000  # stage I iterations (all parameters)
     stage2_steps: int = 1000  # stage II iterations (g_s only, random masks)
     batch: int = 8  # crops per step
-    crop: int = 192  # crop size in pixels (multiple of 64)
-    lr: float = 1e-4  # Adam learning rate (halved for the last 20 % of each stage)
+    crop: int = 192  # crop size in pixels, a multiple of 64 (the paper: 512)
+    lr: float = 2e-4  # Adam learning rate (halved for the last 20 % of each stage); the shipped weights: 2e-4
     lam: float = 64.0  # λ: weight of the normalized MSE at Δ = 1 (λ_q = λ / Δ_q²)
     vtest_stride: int = 5  # use vtest frames with index % stride == 0 (and index % 8 != 0)
     checkpoint_every: int = 200  # steps between checkpoints
     seed: int = 0  # RNG seed for crops, rates, masks
     threads: int = 2  # torch threads
     overrides: dict = field(default_factory=dict)  # ElicConfig field overrides, e.g. {"N": 64}
-    init: str = ""  # start a new run from a released codec weight file (float parameters; no optimizer state)
+    init: str = ""  # start a new run from a released codec weight file (e.g. to train the shipped weights longer)
     mask_fraction: float = 0.0  # stage I: share of crops with 0-50 % of y masked, so g_s keeps learning ROI-only decoding
 
     def codec_config(self) -> ElicConfig:

@@ -121,3 +121,82 @@ def test_bench_composer_runs_from_the_cli(tmp_path):
     assert all(r["seconds_per_frame"] > 0 for r in result["runs"])
     assert result["command"].split()[0] == "latentcast"  # the program as typed (argv is pytest's here)
     assert "| composer |" in out.with_suffix(".md").read_text()
+
+
+# ---------------------------------------------------------------------- the command's shape
+
+
+def _readme_commands() -> list[str]:
+    """Every ``latentcast ...`` line of the README's shell blocks (comments and env prefixes dropped)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    lines = []
+    for block in re.findall(r"```(?:bash|sh)\n(.*?)```", text, re.S):
+        for line in block.splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            line = re.sub(r"^(?:[A-Z_]+=\S+\s+)+", "", line)  # LATENTCAST_EDGE__...=true latentcast edge ...
+            if line.startswith("latentcast "):
+                lines.append(line)
+    return lines
+
+
+def test_every_readme_command_parses():
+    """The README's commands keep their spelling: each parses (nothing runs)."""
+    import shlex
+
+    from latentcast.tools.cli import build_parser
+
+    commands = _readme_commands()
+    assert len(commands) > 20 and any(c.startswith("latentcast train codec") for c in commands)
+    for line in commands:
+        args = build_parser().parse_args(shlex.split(line)[1:])
+        assert callable(args.func), line
+
+
+def test_train_options_are_the_dataclass_defaults():
+    """``train codec`` and ``train composer`` take their defaults from the config dataclasses (one place)."""
+    from latentcast.models.composer_training import ComposerTrainConfig
+    from latentcast.models.training import TrainConfig
+    from latentcast.tools.cli import build_parser
+    from latentcast.tools.options import dataclass_from_args
+
+    a = build_parser().parse_args(["train", "codec"])
+    assert dataclass_from_args(TrainConfig, a) == TrainConfig()
+    assert TrainConfig().lr == 2e-4  # what the shipped weights and the README's training command use
+    a = build_parser().parse_args(["train", "codec", "--steps-1", "5", "--lr", "5e-5", "--mask-fraction", "0.25"])
+    cfg = dataclass_from_args(TrainConfig, a)
+    assert (cfg.stage1_steps, cfg.lr, cfg.mask_fraction) == (5, 5e-5, 0.25)
+    a = build_parser().parse_args(["train", "composer", "--sd", "tiny", "--train-gs", "--precision", "bf16"])
+    cfg = dataclass_from_args(ComposerTrainConfig, a)
+    assert cfg == ComposerTrainConfig(sd="tiny", train_gs=True, precision="bf16")
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench", "stream", "--kodak", "3"],  # a codec-benchmark option
+    ["bench", "codec", "--streams", "1"],  # a stream-benchmark option
+    ["train", "codec", "--sd", "tiny"],  # a composer option
+    ["train", "temporal", "--lr", "1e-4"],  # a codec option
+    ["export", "edge", "--model", "tiny-random"],  # a grounding-export option
+])
+def test_each_subcommand_has_only_its_own_options(argv, capsys):
+    from latentcast.tools.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exc:
+        cli_main(argv)
+    assert exc.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_service_commands_do_not_import_torch():
+    """Declaring and parsing the edge's commands needs no torch (the edge has none)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from latentcast.tools.cli import build_parser\n"
+            "for argv in (['edge', '--describe'], ['info', 'x.lcf'], ['task', 'list'], ['token', 'hash']):\n"
+            "    build_parser().parse_args(argv)\n"
+            "print('torch' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"

@@ -74,7 +74,7 @@ def test_decode_refuses_an_output_that_is_not_an_image(tmp_path, packet, name, w
 
 
 def test_decode_accepts_every_listed_image_format(tmp_path, packet, tiny_codec_path, capsys):
-    from latentcast.tools.cli import IMAGE_EXTENSIONS
+    from latentcast.tools.packet import IMAGE_EXTENSIONS
 
     assert IMAGE_EXTENSIONS == (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
     img = np.zeros((8, 8, 3), np.uint8)

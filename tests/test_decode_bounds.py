@@ -36,7 +36,7 @@ from latentcast.proto import latentcast_v1_pb2 as pb  # noqa: E402
 from latentcast.proto.bitstream import Packet, Roi, SectionKind  # noqa: E402
 from latentcast.proto.entropy import EntropyError, SymbolDecoder, SymbolEncoder, TableSet, escape_budget  # noqa: E402
 from latentcast.proto.ids import label_set_hash  # noqa: E402
-from latentcast.tools.bench_hostile import replace_sections as forged  # noqa: E402
+from latentcast.tools.bench.hostile import replace_sections as forged  # noqa: E402
 
 from .test_cloud_hardening import (  # noqa: E402
     LABELS,
@@ -409,7 +409,7 @@ async def test_a_stream_of_refused_frames_is_read_more_slowly(tiny_codec, packet
 
 def test_the_benchmark_forgeries_are_what_they_say(tiny_codec, image):
     """``latentcast bench hostile``'s packets: every forged kind is refused by the decoder, legit-max decodes."""
-    from latentcast.tools.bench_hostile import HOSTILE_KINDS, forge
+    from latentcast.tools.bench.hostile import HOSTILE_KINDS, forge
 
     legit = tiny_codec.compress(image, [], rate_point=1)
     for kind in HOSTILE_KINDS:

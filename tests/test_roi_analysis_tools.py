@@ -1,12 +1,29 @@
-"""The development-set and ROI-failure tools: the helpers their numbers rest on."""
+"""The development-set and ROI-failure tools: the helpers their numbers rest on.
+
+The ROI-failure analysis is an experiment script (``tools/experiments/``, not installed): loaded by path.
+"""
 
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from latentcast.tools.crowded_devset import devset_frames
-from latentcast.tools.roi_failure_analysis import coded_pixels, size_recall
+
+
+def _experiment(name: str):
+    path = Path(__file__).resolve().parent.parent / "tools" / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"experiments_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_roi_failure = _experiment("roi_failure_analysis")
+coded_pixels, size_recall = _roi_failure.coded_pixels, _roi_failure.size_recall
 
 
 def test_devset_never_uses_scored_or_training_frames():

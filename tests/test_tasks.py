@@ -20,8 +20,9 @@ from latentcast.edge.grounding import Grounder, label_coverage, map_labels
 from latentcast.edge.tasks import (FORMAT, TaskError, TaskList, TaskSource, cache_dir, list_tasks, load_task,
                                    load_task_file, normalize_labels, save_task, shipped_dir)
 from latentcast.proto.ids import label_set_hash
-from latentcast.tools.task import (COCO80, PROMPT_VERSION, LabelGenerationError, LlmConfig, generate_task,
-                                   load_llm_config, parse_labels, render_prompt)
+from latentcast.edge.task_llm import (PROMPT_VERSION, LabelGenerationError, LlmConfig, generate_task, load_llm_config,
+                                      parse_labels, render_prompt)
+from latentcast.tools.task import COCO80
 
 KEY = "sk-test-0123456789"
 KEY_ENV = "LC_TEST_LLM_KEY"

@@ -209,7 +209,7 @@ def test_p_frame_with_another_size_or_codec_is_refused(edge_encoder, tiny_codec)
 
 
 def test_fitted_tables_code_in_fewer_bytes_than_flat_ones(edge_encoder, tiny_codec):
-    from latentcast.models.temporal import fit_tables
+    from latentcast.tools.fit_temporal_tables import fit_tables
 
     bg = _background()
 

@@ -20,6 +20,7 @@ the demo then overrides only the addresses, ports and token.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import collections
 import json
@@ -335,7 +336,27 @@ def _cloud_counters(cloud) -> dict[str, Any]:
     return out
 
 
-def main(args) -> int:
+def add_arguments(m: argparse.ArgumentParser) -> None:
+    """The options of ``latentcast demo``."""
+    m.add_argument("video", nargs="?", help="video file or URL (default: vtest.avi in the shared folder)")
+    m.add_argument("--out", default="demo_out", help="output folder for side_by_side.mp4 and summary.json")
+    m.add_argument("--frames", type=int, help="stop after this many captured frames (default: the whole video)")
+    m.add_argument("--labels", help="task labels, e.g. person,car (default: the edge config's)")
+    m.add_argument("--task", help="ground this task's label list instead of --labels (latentcast task list), as "
+                                  "`latentcast edge --task` does")
+    m.add_argument("--rate", type=int, help="codec rate point (default: the edge config's, 1)")
+    m.add_argument("--pace", choices=["realtime", "none"],
+                   help="realtime: frames arrive at the video's fps and a busy edge drops (default); none: every frame")
+    m.add_argument("--every", type=int, help="run the detector every N frames, track in between (default 5)")
+    m.add_argument("--temporal", action="store_true",
+                   help="temporal coding: a keyframe, then only the ROI cells that changed (temporal.enabled)")
+    m.add_argument("--target-kbps", type=float, help="temporal coding with rate control at this bitrate")
+    m.add_argument("--edge-config", help="edge YAML config (addresses and token are set by the demo)")
+    m.add_argument("--cloud-config", help="cloud YAML config (addresses and token are set by the demo)")
+    m.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
     from latentcast.shared import shared_path
 
     video = args.video or str(shared_path("data", "video", "vtest.avi"))

@@ -32,7 +32,7 @@ Encoder settings (the defaults; ``describe()`` reports the values actually used)
   (``IMWRITE_JPEG_PROGRESSIVE`` 0), ``IMWRITE_JPEG_OPTIMIZE`` 1 (optimised Huffman tables: lossless,
   decodable by every JPEG decoder, and about 500 bytes smaller per file than the standard tables,
   which matters at the low-rate end; ``optimize=False`` gives OpenCV's default, as in
-  ``tools/bench_codec.py``). JFIF YCbCr: BT.601, full range. Quality 1..100.
+  ``tools/bench/codec.py``). JFIF YCbCr: BT.601, full range. Quality 1..100.
 - WebP: OpenCV ``cv2.imencode(".webp")`` (libwebp, lossy), ``IMWRITE_WEBP_QUALITY`` = the parameter,
   ``IMWRITE_WEBP_LOSSLESS_MODE`` off; libwebp's defaults otherwise (4:2:0). Quality 1..100 (OpenCV
   maps 0 to 1 with a warning, so 0 is not a distinct setting).

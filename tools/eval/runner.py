@@ -250,6 +250,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="latentcast-roibg: levels q<ROI rate point>/b<background rate point> to sweep (default: "
                         "each ROI rate point with the background one and two rate points coarser)")
     p.add_argument("--out", required=True, help="output folder: eval.json, eval.md, rate_accuracy.png, examples.png")
+    p.set_defaults(func=main)
 
 
 def _parse_list(text: str, valid: tuple[str, ...], what: str, *, check: bool = True) -> list[str]:

@@ -2,7 +2,7 @@
 inside a centred 20 % box, for three ways of growing the box before it is mapped to latent cells:
 ``cell`` (the cells it touches plus one cell on each side, the first rule), ``8`` and ``0`` pixels.
 
-    python -m latentcast.tools.roi_margin_experiment models/weights/elic-lite.safetensors 24
+    python tools/experiments/roi_margin_experiment.py models/weights/elic-lite.safetensors 24
 
 Results of the run quoted in the model card: ``results/roi_margin.txt``.
 """

@@ -25,7 +25,7 @@ What it leaves out, so the ``mc`` numbers are an upper bound of this design's ga
 - p_t comes from PyTorch on both ends here; an edge running ONNX Runtime would hold a p_t that
   differs by float rounding, so the two latents would no longer be bit-identical.
 
-    python -m latentcast.tools.temporal_mc_experiment --frames 200 --every 4 \\
+    python tools/experiments/temporal_mc_experiment.py --frames 200 --every 4 \\
         --out results/temporal_mc_experiment.json
 """
 
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bd = {name: {metric: bd_rate(curve("x265", metric), curve(name, metric)) for metric in ("map50", "map", "psnr")}
           for name in ("temporal-shipped", "temporal-mc")}
-    result = {"command": provenance.command("python -m latentcast.tools.temporal_mc_experiment"),
+    result = {"command": provenance.command("python tools/experiments/temporal_mc_experiment.py"),
               "commit": provenance.commit(), "machine": provenance.machine(), "data": f"{path.name}, first "
               f"{clip.n_frames} frames, every {a.every}th scored ({len(gt)} frames, {sum(map(len, gt.values()))} "
               "ground-truth boxes)", "points": points,

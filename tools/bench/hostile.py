@@ -49,13 +49,11 @@ from collections import Counter
 
 import numpy as np
 
-from . import provenance
+from latentcast.tools import provenance
 
 log = logging.getLogger(__name__)
 
-__all__ = ["COMMON", "HOSTILE_KINDS", "add_arguments", "forge", "main", "markdown", "replace_sections", "run_bench"]
-
-COMMON = ("--out", "--weights", "--rate", "--threads", "--frames", "--video")  # flags `latentcast bench` already has
+__all__ = ["HOSTILE_KINDS", "add_arguments", "forge", "main", "markdown", "replace_sections", "run_bench"]
 
 HOSTILE_KINDS = ("zeros", "random", "truncated", "escapes", "legit-max", "zeros-no-backoff", "zeros-no-guard")
 MAX_W, MAX_H = 1920, 1088  # the default sessions.max_frame_pixels as a frame
@@ -340,11 +338,9 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def add_arguments(p: argparse.ArgumentParser, *, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
-    def add(flag, **kw):
-        if flag not in skip:
-            kw["help"] = prefix + kw["help"]
-            p.add_argument(flag, **kw)
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """This benchmark's options (``latentcast bench hostile`` and ``python -m latentcast.tools.bench.hostile``)."""
+    add = p.add_argument
 
     add("--hostile-streams", type=int, default=2, help="streams sending forged packets in each phase (default 2)")
     add("--kinds", default=",".join(HOSTILE_KINDS), help=f"hostile phases, comma-separated from "
@@ -358,10 +354,11 @@ def add_arguments(p: argparse.ArgumentParser, *, prefix: str = "", skip: tuple[s
     add("--weights", default="elic-lite", help="codec weights (default elic-lite)")
     add("--threads", type=int, default=0, help="torch and YOLOX threads of the cloud (default: the config's)")
     add("--out", default="results/hostile_bench.json", help="JSON result, .md beside it")
+    return p
 
 
 def main(a: argparse.Namespace) -> int:
-    a.prog = getattr(a, "prog", "python -m latentcast.tools.bench_hostile")
+    a.prog = getattr(a, "prog", "python -m latentcast.tools.bench.hostile")
     r = asyncio.run(run_bench(a))
     out = provenance.write_results(a.out, r, markdown(r))
     print(markdown(r))
@@ -371,6 +368,6 @@ def main(a: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ap = argparse.ArgumentParser(prog="python -m latentcast.tools.bench_hostile", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m latentcast.tools.bench.hostile", description=__doc__.split("\n")[0])
     add_arguments(ap)
     raise SystemExit(main(ap.parse_args()))

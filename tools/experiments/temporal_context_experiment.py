@@ -15,7 +15,7 @@ table from the codec's own Gaussian tables (escapes priced as the coder does), u
 The numbers are code lengths of a fit on the same symbols (an upper bound of what new tables
 would save), not bytes of a built coder.
 
-    python -m latentcast.tools.temporal_context_experiment --frames 300 \\
+    python tools/experiments/temporal_context_experiment.py --frames 300 \\
         --out results/temporal_context_experiment.json
 """
 
@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from latentcast.detector import YoloxDetector
     from latentcast.models.codec import LatentCodec
-    from latentcast.models.temporal import _code_lengths, default_tables_path
+    from latentcast.models.temporal import default_tables_path
+    from latentcast.tools.fit_temporal_tables import _code_lengths
     from latentcast.proto.grid import transmit_mask
     from latentcast.proto.temporal import (
         BGCODE, CODE, TemporalInfo, TemporalState, TemporalTables, cell_classes, choose_modes,
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 "both": np.where(later, (base * 3 + pm) * 4 + g0[None], (base * 3 + pm) * 4)}
     bits = {name: _fit_bits(v, ctx, lengths, R) for name, ctx in variants.items()}
     rows = [{"contexts": name, "bits_per_cell": b / n, "vs_shipped": b / bits["shipped"] - 1} for name, b in bits.items()]
-    result = {"command": provenance.command("python -m latentcast.tools.temporal_context_experiment"),
+    result = {"command": provenance.command("python tools/experiments/temporal_context_experiment.py"),
               "commit": provenance.commit(), "machine": provenance.machine(),
               "data": f"{portable_path(path)}, first {clip.n_frames} frames, CODE cells of frames not divisible by 8",
               "rate_point": q, "cells": n, "symbols": int(v.size), "rows": rows}

@@ -33,18 +33,13 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-PROG = "python -m latentcast.tools.bench_composer"  # how this module runs on its own (or: latentcast bench composer)
+PROG = "python -m latentcast.tools.bench.composer"  # how this module runs on its own (or: latentcast bench composer)
 
 W, H = 768, 576
 
 
-#: options every ``latentcast bench`` benchmark has (the CLI defines them once)
-COMMON = ("--out", "--weights", "--rate", "--threads")
-
-
-def add_arguments(p: argparse.ArgumentParser, *, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
-    """This benchmark's options on ``p``; ``prefix`` starts each help text, ``skip`` leaves options out
-    (``latentcast bench composer`` shares :data:`COMMON` with the other benchmarks)."""
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """This benchmark's options (``latentcast bench composer`` and ``python -m latentcast.tools.bench.composer``)."""
     opts: list[tuple[str, dict]] = [
         ("--out", dict(default="results/composer_bench.json", help="JSON result path; a .md table is written beside it")),
         ("--weights", dict(default="elic-lite", help="codec weights (default: the shipped elic-lite)")),
@@ -65,8 +60,8 @@ def add_arguments(p: argparse.ArgumentParser, *, prefix: str = "", skip: tuple[s
         ("--no-detector", dict(action="store_true", help="centred ROI instead of YOLOX boxes; no recall")),
     ]
     for name, kw in opts:
-        if name not in skip:
-            p.add_argument(name, **{**kw, "help": prefix + kw["help"]})
+        p.add_argument(name, **kw)
+    return p
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float | None:

@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/grounding_bench.json", help="JSON file to write")
     p.add_argument("--frames", type=int, default=20, help="timed frames per detector (after one warm-up)")
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime / torch threads")
-    p.add_argument("--model", default=None,
+    p.add_argument("--grounding-model", "--model", dest="model", default=None,
                    help="local Grounding DINO folder (e.g. huggingface-cli download IDEA-Research/grounding-dino-tiny "
                         "--local-dir PATH); without it the real model is skipped")
     p.add_argument("--full-random", dest="full_random", action="store_true",
@@ -189,6 +189,6 @@ def main(args) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m latentcast.tools.bench_grounding
+if __name__ == "__main__":  # python -m latentcast.tools.bench.grounding
     logging.basicConfig(level=logging.INFO)
     raise SystemExit(main(add_arguments(argparse.ArgumentParser(description=__doc__)).parse_args()))

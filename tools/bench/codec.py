@@ -17,6 +17,7 @@ on a 768x576 vtest frame.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import time
@@ -24,6 +25,17 @@ import time
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """This benchmark's options (``latentcast bench codec`` and ``python -m latentcast.tools.bench.codec``)."""
+    p.add_argument("--weights", help="codec weights (.safetensors); default: the shipped elic-lite")
+    p.add_argument("--bundle", help="edge bundle folder; default: the shipped one")
+    p.add_argument("--kodak", type=int, default=24, help="number of Kodak images (default all 24)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--out", default="results/codec_bench.json",
+                   help="JSON result path, a .md table is written beside it (default results/codec_bench.json)")
+    return p
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -197,3 +209,9 @@ def main(args) -> int:
     write_results(args.out, result, markdown(result))
     print(json.dumps({"rate_points": rates, "timing": timing}, indent=2))
     return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raise SystemExit(main(add_arguments(argparse.ArgumentParser(prog="python -m latentcast.tools.bench.codec",
+                                                               description=__doc__.split("\n")[0])).parse_args()))

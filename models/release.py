@@ -1,0 +1,59 @@
+"""Releasing a trained codec: a training checkpoint frozen into a codec weight file (``latentcast release codec``).
+
+::
+
+    last.pt (models/training.py) ─► ElicCodec with the trained state ─► [keep only some rate points]
+        ─► LatentCodec.save (tables, config, training metadata without machine paths)
+        ─► [calibrate each rate point's table offset on training images for the fewest real bytes; save again]
+
+The weights hash every packet names is taken over the released file's content, so calibrating (which
+changes the table offsets) gives a new hash.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .codec import LatentCodec
+from .elic import ElicCodec, ElicConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MACHINE_KEYS", "release_codec"]
+
+#: training-config keys that name this machine's folders: kept out of a released file
+MACHINE_KEYS = ("out", "cache", "init")
+
+
+def release_codec(checkpoint: str | Path, out: str | Path, *, rate_points: Sequence[int] | None = None,
+                  calibrate: bool = True) -> bytes:
+    """Freeze ``checkpoint`` (``last.pt`` of ``latentcast train codec``) into the codec weight file ``out``;
+    returns its weights hash. ``rate_points`` ships only these trained rate points (ascending; ``None``:
+    all); ``calibrate`` chooses the table offsets on training images (needs the shared training data)."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    c = dict(state["codec"])
+    c["groups"], c["rate_steps"] = tuple(c["groups"]), tuple(c["rate_steps"])
+    model = ElicCodec(ElicConfig(**c))
+    model.load_state_dict(state["model"])
+    train_cfg = {k: v for k, v in (state.get("train") or {}).items() if k not in MACHINE_KEYS}
+    meta = {"train": train_cfg, "step": state.get("step"), "latent_var": state.get("latent_var")}
+    if rate_points is not None:
+        keep = [int(v) for v in rate_points]
+        meta["trained_rate_steps"] = list(model.cfg.rate_steps)
+        model.select_rate_points(keep)
+        meta["released_rate_points"] = keep
+    space = state["train"]["latent_space"]
+    LatentCodec.save(model, out, latent_space=space, meta=meta)
+    if calibrate:
+        from .training import calibrate_table_offsets, calibration_images
+
+        codec = LatentCodec.from_file(out)
+        meta["table_offsets_calibrated"] = calibrate_table_offsets(codec, calibration_images())
+        LatentCodec.save(codec.model, out, latent_space=space, meta=meta)
+    weights_hash = LatentCodec.from_file(out).weights_hash
+    log.info("released %s as %s (weights hash %s)", checkpoint, out, weights_hash.hex())
+    return weights_hash

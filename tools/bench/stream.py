@@ -1,0 +1,47 @@
+"""The options of ``latentcast bench stream``; the benchmark itself is ``tools/bench_stream.py``.
+
+``tools/bench_stream.py`` is being rewritten by its owner; until it moves into this folder with its own
+``add_arguments``, its options are declared here and its ``main(args)`` is called unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger(__name__)
+
+__all__ = ["add_arguments", "main"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--streams", default="1,4,16",
+                   help="concurrent camera streams per configuration, comma-separated (default 1,4,16)")
+    p.add_argument("--seconds", type=float, default=20.0,
+                   help="duration of each (system, streams) configuration in seconds (default 20)")
+    p.add_argument("--warmup", type=float, default=2.0,
+                   help="first seconds of each configuration not counted in rates and latency (default 2)")
+    p.add_argument("--pace", type=float, default=10.0,
+                   help="frames per second per camera, realtime pacing (default 10)")
+    p.add_argument("--jpeg-quality", type=int, default=75,
+                   help="JPEG quality of the JPEG-over-gRPC baseline (default 75)")
+    p.add_argument("--systems", default="latentcast,jpeg",
+                   help="systems to run, comma-separated from latentcast,jpeg (default both)")
+    p.add_argument("--video", help="video every camera reads (default vtest.avi in the shared folder)")
+    p.add_argument("--rate", type=int, help="codec rate point of the edges (default: the edge config's, 1)")
+    p.add_argument("--labels", help="task labels of the edges, e.g. person,car (default: the edge config's)")
+    p.add_argument("--task", help="ground this task's label list instead of --labels (latentcast task list)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch, ONNX Runtime encoder and YOLOX threads on edge and cloud (default: leave the "
+                        "libraries' and configs' defaults)")
+    p.add_argument("--weights", help="codec weights; default: the shipped elic-lite")
+    p.add_argument("--bundle", help="edge bundle folder; default: the shipped one")
+    p.add_argument("--out", default="results/stream_bench.json",
+                   help="JSON result path, a .md table is written beside it (default results/stream_bench.json)")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    from latentcast.tools.bench_stream import main as bench_stream_main
+
+    return bench_stream_main(args)
