@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from latentcast.onnx_runtime import ort_session
 from latentcast.proto.entropy import TableSet
 from latentcast.proto.grid import anchor_mask, padded_size
 from latentcast.proto.symbols import FrameCompressor, LatentEncoder, quantize_z
@@ -44,8 +45,6 @@ class EdgeEncoder(FrameCompressor):
     """Encodes frames with an edge bundle through ONNX Runtime."""
 
     def __init__(self, *, bundle: Path | str | None = None, threads: int = 0):
-        import onnxruntime as ort
-
         self.bundle = Path(bundle) if bundle else default_bundle_dir()
         mpath = self.bundle / "manifest.json"
         if not mpath.is_file():
@@ -54,12 +53,8 @@ class EdgeEncoder(FrameCompressor):
         self.manifest = json.loads(mpath.read_text())
         if self.manifest.get("format") != "latentcast-edge-bundle-1":
             raise ValueError(f"{mpath}: unknown bundle format {self.manifest.get('format')!r}")
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        prov = ["CPUExecutionProvider"]
-        self._ana = ort.InferenceSession(str(self.bundle / "analysis.onnx"), opts, providers=prov)
-        self._ent = ort.InferenceSession(str(self.bundle / "entropy.onnx"), opts, providers=prov)
+        self._ana = ort_session(self.bundle / "analysis.onnx", threads=threads)
+        self._ent = ort_session(self.bundle / "entropy.onnx", threads=threads)
         self._has_rate_map = "rate_map" in {i.name for i in self._ent.get_inputs()}
         t = np.load(self.bundle / "tables.npz")
         y_tables = TableSet.from_packed(t["y_packed"], t["y_lengths"], t["y_offsets"])

@@ -32,6 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from latentcast.tools.eval.metrics import psnr
+
+from latentcast.boxes import greedy_match
 
 log = logging.getLogger(__name__)
 
@@ -40,42 +43,24 @@ __all__ = ["run_demo", "box_recall"]
 _KEEP_ORIGINALS = 512  # originals waiting for their result (frames dropped later are evicted)
 
 
-def _iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def box_recall(edge_boxes: list, cloud_boxes: list, *, iou: float = 0.5,
                cloud_to_task: dict[int, str] | None = None) -> tuple[int, int]:
     """(matched, total): edge boxes for which the cloud found a box of the same task label with
     IoU >= ``iou`` (greedy, each cloud box used once). Boxes have x0..y1, label, label_id, score;
     ``cloud_to_task`` maps the cloud detector's class ids to task labels (e.g. car, truck ->
     vehicle); without it the labels are compared as they are."""
-    used: set[int] = set()
-    matched = 0
-    for e in sorted(edge_boxes, key=lambda b: -b.score):
-        best, best_j = 0.0, -1
-        for j, c in enumerate(cloud_boxes):
-            label = c.label if cloud_to_task is None else cloud_to_task.get(c.label_id)
-            if j in used or label != e.label:
-                continue
-            v = _iou((e.x0, e.y0, e.x1, e.y1), (c.x0, c.y0, c.x1, c.y1))
-            if v > best:
-                best, best_j = v, j
-        if best >= iou:
-            used.add(best_j)
-            matched += 1
-    return matched, len(edge_boxes)
+    def label(c) -> str | None:
+        return c.label if cloud_to_task is None else cloud_to_task.get(c.label_id)
+
+    pairs = greedy_match([(e.x0, e.y0, e.x1, e.y1) for e in edge_boxes], [(c.x0, c.y0, c.x1, c.y1) for c in cloud_boxes],
+                         iou=iou, scores=[e.score for e in edge_boxes],
+                         compatible=lambda i, j: label(cloud_boxes[j]) == edge_boxes[i].label)
+    return len(pairs), len(edge_boxes)
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float | None:
-    if a.size == 0:
-        return None
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 99.0 if mse == 0 else 10 * np.log10(255.0**2 / mse)
+    """PSNR (dB) of a region; None for an empty one."""
+    return psnr(a, b) if a.size else None
 
 
 def _draw(img_bgr: np.ndarray, boxes, color: tuple[int, int, int]) -> None:
@@ -190,15 +175,16 @@ async def run_demo(*, video: str, out_dir: Path, max_frames: int | None = None, 
     ``task``: ground that task's label list (``latentcast task list``) instead of ``labels``, as
     ``latentcast edge --task`` does; an unknown task is an error before anything starts."""
     import grpc
-
     from latentcast.cloud.config import load_cloud_config
     from latentcast.cloud.server import CloudServer
     from latentcast.edge.app import EdgeApp
     from latentcast.edge.config import load_edge_config
     from latentcast.proto import latentcast_v1_pb2 as pb
     from latentcast.proto import latentcast_v1_pb2_grpc as pb_grpc
+    from latentcast.tools.provenance import commit as _commit
+    from latentcast.tools.provenance import machine as _machine
+
     from latentcast.shared import portable_path
-    from latentcast.tools.provenance import commit as _commit, machine as _machine
 
     out_dir.mkdir(parents=True, exist_ok=True)
     token = secrets.token_hex(16)

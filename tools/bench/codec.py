@@ -23,6 +23,7 @@ import logging
 import time
 
 import numpy as np
+from latentcast.tools.eval.metrics import psnr
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +37,6 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/codec_bench.json",
                    help="JSON result path, a .md table is written beside it (default results/codec_bench.json)")
     return p
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
 
 
 def classical(img_rgb: np.ndarray, kind: str, quality: int) -> tuple[int, np.ndarray]:
@@ -104,11 +100,11 @@ def markdown(result: dict) -> str:
 def main(args) -> int:
     import cv2
     import torch
-
     from latentcast.edge.encoder import EdgeEncoder
     from latentcast.models.codec import LatentCodec
     from latentcast.proto.bitstream import Packet, SectionKind
     from latentcast.tools.provenance import command, commit, machine, write_results
+
     from latentcast.shared import shared_path
 
     torch.set_num_threads(args.threads)

@@ -30,6 +30,9 @@ import logging
 import time
 
 import numpy as np
+from latentcast.tools.eval.metrics import psnr
+
+from latentcast.boxes import greedy_match
 
 log = logging.getLogger(__name__)
 
@@ -65,37 +68,17 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float | None:
-    if a.size == 0:
-        return None
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
-
-
-def _iou(a, b) -> float:
-    ix = max(0.0, min(a.x1, b.x1) - max(a.x0, b.x0))
-    iy = max(0.0, min(a.y1, b.y1) - max(a.y0, b.y0))
-    inter = ix * iy
-    union = (a.x1 - a.x0) * (a.y1 - a.y0) + (b.x1 - b.x0) * (b.y1 - b.y0) - inter
-    return inter / union if union > 0 else 0.0
+    """PSNR (dB) of a region; None for an empty one."""
+    return psnr(a, b) if a.size else None
 
 
 def _recall(reference: list, found: list, thr: float = 0.5) -> float | None:
     """Share of the original frame's detections found again (same class, IoU >= thr) on the reconstruction."""
     if not reference:
         return None
-    used: set[int] = set()
-    hit = 0
-    for r in reference:
-        best, bi = 0.0, -1
-        for i, d in enumerate(found):
-            if i not in used and d.class_id == r.class_id:
-                v = _iou(r, d)
-                if v > best:
-                    best, bi = v, i
-        if best >= thr:
-            used.add(bi)
-            hit += 1
-    return hit / len(reference)
+    pairs = greedy_match([(r.x0, r.y0, r.x1, r.y1) for r in reference], [(d.x0, d.y0, d.x1, d.y1) for d in found],
+                         iou=thr, compatible=lambda i, j: found[j].class_id == reference[i].class_id)
+    return len(pairs) / len(reference)
 
 
 def _quality(frame: np.ndarray, original: np.ndarray, inside: np.ndarray, detector, ref_dets) -> dict:
@@ -138,13 +121,19 @@ def markdown(result: dict) -> str:
 def main(args: argparse.Namespace) -> int:
     import cv2
     import torch
-
     from latentcast.models.codec import LatentCodec
-    from latentcast.models.composer import ComposeRequest, ControlNetComposer, NoneComposer, caption_for
-    from latentcast.models.composer import load_components, tiny_components
+    from latentcast.models.composer import (
+        ComposeRequest,
+        ControlNetComposer,
+        NoneComposer,
+        caption_for,
+        load_components,
+        tiny_components,
+    )
     from latentcast.proto.bitstream import Roi
-    from latentcast.shared import portable_path, shared_path
     from latentcast.tools.provenance import command, commit, machine, write_results
+
+    from latentcast.shared import portable_path, shared_path
 
     torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

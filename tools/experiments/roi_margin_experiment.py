@@ -9,12 +9,13 @@ Results of the run quoted in the model card: ``results/roi_margin.txt``.
 import sys
 
 import cv2
+import latentcast.proto.grid as G
 import numpy as np
 import torch
-
-import latentcast.proto.grid as G
 from latentcast.models.codec import LatentCodec
 from latentcast.proto.bitstream import Roi
+from latentcast.tools.eval.metrics import psnr
+
 from latentcast.shared import shared_path
 
 
@@ -32,7 +33,6 @@ def main() -> None:
                 return p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:] | p[:-2, :-2] | p[:-2, 2:] | p[2:, :-2] | p[2:, 2:] | m0
             return G.roi_mask(boxes, width, height, margin_px=int(mode))
         return tx
-    def psnr(a, b): return 10*np.log10(255**2/np.mean((a.astype(float)-b)**2))
     for q in range(c.n_rates):
         for mode in ("cell", "8", "0"):
             G.transmit_mask = make_tx(mode)  # coded_cells (codec and edge) looks it up there
