@@ -41,12 +41,16 @@ __all__ = [
     "load_cloud_config",
     "DROP_POLICIES",
     "DETECTOR_KINDS",
+    "CODEC_NAMES",
 ]
 
 ENV_PREFIX = "LATENTCAST_CLOUD"
 DROP_POLICIES = ("drop_oldest", "drop_newest")
 COMPOSER_KINDS = ("none", "controlnet")  # = latentcast.models.composer.COMPOSER_KINDS (no torch import here)
 DETECTOR_KINDS = ("yolox", "onnx", "none")
+# the decoders the cloud has (cloud/decode.py): "latentcast" = the loaded codec (per-frame and temporal LCF),
+# "jpeg" = the JPEG baseline of `latentcast bench stream` (proto/ids.py CODEC_IDS["jpeg"])
+CODEC_NAMES = ("latentcast", "jpeg")
 
 
 def is_loopback(host: str) -> bool:
@@ -153,8 +157,19 @@ class PipelineConfig:
     refused_backoff_max_s: float = 1.0  # a stream whose frames keep being refused as the sender's fault (undecodable,
     #   bad checksum or edge boxes, not the session's) is read more slowly: after 3 in a row, 10 ms before its next
     #   frame, doubling per refusal up to this; one analysed frame resets it. 0 = off
+    codecs: list[str] = field(default_factory=lambda: ["latentcast"])  # codecs whose sessions are accepted:
+    #   "latentcast" (the loaded codec) and "jpeg" (the JPEG baseline of `latentcast bench stream`: whole frames as
+    #   JPEG, for benchmarks only; keep it off in production). Other codecs' sessions end with FAILED_PRECONDITION
 
     def __post_init__(self) -> None:
+        codecs = self.codecs
+        if isinstance(codecs, str) or not isinstance(codecs, (list, tuple)) or not codecs:
+            raise ValueError(f"pipeline.codecs {codecs!r} must be a non-empty list of codec names "
+                             f"(valid: {', '.join(CODEC_NAMES)})")
+        unknown = [c for c in codecs if c not in CODEC_NAMES]
+        if unknown:
+            raise ValueError(f"pipeline.codecs: unknown codec name(s) {', '.join(map(repr, unknown))} "
+                             f"(valid: {', '.join(CODEC_NAMES)})")
         if self.drop_policy not in DROP_POLICIES:
             raise ValueError(f"pipeline.drop_policy {self.drop_policy!r} is not one of {', '.join(DROP_POLICIES)}")
         for name in ("workers", "max_batch", "max_queued_per_session", "max_queued_total"):

@@ -1,5 +1,10 @@
 """The cloud's gRPC service: ``Stream`` (edge frames in; acks, results, errors out) and ``Subscribe``.
 
+This module does gRPC only: streams, acks, backpressure, client-input checks, ``Subscribe``, the servers'
+lifecycle. What happens to a frame is the chain assembled in ``cloud/pipeline.py`` (its docstring has the
+data-flow diagram): decoding by the session's codec in ``cloud/decode.py``, the worker pool in
+``cloud/workers.py``, composition in ``cloud/compose.py``, analytics, sinks.
+
 Two gRPC servers and one HTTP endpoint::
 
     port              Latentcast service (bearer-token interceptor, TLS/mTLS when configured)
@@ -12,10 +17,11 @@ calls before that end with UNAVAILABLE. On shutdown it turns NOT_SERVING first.
 
 ``Stream`` semantics (proto/latentcast_v1.proto has the contract):
 
-- The first message must be a SessionHeader (else INVALID_ARGUMENT). It is validated against the
-  loaded codec (``sessions.validate_header``: FAILED_PRECONDITION for another codec id or weights
-  hash, INVALID_ARGUMENT for a bad header); the reply is SessionAccepted(next_seq, resumed) from the
-  camera's state (``sessions.SessionRegistry.open``).
+- The first message must be a SessionHeader (else INVALID_ARGUMENT). Its codec id picks the stream's
+  decoder among the codecs ``pipeline.codecs`` accepts (``decode.DecoderRegistry.session``): FAILED_PRECONDITION
+  for a codec id not accepted (the message names the accepted ones) or other weights, INVALID_ARGUMENT for a
+  bad header; the reply is SessionAccepted(next_seq, resumed) from the camera's state
+  (``sessions.SessionRegistry.open``).
 - Edge identity, one publisher per camera. The camera's sequence state belongs to the edge instance
   that made it (``SessionHeader.instance_id``, random per edge process): the same instance
   reconnecting resumes it (``resumed``), another instance (a restarted edge, whose seqs start at 0
@@ -32,9 +38,11 @@ calls before that end with UNAVAILABLE. On shutdown it turns NOT_SERVING first.
   every reply field fits uint64), else the stream ends with INVALID_ARGUMENT naming the seq, next_seq
   and the limit, and the camera's state is not touched (a reconnect is accepted as before).
   A seq already received is re-acknowledged at once and not processed again.
-  Otherwise the packet is parsed on the event loop (bounded by ``server.max_packet_bytes``, O(len)).
+  Otherwise the packet is parsed on the event loop by the stream's decoder (``decoder.admit``: bounded
+  by ``server.max_packet_bytes``, O(len), nothing decoded).
   Stream-ending errors (INVALID_ARGUMENT, this stream only): an empty packet, a packet above
-  ``max_packet_bytes``, bytes that are not an LCF v1 packet, a second SessionHeader or an empty
+  ``max_packet_bytes``, bytes that are not an LCF v1 packet (a latentcast stream; a JPEG stream gets a
+  FrameError ``malformed_packet`` and goes on), a second SessionHeader or an empty
   EdgeMessage. The refused frame's seq still counts as received, so a reconnecting edge that
   resends it gets a re-ack instead of the same error again. Per-frame errors (a FrameError, the
   stream goes on): a CRC32 that does not match the packet's bytes or a symbol-checksum mismatch
@@ -42,7 +50,7 @@ calls before that end with UNAVAILABLE. On shutdown it turns NOT_SERVING first.
   :func:`_edge_boxes`: the frame is refused, not decoded and not written to the sinks), another codec
   in the packet, a frame size or label set other than the session's, decoder or detector failures,
   and frames dropped because the cloud is overloaded (``cloud_overloaded``); codes in
-  ``cloud/pipeline.py``. A whole gRPC message above ``server.max_message_bytes`` is refused by gRPC
+  ``cloud/frames.py``. A whole gRPC message above ``server.max_message_bytes`` is refused by gRPC
   itself with RESOURCE_EXHAUSTED.
 - Bytes that are not a protobuf message of the method's request type (first message, a later one, or
   a SubscribeRequest) end the call with INVALID_ARGUMENT: the service is registered with a request
@@ -62,7 +70,7 @@ calls before that end with UNAVAILABLE. On shutdown it turns NOT_SERVING first.
   frames (gRPC flow control then slows the edge).
 - Decode cost: a session declares at most ``sessions.max_frame_pixels`` (1920x1088); the pipeline
   serves streams in turn and drops frames older than ``pipeline.max_frame_age_s`` and the queued frames
-  of a stream that ended (``cloud/pipeline.py``); the entropy decoder refuses a forged section at its
+  of a stream that ended (``cloud/workers.py``); the entropy decoder refuses a forged section at its
   first inconsistent group (``proto/entropy.py``). A stream whose frames keep being refused for the
   sender's fault (``CLIENT_FAULT_CODES``: undecodable, bad checksum or edge boxes, not the session's)
   is read more slowly: after 3 in a row, 10 ms before its next frame, doubling up to
@@ -83,32 +91,24 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from latentcast.config import ConfigError
-from latentcast.models.codec import CodecError, LatentCodec
-from latentcast.models.temporal import is_temporal
+from latentcast.models.codec import LatentCodec
 from latentcast.proto import latentcast_v1_pb2 as pb
 from latentcast.proto import latentcast_v1_pb2_grpc as pb_grpc
-from latentcast.proto.bitstream import MAX_ROIS, BitstreamError, Packet, Roi
+from latentcast.proto.bitstream import MAX_ROIS
 
-from .analytics import Detection, Detector, make_detector
+from .analytics import Detection, Detector
 from .auth import HANDLER_KINDS, NOBODY, REJECT_DETAILS, BearerTokenInterceptor, Principal, TokenRegistry
 from .config import CloudConfig, is_loopback
+from .decode import Decoder, DecoderRegistry, PacketRefused
+from .frames import CLIENT_FAULT_CODES, AnalysedFrame, FrameJob, FrameOutcome
 from .metrics import CloudMetrics, MetricsHttpServer, RateLimitedLog
-from .pipeline import (
-    CLIENT_FAULT_CODES,
-    AnalysedFrame,
-    FrameJob,
-    FrameOutcome,
-    Pipeline,
-    classify_parse_error,
-    codec_error_code,
-)
-from .sessions import CameraState, SessionRejected, SessionRegistry, SessionSpec, validate_header
+from .pipeline import Pipeline, load_and_warm
+from .sessions import CameraState, SessionRejected, SessionRegistry, SessionSpec
 from .sinks import FanOut, JsonlSink, to_proto_boxes
 
 log = logging.getLogger(__name__)
@@ -197,10 +197,11 @@ class _Stream:
     """One open ``Stream`` call."""
 
     def __init__(self, *, server: CloudServer, state: CameraState, spec: SessionSpec, session_id: str,
-                 peer: str) -> None:
+                 peer: str, decoder: Decoder) -> None:
         self.server = server
         self.state = state
         self.spec = spec
+        self.decoder = decoder  # the session's codec's (cloud/decode.py)
         self.session_id = session_id
         self.peer = peer
         self.outbox = _Outbox()
@@ -451,8 +452,7 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
             await fail(grpc.StatusCode.INVALID_ARGUMENT,
                        f"the first message must be a SessionHeader, got {kind or 'an empty EdgeMessage'}")
         try:
-            spec = validate_header(first.header, codec_id=srv.codec.codec_id, weights_hash=srv.codec.weights_hash,
-                                   config=srv.config.sessions)
+            spec, decoder = srv.pipeline.decoders.session(first.header, srv.config.sessions)
         except SessionRejected as exc:
             await fail(exc.code, exc.message)
         principal = srv.principal(context)
@@ -482,15 +482,16 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
             else:
                 why = f"superseded by a newer stream of the same edge instance {spec.instance_id or '(none)'}"
             previous.end(grpc.StatusCode.ABORTED, f"camera {spec.camera_id!r}: {why} (session {session_id})")
-        st = _Stream(server=srv, state=state, spec=spec, session_id=session_id, peer=context.peer())
+        st = _Stream(server=srv, state=state, spec=spec, session_id=session_id, peer=context.peer(),
+                     decoder=decoder)
         srv._streams[spec.camera_id] = st
         m.active_sessions.inc()
         next_seq = state.seqs.next_seq
         if next_seq > 0:
             m.reconnects.inc()
-        log.info("session %s: camera %r task %r %dx%d, %d labels, edge %s instance %s from %s; next_seq %d (%s)",
-                 session_id, spec.camera_id, spec.task, spec.width, spec.height, len(spec.labels),
-                 spec.edge_version or "?", spec.instance_id or "(none)", context.peer(), next_seq,
+        log.info("session %s: camera %r task %r %dx%d, %d labels, codec %s, edge %s instance %s from %s; "
+                 "next_seq %d (%s)", session_id, spec.camera_id, spec.task, spec.width, spec.height, len(spec.labels),
+                 decoder.name, spec.edge_version or "?", spec.instance_id or "(none)", context.peer(), next_seq,
                  "resumed" if resumed else "fresh")
         try:
             yield pb.CloudMessage(accepted=pb.SessionAccepted(session_id=session_id, next_seq=_u64(next_seq),
@@ -608,18 +609,14 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
                            f"{scfg.max_packet_bytes}")
                     return
                 try:
-                    packet = Packet.from_bytes(f.packet, max_packet_bytes=scfg.max_packet_bytes)
-                except BitstreamError as exc:
-                    code = classify_parse_error(exc, f.packet)
-                    if code == "checksum_mismatch":
-                        st.frame_refused(code)
-                        m.frame_errors.labels(code=code).inc()
-                        srv.rl(logging.WARNING, f"fail:{code}", "frame %s/%d: %s", st.spec.camera_id, seq, exc)
-                        st.outbox.put(_frame_error(seq, code, str(exc)))
-                        continue
-                    m.frame_errors.labels(code="malformed_packet").inc()
-                    st.end(grpc.StatusCode.INVALID_ARGUMENT, f"frame seq {seq}: malformed packet: {exc}")
-                    return
+                    packet = st.decoder.admit(f.packet, st.spec)
+                except PacketRefused as exc:
+                    if exc.ends_stream:
+                        m.frame_errors.labels(code=exc.code).inc()
+                        st.end(grpc.StatusCode.INVALID_ARGUMENT, f"frame seq {seq}: {exc.message}")
+                        return
+                    self._refuse(st, seq, exc.code, exc.message)
+                    continue
                 try:
                     edge_boxes = _edge_boxes(f.edge_boxes, st.spec)
                 except InvalidEdgeBoxes as exc:  # the edge's mistake: refuse this frame, keep the stream
@@ -629,13 +626,20 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
                            "frame %s/%d from %s: %s", st.spec.camera_id, seq, st.peer, exc)
                     st.outbox.put(_frame_error(seq, INVALID_EDGE_BOXES, str(exc)))
                     continue
-                hd = packet.header
-                m.bpp.observe(n * 8.0 / (hd.width * hd.height))
+                width, height = st.decoder.frame_size(packet)
+                m.bpp.observe(n * 8.0 / (width * height))
                 job = FrameJob(stream_id=st.session_id, spec=st.spec, seq=seq, capture_ts_us=int(f.capture_ts_us),
-                               packet=packet, packet_bytes=n, edge_boxes=edge_boxes, deliver=st.deliver)
-                if is_temporal(packet):
-                    job.prepared = await self._temporal(st, job, packet)
-                    if job.prepared is None:
+                               packet=packet, packet_bytes=n, edge_boxes=edge_boxes, deliver=st.deliver,
+                               codec_id=st.decoder.codec_id)
+                if st.decoder.needs_prepare(packet):  # temporal: into the camera's state, in arrival order
+                    try:
+                        await st.decoder.prepare(job, packet, st.state)
+                    except PacketRefused as exc:
+                        if exc.refresh:  # a reference is missing: ask the edge for a keyframe
+                            m.refresh_requests.inc()
+                            st.outbox.put(pb.CloudMessage(refresh=pb.RefreshRequest(seq=seq,
+                                                                                    reason=exc.message[:1024])))
+                        self._refuse(st, seq, exc.code, exc.message)
                         continue
                 st.pending += 1
                 srv.pipeline.submit(job)
@@ -648,41 +652,13 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
             log.exception("session %s: reader failed", st.session_id)
             st.end(grpc.StatusCode.INTERNAL, f"internal error reading the stream: {type(exc).__name__}")
 
-    async def _temporal(self, st: _Stream, job: FrameJob, packet: Packet):
-        """Decode a temporal packet into the camera's state, in arrival order; None (and an Error, and when a
-        reference is missing a RefreshRequest) if it cannot be rendered."""
-        from latentcast.models.temporal import MissingReference, TemporalDecoder
-
+    def _refuse(self, st: _Stream, seq: int, code: str, message: str) -> None:
+        """A frame refused before the pipeline (the stream goes on): counted, logged, a FrameError."""
         srv = self._srv
-        m = srv.metrics
-        failure = srv.pipeline.check(job, packet)
-        code = message = None
-        if failure is not None:
-            code, message = failure.code, failure.message
-        else:
-            try:
-                if st.state.temporal is None:
-                    st.state.temporal = TemporalDecoder(codec=srv.codec, tables=srv.temporal_tables())
-                t0 = time.monotonic()
-                render = await asyncio.to_thread(st.state.temporal.prepare, packet)
-                job.prepare_ms = (time.monotonic() - t0) * 1000.0
-                return render
-            except MissingReference as exc:
-                code, message = "missing_reference", str(exc)
-                now = time.monotonic()
-                if now - st.state.refresh_asked >= srv.config.codec.refresh_retry_s:
-                    st.state.refresh_asked = now
-                    m.refresh_requests.inc()
-                    st.outbox.put(pb.CloudMessage(refresh=pb.RefreshRequest(seq=job.seq, reason=message[:1024])))
-            except CodecError as exc:
-                code, message = codec_error_code(exc), str(exc)
-            except (ValueError, IndexError, OverflowError, OSError) as exc:  # hostile bytes, missing tables
-                code, message = "decode_failed", f"{type(exc).__name__}: {exc}"
-        m.frame_errors.labels(code=code).inc()
+        srv.metrics.frame_errors.labels(code=code).inc()
         st.frame_refused(code)
-        srv.rl(logging.WARNING, f"fail:{code}", "frame %s/%d: %s", st.spec.camera_id, job.seq, message)
-        st.outbox.put(_frame_error(job.seq, code, message))
-        return None
+        srv.rl(logging.WARNING, f"fail:{code}", "frame %s/%d: %s", st.spec.camera_id, seq, message)
+        st.outbox.put(_frame_error(seq, code, message))
 
     async def Subscribe(self, request: pb.SubscribeRequest,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.FrameResult]:
@@ -725,15 +701,6 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
 
 # ---------------------------------------------------------------------------------------- server
 
-def _make_composer(c, codec):
-    """The ControlNet composer from ``composer.*`` settings (the codec's latent space conditions it)."""
-    from latentcast.models.composer import make_composer
-
-    return make_composer(c.kind, codec=codec, sd=c.sd, controlnet=c.controlnet or None,
-                         local_files_only=c.local_files_only, scheduler=c.scheduler, seed=c.seed,
-                         default_steps=c.steps, start_strength=c.start_strength, keep_roi=c.keep_roi,
-                         guidance_scale=c.guidance_scale, use_caption=c.use_caption)
-
 class CloudServer:
     """The cloud service; ``codec`` and ``detector`` may be injected (tests), else loaded from config."""
 
@@ -761,7 +728,6 @@ class CloudServer:
         self._stopped = False
         self._stop_requested = asyncio.Event()
         self.ports: tuple[int, int, int] = (0, 0, 0)
-        self._temporal_tables = None
         self.auth: TokenRegistry | None = None  # the accepted tokens (None: authentication off), set by start()
 
     def principal(self, context: grpc.aio.ServicerContext) -> Principal | None:
@@ -771,16 +737,6 @@ class CloudServer:
         if self.auth is None:
             return None
         return self.auth.principal(context.invocation_metadata()) or NOBODY
-
-    def temporal_tables(self):
-        """The P-frame tables of temporal streams (``codec.temporal_tables``), loaded on first use."""
-        if self._temporal_tables is None:
-            from latentcast.models.temporal import default_tables_path
-            from latentcast.proto.temporal import TemporalTables
-
-            path = self.config.codec.temporal_tables or default_tables_path(self.codec)
-            self._temporal_tables = TemporalTables.load(path, weights_hash=self.codec.weights_hash)
-        return self._temporal_tables
 
     @property
     def ready(self) -> bool:
@@ -857,42 +813,25 @@ class CloudServer:
     async def _load_and_warm(self) -> None:
         try:
             t0 = time.monotonic()
-            await asyncio.to_thread(self._load_and_warm_sync)
+            self.codec, self.detector, self.composer = await asyncio.to_thread(
+                load_and_warm, self.config, codec=self.codec, detector=self.detector, composer=self.composer)
             self.pipeline = Pipeline(codec=self.codec, detector=self.detector, config=self.config.pipeline,
                                      metrics=self.metrics, on_result=self._result_sinks(),
                                      max_packet_bytes=self.config.server.max_packet_bytes,
-                                     composer=self.composer, compose_steps=self.config.composer.steps)
+                                     composer=self.composer, compose_steps=self.config.composer.steps,
+                                     decoders=DecoderRegistry.from_config(self.config, self.codec))
             self.fanout.composer = self.composer  # subscribers may ask for their own composer steps
             self.pipeline.start()
             self._ready.set()
             for name in ("", SERVICE_NAME):
                 await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-            log.info("ready in %.1f s: codec %s (id %d, weights %s), detector %s; health SERVING",
+            log.info("ready in %.1f s: codec %s (id %d, weights %s), detector %s, accepting %s; health SERVING",
                      time.monotonic() - t0, getattr(self.codec, "codec_name", "?"), self.codec.codec_id,
-                     self.codec.weights_hash.hex(), type(self.detector).__name__)
+                     self.codec.weights_hash.hex(), type(self.detector).__name__, self.pipeline.decoders.describe())
         except Exception as exc:  # noqa: BLE001 - reported by wait_ready / serve_forever
             self._warm_error = exc
             log.error("loading or warming the codec/composer/detector failed: %s", exc)
             self._ready.set()
-
-    def _load_and_warm_sync(self) -> None:
-        cfg = self.config
-        if self.codec is None:
-            self.codec = LatentCodec.load(cfg.codec.weights)
-        if self.detector is None:
-            self.detector = make_detector(cfg.analytics)
-        n = max(16, cfg.codec.warmup_size)
-        yy, xx = np.mgrid[0:n, 0:n]
-        dummy = np.stack([xx * 255 // n, yy * 255 // n, (xx + yy) * 127 // n], axis=-1).astype(np.uint8)
-        data = self.codec.compress(dummy, [Roi(x0=0, y0=0, x1=n // 2, y1=n // 2)], rate_point=0)
-        rec = self.codec.decompress(data)
-        if cfg.composer.kind != "none" and self.composer is None:
-            self.composer = _make_composer(cfg.composer, self.codec)
-        if self.composer is not None:  # warm the sampler too: the first frame must not pay for it
-            from latentcast.models.composer import ComposeRequest
-
-            self.composer.compose([ComposeRequest.from_reconstruction(rec, stream_id="warmup", steps=1)])
-        self.detector.detect(rec.frame)
 
     def _result_sinks(self) -> list:
         sinks: list = []

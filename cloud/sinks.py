@@ -9,16 +9,16 @@
   loses its oldest frames (counted), never slows the pipeline. :meth:`FanOut.offer` runs in a
   worker thread: it encodes the frame once per (format, quality) that matching subscribers asked
   for (``cv2.imencode``), then hands the results to the event loop. A subscriber that asked for
-  its own composer steps (``compose_steps``, e.g. 50 for people) gets its frames from one
-  recompose thread with a bounded backlog (``sinks.recompose_queue``; the oldest pending frame
-  is dropped, counted): a 50-step recomposition never holds up the analytics workers, and the
-  other subscribers get the analysed frame at once.
+  its own composer steps (``compose_steps``, e.g. 50 for people) gets its frames from the compose
+  stage's recompose thread (:class:`~latentcast.cloud.compose.Recomposer`, backlog
+  ``sinks.recompose_queue``, the oldest pending frame dropped, counted); the other subscribers get
+  the analysed frame at once.
 
 ::
 
     worker thread: offer(fr) ─► analysed frame, encoded per (format, quality) ─► event loop ─► subscribers
-                            └─► (fr, [steps ...]) ─► recompose backlog (drop oldest)
-    recompose thread:           ─► composer.compose(steps) ─► encoded ─► event loop ─► those subscribers
+                            └─► Recomposer.submit(fr, [steps ...])  (cloud/compose.py)
+    recompose thread:           ─► frames by steps ─► encoded ─► event loop ─► those subscribers
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ import numpy as np
 from latentcast.proto import latentcast_v1_pb2 as pb
 
 from .analytics import Detection
+from .compose import Recomposer
+from .frames import AnalysedFrame
 from .metrics import CloudMetrics
-from .pipeline import AnalysedFrame
 
 log = logging.getLogger(__name__)
 
@@ -182,17 +183,10 @@ class FanOut:
                  max_compose_steps: int = 200, recompose_queue: int = 4) -> None:
         """``composer``: the pipeline's diffusion composer, if any; subscribers may then ask for frames
         composed with their own number of sampling steps (``SubscribeRequest.compose_steps``), made in
-        one recompose thread with at most ``recompose_queue`` frames waiting."""
-        if isinstance(recompose_queue, bool) or not isinstance(recompose_queue, int) or recompose_queue < 1:
-            raise ValueError(f"recompose_queue {recompose_queue!r} must be an integer >= 1")
+        the compose stage's recompose thread with at most ``recompose_queue`` frames waiting."""
         self._loop = loop
-        self.composer = composer
         self.max_compose_steps = max_compose_steps
-        self.recompose_queue = recompose_queue
-        self._pending: deque[tuple[AnalysedFrame, pb.FrameResult, list[Encoding]]] = deque()
-        self._pending_cv = threading.Condition()
-        self._recomposer: threading.Thread | None = None
-        self.recompose_dropped = 0
+        self.recomposer = Recomposer(composer=composer, queue=recompose_queue, on_drop=self._recompose_dropped)
         self._queue_size = queue_size
         self.jpeg_quality = jpeg_quality
         self.png_compression = png_compression
@@ -200,6 +194,28 @@ class FanOut:
         self._subs: set[Subscriber] = set()
         self._lock = threading.Lock()  # guards the set for offer()'s snapshot
         self._closed = False
+
+    @property
+    def composer(self):
+        """The diffusion composer subscribers' own steps are composed with (None: the analysed frame only)."""
+        return self.recomposer.composer
+
+    @composer.setter
+    def composer(self, composer) -> None:
+        self.recomposer.composer = composer
+
+    @property
+    def recompose_queue(self) -> int:
+        return self.recomposer.queue
+
+    @property
+    def recompose_dropped(self) -> int:
+        """Frames dropped from the full recompose backlog."""
+        return self.recomposer.dropped
+
+    def _recompose_dropped(self) -> None:
+        if self.metrics is not None:
+            self.metrics.subscriber_dropped.inc()
 
     def __len__(self) -> int:
         return len(self._subs)
@@ -242,12 +258,7 @@ class FanOut:
     def close(self) -> None:
         """End every subscription (their calls finish after draining) and the recompose thread."""
         self._closed = True
-        with self._pending_cv:
-            self._pending.clear()
-            self._pending_cv.notify_all()
-        t = self._recomposer
-        if t is not None and t is not threading.current_thread():
-            t.join(timeout=30.0)  # the composition in progress, at most
+        self.recomposer.close()  # after the composition in progress, at most
         with self._lock:
             subs = list(self._subs)
             self._subs.clear()
@@ -275,7 +286,7 @@ class FanOut:
         images = {e: self._encode(fr.frame, e) for e in now}
         self._call(self._publish, base, images, True)
         if later:
-            self._enqueue(fr, base, later)
+            self.recomposer.submit(fr, {e[2] for e in later}, lambda frames: self._recomposed(base, later, frames))
 
     def _encode(self, frame: np.ndarray, enc: Encoding) -> bytes:
         return encode_image(frame, enc[0], jpeg_quality=enc[1], png_compression=enc[1])
@@ -286,52 +297,11 @@ class FanOut:
         except RuntimeError:  # the loop is closed: the server is gone
             pass
 
-    # ---------------------------------------------------------------- recompose thread
-    def _enqueue(self, fr: AnalysedFrame, base: pb.FrameResult, encs: list[Encoding]) -> None:
-        with self._pending_cv:
-            if self._closed:
-                return
-            if len(self._pending) >= self.recompose_queue:
-                self._pending.popleft()  # the oldest waiting frame: its step-subscribers miss it
-                self.recompose_dropped += 1
-                if self.metrics is not None:
-                    self.metrics.subscriber_dropped.inc()
-            self._pending.append((fr, base, encs))
-            if self._recomposer is None:
-                self._recomposer = threading.Thread(target=self._recompose_loop, name="fanout-recompose", daemon=True)
-                self._recomposer.start()
-            self._pending_cv.notify()
-
-    def _recompose_loop(self) -> None:
-        while True:
-            with self._pending_cv:
-                while not self._pending and not self._closed:
-                    self._pending_cv.wait()
-                if self._closed:
-                    return
-                fr, base, encs = self._pending.popleft()
-            images: dict[Encoding, bytes] = {}
-            for steps in sorted({e[2] for e in encs}):
-                frame = self._recompose(fr, steps)
-                if frame is not None:
-                    images.update({e: self._encode(frame, e) for e in encs if e[2] == steps})
-            if images and not self._closed:
-                self._call(self._publish, base, images, False)
-
-    def _recompose(self, fr: AnalysedFrame, steps: int) -> np.ndarray | None:
-        """``fr`` composed again with ``steps`` sampling steps (same seed and caption), in the recompose
-        thread (only frames with a compose request, with a composer, are queued for it); None (that
-        client misses the frame, counted) when the composer fails."""
-        req = fr.compose_request
-        try:
-            import dataclasses
-
-            return self.composer.compose([dataclasses.replace(req, steps=steps)])[0]
-        except Exception as exc:  # noqa: BLE001 - a subscriber's extra frame must not stop the worker
-            log.warning("recomposing %s/%d with %d steps failed: %s", fr.job.spec.camera_id, fr.seq, steps, exc)
-            if self.metrics is not None:
-                self.metrics.subscriber_dropped.inc()
-            return None
+    def _recomposed(self, base: pb.FrameResult, encs: list[Encoding], frames: dict[int, np.ndarray]) -> None:
+        """In the recompose thread: the frames made with the subscribers' own steps, encoded and published."""
+        images = {e: self._encode(frames[e[2]], e) for e in encs if e[2] in frames}
+        if images and not self._closed:
+            self._call(self._publish, base, images, False)
 
     def _publish(self, base: pb.FrameResult, images: dict[Encoding, bytes], results_only: bool = True) -> None:
         """Queue the frame for the matching subscribers whose encoding is in ``images``, and for the

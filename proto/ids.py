@@ -7,8 +7,10 @@ from collections.abc import Sequence
 
 __all__ = ["CODEC_IDS", "LATENT_SPACE_IDS", "codec_name", "latent_space_name", "label_set_hash"]
 
-# codec architecture -> codec_id in the packet header
-CODEC_IDS: dict[str, int] = {"elic-lite": 1, "elic-paper": 2, "elic-lite-taef2": 3}
+# codec architecture -> codec_id in the packet header (and the SessionHeader). 100 and up are not LCF codecs:
+# "jpeg" is the JPEG baseline of `latentcast bench stream` (each packet a whole frame as JPEG bytes), which a
+# cloud accepts only when its pipeline.codecs lists it (cloud/decode.py)
+CODEC_IDS: dict[str, int] = {"elic-lite": 1, "elic-paper": 2, "elic-lite-taef2": 3, "jpeg": 100}
 # latent-space family -> latent_space_id in the packet header
 LATENT_SPACE_IDS: dict[str, int] = {"taef2": 1, "taesd": 2, "sd-vae": 3, "pixels": 4}
 

@@ -331,4 +331,4 @@ async def test_recomposition_for_step_subscribers_never_holds_up_the_worker(tiny
     await asyncio.sleep(0.05)
     assert not results._q and not machine._q  # the recomposed frames went to the step subscriber only
     fan.close()
-    assert fan._recomposer is not None and not fan._recomposer.is_alive()
+    assert fan.recomposer.thread is not None and not fan.recomposer.thread.is_alive()

@@ -13,10 +13,12 @@ for ``--seconds`` against ONE server on 127.0.0.1, in this process:
   (``elic-lite`` decode + YOLOX-nano analytics, the cloud config's defaults).
 - ``jpeg``: the baseline. The same EdgeApp machinery (capture, pacing, send queue and drop policy,
   EdgeClient with acks) with the encoder replaced by ``cv2.imencode`` of the whole frame (quality
-  ``--jpeg-quality``) and no grounding, against :class:`JpegBaselineServer`: the same proto messages
-  (FramePacket.packet carries the JPEG), ``cv2.imdecode`` + the SAME detector object in the same
-  number of worker threads, with the cloud's per-stream backpressure, global queue bound and drop
-  policy and its ack rule (every ``ack_every_frames`` frames or ``ack_interval_ms``).
+  ``--jpeg-quality``) and no grounding, against the same real :class:`CloudServer` with its JPEG codec
+  enabled (``pipeline.codecs: [latentcast, jpeg]``; off in a production cloud): the sessions name
+  ``CODEC_IDS["jpeg"]``, FramePacket.packet carries the JPEG, the cloud's decode stage bounds it by its
+  frame header and decodes it with ``cv2.imdecode``, then the SAME detector object, worker pool, per-stream
+  backpressure, queue bounds, drop policy and ack rule (every ``ack_every_frames`` frames or
+  ``ack_interval_ms``, acking the highest unbroken seq) as latentcast's frames.
 
 Measured per (system, N): results per second (total, per stream) over the window after
 ``--warmup``; capture-to-result latency p50/p99 (edge clock: receive time in the EdgeApp's
@@ -48,9 +50,7 @@ import math
 import os
 import secrets
 import sys
-import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +64,6 @@ __all__ = [
     "GRPC_PREFIX_BYTES",
     "HTTP2_FRAME_HEADER_BYTES",
     "SYSTEMS",
-    "JpegBaselineServer",
     "JpegEncoder",
     "NullGrounder",
     "main",
@@ -76,7 +75,6 @@ SYSTEMS = ("latentcast", "jpeg")
 GRPC_PREFIX_BYTES = 5  # gRPC length-prefixed message: 1 compressed flag + 4 length bytes
 HTTP2_FRAME_HEADER_BYTES = 9  # per HTTP/2 frame
 HTTP2_DEFAULT_MAX_FRAME = 16384  # HTTP/2 default SETTINGS_MAX_FRAME_SIZE
-_POLL_S = 0.005  # backpressure poll of the baseline (the cloud's value)
 _RUN_TIMEOUT_PAD_S = 60.0  # an edge run must end this long after its stop, else it is cancelled
 
 
@@ -89,9 +87,11 @@ class JpegEncoder:
     def __init__(self, quality: int = 75):
         if not 1 <= int(quality) <= 100:
             raise ValueError(f"JPEG quality {quality!r} out of range 1..100")
+        from latentcast.proto.ids import CODEC_IDS
+
         self.quality = int(quality)
-        self.manifest = {"codec_id": 0}  # not an LCF codec; the baseline server does not check it
-        self.weights_hash = b"\0" * 8
+        self.manifest = {"codec_id": CODEC_IDS["jpeg"]}  # the cloud's JPEG codec (pipeline.codecs must list it)
+        self.weights_hash = b"\0" * 8  # a JPEG has no weights: the cloud accepts any hash
 
     def compress(self, rgb: np.ndarray, rois: Sequence[Any] = (), *, rate_point: int = 0, roi_only: bool = False,
                  label_set_hash: bytes = b"\0\0\0\0") -> bytes:
@@ -220,276 +220,6 @@ class _Recorder:
     def on_result(self, r) -> None:
         lat_ms = (time.time_ns() / 1e3 - r.capture_ts_us) / 1e3
         self.results.append((time.monotonic(), lat_ms, float(r.decode_ms), float(r.analytics_ms)))
-
-
-# ------------------------------------------------------------------------------------ baseline cloud
-_HALF_CLOSED = object()
-_POKE = object()
-
-
-class _BaselineStream:
-    def __init__(self, *, loop: asyncio.AbstractEventLoop, ack_every: int, ack_interval_s: float, name: str):
-        self.loop, self.name = loop, name
-        self.out: asyncio.Queue = asyncio.Queue()
-        self.ack_every, self.ack_interval_s = ack_every, ack_interval_s
-        self.pending = 0
-        self.received = 0
-        self.last_seq: int | None = None
-        self.unacked = 0
-        self.first_unacked = 0.0
-        self.closed = False
-
-    def count_frame(self, seq: int) -> None:
-        self.received += 1
-        self.last_seq = seq
-        if self.unacked == 0:
-            self.first_unacked = time.monotonic()
-        self.unacked += 1
-        if self.unacked >= self.ack_every:
-            self.out.put_nowait(_POKE)
-
-    def ack_timeout(self) -> float | None:
-        if self.unacked == 0:
-            return None
-        return max(0.0, self.first_unacked + self.ack_interval_s - time.monotonic())
-
-    def take_ack(self, *, force: bool = False):
-        from latentcast.proto import latentcast_v1_pb2 as pb
-
-        if self.unacked == 0 or self.last_seq is None:
-            return None
-        due = self.unacked >= self.ack_every or time.monotonic() - self.first_unacked >= self.ack_interval_s
-        if not (force or due):
-            return None
-        self.unacked = 0
-        return pb.CloudMessage(ack=pb.Ack(acked_seq=self.last_seq, frames_received=self.received))
-
-    def deliver(self, msg) -> None:
-        """From a worker thread."""
-        try:
-            self.loop.call_soon_threadsafe(self._done, msg)
-        except RuntimeError:  # loop closed
-            pass
-
-    def _done(self, msg) -> None:
-        self.pending -= 1
-        if not self.closed:
-            self.out.put_nowait(msg)
-
-
-@dataclass
-class _Job:
-    stream: _BaselineStream
-    seq: int
-    capture_ts_us: int
-    data: bytes
-
-
-class _BaselinePool:
-    """JPEG decode + detector in worker threads, with the cloud pipeline's queue bound and drop policy."""
-
-    def __init__(self, *, detector: Any, workers: int, max_queued_total: int, drop_policy: str):
-        self.detector = detector
-        self.workers, self.max_queued_total, self.drop_policy = workers, max_queued_total, drop_policy
-        self._q: deque[_Job] = deque()
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._threads: list[threading.Thread] = []
-        self.analysed = 0
-        self.dropped = 0
-        self.failed = 0
-
-    def start(self) -> None:
-        for i in range(self.workers):
-            t = threading.Thread(target=self._worker, name=f"jpeg-baseline-worker-{i}", daemon=True)
-            t.start()
-            self._threads.append(t)
-
-    def stop(self, timeout: float = 5.0) -> None:
-        with self._cond:
-            self._stopping = True
-            self._q.clear()
-            self._cond.notify_all()
-        deadline = time.monotonic() + timeout
-        for t in self._threads:
-            t.join(max(0.0, deadline - time.monotonic()))
-        self._threads.clear()
-
-    def submit(self, job: _Job) -> list[_Job]:
-        """Queue ``job``; returns the jobs dropped for it (the oldest queued, or ``job`` itself)."""
-        with self._cond:
-            if self._stopping:
-                return [job]
-            dropped: list[_Job] = []
-            if len(self._q) >= self.max_queued_total:
-                if self.drop_policy == "drop_oldest":
-                    dropped.append(self._q.popleft())
-                else:
-                    self.dropped += 1
-                    return [job]
-            self._q.append(job)
-            self._cond.notify()
-            self.dropped += len(dropped)
-            return dropped
-
-    def _worker(self) -> None:
-        while True:
-            with self._cond:
-                while not self._q and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
-                    return
-                job = self._q.popleft()
-            job.stream.deliver(self._process(job))
-
-    def _process(self, job: _Job):
-        import cv2
-        from latentcast.cloud.sinks import to_proto_boxes
-        from latentcast.proto import latentcast_v1_pb2 as pb
-
-        t0 = time.monotonic()
-        try:
-            bgr = cv2.imdecode(np.frombuffer(job.data, np.uint8), cv2.IMREAD_COLOR)
-            if bgr is None:
-                raise ValueError("not a JPEG")
-            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-            t1 = time.monotonic()
-            dets = list(self.detector.detect(rgb))
-            t2 = time.monotonic()
-        except Exception as exc:  # noqa: BLE001 - this frame's failure, reported to the edge
-            self.failed += 1
-            return pb.CloudMessage(error=pb.FrameError(seq=job.seq, code="decode_failed", message=str(exc)[:200]))
-        self.analysed += 1
-        h, w = rgb.shape[:2]
-        return pb.CloudMessage(result=pb.FrameAnalytics(
-            seq=job.seq, capture_ts_us=job.capture_ts_us, boxes=to_proto_boxes(dets), decode_ms=(t1 - t0) * 1e3,
-            analytics_ms=(t2 - t1) * 1e3, packet_bytes=len(job.data), bpp=len(job.data) * 8.0 / (w * h)))
-
-
-class JpegBaselineServer:
-    """A minimal Latentcast ``Stream`` servicer for JPEG frames: SessionHeader -> SessionAccepted,
-    each FramePacket's JPEG decoded and analysed in ``pipeline.workers`` threads, FrameAnalytics
-    back in completion order, cumulative acks by the cloud's rule. No resume, no dedupe, no
-    Subscribe. Listens on 127.0.0.1 with the cloud's channel options and bearer-token check."""
-
-    def __init__(self, config, *, detector: Any):
-        self.config = config
-        self.detector = detector
-        p = config.pipeline
-        self.pool = _BaselinePool(detector=detector, workers=p.workers, max_queued_total=p.max_queued_total,
-                                  drop_policy=p.drop_policy)
-        self._server = None
-        self.frames_received = 0
-        self.streams = 0
-
-    async def start(self) -> int:
-        import grpc
-        from latentcast.cloud.auth import BearerTokenInterceptor
-        from latentcast.cloud.server import grpc_server_options
-        from latentcast.proto import latentcast_v1_pb2_grpc as pb_grpc
-
-        s = self.config.server
-        interceptors = [BearerTokenInterceptor(tokens=s.tokens)] if s.tokens else []
-        self._server = grpc.aio.server(interceptors=interceptors, options=grpc_server_options(self.config),
-                                       maximum_concurrent_rpcs=s.max_concurrent_rpcs)
-        pb_grpc.add_LatentcastServicer_to_server(_BaselineServicer(self), self._server)
-        port = self._server.add_insecure_port(f"127.0.0.1:{s.port}")
-        if port == 0:
-            raise OSError(f"cannot bind 127.0.0.1:{s.port}")
-        self.pool.start()
-        await self._server.start()
-        return port
-
-    async def stop(self, grace: float = 2.0) -> None:
-        if self._server is not None:
-            await self._server.stop(grace)
-        await asyncio.to_thread(self.pool.stop, max(1.0, grace))
-
-    def counters(self) -> dict[str, Any]:
-        return {"streams": self.streams, "frames_received": self.frames_received,
-                "frames_analysed": self.pool.analysed, "frames_dropped_cloud_overloaded": self.pool.dropped,
-                "frames_failed": self.pool.failed}
-
-
-def _baseline_servicer_base():
-    from latentcast.proto import latentcast_v1_pb2_grpc as pb_grpc
-
-    return pb_grpc.LatentcastServicer
-
-
-class _BaselineServicer(_baseline_servicer_base()):
-    def __init__(self, srv: JpegBaselineServer):
-        self._srv = srv
-
-    async def Stream(self, request_iterator, context):
-        import grpc
-        from latentcast.proto import latentcast_v1_pb2 as pb
-
-        srv = self._srv
-        cfg = srv.config
-        it = request_iterator.__aiter__()
-        try:
-            first = await it.__anext__()
-        except StopAsyncIteration:
-            return
-        if first.WhichOneof("msg") != "header":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a SessionHeader")
-        srv.streams += 1
-        st = _BaselineStream(loop=asyncio.get_running_loop(), ack_every=cfg.server.ack_every_frames,
-                             ack_interval_s=cfg.server.ack_interval_ms / 1000.0, name=first.header.camera_id)
-        yield pb.CloudMessage(accepted=pb.SessionAccepted(session_id=f"jpeg-{srv.streams}", next_seq=0))
-        reader = asyncio.create_task(self._read(st, it), name=f"jpeg-baseline-read-{st.name}")
-        finishing = False
-        try:
-            while True:
-                try:
-                    item = await asyncio.wait_for(st.out.get(), st.ack_timeout())
-                except TimeoutError:
-                    item = None
-                if item is _HALF_CLOSED:
-                    finishing = True
-                elif item is not None and item is not _POKE:
-                    yield item
-                ack = st.take_ack()
-                if ack is not None:
-                    yield ack
-                if finishing and st.pending <= 0 and st.out.empty():
-                    ack = st.take_ack(force=True)
-                    if ack is not None:
-                        yield ack
-                    return
-        finally:
-            st.closed = True
-            if not reader.done():
-                reader.cancel()
-
-    async def _read(self, st: _BaselineStream, it) -> None:
-        import grpc
-        from latentcast.proto import latentcast_v1_pb2 as pb
-
-        srv = self._srv
-        limit = srv.config.pipeline.max_queued_per_session
-        backpressure = srv.config.pipeline.backpressure
-        try:
-            async for msg in it:
-                if msg.WhichOneof("msg") != "frame":
-                    continue
-                f = msg.frame
-                if backpressure:  # the cloud's rule: stop reading while this stream fills the pool
-                    while st.pending >= limit and not st.closed:
-                        await asyncio.sleep(_POLL_S)
-                srv.frames_received += 1
-                st.count_frame(int(f.seq))
-                st.pending += 1
-                for d in srv.pool.submit(_Job(stream=st, seq=int(f.seq), capture_ts_us=int(f.capture_ts_us),
-                                              data=bytes(f.packet))):
-                    d.stream.deliver(pb.CloudMessage(error=pb.FrameError(
-                        seq=d.seq, code="cloud_overloaded", message="the baseline's queue is full; dropped")))
-            st.out.put_nowait(_HALF_CLOSED)
-        except asyncio.CancelledError:
-            raise
-        except grpc.aio.AioRpcError:
-            st.out.put_nowait(_HALF_CLOSED)
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -660,10 +390,13 @@ class _Ctx:
     edge_pool: list[tuple[Any, Any]] = field(default_factory=list)  # (EdgeEncoder, YOLOX) per stream index
 
 
-def _cloud_config(token: str, threads: int | None):
+def _cloud_config(token: str, threads: int | None, *, jpeg: bool = False):
+    """The loopback cloud of one configuration; ``jpeg`` enables the JPEG baseline codec."""
     from latentcast.cloud.config import CloudConfig
 
     cfg = CloudConfig()
+    if jpeg:
+        cfg.pipeline.codecs = ["latentcast", "jpeg"]
     s = cfg.server
     s.host = s.maintenance_host = s.metrics_host = "127.0.0.1"
     s.port, s.maintenance_port, s.metrics_port = 0, -1, -1
@@ -724,14 +457,10 @@ async def _run_config(ctx: _Ctx, system: str, n: int, progress: Callable[[str], 
     from latentcast.tools.demo import _cloud_counters
 
     token = secrets.token_hex(16)
-    ccfg = _cloud_config(token, ctx.threads)
-    if system == "latentcast":
-        server: Any = CloudServer(ccfg, codec=ctx.codec, detector=ctx.detector)
-        port, _, _ = await server.start()
-        await server.wait_ready(timeout=300)
-    else:
-        server = JpegBaselineServer(ccfg, detector=ctx.detector)
-        port = await server.start()
+    ccfg = _cloud_config(token, ctx.threads, jpeg=system == "jpeg")
+    server = CloudServer(ccfg, codec=ctx.codec, detector=ctx.detector)
+    port, _, _ = await server.start()
+    await server.wait_ready(timeout=300)
     BenchEdgeApp = _bench_edge_app_class()
     camera_ids = [f"bench-{system}-n{n}-{i}" for i in range(n)]
     recs = [_Recorder() for _ in range(n)]
@@ -779,7 +508,7 @@ async def _run_config(ctx: _Ctx, system: str, n: int, progress: Callable[[str], 
                 stats[i] = {k: v for k, v in t.result().items() if k != "last_results"}
             if stats[i] is None:
                 stats[i] = {k: v for k, v in apps[i].stats().items() if k != "last_results"}
-        counters = _cloud_counters(server) if system == "latentcast" else server.counters()
+        counters = _cloud_counters(server)
     finally:
         stop.set()
         await server.stop(grace=1.0)
@@ -796,7 +525,8 @@ async def _run_config(ctx: _Ctx, system: str, n: int, progress: Callable[[str], 
 async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.0, warmup: float = 2.0,
                     pace: float = 10.0, systems: Sequence[str] = SYSTEMS, jpeg_quality: int = 75,
                     video: str | None = None, rate_point: int | None = None, labels: Sequence[str] | None = None,
-                    task: str | None = None, threads: int | None = None, weights: str | None = None, bundle: str | os.PathLike | None = None,
+                    task: str | None = None, threads: int | None = None, weights: str | None = None,
+                    bundle: str | os.PathLike | None = None,
                     codec: Any = None, detector: Any = None, edge_detector: Any = None,
                     out: str | os.PathLike | None = None, command: str = "latentcast bench stream",
                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -878,7 +608,8 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
             else "YOLOX-nano per stream",
             "edge": {"task": task, "labels": ecfg.grounding.labels if not task else f"the {task!r} task list",
                      "every": ecfg.grounding.every,
-                     "rate_point": ecfg.codec.rate_point, "roi_only": ecfg.codec.roi_only, "queue_size": ecfg.sender.queue_size,
+                     "rate_point": ecfg.codec.rate_point, "roi_only": ecfg.codec.roi_only,
+                     "queue_size": ecfg.sender.queue_size,
                      "policy": ecfg.sender.policy, "frame_queue": ecfg.source.frame_queue,
                      "encoder_threads": ecfg.codec.threads, "grounding_threads": ecfg.grounding.threads},
             "cloud": {"workers": ccfg.pipeline.workers, "max_batch": ccfg.pipeline.max_batch,
@@ -887,9 +618,10 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
                       "backpressure": ccfg.pipeline.backpressure, "torch_threads": ccfg.pipeline.torch_threads,
                       "analytics_threads": ccfg.analytics.threads, "ack_every_frames": ccfg.server.ack_every_frames,
                       "ack_interval_ms": ccfg.server.ack_interval_ms},
-            "jpeg_baseline": "EdgeApp with cv2.imencode(quality) of the whole frame, no grounding -> "
-                             "JpegBaselineServer: cv2.imdecode + the same detector object, same worker count, "
-                             "same per-stream backpressure, queue bound, drop policy and ack rule",
+            "jpeg_baseline": "EdgeApp with cv2.imencode(quality) of the whole frame, no grounding -> the same "
+                             "CloudServer with its JPEG codec enabled (pipeline.codecs latentcast, jpeg): "
+                             "cv2.imdecode in the decode stage, then the same detector object, worker pool, "
+                             "per-stream backpressure, queue bounds, drop policy and ack rule",
         },
         "definitions": {
             "results_per_s": "FrameAnalytics received by the edges within the window [start + warmup, stop], "
