@@ -147,13 +147,13 @@ class PipelineConfig:
     max_batch: int = 4  # frames a worker takes at once for the composer to compose together (composer.kind none:
     #                     one at a time, so another stream's frame never waits for a whole batch)
     batch_wait_ms: float = 5.0  # a worker waits at most this long to fill a batch after its first frame
-    max_queued_per_session: int = 2  # frames of one stream queued or being processed (see backpressure); small = low latency
+    max_queued_per_session: int = 2  # frames of one stream queued or in work (see backpressure); small = low latency
     backpressure: bool = True  # at max_queued_per_session, stop reading that stream until a frame completes, so
     #                            the edge's bounded send queue drops by its policy; false = drop here by drop_policy
     max_queued_total: int = 64  # frames of all streams queued; more are dropped by drop_policy
     drop_policy: str = "drop_oldest"  # when full: "drop_oldest" (evict the stream's oldest; globally, the oldest of the
     #                                   longest stream queue) or "drop_newest" (refuse the new frame)
-    max_frame_age_s: float = 5.0  # a frame queued longer than this is dropped before decoding (frame_expired); 0 = no limit
+    max_frame_age_s: float = 5.0  # a frame queued longer is dropped before decoding (frame_expired); 0 = no limit
     refused_backoff_max_s: float = 1.0  # a stream whose frames keep being refused as the sender's fault (undecodable,
     #   bad checksum or edge boxes, not the session's) is read more slowly: after 3 in a row, 10 ms before its next
     #   frame, doubling per refusal up to this; one analysed frame resets it. 0 = off
@@ -187,7 +187,7 @@ class PipelineConfig:
 class ComposerConfig:
     kind: str = "none"  # "none": ẑ_c through the codec's latent decoder (embedded default); "controlnet": ControlNet
     # diffusion on Stable Diffusion composes the frame from the transmitted latents (paper profile, wants a GPU)
-    sd: str = "stabilityai/stable-diffusion-2-1-base"  # controlnet: SD 2.1-base folder or hub id ("tiny": random test model)
+    sd: str = "stabilityai/stable-diffusion-2-1-base"  # controlnet: SD 2.1-base folder or hub id ("tiny": test model)
     controlnet: str = ""  # controlnet: trained ControlNet + adapter folder (latentcast train composer); "" = untrained
     local_files_only: bool = True  # controlnet: read hub ids from the local Hugging Face cache only, never download
     scheduler: str = "dpm++"  # controlnet: sampler, "dpm++" (DPM-Solver++ multistep) or "ddim"
@@ -239,7 +239,7 @@ class SinksConfig:
     subscriber_queue: int = 16  # frames buffered per Subscribe client; the oldest are dropped for slow clients
     jpeg_quality: int = 90  # JPEG quality when a SubscribeRequest asks for 0 (server default)
     png_compression: int = 1  # cv2 PNG compression level 0..9 for subscribers asking for PNG
-    recompose_queue: int = 4  # frames waiting to be composed again for subscribers with their own compose_steps (oldest dropped)
+    recompose_queue: int = 4  # frames waiting to be composed again for subscribers' compose_steps (oldest dropped)
 
     def __post_init__(self) -> None:
         for name in ("subscriber_queue", "recompose_queue"):

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+
 from latentcast.models.codec import MAX_DECODE_PIXELS, CodecError, LatentCodec
 from latentcast.models.temporal import is_temporal
 from latentcast.proto.bitstream import (

@@ -46,9 +46,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from latentcast.proto.bitstream import Packet
 
 from latentcast.detector import Detection
+from latentcast.proto.bitstream import Packet
 
 from .sessions import SessionSpec
 

@@ -11,7 +11,8 @@ frames_received_total                  counter    FramePackets accepted into a s
 frames_duplicate_total                 counter    FramePackets whose seq was already received (re-acked)
 frames_missing_total                   counter    seqs given up as lost (gaps below newer seqs)
 frames_decoded_total                   counter    frames decoded and analysed
-frames_dropped_total{reason}           counter    frames never decoded: cloud_overloaded, frame_expired, stream_ended, server_shutdown
+frames_dropped_total{reason}           counter    frames never decoded: cloud_overloaded, frame_expired,
+                                                  stream_ended, server_shutdown
 frame_errors_total{code}               counter    FrameErrors sent: malformed_packet, wrong_codec, ...
 stream_errors_total{code}              counter    streams ended with a gRPC error status (code name)
 auth_rejections_total{reason}          counter    calls refused by the token check
@@ -70,8 +71,9 @@ class CloudMetrics:
         self.auth_rejections = Counter(f"{p}_auth_rejections", "calls refused by the token check", ["reason"],
                                        registry=r)
         self.bytes_received = Counter(f"{p}_bytes_received", "codec packet bytes received", registry=r)
-        self.refresh_requests = Counter(f"{p}_refresh_requests", "keyframes asked of temporal edges (missing reference)",
-                                        registry=r)
+        self.refresh_requests = Counter(
+            f"{p}_refresh_requests", "keyframes asked of temporal edges (missing reference)", registry=r
+        )
         self.bpp = Histogram(f"{p}_packet_bpp", "packet bits per frame pixel", buckets=_BPP_BUCKETS, registry=r)
         self.stage_seconds = Histogram(f"{p}_stage_seconds", "stage latency in seconds", ["stage"],
                                        buckets=_LATENCY_BUCKETS, registry=r)

@@ -108,7 +108,7 @@ from .decode import Decoder, DecoderRegistry, PacketRefused
 from .frames import CLIENT_FAULT_CODES, AnalysedFrame, FrameJob, FrameOutcome
 from .metrics import CloudMetrics, MetricsHttpServer, RateLimitedLog
 from .pipeline import Pipeline, load_and_warm
-from .sessions import CameraState, SessionRejected, SessionRegistry, SessionSpec
+from .sessions import CameraState, SessionRegistry, SessionRejected, SessionSpec
 from .sinks import FanOut, JsonlSink, to_proto_boxes
 
 log = logging.getLogger(__name__)

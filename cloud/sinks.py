@@ -234,7 +234,9 @@ class FanOut:
         else:
             quality = 0
         if req.compose_steps > self.max_compose_steps:
-            raise ValueError(f"SubscribeRequest.compose_steps {req.compose_steps} out of range 0..{self.max_compose_steps}")
+            raise ValueError(
+                f"SubscribeRequest.compose_steps {req.compose_steps} out of range 0..{self.max_compose_steps}"
+            )
         # without a diffusion composer the frame does not depend on steps: everyone gets the analysed frame
         steps = req.compose_steps if self.composer is not None and req.format != pb.IMAGE_FORMAT_UNSPECIFIED else 0
         sub = Subscriber(camera_id=req.camera_id, task=req.task, fmt=req.format, quality=quality,

@@ -16,8 +16,17 @@ from dataclasses import dataclass, field
 from latentcast.config import load_config
 from latentcast.proto.symbols import parse_background
 
-__all__ = ["ENV_PREFIX", "EdgeConfig", "SourceConfig", "GroundingConfig", "CodecConfig", "TemporalConfig", "SenderConfig",
-           "ServerConfig", "load_edge_config"]
+__all__ = [
+    "ENV_PREFIX",
+    "EdgeConfig",
+    "SourceConfig",
+    "GroundingConfig",
+    "CodecConfig",
+    "TemporalConfig",
+    "SenderConfig",
+    "ServerConfig",
+    "load_edge_config",
+]
 
 ENV_PREFIX = "LATENTCAST_EDGE"
 

@@ -33,11 +33,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from latentcast.proto.bitstream import MAX_ROIS, Roi
-from latentcast.proto.latentcast_v1_pb2 import Box
 
 from latentcast.boxes import iou_matrix
 from latentcast.detector import Detector, nms
+from latentcast.proto.bitstream import MAX_ROIS, Roi
+from latentcast.proto.latentcast_v1_pb2 import Box
 
 log = logging.getLogger(__name__)
 

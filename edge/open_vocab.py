@@ -87,7 +87,11 @@ def postprocess_chunk(logits: np.ndarray, boxes: np.ndarray, spans, label_ids, *
 
 
 def _check_unit(name: str, v, *, open_low: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not ((0.0 < v <= 1.0) if open_low else (0.0 <= v <= 1.0)):
+    if (
+        isinstance(v, bool)
+        or not isinstance(v, (int, float))
+        or not ((0.0 < v <= 1.0) if open_low else (0.0 <= v <= 1.0))
+    ):
         raise ValueError(f"{name} {v!r} out of range ({'0 < value <= 1' if open_low else '0 <= value <= 1'})")
     return float(v)
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
 import re
-import logging
 import socket
 import urllib.error
 import urllib.parse
@@ -213,7 +213,7 @@ def chat_completion(cfg: LlmConfig, messages: Sequence[Mapping[str, str]], *,
             raise LabelGenerationError(f"cannot connect to {shown}: connection refused (is the server running? "
                                        "check url / --url)") from None
         raise LabelGenerationError(f"cannot reach {shown}: {reason}") from None
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         raise LabelGenerationError(timeout_msg) from None
     except (OSError, http.client.HTTPException) as exc:
         raise LabelGenerationError(f"the connection to {shown} failed: {type(exc).__name__}: {exc}") from None

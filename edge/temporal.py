@@ -30,7 +30,14 @@ from latentcast.proto.bitstream import Roi
 from latentcast.proto.grid import transmit_mask
 from latentcast.proto.symbols import FrameCompressor
 from latentcast.proto.temporal import (
-    KIND_KEY, KIND_P, MAX_FRAME_ID, TemporalInfo, TemporalState, TemporalTables, choose_modes, encode_p,
+    KIND_KEY,
+    KIND_P,
+    MAX_FRAME_ID,
+    TemporalInfo,
+    TemporalState,
+    TemporalTables,
+    choose_modes,
+    encode_p,
 )
 from latentcast.weights import codec_name_of, weights_path
 
@@ -52,8 +59,15 @@ def tables_path(config: TemporalConfig, bundle: Path) -> Path:
 class TemporalEncoder:
     """One stream's temporal encoder: ``encode(frame, rois)`` -> packet bytes (a keyframe or a P frame)."""
 
-    def __init__(self, *, compressor: FrameCompressor, tables: TemporalTables, config: TemporalConfig = TemporalConfig(),
-                 fps: float = 10.0):
+    def __init__(
+        self,
+        *,
+        compressor: FrameCompressor,
+        tables: TemporalTables,
+        config: TemporalConfig | None = None,
+        fps: float = 10.0,
+    ):
+        config = TemporalConfig() if config is None else config
         for name in ("key_rate_point", "rate_point", "bg_rate_point"):
             compressor.check_rate(getattr(config, name))
         if tables.M != compressor.M:

@@ -37,7 +37,14 @@ from latentcast.proto.bitstream import MAX_DECODE_PIXELS, Packet, SectionKind
 from latentcast.proto.entropy import TableSet, gaussian_tables, quantize_pmf
 from latentcast.proto.grid import coded_cells, grid_shape, padded_size
 from latentcast.proto.ids import CODEC_IDS, LATENT_SPACE_IDS
-from latentcast.proto.symbols import FrameCompressor, LatentDecoder, LatentEncoder, check_frame, coding_steps, quantize_z
+from latentcast.proto.symbols import (
+    FrameCompressor,
+    LatentDecoder,
+    LatentEncoder,
+    check_frame,
+    coding_steps,
+    quantize_z,
+)
 from latentcast.weights import weights_dir, weights_path
 
 from .elic import ElicCodec, ElicConfig
@@ -151,7 +158,7 @@ class LatentCodec(FrameCompressor):
         return weights_content_hash(tensors, md)
 
     @classmethod
-    def from_file(cls, path: Path | str) -> "LatentCodec":
+    def from_file(cls, path: Path | str) -> LatentCodec:
         from safetensors import safe_open
 
         path = Path(path)
@@ -176,7 +183,7 @@ class LatentCodec(FrameCompressor):
                    y_tables=y_tables, z_tables=z_tables, path=path, meta=json.loads(md.get("meta", "{}")))
 
     @classmethod
-    def load(cls, name: str = "elic-lite") -> "LatentCodec":
+    def load(cls, name: str = "elic-lite") -> LatentCodec:
         """A codec shipped in ``models/weights`` by name, or a path to a weight file."""
         p = Path(name)
         if p.is_file() or p.suffix == ".safetensors":
@@ -267,7 +274,9 @@ class LatentCodec(FrameCompressor):
         return sym[0].numpy().astype(np.int64), tab[0].numpy().astype(np.int64), y_hat[0].numpy()
 
     # ------------------------------------------------------------------ decoding
-    def check_packet(self, packet: Packet, *, sections: tuple[SectionKind, ...] = (SectionKind.Z, SectionKind.Y)) -> None:
+    def check_packet(
+        self, packet: Packet, *, sections: tuple[SectionKind, ...] = (SectionKind.Z, SectionKind.Y)
+    ) -> None:
         hd = packet.header
         if hd.codec_id != self.codec_id:
             raise CodecError(f"packet codec_id {hd.codec_id} is not this codec's ({self.codec_id} = {self.codec_name})")

@@ -118,7 +118,9 @@ class AttentionBlock(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
         self.trunk = nn.Sequential(ResidualBottleneck(ch), ResidualBottleneck(ch), ResidualBottleneck(ch))
-        self.gate = nn.Sequential(ResidualBottleneck(ch), ResidualBottleneck(ch), ResidualBottleneck(ch), _conv(ch, ch, 1))
+        self.gate = nn.Sequential(
+            ResidualBottleneck(ch), ResidualBottleneck(ch), ResidualBottleneck(ch), _conv(ch, ch, 1)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.trunk(x) * torch.sigmoid(self.gate(x))
@@ -396,10 +398,10 @@ class ElicCodec(nn.Module):
         def step(k, _is_anchor, pos, mu, idx_raw):
             nonlocal bits
             yk = y[:, slices[k]]
-            l = self.table_index(idx_raw, rate)
-            # table l is the zero-mean Gaussian of std scales[l] over the *symbols* (y - μ)/Δ_q: the
-            # offset k_q in l already divides σ_y by Δ_q (differentiable through the STE)
-            s = smin * torch.exp(l * log_step)
+            lvl = self.table_index(idx_raw, rate)
+            # table lvl is the zero-mean Gaussian of std scales[lvl] over the *symbols* (y - μ)/Δ_q: the
+            # offset k_q in lvl already divides σ_y by Δ_q (differentiable through the STE)
+            s = smin * torch.exp(lvl * log_step)
             # rate and distortion both see the rounded symbol (straight-through): the rate is the
             # ideal code length of the real symbol under the real table. (The additive-noise proxy
             # charged 2-5x the real bits here, mostly for symbols that round to 0 at small scales.)

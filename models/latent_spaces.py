@@ -46,9 +46,10 @@ import contextlib
 import logging
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -453,7 +454,7 @@ class TinyAutoencoder(LatentSpace):
         decoder_path: PathLike | None,
         name: str | None = None,
         gn_groups: int = 4,
-    ) -> "TinyAutoencoder":
+    ) -> TinyAutoencoder:
         """Load taesd-style ``.pth`` (or ``.safetensors``) state dicts; one of them may be ``None``.
 
         The layer list is inferred from the keys. ``gn_groups`` (GroupNorm groups of the
@@ -485,7 +486,7 @@ class TinyAutoencoder(LatentSpace):
         return model
 
     @classmethod
-    def taef2(cls, *, with_encoder: bool = True, with_decoder: bool = True) -> "TinyAutoencoder":
+    def taef2(cls, *, with_encoder: bool = True, with_decoder: bool = True) -> TinyAutoencoder:
         """TAEF2 (FLUX.2 latent space, 32 channels at 1/8) from the shared models folder."""
         from latentcast.shared import shared_path
 
@@ -512,7 +513,7 @@ class TinyAutoencoder(LatentSpace):
         gn_groups: int = 4,
         name: str = "taesd-random",
         seed: int | None = 0,
-    ) -> "TinyAutoencoder":
+    ) -> TinyAutoencoder:
         """A randomly initialised TAESD-family model (tests, distillation of smaller decoders).
 
         ``encoder_blocks[s]`` / ``decoder_blocks[s]`` = blocks in stage ``s``; the factor is
@@ -637,7 +638,7 @@ class SDVAE(LatentSpace):
         name: str | None = None,
         torch_dtype: torch.dtype | None = None,
         **kwargs: Any,
-    ) -> "SDVAE":
+    ) -> SDVAE:
         """Load from a local folder (``config.json`` + weights, or a pipeline folder with
         ``vae/``) or a hub id (``org/name`` or ``org/name/subfolder``, e.g.
         ``stabilityai/stable-diffusion-2-1-base/vae``; needs the hub cache or a network).
@@ -678,7 +679,7 @@ class SDVAE(LatentSpace):
         return model
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], *, seed: int = 0, name: str = "sd-vae-random") -> "SDVAE":
+    def from_config(cls, config: Mapping[str, Any], *, seed: int = 0, name: str = "sd-vae-random") -> SDVAE:
         """A randomly initialised ``AutoencoderKL`` from a config dict (tests), seeded."""
         diffusers = _import_diffusers()
         with torch.random.fork_rng(devices=[]):

@@ -66,7 +66,7 @@ class TrainConfig:
     threads: int = 2  # torch threads
     overrides: dict = field(default_factory=dict)  # ElicConfig field overrides, e.g. {"N": 64}
     init: str = ""  # start a new run from a released codec weight file (e.g. to train the shipped weights longer)
-    mask_fraction: float = 0.0  # stage I: share of crops with 0-50 % of y masked, so g_s keeps learning ROI-only decoding
+    mask_fraction: float = 0.0  # stage I: share of crops with 0-50 % of y masked (g_s keeps learning ROI-only)
 
     def codec_config(self) -> ElicConfig:
         import dataclasses
@@ -127,7 +127,11 @@ def prepare_cache(cfg: TrainConfig) -> Path:
     from .latent_spaces import load_latent_space
 
     pixels = cfg.latent_space.startswith("pixels")
-    cache = Path(cfg.cache) if cfg.cache else default_cache_dir() / ("train-images" if pixels else f"train-{cfg.latent_space}")
+    cache = (
+        Path(cfg.cache)
+        if cfg.cache
+        else default_cache_dir() / ("train-images" if pixels else f"train-{cfg.latent_space}")
+    )
     cache.mkdir(parents=True, exist_ok=True)
     sources = training_sources(vtest_stride=cfg.vtest_stride)
     todo = [s for s in sources if not (cache / f"{s[0]}.npz").exists()]
@@ -178,7 +182,7 @@ class RandomCrops:
         self.groups = [g for g in (photos, video) if g]
         self.crop, self.f, self.rng = crop, factor, rng
         if space is None:
-            lat_all = np.concatenate([l.reshape(l.shape[0], -1).astype(np.float32) for _, l in self.items[:64]], axis=1)
+            lat_all = np.concatenate([z.reshape(z.shape[0], -1).astype(np.float32) for _, z in self.items[:64]], axis=1)
         else:
             lat_all = np.concatenate([i.reshape(-1).astype(np.float32) / 255 for i, _ in self.items[:64]])
         self.latent_var = float(lat_all.var())

@@ -70,8 +70,9 @@ import operator
 import reprlib
 import struct
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = [
     "MAGIC",

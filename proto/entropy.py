@@ -137,12 +137,12 @@ class TableSet:
     offsets: np.ndarray  # int64, value coded by entry 0 of each table
 
     @classmethod
-    def centered(cls, tables: list[np.ndarray]) -> "TableSet":
+    def centered(cls, tables: list[np.ndarray]) -> TableSet:
         offs = np.array([-(len(t) - 2) // 2 for t in tables], dtype=np.int64)
         return cls(freqs=tuple(np.asarray(t, dtype=np.int32) for t in tables), offsets=offs)
 
     @classmethod
-    def from_packed(cls, packed: np.ndarray, lengths: np.ndarray, offsets: np.ndarray) -> "TableSet":
+    def from_packed(cls, packed: np.ndarray, lengths: np.ndarray, offsets: np.ndarray) -> TableSet:
         """Rebuild from the flat form stored in weight files (see :meth:`packed`)."""
         packed = np.asarray(packed, dtype=np.int32)
         lengths = np.asarray(lengths, dtype=np.int64)
@@ -171,7 +171,7 @@ class TableSet:
         return tuple(PRECISION - np.log2(f.astype(np.float64)) for f in self.freqs)
 
     @cached_property
-    def models(self) -> "_Models":
+    def models(self) -> _Models:
         """constriction models of the tables, built once per table set."""
         return _Models(self)
 
@@ -231,9 +231,11 @@ class SymbolEncoder:
             self._symbols += sym.size
             self._escapes += int(esc.sum())
             if self._escapes > escape_budget(self._symbols):
-                raise UncodableSymbols(f"{self._escapes} of the first {self._symbols} symbols are outside their tables' "
-                                 f"range (at most {escape_budget(self._symbols)} may be escape-coded): the values "
-                                 "are not what the entropy model was trained for")
+                raise UncodableSymbols(
+                    f"{self._escapes} of the first {self._symbols} symbols are outside their tables' "
+                    f"range (at most {escape_budget(self._symbols)} may be escape-coded): the values "
+                    "are not what the entropy model was trained for"
+                )
             self._enc.encode(sym, models.cats[t])
             if esc.any():
                 self._encode_escapes(v[esc], n_direct, models)

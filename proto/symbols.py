@@ -150,7 +150,9 @@ class LatentEncoder:
 class LatentDecoder:
     """Decodes Z at once and Y step by step (the caller computes each step's tables in between)."""
 
-    def __init__(self, *, groups: Sequence[int], y_tables: TableSet, z_tables: TableSet, z_bytes: bytes, y_bytes: bytes):
+    def __init__(
+        self, *, groups: Sequence[int], y_tables: TableSet, z_tables: TableSet, z_bytes: bytes, y_bytes: bytes
+    ):
         self.groups = tuple(groups)
         self.y_tables, self.z_tables = y_tables, z_tables
         self._z = SymbolDecoder(z_bytes)
@@ -165,7 +167,9 @@ class LatentDecoder:
         self.crc = _crc(self.crc, z.ravel())
         return z
 
-    def decode_step(self, *, sl: slice, anchor: bool, y_table: np.ndarray, tx_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def decode_step(
+        self, *, sl: slice, anchor: bool, y_table: np.ndarray, tx_mask: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Symbols of one step: returns (values, cells) where ``values`` has shape (channels, cells.sum())."""
         cells = _cells(tx_mask, anchor)
         t = y_table[:, cells]  # y_table is the group's (C,h,w) table indices

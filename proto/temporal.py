@@ -104,7 +104,7 @@ class TemporalInfo:
         return _INFO.pack(self.kind, self.frame_id, self.ref_id, self.key_id, self.bg_rate_point)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "TemporalInfo":
+    def from_bytes(cls, data: bytes) -> TemporalInfo:
         if len(data) != _INFO.size:
             raise TemporalError(f"T section is {len(data)} bytes, expected {_INFO.size}")
         return cls(*_INFO.unpack(data))
@@ -142,7 +142,11 @@ class TemporalTables:
         if rs.ndim != 2 or rs.shape[0] % N_RES_CTX or not rs.shape[0] or np.any(rs < 0):
             raise TemporalError(f"res_scale must be (n_rates * {N_RES_CTX}, M) non-negative indices, got {rs.shape}")
         n = rs.shape[0] // N_RES_CTX
-        if cf.shape != (n * N_GROUP_CTX, N_CLASSES) or ce.shape != (n, N_CLASSES - 1) or np.any(np.diff(ce, axis=1) < 0):
+        if (
+            cf.shape != (n * N_GROUP_CTX, N_CLASSES)
+            or ce.shape != (n, N_CLASSES - 1)
+            or np.any(np.diff(ce, axis=1) < 0)
+        ):
             raise TemporalError(f"class_freqs {cf.shape} / class_edges {ce.shape} do not fit {n} rate points "
                                 f"and {N_CLASSES} classes (edges ascending)")
 
@@ -164,7 +168,7 @@ class TemporalTables:
 
     @classmethod
     def from_counts(cls, mode_counts: np.ndarray, class_counts: np.ndarray, class_edges: np.ndarray,
-                    res_scale: np.ndarray, meta: dict | None = None) -> "TemporalTables":
+                    res_scale: np.ndarray, meta: dict | None = None) -> TemporalTables:
         """Tables from symbol counts (+1/2 each, so every symbol stays codable)."""
 
         def freqs(counts):
@@ -175,7 +179,7 @@ class TemporalTables:
                    meta=dict(meta or {}))
 
     @classmethod
-    def flat(cls, *, M: int, n_rates: int, scale: int = 30, edges: tuple[int, ...] = (4, 12, 32)) -> "TemporalTables":
+    def flat(cls, *, M: int, n_rates: int, scale: int = 30, edges: tuple[int, ...] = (4, 12, 32)) -> TemporalTables:
         """Untrained tables (uniform modes and classes, one scale everywhere): tests and a first fit."""
         return cls.from_counts(np.ones((N_MODE_CTX, 4)), np.ones((n_rates * N_GROUP_CTX, N_CLASSES)),
                                np.tile(np.asarray(edges, dtype=np.int64), (n_rates, 1)),
@@ -194,7 +198,7 @@ class TemporalTables:
         save_file({k: np.ascontiguousarray(getattr(self, k)) for k in self._ARRAYS}, str(path), metadata=md)
 
     @classmethod
-    def load(cls, path: Path | str, *, weights_hash: bytes | None = None) -> "TemporalTables":
+    def load(cls, path: Path | str, *, weights_hash: bytes | None = None) -> TemporalTables:
         import json
 
         from safetensors import safe_open
@@ -246,7 +250,7 @@ class TemporalState:
     key_id: int
 
     @classmethod
-    def from_key(cls, y_hat: np.ndarray, frame_id: int) -> "TemporalState":
+    def from_key(cls, y_hat: np.ndarray, frame_id: int) -> TemporalState:
         y = np.asarray(y_hat, dtype=np.float64)
         if y.ndim != 3:
             raise TemporalError(f"keyframe latent must be (M, h, w), got {y.shape}")
@@ -254,7 +258,7 @@ class TemporalState:
         return cls(y=y.copy(), bg=y.copy(), fg=np.zeros(hw, bool), coded=np.zeros(hw, bool), frame_id=int(frame_id),
                    key_id=int(frame_id))
 
-    def copy(self) -> "TemporalState":
+    def copy(self) -> TemporalState:
         return TemporalState(y=self.y.copy(), bg=self.bg.copy(), fg=self.fg.copy(), coded=self.coded.copy(),
                              frame_id=self.frame_id, key_id=self.key_id)
 
@@ -274,7 +278,9 @@ class TemporalState:
         if info.is_key:
             return
         if info.key_id != self.key_id:
-            raise TemporalError(f"frame {info.frame_id} uses keyframe {info.key_id}, the held keyframe is {self.key_id}")
+            raise TemporalError(
+                f"frame {info.frame_id} uses keyframe {info.key_id}, the held keyframe is {self.key_id}"
+            )
         if info.ref_id != self.frame_id:
             raise TemporalError(f"frame {info.frame_id} is predicted from frame {info.ref_id}, "
                                 f"the last decoded frame is {self.frame_id}")

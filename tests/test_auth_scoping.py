@@ -141,7 +141,7 @@ async def test_a_subscriber_sees_only_its_cameras(server, tiny_codec, packets):
             streams[cam] = await publish(ch, tiny_codec, who, cam)
             await collect(streams[cam], until=lambda ms: True)
         for seq in range(3):
-            for cam, call in streams.items():
+            for call in streams.values():
                 await call.write(frame(seq, packets[0], boxes=[]))
         seen = []
         for _ in range(3):

@@ -382,8 +382,16 @@ CRAFTED = [
         dict(sections=((2, b"a"), (1, b"b"), (2, b"c"))),
         r"sections\[2\]\.kind 2=Y duplicates sections\[0\]",
     ),
-    ("unknown kind 7", dict(sections=((7, b"abc"),)), r"unknown sections\[0\]\.kind 7 \(valid: 1=Z, 2=Y, 3=META, 4=T\)"),
-    ("kind 0", dict(sections=((2, b"a"), (0, b"b"))), r"unknown sections\[1\]\.kind 0 \(valid: 1=Z, 2=Y, 3=META, 4=T\)"),
+    (
+        "unknown kind 7",
+        dict(sections=((7, b"abc"),)),
+        r"unknown sections\[0\]\.kind 7 \(valid: 1=Z, 2=Y, 3=META, 4=T\)",
+    ),
+    (
+        "kind 0",
+        dict(sections=((2, b"a"), (0, b"b"))),
+        r"unknown sections\[1\]\.kind 0 \(valid: 1=Z, 2=Y, 3=META, 4=T\)",
+    ),
     (
         "x1 > width",
         dict(rois=((0, 0, 65, 10, 0, 255, 0),)),
@@ -426,7 +434,9 @@ def test_short_packets():
 def test_packet_larger_than_max_is_rejected_before_parsing():
     b = pack(simple_packet())
     assert unpack(b, max_packet_bytes=len(b)) == unpack(b)
-    with pytest.raises(BitstreamError, match=rf"packet length {len(b)} out of range 42\.\.{len(b) - 1} \(max_packet_bytes\)"):
+    with pytest.raises(
+        BitstreamError, match=rf"packet length {len(b)} out of range 42\.\.{len(b) - 1} \(max_packet_bytes\)"
+    ):
         unpack(b, max_packet_bytes=len(b) - 1)
     # garbage that would fail on magic fails on size first
     with pytest.raises(BitstreamError, match=r"packet length 2000 .*max_packet_bytes"):
@@ -481,13 +491,29 @@ BAD_CONSTRUCTORS = [
     ("codec_id bool", lambda: simple_packet(codec_id=True), r"codec_id must be an integer"),
     ("rate_point 255", lambda: simple_packet(rate_point=255), r"rate_point 255 out of range 0\.\.254"),
     ("latent_space_id 256", lambda: simple_packet(latent_space_id=256), r"latent_space_id 256 out of range 0\.\.255"),
-    ("symbol_crc 2**32", lambda: simple_packet(symbol_crc=2**32), r"symbol_crc 4294967296 out of range 0\.\.4294967295"),
-    ("weights_hash 7 bytes", lambda: simple_packet(weights_hash=b"1234567"), r"weights_hash must be exactly 8 bytes, got 7"),
+    (
+        "symbol_crc 2**32",
+        lambda: simple_packet(symbol_crc=2**32),
+        r"symbol_crc 4294967296 out of range 0\.\.4294967295",
+    ),
+    (
+        "weights_hash 7 bytes",
+        lambda: simple_packet(weights_hash=b"1234567"),
+        r"weights_hash must be exactly 8 bytes, got 7",
+    ),
     ("weights_hash str", lambda: simple_packet(weights_hash="12345678"), r"weights_hash must be bytes-like, got str"),
-    ("label_set_hash 5 bytes", lambda: simple_packet(label_set_hash=b"12345"), r"label_set_hash must be exactly 4 bytes, got 5"),
+    (
+        "label_set_hash 5 bytes",
+        lambda: simple_packet(label_set_hash=b"12345"),
+        r"label_set_hash must be exactly 4 bytes, got 5",
+    ),
     ("roi_only 2", lambda: simple_packet(roi_only=2), r"roi_only must be a bool"),
     ("roi outside frame", lambda: simple_packet(width=32), r"rois\[0\]\.x1 64 out of range 1\.\.32"),
-    ("too many rois", lambda: simple_packet(rois=(Roi(x0=0, y0=0, x1=1, y1=1),) * 1025), r"n_rois 1025 out of range 0\.\.1024"),
+    (
+        "too many rois",
+        lambda: simple_packet(rois=(Roi(x0=0, y0=0, x1=1, y1=1),) * 1025),
+        r"n_rois 1025 out of range 0\.\.1024",
+    ),
     ("roi not a Roi", lambda: simple_packet(rois=((0, 0, 1, 1),)), r"rois\[0\] must be a Roi"),
     ("empty roi", lambda: Roi(x0=3, y0=0, x1=3, y1=1), r"^x1 3 out of range 4\.\.16384"),
     ("roi beyond MAX_DIM", lambda: Roi(x0=0, y0=0, x1=1, y1=16385), r"y1 16385 out of range 1\.\.16384"),

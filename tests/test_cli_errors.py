@@ -34,7 +34,9 @@ def decode(lcf, out, weights, *more):
 
 def test_decode_into_a_missing_folder_is_an_error(tmp_path, packet, tiny_codec_path, capsys):
     out = tmp_path / "missing" / "dir" / "x.png"
-    with pytest.raises(SystemExit, match=r"^error: -o '.*/missing/dir/x\.png': folder '.*/missing/dir' does not exist$"):
+    with pytest.raises(
+        SystemExit, match=r"^error: -o '.*/missing/dir/x\.png': folder '.*/missing/dir' does not exist$"
+    ):
         decode(packet, out, tiny_codec_path)
     assert not out.exists() and not out.parent.exists()
     assert capsys.readouterr().out == ""  # no success line
@@ -47,7 +49,9 @@ def test_decode_into_a_file_as_folder_is_an_error(tmp_path, packet, photo, tiny_
 
 def test_decode_latent_into_a_missing_folder_is_an_error(tmp_path, packet, tiny_codec_path):
     out = tmp_path / "rec.png"
-    with pytest.raises(SystemExit, match=r"^error: --latent '.*/nowhere/lat\.npy': folder '.*/nowhere' does not exist$"):
+    with pytest.raises(
+        SystemExit, match=r"^error: --latent '.*/nowhere/lat\.npy': folder '.*/nowhere' does not exist$"
+    ):
         decode(packet, out, tiny_codec_path, "--latent", str(tmp_path / "nowhere" / "lat.npy"))
     assert not out.exists()  # refused before anything was decoded or written
 
@@ -68,7 +72,9 @@ def test_decode_reports_a_failed_write(tmp_path, packet, tiny_codec_path, monkey
 def test_decode_refuses_an_output_that_is_not_an_image(tmp_path, packet, name, what):
     out = tmp_path / name
     # refused up front: the weights are not even loaded (this file does not exist)
-    with pytest.raises(SystemExit, match=rf"^error: -o '.*{name}': cannot write {what} as an image; use one of {VALID}$"):
+    with pytest.raises(
+        SystemExit, match=rf"^error: -o '.*{name}': cannot write {what} as an image; use one of {VALID}$"
+    ):
         decode(packet, out, tmp_path / "no-such-weights.safetensors")
     assert not out.exists()
 
@@ -100,7 +106,9 @@ def test_an_oversized_input_is_refused_before_reading(tmp_path, cmd, monkeypatch
 
     monkeypatch.setattr("builtins.open", no_read)
     monkeypatch.setattr("pathlib.Path.read_bytes", no_read)
-    args = [cmd, str(big)] + (["--weights", str(tiny_codec_path), "-o", str(tmp_path / "x.png")] if cmd == "decode" else [])
+    args = [cmd, str(big)] + (
+        ["--weights", str(tiny_codec_path), "-o", str(tmp_path / "x.png")] if cmd == "decode" else []
+    )
     with pytest.raises(SystemExit, match=rf"^error: '.*big\.lcf' is {MAX_PACKET_BYTES + 1} bytes, more than "
                                          rf"a packet can be \(MAX_PACKET_BYTES={MAX_PACKET_BYTES}\)$"):
         main(args)
@@ -109,7 +117,9 @@ def test_an_oversized_input_is_refused_before_reading(tmp_path, cmd, monkeypatch
 @pytest.mark.parametrize("cmd", ["decode", "info"])
 def test_a_missing_input_is_a_clear_error(tmp_path, cmd, tiny_codec_path):
     missing = tmp_path / "nope.lcf"
-    args = [cmd, str(missing)] + (["--weights", str(tiny_codec_path), "-o", str(tmp_path / "x.png")] if cmd == "decode" else [])
+    args = [cmd, str(missing)] + (
+        ["--weights", str(tiny_codec_path), "-o", str(tmp_path / "x.png")] if cmd == "decode" else []
+    )
     with pytest.raises(SystemExit, match=r"^error: '.*nope\.lcf' does not exist$"):
         main(args)
     with pytest.raises(SystemExit, match=r"^error: cannot read '.*': Is a directory$"):

@@ -189,8 +189,14 @@ def _wait_idle_queue(pipe: Pipeline) -> None:
 def test_streams_are_served_in_turn(tiny_codec, packet, max_batch):
     """Without a composer a worker takes one frame at a time whatever max_batch says."""
     det = _GatedDetector()
-    cfg = PipelineConfig(workers=1, max_batch=max_batch, batch_wait_ms=50.0, max_queued_per_session=32, max_queued_total=64,
-                         max_frame_age_s=0.0)
+    cfg = PipelineConfig(
+        workers=1,
+        max_batch=max_batch,
+        batch_wait_ms=50.0,
+        max_queued_per_session=32,
+        max_queued_total=64,
+        max_frame_age_s=0.0,
+    )
     pipe = Pipeline(codec=tiny_codec, detector=det, config=cfg)
     deliver, wait = _collector()
     pipe.start()

@@ -392,7 +392,7 @@ async def test_edge_app_background_and_rate_control(tiny_bundle):
     for target, want_last in ((0.0, (2, 1)), (1.0, (0, None))):
         packets: list[pb.FramePacket] = []
 
-        async def keep(f):
+        async def keep(f, packets=packets):
             packets.append(f)
 
         server, port = await start_server(FakeCloud({}, token="tok", on_frame=keep))

@@ -8,7 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from latentcast.proto.entropy import (
-    PRECISION, EntropyError, SymbolDecoder, SymbolEncoder, TableSet, gaussian_tables, quantize_pmf,
+    PRECISION,
+    EntropyError,
+    SymbolDecoder,
+    SymbolEncoder,
+    TableSet,
+    gaussian_tables,
+    quantize_pmf,
 )
 from latentcast.proto.grid import anchor_mask, grid_shape, roi_mask, transmit_mask
 

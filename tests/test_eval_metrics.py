@@ -189,7 +189,10 @@ def test_map_false_positives_only_after_true_ones_keep_ap_1():
     gt = _gt()
     pred = _as_pred(gt, scores=[0.9, 0.8, 0.7, 0.6])
     pred[7] = [Detection(500, 500, 540, 560, 0, "0", 0.1)]  # on the empty image
-    pred[0] = pred[0] + [Detection(400, 10, 450, 60, 2, "2", 0.05), Detection(12, 8, 108, 112, 0, "0", 0.3)]  # duplicate
+    pred[0] = pred[0] + [
+        Detection(400, 10, 450, 60, 2, "2", 0.05),
+        Detection(12, 8, 108, 112, 0, "0", 0.3),
+    ]  # duplicate
     m = detection_map(gt, pred, class_ids=[0, 2])
     assert m["map50"] == 1.0 and m["pred_boxes"] == 7
     pred[7] = [Detection(500, 500, 540, 560, 0, "0", 0.95)]  # the same false positive ranked first hurts
@@ -301,7 +304,9 @@ def test_classifier_parrots(classifier):
 
 
 def test_classifier_missing_files(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match=f"classifier model {re.escape(str(tmp_path / 'missing.tflite'))} not found.*{ENV_VAR}"):
+    with pytest.raises(
+        FileNotFoundError, match=f"classifier model {re.escape(str(tmp_path / 'missing.tflite'))} not found.*{ENV_VAR}"
+    ):
         Classifier(model_path=tmp_path / "missing.tflite")
     monkeypatch.setenv(ENV_VAR, str(tmp_path))  # an empty shared folder
     with pytest.raises(FileNotFoundError, match=f"models/mobilenet_v2_1.0_224_quant.tflite not found.*{ENV_VAR}"):

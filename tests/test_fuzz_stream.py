@@ -35,10 +35,10 @@ from latentcast.proto.ids import label_set_hash  # noqa: E402
 from .test_cloud_hardening import (  # noqa: E402
     CLIENT_WRITE_RACE,
     LABELS,
-    _grpc_multi_loop_noise,
     TIMEOUT,
     H,
     W,
+    _grpc_multi_loop_noise,
     assert_no_traceback,
     channel,
     collect,
@@ -228,9 +228,13 @@ async def test_fuzzed_stream_messages_and_packets(make_server, tiny_codec, packe
     assert set(server_ended) == {"INVALID_ARGUMENT"}, server_ended
     assert server_ended["INVALID_ARGUMENT"] >= statuses.get(grpc.StatusCode.INVALID_ARGUMENT, 0) > 0
     assert frame_errors, frame_errors
-    print(f"fuzz: {total} messages sent, {received:.0f} taken in, on {sum(statuses.values())} streams in {elapsed:.1f} s; client statuses "
-          f"{ {getattr(k, 'name', k): v for k, v in statuses.items()} }; server ended {server_ended}; "
-          f"frames received {srv.metrics.value('latentcast_cloud_frames_received_total')}; frame errors {frame_errors}")
+    print(
+        f"fuzz: {total} messages sent, {received:.0f} taken in, on {sum(statuses.values())} streams "
+        f"in {elapsed:.1f} s; "
+        f"client statuses "
+        f"{ {getattr(k, 'name', k): v for k, v in statuses.items()} }; server ended {server_ended}; "
+        f"frames received {srv.metrics.value('latentcast_cloud_frames_received_total')}; frame errors {frame_errors}"
+    )
     assert set(frame_errors) <= ALLOWED_FRAME_ERRORS, frame_errors
     assert len(kinds(got, "result")) == len(packets)
     assert_no_traceback(caplog)

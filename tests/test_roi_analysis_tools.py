@@ -34,9 +34,8 @@ def test_devset_never_uses_scored_or_training_frames():
 
 
 def test_devset_mosaics_are_deterministic(tmp_path):
-    from tests.conftest import shared_or_skip
-
     from latentcast.tools.crowded_devset import build_devset
+    from tests.conftest import shared_or_skip
 
     video = shared_or_skip() / "data" / "video" / "vtest.avi"
     m1 = build_devset(video, tmp_path / "a", grids=(2,), per_grid=2)

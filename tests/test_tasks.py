@@ -17,11 +17,29 @@ import pytest
 
 from latentcast.detector import Detection
 from latentcast.edge.grounding import Grounder, label_coverage, map_labels
-from latentcast.edge.tasks import (FORMAT, TaskError, TaskList, TaskSource, cache_dir, list_tasks, load_task,
-                                   load_task_file, normalize_labels, save_task, shipped_dir)
+from latentcast.edge.task_llm import (
+    PROMPT_VERSION,
+    LabelGenerationError,
+    LlmConfig,
+    generate_task,
+    load_llm_config,
+    parse_labels,
+    render_prompt,
+)
+from latentcast.edge.tasks import (
+    FORMAT,
+    TaskError,
+    TaskList,
+    TaskSource,
+    cache_dir,
+    list_tasks,
+    load_task,
+    load_task_file,
+    normalize_labels,
+    save_task,
+    shipped_dir,
+)
 from latentcast.proto.ids import label_set_hash
-from latentcast.edge.task_llm import (PROMPT_VERSION, LabelGenerationError, LlmConfig, generate_task, load_llm_config,
-                                      parse_labels, render_prompt)
 from latentcast.tools.task import COCO80
 
 KEY = "sk-test-0123456789"
@@ -82,7 +100,9 @@ class FakeLlm:
         elif m == "fenced":
             self._send(h, 200, self.completion("Granularity: vehicle types.\n```json\n" + json.dumps(GOOD) + "\n```\n"))
         elif m == "numbered":
-            self._send(h, 200, self.completion("Here you go:\n" + "\n".join(f"{i + 1}. {x}" for i, x in enumerate(GOOD))))
+            self._send(
+                h, 200, self.completion("Here you go:\n" + "\n".join(f"{i + 1}. {x}" for i, x in enumerate(GOOD)))
+            )
         elif m == "malformed":
             self._send(h, 200, self.completion("I'm sorry, but I can't help with that request."))
         elif m == "not-json":
@@ -186,17 +206,26 @@ def test_parse_labels_variants():
         parse_labels("   ")
 
 
-@pytest.mark.parametrize("mode, msg", [
-    ("malformed", r"holds \d label\(s\), fewer than 20 .*begins: \"I'm sorry, but I can't help"),
-    ("few", r"holds 3 label\(s\), fewer than 20.*\[\"car\", \"bus\", \"truck\"\]"),
-    ("not-json", r"did not answer with an OpenAI-compatible chat completion \(not JSON\): '<html>gateway says hi</html>'"),
-    ("truncated", r"cut off at the length limit"),
-    ("401", r"/v1/chat/completions refused the request: HTTP 401 Unauthorized: 'Incorrect API key provided' "
-            rf"\(check the API key in \${KEY_ENV}\)"),
-    ("429", r"HTTP 429 .*'Rate limit reached' \(rate limited"),
-    ("500", r"HTTP 500 Internal Server Error: 'The server had an error' \(server error"),
-    ("slow", r"no answer from http://127\.0\.0\.1:\d+/v1/chat/completions within 0\.3 s"),
-])
+@pytest.mark.parametrize(
+    "mode, msg",
+    [
+        ("malformed", r"holds \d label\(s\), fewer than 20 .*begins: \"I'm sorry, but I can't help"),
+        ("few", r"holds 3 label\(s\), fewer than 20.*\[\"car\", \"bus\", \"truck\"\]"),
+        (
+            "not-json",
+            r"did not answer with an OpenAI-compatible chat completion \(not JSON\): '<html>gateway says hi</html>'",
+        ),
+        ("truncated", r"cut off at the length limit"),
+        (
+            "401",
+            r"/v1/chat/completions refused the request: HTTP 401 Unauthorized: 'Incorrect API key provided' "
+            rf"\(check the API key in \${KEY_ENV}\)",
+        ),
+        ("429", r"HTTP 429 .*'Rate limit reached' \(rate limited"),
+        ("500", r"HTTP 500 Internal Server Error: 'The server had an error' \(server error"),
+        ("slow", r"no answer from http://127\.0\.0\.1:\d+/v1/chat/completions within 0\.3 s"),
+    ],
+)
 def test_failures_are_clear_and_leave_the_cache_untouched(llm, cache, mode, msg):
     before = generate_task("traffic", DESC, cfg_for(llm))  # a previous list
     data = before.path.read_bytes()

@@ -7,8 +7,19 @@ import pytest
 
 from latentcast.proto.bitstream import Packet, Roi, SectionKind
 from latentcast.proto.temporal import (
-    BG, BGCODE, CODE, KEEP, KIND_KEY, KIND_P, TemporalError, TemporalInfo, TemporalState,
-    TemporalTables, choose_modes, decode_p, encode_p,
+    BG,
+    BGCODE,
+    CODE,
+    KEEP,
+    KIND_KEY,
+    KIND_P,
+    TemporalError,
+    TemporalInfo,
+    TemporalState,
+    TemporalTables,
+    choose_modes,
+    decode_p,
+    encode_p,
 )
 
 W = H = 128

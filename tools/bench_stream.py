@@ -535,7 +535,9 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
     ``codec`` (a LatentCodec), ``bundle`` (its edge bundle) and ``detector`` (cloud and baseline
     analytics; also the edge grounding's unless ``edge_detector`` is given) override the shipped
     ``elic-lite`` and YOLOX-nano (tests inject tiny ones)."""
-    from latentcast.tools.provenance import commit as _commit, machine as _machine, write_results
+    from latentcast.tools.provenance import commit as _commit
+    from latentcast.tools.provenance import machine as _machine
+    from latentcast.tools.provenance import write_results
 
     progress = progress or (lambda s: print(s, flush=True))
     streams = [int(s) for s in streams]

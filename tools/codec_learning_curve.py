@@ -109,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     from latentcast.shared import shared_path
     from latentcast.tools import provenance
 
-    p = argparse.ArgumentParser(prog="python -m latentcast.tools.codec_learning_curve", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m latentcast.tools.codec_learning_curve", description=__doc__.split("\n")[0]
+    )
     p.add_argument("checkpoints", nargs="+", help="training checkpoints (.pt) and/or released weights (.safetensors)")
     p.add_argument("--history", default=None, help="the run's history.jsonl (training seconds per step)")
     p.add_argument("--hours-offset", type=float, default=0.0, help="hours of training before this run (its --init)")

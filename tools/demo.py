@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from latentcast.tools.eval.metrics import psnr
 
 from latentcast.boxes import greedy_match
+from latentcast.tools.eval.metrics import psnr
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,13 @@ def box_recall(edge_boxes: list, cloud_boxes: list, *, iou: float = 0.5,
     def label(c) -> str | None:
         return c.label if cloud_to_task is None else cloud_to_task.get(c.label_id)
 
-    pairs = greedy_match([(e.x0, e.y0, e.x1, e.y1) for e in edge_boxes], [(c.x0, c.y0, c.x1, c.y1) for c in cloud_boxes],
-                         iou=iou, scores=[e.score for e in edge_boxes],
-                         compatible=lambda i, j: label(cloud_boxes[j]) == edge_boxes[i].label)
+    pairs = greedy_match(
+        [(e.x0, e.y0, e.x1, e.y1) for e in edge_boxes],
+        [(c.x0, c.y0, c.x1, c.y1) for c in cloud_boxes],
+        iou=iou,
+        scores=[e.score for e in edge_boxes],
+        compatible=lambda i, j: label(cloud_boxes[j]) == edge_boxes[i].label,
+    )
     return len(pairs), len(edge_boxes)
 
 
@@ -175,16 +179,16 @@ async def run_demo(*, video: str, out_dir: Path, max_frames: int | None = None, 
     ``task``: ground that task's label list (``latentcast task list``) instead of ``labels``, as
     ``latentcast edge --task`` does; an unknown task is an error before anything starts."""
     import grpc
+
     from latentcast.cloud.config import load_cloud_config
     from latentcast.cloud.server import CloudServer
     from latentcast.edge.app import EdgeApp
     from latentcast.edge.config import load_edge_config
     from latentcast.proto import latentcast_v1_pb2 as pb
     from latentcast.proto import latentcast_v1_pb2_grpc as pb_grpc
+    from latentcast.shared import portable_path
     from latentcast.tools.provenance import commit as _commit
     from latentcast.tools.provenance import machine as _machine
-
-    from latentcast.shared import portable_path
 
     out_dir.mkdir(parents=True, exist_ok=True)
     token = secrets.token_hex(16)

@@ -26,13 +26,17 @@ __all__ = ["SHORT_NAMES", "add_arguments", "main", "resolve_labels"]
 # short model names -> hub ids (IDEA-Research's releases, Apache-2.0)
 SHORT_NAMES = {"grounding-dino-tiny": "IDEA-Research/grounding-dino-tiny",
                "grounding-dino-base": "IDEA-Research/grounding-dino-base"}
-TINY_RANDOM = "tiny-random"  # a tiny randomly initialised model (seed 0): for tests and dry runs, detects nothing useful
+# a tiny randomly initialised model (seed 0): for tests and dry runs, detects nothing useful
+TINY_RANDOM = "tiny-random"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("grounding (latentcast export grounding)")
-    g.add_argument("--model", default="grounding-dino-tiny",
-                   help=f"local folder, hub id, {', '.join(SHORT_NAMES)}, or {TINY_RANDOM} (default grounding-dino-tiny)")
+    g.add_argument(
+        "--model",
+        default="grounding-dino-tiny",
+        help=f"local folder, hub id, {', '.join(SHORT_NAMES)}, or {TINY_RANDOM} (default grounding-dino-tiny)",
+    )
     g.add_argument("--labels", default=None,
                    help="a task name (latentcast task list) or comma-separated labels; default: the edge's default "
                         "task labels")

@@ -30,8 +30,17 @@ import numpy as np
 from latentcast.proto.entropy import TableSet
 from latentcast.proto.grid import transmit_mask
 from latentcast.proto.temporal import (
-    BGCODE, CODE, N_CLASSES, N_GROUP_CTX, N_MODE_CTX, N_RES_CTX, TemporalInfo, TemporalState, TemporalTables,
-    choose_modes, group_context,
+    BGCODE,
+    CODE,
+    N_CLASSES,
+    N_GROUP_CTX,
+    N_MODE_CTX,
+    N_RES_CTX,
+    TemporalInfo,
+    TemporalState,
+    TemporalTables,
+    choose_modes,
+    group_context,
 )
 
 log = logging.getLogger(__name__)

@@ -34,7 +34,7 @@ def option_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_comments(cls: type) -> dict[str, str]:
     """``{field: comment}`` from the class source: the comment after ``name: type = default`` and the
     comment-only lines that continue it (``#   ...`` indented under it)."""

@@ -19,10 +19,27 @@ import logging
 import sys
 from pathlib import Path
 
-from latentcast.edge.task_llm import (ENV_PREFIX, PROMPT_VERSION, LabelGenerationError, LlmConfig, generate_task,
-                                      load_llm_config, safe_url, task_phrase)
-from latentcast.edge.tasks import (TaskError, TaskList, TaskSource, cache_dir, check_task_name, list_tasks,
-                                   load_task, load_task_file, shipped_dir)
+from latentcast.edge.task_llm import (
+    ENV_PREFIX,
+    PROMPT_VERSION,
+    LabelGenerationError,
+    LlmConfig,
+    generate_task,
+    load_llm_config,
+    safe_url,
+    task_phrase,
+)
+from latentcast.edge.tasks import (
+    TaskError,
+    TaskList,
+    TaskSource,
+    cache_dir,
+    check_task_name,
+    list_tasks,
+    load_task,
+    load_task_file,
+    shipped_dir,
+)
 from latentcast.tools.options import add_dataclass_options, dataclass_from_args
 
 log = logging.getLogger(__name__)
@@ -151,8 +168,10 @@ def cmd_list(a: argparse.Namespace) -> int:
         mark = "*" if e.active else " "
         try:
             tl = load_task_file(e.path)
-            row = f"{len(tl.labels):>6}  {tl.hash:<8}  {tl.source.model} ({tl.source.prompt_version or tl.source.kind}" \
-                  f", {tl.source.created})"
+            row = (
+                f"{len(tl.labels):>6}  {tl.hash:<8}  {tl.source.model} ({tl.source.prompt_version or tl.source.kind}"
+                f", {tl.source.created})"
+            )
         except TaskError as exc:
             row = f"{'-':>6}  {'-':<8}  unreadable: {exc}"
         note = "" if e.active else "  (overridden by the cached list)"

@@ -42,7 +42,8 @@ def train_codec(a: argparse.Namespace) -> int:
 
 def train_composer(a: argparse.Namespace) -> int:
     """``latentcast train composer``: ControlNet + adapter (DISCOVER sec. 3.4); prints the run folder."""
-    from latentcast.models.composer_training import ComposerTrainConfig, train_composer as run
+    from latentcast.models.composer_training import ComposerTrainConfig
+    from latentcast.models.composer_training import train_composer as run
 
     d = ComposerTrainConfig()
     lo, hi = d.mask_min, d.mask_max

@@ -23,6 +23,7 @@ import logging
 import time
 
 import numpy as np
+
 from latentcast.tools.eval.metrics import psnr
 
 log = logging.getLogger(__name__)
@@ -76,36 +77,49 @@ def _f(v, fmt: str) -> str:
 
 def markdown(result: dict) -> str:
     """The benchmark as markdown tables (for the model card and the README)."""
-    lines = [f"Kodak ({result['kodak_images']} images), codec {result['codec']['name']} "
-             f"({result['codec']['weights_hash']}), commit {result['commit'][:10]}", "",
-             "| rate point | bpp | PSNR dB | JPEG bpp at same PSNR | WebP bpp at same PSNR | ROI-only bpp | ROI/full bytes | PSNR in ROI (ROI-only) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Kodak ({result['kodak_images']} images), codec {result['codec']['name']} "
+        f"({result['codec']['weights_hash']}), commit {result['commit'][:10]}",
+        "",
+        "| rate point | bpp | PSNR dB | JPEG bpp at same PSNR | WebP bpp at same PSNR | ROI-only bpp | ROI/full bytes "
+        "| PSNR in ROI (ROI-only) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["rate_points"]:
-        lines.append(f"| {r['rate_point']} | {r['bpp']:.3f} | {r['psnr']:.2f} | {_f(r['jpeg_bpp_at_same_psnr'], '.3f')} | "
-                     f"{_f(r['webp_bpp_at_same_psnr'], '.3f')} | {r['bpp_roi']:.3f} | {r['roi_ratio']:.2f} | "
-                     f"{r['psnr_roi_inside']:.2f} |")
+        lines.append(
+            f"| {r['rate_point']} | {r['bpp']:.3f} | {r['psnr']:.2f} | {_f(r['jpeg_bpp_at_same_psnr'], '.3f')} | "
+            f"{_f(r['webp_bpp_at_same_psnr'], '.3f')} | {r['bpp_roi']:.3f} | {r['roi_ratio']:.2f} | "
+            f"{r['psnr_roi_inside']:.2f} |"
+        )
     lines += ["", "| codec | quality | bpp | PSNR dB |", "|---|---|---|---|"]
     for kind, pts in result["classical"].items():
         for p in pts:
             lines.append(f"| {kind} | {p['quality']} | {p['bpp']:.3f} | {p['psnr']:.2f} |")
-    lines += ["", "768x576 vtest frame, seconds (median of 5):", "",
-              "| rate point | bpp | edge encode (ONNX Runtime) | of which analysis / entropy graph / range coding | cloud decode (PyTorch) |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "768x576 vtest frame, seconds (median of 5):",
+        "",
+        "| rate point | bpp | edge encode (ONNX Runtime) | of which analysis / entropy graph / range coding "
+        "| cloud decode (PyTorch) |",
+        "|---|---|---|---|---|",
+    ]
     for k, t in result["timing_768x576_seconds_median_of_5"].items():
-        lines.append(f"| {k.rsplit('_', 1)[-1]} | {t['bpp']:.3f} | {t['encode_total']:.3f} | {t['analysis']:.3f} / "
-                     f"{t['entropy_graph']:.3f} / {t['range_coding']:.3f} | {t['decode_latent'] + t['latent_decoder']:.3f} |")
+        lines.append(
+            f"| {k.rsplit('_', 1)[-1]} | {t['bpp']:.3f} | {t['encode_total']:.3f} | {t['analysis']:.3f} / "
+            f"{t['entropy_graph']:.3f} / {t['range_coding']:.3f} | {t['decode_latent'] + t['latent_decoder']:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main(args) -> int:
     import cv2
     import torch
+
     from latentcast.edge.encoder import EdgeEncoder
     from latentcast.models.codec import LatentCodec
     from latentcast.proto.bitstream import Packet, SectionKind
-    from latentcast.tools.provenance import command, commit, machine, write_results
-
     from latentcast.shared import shared_path
+    from latentcast.tools.provenance import command, commit, machine, write_results
 
     torch.set_num_threads(args.threads)
     codec = LatentCodec.load(args.weights or "elic-lite")
@@ -194,7 +208,11 @@ def main(args) -> int:
         "command": command(),
         "commit": commit(),
         "machine": machine(),
-        "codec": {"name": codec.codec_name, "weights_hash": codec.weights_hash.hex(), "latent_space": codec.latent_space_spec},
+        "codec": {
+            "name": codec.codec_name,
+            "weights_hash": codec.weights_hash.hex(),
+            "latent_space": codec.latent_space_spec,
+        },
         "kodak_images": len(kodak),
         "latent_space_ceiling_psnr": float(np.mean(ceiling)) if ceiling else None,
         "rate_points": rates,

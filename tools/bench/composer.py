@@ -30,9 +30,9 @@ import logging
 import time
 
 import numpy as np
-from latentcast.tools.eval.metrics import psnr
 
 from latentcast.boxes import greedy_match
+from latentcast.tools.eval.metrics import psnr
 
 log = logging.getLogger(__name__)
 
@@ -44,20 +44,39 @@ W, H = 768, 576
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """This benchmark's options (``latentcast bench composer`` and ``python -m latentcast.tools.bench.composer``)."""
     opts: list[tuple[str, dict]] = [
-        ("--out", dict(default="results/composer_bench.json", help="JSON result path; a .md table is written beside it")),
+        (
+            "--out",
+            dict(default="results/composer_bench.json", help="JSON result path; a .md table is written beside it"),
+        ),
         ("--weights", dict(default="elic-lite", help="codec weights (default: the shipped elic-lite)")),
         ("--frame", dict(type=int, default=0, help="vtest frame index (default 0)")),
         ("--rate", dict(type=int, default=1, help="codec rate point (default 1)")),
-        ("--steps", dict(default="8,50", help="sampling steps to time, comma-separated (default 8,50: machines, people)")),
-        ("--strength", dict(type=float, default=0.5, help="partial-noise start to time as well (fraction of the "
-                                                          "schedule run; 1 = off; default 0.5)")),
-        ("--batch", dict(type=int, default=2, help="streams composed in one batch for the batched timing "
-                                                   "(default 2; 1 = skip)")),
+        (
+            "--steps",
+            dict(default="8,50", help="sampling steps to time, comma-separated (default 8,50: machines, people)"),
+        ),
+        (
+            "--strength",
+            dict(
+                type=float,
+                default=0.5,
+                help="partial-noise start to time as well (fraction of the schedule run; 1 = off; default 0.5)",
+            ),
+        ),
+        (
+            "--batch",
+            dict(
+                type=int, default=2, help="streams composed in one batch for the batched timing (default 2; 1 = skip)"
+            ),
+        ),
         ("--repeats", dict(type=int, default=3, help="timed runs per configuration (default 3)")),
         ("--threads", dict(type=int, default=2, help="torch intra-op threads (default 2)")),
         ("--device", dict(default=None, help="torch device (default: cuda when available, else cpu)")),
         ("--dtype", dict(default="float32", choices=("float32", "float16", "bfloat16"), help="diffusion dtype")),
-        ("--sd", dict(default=None, help="Stable Diffusion 2.1-base folder or hub id (cached): time the real models too")),
+        (
+            "--sd",
+            dict(default=None, help="Stable Diffusion 2.1-base folder or hub id (cached): time the real models too"),
+        ),
         ("--controlnet", dict(default=None, help="trained ControlNet + adapter folder (with --sd)")),
         ("--no-tiny", dict(action="store_true", help="skip the tiny random components")),
         ("--no-detector", dict(action="store_true", help="centred ROI instead of YOLOX boxes; no recall")),
@@ -100,12 +119,17 @@ def _time(fn, repeats: int) -> tuple[float, list[float], object]:
 
 def markdown(result: dict) -> str:
     fr = result["frame"]
-    lines = [f"Composer benchmark, {W}x{H} vtest frame {fr['index']} ({fr['rois']} ROIs, {fr['bpp']:.3f} bpp, "
-             f"caption \"{fr['caption']}\"), device {result['device']} ({result['dtype']}), "
-             f"{result['machine'].get('torch_threads')} torch threads, commit {str(result['commit'])[:10]}", "",
-             f"decode_latent (entropy decoding + g_s): {result['decode_latent_seconds']:.3f} s", "",
-             "| composer | weights | steps | strength | UNet evals | batch | s / frame | PSNR | PSNR in ROI | PSNR outside | recall |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Composer benchmark, {W}x{H} vtest frame {fr['index']} ({fr['rois']} ROIs, {fr['bpp']:.3f} bpp, "
+        f'caption "{fr["caption"]}"), device {result["device"]} ({result["dtype"]}), '
+        f"{result['machine'].get('torch_threads')} torch threads, commit {str(result['commit'])[:10]}",
+        "",
+        f"decode_latent (entropy decoding + g_s): {result['decode_latent_seconds']:.3f} s",
+        "",
+        "| composer | weights | steps | strength | UNet evals | batch | s / frame | PSNR | PSNR in ROI | PSNR outside "
+        "| recall |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
 
     def f(v, fmt=".2f"):
         return "n/a" if v is None else format(v, fmt)
@@ -121,6 +145,7 @@ def markdown(result: dict) -> str:
 def main(args: argparse.Namespace) -> int:
     import cv2
     import torch
+
     from latentcast.models.codec import LatentCodec
     from latentcast.models.composer import (
         ComposeRequest,
@@ -131,9 +156,8 @@ def main(args: argparse.Namespace) -> int:
         tiny_components,
     )
     from latentcast.proto.bitstream import Roi
-    from latentcast.tools.provenance import command, commit, machine, write_results
-
     from latentcast.shared import portable_path, shared_path
+    from latentcast.tools.provenance import command, commit, machine, write_results
 
     torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -195,17 +219,23 @@ def main(args: argparse.Namespace) -> int:
     if not args.no_tiny:
         setups.append(("tiny-random", lambda: tiny_components(0, codec_channels=codec.latent_space().channels)))
     if args.sd:
-        setups.append((f"sd={portable_path(args.sd)}" + (f", controlnet={portable_path(args.controlnet)}" if args.controlnet
-                                                          else ", controlnet=untrained"),
-                       lambda: load_components(args.sd, args.controlnet, torch_dtype=dtype,
-                                               codec_channels=codec.latent_space().channels)))
+        setups.append(
+            (
+                f"sd={portable_path(args.sd)}"
+                + (f", controlnet={portable_path(args.controlnet)}" if args.controlnet else ", controlnet=untrained"),
+                lambda: load_components(
+                    args.sd, args.controlnet, torch_dtype=dtype, codec_channels=codec.latent_space().channels
+                ),
+            )
+        )
     for name, build in setups:
         comp = ControlNetComposer(**build(), codec_space=codec.latent_space(), device=device, dtype=dtype)
         described[f"controlnet[{name}]"] = comp.describe()
         comp.compose([request("cam-0", steps=min(steps_list))])  # warm-up (allocations, caption cache)
         for steps in steps_list:
             for strength in strengths:
-                t, ts, out = _time(lambda: comp.compose([request("cam-0", steps, strength)], return_latents=True),
+                t, ts, out = _time(lambda comp=comp, steps=steps, strength=strength: comp.compose(
+                    [request("cam-0", steps, strength)], return_latents=True),
                                    args.repeats)
                 res = out[0]
                 runs.append({"composer": "controlnet", "weights": name, "steps": steps, "strength": strength,
@@ -216,7 +246,7 @@ def main(args: argparse.Namespace) -> int:
         if args.batch > 1:
             steps = min(steps_list)
             reqs = [request(f"cam-{i}", steps) for i in range(args.batch)]
-            t, ts, out = _time(lambda: comp.compose(reqs), args.repeats)
+            t, ts, out = _time(lambda comp=comp, reqs=reqs: comp.compose(reqs), args.repeats)
             runs.append({"composer": "controlnet", "weights": name, "steps": steps, "strength": 1.0,
                          "unet_evals": steps, "keep_roi": comp.keep_roi, "batch": args.batch,
                          "seconds_per_frame": t / args.batch, "seconds": ts,
@@ -229,22 +259,37 @@ def main(args: argparse.Namespace) -> int:
         "machine": machine(),
         "device": device,
         "dtype": args.dtype,
-        "codec": {"name": codec.codec_name, "weights_hash": codec.weights_hash.hex(),
-                  "latent_space": codec.latent_space_spec},
-        "frame": {"video": portable_path(video), "index": args.frame, "width": W, "height": H, "rois": len(rois),
-                  "labels": labels, "caption": caption_for(labels), "packet_bytes": len(data),
-                  "bpp": len(data) * 8 / (W * H), "rate_point": args.rate,
-                  "transmitted_cells": float(rec.mask.mean()), "roi_source": "yolox persons" if ref_dets else "centred box"},
+        "codec": {
+            "name": codec.codec_name,
+            "weights_hash": codec.weights_hash.hex(),
+            "latent_space": codec.latent_space_spec,
+        },
+        "frame": {
+            "video": portable_path(video),
+            "index": args.frame,
+            "width": W,
+            "height": H,
+            "rois": len(rois),
+            "labels": labels,
+            "caption": caption_for(labels),
+            "packet_bytes": len(data),
+            "bpp": len(data) * 8 / (W * H),
+            "rate_point": args.rate,
+            "transmitted_cells": float(rec.mask.mean()),
+            "roi_source": "yolox persons" if ref_dets else "centred box",
+        },
         "decode_latent_seconds": t_dec,
         "composers": described,
         "repeats": args.repeats,
         "runs": runs,
-        "note": ("seconds_per_frame: median of the timed runs of the composer alone (add decode_latent_seconds for the "
-                 "cloud's decode); batch > 1: one compose call over that many streams, divided by the batch. "
-                 "tiny-random = tiny_components(0): random weights, so its timings measure the code path and its "
-                 "quality numbers are not the paper's (keep_roi keeps the transmitted cells exact; outside them a "
-                 "random UNet paints noise). PSNR in/outside ROI: pixels of transmitted / other 16-pixel cells. "
-                 "recall: YOLOX persons of the original found again (IoU >= 0.5)."),
+        "note": (
+            "seconds_per_frame: median of the timed runs of the composer alone (add decode_latent_seconds for the "
+            "cloud's decode); batch > 1: one compose call over that many streams, divided by the batch. "
+            "tiny-random = tiny_components(0): random weights, so its timings measure the code path and its "
+            "quality numbers are not the paper's (keep_roi keeps the transmitted cells exact; outside them a "
+            "random UNet paints noise). PSNR in/outside ROI: pixels of transmitted / other 16-pixel cells. "
+            "recall: YOLOX persons of the original found again (IoU >= 0.5)."
+        ),
     }
     write_results(args.out, result, markdown(result))
     print(markdown(result))

@@ -220,8 +220,14 @@ def _attacker(port: int, headers: list[bytes], packet: bytes, stop, out) -> None
 
 def _summary(lat: list[float], lost: Counter, base_p50: float | None) -> dict:
     p50 = statistics.median(lat) if lat else float("nan")
-    return {"frames": len(lat), "good_lost": dict(lost), "p50_s": round(p50, 4), "p95_s": round(float(np.percentile(lat, 95)) if lat else float("nan"), 4),
-            "max_s": round(max(lat, default=float("nan")), 4), "p50_vs_unloaded": None if base_p50 is None else round(p50 / base_p50, 2)}
+    return {
+        "frames": len(lat),
+        "good_lost": dict(lost),
+        "p50_s": round(p50, 4),
+        "p95_s": round(float(np.percentile(lat, 95)) if lat else float("nan"), 4),
+        "max_s": round(max(lat, default=float("nan")), 4),
+        "p50_vs_unloaded": None if base_p50 is None else round(p50 / base_p50, 2),
+    }
 
 
 async def run_bench(a: argparse.Namespace) -> dict:
@@ -230,10 +236,10 @@ async def run_bench(a: argparse.Namespace) -> dict:
 
     from latentcast.cloud.config import CloudConfig
     from latentcast.cloud.server import CloudServer
-    from latentcast.shared import portable_path, shared_path
     from latentcast.models.codec import LatentCodec
     from latentcast.proto import entropy
     from latentcast.proto import latentcast_v1_pb2_grpc as pb_grpc
+    from latentcast.shared import portable_path, shared_path
 
     codec = LatentCodec.load(a.weights)
     video = a.video or str(shared_path("data", "video", "vtest.avi"))
@@ -308,10 +314,20 @@ async def run_bench(a: argparse.Namespace) -> dict:
                          s["p50_vs_unloaded"], sent, codes)
     finally:
         await srv.stop(1.0)
-    return {"command": provenance.command(getattr(a, "prog", "latentcast")), "commit": provenance.commit(), "machine": provenance.machine(),
-            "weights": portable_path(a.weights), "video": portable_path(video), "good_frame": f"{w}x{h}", "rate_point": a.rate, "pace_fps": a.good_fps,
-            "hostile_frame": f"{MAX_W}x{MAX_H}", "legit_max_bytes": len(legit_max),
-            "pipeline": dataclasses.asdict(cfg.pipeline), "phases": phases}
+    return {
+        "command": provenance.command(getattr(a, "prog", "latentcast")),
+        "commit": provenance.commit(),
+        "machine": provenance.machine(),
+        "weights": portable_path(a.weights),
+        "video": portable_path(video),
+        "good_frame": f"{w}x{h}",
+        "rate_point": a.rate,
+        "pace_fps": a.good_fps,
+        "hostile_frame": f"{MAX_W}x{MAX_H}",
+        "legit_max_bytes": len(legit_max),
+        "pipeline": dataclasses.asdict(cfg.pipeline),
+        "phases": phases,
+    }
 
 
 @contextlib.contextmanager
@@ -325,16 +341,22 @@ def _budget_off(entropy):
 
 
 def markdown(r: dict) -> str:
-    lines = [f"# Hostile packets vs a good stream ({r['good_frame']} at {r['pace_fps']} fps, rate point "
-             f"{r['rate_point']}, hostile sessions {r['hostile_frame']})", "",
-             f"`{r['command']}` at {r['commit']}, {r['machine'].get('cpu', '?')} x{r['machine'].get('cpus')}", "",
-             "| phase | good p50 s | x unloaded | p95 s | max s | good frames lost | hostile answers/s | hostile answers "
-             "| peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Hostile packets vs a good stream ({r['good_frame']} at {r['pace_fps']} fps, rate point "
+        f"{r['rate_point']}, hostile sessions {r['hostile_frame']})",
+        "",
+        f"`{r['command']}` at {r['commit']}, {r['machine'].get('cpu', '?')} x{r['machine'].get('cpus')}",
+        "",
+        "| phase | good p50 s | x unloaded | p95 s | max s | good frames lost | hostile answers/s | hostile answers "
+        "| peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for p in r["phases"]:
-        lines.append(f"| {p['phase']} | {p['p50_s']} | {p['p50_vs_unloaded'] or 1.0} | {p['p95_s']} | {p['max_s']} "
-                     f"| {p['good_lost'] or 0} "
-                     f"| {p.get('hostile_answered_per_s', '-')} | {p.get('hostile_outcomes', '-')} | {p['rss_peak_mb']} |")
+        lines.append(
+            f"| {p['phase']} | {p['p50_s']} | {p['p50_vs_unloaded'] or 1.0} | {p['p95_s']} | {p['max_s']} "
+            f"| {p['good_lost'] or 0} "
+            f"| {p.get('hostile_answered_per_s', '-')} | {p.get('hostile_outcomes', '-')} | {p['rss_peak_mb']} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -39,7 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--labels", default="person,vehicle,bicycle", help="task labels (ROIs and scored classes)")
     p.add_argument("--bundle", default=None, help="edge bundle (default: the shipped export)")
     p.add_argument("--weights", default=None, help="codec weights (default: the shipped elic-lite)")
-    p.add_argument("--tables", default=None, help="P-frame tables (default: models/weights/<codec>-temporal.safetensors)")
+    p.add_argument(
+        "--tables", default=None, help="P-frame tables (default: models/weights/<codec>-temporal.safetensors)"
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads of the decoder")
     p.add_argument("--out", default="results/temporal_bench.json", help="JSON file to write (and .md beside it)")
     return p
@@ -93,28 +95,44 @@ def _run(name: str, clip, rois, analysis, *, encoder, decoder_codec, tables, con
     m = detection_map(gt, preds, class_ids=class_ids)
     c = config
     return {
-        "run": name, "target_kbps": c.target_kbps or None,
+        "run": name,
+        "target_kbps": c.target_kbps or None,
         "level": None if c.target_kbps else f"q{c.rate_point}/t{c.threshold}",
-        "loss": loss, "frames": len(sizes), "kbps": sum(sizes) * 8 / 1000 / (len(sizes) / fps),
-        "kbps_worst_1s": max(per_s), "bpp": 8 * sum(sizes) / (len(sizes) * clip.width * clip.height),
-        "keyframes": enc.counts["key"], "keyframe_reasons": {k: v for k, v in enc.counts.items() if k not in ("key", "p")},
-        "lost": lost, "refused": refused, "recoveries": len(recoveries),
+        "loss": loss,
+        "frames": len(sizes),
+        "kbps": sum(sizes) * 8 / 1000 / (len(sizes) / fps),
+        "kbps_worst_1s": max(per_s),
+        "bpp": 8 * sum(sizes) / (len(sizes) * clip.width * clip.height),
+        "keyframes": enc.counts["key"],
+        "keyframe_reasons": {k: v for k, v in enc.counts.items() if k not in ("key", "p")},
+        "lost": lost,
+        "refused": refused,
+        "recoveries": len(recoveries),
         "longest_recovery_frames": max(recoveries) if recoveries else 0,
-        "scored_rendered": len(preds), "scored": len(gt),
-        "map50": m["map50"], "map": m["map"], "levels": dict(levels), "seconds": round(seconds, 1),
+        "scored_rendered": len(preds),
+        "scored": len(gt),
+        "map50": m["map50"],
+        "map": m["map"],
+        "levels": dict(levels),
+        "seconds": round(seconds, 1),
     }
 
 
 def _markdown(res: dict) -> str:
-    lines = [f"# Temporal coding: rate control and loss, `{res['data']['path']}`", "",
-             f"- command: `{res['command']}`", f"- commit {res['commit']}, {res['machine'].get('cpu', '')}",
-             f"- {res['data']['frames']} frames at {res['data']['fps']} fps, {res['data']['size']}; "
-             f"{res['data']['scored']} scored (every 8th) against YOLOX-nano on the originals; refresh requests reach "
-             f"the edge {res['rtt_frames']} frames after the refused frame",
-             "- a scored frame the cloud could not render counts with no detections", "",
-             "| run | target kbit/s | kbit/s | worst 1 s | bpp | keyframes | lost | refused | longest recovery (frames) "
-             "| mAP@0.5 | mAP@0.5:0.95 | levels used |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Temporal coding: rate control and loss, `{res['data']['path']}`",
+        "",
+        f"- command: `{res['command']}`",
+        f"- commit {res['commit']}, {res['machine'].get('cpu', '')}",
+        f"- {res['data']['frames']} frames at {res['data']['fps']} fps, {res['data']['size']}; "
+        f"{res['data']['scored']} scored (every 8th) against YOLOX-nano on the originals; refresh requests reach "
+        f"the edge {res['rtt_frames']} frames after the refused frame",
+        "- a scored frame the cloud could not render counts with no detections",
+        "",
+        "| run | target kbit/s | kbit/s | worst 1 s | bpp | keyframes | lost | refused | longest recovery (frames) "
+        "| mAP@0.5 | mAP@0.5:0.95 | levels used |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in res["runs"]:
         lv = ", ".join(f"{k} {v}" for k, v in sorted(r["levels"].items(), key=lambda kv: -kv[1]))
         lines.append(f"| {r['run']} | {r['target_kbps'] or '-'} | {r['kbps']:.1f} | {r['kbps_worst_1s']:.1f} | "
@@ -147,7 +165,9 @@ def main(a: argparse.Namespace) -> int:
     clip = video_clip(path, every=8, max_frames=a.max_frames)
     encoder = EdgeEncoder(bundle=a.bundle)
     codec = LatentCodec.load(a.weights or "elic-lite")
-    tables = TemporalTables.load(getattr(a, "tables", None) or default_tables_path(codec), weights_hash=codec.weights_hash)
+    tables = TemporalTables.load(
+        getattr(a, "tables", None) or default_tables_path(codec), weights_hash=codec.weights_hash
+    )
     detector = YoloxDetector(score_threshold=0.01)
     class_ids = sorted(map_labels(labels, detector.labels))
     gs = GroundingSettings(labels=tuple(labels))

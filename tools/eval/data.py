@@ -157,8 +157,11 @@ def _coco_clips(path: Path, images_dir: Path | None, classes: list[str], max_fra
         x, y, bw, bh = (float(v) for v in a["bbox"])
         if bw <= 0 or bh <= 0:
             continue
-        anns.setdefault(a["image_id"], []).append(GtBox(x0=x, y0=y, x1=x + bw, y1=y + bh, class_id=cat_map[a["category_id"]],
-                                                        iscrowd=bool(a.get("iscrowd", 0))))
+        anns.setdefault(a["image_id"], []).append(
+            GtBox(
+                x0=x, y0=y, x1=x + bw, y1=y + bh, class_id=cat_map[a["category_id"]], iscrowd=bool(a.get("iscrowd", 0))
+            )
+        )
     root = images_dir or path.parent
     clips = []
     for im in sorted(doc["images"], key=lambda im: im["id"])[: max_frames or None]:

@@ -10,8 +10,8 @@
 ``mode="full"`` codes every latent cell (the ROI list still goes in the header); ``mode="roi"``
 codes only the cells under the grounded ROIs plus the hyper-latent z, exactly as the streaming
 edge does; ``mode="roibg"`` codes the ROI cells at one rate point and every other cell at a
-coarser one (levels ``q<ROI rate point>/b<background rate point>``, LCF v2 packets). The grounding runs on every frame of the clip (a camera at its full rate with no
-frames dropped), so the tracker sees what it would see live.
+coarser one (levels ``q<ROI rate point>/b<background rate point>``, LCF v2 packets). The grounding runs on every frame
+of the clip (a camera at its full rate with no frames dropped), so the tracker sees what it would see live.
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ def parse_roibg_level(level: str, n_rates: int) -> tuple[int, int]:
             raise ValueError
         q, b = int(q[1:]), int(b[1:])
     except ValueError:
-        raise ValueError(f"roibg level {level!r} is not q<ROI rate point>/b<background rate point>, e.g. q2/b0") from None
+        raise ValueError(
+            f"roibg level {level!r} is not q<ROI rate point>/b<background rate point>, e.g. q2/b0"
+        ) from None
     if not 0 <= b <= q < n_rates:
         raise ValueError(f"roibg level {level!r}: need 0 <= background <= ROI rate point <= {n_rates - 1}")
     return q, b
@@ -177,7 +179,9 @@ class TemporalLatentcastCodec:
         from latentcast.proto.ids import label_set_hash
 
         if self.encoder.weights_hash != self.decoder.weights_hash:
-            raise ValueError("the edge bundle was exported from other weights than the decoder's; run `latentcast export edge`")
+            raise ValueError(
+                "the edge bundle was exported from other weights than the decoder's; run `latentcast export edge`"
+            )
         self.config = self.config or TemporalConfig(enabled=True)
         for p in self.params:
             self.level(p)

@@ -372,7 +372,9 @@ def bd_quality(anchor: Sequence[tuple[float, float]], test: Sequence[tuple[float
     return None if r is None else r[2]
 
 
-def bd_overlap(anchor: Sequence[tuple[float, float]], test: Sequence[tuple[float, float]]) -> tuple[float, float] | None:
+def bd_overlap(
+    anchor: Sequence[tuple[float, float]], test: Sequence[tuple[float, float]]
+) -> tuple[float, float] | None:
     """The quality interval :func:`bd_rate` averages over, or None where it returns None."""
     r = _bd(anchor, test, over_quality=True, what="bd_overlap")
     return None if r is None else (r[0], r[1])

@@ -79,9 +79,11 @@ def markdown(result: dict) -> str:
               " | encode s/frame | decode s/frame |", "|---|---|---|---|" + "---|" * (len(ms) + 2),
               "| uncompressed | - | 24 | - | " + " | ".join(_fmt(u.get(m)) for m in ms) + " | - | - |"]
     for p in result["points"]:
-        lines.append(f"| {p['codec']} | {p['param_name']} {p['param']} | {p['bpp']:.4f} | {_fmt(p.get('kbps'), '.0f')} | "
-                     + " | ".join(_fmt(p.get(m), ".2f" if m == "psnr" else ".3f") for m in ms)
-                     + f" | {p['encode_s_per_frame']:.3f} | {p['decode_s_per_frame']:.3f} |")
+        lines.append(
+            f"| {p['codec']} | {p['param_name']} {p['param']} | {p['bpp']:.4f} | {_fmt(p.get('kbps'), '.0f')} | "
+            + " | ".join(_fmt(p.get(m), ".2f" if m == "psnr" else ".3f") for m in ms)
+            + f" | {p['encode_s_per_frame']:.3f} | {p['decode_s_per_frame']:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -241,8 +241,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None, help="latentcast codec weights (default: the shipped elic-lite)")
     p.add_argument("--bundle", default=None, help="latentcast edge bundle (default: the shipped export)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the latentcast decoder")
-    p.add_argument("--temporal-tables", default=None,
-                   help="latentcast-temporal: P-frame entropy tables (default models/weights/<codec>-temporal.safetensors)")
+    p.add_argument(
+        "--temporal-tables",
+        default=None,
+        help="latentcast-temporal: P-frame entropy tables (default models/weights/<codec>-temporal.safetensors)",
+    )
     p.add_argument("--temporal-levels", default=",".join(TEMPORAL_LEVELS),
                    help="latentcast-temporal: levels q<rate point>/t<threshold> to sweep "
                         f"(default {','.join(TEMPORAL_LEVELS)})")

@@ -111,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     from latentcast.tools.eval.learned import roibg_levels
     from latentcast.tools.eval.metrics import detection_map
 
-    p = argparse.ArgumentParser(prog="python tools/experiments/roi_failure_analysis.py", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python tools/experiments/roi_failure_analysis.py", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--data", default="devset/crowded", help="image folder (default devset/crowded)")
     p.add_argument("--labels", default="person,vehicle,bicycle", help="task labels: ROIs and scored classes")
     p.add_argument("--weights", default=None, help="codec weights (default: the shipped elic-lite)")
@@ -197,10 +199,20 @@ def main(argv: list[str] | None = None) -> int:
     n_gt = {b: extra["original"][b][1] for b in ("small", "medium", "large")}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"command": provenance.command("python tools/experiments/roi_failure_analysis.py"), "commit": provenance.commit(), "machine": provenance.machine(),
-              "data": str(a.data), "images": len(clips), "gt_boxes": sum(len(v) for v in gt.values()),
-              "gt_by_size": n_gt, "weights_hash": dec.weights_hash.hex(), "labels": labels, "score": SCORE,
-              "seconds": round(time.time() - t0, 1), "rows": rows}
+    result = {
+        "command": provenance.command("python tools/experiments/roi_failure_analysis.py"),
+        "commit": provenance.commit(),
+        "machine": provenance.machine(),
+        "data": str(a.data),
+        "images": len(clips),
+        "gt_boxes": sum(len(v) for v in gt.values()),
+        "gt_by_size": n_gt,
+        "weights_hash": dec.weights_hash.hex(),
+        "labels": labels,
+        "score": SCORE,
+        "seconds": round(time.time() - t0, 1),
+        "rows": rows,
+    }
     (out / "roi_failure.json").write_text(json.dumps(result, indent=1))
 
     def f(v, d=3):

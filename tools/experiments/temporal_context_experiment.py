@@ -42,15 +42,21 @@ def main(argv: list[str] | None = None) -> int:
     from latentcast.detector import YoloxDetector
     from latentcast.models.codec import LatentCodec
     from latentcast.models.temporal import default_tables_path
-    from latentcast.tools.fit_temporal_tables import _code_lengths
     from latentcast.proto.grid import transmit_mask
     from latentcast.proto.temporal import (
-        BGCODE, CODE, TemporalInfo, TemporalState, TemporalTables, cell_classes, choose_modes,
+        BGCODE,
+        CODE,
+        TemporalInfo,
+        TemporalState,
+        TemporalTables,
+        cell_classes,
+        choose_modes,
     )
     from latentcast.shared import portable_path, shared_path
     from latentcast.tools import provenance
     from latentcast.tools.eval.data import video_clip
     from latentcast.tools.eval.learned import GroundingSettings, grounding_rois
+    from latentcast.tools.fit_temporal_tables import _code_lengths
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="data/video/vtest.avi", help="a video (default: the shared vtest.avi)")
@@ -100,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
                 "+first group": np.where(later, base * 4 + g0[None], base * 4),
                 "both": np.where(later, (base * 3 + pm) * 4 + g0[None], (base * 3 + pm) * 4)}
     bits = {name: _fit_bits(v, ctx, lengths, R) for name, ctx in variants.items()}
-    rows = [{"contexts": name, "bits_per_cell": b / n, "vs_shipped": b / bits["shipped"] - 1} for name, b in bits.items()]
+    rows = [
+        {"contexts": name, "bits_per_cell": b / n, "vs_shipped": b / bits["shipped"] - 1} for name, b in bits.items()
+    ]
     result = {"command": provenance.command("python tools/experiments/temporal_context_experiment.py"),
               "commit": provenance.commit(), "machine": provenance.machine(),
               "data": f"{portable_path(path)}, first {clip.n_frames} frames, CODE cells of frames not divisible by 8",

@@ -130,7 +130,7 @@ def run_level(codec, tables, clip, rois, analysis, level: str, method: str) -> d
             if method == "mc":
                 mvs = [_search(frame, x_prev, b, MV_RANGE) for b in boxes]
                 p = codec.analyze(_move_boxes(x_prev, boxes, mvs))[0].astype(np.float64)
-                l1 = lambda m: np.abs(np.floor((y - m) / steps[q] + 0.5)).sum(0)  # noqa: E731
+                l1 = lambda m, y=y: np.abs(np.floor((y - m) / steps[q] + 0.5)).sum(0)  # noqa: E731
                 use = roi & (l1(p) < l1(st.y))
                 base = st.copy()
                 base.y = np.where(use[None], p, st.y)
@@ -228,12 +228,26 @@ def main(argv: list[str] | None = None) -> int:
     rows = ["| codec | setting | bpp | bytes/frame | mAP@0.5 | mAP@0.5:0.95 | PSNR |", "|---|---|---|---|---|---|---|"]
     rows += [f"| {p['codec']} | {p['setting']} | {p['bpp']:.4f} | {p['bytes_per_frame']:.0f} | {p['map50']:.3f} | "
              f"{p['map']:.3f} | {p['psnr']:.2f} |" for p in points]
-    md = "\n".join([f"# Motion-compensated P frames: an experiment\n", f"- command: `{result['command']}`",
-                    f"- commit {result['commit']}, {result['machine'].get('cpu', '')}", f"- data: {result['data']}",
-                    "", *rows, "", "BD-rate against x265 (negative = fewer bits for the same accuracy; n/a = no overlap):",
-                    "", "| codec | mAP@0.5 | mAP@0.5:0.95 | PSNR |", "|---|---|---|---|",
-                    *[f"| {n} | " + " | ".join("n/a" if v is None else f"{v:+.1f} %" for v in b.values()) + " |"
-                      for n, b in bd.items()], ""])
+    md = "\n".join(
+        [
+            "# Motion-compensated P frames: an experiment\n",
+            f"- command: `{result['command']}`",
+            f"- commit {result['commit']}, {result['machine'].get('cpu', '')}",
+            f"- data: {result['data']}",
+            "",
+            *rows,
+            "",
+            "BD-rate against x265 (negative = fewer bits for the same accuracy; n/a = no overlap):",
+            "",
+            "| codec | mAP@0.5 | mAP@0.5:0.95 | PSNR |",
+            "|---|---|---|---|",
+            *[
+                f"| {n} | " + " | ".join("n/a" if v is None else f"{v:+.1f} %" for v in b.values()) + " |"
+                for n, b in bd.items()
+            ],
+            "",
+        ]
+    )
     provenance.write_results(a.out, result, md)
     return 0
 
