@@ -21,9 +21,8 @@ would save), not bytes of a built coder.
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
+from _video import load_video_codec, video_parser
 
 
 def _fit_bits(v: np.ndarray, ctx: np.ndarray, lengths: np.ndarray, R: int) -> float:
@@ -37,40 +36,28 @@ def _fit_bits(v: np.ndarray, ctx: np.ndarray, lengths: np.ndarray, R: int) -> fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
 
     from latentcast.detector import YoloxDetector
-    from latentcast.models.codec import LatentCodec
-    from latentcast.models.temporal import default_tables_path
     from latentcast.proto.grid import transmit_mask
     from latentcast.proto.temporal import (
         BGCODE,
         CODE,
         TemporalInfo,
         TemporalState,
-        TemporalTables,
         cell_classes,
         choose_modes,
     )
-    from latentcast.shared import portable_path, shared_path
+    from latentcast.shared import portable_path
     from latentcast.tools import provenance
     from latentcast.tools.eval.data import video_clip
     from latentcast.tools.eval.learned import GroundingSettings, grounding_rois
     from latentcast.tools.fit_temporal_tables import _code_lengths
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="data/video/vtest.avi", help="a video (default: the shared vtest.avi)")
-    p.add_argument("--frames", type=int, default=300, help="run over the first N frames")
+    p = video_parser(__doc__, frames=300, out="results/temporal_context_experiment.json",
+                     frames_help="run over the first N frames")
     p.add_argument("--rate", type=int, default=0, help="rate point of ROI cells (default 0)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="results/temporal_context_experiment.json")
     a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    from pathlib import Path
-
-    path = Path(a.data) if Path(a.data).is_file() else shared_path(a.data)
-    codec = LatentCodec.load("elic-lite")
-    tables = TemporalTables.load(default_tables_path(codec), weights_hash=codec.weights_hash)
+    path, codec, tables = load_video_codec(a)
     clip = video_clip(path, every=8, max_frames=a.frames)
     g = GroundingSettings(labels=("person", "vehicle", "bicycle"))
     rois = grounding_rois(clip, g, YoloxDetector(score_threshold=g.score_threshold), {}, every_frame=True)

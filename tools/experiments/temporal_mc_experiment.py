@@ -31,10 +31,10 @@ What it leaves out, so the ``mc`` numbers are an upper bound of this design's ga
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
+from _video import load_video_codec, video_parser
 
 LEVELS = ("q0/t4", "q0/t1", "q1/t1")
 X265_CRF = (51, 47, 44)
@@ -153,12 +153,8 @@ def run_level(codec, tables, clip, rois, analysis, level: str, method: str) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
 
     from latentcast.detector import YoloxDetector
-    from latentcast.models.codec import LatentCodec
-    from latentcast.proto.temporal import TemporalTables
-    from latentcast.shared import shared_path
     from latentcast.tools import provenance
     from latentcast.tools.eval.baselines import X265Codec
     from latentcast.tools.eval.data import GtBox, video_clip
@@ -166,21 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     from latentcast.tools.eval.metrics import detection_map, psnr
     from latentcast.tools.eval.runner import PRED_SCORE
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="data/video/vtest.avi", help="a video (default: the shared vtest.avi)")
-    p.add_argument("--frames", type=int, default=200, help="code the first N frames")
+    p = video_parser(__doc__, frames=200, out="results/temporal_mc_experiment.json",
+                     frames_help="code the first N frames")
     p.add_argument("--every", type=int, default=4, help="score every N-th frame")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="results/temporal_mc_experiment.json")
     a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    from pathlib import Path
-
-    path = Path(a.data) if Path(a.data).is_file() else shared_path(a.data)
-    codec = LatentCodec.load("elic-lite")
-    from latentcast.models.temporal import default_tables_path
-
-    tables = TemporalTables.load(default_tables_path(codec), weights_hash=codec.weights_hash)
+    path, codec, tables = load_video_codec(a)
     clip = video_clip(path, every=a.every, max_frames=a.frames)
     det = YoloxDetector(score_threshold=PRED_SCORE, threads=a.threads)
     classes = [0, 1, 2, 3, 5, 7]  # person, bicycle, car, motorcycle, bus, truck (the eval's default task)
