@@ -18,7 +18,7 @@ A task list is made once per task (by a multimodal LLM following the paper's Alg
 - ``label_set_hash`` is :func:`latentcast.proto.ids.label_set_hash` of the normalised labels (hex):
   the value every packet header of a stream grounded with this list carries, so the cloud knows
   which labels the ids refer to. It is optional in a file; when present it must match the labels.
-- ``source.kind`` is ``"shipped"`` (hand-curated lists in ``edge/tasks/``) or ``"llm"``;
+- ``source.kind`` is ``"shipped"`` (hand-curated lists in ``edge/task_lists/``) or ``"llm"``;
   ``endpoint`` is the LLM host (``host[:port]``): never a key, a user name or a query string.
 
 Lookup of a task name (``[a-z0-9][a-z0-9_-]*``): the user cache ``$LATENTCAST_CACHE/tasks/<name>.json``
@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from latentcast.proto.ids import label_set_hash
+from latentcast.shared import cache_dir as user_cache_dir
 
 __all__ = ["FORMAT", "SOURCE_KINDS", "MAX_LABELS", "MAX_LABEL_CHARS", "TaskError", "TaskSource", "TaskList",
            "TaskEntry", "normalize_labels", "check_task_name", "cache_dir", "shipped_dir", "task_path",
@@ -109,7 +110,7 @@ def _check_created(value: Any, where: str) -> str:
 class TaskSource:
     """Where a label list came from."""
 
-    kind: str  # "shipped" (hand-curated, in edge/tasks/) or "llm" (latentcast task new)
+    kind: str  # "shipped" (hand-curated, in edge/task_lists/) or "llm" (latentcast task new)
     model: str  # the LLM's name as the endpoint reported it, or "hand-curated"
     prompt_version: str | None = None  # edge/task_llm.py PROMPT_VERSION of an LLM list; None for shipped lists
     endpoint: str | None = None  # LLM host[:port] (no scheme, user, key or query); None for shipped lists
@@ -228,12 +229,12 @@ class TaskList:
 
 def cache_dir() -> Path:
     """``$LATENTCAST_CACHE/tasks`` (default ``~/.cache/latentcast/tasks``): lists made on this machine."""
-    return Path(os.environ.get("LATENTCAST_CACHE", Path.home() / ".cache" / "latentcast")).expanduser() / "tasks"
+    return user_cache_dir() / "tasks"
 
 
 def shipped_dir() -> Path:
-    """The ready-made lists installed with the package (``edge/tasks/``)."""
-    return Path(__file__).resolve().parent / "tasks"
+    """The ready-made lists installed with the package (``edge/task_lists/``)."""
+    return Path(__file__).resolve().parent / "task_lists"
 
 
 def load_task_file(path: str | os.PathLike) -> TaskList:

@@ -12,8 +12,9 @@ import os
 from pathlib import Path
 
 ENV_VAR = "LATENTCAST_SHARED"
+CACHE_ENV_VAR = "LATENTCAST_CACHE"
 
-__all__ = ["ENV_VAR", "file_sha256", "portable_path", "shared_dir", "shared_path"]
+__all__ = ["CACHE_ENV_VAR", "ENV_VAR", "cache_dir", "file_sha256", "portable_path", "shared_dir", "shared_path"]
 
 
 def _candidates() -> list[Path]:
@@ -70,3 +71,9 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def cache_dir() -> Path:
+    """The user's writable cache (training latents, task lists from the LLM, runs): ``$LATENTCAST_CACHE`` or
+    ``~/.cache/latentcast``."""
+    return Path(os.environ.get(CACHE_ENV_VAR, Path.home() / ".cache" / "latentcast")).expanduser()

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latentcast.shared import shared_path
+from latentcast.shared import cache_dir, shared_path
 
 from .elic import CONFIGS, ElicCodec, ElicConfig
 
@@ -45,7 +44,7 @@ __all__ = ["TrainConfig", "RandomCrops", "training_sources", "prepare_cache", "t
 
 def default_cache_dir() -> Path:
     """``$LATENTCAST_CACHE`` or ``~/.cache/latentcast``."""
-    return Path(os.environ.get("LATENTCAST_CACHE", Path.home() / ".cache" / "latentcast"))
+    return cache_dir()
 
 
 @dataclass

@@ -26,17 +26,17 @@ def test_greedy_match_best_score_first_and_one_to_one():
 
 
 def test_demo_box_recall_uses_labels_and_the_threshold():
-    from types import SimpleNamespace as B
+    from types import SimpleNamespace as Box
 
     from latentcast.tools.demo import box_recall
 
     edge = [
-        B(x0=0, y0=0, x1=10, y1=10, label="person", score=0.9),
-        B(x0=50, y0=50, x1=60, y1=60, label="car", score=0.8),
+        Box(x0=0, y0=0, x1=10, y1=10, label="person", score=0.9),
+        Box(x0=50, y0=50, x1=60, y1=60, label="car", score=0.8),
     ]
     cloud = [
-        B(x0=1, y0=0, x1=11, y1=10, label="person", label_id=0),
-        B(x0=50, y0=50, x1=60, y1=60, label="bus", label_id=5),
+        Box(x0=1, y0=0, x1=11, y1=10, label="person", label_id=0),
+        Box(x0=50, y0=50, x1=60, y1=60, label="bus", label_id=5),
     ]
     assert box_recall(edge, cloud) == (1, 2)
     assert box_recall(edge, cloud, cloud_to_task={0: "person", 5: "car"}) == (2, 2)

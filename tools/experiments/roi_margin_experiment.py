@@ -13,8 +13,8 @@ import cv2
 import numpy as np
 import torch
 
-import latentcast.proto.grid as G
 from latentcast.models.codec import LatentCodec
+from latentcast.proto import grid
 from latentcast.proto.bitstream import Roi
 from latentcast.shared import shared_path
 from latentcast.tools.eval.metrics import psnr
@@ -29,9 +29,9 @@ def main() -> None:
     def make_tx(mode):
         def tx(width, height, boxes, roi_only):
             if not roi_only:
-                return np.ones(G.grid_shape(width, height), dtype=bool)
+                return np.ones(grid.grid_shape(width, height), dtype=bool)
             if mode == "cell":  # the old rule: cells the box touches, plus one cell on each side
-                m0 = G.roi_mask(boxes, width, height, margin_px=0)
+                m0 = grid.roi_mask(boxes, width, height, margin_px=0)
                 p = np.pad(m0, 1)
                 return (
                     p[:-2, 1:-1]
@@ -44,13 +44,13 @@ def main() -> None:
                     | p[2:, 2:]
                     | m0
                 )
-            return G.roi_mask(boxes, width, height, margin_px=int(mode))
+            return grid.roi_mask(boxes, width, height, margin_px=int(mode))
 
         return tx
 
     for q in range(c.n_rates):
         for mode in ("cell", "8", "0"):
-            G.transmit_mask = make_tx(mode)  # coded_cells (codec and edge) looks it up there
+            grid.transmit_mask = make_tx(mode)  # coded_cells (codec and edge) looks it up there
             r = []
             pin = []
             pfull = []
