@@ -39,7 +39,8 @@ from .elic import CONFIGS, ElicCodec, ElicConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "RandomCrops", "training_sources", "prepare_cache", "train", "default_cache_dir", "load_init"]
+__all__ = ["TrainConfig", "RandomCrops", "training_sources", "prepare_cache", "train", "default_cache_dir", "load_init",
+           "save_checkpoint"]
 
 
 def default_cache_dir() -> Path:
@@ -264,7 +265,9 @@ def load_init(model: ElicCodec, sd: dict[str, torch.Tensor]) -> list[str]:
     return sliced
 
 
-def _save(path: Path, state: dict) -> None:
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write a training checkpoint atomically (a temporary file, then a rename): a run killed while saving keeps
+    its previous checkpoint. Used by every trainer (codec, composer)."""
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
@@ -372,7 +375,7 @@ def train(cfg: TrainConfig) -> Path:
                                      "nmse": nmse_q.round(5).tolist(), "sec": round(time.time() - t0, 1)}) + "\n")
             run = {"bpp": np.zeros(n_r), "mse": np.zeros(n_r), "n": np.zeros(n_r)}
         if step % cfg.checkpoint_every == 0 or step == total or step == cfg.stage1_steps:
-            _save(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "stage": stage,
+            save_checkpoint(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "stage": stage,
                          "train": asdict(cfg), "codec": ccfg.to_dict(), "latent_var": crops.latent_var})
     pbar.close()
     return ckpt
