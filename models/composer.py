@@ -82,9 +82,10 @@ import re
 import threading
 from abc import ABC, abstractmethod
 from collections import Counter, OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -236,7 +237,7 @@ class ComposeRequest:
     caption: str | None = None
 
     @classmethod
-    def from_reconstruction(cls, rec: Any, **kw: Any) -> "ComposeRequest":
+    def from_reconstruction(cls, rec: Any, **kw: Any) -> ComposeRequest:
         """From a ``models.codec.Reconstruction`` (latent, mask, the header's frame size); ``kw`` sets the rest."""
         hd = rec.packet.header
         kw.setdefault("mask_stride", MASK_STRIDE)  # Reconstruction.mask is on the codec's y grid
@@ -320,7 +321,9 @@ class NoneComposer(Composer):
             latent_space = latent_space.latent_space()
         for attr in ("decode", "channels", "factor"):
             if not hasattr(latent_space, attr):
-                raise TypeError(f"NoneComposer needs a LatentSpace (or a LatentCodec), got {type(latent_space).__name__}")
+                raise TypeError(
+                    f"NoneComposer needs a LatentSpace (or a LatentCodec), got {type(latent_space).__name__}"
+                )
         self.space = latent_space
         self.batch = bool(batch)
 
@@ -409,7 +412,7 @@ def _adapter_cls():
             save_file(sd, str(path), metadata=md)
 
         @classmethod
-        def load(cls, path: str | Path) -> "LatentAdapter":
+        def load(cls, path: str | Path) -> LatentAdapter:
             from safetensors import safe_open
 
             path = Path(path)
@@ -487,7 +490,10 @@ def _same_space(codec_space: Any, space: Any) -> bool:
     if any(getattr(codec_space, k, None) != getattr(space, k, None) for k in keys):
         return False
     try:
-        pairs = ((a.encoder.conv_in.weight, b.encoder.conv_in.weight), (a.decoder.conv_in.weight, b.decoder.conv_in.weight))
+        pairs = (
+            (a.encoder.conv_in.weight, b.encoder.conv_in.weight),
+            (a.decoder.conv_in.weight, b.decoder.conv_in.weight),
+        )
         torch = _torch()
         return all(p.shape == q.shape and torch.equal(p.detach().float().cpu(), q.detach().float().cpu())
                    for p, q in pairs)
@@ -538,7 +544,10 @@ class ControlNetComposer(Composer):
         if adapter is None:
             log.warning("controlnet composer: no trained adapter; a zero-initialised one adds no control")
             adapter = _adapter_cls()(codec_channels + 1, emb_channels)
-        if getattr(adapter, "in_channels", None) != codec_channels + 1 or getattr(adapter, "out_channels", None) != emb_channels:
+        if (
+            getattr(adapter, "in_channels", None) != codec_channels + 1
+            or getattr(adapter, "out_channels", None) != emb_channels
+        ):
             raise ValueError(
                 f"adapter maps {getattr(adapter, 'in_channels', '?')} -> {getattr(adapter, 'out_channels', '?')} "
                 f"channels; this composer needs {codec_channels + 1} (codec latent {codec_channels} + mask) -> "
@@ -554,7 +563,11 @@ class ControlNetComposer(Composer):
         self.default_steps, self.start_strength = int(default_steps), float(start_strength)
         self.keep_roi, self.guidance_scale = bool(keep_roi), float(guidance_scale)
         self.conditioning_scale, self.seed = float(conditioning_scale), int(seed)
-        self.use_caption, self.caption_prefix, self.negative_caption = bool(use_caption), caption_prefix, negative_caption
+        self.use_caption, self.caption_prefix, self.negative_caption = (
+            bool(use_caption),
+            caption_prefix,
+            negative_caption,
+        )
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.max_batch, self.caption_cache = int(max_batch), int(caption_cache)
@@ -801,7 +814,9 @@ class ControlNetComposer(Composer):
             m, stride = torch.ones(n, 1, *latent.shape[-2:], device=latent.device), self.codec_factor
         else:
             m = torch.as_tensor(mask, device=latent.device).to(latent.dtype)[:, None]
-            stride = mask_stride or (self.codec_factor if tuple(m.shape[-2:]) == tuple(latent.shape[-2:]) else MASK_STRIDE)
+            stride = mask_stride or (
+                self.codec_factor if tuple(m.shape[-2:]) == tuple(latent.shape[-2:]) else MASK_STRIDE
+            )
         cond = self._condition(latent, m, stride, hw)
         emb = torch.cat([self.text_embeds(c) for c in captions]).clone()  # cached ones may be inference tensors
         down, mid = self.controlnet(z_t, t, encoder_hidden_states=emb, controlnet_cond=cond,
@@ -854,9 +869,17 @@ def tiny_components(seed: int = 0, *, codec_channels: int = 4, adapter_hidden: i
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = diffusers.UNet2DConditionModel(
-            block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        )
         controlnet = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
         for m in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
             torch.nn.init.normal_(m.weight, std=0.05)
@@ -969,10 +992,13 @@ def load_components(sd: str = DEFAULT_SD, controlnet: str | None = None, *, loca
                 from huggingface_hub import hf_hub_download
 
                 cn = diffusers.ControlNetModel.from_pretrained(str(controlnet), **mkw)
-                adapter = Adapter.load(hf_hub_download(str(controlnet), ADAPTER_FILE, local_files_only=local_files_only))
+                adapter = Adapter.load(
+                    hf_hub_download(str(controlnet), ADAPTER_FILE, local_files_only=local_files_only)
+                )
             except (OSError, ValueError) as e:
-                raise FileNotFoundError(f"trained ControlNet {str(controlnet)!r} could not be loaded ({e}); "
-                                        f"{_CN_GET}") from e
+                raise FileNotFoundError(
+                    f"trained ControlNet {str(controlnet)!r} could not be loaded ({e}); {_CN_GET}"
+                ) from e
     cn.eval().requires_grad_(False)
     adapter.eval().requires_grad_(False)
     comps.update(controlnet=cn, adapter=adapter)

@@ -42,6 +42,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -63,10 +64,10 @@ _RESUME_FIXED = ("sd", "controlnet", "codec", "train_gs", "seed")
 class ComposerTrainConfig:
     sd: str = "stabilityai/stable-diffusion-2-1-base"  # Stable Diffusion: local pipeline folder, hub id (cache only
     #                                                     unless local_files_only=False), or "tiny" (random test model)
-    controlnet: str = ""  # start from a trained ControlNet + adapter folder ("" = a copy of the UNet encoder + zero adapter)
-    codec: str = "elic-lite"  # the codec whose ẑ_c conditions the composer (LatentCodec.load: shipped name or .safetensors)
+    controlnet: str = ""  # start from a trained ControlNet + adapter folder ("" = UNet encoder copy + zero adapter)
+    codec: str = "elic-lite"  # the codec whose ẑ_c conditions the composer (shipped name or .safetensors)
     out: str = "checkpoints/composer"  # run folder: last.pt, history.jsonl, controlnet/, model_card.md
-    resume: bool = False  # continue from out/last.pt (same sd/controlnet/codec/train_gs/seed); False and a last.pt = error
+    resume: bool = False  # continue out/last.pt (same sd/controlnet/codec/train_gs/seed); False and a last.pt = error
     cache: str = ""  # training-image cache ("" = <LATENTCAST_CACHE>/train-images, the one `train codec` fills)
     stage1_steps: int = 2000  # stage I steps, the full frame transmitted (paper: 300k at 512 px on GPUs)
     stage2_steps: int = 500  # stage II steps, random masks (paper: 50k)
@@ -78,17 +79,17 @@ class ComposerTrainConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # gradient-norm clip over the trained parameters (0 = off)
     lam_diff: float = 2.0  # λ_diff of eq. 4 (paper: 2 in both stages)
-    lam_latent: float = 1.0  # weight of eq. 4's || z_c - ẑ_c ||² (normalized by var(z_c); paper: 1 on ~unit-var SD latents)
-    train_gs: bool = False  # stage II also trains the codec's synthesis g_s (paper: yes; off for the shipped embedded codec)
+    lam_latent: float = 1.0  # weight of eq. 4's || z_c - ẑ_c ||² / var(z_c) (paper: 1 on ~unit-var SD latents)
+    train_gs: bool = False  # stage II also trains the codec's synthesis g_s (paper: yes; off for the shipped codec)
     mask_min: float = 0.0  # stage II: smallest fraction of y cells dropped (paper: 0)
     mask_max: float = 0.5  # stage II: largest fraction dropped (paper: 0.5)
-    caption: str = "a photo"  # caption of every crop (no labels in the data; = caption_for(()) the cloud uses unlabeled)
+    caption: str = "a photo"  # caption of every crop (no labels in the data; = the cloud's caption_for(()))
     vtest_stride: int = 5  # vtest frames with index % stride == 0 (and % 8 != 0), as `train codec`
     seed: int = 0  # RNG seed: crops, flips, rate points, masks, diffusion noise and timesteps
     checkpoint_every: int = 200  # steps between writes of out/last.pt (and one at the end of each stage)
     log_every: int = 10  # steps between history.jsonl lines and progress-bar updates of the mean losses
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
-    precision: str = "auto"  # CUDA: "auto" (bf16 if supported, else fp16), "bf16", "fp16" (+ GradScaler), "fp32"; CPU: fp32
+    precision: str = "auto"  # CUDA: "auto" (bf16 if supported, else fp16), "bf16", "fp16", "fp32"; CPU: fp32
     gradient_checkpointing: bool = False  # recompute UNet/ControlNet activations in backward (GPU memory for 512 crops)
     local_files_only: bool = True  # hub ids: read the local Hugging Face cache only, never download
     threads: int = 2  # torch CPU threads
@@ -100,7 +101,8 @@ class ComposerTrainConfig:
         if self.batch < 1:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
         if self.stage1_steps < 0 or self.stage2_steps < 0 or self.stage1_steps + self.stage2_steps < 1:
-            raise ValueError(f"steps must be >= 0 with at least one in total, got {self.stage1_steps} + {self.stage2_steps}")
+            raise ValueError(f"steps must be >= 0 with at least one in total, "
+                             f"got {self.stage1_steps} + {self.stage2_steps}")
         if not 0.0 <= self.mask_min <= self.mask_max <= 1.0:
             raise ValueError(f"mask range must satisfy 0 <= min <= max <= 1, got ({self.mask_min}, {self.mask_max})")
         if self.precision not in PRECISIONS:
@@ -146,7 +148,8 @@ def codec_latent(model, x: torch.Tensor, rate: torch.Tensor, mask: torch.Tensor 
     return model.g_s(y_hat, mask.to(y_hat.dtype), z_hat)
 
 
-def drop_masks(n: int, rows: int, cols: int, rng: np.random.Generator, lo: float = 0.0, hi: float = 0.5) -> torch.Tensor:
+def drop_masks(n: int, rows: int, cols: int, rng: np.random.Generator, lo: float = 0.0,
+               hi: float = 0.5) -> torch.Tensor:
     """(n, 1, rows, cols) float masks, 1 = transmitted. For each, a fraction r ~ U(lo, hi) of the cells
     (rounded to whole cells) is dropped, in random rectangles; the last rectangle is cut short (raster
     order inside it) so exactly ``round(r * rows * cols)`` cells are dropped (DISCOVER sec. 4.1.1:
@@ -221,12 +224,6 @@ def _state(cfg, step, stage, composer, codec_model, opt, scaler, rng, gen, laten
     }
 
 
-def _save(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
-
-
 def cli_command(cfg: ComposerTrainConfig) -> str:
     """The ``latentcast train composer`` line for a configuration (model card)."""
     d = ComposerTrainConfig()
@@ -273,7 +270,8 @@ def train_composer(cfg: ComposerTrainConfig) -> Path:
         old = state.get("config", {})
         changed = [k for k in _RESUME_FIXED if old.get(k) != getattr(cfg, k)]
         if changed:
-            raise ValueError(f"cannot resume {ckpt}: {', '.join(f'{k} {old.get(k)!r} -> {getattr(cfg, k)!r}' for k in changed)}")
+            diff = ", ".join(f"{k} {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
+            raise ValueError(f"cannot resume {ckpt}: {diff}")
         other = [k for k, v in asdict(cfg).items() if k not in _RESUME_FIXED and old.get(k) != v
                  and k not in ("resume", "stage1_steps", "stage2_steps", "out")]
         if other:
@@ -310,7 +308,8 @@ def train_composer(cfg: ComposerTrainConfig) -> Path:
     adapter_ids = {id(p) for p in adapter.parameters()}
 
     def make_opt(stage: int) -> torch.optim.Optimizer:
-        groups = [{"params": [p for p in cn.parameters() if id(p) not in adapter_ids], "lr": cfg.lr, "name": "controlnet"},
+        cn_params = [p for p in cn.parameters() if id(p) not in adapter_ids]
+        groups = [{"params": cn_params, "lr": cfg.lr, "name": "controlnet"},
                   {"params": list(adapter.parameters()), "lr": cfg.adapter_lr, "name": "adapter"}]
         opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         if stage == 2:
@@ -379,7 +378,7 @@ def train_composer(cfg: ComposerTrainConfig) -> Path:
     t0, steps_here = time.time(), 0
 
     def checkpoint() -> None:
-        _save(ckpt, _state(cfg, step, stage, composer, cmodel, opt, scaler, rng, gen, latent_var, tail))
+        codec_training.save_checkpoint(ckpt, _state(cfg, step, stage, composer, cmodel, opt, scaler, rng, gen, latent_var, tail))
 
     while step < total:
         if stage == 1 and step >= cfg.stage1_steps:
@@ -428,7 +427,8 @@ def train_composer(cfg: ComposerTrainConfig) -> Path:
         if step % cfg.log_every == 0 or stage_end:
             n = max(run["n"], 1)
             rec = {"step": step, "stage": stage, "loss_diff": round(run["diff"] / n, 6),
-                   "nmse_latent": round(run["latent"] / n, 6), "sec_per_step": round((time.time() - t0) / steps_here, 3)}
+                   "nmse_latent": round(run["latent"] / n, 6),
+                   "sec_per_step": round((time.time() - t0) / steps_here, 3)}
             if run["skipped"]:
                 rec["skipped"] = run["skipped"]
             tail[f"stage{stage}"] = rec
@@ -479,6 +479,8 @@ def _model_card(cfg, out: Path, meta: dict, tail: dict, sec_per_step, codec_file
         return (f"diffusion MSE {r['loss_diff']:.4f}, latent NMSE {r['nmse_latent']:.4f} "
                 f"(mean of the last logged steps up to step {r['step']})")
 
+    latent_term = f" + {cfg.lam_latent} x ||z_c - ẑ_c||² / var(z_c) (stage II)" if cfg.train_gs else ""
+    gs_lr = f", {cfg.gs_lr} (g_s)" if cfg.train_gs else ""
     text = f"""# Composer: ControlNet + adapter (`latentcast train composer`)
 
 DISCOVER sec. 3.4: the control module C of Stable Diffusion, conditioned on the codec's decoded
@@ -493,9 +495,9 @@ conditioning embedding). UNet, VAE and text encoder frozen.
   caption "{cfg.caption}"
 - Steps: stage I {cfg.stage1_steps} (full frame transmitted), stage II {cfg.stage2_steps} (a fraction
   U({cfg.mask_min}, {cfg.mask_max}) of the y cells dropped in random rectangles), batch {cfg.batch}
-- Loss: {cfg.lam_diff} x diffusion MSE (eq. 4){f" + {cfg.lam_latent} x ||z_c - ẑ_c||² / var(z_c) (stage II)" if cfg.train_gs else ""};
+- Loss: {cfg.lam_diff} x diffusion MSE (eq. 4){latent_term};
   rate terms constant (codec encoder and entropy model frozen)
-- Optimizer: AdamW, lr {cfg.lr} (ControlNet), {cfg.adapter_lr} (adapter){f", {cfg.gs_lr} (g_s)" if cfg.train_gs else ""};
+- Optimizer: AdamW, lr {cfg.lr} (ControlNet), {cfg.adapter_lr} (adapter){gs_lr};
   device {meta['device']}, precision {meta['amp']}
 - Final losses: stage I: {losses('stage1')}; stage II: {losses('stage2')}
 - Speed: {f"{sec_per_step:.2f} s/step" if sec_per_step else "n/a"} (last session, checkpoint writes included)

@@ -174,7 +174,9 @@ def _random_model(cfg, seed: int, vocab_dir, name: str):
     vocab_dir = Path(vocab_dir) if vocab_dir is not None else Path(tempfile.mkdtemp(prefix="gdino_vocab_"))
     words = write_tiny_vocab(vocab_dir).read_text(encoding="utf-8").splitlines()
     if cfg.text_config.vocab_size < len(words):
-        raise ValueError(f"text vocab_size {cfg.text_config.vocab_size} < the {len(words)} words of the test vocabulary")
+        raise ValueError(
+            f"text vocab_size {cfg.text_config.vocab_size} < the {len(words)} words of the test vocabulary"
+        )
     tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True,
                             model_max_length=cfg.max_text_len)
     with torch.random.fork_rng(devices=[]):

@@ -60,8 +60,28 @@ def run(tmp_path_factory, tiny_codec_path):
         cv2.imwrite(str(p), _image(rng))
         srcs.append((f"img{i}", p, None))
     out = base / "run"
-    args = ["train", "composer", "--sd", "tiny", "--codec", str(tiny_codec_path), "--batch", "1", "--crop", "64",
-            "--out", str(out), "--cache", str(base / "cache"), "--threads", "1", "--checkpoint-every", "1", "--log-every", "1"]
+    args = [
+        "train",
+        "composer",
+        "--sd",
+        "tiny",
+        "--codec",
+        str(tiny_codec_path),
+        "--batch",
+        "1",
+        "--crop",
+        "64",
+        "--out",
+        str(out),
+        "--cache",
+        str(base / "cache"),
+        "--threads",
+        "1",
+        "--checkpoint-every",
+        "1",
+        "--log-every",
+        "1",
+    ]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(training, "training_sources", lambda **_: srcs)
         first = main(args + ["--steps-1", "2", "--steps-2", "0"])
@@ -96,10 +116,22 @@ def test_resume_is_bit_exact(run, tiny_codec_path, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     base = run["out"].parent
-    monkeypatch.setattr(training, "training_sources", lambda **_: [(f"img{i}", base / f"img{i}.png", None) for i in range(2)])
-    cfg = ComposerTrainConfig(sd="tiny", codec=str(tiny_codec_path), out=str(tmp_path / "straight"),
-                              cache=str(tmp_path / "cache"), stage1_steps=2, stage2_steps=2, batch=1, crop=64, threads=1,
-                              checkpoint_every=1, log_every=1)
+    monkeypatch.setattr(
+        training, "training_sources", lambda **_: [(f"img{i}", base / f"img{i}.png", None) for i in range(2)]
+    )
+    cfg = ComposerTrainConfig(
+        sd="tiny",
+        codec=str(tiny_codec_path),
+        out=str(tmp_path / "straight"),
+        cache=str(tmp_path / "cache"),
+        stage1_steps=2,
+        stage2_steps=2,
+        batch=1,
+        crop=64,
+        threads=1,
+        checkpoint_every=1,
+        log_every=1,
+    )
     train_composer(cfg)
     name = "diffusion_pytorch_model.safetensors"
     a, b = load_file(str(tmp_path / "straight" / "controlnet" / name)), load_file(str(run["out"] / "controlnet" / name))

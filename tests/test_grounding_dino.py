@@ -384,11 +384,10 @@ def test_real_weights_when_present(tmp_path):
     src = os.environ.get("LATENTCAST_GROUNDING_DINO")
     if not src:
         pytest.skip("LATENTCAST_GROUNDING_DINO not set (a local Grounding DINO folder or cached hub id)")
-    from tests.conftest import shared_or_skip
-
     import cv2
 
     from latentcast.edge.open_vocab import OpenVocabDetector, preprocess
+    from tests.conftest import shared_or_skip
 
     model, proc = gd.load_grounding_dino(src)
     tok = gd._tokenizer_of(proc)
