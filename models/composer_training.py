@@ -378,7 +378,8 @@ def train_composer(cfg: ComposerTrainConfig) -> Path:
     t0, steps_here = time.time(), 0
 
     def checkpoint() -> None:
-        codec_training.save_checkpoint(ckpt, _state(cfg, step, stage, composer, cmodel, opt, scaler, rng, gen, latent_var, tail))
+        state = _state(cfg, step, stage, composer, cmodel, opt, scaler, rng, gen, latent_var, tail)
+        codec_training.save_checkpoint(ckpt, state)
 
     while step < total:
         if stage == 1 and step >= cfg.stage1_steps:
