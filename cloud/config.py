@@ -27,6 +27,7 @@ import os
 from dataclasses import dataclass, field
 
 from latentcast.config import ConfigError, load_config
+from latentcast.models.composer import COMPOSER_KINDS  # numpy only: importing it loads no torch
 
 __all__ = [
     "ConfigError",
@@ -46,7 +47,6 @@ __all__ = [
 
 ENV_PREFIX = "LATENTCAST_CLOUD"
 DROP_POLICIES = ("drop_oldest", "drop_newest")
-COMPOSER_KINDS = ("none", "controlnet")  # = latentcast.models.composer.COMPOSER_KINDS (no torch import here)
 DETECTOR_KINDS = ("yolox", "onnx", "none")
 # the decoders the cloud has (cloud/decode.py): "latentcast" = the loaded codec (per-frame and temporal LCF),
 # "jpeg" = the JPEG baseline of `latentcast bench stream` (proto/ids.py CODEC_IDS["jpeg"])
