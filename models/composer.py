@@ -2,7 +2,7 @@
 
 Two composers behind one interface (:class:`Composer`), picked by :func:`make_composer`:
 
-- ``none`` (:class:`NoneComposer`, the embedded default): the codec latent space's own decoder,
+- ``none`` (:class:`LatentDecoderComposer`, the embedded default): the codec latent space's own decoder,
   frame for frame what ``LatentCodec.latent_to_frame`` gives.
 - ``controlnet`` (:class:`ControlNetComposer`, the paper profile, DISCOVER §3.3): ẑ_c conditions a
   ControlNet on Stable Diffusion 2.1-base, which composes the whole frame from the transmitted ROIs
@@ -100,7 +100,7 @@ __all__ = [
     "ComposeRequest",
     "Composition",
     "Composer",
-    "NoneComposer",
+    "LatentDecoderComposer",
     "ControlNetComposer",
     "caption_for",
     "seed_for",
@@ -305,7 +305,7 @@ def _to_uint8(img) -> np.ndarray:
 # --------------------------------------------------------------------------- none
 
 
-class NoneComposer(Composer):
+class LatentDecoderComposer(Composer):
     """Direct latent decode: the codec latent space's decoder, as ``LatentCodec.latent_to_frame``.
 
     ``latent_space``: a ``LatentSpace`` or anything with a ``latent_space()`` method (a ``LatentCodec``).
@@ -322,7 +322,7 @@ class NoneComposer(Composer):
         for attr in ("decode", "channels", "factor"):
             if not hasattr(latent_space, attr):
                 raise TypeError(
-                    f"NoneComposer needs a LatentSpace (or a LatentCodec), got {type(latent_space).__name__}"
+                    f"LatentDecoderComposer needs a LatentSpace (or a LatentCodec), got {type(latent_space).__name__}"
                 )
         self.space = latent_space
         self.batch = bool(batch)
@@ -1059,7 +1059,7 @@ def make_composer(kind: str, **kw: Any) -> Composer:
         space = kw.pop("latent_space", None) or codec
         if space is None:
             raise ValueError("composer 'none' needs latent_space= (a LatentSpace) or codec= (a LatentCodec)")
-        return NoneComposer(space, **kw)
+        return LatentDecoderComposer(space, **kw)
     codec_space = kw.pop("codec_space", None)
     if codec_space is None and codec is not None:
         codec_space = codec.latent_space()

@@ -15,7 +15,7 @@ from latentcast.models.composer import (  # noqa: E402
     ADAPTER_FILE,
     ComposeRequest,
     ControlNetComposer,
-    NoneComposer,
+    LatentDecoderComposer,
     caption_for,
     load_components,
     make_composer,
@@ -94,7 +94,7 @@ def test_none_composer_equals_latent_to_frame(tiny_codec):
             tiny_codec.decompress(tiny_codec.compress(img_b, rate_point=0)),
             tiny_codec.decompress(tiny_codec.compress(img_a, rate_point=2))]
     comp = make_composer("none", codec=tiny_codec)
-    assert isinstance(comp, NoneComposer) and comp.describe()["latent_space"] == "pixels:4"
+    assert isinstance(comp, LatentDecoderComposer) and comp.describe()["latent_space"] == "pixels:4"
     frames = comp.compose([ComposeRequest.from_reconstruction(r, stream_id="x") for r in recs])
     for rec, f in zip(recs, frames):
         assert f.dtype == np.uint8 and f.shape == rec.frame.shape
@@ -102,7 +102,7 @@ def test_none_composer_equals_latent_to_frame(tiny_codec):
         direct = tiny_codec.latent_to_frame(torch.from_numpy(rec.latent)[None], rec.packet.header.width,
                                             rec.packet.header.height)
         assert np.array_equal(f, direct)
-    single = NoneComposer(tiny_codec.latent_space(), batch=False).compose(
+    single = LatentDecoderComposer(tiny_codec.latent_space(), batch=False).compose(
         [ComposeRequest.from_reconstruction(recs[0])], return_latents=True)[0]
     assert np.array_equal(single.frame, recs[0].frame) and single.steps == 0
 

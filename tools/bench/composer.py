@@ -150,7 +150,7 @@ def main(args: argparse.Namespace) -> int:
     from latentcast.models.composer import (
         ComposeRequest,
         ControlNetComposer,
-        NoneComposer,
+        LatentDecoderComposer,
         caption_for,
         load_components,
         tiny_components,
@@ -207,7 +207,7 @@ def main(args: argparse.Namespace) -> int:
     runs: list[dict] = []
     described: dict[str, dict] = {}
 
-    none = NoneComposer(codec)
+    none = LatentDecoderComposer(codec)
     none.compose([request("cam-0")])
     t, ts, frames = _time(lambda: none.compose([request("cam-0")]), args.repeats)
     described["none"] = none.describe()
