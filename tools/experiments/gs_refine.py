@@ -156,7 +156,7 @@ def main() -> None:
     ap.add_argument("--max-side", type=int, default=1024)
     ap.add_argument("--arms", default="control,refine")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="/tmp/gs_refine")
+    ap.add_argument("--out", default="results/gs_refine")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
