@@ -47,6 +47,16 @@ def _check_min(name: str, value: float, lo: float, *, strict: bool = False) -> N
         raise ValueError(f"{name} {value!r} must be {'>' if strict else '>='} {lo}")
 
 
+def _check_bounds(section: str, cfg: object, *, at_least: dict[str, float] | None = None,
+                  above: dict[str, float] | None = None) -> None:
+    """Each field of ``cfg`` named in ``above`` must be > its bound, each in ``at_least`` >= its bound;
+    errors name the YAML key (``section.field``)."""
+    for name, lo in (above or {}).items():
+        _check_min(f"{section}.{name}", getattr(cfg, name), lo, strict=True)
+    for name, lo in (at_least or {}).items():
+        _check_min(f"{section}.{name}", getattr(cfg, name), lo)
+
+
 @dataclass
 class SourceConfig:
     uri: str = ""  # video file, image folder, rtsp:// or http(s):// URL, /dev/videoN or a device index
@@ -118,10 +128,7 @@ class GroundingConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
                 raise ValueError(f"grounding.{name} {v!r} out of range (0 <= value <= 1; 0 = the bundle's)")
-        _check_min("grounding.every", self.every, 1)
-        _check_min("grounding.max_missed", self.max_missed, 0)
-        _check_min("grounding.margin", self.margin, 0)
-        _check_min("grounding.threads", self.threads, 0)
+        _check_bounds("grounding", self, at_least={"every": 1, "max_missed": 0, "margin": 0, "threads": 0})
 
 
 @dataclass
@@ -134,9 +141,7 @@ class CodecConfig:
     threads: int = 0  # ONNX Runtime threads for the encoder; 0 = its default
 
     def __post_init__(self) -> None:
-        _check_min("codec.rate_point", self.rate_point, 0)
-        _check_min("codec.threads", self.threads, 0)
-        _check_min("codec.target_kbps", self.target_kbps, 0)
+        _check_bounds("codec", self, at_least={"rate_point": 0, "threads": 0, "target_kbps": 0})
         self.background = str(self.background).strip().lower()
         try:
             level = parse_background(self.background)
@@ -195,11 +200,8 @@ class SenderConfig:
 
     def __post_init__(self) -> None:
         _check_choice("sender.policy", self.policy, _POLICIES)
-        _check_min("sender.queue_size", self.queue_size, 1)
-        _check_min("sender.max_in_flight", self.max_in_flight, 0)
-        _check_min("sender.backlog_frames", self.backlog_frames, 1)
-        _check_min("sender.backlog_bytes", self.backlog_bytes, 1)
-        _check_min("sender.drain_timeout_s", self.drain_timeout_s, 0.0)
+        _check_bounds("sender", self, at_least={"queue_size": 1, "max_in_flight": 0, "backlog_frames": 1,
+                                                "backlog_bytes": 1, "drain_timeout_s": 0.0})
 
 
 @dataclass
@@ -229,17 +231,13 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not self.target.strip():
             raise ValueError("server.target is empty: give host:port, e.g. 127.0.0.1:50051")
-        _check_min("server.keepalive_s", self.keepalive_s, 0.0, strict=True)
-        _check_min("server.keepalive_timeout_s", self.keepalive_timeout_s, 0.0, strict=True)
-        _check_min("server.max_message_bytes", self.max_message_bytes, 1024)
-        _check_min("server.backoff_initial_s", self.backoff_initial_s, 0.0, strict=True)
-        _check_min("server.backoff_max_s", self.backoff_max_s, self.backoff_initial_s)
+        _check_bounds("server", self,
+                      above={"keepalive_s": 0.0, "keepalive_timeout_s": 0.0, "backoff_initial_s": 0.0,
+                             "accept_timeout_s": 0.0},
+                      at_least={"max_message_bytes": 1024, "backoff_max_s": self.backoff_initial_s,
+                                "max_reconnect_attempts": 0, "already_exists_retry_s": 0.0, "max_unknown_retries": 0})
         if not 0.0 <= self.backoff_jitter < 1.0:
             raise ValueError(f"server.backoff_jitter {self.backoff_jitter!r} out of range 0 <= value < 1")
-        _check_min("server.max_reconnect_attempts", self.max_reconnect_attempts, 0)
-        _check_min("server.accept_timeout_s", self.accept_timeout_s, 0.0, strict=True)
-        _check_min("server.already_exists_retry_s", self.already_exists_retry_s, 0.0)
-        _check_min("server.max_unknown_retries", self.max_unknown_retries, 0)
 
     def resolved_token(self) -> str | None:
         """The token, from ``token`` or else ``token_file``; None when neither is set."""

@@ -17,11 +17,11 @@ import functools
 import importlib.util
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WeightKind", "SUFFIXES", "weights_dir", "weights_path", "codec_name_of"]
+__all__ = ["WeightKind", "SUFFIXES", "weights_dir", "weights_path", "codec_name_of", "read_tagged_file"]
 
 WeightKind = Literal["codec", "edge-bundle", "temporal-tables"]
 
@@ -54,3 +54,24 @@ def codec_name_of(path: Path | str) -> str:
         if name.endswith(suffix):
             return name.removesuffix(suffix)
     return name
+
+
+def read_tagged_file(path: Path | str, fmt: str, *, what: str, get: str, framework: str = "pt",
+                     ) -> tuple[dict[str, Any], dict[str, str]]:
+    """The tensors and metadata of a latentcast safetensors file whose ``format`` metadata is ``fmt``.
+
+    ``what`` names the file in errors ("codec weights"); ``get`` says how to get one. A missing file
+    is a ``FileNotFoundError``, another file kind a ``ValueError`` quoting its format. ``framework``:
+    ``"pt"`` (torch tensors) or ``"numpy"``.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found ({get})")
+    with safe_open(str(path), framework=framework) as f:
+        md = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if md.get("format") != fmt:
+        raise ValueError(f"{path} is not a latentcast {what} file (format {md.get('format')!r}, expected {fmt!r})")
+    return tensors, md

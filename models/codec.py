@@ -45,7 +45,7 @@ from latentcast.proto.symbols import (
     coding_steps,
     quantize_z,
 )
-from latentcast.weights import weights_dir, weights_path
+from latentcast.weights import read_tagged_file, weights_dir, weights_path
 
 from .elic import ElicCodec, ElicConfig
 
@@ -159,18 +159,10 @@ class LatentCodec(FrameCompressor):
 
     @classmethod
     def from_file(cls, path: Path | str) -> LatentCodec:
-        from safetensors import safe_open
-
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"codec weights {path} not found (train with `latentcast train codec` "
-                                    f"or use the weights shipped in {WEIGHTS_DIR})")
-        with safe_open(str(path), framework="pt") as f:
-            md = f.metadata() or {}
-            sd = {k: f.get_tensor(k) for k in f.keys()}
+        get = f"train with `latentcast train codec` or use the weights shipped in {WEIGHTS_DIR}"
+        sd, md = read_tagged_file(path, "latentcast-codec-1", what="codec weights", get=get)
         weights_hash = weights_content_hash(sd, md)
-        if md.get("format") != "latentcast-codec-1":
-            raise ValueError(f"{path} is not a latentcast codec weight file (format {md.get('format')!r})")
         cfg_d = json.loads(md["config"])
         cfg_d["groups"] = tuple(cfg_d["groups"])
         cfg_d["rate_steps"] = tuple(cfg_d["rate_steps"])

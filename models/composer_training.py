@@ -196,7 +196,7 @@ def _amp_dtype(cfg: ComposerTrainConfig, dev: torch.device) -> torch.dtype | Non
 
 def _components(cfg: ComposerTrainConfig, codec_channels: int) -> dict:
     """SD (frozen) + the ControlNet and adapter to train, as composer components."""
-    from .composer import ADAPTER_FILE, _adapter_cls, load_components, tiny_components
+    from .composer import ADAPTER_FILE, LatentAdapter, load_components, tiny_components
 
     if cfg.sd != "tiny":
         return load_components(cfg.sd, cfg.controlnet or None, local_files_only=cfg.local_files_only,
@@ -208,7 +208,7 @@ def _components(cfg: ComposerTrainConfig, codec_channels: int) -> dict:
 
         p = Path(cfg.controlnet)
         comps["controlnet"] = diffusers.ControlNetModel.from_pretrained(str(p))
-        comps["adapter"] = _adapter_cls().load(p / ADAPTER_FILE)
+        comps["adapter"] = LatentAdapter.load(p / ADAPTER_FILE)
     return comps
 
 
@@ -485,7 +485,7 @@ def _model_card(cfg, out: Path, meta: dict, tail: dict, sec_per_step, codec_file
     text = f"""# Composer: ControlNet + adapter (`latentcast train composer`)
 
 DISCOVER sec. 3.4: the control module C of Stable Diffusion, conditioned on the codec's decoded
-latent ẑ_c and its transmit mask (`models/composer.py`: LatentAdapter replaces the ControlNet's
+latent ẑ_c and its transmit mask (`models/composer/adapter.py`: LatentAdapter replaces the ControlNet's
 conditioning embedding). UNet, VAE and text encoder frozen.
 
 - Stable Diffusion: `{cfg.sd}`{" (random tiny test model, saved in `sd/`)" if cfg.sd == "tiny" else ""}

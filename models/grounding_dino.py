@@ -39,6 +39,14 @@ import numpy as np
 
 from latentcast.shared import file_sha256
 
+_INSTALL_HINT = 'pip install -e ".[grounding]"  (PyTorch and transformers are needed on this side)'
+try:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+except ImportError as exc:  # pragma: no cover - depends on the machine
+    raise ImportError(f"Grounding DINO export needs torch ({exc}); {_INSTALL_HINT}") from exc
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -57,16 +65,15 @@ IMAGE_INPUTS = ("pixel_values", "pixel_mask", "text_features", "text_token_mask"
 IMAGE_OUTPUTS = ("logits", "pred_boxes")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_INSTALL_HINT = "pip install 'latentcast[train]' transformers  (PyTorch and transformers are needed on this side)"
 
 
-def _require():
+def _transformers():
+    """``transformers``, imported on first use, or an ImportError that says how to install it."""
     try:
-        import torch
         import transformers
     except ImportError as exc:  # pragma: no cover - depends on the machine
-        raise ImportError(f"Grounding DINO export needs torch and transformers ({exc}); {_INSTALL_HINT}") from exc
-    return torch, transformers
+        raise ImportError(f"Grounding DINO export needs transformers ({exc}); {_INSTALL_HINT}") from exc
+    return transformers
 
 
 def _tokenizer_of(tok_or_processor):
@@ -95,7 +102,7 @@ def load_grounding_dino(model: str | Path, *, local_files_only: bool = True):
     Hub ids resolve from the local cache only unless ``local_files_only=False``. A missing folder is a
     ``FileNotFoundError``, an id that cannot be resolved an ``OSError``; both say how to get the weights.
     """
-    torch, transformers = _require()
+    transformers = _transformers()
     src = str(model)
     hint = (f"download it once on a machine with a network, e.g. `huggingface-cli download {HUB_ID} "
             f"--local-dir ./grounding-dino-tiny` (or `hf download ...`), and pass that folder")
@@ -168,7 +175,7 @@ def write_tiny_vocab(folder: str | Path) -> Path:
 
 
 def _random_model(cfg, seed: int, vocab_dir, name: str):
-    torch, transformers = _require()
+    transformers = _transformers()
     from transformers import BertTokenizerFast
 
     vocab_dir = Path(vocab_dir) if vocab_dir is not None else Path(tempfile.mkdtemp(prefix="gdino_vocab_"))
@@ -192,7 +199,7 @@ def tiny_grounding_dino(seed: int = 0, max_text_len: int = 32, *, num_queries: i
     """A tiny, randomly initialised (``seed``) Grounding DINO and a BERT tokenizer over a small vocabulary
     written to ``vocab_dir`` (a fresh temporary folder by default). Deterministic; no download.
     Returns ``(model, tokenizer)``; the model is in eval mode."""
-    _require()
+    _transformers()
     from transformers import BertConfig, GroundingDinoConfig, SwinConfig
 
     n_vocab = len(_tiny_vocab_words())
@@ -212,7 +219,7 @@ def random_grounding_dino(seed: int = 0, *, vocab_dir: str | Path | None = None)
     BERT-base text encoder, d_model 256, 900 queries, 6 + 6 layers, max_text_len 256) with random
     weights, and the small test tokenizer. For cost measurements (compute does not depend on the
     weights) and full-size export checks where the real weights are absent."""
-    _require()
+    _transformers()
     from transformers import GroundingDinoConfig
 
     return _random_model(GroundingDinoConfig(), seed, vocab_dir, f"random-grounding-dino-swin-t-seed{seed}")
@@ -308,7 +315,6 @@ def encode_labels(model, tokenizer, labels: Sequence[str], *, max_text_len: int 
 
     ``max_text_len`` (default: the model's) bounds each chunk's caption; the arrays are padded to the
     model's ``max_text_len`` so that one exported image graph serves every chunk."""
-    torch, _ = _require()
     from transformers.models.grounding_dino.modeling_grounding_dino import (
         generate_masks_with_special_tokens_and_transfer_map,
     )
@@ -366,7 +372,6 @@ def _inverse_sigmoid(x, eps: float = 1e-5):
 def _encoder_reference_points(spatial_shapes_list, valid_ratios):
     """``GroundingDinoEncoder.get_reference_points`` with ``arange + 0.5`` for ``linspace(0.5, n - 0.5, n)``
     (the same values, exactly)."""
-    torch, _ = _require()
     out = []
     for level, (height, width) in enumerate(spatial_shapes_list):
         ref_y, ref_x = torch.meshgrid(torch.arange(height, dtype=valid_ratios.dtype) + 0.5,
@@ -380,7 +385,6 @@ def _encoder_reference_points(spatial_shapes_list, valid_ratios):
 
 def _encoder_output_proposals(m, enc_output, padding_mask, spatial_shapes_list):
     """``GroundingDinoModel.generate_encoder_output_proposals`` with ``arange`` for ``linspace(0, n - 1, n)``."""
-    torch, _ = _require()
     batch_size = enc_output.shape[0]
     proposals = []
     current = 0
@@ -406,129 +410,118 @@ def _encoder_output_proposals(m, enc_output, padding_mask, spatial_shapes_list):
     return m.enc_output_norm(m.enc_output(object_query)), output_proposals
 
 
-def _image_side_class():
-    torch, _ = _require()
-    import torch.nn.functional as F
-    from torch import nn
+class GroundingImageSide(nn.Module):
+    """The exportable image side of a ``GroundingDinoForObjectDetection``: everything of its ``forward``
+    after the text backbone, for precomputed text tensors (the :data:`IMAGE_INPUTS`); returns the
+    last decoder layer's ``logits`` and ``pred_boxes``. Mirrors ``GroundingDinoModel.forward`` of
+    transformers 5.x step for step. Built in eval mode (the detector too)."""
 
-    class _GroundingImageSide(nn.Module):
-        """Everything of ``GroundingDinoForObjectDetection.forward`` after the text backbone, for
-        precomputed text tensors; returns the last decoder layer's ``logits`` and ``pred_boxes``.
-        Mirrors ``GroundingDinoModel.forward`` of transformers 5.x step for step."""
+    def __init__(self, detector) -> None:
+        super().__init__()
+        self.det = detector
+        self.eval()
 
-        def __init__(self, detector):
-            super().__init__()
-            self.det = detector
+    def forward(self, pixel_values, pixel_mask, text_features, text_token_mask, text_self_attention_mask,
+                position_ids):
+        det = self.det
+        m = det.model
+        cfg = m.config
+        text_token_mask = text_token_mask.to(torch.bool)
+        text_self_attention_mask = text_self_attention_mask.to(torch.bool)
+        batch_size = pixel_values.shape[0]
 
-        def forward(self, pixel_values, pixel_mask, text_features, text_token_mask, text_self_attention_mask,
-                    position_ids):
-            det = self.det
-            m = det.model
-            cfg = m.config
-            text_token_mask = text_token_mask.to(torch.bool)
-            text_self_attention_mask = text_self_attention_mask.to(torch.bool)
-            batch_size = pixel_values.shape[0]
-
-            vision_features, position_embeddings_list = m.backbone(pixel_values, pixel_mask)
-            feature_maps, masks = [], []
-            for level, (source, mask) in enumerate(vision_features):
-                feature_maps.append(m.input_proj_vision[level](source))
-                masks.append(mask)
-            if cfg.num_feature_levels > len(feature_maps):
-                n_src = len(feature_maps)
-                for level in range(n_src, cfg.num_feature_levels):
-                    if level == n_src:
-                        source = m.input_proj_vision[level](vision_features[-1][0])
-                    else:
-                        source = m.input_proj_vision[level](feature_maps[-1])
-                    mask = F.interpolate(pixel_mask[None].float(), size=source.shape[-2:]).to(torch.bool)[0]
-                    pos_l = m.backbone.position_embedding(source, mask).to(source.dtype)
-                    feature_maps.append(source)
-                    masks.append(mask)
-                    position_embeddings_list.append(pos_l)
-
-            query_embeds = None
-            if cfg.embedding_init_target or cfg.two_stage:
-                query_embeds = getattr(m, "query_position_embeddings", None)
-                query_embeds = query_embeds.weight if query_embeds is not None else None
-
-            source_flatten, mask_flatten, lvl_pos_embed_flatten, spatial_shapes_list = [], [], [], []
-            for level, (source, mask, pos_embed) in enumerate(zip(feature_maps, masks, position_embeddings_list)):
-                _, _, height, width = source.shape
-                spatial_shapes_list.append((height, width))
-                source_flatten.append(source.flatten(2).transpose(1, 2))
-                mask_flatten.append(mask.flatten(1))
-                lvl_pos_embed_flatten.append(pos_embed.flatten(2).transpose(1, 2) + m.level_embed[level].view(1, 1, -1))
-            source_flatten = torch.cat(source_flatten, 1)
-            mask_flatten = torch.cat(mask_flatten, 1)
-            lvl_pos_embed_flatten = torch.cat(lvl_pos_embed_flatten, 1)
-            spatial_shapes = torch.as_tensor(spatial_shapes_list, dtype=torch.long, device=source_flatten.device)
-            level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
-            valid_ratios = torch.stack([m.get_valid_ratio(mk, dtype=source_flatten.dtype) for mk in masks], 1)
-
-            # the encoder loop of GroundingDinoEncoder.forward, with reference points built from arange
-            # (its torch.linspace exports as float64 constants, which ONNX Runtime's GridSample rejects)
-            reference_points = _encoder_reference_points(spatial_shapes_list, valid_ratios)
-            enc_vision, enc_text = source_flatten, text_features
-            for layer in m.encoder.layers:
-                (enc_vision, enc_text), _ = layer(
-                    vision_features=enc_vision, vision_position_embedding=lvl_pos_embed_flatten,
-                    spatial_shapes=spatial_shapes, spatial_shapes_list=spatial_shapes_list,
-                    level_start_index=level_start_index, key_padding_mask=~mask_flatten,
-                    reference_points=reference_points, text_features=enc_text, text_attention_mask=~text_token_mask,
-                    text_position_embedding=None, text_self_attention_masks=~text_self_attention_mask,
-                    text_position_ids=position_ids)
-
-            if cfg.two_stage:
-                object_query_embedding, output_proposals = _encoder_output_proposals(
-                    m, enc_vision, ~mask_flatten, spatial_shapes_list)
-                enc_outputs_class = m.encoder_output_class_embed(object_query_embedding, enc_text, text_token_mask)
-                enc_outputs_coord_logits = m.encoder_output_bbox_embed(object_query_embedding) + output_proposals
-                topk_logits = enc_outputs_class.max(-1)[0]
-                topk_proposals = torch.topk(topk_logits, cfg.num_queries, dim=1)[1]
-                topk_coords_logits = torch.gather(enc_outputs_coord_logits, 1,
-                                                  topk_proposals.unsqueeze(-1).repeat(1, 1, 4))
-                reference_points = topk_coords_logits.sigmoid()
-                init_reference_points = reference_points
-                if query_embeds is not None:
-                    target = query_embeds.unsqueeze(0).repeat(batch_size, 1, 1)
+        vision_features, position_embeddings_list = m.backbone(pixel_values, pixel_mask)
+        feature_maps, masks = [], []
+        for level, (source, mask) in enumerate(vision_features):
+            feature_maps.append(m.input_proj_vision[level](source))
+            masks.append(mask)
+        if cfg.num_feature_levels > len(feature_maps):
+            n_src = len(feature_maps)
+            for level in range(n_src, cfg.num_feature_levels):
+                if level == n_src:
+                    source = m.input_proj_vision[level](vision_features[-1][0])
                 else:
-                    target = torch.gather(object_query_embedding, 1,
-                                          topk_proposals.unsqueeze(-1).repeat(1, 1, cfg.d_model))
-            else:
-                target = query_embeds.unsqueeze(0).repeat(batch_size, 1, 1)
-                reference_points = m.reference_points.weight.unsqueeze(0).repeat(batch_size, 1, 1).sigmoid()
-                init_reference_points = reference_points
+                    source = m.input_proj_vision[level](feature_maps[-1])
+                mask = F.interpolate(pixel_mask[None].float(), size=source.shape[-2:]).to(torch.bool)[0]
+                pos_l = m.backbone.position_embedding(source, mask).to(source.dtype)
+                feature_maps.append(source)
+                masks.append(mask)
+                position_embeddings_list.append(pos_l)
 
-            dec = m.decoder(
-                inputs_embeds=target, vision_encoder_hidden_states=enc_vision,
-                vision_encoder_attention_mask=mask_flatten, text_encoder_hidden_states=enc_text,
-                text_encoder_attention_mask=~text_token_mask, reference_points=reference_points,
+        query_embeds = None
+        if cfg.embedding_init_target or cfg.two_stage:
+            query_embeds = getattr(m, "query_position_embeddings", None)
+            query_embeds = query_embeds.weight if query_embeds is not None else None
+
+        source_flatten, mask_flatten, lvl_pos_embed_flatten, spatial_shapes_list = [], [], [], []
+        for level, (source, mask, pos_embed) in enumerate(zip(feature_maps, masks, position_embeddings_list)):
+            _, _, height, width = source.shape
+            spatial_shapes_list.append((height, width))
+            source_flatten.append(source.flatten(2).transpose(1, 2))
+            mask_flatten.append(mask.flatten(1))
+            lvl_pos_embed_flatten.append(pos_embed.flatten(2).transpose(1, 2) + m.level_embed[level].view(1, 1, -1))
+        source_flatten = torch.cat(source_flatten, 1)
+        mask_flatten = torch.cat(mask_flatten, 1)
+        lvl_pos_embed_flatten = torch.cat(lvl_pos_embed_flatten, 1)
+        spatial_shapes = torch.as_tensor(spatial_shapes_list, dtype=torch.long, device=source_flatten.device)
+        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
+        valid_ratios = torch.stack([m.get_valid_ratio(mk, dtype=source_flatten.dtype) for mk in masks], 1)
+
+        # the encoder loop of GroundingDinoEncoder.forward, with reference points built from arange
+        # (its torch.linspace exports as float64 constants, which ONNX Runtime's GridSample rejects)
+        reference_points = _encoder_reference_points(spatial_shapes_list, valid_ratios)
+        enc_vision, enc_text = source_flatten, text_features
+        for layer in m.encoder.layers:
+            (enc_vision, enc_text), _ = layer(
+                vision_features=enc_vision, vision_position_embedding=lvl_pos_embed_flatten,
                 spatial_shapes=spatial_shapes, spatial_shapes_list=spatial_shapes_list,
-                level_start_index=level_start_index, valid_ratios=valid_ratios, self_attn_mask=None,
-                output_attentions=False, output_hidden_states=False, return_dict=True)
+                level_start_index=level_start_index, key_padding_mask=~mask_flatten,
+                reference_points=reference_points, text_features=enc_text, text_attention_mask=~text_token_mask,
+                text_position_embedding=None, text_self_attention_masks=~text_self_attention_mask,
+                text_position_ids=position_ids)
 
-            # the detection head of the last decoder layer only (what logits / pred_boxes are)
-            n_levels = dec.intermediate_hidden_states.shape[1]
-            hidden = dec.intermediate_hidden_states[:, n_levels - 1]
-            reference = init_reference_points if n_levels == 1 else dec.intermediate_reference_points[:, n_levels - 2]
-            reference = _inverse_sigmoid(reference, 1e-5)
-            logits = det.class_embed[n_levels - 1](vision_hidden_state=hidden, text_hidden_state=enc_text,
-                                                   text_token_mask=text_token_mask)
-            delta = det.bbox_embed[n_levels - 1](hidden)
-            if reference.shape[-1] == 4:
-                coord_logits = delta + reference
+        if cfg.two_stage:
+            object_query_embedding, output_proposals = _encoder_output_proposals(
+                m, enc_vision, ~mask_flatten, spatial_shapes_list)
+            enc_outputs_class = m.encoder_output_class_embed(object_query_embedding, enc_text, text_token_mask)
+            enc_outputs_coord_logits = m.encoder_output_bbox_embed(object_query_embedding) + output_proposals
+            topk_logits = enc_outputs_class.max(-1)[0]
+            topk_proposals = torch.topk(topk_logits, cfg.num_queries, dim=1)[1]
+            topk_coords_logits = torch.gather(enc_outputs_coord_logits, 1,
+                                              topk_proposals.unsqueeze(-1).repeat(1, 1, 4))
+            reference_points = topk_coords_logits.sigmoid()
+            init_reference_points = reference_points
+            if query_embeds is not None:
+                target = query_embeds.unsqueeze(0).repeat(batch_size, 1, 1)
             else:
-                coord_logits = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
-            return logits, coord_logits.sigmoid()
+                target = torch.gather(object_query_embedding, 1,
+                                      topk_proposals.unsqueeze(-1).repeat(1, 1, cfg.d_model))
+        else:
+            target = query_embeds.unsqueeze(0).repeat(batch_size, 1, 1)
+            reference_points = m.reference_points.weight.unsqueeze(0).repeat(batch_size, 1, 1).sigmoid()
+            init_reference_points = reference_points
 
-    return _GroundingImageSide
+        dec = m.decoder(
+            inputs_embeds=target, vision_encoder_hidden_states=enc_vision,
+            vision_encoder_attention_mask=mask_flatten, text_encoder_hidden_states=enc_text,
+            text_encoder_attention_mask=~text_token_mask, reference_points=reference_points,
+            spatial_shapes=spatial_shapes, spatial_shapes_list=spatial_shapes_list,
+            level_start_index=level_start_index, valid_ratios=valid_ratios, self_attn_mask=None,
+            output_attentions=False, output_hidden_states=False, return_dict=True)
 
-
-def GroundingImageSide(detector):
-    """The exportable image side of a ``GroundingDinoForObjectDetection`` (an ``nn.Module`` whose
-    forward takes the :data:`IMAGE_INPUTS` and returns ``(logits, pred_boxes)``)."""
-    return _image_side_class()(detector).eval()
+        # the detection head of the last decoder layer only (what logits / pred_boxes are)
+        n_levels = dec.intermediate_hidden_states.shape[1]
+        hidden = dec.intermediate_hidden_states[:, n_levels - 1]
+        reference = init_reference_points if n_levels == 1 else dec.intermediate_reference_points[:, n_levels - 2]
+        reference = _inverse_sigmoid(reference, 1e-5)
+        logits = det.class_embed[n_levels - 1](vision_hidden_state=hidden, text_hidden_state=enc_text,
+                                               text_token_mask=text_token_mask)
+        delta = det.bbox_embed[n_levels - 1](hidden)
+        if reference.shape[-1] == 4:
+            coord_logits = delta + reference
+        else:
+            coord_logits = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
+        return logits, coord_logits.sigmoid()
 
 
 def _check_pure_pytorch_attention(model) -> None:
@@ -548,7 +541,6 @@ def _check_pure_pytorch_attention(model) -> None:
 
 def model_fingerprint(model) -> str:
     """sha256 over the model's config and state dict: ties text.npz to the image graph it feeds."""
-    torch, _ = _require()
     h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
@@ -560,7 +552,6 @@ def model_fingerprint(model) -> str:
 
 def _export_image_graph(model, chunk: TextChunk, path: Path, image_size: tuple[int, int], opset: int,
                         fingerprint: str, name: str) -> None:
-    torch, _ = _require()
     import onnx
 
     _check_pure_pytorch_attention(model)
@@ -659,7 +650,7 @@ def export_grounding(model, tokenizer, labels: Sequence[str], out_dir: str | Pat
     """Export a grounding bundle for the edge: ``image.onnx`` (fixed ``image_size`` = (H, W), text padded
     to the model's max_text_len), ``text.npz`` (the label list's text side, one row per chunk) and
     ``manifest.json``. ``tokenizer`` may be the processor. Returns the bundle folder."""
-    _require()
+    _transformers()
     h, w = (int(v) for v in image_size)
     if h < 32 or w < 32:
         raise ValueError(f"image_size {image_size!r} too small (at least 32x32)")
