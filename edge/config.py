@@ -171,6 +171,7 @@ class TemporalConfig:
     refresh_s: float = 60.0  # a keyframe at least this often (0: only at start, scene change and request)
     scene_change: float = 0.4  # a keyframe when this fraction of all cells changed by bg_threshold symbols (a cut)
     target_kbps: float = 0.0  # rate control target (0: off): picks rate point, threshold, keyframe cost and period
+    change_threshold: float = 4.0  # P frames: g_a only on 16x16 cells that changed by more (mean grey levels; 0: all)
     tables: str = ""  # P-frame entropy tables; "" = models/weights/<codec>-temporal.safetensors next to the bundle
 
     def __post_init__(self) -> None:
@@ -183,7 +184,7 @@ class TemporalConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"temporal.{name} {v!r} must be an integer >= 1")
         for name, lo, hi in (("refresh_s", 0.0, float("inf")), ("scene_change", 0.0, 1.0), ("deadzone", 0.0, 0.5),
-                             ("target_kbps", 0.0, float("inf"))):
+                             ("target_kbps", 0.0, float("inf")), ("change_threshold", 0.0, 255.0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
                 raise ValueError(f"temporal.{name} {v!r} out of range [{lo}, {hi}]")

@@ -64,13 +64,16 @@ class EdgeEncoder(FrameCompressor):
         self.n_rates = int(self.manifest["n_rates"])
         self.M = int(self.manifest["M"])
         self.rate_deltas = [float(d) for d in self.manifest["rate_delta"]]
+        halo = self.manifest.get("analysis_halo")  # bundles exported before it say nothing
+        self.analysis_halo: int | None = None if halo is None else int(halo)
         self._enc = LatentEncoder(groups=self.manifest["groups"], y_tables=y_tables, z_tables=z_tables,
                                   codec_id=int(self.manifest["codec_id"]), weights_hash=self.weights_hash,
                                   latent_space_id=int(self.manifest["latent_space_id"]))
 
-    def analyze(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """g_a, h_a: y (M,h,w) and z (Nz,hz,wz), float32."""
-        x = pad_frame(frame).astype(np.float32).transpose(2, 0, 1)[None] / np.float32(255.0)
+    def analyze(self, frame: np.ndarray, *, pad_to: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """g_a, h_a: y (M,h,w) and z (Nz,hz,wz), float32. ``pad_to``: the frame is padded (edge replicate)
+        to a multiple of this; 16 for a crop of a padded frame whose y is all that is wanted."""
+        x = pad_frame(frame, pad_to).astype(np.float32).transpose(2, 0, 1)[None] / np.float32(255.0)
         y, z = self._ana.run(None, {"image": np.ascontiguousarray(x)})
         return y[0], z[0]
 

@@ -2,7 +2,8 @@
 
 ::
 
-    frame, ROIs ─► analyze (g_a) ─► y ─┬─ keyframe due? (start, every refresh_s, scene change, refresh asked)
+    frame, ROIs ─► analyze (g_a; P frames: only the cells that changed, edge/change.py) ─► y
+                                       ┬─ keyframe due? (start, every refresh_s, scene change, refresh asked)
                                        │     yes ─► compress_key: full intra packet + T{KEY} ─► state = ŷ
                                        └─ no ─► proto.temporal.choose_modes(state, y, ROI cells)
                                                 ─► encode_p ─► packet T{P, ref = last frame, key} + Y
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from latentcast.edge.change import ChangeAnalyzer
 from latentcast.edge.config import TemporalConfig
 from latentcast.edge.rate_control import TEMPORAL_LEVELS, RateController
 from latentcast.proto.bitstream import Roi
@@ -80,6 +82,13 @@ class TemporalEncoder:
         self._since_key = 0
         self._refresh: str | None = "start"
         self.counts = {"key": 0, "p": 0, "scene_change": 0, "refresh_requested": 0, "periodic": 0}
+        halo = getattr(compressor, "analysis_halo", None)
+        self.change: ChangeAnalyzer | None = None
+        if config.change_threshold > 0 and halo is not None:
+            self.change = ChangeAnalyzer(compressor.analyze, halo=int(halo), threshold=config.change_threshold)
+        elif config.change_threshold > 0:
+            log.info("temporal: the edge bundle does not say its analysis_halo (re-export it with `latentcast "
+                     "export edge`): g_a runs on the whole frame every frame")
 
     def request_refresh(self, reason: str = "requested") -> None:
         """The next packet is a keyframe (the cloud lost a reference, a new subscriber, ...)."""
@@ -107,17 +116,24 @@ class TemporalEncoder:
 
     def encode(self, frame: np.ndarray, rois: Sequence[Roi] = (), *, label_set_hash: bytes = b"\0\0\0\0",
                analysis: tuple[np.ndarray, np.ndarray] | None = None) -> bytes:
-        """Code the next frame of the stream. ``analysis``: its (y, z) if already computed."""
+        """Code the next frame of the stream. ``analysis``: its whole-frame (y, z) if already computed."""
         c = self.config
         h, w = frame.shape[:2]
-        y, z = analysis if analysis is not None else self.compressor.analyze(frame)
         fid = self.frame_id
         self.frame_id = (self.frame_id + 1) % (MAX_FRAME_ID + 1)
         rate_point, threshold, key_rate_point, refresh_mult = self._level()
         if self._refresh is None and c.refresh_s > 0 and self._since_key >= c.refresh_s * refresh_mult * self.fps:
             self._refresh = "periodic"
+        if analysis is not None:
+            y, z = analysis
+        elif self.change is not None:
+            y, z, _ = self.change.analyze(frame, full=self._refresh is not None)
+        else:
+            y, z = self.compressor.analyze(frame)
         if self._refresh is None and c.scene_change < 1.0 and self.changed_fraction(y) > c.scene_change:
             self._refresh = "scene_change"
+            if analysis is None and self.change is not None and not self.change.last_whole:
+                y, z, _ = self.change.analyze(frame, full=True)  # a keyframe sends the whole frame's y and z
         if self._refresh is not None:
             reason, self._refresh = self._refresh, None
             key = "refresh_requested" if reason == "requested" else reason

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from .quant import QConv, QSequential, quantize_input, round_ste
 
-__all__ = ["ElicConfig", "CONFIGS", "ElicCodec", "MEAN_RES", "Y_IN_RES"]
+__all__ = ["ElicConfig", "CONFIGS", "ElicCodec", "MEAN_RES", "Y_IN_RES", "analysis_halo"]
 
 MEAN_RES = 64  # means are integers in units of 1/64
 Y_IN_RES = 4  # context networks see ŷ in steps of 1/4 (clipped to ±32)
@@ -150,6 +150,19 @@ def analysis_transform(cfg: ElicConfig) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def analysis_halo(cfg: ElicConfig, stride: int = 16) -> int:
+    """Cells of y around a crop that g_a needs to compute the crop's inner cells exactly as in the whole
+    frame: its receptive field's reach in pixels (sum over the convolutions of (k - 1) / 2 times the
+    stride so far), in cells of ``stride`` pixels, rounded up. Parallel branches (attention) are summed,
+    so the bound is safe. The edge computes y on the cells that changed with it (``edge/change.py``)."""
+    reach, jump = 0, 1
+    for m in analysis_transform(cfg).modules():
+        if isinstance(m, nn.Conv2d):
+            reach += (m.kernel_size[0] - 1) // 2 * m.dilation[0] * jump
+            jump *= m.stride[0]
+    return -(-reach // stride)
+
+
 def hyper_analysis(cfg: ElicConfig) -> nn.Sequential:
     """h_a: y (1/16) -> z (1/64)."""
     return nn.Sequential(_conv(cfg.M, cfg.N, 3), nn.ReLU(inplace=True), _conv(cfg.N, cfg.N, 5, 2),
@@ -227,8 +240,16 @@ class SynthesisToLatent(nn.Module):
         self.out = _conv(w, cfg.latent_channels, 3)
 
     def forward(self, y_hat: torch.Tensor, mask: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
-        gz = self.global_net(z_hat)
-        h = self.head(torch.cat([y_hat, mask.to(y_hat.dtype), gz], dim=1))
+        return self.from_global(y_hat, mask, self.global_features(z_hat))
+
+    def global_features(self, z_hat: torch.Tensor) -> torch.Tensor:
+        """M(ẑ): the global information on the y grid (1/16). A temporal stream's ẑ is its keyframe's, so
+        the cloud computes this once per keyframe and crops it with ŷ (``models/temporal.py``)."""
+        return self.global_net(z_hat)
+
+    def from_global(self, y_hat: torch.Tensor, mask: torch.Tensor, gz: torch.Tensor) -> torch.Tensor:
+        """The rest of g_s, on any crop of the y grid: ŷ, the mask and M(ẑ) -> the target latent."""
+        h = self.head(torch.cat([y_hat, mask.to(y_hat.dtype), gz.to(y_hat.dtype)], dim=1))
         h = self.trunk(F.leaky_relu(h, 0.1))
         return self.out(self.up(h))
 

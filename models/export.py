@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .codec import LatentCodec
-from .elic import MEAN_RES, Y_IN_RES
+from .elic import MEAN_RES, Y_IN_RES, analysis_halo
 from .quant import ACT_MAX, QConv, QSequential
 
 log = logging.getLogger(__name__)
@@ -247,6 +247,7 @@ def export_edge_bundle(codec: LatentCodec, out_dir: Path | str) -> Path:
         "groups": list(cfg.groups), "M": cfg.M, "Nz": cfg.Nz, "n_rates": codec.n_rates,
         "rate_delta": [float(v) for v in codec.model.rate_delta],
         "rate_zdelta": [float(v) for v in codec.model.rate_zdelta], "files": files,
+        "analysis_halo": analysis_halo(cfg),  # cells around a crop for exact g_a on its inside (edge/change.py)
     }
     mpath = out / "manifest.json"
     mpath.write_text(json.dumps(manifest, indent=2))

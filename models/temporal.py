@@ -8,7 +8,17 @@
                                        no  ─► MissingReference (nothing rendered; the cloud asks the edge
                                               for a keyframe over the back channel)
                                        yes ─► proto.temporal.decode_p ─► CRC ─► state.apply
-                         ─► g_s(ŷ_state, all cells, ẑ_key) ─► ẑ_c ─► latent decoder ─► frame
+                         ─► render: g_s(ŷ_state, all cells, ẑ_key) ─► ẑ_c ─► latent decoder ─► frame
+
+Rendering costs what changed (``tiled``, the default). M(ẑ), g_s's global features, is computed once
+per keyframe; the last rendered latent is kept, and a frame re-runs g_s only on the cells that changed
+since then (every cell whose mode was not KEEP), grown by ``grow`` cells, each rectangle cut out with
+``halo`` cells around it (``proto.regions``), and pastes them in. The pasted cells are the whole-frame
+g_s up to the halo's cut (g_s's receptive field is about ±10 cells, but the influence of a cell falls
+to under one grey level beyond 3 cells); cells outside the pasted ones keep the values of their last
+render. The difference to rendering every frame whole is measured by ``latentcast bench temporal``
+and bounded by a whole render at every keyframe and whenever the changed cells' crops would cover
+most of the frame.
 
 The P-frame tables it decodes with are fitted by ``latentcast train temporal``
 (``tools/fit_temporal_tables.py``) and shipped beside the codec
@@ -18,21 +28,39 @@ The P-frame tables it decodes with are fitted by ``latentcast train temporal``
 from __future__ import annotations
 
 import logging
+import threading
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from latentcast.proto.bitstream import Packet, SectionKind
-from latentcast.proto.temporal import BGCODE, CODE, TemporalError, TemporalInfo, TemporalState, TemporalTables, decode_p
+from latentcast.proto.regions import change_regions
+from latentcast.proto.temporal import (
+    BGCODE,
+    CODE,
+    KEEP,
+    TemporalError,
+    TemporalInfo,
+    TemporalState,
+    TemporalTables,
+    decode_p,
+)
 from latentcast.weights import weights_path
 
 from .codec import CodecError, LatentCodec, Reconstruction
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MissingReference", "TemporalDecoder", "default_tables_path", "is_temporal"]
+__all__ = ["MissingReference", "TemporalDecoder", "default_tables_path", "is_temporal", "SYNTHESIS_HALO",
+           "SYNTHESIS_GROW"]
+
+SYNTHESIS_HALO = 3  # cells of ŷ around a re-rendered rectangle that g_s sees (beyond 3 a cell moves < 1 grey level)
+SYNTHESIS_GROW = 1  # cells around every changed cell that are re-rendered too
+_HISTORY = 64  # frames of changed-cell masks kept for renders that lag behind decoding
 
 
 class MissingReference(TemporalError):
@@ -49,18 +77,43 @@ def is_temporal(packet: Packet) -> bool:
     return SectionKind.T in packet.sections
 
 
-class TemporalDecoder:
-    """One stream's decoder: keyframes and P frames in order; refuses what it cannot reconstruct exactly."""
+@dataclass
+class _Rendered:
+    """The last whole-grid latent a stream rendered, and which decoded frame it shows."""
 
-    def __init__(self, *, codec: LatentCodec, tables: TemporalTables):
+    frame_no: int
+    key_no: int
+    latent: torch.Tensor  # (1, C, rows * 16 / f, cols * 16 / f): the padded grid, not cropped to the frame
+
+
+class TemporalDecoder:
+    """One stream's decoder: keyframes and P frames in order; refuses what it cannot reconstruct exactly.
+
+    ``tiled``: render only what changed since the last render (see the module docstring); False renders
+    every frame whole. ``halo``, ``grow``: the rectangles' margins in cells; ``max_fraction``: above this
+    share of the grid, a render is whole.
+    """
+
+    def __init__(self, *, codec: LatentCodec, tables: TemporalTables, tiled: bool = True,
+                 halo: int = SYNTHESIS_HALO, grow: int = SYNTHESIS_GROW, max_fraction: float = 0.6):
         if tables.M != codec.M:
             raise ValueError(f"temporal tables are for M={tables.M} channels, the codec has {codec.M}")
+        if halo < 0 or grow < 0 or not 0.0 < max_fraction <= 1.0:
+            raise ValueError(f"halo {halo} and grow {grow} must be >= 0 and max_fraction {max_fraction} in (0, 1]")
         self.codec, self.tables = codec, tables
+        self.tiled, self.halo, self.grow, self.max_fraction = bool(tiled), int(halo), int(grow), float(max_fraction)
         self.state: TemporalState | None = None
         self._z: torch.Tensor | None = None
+        self._gz: torch.Tensor | None = None  # M(ẑ) of the keyframe, on the y grid
         self._size: tuple[int, int] | None = None
         self.last_coded: np.ndarray | None = None  # (h, w) cells coded in the last packet
-        self.counts = {"key": 0, "p": 0, "missing_reference": 0}
+        self.counts = {"key": 0, "p": 0, "missing_reference": 0, "render_whole": 0, "render_tiled": 0,
+                       "render_cells": 0}
+        self._frame_no = 0  # packets decoded into the state (this decoder's own count)
+        self._key_no = 0  # the _frame_no of the held keyframe
+        self._changed: deque[tuple[int, np.ndarray]] = deque(maxlen=_HISTORY)  # (frame_no, cells whose ŷ changed)
+        self._rendered: _Rendered | None = None
+        self._render_lock = threading.Lock()
 
     def decode_state(self, packet: Packet | bytes) -> tuple[TemporalInfo, np.ndarray]:
         """Advance the stream's state by one packet; returns its T info and the cells coded in it."""
@@ -70,7 +123,12 @@ class TemporalDecoder:
         if info.is_key:
             y_hat, z_t, tx = self.codec.decode_y(packet)
             self.state = TemporalState.from_key(y_hat[0].numpy(), info.frame_id)
-            self._z, self._size = z_t, (hd.width, hd.height)
+            with torch.no_grad():
+                gz = self.codec.model.g_s.global_features(z_t.float())
+            self._z, self._gz, self._size = z_t, gz, (hd.width, hd.height)
+            self._frame_no += 1
+            self._key_no = self._frame_no
+            self._changed.clear()
             self.counts["key"] += 1
             return info, tx
         self.codec.check_packet(packet, sections=(SectionKind.Y,))
@@ -97,6 +155,8 @@ class TemporalDecoder:
         self.state.apply(modes, sym, step=steps[hd.rate_point], bg_step=steps[info.bg_rate_point],
                          frame_id=info.frame_id)
         self.counts["p"] += 1
+        self._frame_no += 1
+        self._changed.append((self._frame_no, modes != KEEP))
         return info, (modes == CODE) | (modes == BGCODE)
 
     def decompress(self, data: bytes | Packet, *, decode_frame: bool = True) -> Reconstruction:
@@ -106,17 +166,61 @@ class TemporalDecoder:
     def prepare(self, data: bytes | Packet) -> Callable[[bool], Reconstruction]:
         """Decode the next packet into the state now (packets must come in order); returns
         ``render(decode_frame) -> Reconstruction`` of this frame, from a copy of the state, to run
-        later and elsewhere (the cloud's worker threads). ``Reconstruction.mask`` is all cells: every
+        later and elsewhere (the cloud's worker threads; renders of one stream take turns, and one that
+        comes after a later frame's is rendered whole). ``Reconstruction.mask`` is all cells: every
         cell of the state was transmitted at some point (:attr:`last_coded`: the cells of this packet)."""
         packet = data if isinstance(data, Packet) else Packet.from_bytes(data)
         _, self.last_coded = self.decode_state(packet)
         every = np.ones(self.last_coded.shape, dtype=bool)
-        y, z, (w, h), codec = self.state.y.copy(), self._z, self._size, self.codec
+        y, (w, h), codec = self.state.y.copy(), self._size, self.codec
+        frame_no, key_no, gz = self._frame_no, self._key_no, self._gz
 
         @torch.no_grad()
         def render(decode_frame: bool = True) -> Reconstruction:
-            latent = codec.synthesize(torch.from_numpy(y)[None], every, z, width=w, height=h)
+            f = codec.cfg.latent_factor
+            latent = self._render(frame_no, key_no, y, gz)[:, :, : -(-h // f), : -(-w // f)]
             frame = codec.latent_to_frame(latent, w, h) if decode_frame else None
             return Reconstruction(latent=latent[0].numpy(), frame=frame, packet=packet, mask=every)
 
         return render
+
+    def _changed_since(self, frame_no: int, upto: int) -> np.ndarray | None:
+        """Cells whose ŷ changed in frames (frame_no, upto], or None when the history no longer reaches back."""
+        masks = [m for n, m in self._changed if frame_no < n <= upto]
+        if len(masks) != upto - frame_no:
+            return None
+        out = np.zeros(self.state.y.shape[1:], dtype=bool)
+        for m in masks:
+            out |= m
+        return out
+
+    def _render(self, frame_no: int, key_no: int, y: np.ndarray, gz: torch.Tensor) -> torch.Tensor:
+        """g_s of the state ``y`` of decoded frame ``frame_no`` (keyframe ``key_no``): the padded grid's latent."""
+        g_s = self.codec.model.g_s
+        y_t = torch.from_numpy(y)[None].float()
+        with self._render_lock:
+            last = self._rendered
+            regions = None
+            if self.tiled and last is not None and last.key_no == key_no and last.frame_no <= frame_no:
+                changed = self._changed_since(last.frame_no, frame_no)
+                if changed is not None:
+                    regions = change_regions(changed, halo=self.halo, grow=self.grow, max_fraction=self.max_fraction)
+            if regions is None:
+                latent = g_s.from_global(y_t, torch.ones(1, 1, *y.shape[1:]), gz)
+                self.counts["render_whole"] += 1
+            else:
+                f = 16 // self.codec.cfg.latent_factor
+                latent = last.latent.clone()
+                for reg in regions:
+                    R0, R1, C0, C1 = reg.crop
+                    r0, r1, c0, c1 = reg.inner
+                    dr, dc = reg.offset
+                    out = g_s.from_global(y_t[:, :, R0:R1, C0:C1], torch.ones(1, 1, R1 - R0, C1 - C0),
+                                          gz[:, :, R0:R1, C0:C1])
+                    latent[:, :, r0 * f: r1 * f, c0 * f: c1 * f] = out[:, :, dr * f: (dr + r1 - r0) * f,
+                                                                         dc * f: (dc + c1 - c0) * f]
+                    self.counts["render_cells"] += reg.crop_cells
+                self.counts["render_tiled"] += 1
+            if last is None or last.key_no != key_no or last.frame_no < frame_no:
+                self._rendered = _Rendered(frame_no=frame_no, key_no=key_no, latent=latent)
+        return latent

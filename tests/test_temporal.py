@@ -347,3 +347,57 @@ def test_edge_ignores_a_refresh_request_older_than_its_last_keyframe():
     assert app.temporal.asked == 0 and app.refresh_ignored == 1
     app._on_refresh(pb.RefreshRequest(seq=12, reason="lost"))
     assert app.temporal.asked == 1 and app.refresh_requests == 2
+
+
+# ----------------------------------------------------------------------------- rendering what changed
+
+
+def _big_frame(t: int) -> tuple[np.ndarray, list[Roi]]:
+    """256 x 256 (a 16 x 16 cell grid): a textured background and a square moving 6 px per frame."""
+    r = np.random.default_rng(3)
+    f = np.kron(r.integers(40, 200, size=(16, 16, 3)), np.ones((16, 16, 1))).astype(np.uint8)
+    x = 30 + 6 * t
+    f[96:128, x:x + 32] = (250, 240, 20)
+    return f, [Roi(x0=x, y0=96, x1=x + 32, y1=128, label_id=0, score=0.9)]
+
+
+def test_tiled_render_is_the_whole_render_within_a_band(edge_encoder, tiny_codec):
+    from latentcast.models.temporal import TemporalDecoder
+    from latentcast.tools.eval.metrics import psnr
+
+    enc, tiled = _pair(edge_encoder, tiny_codec, rate_point=3, bg_rate_point=3, bg_threshold=1, scene_change=1.0)
+    whole = TemporalDecoder(codec=tiny_codec, tables=tiled.tables, tiled=False)
+    for t in range(8):
+        data = enc.encode(*_big_frame(t))
+        a, b = whole.decompress(data), tiled.decompress(data)
+        np.testing.assert_array_equal(whole.state.y, tiled.state.y)  # the state is exact either way
+        assert psnr(a.frame, b.frame) >= 40.0, t
+        assert np.abs(a.latent - b.latent).max() < 0.05
+    n = tiled.counts["render_tiled"]
+    assert tiled.counts["render_whole"] + n == 8 and n >= 5  # the keyframe (and a frame with much change) whole
+    assert 0 < tiled.counts["render_cells"] < n * 256 * 0.6
+    assert whole.counts["render_tiled"] == 0
+
+
+def test_renders_out_of_order_or_skipped_stay_correct(edge_encoder, tiny_codec):
+    from latentcast.models.temporal import TemporalDecoder
+    from latentcast.tools.eval.metrics import psnr
+
+    enc, tiled = _pair(edge_encoder, tiny_codec, rate_point=3, bg_rate_point=3, bg_threshold=1, scene_change=1.0)
+    whole = TemporalDecoder(codec=tiny_codec, tables=tiled.tables, tiled=False)
+    packets = [enc.encode(*_big_frame(t)) for t in range(6)]
+    tiled.decompress(packets[0])
+    whole.decompress(packets[0])
+    renders = [tiled.prepare(p) for p in packets[1:]]
+    wanted = [whole.decompress(p) for p in packets[1:]]
+    # frame 3 first (frames 1 and 2 never rendered: their changes are rendered with it), then frame 1 (behind:
+    # whole, and it does not replace the newer latent), then frame 5
+    out3 = renders[2](True)
+    assert psnr(out3.frame, wanted[2].frame) >= 40.0
+    before = tiled.counts["render_whole"]
+    out1 = renders[0](True)
+    assert tiled.counts["render_whole"] == before + 1
+    np.testing.assert_allclose(out1.latent, wanted[0].latent, atol=1e-5)
+    out5 = renders[4](True)
+    assert psnr(out5.frame, wanted[4].frame) >= 40.0
+    assert tiled.counts["render_tiled"] >= 1, tiled.counts  # frame 5 at least renders only what changed since 3
