@@ -80,7 +80,7 @@ class ComposeStage:
                     for d in decoded]
         per_frame_ms = (time.monotonic() - t0) * 1000.0 / len(todo)
         for d, f, r in zip(todo, frames, requests):
-            d.frame, d.decode_ms, d.request = f, d.decode_ms + per_frame_ms, r
+            d.frame, d.compose_ms, d.request = f, per_frame_ms, r
         return decoded
 
 

@@ -97,6 +97,7 @@ class DecodedFrame:
     queue_ms: float
     decode_ms: float
     request: object = None  # the ComposeRequest, once composed
+    compose_ms: float = 0.0  # the composer's share of the batch it was composed in
 
 
 @dataclass
@@ -109,6 +110,7 @@ class AnalysedFrame:
     queue_ms: float
     decode_ms: float
     analytics_ms: float
+    compose_ms: float
     capture_to_result_ms: float | None  # None when the capture time is unknown (0)
     bpp: float  # packet bits per frame pixel
     compose_request: object = None  # with a composer: the ComposeRequest that made ``frame`` (recomposable)

@@ -18,7 +18,7 @@ stream_errors_total{code}              counter    streams ended with a gRPC erro
 auth_rejections_total{reason}          counter    calls refused by the token check
 bytes_received_total                   counter    codec packet bytes received
 packet_bpp                             histogram  packet bits per frame pixel
-stage_seconds{stage}                   histogram  decode, analytics, queue_wait, capture_to_result
+stage_seconds{stage}                   histogram  decode, compose, analytics, queue_wait, capture_to_result
 queue_depth                            gauge      frames waiting in the pipeline queue
 active_sessions                        gauge      open Stream calls
 reconnects_total                       counter    sessions resumed with next_seq > 0
@@ -44,7 +44,7 @@ __all__ = ["CloudMetrics", "MetricsHttpServer", "RateLimitedLog", "STAGES"]
 log = logging.getLogger(__name__)
 
 PREFIX = "latentcast_cloud"
-STAGES = ("decode", "analytics", "queue_wait", "capture_to_result")
+STAGES = ("decode", "compose", "analytics", "queue_wait", "capture_to_result")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BPP_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
 

@@ -167,6 +167,7 @@ class Pipeline:
             if m is not None:
                 m.frames_decoded.inc()
                 m.observe_stage("decode", outcome.decode_ms / 1000)
+                m.observe_stage("compose", outcome.compose_ms / 1000)
                 m.observe_stage("analytics", outcome.analytics_ms / 1000)
                 m.observe_stage("queue_wait", outcome.queue_ms / 1000)
                 if outcome.capture_to_result_ms is not None:
@@ -212,7 +213,7 @@ class Pipeline:
         if d.job.capture_ts_us > 0:
             c2r = time.time() * 1000.0 - d.job.capture_ts_us / 1000.0
         return AnalysedFrame(job=d.job, frame=d.frame, detections=detections, queue_ms=d.queue_ms,
-                             decode_ms=d.decode_ms, analytics_ms=(t2 - t1) * 1000.0,
+                             decode_ms=d.decode_ms, analytics_ms=(t2 - t1) * 1000.0, compose_ms=d.compose_ms,
                              capture_to_result_ms=c2r, bpp=d.job.packet_bytes * 8.0 / (d.width * d.height),
                              compose_request=d.request)
 

@@ -281,7 +281,7 @@ class _Stream:
             self.outbox.put(pb.CloudMessage(result=pb.FrameAnalytics(
                 seq=job.seq, capture_ts_us=job.capture_ts_us, boxes=to_proto_boxes(outcome.detections),
                 decode_ms=outcome.decode_ms, analytics_ms=outcome.analytics_ms, packet_bytes=job.packet_bytes,
-                bpp=outcome.bpp)))
+                bpp=outcome.bpp, queue_ms=outcome.queue_ms, compose_ms=outcome.compose_ms)))
         else:
             self.outbox.put(_frame_error(outcome.seq, outcome.code, outcome.message))
 

@@ -83,7 +83,7 @@ def _box_dict(d: Detection) -> dict:
 def frame_record(fr: AnalysedFrame) -> dict:
     """The JSON-lines record of one analysed frame."""
     job = fr.job
-    lat = {"queue_wait": _num(fr.queue_ms, 3), "decode": _num(fr.decode_ms, 3),
+    lat = {"queue_wait": _num(fr.queue_ms, 3), "decode": _num(fr.decode_ms, 3), "compose": _num(fr.compose_ms, 3),
            "analytics": _num(fr.analytics_ms, 3)}
     if fr.capture_to_result_ms is not None:
         lat["capture_to_result"] = _num(fr.capture_to_result_ms, 3)

@@ -50,6 +50,10 @@ def _box_dict(b: pb.Box) -> dict[str, Any]:
             "box": [round(b.x0, 1), round(b.y0, 1), round(b.x1, 1), round(b.y1, 1)]}
 
 
+
+def _median(values) -> float | None:
+    return float(np.median(np.fromiter(values, dtype=np.float64))) if len(values) else None
+
 class EdgeApp:
     """One camera's edge pipeline. Components may be injected (tests, custom sources)."""
 
@@ -97,6 +101,7 @@ class EdgeApp:
         self._ground_ms = 0.0
         self._encode_ms = 0.0
         self._latency_ms: collections.deque[float] = collections.deque(maxlen=100)
+        self._stage_ms = {"grounding": collections.deque(maxlen=1000), "encode": collections.deque(maxlen=1000)}
         self.recent_results: collections.deque[dict[str, Any]] = collections.deque(maxlen=_RECENT_RESULTS)
         self.error: BaseException | None = None
         self.temporal = None  # the TemporalEncoder when temporal.enabled
@@ -333,6 +338,8 @@ class EdgeApp:
                     self.detector_runs += int(g.detected)
                     self._ground_ms += g_ms
                     self._encode_ms += e_ms
+                    self._stage_ms["grounding"].append(g_ms)
+                    self._stage_ms["encode"].append(e_ms)
                     out = OutFrame(seq=self._next_seq, capture_ts_us=f.capture_ts_us, packet=packet, boxes=g.boxes)
                     self._next_seq += 1
                     if self.temporal is not None and self.temporal.counts["key"] != self._keys_sent:
@@ -418,6 +425,9 @@ class EdgeApp:
             "detector_runs": self.detector_runs,
             "ground_ms_mean": self._ground_ms / n if n else 0.0,
             "encode_ms_mean": self._encode_ms / n if n else 0.0,
+            "stage_ms_p50": {  # per frame, over the last 1000 frames: reading the source, grounding, encoding
+                "capture": _median(getattr(self._source, "read_ms", ())),
+                **{k: _median(v) for k, v in self._stage_ms.items()}},
             "result_latency_ms_p50": lat[len(lat) // 2] if lat else None,
             "results": cs.get("results", 0),
             "frame_errors": cs.get("frame_errors", {}),

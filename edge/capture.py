@@ -22,6 +22,7 @@ it in a worker thread.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import re
@@ -159,6 +160,7 @@ class FrameSource:
         self.backoff_initial_s, self.backoff_max_s = float(backoff_initial_s), float(backoff_max_s)
         self._opener = opener or _default_opener
         self._sleep, self._clock = sleep, clock
+        self.read_ms: collections.deque[float] = collections.deque(maxlen=1000)  # per frame, the last 1000
         self._reader: Reader | None = None
         self.frame_size: tuple[int, int] | None = resize  # (width, height), known after the first frame
         self.frames_read = 0
@@ -305,9 +307,11 @@ class FrameSource:
         t0 = 0.0
         k = 0
         while not self._closed:
+            t_read = time.perf_counter()
             img = self._read_raw()
             if img is None:
                 return
+            read_s = time.perf_counter() - t_read
             if self.pace == "realtime" and not self.live:
                 if k == 0 and period == 0.0:
                     period = 1.0 / self.fps
@@ -319,7 +323,9 @@ class FrameSource:
                 elif now - due > period:  # fell behind: restart the schedule, no burst
                     t0, k = now, 0
                 k += 1
+            t_rgb = time.perf_counter()
             rgb = self._to_rgb(img)
+            self.read_ms.append((read_s + time.perf_counter() - t_rgb) * 1e3)  # reading and converting, no pacing
             frame = CapturedFrame(self.frames_read, time.time_ns() // 1000, rgb)
             self.frames_read += 1
             yield frame

@@ -97,7 +97,7 @@ class Ack(_message.Message):
     def __init__(self, acked_seq: _Optional[int] = ..., frames_received: _Optional[int] = ...) -> None: ...
 
 class FrameAnalytics(_message.Message):
-    __slots__ = ("seq", "capture_ts_us", "boxes", "decode_ms", "analytics_ms", "packet_bytes", "bpp")
+    __slots__ = ("seq", "capture_ts_us", "boxes", "decode_ms", "analytics_ms", "packet_bytes", "bpp", "queue_ms", "compose_ms")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     CAPTURE_TS_US_FIELD_NUMBER: _ClassVar[int]
     BOXES_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,8 @@ class FrameAnalytics(_message.Message):
     ANALYTICS_MS_FIELD_NUMBER: _ClassVar[int]
     PACKET_BYTES_FIELD_NUMBER: _ClassVar[int]
     BPP_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    COMPOSE_MS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     capture_ts_us: int
     boxes: _containers.RepeatedCompositeFieldContainer[Box]
@@ -112,7 +114,9 @@ class FrameAnalytics(_message.Message):
     analytics_ms: float
     packet_bytes: int
     bpp: float
-    def __init__(self, seq: _Optional[int] = ..., capture_ts_us: _Optional[int] = ..., boxes: _Optional[_Iterable[_Union[Box, _Mapping]]] = ..., decode_ms: _Optional[float] = ..., analytics_ms: _Optional[float] = ..., packet_bytes: _Optional[int] = ..., bpp: _Optional[float] = ...) -> None: ...
+    queue_ms: float
+    compose_ms: float
+    def __init__(self, seq: _Optional[int] = ..., capture_ts_us: _Optional[int] = ..., boxes: _Optional[_Iterable[_Union[Box, _Mapping]]] = ..., decode_ms: _Optional[float] = ..., analytics_ms: _Optional[float] = ..., packet_bytes: _Optional[int] = ..., bpp: _Optional[float] = ..., queue_ms: _Optional[float] = ..., compose_ms: _Optional[float] = ...) -> None: ...
 
 class FrameError(_message.Message):
     __slots__ = ("seq", "code", "message")

@@ -46,9 +46,13 @@ async def test_bench_stream_smoke(tmp_path, tiny_codec, tiny_bundle):
     video = shared_or_skip() / "data" / "video" / "vtest.avi"
     out = tmp_path / "stream_bench.json"
     lines: list[str] = []
+    from latentcast.proto.temporal import TemporalTables
+
+    tables = tmp_path / "tiny-temporal.safetensors"  # flat P-frame tables for the tiny codec, for edge and cloud
+    TemporalTables.flat(M=tiny_codec.M, n_rates=tiny_codec.n_rates).save(tables, weights_hash=tiny_codec.weights_hash)
     result = await bench_stream.run_bench(
         streams=[1, 2], seconds=2.0, warmup=0.5, pace=10.0, video=str(video), labels=["person"], threads=1,
-        codec=tiny_codec, bundle=tiny_bundle, detector=FakeDetector(), out=out, progress=lines.append)
+        codec=tiny_codec, bundle=tiny_bundle, tables=tables, detector=FakeDetector(), out=out, progress=lines.append)
     saved = json.loads(out.read_text())
     assert saved["results"] == json.loads(json.dumps(result["results"]))
     assert out.with_suffix(".md").read_text().startswith("Streaming benchmark")
@@ -56,10 +60,10 @@ async def test_bench_stream_smoke(tmp_path, tiny_codec, tiny_bundle):
                 "comparison"):
         assert key in saved, key
     assert saved["options"]["streams"] == [1, 2] and saved["options"]["pace_fps"] == 10.0
-    assert len(lines) == 2 * 4  # a start and an end line per configuration
+    assert len(lines) == 2 * 6  # a start and an end line per configuration
 
     rows = {(r["system"], r["streams"]): r for r in saved["results"]}
-    assert set(rows) == {("latentcast", 1), ("jpeg", 1), ("latentcast", 2), ("jpeg", 2)}
+    assert set(rows) == {(s, n) for s in ("latentcast", "latentcast-temporal", "jpeg") for n in (1, 2)}
     for (system, n), r in rows.items():
         assert not r["errors"], r["errors"]
         assert len(r["per_stream"]) == n
@@ -89,8 +93,15 @@ async def test_bench_stream_smoke(tmp_path, tiny_codec, tiny_bundle):
     assert jp["server"]["latentcast_cloud_frames_decoded_total"] > 0  # the JPEG frames went through the real cloud
     refused = {"malformed_packet", "frame_size_mismatch", "decode_failed", "wrong_codec"}
     assert not refused & {k for k, v in jp["frames"]["frame_errors"].items() if v}, jp["frames"]["frame_errors"]
-    comp = {c["streams"]: c for c in saved["comparison"]}
-    assert set(comp) == {1, 2}
+    tm = rows[("latentcast-temporal", 1)]
+    assert tm["per_stream"][0]["frames_encoded"] > 0 and not tm["frames"]["frame_errors"].get("decode_failed")
+    for r in rows.values():  # every stage has a per-frame median (compose: 0 without a composer)
+        st = r["stage_ms_p50"]
+        assert set(st) == {"capture", "grounding", "encode", "queue", "decode", "compose", "analytics"}, st
+        assert st["capture"] > 0 and st["encode"] > 0 and st["decode"] > 0 and st["compose"] == 0, st
+    assert "| latentcast-temporal | 1 |" in out.with_suffix(".md").read_text()
+    comp = {(c["system"], c["streams"]): c for c in saved["comparison"]}
+    assert set(comp) == {(s, n) for s in ("latentcast", "latentcast-temporal") for n in (1, 2)}
     for c in comp.values():
         assert c["packet_bytes_ratio_latentcast_over_jpeg"] > 0 and c["wire_bytes_ratio_latentcast_over_jpeg"] > 0
         assert c["results_per_s"]["latentcast"] > 0 and c["results_per_s"]["jpeg"] > 0

@@ -362,7 +362,7 @@ def analysed(*, spec: SessionSpec = SPEC, seq: int = 0, detections=(), edge_boxe
     job = FrameJob(stream_id="s", spec=spec, seq=seq, capture_ts_us=1, packet=b"", packet_bytes=10,
                    edge_boxes=tuple(edge_boxes))
     return AnalysedFrame(job=job, frame=np.zeros((H, W, 3), np.uint8), detections=list(detections), queue_ms=0.5,
-                         decode_ms=decode_ms, analytics_ms=1.0, capture_to_result_ms=None, bpp=bpp)
+                         decode_ms=decode_ms, analytics_ms=1.0, compose_ms=0.0, capture_to_result_ms=None, bpp=bpp)
 
 
 def test_jsonl_sink_never_writes_nan_or_infinity(tmp_path):

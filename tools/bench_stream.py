@@ -11,6 +11,8 @@ for ``--seconds`` against ONE server on 127.0.0.1, in this process:
 - ``latentcast``: the real edge (grounding with YOLOX-nano every 5 frames, ONNX Runtime encoder,
   ROI-only packets at the edge config's rate point) against the real :class:`CloudServer`
   (``elic-lite`` decode + YOLOX-nano analytics, the cloud config's defaults).
+- ``latentcast-temporal``: the same edge with temporal coding on (``temporal.enabled``: a keyframe, then
+  P frames of the cells that changed; the edge analyses and the cloud renders only those cells).
 - ``jpeg``: the baseline. The same EdgeApp machinery (capture, pacing, send queue and drop policy,
   EdgeClient with acks) with the encoder replaced by ``cv2.imencode`` of the whole frame (quality
   ``--jpeg-quality``) and no grounding, against the same real :class:`CloudServer` with its JPEG codec
@@ -22,8 +24,10 @@ for ``--seconds`` against ONE server on 127.0.0.1, in this process:
 
 Measured per (system, N): results per second (total, per stream) over the window after
 ``--warmup``; capture-to-result latency p50/p99 (edge clock: receive time in the EdgeApp's
-``on_result`` minus FrameAnalytics.capture_ts_us); edge counters per stream (captured, encoded,
-sent, dropped by reason, frame errors); bytes per frame up and down:
+``on_result`` minus FrameAnalytics.capture_ts_us); per-stage medians per frame (edge: capture = reading
+and converting a frame, grounding, encode; cloud, from FrameAnalytics: queue, decode, compose,
+analytics); edge counters per stream (captured, encoded, sent, dropped by reason, frame errors);
+bytes per frame up and down:
 
 - packet: the codec packet (or JPEG) bytes, mean over the frames written to the stream;
 - overhead: ``EdgeMessage(frame=FramePacket(...)).ByteSize() - len(packet)`` of the very message
@@ -71,7 +75,7 @@ __all__ = [
     "run_bench",
 ]
 
-SYSTEMS = ("latentcast", "jpeg")
+SYSTEMS = ("latentcast", "latentcast-temporal", "jpeg")
 GRPC_PREFIX_BYTES = 5  # gRPC length-prefixed message: 1 compressed flag + 4 length bytes
 HTTP2_FRAME_HEADER_BYTES = 9  # per HTTP/2 frame
 HTTP2_DEFAULT_MAX_FRAME = 16384  # HTTP/2 default SETTINGS_MAX_FRAME_SIZE
@@ -215,11 +219,13 @@ class _Recorder:
     """A stream's results as the edge receives them."""
 
     def __init__(self) -> None:
-        self.results: list[tuple[float, float, float, float]] = []  # (monotonic, latency_ms, decode_ms, analytics_ms)
+        # (monotonic, latency_ms, decode_ms, analytics_ms, queue_ms, compose_ms)
+        self.results: list[tuple[float, float, float, float, float, float]] = []
 
     def on_result(self, r) -> None:
         lat_ms = (time.time_ns() / 1e3 - r.capture_ts_us) / 1e3
-        self.results.append((time.monotonic(), lat_ms, float(r.decode_ms), float(r.analytics_ms)))
+        self.results.append((time.monotonic(), lat_ms, float(r.decode_ms), float(r.analytics_ms), float(r.queue_ms),
+                             float(r.compose_ms)))
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -280,12 +286,16 @@ def _summarise(system: str, n: int, *, recs: Sequence[_Recorder], wires: Sequenc
     lat_all: list[float] = []
     dec_all: list[float] = []
     ana_all: list[float] = []
+    queue_all: list[float] = []
+    comp_all: list[float] = []
     for i, rec in enumerate(recs):
         rs = [r for r in rec.results if w0 <= r[0] <= t_stop]
         lat = [r[1] for r in rs]
         lat_all += lat
         dec_all += [r[2] for r in rs]
         ana_all += [r[3] for r in rs]
+        queue_all += [r[4] for r in rs]
+        comp_all += [r[5] for r in rs]
         s = stats[i] or {}
         per_stream.append({
             "camera_id": camera_ids[i],
@@ -303,6 +313,7 @@ def _summarise(system: str, n: int, *, recs: Sequence[_Recorder], wires: Sequenc
             "frame_errors": s.get("frame_errors"),
             "encode_ms_mean": _r(s.get("encode_ms_mean"), 2),
             "ground_ms_mean": _r(s.get("ground_ms_mean"), 2),
+            "stage_ms_p50": {k: _r(v, 2) for k, v in (s.get("stage_ms_p50") or {}).items()},
             "rois_per_frame": _r(s.get("rois_per_frame"), 2),
             "bpp": _r(s.get("bpp"), 5),
             "reconnects": s.get("reconnects"),
@@ -332,6 +343,11 @@ def _summarise(system: str, n: int, *, recs: Sequence[_Recorder], wires: Sequenc
                        "mean": _r(_mean(lat_all), 1), "max": _r(max(lat_all) if lat_all else None, 1),
                        "results": total},
         "cloud_ms_mean": {"decode": _r(_mean(dec_all), 2), "analytics": _r(_mean(ana_all), 2)},
+        "stage_ms_p50": {  # per frame; edge stages: the mean over streams of each stream's median
+            **{k: _r(_mean([p["stage_ms_p50"][k] for p in per_stream if p["stage_ms_p50"].get(k) is not None]), 2)
+               for k in ("capture", "grounding", "encode")},
+            "queue": _r(_pct(queue_all, 50), 2), "decode": _r(_pct(dec_all, 50), 2),
+            "compose": _r(_pct(comp_all, 50), 2), "analytics": _r(_pct(ana_all, 50), 2)},
         "frames": {"captured": tot("frames_captured"), "encoded": tot("frames_encoded"), "sent": tot("frames_sent"),
                    "results": int(sum(len(r.results) for r in recs)), "dropped": dict(dropped),
                    "frame_errors": dict(frame_errors)},
@@ -345,8 +361,8 @@ def _summarise(system: str, n: int, *, recs: Sequence[_Recorder], wires: Sequenc
 
 def _compare(by: dict[tuple[str, int], dict[str, Any]], streams: Sequence[int]) -> list[dict[str, Any]]:
     out = []
-    for n in streams:
-        lc, jp = by.get(("latentcast", n)), by.get(("jpeg", n))
+    for n, system in ((n, s) for n in streams for s in SYSTEMS if s != "jpeg"):
+        lc, jp = by.get((system, n)), by.get(("jpeg", n))
         if lc is None or jp is None:
             continue
 
@@ -356,6 +372,7 @@ def _compare(by: dict[tuple[str, int], dict[str, Any]], streams: Sequence[int]) 
         lb, jb = lc["bytes_per_frame"], jp["bytes_per_frame"]
         out.append({
             "streams": n,
+            "system": system,
             "packet_bytes_ratio_latentcast_over_jpeg": ratio(lb.get("packet"), jb.get("packet")),
             "wire_bytes_ratio_latentcast_over_jpeg": ratio(lb.get("grpc_message"), jb.get("grpc_message")),
             "packet_bytes": {"latentcast": lb.get("packet"), "jpeg": jb.get("packet")},
@@ -387,16 +404,19 @@ class _Ctx:
     edge_detector: Any  # an override for the edge grounding (tests), else one YOLOX per stream
     task: str | None = None  # ground this task's label list (as `latentcast edge --task`) instead of labels
     task_labels: list[str] | None = None  # that list, loaded once
+    tables: str | None = None  # temporal P-frame tables for edge and cloud (None: the codec's shipped ones)
     edge_pool: list[tuple[Any, Any]] = field(default_factory=list)  # (EdgeEncoder, YOLOX) per stream index
 
 
-def _cloud_config(token: str, threads: int | None, *, jpeg: bool = False):
+def _cloud_config(token: str, threads: int | None, *, jpeg: bool = False, tables: str | None = None):
     """The loopback cloud of one configuration; ``jpeg`` enables the JPEG baseline codec."""
     from latentcast.cloud.config import CloudConfig
 
     cfg = CloudConfig()
     if jpeg:
         cfg.pipeline.codecs = ["latentcast", "jpeg"]
+    if tables:
+        cfg.codec.temporal_tables = str(tables)
     s = cfg.server
     s.host = s.maintenance_host = s.metrics_host = "127.0.0.1"
     s.port, s.maintenance_port, s.metrics_port = 0, -1, -1
@@ -422,6 +442,10 @@ def _edge_config(ctx: _Ctx, system: str, camera_id: str, port: int, token: str):
         cfg.codec.rate_point = ctx.rate_point
     if system == "jpeg":
         cfg.codec.rate_point = 0
+    if system == "latentcast-temporal":
+        cfg.temporal.enabled = True
+        if ctx.tables:
+            cfg.temporal.tables = str(ctx.tables)
     if ctx.threads:
         cfg.codec.threads = cfg.grounding.threads = ctx.threads
     s = cfg.server
@@ -457,7 +481,7 @@ async def _run_config(ctx: _Ctx, system: str, n: int, progress: Callable[[str], 
     from latentcast.tools.demo import _cloud_counters
 
     token = secrets.token_hex(16)
-    ccfg = _cloud_config(token, ctx.threads, jpeg=system == "jpeg")
+    ccfg = _cloud_config(token, ctx.threads, jpeg=system == "jpeg", tables=ctx.tables)
     server = CloudServer(ccfg, codec=ctx.codec, detector=ctx.detector)
     port, _, _ = await server.start()
     await server.wait_ready(timeout=300)
@@ -468,7 +492,7 @@ async def _run_config(ctx: _Ctx, system: str, n: int, progress: Callable[[str], 
     apps = []
     for i in range(n):
         ecfg = _edge_config(ctx, system, camera_ids[i], port, token)
-        if system == "latentcast":
+        if system != "jpeg":
             await asyncio.to_thread(_edge_parts, ctx, ecfg, i + 1)
             enc, det = ctx.edge_pool[i]
             g = ecfg.grounding
@@ -526,7 +550,7 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
                     pace: float = 10.0, systems: Sequence[str] = SYSTEMS, jpeg_quality: int = 75,
                     video: str | None = None, rate_point: int | None = None, labels: Sequence[str] | None = None,
                     task: str | None = None, threads: int | None = None, weights: str | None = None,
-                    bundle: str | os.PathLike | None = None,
+                    bundle: str | os.PathLike | None = None, tables: str | os.PathLike | None = None,
                     codec: Any = None, detector: Any = None, edge_detector: Any = None,
                     out: str | os.PathLike | None = None, command: str = "latentcast bench stream",
                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -586,7 +610,8 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
     ctx = _Ctx(video=str(video), pace=float(pace), seconds=float(seconds), warmup=float(warmup),
                jpeg_quality=int(jpeg_quality), rate_point=rate_point, labels=list(labels) if labels else None,
                threads=threads, bundle=str(bundle) if bundle else None, codec=codec, detector=detector,
-               edge_detector=edge_detector, task=task, task_labels=task_labels)
+               edge_detector=edge_detector, task=task, task_labels=task_labels,
+               tables=str(tables) if tables else None)
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     for n in streams:
         for system in systems:
@@ -601,7 +626,7 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
         "duration_s": round(time.monotonic() - t0, 1),
         "options": {"streams": streams, "systems": systems, "seconds": seconds, "warmup_s": warmup,
                     "pace_fps": pace, "jpeg_quality": jpeg_quality, "threads": threads, "video": portable_path(video),
-                    "weights": weights, "bundle": ctx.bundle},
+                    "weights": weights, "bundle": ctx.bundle, "tables": ctx.tables},
         "setup": {
             "codec": {"name": getattr(codec, "codec_name", "?"), "weights_hash": codec.weights_hash.hex(),
                       "latent_space": getattr(codec, "latent_space_spec", None)},
@@ -684,16 +709,24 @@ def markdown(result: dict[str, Any]) -> str:
             f"{fr['sent']} | {drop} | {_f(r['cloud_ms_mean']['decode'], '.1f')} / "
             f"{_f(r['cloud_ms_mean']['analytics'], '.1f')} |")
     if result["comparison"]:
-        cols = ["streams", "packet bytes latentcast/JPEG", "wire bytes latentcast/JPEG",
+        cols = ["system", "streams", "packet bytes latentcast/JPEG", "wire bytes latentcast/JPEG",
                 "results/s latentcast vs JPEG", "latency p50 ms latentcast vs JPEG", "p99 ms latentcast vs JPEG"]
         lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for c in result["comparison"]:
             lines.append(
-                f"| {c['streams']} | {_f(c['packet_bytes_ratio_latentcast_over_jpeg'], '.3f')} | "
+                f"| {c.get('system', 'latentcast')} | {c['streams']} | "
+                f"{_f(c['packet_bytes_ratio_latentcast_over_jpeg'], '.3f')} | "
                 f"{_f(c['wire_bytes_ratio_latentcast_over_jpeg'], '.3f')} | "
                 f"{_f(c['results_per_s']['latentcast'], '.2f')} vs {_f(c['results_per_s']['jpeg'], '.2f')} | "
                 f"{_f(c['latency_ms_p50']['latentcast'], '.0f')} vs {_f(c['latency_ms_p50']['jpeg'], '.0f')} | "
                 f"{_f(c['latency_ms_p99']['latentcast'], '.0f')} vs {_f(c['latency_ms_p99']['jpeg'], '.0f')} |")
+    stages = ("capture", "grounding", "encode", "queue", "decode", "compose", "analytics")
+    lines += ["", "Per-stage medians per frame, ms (edge: capture = reading and converting a frame, grounding, "
+              "encode; cloud: queue = waiting for a worker, decode, compose, analytics):", "",
+              "| system | streams | " + " | ".join(stages) + " |", "|" + "---|" * (len(stages) + 2)]
+    for r in result["results"]:
+        st = r.get("stage_ms_p50") or {}
+        lines.append(f"| {r['system']} | {r['streams']} | " + " | ".join(_f(st.get(k), ".1f") for k in stages) + " |")
     lines += ["", ("Overhead = protobuf EdgeMessage bytes beyond the packet + 5-byte gRPC prefix; HTTP/2 DATA "
                    "frame headers (9 B each) are not in it (estimate in its own column). Edge and cloud share the "
                    "machine.")]
@@ -720,7 +753,8 @@ def main(args) -> int:
         streams=_int_list(args.streams), seconds=args.seconds, warmup=args.warmup, pace=args.pace, systems=systems,
         jpeg_quality=args.jpeg_quality, video=args.video, rate_point=args.rate, labels=labels,
         task=getattr(args, "task", None), threads=args.threads,
-        weights=args.weights, bundle=args.bundle, out=args.out, command=" ".join(["latentcast"] + sys.argv[1:])))
+        weights=args.weights, bundle=args.bundle, tables=getattr(args, "tables", None), out=args.out,
+        command=" ".join(["latentcast"] + sys.argv[1:])))
     print()
     print(markdown(result), end="")
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')} in {result['duration_s']:.0f} s")

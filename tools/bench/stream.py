@@ -25,8 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="frames per second per camera, realtime pacing (default 10)")
     p.add_argument("--jpeg-quality", type=int, default=75,
                    help="JPEG quality of the JPEG-over-gRPC baseline (default 75)")
-    p.add_argument("--systems", default="latentcast,jpeg",
-                   help="systems to run, comma-separated from latentcast,jpeg (default both)")
+    p.add_argument("--systems", default="latentcast,latentcast-temporal,jpeg",
+                   help="systems to run, comma-separated from latentcast,latentcast-temporal,jpeg (default all)")
     p.add_argument("--video", help="video every camera reads (default vtest.avi in the shared folder)")
     p.add_argument("--rate", type=int, help="codec rate point of the edges (default: the edge config's, 1)")
     p.add_argument("--labels", help="task labels of the edges, e.g. person,car (default: the edge config's)")
@@ -36,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "libraries' and configs' defaults)")
     p.add_argument("--weights", help="codec weights; default: the shipped elic-lite")
     p.add_argument("--bundle", help="edge bundle folder; default: the shipped one")
+    p.add_argument("--tables", help="temporal P-frame tables of edge and cloud; default: the codec's shipped ones")
     p.add_argument("--out", default="results/stream_bench.json",
                    help="JSON result path, a .md table is written beside it (default results/stream_bench.json)")
     return p
