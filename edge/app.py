@@ -104,7 +104,8 @@ class EdgeApp:
         self._stage_ms = {"grounding": collections.deque(maxlen=1000), "encode": collections.deque(maxlen=1000)}
         self.recent_results: collections.deque[dict[str, Any]] = collections.deque(maxlen=_RECENT_RESULTS)
         self.error: BaseException | None = None
-        self.temporal = None  # the TemporalEncoder when temporal.enabled
+        self.temporal = None  # the TemporalEncoder in temporal mode
+        self.mode: str | None = None  # "temporal" or "frames", once built (temporal.mode auto picks one)
         self.frame_rate = None  # independent frames with codec.target_kbps: RateController over background_ladder
         self.refresh_requests = 0  # keyframes the cloud asked for (a reference it lacks)
         self.refresh_ignored = 0  # requests about frames older than a keyframe already sent
@@ -132,25 +133,16 @@ class EdgeApp:
         c = cfg.codec
         if c.background_level is not None and c.background_level >= n_rates:
             raise ValueError(f"codec.background {c.background_level} out of range 0..{n_rates - 1} for this bundle")
-        if c.target_kbps > 0 and not cfg.temporal.enabled and self.frame_rate is None:
+        if self.temporal is None and cfg.temporal.mode != "frames" and self.mode is None:
+            self.temporal = self._temporal_encoder()
+        self.mode = "temporal" if self.temporal is not None else "frames"
+        if c.target_kbps > 0 and self.temporal is None and self.frame_rate is None:
             from latentcast.edge.rate_control import RateController, background_ladder
 
             ladder = background_ladder(c.rate_point, c.background_level if c.roi_only else None)
             self.frame_rate = RateController(target_kbps=c.target_kbps, fps=float(self._source.fps or 10.0), level=0,
                                              levels=ladder)
             log.info("rate control: %.0f kbit/s over levels (rate point, background) %s", c.target_kbps, ladder)
-        if cfg.temporal.enabled and self.temporal is None:
-            from latentcast.edge.temporal import TemporalEncoder, tables_path
-            from latentcast.proto.temporal import TemporalTables
-
-            path = tables_path(cfg.temporal, Path(getattr(self._encoder, "bundle", "")))
-            tables = TemporalTables.load(path, weights_hash=self._encoder.weights_hash)
-            self.temporal = TemporalEncoder(compressor=self._encoder, tables=tables, config=cfg.temporal,
-                                            fps=float(self._source.fps or 10.0))
-            log.info("temporal coding: keyframes at rate point %d every %.0f s, ROI cells at %s, tables %s",
-                     cfg.temporal.key_rate_point, cfg.temporal.refresh_s,
-                     f"{cfg.temporal.target_kbps} kbit/s (rate control)" if cfg.temporal.target_kbps
-                     else f"rate point {cfg.temporal.rate_point}", path)
         if self._grounder is None:
             g = cfg.grounding
             if g.backend == "open-vocab":
@@ -221,6 +213,32 @@ class EdgeApp:
             self.temporal.request_refresh()
         else:
             log.warning("the cloud asked for a keyframe (seq %d: %s) but temporal coding is off", r.seq, r.reason)
+
+    def _temporal_encoder(self):
+        """The TemporalEncoder of ``temporal.mode`` temporal, or auto when the bundle has P-frame tables for
+        its weights (else None: independent frames, and the log says why)."""
+        from latentcast.edge.temporal import TemporalEncoder, tables_path
+        from latentcast.proto.temporal import TemporalTables
+
+        t = self.config.temporal
+        auto = t.mode == "auto"
+        path = tables_path(t, Path(getattr(self._encoder, "bundle", "")))
+        if auto and not path.is_file():
+            log.info("mode: independent frames (temporal.mode auto: the bundle has no P-frame tables at %s)", path)
+            return None
+        try:
+            tables = TemporalTables.load(path, weights_hash=self._encoder.weights_hash)
+        except ValueError as exc:  # tables of other weights
+            if not auto:
+                raise
+            log.warning("mode: independent frames (temporal.mode auto: %s)", exc)
+            return None
+        enc = TemporalEncoder(compressor=self._encoder, tables=tables, config=t, fps=float(self._source.fps or 10.0))
+        log.info("mode: temporal coding (%s): keyframes at rate point %d every %.0f s, ROI cells at %s, tables %s",
+                 "temporal.mode auto, the mode of a fixed camera; temporal.mode frames codes every frame on its own"
+                 if auto else "temporal.mode temporal", t.key_rate_point, t.refresh_s,
+                 f"{t.target_kbps} kbit/s (rate control)" if t.target_kbps else f"rate point {t.rate_point}", path)
+        return enc
 
     # ------------------------------------------------------------------ per frame
 
@@ -436,6 +454,7 @@ class EdgeApp:
             "capture_reconnects": self._source.reconnects if self._source is not None else 0,
             "refresh_requests": self.refresh_requests,
             "refresh_ignored": self.refresh_ignored,
+            "mode": self.mode,
             "temporal": dict(self.temporal.counts) if self.temporal is not None else None,
             "rate_control": None if self.frame_rate is None else {
                 "target_kbps": self.frame_rate.target_kbps, "level": self.frame_rate.level,

@@ -35,6 +35,7 @@ _POLICIES = ("drop-oldest", "drop-newest")
 _MOTIONS = ("constant-velocity", "last")
 _BACKENDS = ("yolox", "open-vocab")  # grounding backends
 _PROVIDERS = ("cpu", "cuda", "tensorrt")  # ONNX Runtime execution providers of the open-vocab backend
+_TEMPORAL_MODES = ("auto", "temporal", "frames")  # temporal.mode
 
 
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
@@ -161,7 +162,7 @@ class CodecConfig:
 class TemporalConfig:
     """How the edge codes a stream over time (``edge.yaml``: ``temporal``)."""
 
-    enabled: bool = False  # temporal coding; off: every frame is an independent (ROI-only) packet
+    mode: str = "auto"  # temporal (keyframe, then changed cells), frames (independent), auto: temporal if tables exist
     key_rate_point: int = 2  # rate point of keyframes: the background every P frame draws on
     rate_point: int = 0  # quantization step of ROI cells in P frames (without rate control)
     threshold: int = 1  # a ROI cell is re-coded when its change has this many nonzero symbols
@@ -175,6 +176,7 @@ class TemporalConfig:
     tables: str = ""  # P-frame entropy tables; "" = models/weights/<codec>-temporal.safetensors next to the bundle
 
     def __post_init__(self) -> None:
+        _check_choice("temporal.mode", self.mode, _TEMPORAL_MODES)
         for name in ("key_rate_point", "rate_point", "bg_rate_point"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:

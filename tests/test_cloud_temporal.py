@@ -62,7 +62,7 @@ async def test_lost_packets_are_refused_then_a_refresh_recovers(make_server, tin
     srv = await make_server(cfg)
     enc = TemporalEncoder(compressor=EdgeEncoder(bundle=tiny_bundle),
                           tables=TemporalTables.load(tables_file, weights_hash=tiny_codec.weights_hash),
-                          config=TemporalConfig(enabled=True, refresh_s=0.0), fps=10.0)
+                          config=TemporalConfig(mode="temporal", refresh_s=0.0), fps=10.0)
     lsh = label_set_hash(LABELS)
     lost = {3, 9, 10, 15}
     outcome, kinds, refreshes = {}, {}, []
@@ -121,7 +121,7 @@ async def test_edge_app_with_temporal_coding_recovers_from_lost_packets(make_ser
     ecfg.source.uri, ecfg.source.pace, ecfg.source.fps = str(folder), "realtime", 20.0
     ecfg.grounding.labels, ecfg.grounding.threads = LABELS, 1
     ecfg.codec.bundle, ecfg.codec.threads = str(tiny_bundle), 1
-    ecfg.temporal = dataclasses.replace(ecfg.temporal, enabled=True, tables=str(tables_file), refresh_s=0.0)
+    ecfg.temporal = dataclasses.replace(ecfg.temporal, mode="temporal", tables=str(tables_file), refresh_s=0.0)
     ecfg.sender.queue_size = 64
     ecfg.server.target = f"127.0.0.1:{srv.ports[0]}"
     app = EdgeApp(ecfg)
@@ -152,7 +152,7 @@ def test_temporal_frames_bypass_the_composer(tiny_codec, tiny_bundle, tables_fil
 
     tables = TemporalTables.load(tables_file, weights_hash=tiny_codec.weights_hash)
     enc = TemporalEncoder(compressor=EdgeEncoder(bundle=tiny_bundle), tables=tables,
-                          config=TemporalConfig(enabled=True), fps=10.0)
+                          config=TemporalConfig(mode="temporal"), fps=10.0)
     dec = TemporalDecoder(codec=tiny_codec, tables=tables)
     spec = SessionSpec(camera_id="cam", task="t", labels=tuple(LABELS), label_set_hash=label_set_hash(LABELS),
                        width=W, height=H, fps=10.0, edge_version="t")

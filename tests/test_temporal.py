@@ -56,7 +56,7 @@ def _pair(edge_encoder, tiny_codec, tables=None, **cfg):
     from latentcast.models.temporal import TemporalDecoder
 
     tables = tables or _flat_tables(tiny_codec.M, tiny_codec.n_rates)
-    config = TemporalConfig(enabled=True, **({"refresh_s": 0.0} | cfg))
+    config = TemporalConfig(mode="temporal", **({"refresh_s": 0.0} | cfg))
     return (TemporalEncoder(compressor=edge_encoder, tables=tables, config=config, fps=10.0),
             TemporalDecoder(codec=tiny_codec, tables=tables))
 
@@ -311,7 +311,14 @@ def test_bench_temporal_runs_rate_control_and_loss(tmp_path, tiny_codec_path, ti
     assert clean["frames"] == 16 and clean["keyframes"] == 1 and clean["lost"] == clean["refused"] == 0
     lossy = runs["fixed q0/t1, 20% loss"]
     assert lossy["lost"] > 0 and lossy["keyframes"] > 1 and lossy["refused"] > 0
-    assert out.with_suffix(".md").read_text().count("\n| ") >= 5
+    cost = {(r["cost"]["edge"], r["cost"]["cloud"]): r for r in res["cost_runs"]}
+    assert set(cost) == {(e, c) for e in ("whole frame", "changed cells") for c in ("whole frame", "changed cells")}
+    for r in cost.values():
+        assert r["frames"] == 16 and r["cost"]["rendered"] == 16 and r["cost"]["edge_ms_p50"] > 0
+    ref = cost[("whole frame", "whole frame")]
+    assert "psnr_vs_reference_db" not in ref["cost"]
+    assert cost[("changed cells", "changed cells")]["cost"]["psnr_vs_reference_db"]["min"] > 20
+    assert out.with_suffix(".md").read_text().count("\n| ") >= 5 + 5
 
 
 def test_info_shows_the_temporal_section(tmp_path, edge_encoder, tiny_codec, capsys):

@@ -11,7 +11,7 @@ for ``--seconds`` against ONE server on 127.0.0.1, in this process:
 - ``latentcast``: the real edge (grounding with YOLOX-nano every 5 frames, ONNX Runtime encoder,
   ROI-only packets at the edge config's rate point) against the real :class:`CloudServer`
   (``elic-lite`` decode + YOLOX-nano analytics, the cloud config's defaults).
-- ``latentcast-temporal``: the same edge with temporal coding on (``temporal.enabled``: a keyframe, then
+- ``latentcast-temporal``: the same edge with temporal coding (``temporal.mode: temporal``: a keyframe, then
   P frames of the cells that changed; the edge analyses and the cloud renders only those cells).
 - ``jpeg``: the baseline. The same EdgeApp machinery (capture, pacing, send queue and drop policy,
   EdgeClient with acks) with the encoder replaced by ``cv2.imencode`` of the whole frame (quality
@@ -442,8 +442,8 @@ def _edge_config(ctx: _Ctx, system: str, camera_id: str, port: int, token: str):
         cfg.codec.rate_point = ctx.rate_point
     if system == "jpeg":
         cfg.codec.rate_point = 0
+    cfg.temporal.mode = "temporal" if system == "latentcast-temporal" else "frames"
     if system == "latentcast-temporal":
-        cfg.temporal.enabled = True
         if ctx.tables:
             cfg.temporal.tables = str(ctx.tables)
     if ctx.threads:

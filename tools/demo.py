@@ -173,6 +173,7 @@ async def run_demo(*, video: str, out_dir: Path, max_frames: int | None = None, 
                    cloud_config: str | None = None, labels: list[str] | None = None, rate_point: int | None = None,
                    pace: str | None = None, every: int | None = None, live: bool = True,
                    temporal: bool = False, target_kbps: float | None = None, task: str | None = None,
+                   mode: str | None = None,
                    command: str = "latentcast demo") -> dict[str, Any]:
     """Run edge and cloud on loopback over ``video``; returns the summary (also written to disk).
 
@@ -212,8 +213,10 @@ async def run_demo(*, video: str, out_dir: Path, max_frames: int | None = None, 
         ecfg.source.pace = pace
     if every:
         ecfg.grounding.every = every
+    if mode is not None:
+        ecfg.temporal.mode = mode
     if temporal or target_kbps:
-        ecfg.temporal.enabled = True
+        ecfg.temporal.mode = "temporal"
     if target_kbps:
         ecfg.temporal.target_kbps = float(target_kbps)
 
@@ -293,6 +296,7 @@ async def run_demo(*, video: str, out_dir: Path, max_frames: int | None = None, 
         await channel.close()
         col.close()
     elapsed = time.monotonic() - t0
+    quality = col.summary()
     summary = {
         "command": command,
         "commit": _commit(),
@@ -301,13 +305,16 @@ async def run_demo(*, video: str, out_dir: Path, max_frames: int | None = None, 
         "elapsed_s": round(elapsed, 2),
         "edge": {k: v for k, v in edge_stats.items() if k != "last_results"},
         "cloud": cloud_counters,
-        "quality": col.summary(),
+        "quality": quality,
+        "analysed_fraction": (round(quality["results"] / edge_stats["frames_captured"], 4)
+                              if edge_stats.get("frames_captured") else None),
         "outputs": {"video": portable_path(out_dir / "side_by_side.mp4"),
                     "summary": portable_path(out_dir / "summary.json")},
         "config": {"task": ecfg.grounding.task if ecfg.grounding.labels_from_task else None,
                    "labels": task_labels, "rate_point": ecfg.codec.rate_point, "pace": ecfg.source.pace,
                    "grounding_every": ecfg.grounding.every, "roi_only": ecfg.codec.roi_only,
-                   "temporal": ecfg.temporal.enabled, "target_kbps": ecfg.temporal.target_kbps or None},
+                   "mode": edge_stats.get("mode"), "temporal_mode_setting": ecfg.temporal.mode,
+                   "target_kbps": ecfg.temporal.target_kbps or None},
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -338,8 +345,11 @@ def add_arguments(m: argparse.ArgumentParser) -> None:
     m.add_argument("--pace", choices=["realtime", "none"],
                    help="realtime: frames arrive at the video's fps and a busy edge drops (default); none: every frame")
     m.add_argument("--every", type=int, help="run the detector every N frames, track in between (default 5)")
-    m.add_argument("--temporal", action="store_true",
-                   help="temporal coding: a keyframe, then only the ROI cells that changed (temporal.enabled)")
+    m.add_argument("--mode", choices=["auto", "temporal", "frames"],
+                   help="temporal: a keyframe, then only the cells that changed (the mode of a fixed camera); frames: "
+                        "every frame on its own; auto: temporal when the bundle has P-frame tables (default: the "
+                        "edge config's temporal.mode, auto)")
+    m.add_argument("--temporal", action="store_true", help="the same as --mode temporal")
     m.add_argument("--target-kbps", type=float, help="temporal coding with rate control at this bitrate")
     m.add_argument("--edge-config", help="edge YAML config (addresses and token are set by the demo)")
     m.add_argument("--cloud-config", help="cloud YAML config (addresses and token are set by the demo)")
@@ -356,12 +366,15 @@ def main(args: argparse.Namespace) -> int:
     summary = asyncio.run(run_demo(video=video, out_dir=Path(args.out), max_frames=args.frames,
                                    edge_config=args.edge_config, cloud_config=args.cloud_config, labels=labels,
                                    rate_point=args.rate, pace=args.pace, every=args.every,
-                                   temporal=getattr(args, "temporal", False),
+                                   temporal=getattr(args, "temporal", False), mode=getattr(args, "mode", None),
                                    target_kbps=getattr(args, "target_kbps", None), task=getattr(args, "task", None),
                                    command=" ".join(["latentcast"] + sys.argv[1:])))
     q, e = summary["quality"], summary["edge"]
-    print(f"\n{e['frames_captured']} frames captured, {e['frames_encoded']} encoded, {q['results']} analysed in "
-          f"{summary['elapsed_s']:.1f} s; {e['bpp']:.4f} bpp, {e['kbps']:.1f} kbps; dropped {e['dropped']}")
+    share = summary["analysed_fraction"]
+    print(f"\nmode: {e.get('mode')} (temporal.mode {summary['config']['temporal_mode_setting']}); "
+          f"{e['frames_captured']} frames captured, {e['frames_encoded']} encoded, {q['results']} analysed "
+          f"({'n/a' if share is None else f'{100 * share:.0f} %'} of the captured) in {summary['elapsed_s']:.1f} s; "
+          f"{e['bpp']:.4f} bpp, {e['kbps']:.1f} kbps; dropped {e['dropped']}")
     if q["psnr_frame_db"] is not None:
         print(f"PSNR {q['psnr_frame_db']:.2f} dB (frame), "
               f"{q['psnr_inside_edge_boxes_db'] or float('nan'):.2f} dB (inside the edge's boxes); "

@@ -43,18 +43,27 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--tables", default=None, help="P-frame tables (default: models/weights/<codec>-temporal.safetensors)"
     )
     p.add_argument("--threads", type=int, default=2, help="torch threads of the decoder")
+    p.add_argument("--no-cost-levers", dest="cost_levers", action="store_false",
+                   help="skip the four runs that time the edge's and the cloud's changed-cell levers")
     p.add_argument("--out", default="results/temporal_bench.json", help="JSON file to write (and .md beside it)")
     return p
 
 
 def _run(name: str, clip, rois, analysis, *, encoder, decoder_codec, tables, config, loss: float, rtt: int,
-         detector, gt, class_ids, seed: int = 0) -> dict:
+         detector, gt, class_ids, seed: int = 0, change: bool = False, tiled: bool = True,
+         render_every: bool = False, reference: dict | None = None) -> dict:
+    """One pass over the clip. ``change``: the edge analyses only the changed cells (else the whole frame,
+    ``analysis``: precomputed with its time); ``tiled``: the cloud renders only the changed cells;
+    ``render_every``: render every frame (timed), not only the scored ones; ``reference``: rendered frames
+    of another run to compare with (PSNR)."""
     from latentcast.edge.temporal import TemporalEncoder
     from latentcast.models.temporal import MissingReference, TemporalDecoder
-    from latentcast.tools.eval.metrics import detection_map
+    from latentcast.tools.eval.metrics import detection_map, psnr
 
-    enc = TemporalEncoder(compressor=encoder, tables=tables, config=config, fps=clip.fps)
-    dec = TemporalDecoder(codec=decoder_codec, tables=tables)
+    cfg = config if change else dataclasses.replace(config, change_threshold=0.0)
+    enc = TemporalEncoder(compressor=encoder, tables=tables, config=cfg, fps=clip.fps)
+    dec = TemporalDecoder(codec=decoder_codec, tables=tables, tiled=tiled)
+    edge_ms, render_ms, frames = [], [], {}
     rng = np.random.default_rng(seed)
     keep = set(clip.scored)
     sizes, levels, preds = [], collections.Counter(), {}
@@ -70,7 +79,9 @@ def _run(name: str, clip, rois, analysis, *, encoder, decoder_codec, tables, con
             enc.request_refresh()
             due = None
         levels[f"q{enc.level[0]}/t{enc.level[1]}"] += 1
-        data = enc.encode(frame, rois[i], analysis=analysis[i])
+        t_enc = time.perf_counter()
+        data = enc.encode(frame, rois[i], analysis=None if change else analysis[i][0])
+        edge_ms.append((time.perf_counter() - t_enc + (0.0 if change else analysis[i][1])) * 1e3)
         sizes.append(len(data))
         if loss > 0 and rng.random() < loss:
             lost += 1
@@ -87,14 +98,31 @@ def _run(name: str, clip, rois, analysis, *, encoder, decoder_codec, tables, con
         if broken_since is not None:
             recoveries.append(i - broken_since)
             broken_since = None
-        if i in keep:
-            preds[i] = detector.detect(render(True).frame)
+        if i in keep or render_every:
+            t_render = time.perf_counter()
+            img = render(True).frame
+            render_ms.append((time.perf_counter() - t_render) * 1e3)
+            if i in keep:
+                preds[i] = detector.detect(img)
+                frames[i] = img
     seconds = time.perf_counter() - t0
     fps = clip.fps
     per_s = [sum(sizes[k:k + int(round(fps))]) * 8 / 1000 for k in range(0, len(sizes), max(1, int(round(fps))))]
     m = detection_map(gt, preds, class_ids=class_ids)
     c = config
+    originals = {i: f for i, f in clip.frames() if i in frames}
+    cost = {"edge": "changed cells" if change else "whole frame", "cloud": "changed cells" if tiled else "whole frame",
+            "edge_ms_p50": round(float(np.median(edge_ms)), 1), "render_ms_p50": round(float(np.median(render_ms)), 1)
+            if render_ms else None, "rendered": len(render_ms),
+            "psnr_db": round(float(np.mean([psnr(frames[i], originals[i]) for i in frames])), 3) if frames else None}
+    if reference:
+        both = [i for i in frames if i in reference]
+        cost["psnr_vs_reference_db"] = {"min": round(min(psnr(frames[i], reference[i]) for i in both), 2),
+                                        "mean": round(float(np.mean([psnr(frames[i], reference[i]) for i in both])),
+                                                      2)} if both else None
     return {
+        "cost": cost,
+        "_frames": frames,
         "run": name,
         "target_kbps": c.target_kbps or None,
         "level": None if c.target_kbps else f"q{c.rate_point}/t{c.threshold}",
@@ -138,6 +166,18 @@ def _markdown(res: dict) -> str:
         lines.append(f"| {r['run']} | {r['target_kbps'] or '-'} | {r['kbps']:.1f} | {r['kbps_worst_1s']:.1f} | "
                      f"{r['bpp']:.4f} | {r['keyframes']} | {r['lost']} | {r['refused']} | "
                      f"{r['longest_recovery_frames']} | {r['map50']:.3f} | {r['map']:.3f} | {lv} |")
+    if res.get("cost_runs"):
+        lines += ["", "Cost follows change (level q0/t1, no loss, every frame rendered): the edge's g_a on the changed "
+                  "cells only, the cloud's g_s on the changed cells only; medians per frame on this machine, PSNR of "
+                  "the scored frames against the originals and against the first run's renders.", "",
+                  "| edge | cloud | edge ms (g_a + coding) | cloud render ms | kbit/s | mAP@0.5 | mAP@0.5:0.95 | "
+                  "PSNR dB | PSNR vs whole/whole (min, mean) |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in res["cost_runs"]:
+            c = r["cost"]
+            ref = c.get("psnr_vs_reference_db")
+            lines.append(f"| {c['edge']} | {c['cloud']} | {c['edge_ms_p50']:.1f} | {c['render_ms_p50']:.1f} | "
+                         f"{r['kbps']:.1f} | {r['map50']:.3f} | {r['map']:.3f} | {c['psnr_db']:.2f} | "
+                         + (f"{ref['min']:.1f}, {ref['mean']:.1f}" if ref else "-") + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -177,11 +217,12 @@ def main(a: argparse.Namespace) -> int:
     for i, frame in clip.frames():
         if i >= clip.n_frames:
             break
-        analysis[i] = encoder.analyze(frame)
+        t_ana = time.perf_counter()
+        analysis[i] = (encoder.analyze(frame), time.perf_counter() - t_ana)  # (y, z), seconds
         if i in set(clip.scored):
             gt[i] = [GtBox(x0=d.x0, y0=d.y0, x1=d.x1, y1=d.y1, class_id=d.class_id) for d in detector.detect(frame)
                      if d.score >= 0.3]
-    base = TemporalConfig(enabled=True)
+    base = TemporalConfig(mode="temporal")
     runs = [("fixed q0/t1", base, 0.0)]
     runs += [(f"target {t:g} kbit/s", dataclasses.replace(base, target_kbps=t), 0.0) for t in targets]
     runs += [(f"fixed q0/t1, {a.loss:.0%} loss", base, a.loss)]
@@ -192,14 +233,30 @@ def main(a: argparse.Namespace) -> int:
     for name, cfg, loss in runs:
         r = _run(name, clip, rois, analysis, encoder=encoder, decoder_codec=codec, tables=tables, config=cfg,
                  loss=loss, rtt=a.rtt_frames, detector=detector, gt=gt, class_ids=class_ids)
+        r.pop("_frames")
         log.info("%s: %.1f kbit/s, mAP@0.5 %.3f, refused %d", name, r["kbps"], r["map50"], r["refused"])
         out_runs.append(r)
+    # cost follows change: each lever alone and both, on the fixed level, every frame rendered and timed
+    cost_runs, reference = [], None
+    for change, tiled in ((False, False), (True, False), (False, True), (True, True)):
+        if not a.cost_levers:
+            break
+        where = {False: "whole frame", True: "changed cells"}
+        name = f"edge {where[change]}, cloud {where[tiled]}"
+        r = _run(name, clip, rois, analysis, encoder=encoder, decoder_codec=codec, tables=tables, config=base,
+                 loss=0.0, rtt=a.rtt_frames, detector=detector, gt=gt, class_ids=class_ids, change=change, tiled=tiled,
+                 render_every=True, reference=reference)
+        frames = r.pop("_frames")
+        reference = reference or frames
+        log.info("%s: edge %.1f ms, render %.1f ms, mAP@0.5 %.3f", name, r["cost"]["edge_ms_p50"],
+                 r["cost"]["render_ms_p50"], r["map50"])
+        cost_runs.append(r)
     res = {"command": provenance.command(), "commit": provenance.commit(), "machine": provenance.machine(),
            "seconds": round(time.time() - t0, 1),
            "data": {"path": portable_path(path), "frames": clip.n_frames, "fps": clip.fps,
                     "size": f"{clip.width}x{clip.height}", "scored": len(gt)},
            "labels": labels, "tables": dict(tables.meta), "temporal_defaults": dataclasses.asdict(base),
-           "rtt_frames": a.rtt_frames, "runs": out_runs}
+           "rtt_frames": a.rtt_frames, "runs": out_runs, "cost_runs": cost_runs}
     provenance.write_results(a.out, res, _markdown(res))
     print(_markdown(res))
     return 0

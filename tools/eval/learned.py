@@ -182,7 +182,7 @@ class TemporalLatentcastCodec:
             raise ValueError(
                 "the edge bundle was exported from other weights than the decoder's; run `latentcast export edge`"
             )
-        self.config = self.config or TemporalConfig(enabled=True)
+        self.config = self.config or TemporalConfig(mode="temporal")
         for p in self.params:
             self.level(p)
         self._label_hash = label_set_hash(list(self.grounding.labels))
