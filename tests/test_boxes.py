@@ -46,3 +46,18 @@ def test_ort_session_rejects_bad_threads():
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="threads"):
             ort_session(b"", threads=bad)
+
+
+def test_ort_sessions_do_not_spin_and_cap_their_threads():
+    pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x],
+                                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]),
+                              opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    s = ort_session(model.SerializeToString(), threads=1)
+    opts = s.get_session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert opts.intra_op_num_threads == 1 and opts.inter_op_num_threads == 1

@@ -86,7 +86,7 @@ def test_demo_streams_vtest_and_the_cloud_finds_the_edges_boxes(tmp_path, vtest,
 
     out = tmp_path / "demo"
     assert main(["demo", str(vtest), "--frames", "8", "--pace", "none", "--every", "2", "--rate", "2",
-                 "--out", str(out)]) == 0
+                 "--mode", "frames", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "analysed" in printed and "side_by_side.mp4" in printed
     summary = json.loads((out / "summary.json").read_text())
@@ -105,6 +105,23 @@ def test_demo_streams_vtest_and_the_cloud_finds_the_edges_boxes(tmp_path, vtest,
     ok, frame = cap.read()
     cap.release()
     assert ok and frame.shape == (576, 2 * 768, 3)
+
+
+def test_demo_defaults_to_temporal_coding_and_says_how_much_it_analysed(tmp_path, vtest, capsys):
+    """With its defaults the demo codes a fixed camera temporally (temporal.mode auto finds the shipped
+    P-frame tables) and prints the mode and the share of captured frames the cloud analysed."""
+    from latentcast.tools.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", str(vtest), "--frames", "6", "--pace", "none", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["mode"] == "temporal" and summary["config"]["temporal_mode_setting"] == "auto"
+    e = summary["edge"]
+    assert e["temporal"]["key"] >= 1 and e["temporal"]["p"] >= 1
+    share = summary["analysed_fraction"]
+    assert share == round(summary["quality"]["results"] / e["frames_captured"], 4) and share > 0
+    assert "mode: temporal (temporal.mode auto)" in printed and f"{100 * share:.0f} % of the captured" in printed
 
 
 def test_demo_grounds_a_task_list(tmp_path, vtest, capsys):

@@ -31,9 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--rate", type=int, help="codec rate point of the edges (default: the edge config's, 1)")
     p.add_argument("--labels", help="task labels of the edges, e.g. person,car (default: the edge config's)")
     p.add_argument("--task", help="ground this task's label list instead of --labels (latentcast task list)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch, ONNX Runtime encoder and YOLOX threads on edge and cloud (default: leave the "
-                        "libraries' and configs' defaults)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch, ONNX Runtime encoder and YOLOX threads on edge and cloud, which share this machine "
+                        "(default 1: with the libraries' defaults they fight over the cores; 0 = leave them)")
     p.add_argument("--weights", help="codec weights; default: the shipped elic-lite")
     p.add_argument("--bundle", help="edge bundle folder; default: the shipped one")
     p.add_argument("--tables", help="temporal P-frame tables of edge and cloud; default: the codec's shipped ones")
