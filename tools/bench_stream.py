@@ -405,10 +405,13 @@ class _Ctx:
     task: str | None = None  # ground this task's label list (as `latentcast edge --task`) instead of labels
     task_labels: list[str] | None = None  # that list, loaded once
     tables: str | None = None  # temporal P-frame tables for edge and cloud (None: the codec's shipped ones)
+    cloud_threads: int | None = None  # the cloud's torch and detector threads (None: as the edge's, threads)
+    workers: int | None = None  # the cloud's worker threads (None: its config's default)
     edge_pool: list[tuple[Any, Any]] = field(default_factory=list)  # (EdgeEncoder, YOLOX) per stream index
 
 
-def _cloud_config(token: str, threads: int | None, *, jpeg: bool = False, tables: str | None = None):
+def _cloud_config(token: str, threads: int | None, *, jpeg: bool = False, tables: str | None = None,
+                  workers: int | None = None):
     """The loopback cloud of one configuration; ``jpeg`` enables the JPEG baseline codec."""
     from latentcast.cloud.config import CloudConfig
 
@@ -417,6 +420,8 @@ def _cloud_config(token: str, threads: int | None, *, jpeg: bool = False, tables
         cfg.pipeline.codecs = ["latentcast", "jpeg"]
     if tables:
         cfg.codec.temporal_tables = str(tables)
+    if workers:
+        cfg.pipeline.workers = workers
     s = cfg.server
     s.host = s.maintenance_host = s.metrics_host = "127.0.0.1"
     s.port, s.maintenance_port, s.metrics_port = 0, -1, -1
@@ -481,7 +486,7 @@ async def _run_config(ctx: _Ctx, system: str, n: int, progress: Callable[[str], 
     from latentcast.tools.demo import _cloud_counters
 
     token = secrets.token_hex(16)
-    ccfg = _cloud_config(token, ctx.threads, jpeg=system == "jpeg", tables=ctx.tables)
+    ccfg = _cloud_config(token, ctx.cloud_threads, jpeg=system == "jpeg", tables=ctx.tables, workers=ctx.workers)
     server = CloudServer(ccfg, codec=ctx.codec, detector=ctx.detector)
     port, _, _ = await server.start()
     await server.wait_ready(timeout=300)
@@ -551,6 +556,7 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
                     video: str | None = None, rate_point: int | None = None, labels: Sequence[str] | None = None,
                     task: str | None = None, threads: int | None = None, weights: str | None = None,
                     bundle: str | os.PathLike | None = None, tables: str | os.PathLike | None = None,
+                    cloud_threads: int | None = None, workers: int | None = None,
                     codec: Any = None, detector: Any = None, edge_detector: Any = None,
                     out: str | os.PathLike | None = None, command: str = "latentcast bench stream",
                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -584,10 +590,10 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
         video = str(shared_path("data", "video", "vtest.avi"))
     if not Path(video).is_file():
         raise FileNotFoundError(f"video {video} not found")
-    if threads:
+    if cloud_threads if cloud_threads is not None else threads:
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(cloud_threads if cloud_threads is not None else threads)
     t0 = time.monotonic()
     load_before = os.getloadavg()
     if edge_detector is None and detector is not None:
@@ -599,7 +605,8 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
     if detector is None:
         from latentcast.cloud.analytics import make_detector
 
-        detector = await asyncio.to_thread(make_detector, _cloud_config("x", threads).analytics)
+        detector = await asyncio.to_thread(
+            make_detector, _cloud_config("x", threads if cloud_threads is None else cloud_threads).analytics)
     if task and labels:
         raise ValueError("give either labels or a task, not both (a task's label list replaces the labels)")
     task_labels = None
@@ -611,13 +618,14 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
                jpeg_quality=int(jpeg_quality), rate_point=rate_point, labels=list(labels) if labels else None,
                threads=threads, bundle=str(bundle) if bundle else None, codec=codec, detector=detector,
                edge_detector=edge_detector, task=task, task_labels=task_labels,
-               tables=str(tables) if tables else None)
+               tables=str(tables) if tables else None,
+               cloud_threads=threads if cloud_threads is None else cloud_threads, workers=workers)
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     for n in streams:
         for system in systems:
             rows[(system, n)] = await _run_config(ctx, system, n, progress)
     ecfg = _edge_config(ctx, "latentcast", "x", 0, "x")
-    ccfg = _cloud_config("x", threads)
+    ccfg = _cloud_config("x", ctx.cloud_threads, workers=workers)
     result = {
         "command": command,
         "commit": _commit(),
@@ -625,7 +633,8 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
                                  "loadavg_after": [round(v, 2) for v in os.getloadavg()]},
         "duration_s": round(time.monotonic() - t0, 1),
         "options": {"streams": streams, "systems": systems, "seconds": seconds, "warmup_s": warmup,
-                    "pace_fps": pace, "jpeg_quality": jpeg_quality, "threads": threads, "video": portable_path(video),
+                    "pace_fps": pace, "jpeg_quality": jpeg_quality, "threads": threads,
+                    "cloud_threads": ctx.cloud_threads, "workers": workers, "video": portable_path(video),
                     "weights": weights, "bundle": ctx.bundle, "tables": ctx.tables},
         "setup": {
             "codec": {"name": getattr(codec, "codec_name", "?"), "weights_hash": codec.weights_hash.hex(),
@@ -753,7 +762,8 @@ def main(args) -> int:
         streams=_int_list(args.streams), seconds=args.seconds, warmup=args.warmup, pace=args.pace, systems=systems,
         jpeg_quality=args.jpeg_quality, video=args.video, rate_point=args.rate, labels=labels,
         task=getattr(args, "task", None), threads=args.threads,
-        weights=args.weights, bundle=args.bundle, tables=getattr(args, "tables", None), out=args.out,
+        weights=args.weights, bundle=args.bundle, tables=getattr(args, "tables", None),
+        cloud_threads=getattr(args, "cloud_threads", None), workers=getattr(args, "workers", None), out=args.out,
         command=" ".join(["latentcast"] + sys.argv[1:])))
     print()
     print(markdown(result), end="")
