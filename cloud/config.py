@@ -123,6 +123,17 @@ class CodecConfig:
     warmup_size: int = 64  # side of the dummy frame coded and decoded once before the health turns SERVING
     temporal_tables: str = ""  # temporal streams' P-frame tables; "" = models/weights/<codec>-temporal.safetensors
     refresh_retry_s: float = 1.0  # temporal: ask again for a keyframe if frames are still refused after this long
+    temporal_render: str = "changed"  # temporal: "changed" re-renders the cells that changed, "whole" every cell
+    render_grow: int = 1  # temporal_render changed: cells around each changed cell re-rendered too
+    render_halo: int = 3  # temporal_render changed: cells of context around each re-rendered rectangle
+
+    def __post_init__(self) -> None:
+        if self.temporal_render not in ("changed", "whole"):
+            raise ValueError(f"codec.temporal_render {self.temporal_render!r} is not one of changed, whole")
+        for name in ("render_grow", "render_halo"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 16:
+                raise ValueError(f"codec.{name} {v!r} must be an integer in 0..16")
 
 
 @dataclass

@@ -141,9 +141,11 @@ class LatentcastDecoder(Decoder):
     name = "latentcast"
 
     def __init__(self, codec: LatentCodec, *, max_packet_bytes: int = MAX_PACKET_BYTES, temporal_tables: str = "",
-                 refresh_retry_s: float = 1.0) -> None:
+                 refresh_retry_s: float = 1.0, render: dict | None = None) -> None:
         """``temporal_tables``: the P-frame tables of temporal streams ("" = the codec's shipped ones), loaded on
-        first use; ``refresh_retry_s``: a missing reference asks again for a keyframe after this long."""
+        first use; ``refresh_retry_s``: a missing reference asks again for a keyframe after this long;
+        ``render``: the TemporalDecoder's render settings (``tiled``, ``grow``, ``halo``; None: its defaults)."""
+        self.render = dict(render or {})
         self.codec = codec
         self.codec_id = int(codec.codec_id)
         self.max_packet_bytes = max_packet_bytes
@@ -214,7 +216,7 @@ class LatentcastDecoder(Decoder):
             raise PacketRefused(failure.code, failure.message)
         try:
             if state.temporal is None:
-                state.temporal = TemporalDecoder(codec=self.codec, tables=self.temporal_tables())
+                state.temporal = TemporalDecoder(codec=self.codec, tables=self.temporal_tables(), **self.render)
             t0 = time.monotonic()
             render = await asyncio.to_thread(state.temporal.prepare, packet)
             job.prepare_ms = (time.monotonic() - t0) * 1000.0
@@ -388,13 +390,14 @@ class DecoderRegistry:
     @classmethod
     def for_codec(cls, codec: LatentCodec, *, names: Sequence[str] = ("latentcast",),
                   max_packet_bytes: int = MAX_PACKET_BYTES, max_frame_pixels: int = SessionsConfig().max_frame_pixels,
-                  temporal_tables: str = "", refresh_retry_s: float = 1.0) -> DecoderRegistry:
+                  temporal_tables: str = "", refresh_retry_s: float = 1.0,
+                  render: dict | None = None) -> DecoderRegistry:
         """The decoders of ``names`` (from ``CODEC_NAMES``) around the loaded ``codec``."""
         unknown = [n for n in names if n not in CODEC_NAMES]
         if unknown:
             raise ValueError(f"unknown codec name(s) {unknown} (valid: {', '.join(CODEC_NAMES)})")
         lc = LatentcastDecoder(codec, max_packet_bytes=max_packet_bytes, temporal_tables=temporal_tables,
-                               refresh_retry_s=refresh_retry_s)
+                               refresh_retry_s=refresh_retry_s, render=render)
         made = {"latentcast": lambda: lc, "jpeg": lambda: JpegDecoder(max_frame_pixels=max_frame_pixels)}
         return cls([made[n]() for n in dict.fromkeys(names)], default=lc if "latentcast" in names else None)
 
@@ -405,7 +408,9 @@ class DecoderRegistry:
         return cls.for_codec(codec, names=config.pipeline.codecs, max_packet_bytes=config.server.max_packet_bytes,
                              max_frame_pixels=config.sessions.max_frame_pixels,
                              temporal_tables=config.codec.temporal_tables,
-                             refresh_retry_s=config.codec.refresh_retry_s)
+                             refresh_retry_s=config.codec.refresh_retry_s,
+                             render={"tiled": config.codec.temporal_render == "changed",
+                                     "grow": config.codec.render_grow, "halo": config.codec.render_halo})
 
     def __contains__(self, codec_id: object) -> bool:
         return codec_id in self._by_id

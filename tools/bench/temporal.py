@@ -43,6 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--tables", default=None, help="P-frame tables (default: models/weights/<codec>-temporal.safetensors)"
     )
     p.add_argument("--threads", type=int, default=2, help="torch threads of the decoder")
+    p.add_argument("--render-grow", type=int, default=None, help="tiled render: cells grown around each change "
+                                                                   "(default: the decoder's, 1)")
+    p.add_argument("--render-halo", type=int, default=None, help="tiled render: cells of context (default: the "
+                                                                   "decoder's, 3)")
     p.add_argument("--no-cost-levers", dest="cost_levers", action="store_false",
                    help="skip the four runs that time the edge's and the cloud's changed-cell levers")
     p.add_argument("--out", default="results/temporal_bench.json", help="JSON file to write (and .md beside it)")
@@ -51,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def _run(name: str, clip, rois, analysis, *, encoder, decoder_codec, tables, config, loss: float, rtt: int,
          detector, gt, class_ids, seed: int = 0, change: bool = False, tiled: bool = True,
-         render_every: bool = False, reference: dict | None = None) -> dict:
+         render_every: bool = False, reference: dict | None = None, render: dict | None = None) -> dict:
     """One pass over the clip. ``change``: the edge analyses only the changed cells (else the whole frame,
     ``analysis``: precomputed with its time); ``tiled``: the cloud renders only the changed cells;
     ``render_every``: render every frame (timed), not only the scored ones; ``reference``: rendered frames
@@ -62,7 +66,7 @@ def _run(name: str, clip, rois, analysis, *, encoder, decoder_codec, tables, con
 
     cfg = config if change else dataclasses.replace(config, change_threshold=0.0)
     enc = TemporalEncoder(compressor=encoder, tables=tables, config=cfg, fps=clip.fps)
-    dec = TemporalDecoder(codec=decoder_codec, tables=tables, tiled=tiled)
+    dec = TemporalDecoder(codec=decoder_codec, tables=tables, tiled=tiled, **(render or {}))
     edge_ms, render_ms, frames = [], [], {}
     rng = np.random.default_rng(seed)
     keep = set(clip.scored)
@@ -168,7 +172,8 @@ def _markdown(res: dict) -> str:
                      f"{r['longest_recovery_frames']} | {r['map50']:.3f} | {r['map']:.3f} | {lv} |")
     if res.get("cost_runs"):
         lines += ["", "Cost follows change (level q0/t1, no loss, every frame rendered): the edge's g_a on the changed "
-                  "cells only, the cloud's g_s on the changed cells only; medians per frame on this machine, PSNR of "
+                  "cells only, the cloud's g_s on the changed cells only (render settings: "
+                  f"{res.get('render')}); medians per frame on this machine, PSNR of "
                   "the scored frames against the originals and against the first run's renders.", "",
                   "| edge | cloud | edge ms (g_a + coding) | cloud render ms | kbit/s | mAP@0.5 | mAP@0.5:0.95 | "
                   "PSNR dB | PSNR vs whole/whole (min, mean) |", "|---|---|---|---|---|---|---|---|---|"]
@@ -238,6 +243,7 @@ def main(a: argparse.Namespace) -> int:
         out_runs.append(r)
     # cost follows change: each lever alone and both, on the fixed level, every frame rendered and timed
     cost_runs, reference = [], None
+    render = {k: v for k, v in (("grow", a.render_grow), ("halo", a.render_halo)) if v is not None}
     for change, tiled in ((False, False), (True, False), (False, True), (True, True)):
         if not a.cost_levers:
             break
@@ -245,7 +251,7 @@ def main(a: argparse.Namespace) -> int:
         name = f"edge {where[change]}, cloud {where[tiled]}"
         r = _run(name, clip, rois, analysis, encoder=encoder, decoder_codec=codec, tables=tables, config=base,
                  loss=0.0, rtt=a.rtt_frames, detector=detector, gt=gt, class_ids=class_ids, change=change, tiled=tiled,
-                 render_every=True, reference=reference)
+                 render_every=True, reference=reference, render=render)
         frames = r.pop("_frames")
         reference = reference or frames
         log.info("%s: edge %.1f ms, render %.1f ms, mAP@0.5 %.3f", name, r["cost"]["edge_ms_p50"],
@@ -256,7 +262,8 @@ def main(a: argparse.Namespace) -> int:
            "data": {"path": portable_path(path), "frames": clip.n_frames, "fps": clip.fps,
                     "size": f"{clip.width}x{clip.height}", "scored": len(gt)},
            "labels": labels, "tables": dict(tables.meta), "temporal_defaults": dataclasses.asdict(base),
-           "rtt_frames": a.rtt_frames, "runs": out_runs, "cost_runs": cost_runs}
+           "rtt_frames": a.rtt_frames, "runs": out_runs, "cost_runs": cost_runs,
+           "render": render or "the TemporalDecoder's defaults (grow 1, halo 3)"}
     provenance.write_results(a.out, res, _markdown(res))
     print(_markdown(res))
     return 0
