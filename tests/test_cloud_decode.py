@@ -153,6 +153,19 @@ def test_registry_picks_the_decoder_by_the_sessions_codec_id():
     assert reg.names == ("latentcast", "jpeg") and reg.describe() == "1 (elic-lite) or 100 (jpeg)"
 
 
+def test_the_temporal_render_settings_come_from_the_config():
+    from latentcast.cloud.config import CodecConfig
+
+    cfg = CloudConfig()
+    assert DecoderRegistry.from_config(cfg, _Codec()).get(1).render == {"tiled": True, "grow": 1, "halo": 3}
+    cfg.codec = CodecConfig(temporal_render="whole", render_grow=0, render_halo=2)
+    assert DecoderRegistry.from_config(cfg, _Codec()).get(1).render == {"tiled": False, "grow": 0, "halo": 2}
+    with pytest.raises(ValueError, match="codec.temporal_render 'some' is not one of changed, whole"):
+        CodecConfig(temporal_render="some")
+    with pytest.raises(ValueError, match=r"codec.render_halo -1 must be an integer in 0..16"):
+        CodecConfig(render_halo=-1)
+
+
 @pytest.mark.parametrize("names,codec_id,needles", [
     (["latentcast", "jpeg"], 99, ["codec_id 99 (unknown)", "1 (elic-lite) or 100 (jpeg)",
                                   "pipeline.codecs: latentcast, jpeg"]),
