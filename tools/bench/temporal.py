@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                                                                    "(default: the decoder's, 1)")
     p.add_argument("--render-halo", type=int, default=None, help="tiled render: cells of context (default: the "
                                                                    "decoder's, 3)")
+    p.add_argument("--change-threshold", type=float, default=None,
+                   help="the changed-cell edge runs' temporal.change_threshold (default: the edge's, 4)")
     p.add_argument("--no-cost-levers", dest="cost_levers", action="store_false",
                    help="skip the four runs that time the edge's and the cloud's changed-cell levers")
     p.add_argument("--out", default="results/temporal_bench.json", help="JSON file to write (and .md beside it)")
@@ -228,6 +230,8 @@ def main(a: argparse.Namespace) -> int:
             gt[i] = [GtBox(x0=d.x0, y0=d.y0, x1=d.x1, y1=d.y1, class_id=d.class_id) for d in detector.detect(frame)
                      if d.score >= 0.3]
     base = TemporalConfig(mode="temporal")
+    if a.change_threshold is not None:
+        base = dataclasses.replace(base, change_threshold=a.change_threshold)
     runs = [("fixed q0/t1", base, 0.0)]
     runs += [(f"target {t:g} kbit/s", dataclasses.replace(base, target_kbps=t), 0.0) for t in targets]
     runs += [(f"fixed q0/t1, {a.loss:.0%} loss", base, a.loss)]
