@@ -172,7 +172,7 @@ class TemporalConfig:
     refresh_s: float = 60.0  # a keyframe at least this often (0: only at start, scene change and request)
     scene_change: float = 0.4  # a keyframe when this fraction of all cells changed by bg_threshold symbols (a cut)
     target_kbps: float = 0.0  # rate control target (0: off): picks rate point, threshold, keyframe cost and period
-    change_threshold: float = 4.0  # P frames: g_a only on 16x16 cells that changed by more (mean grey levels; 0: all)
+    change_threshold: float = 8.0  # P frames: g_a only on 16x16 cells that changed by more (mean grey levels; 0: all)
     tables: str = ""  # P-frame entropy tables; "" = models/weights/<codec>-temporal.safetensors next to the bundle
 
     def __post_init__(self) -> None:
