@@ -26,7 +26,7 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 
-from latentcast.proto.grid import padded_size
+from latentcast.edge.encoder import pad_frame
 from latentcast.proto.regions import change_regions
 
 log = logging.getLogger(__name__)
@@ -74,13 +74,6 @@ class ChangeAnalyzer:
         """Forget the reference: the next frame is analysed whole."""
         self.reference = self.y = self.z = None
 
-    def _pad(self, frame: np.ndarray) -> np.ndarray:
-        h, w = frame.shape[:2]
-        pw, ph = padded_size(w, h)
-        if (pw, ph) == (w, h):
-            return np.ascontiguousarray(frame)
-        return np.pad(frame, ((0, ph - h), (0, pw - w), (0, 0)), mode="edge")
-
     def _whole(self, padded: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         self.reference = padded.copy()
         self.y, self.z = self._analyze(padded)
@@ -91,7 +84,7 @@ class ChangeAnalyzer:
     def analyze(self, frame: np.ndarray, *, full: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
             raise ValueError(f"frame must be (H, W, 3) uint8 RGB, got shape {frame.shape} {frame.dtype}")
-        padded = self._pad(frame)
+        padded = pad_frame(frame)
         self.last_whole = False
         if full or self.reference is None or self.reference.shape != padded.shape:
             return self._whole(padded)

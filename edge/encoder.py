@@ -36,8 +36,11 @@ def default_bundle_dir(codec: str = "elic-lite") -> Path:
 
 
 def pad_frame(frame: np.ndarray, pad_to: int = 64) -> np.ndarray:
+    """``frame`` padded (edge replicate) to a multiple of ``pad_to``; itself (contiguous) when it already is one."""
     h, w = frame.shape[:2]
     pw, ph = padded_size(w, h, pad_to=pad_to)
+    if (pw, ph) == (w, h):
+        return np.ascontiguousarray(frame)
     return np.pad(frame, ((0, ph - h), (0, pw - w), (0, 0)), mode="edge")
 
 

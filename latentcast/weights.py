@@ -56,8 +56,8 @@ def codec_name_of(path: Path | str) -> str:
     return name
 
 
-def read_tagged_file(path: Path | str, fmt: str, *, what: str, get: str, framework: str = "pt",
-                     ) -> tuple[dict[str, Any], dict[str, str]]:
+def read_tagged_file(path: Path | str, fmt: str, *, what: str, get: str,
+                     framework: str = "pt") -> tuple[dict[str, Any], dict[str, str]]:
     """The tensors and metadata of a latentcast safetensors file whose ``format`` metadata is ``fmt``.
 
     ``what`` names the file in errors ("codec weights"); ``get`` says how to get one. A missing file

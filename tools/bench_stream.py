@@ -584,16 +584,17 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
         raise ValueError(f"jpeg_quality {jpeg_quality!r} out of range 1..100")
     if threads is not None and threads < 0:
         raise ValueError(f"threads {threads!r} must be >= 0 (0 = the libraries' defaults)")
+    cloud_threads = threads if cloud_threads is None else cloud_threads
     from latentcast.shared import portable_path, shared_path
 
     if video is None:
         video = str(shared_path("data", "video", "vtest.avi"))
     if not Path(video).is_file():
         raise FileNotFoundError(f"video {video} not found")
-    if cloud_threads if cloud_threads is not None else threads:
+    if cloud_threads:
         import torch
 
-        torch.set_num_threads(cloud_threads if cloud_threads is not None else threads)
+        torch.set_num_threads(cloud_threads)
     t0 = time.monotonic()
     load_before = os.getloadavg()
     if edge_detector is None and detector is not None:
@@ -605,8 +606,7 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
     if detector is None:
         from latentcast.cloud.analytics import make_detector
 
-        detector = await asyncio.to_thread(
-            make_detector, _cloud_config("x", threads if cloud_threads is None else cloud_threads).analytics)
+        detector = await asyncio.to_thread(make_detector, _cloud_config("x", cloud_threads).analytics)
     if task and labels:
         raise ValueError("give either labels or a task, not both (a task's label list replaces the labels)")
     task_labels = None
@@ -619,7 +619,7 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
                threads=threads, bundle=str(bundle) if bundle else None, codec=codec, detector=detector,
                edge_detector=edge_detector, task=task, task_labels=task_labels,
                tables=str(tables) if tables else None,
-               cloud_threads=threads if cloud_threads is None else cloud_threads, workers=workers)
+               cloud_threads=cloud_threads, workers=workers)
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     for n in streams:
         for system in systems:

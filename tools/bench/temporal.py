@@ -116,7 +116,12 @@ def _run(name: str, clip, rois, analysis, *, encoder, decoder_codec, tables, con
     per_s = [sum(sizes[k:k + int(round(fps))]) * 8 / 1000 for k in range(0, len(sizes), max(1, int(round(fps))))]
     m = detection_map(gt, preds, class_ids=class_ids)
     c = config
-    originals = {i: f for i, f in clip.frames() if i in frames}
+    originals = {}
+    for i, f in clip.frames():  # the scored originals, reading no further than the last one
+        if not frames or i > max(frames):
+            break
+        if i in frames:
+            originals[i] = f
     cost = {"edge": "changed cells" if change else "whole frame", "cloud": "changed cells" if tiled else "whole frame",
             "edge_ms_p50": round(float(np.median(edge_ms)), 1), "render_ms_p50": round(float(np.median(render_ms)), 1)
             if render_ms else None, "rendered": len(render_ms),
