@@ -408,3 +408,19 @@ def test_renders_out_of_order_or_skipped_stay_correct(edge_encoder, tiny_codec):
     out5 = renders[4](True)
     assert psnr(out5.frame, wanted[4].frame) >= 40.0
     assert tiled.counts["render_tiled"] >= 1, tiled.counts  # frame 5 at least renders only what changed since 3
+
+
+def test_a_render_whose_changes_left_the_history_is_whole(edge_encoder, tiny_codec):
+    from latentcast.models import temporal as tm
+
+    enc, tiled = _pair(edge_encoder, tiny_codec, rate_point=3, bg_rate_point=3, bg_threshold=1, scene_change=1.0)
+    whole = tm.TemporalDecoder(codec=tiny_codec, tables=tiled.tables, tiled=False)
+    packets = [enc.encode(*_big_frame(t % 20)) for t in range(tm._HISTORY + 4)]
+    tiled.decompress(packets[0])
+    renders = [tiled.prepare(p) for p in packets[1:]]  # none rendered: the history overflows
+    for p in packets:
+        want = whole.decompress(p)
+    before = tiled.counts["render_whole"]
+    got = renders[-1](True)
+    assert tiled.counts["render_whole"] == before + 1
+    np.testing.assert_allclose(got.latent, want.latent, atol=1e-5)
