@@ -6,6 +6,8 @@ The repository ships, per codec ``<name>``, in ``models/weights/`` (installed: `
     <name>.onnx/                  its edge bundle (edge/encoder.py, written by ``latentcast export edge``)
     <name>-temporal.safetensors   its P-frame tables (edge/temporal.py, models/temporal.py;
                                   written by ``latentcast train temporal``)
+    <variant>-synthesis.safetensors  a cheaper synthesis g_s for a codec's packets (models/synthesis.py;
+                                  written by ``latentcast release synthesis``), e.g. elic-lite-fast
 
 The folder is found through the ``latentcast.models`` package's location without importing it, so the
 edge (which never imports torch or ``latentcast.models``) resolves its bundle here too.
@@ -23,10 +25,11 @@ log = logging.getLogger(__name__)
 
 __all__ = ["WeightKind", "SUFFIXES", "weights_dir", "weights_path", "codec_name_of", "read_tagged_file"]
 
-WeightKind = Literal["codec", "edge-bundle", "temporal-tables"]
+WeightKind = Literal["codec", "edge-bundle", "temporal-tables", "synthesis"]
 
 #: file (or folder) name of each kind after the codec name
-SUFFIXES: dict[str, str] = {"codec": ".safetensors", "edge-bundle": ".onnx", "temporal-tables": "-temporal.safetensors"}
+SUFFIXES: dict[str, str] = {"codec": ".safetensors", "edge-bundle": ".onnx", "temporal-tables": "-temporal.safetensors",
+                             "synthesis": "-synthesis.safetensors"}
 
 
 @functools.lru_cache(maxsize=1)

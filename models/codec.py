@@ -121,6 +121,7 @@ class LatentCodec(FrameCompressor):
         self.path = path
         self.meta = meta or {}
         self.codec_name = f"elic-{self.cfg.name}"
+        self.synthesis_name = ""  # "" = the codec's own g_s renders (use_synthesis)
         if self.codec_name not in CODEC_IDS:
             raise ValueError(f"codec {self.codec_name!r} has no wire id (valid: {', '.join(CODEC_IDS)})")
         self.codec_id = CODEC_IDS[self.codec_name]
@@ -164,9 +165,7 @@ class LatentCodec(FrameCompressor):
         sd, md = read_tagged_file(path, "latentcast-codec-1", what="codec weights", get=get)
         weights_hash = weights_content_hash(sd, md)
         cfg_d = json.loads(md["config"])
-        cfg_d["groups"] = tuple(cfg_d["groups"])
-        cfg_d["rate_steps"] = tuple(cfg_d["rate_steps"])
-        cfg = ElicConfig(**cfg_d)
+        cfg = ElicConfig.from_dict(cfg_d)
         y_tables = _tables_from_tensors("tables.y", sd)
         z_tables = _tables_from_tensors("tables.z", sd)
         model = ElicCodec(cfg)
@@ -185,6 +184,20 @@ class LatentCodec(FrameCompressor):
             have = sorted(q.stem for q in WEIGHTS_DIR.glob("*.safetensors"))
             raise FileNotFoundError(f"no codec weights named {name!r} (shipped: {', '.join(have) or 'none'})")
         return cls.from_file(cand)
+
+    def use_synthesis(self, name: str) -> None:
+        """Render with the synthesis ``name`` (``models/synthesis.py``: a cheaper g_s trained for this codec's
+        packets) instead of the codec's own; ``""`` goes back to the codec's own. Entropy decoding, the
+        packets and the weights hash do not change."""
+        from .synthesis import load_synthesis
+
+        if not hasattr(self, "_own_g_s"):
+            self._own_g_s = self.model.g_s
+        if not name:
+            self.model.g_s, self.synthesis_name = self._own_g_s, ""
+            return
+        sf = load_synthesis(name, self.cfg, self.weights_hash)
+        self.model.g_s, self.synthesis_name = sf.g_s, sf.name
 
     @property
     def n_rates(self) -> int:

@@ -60,7 +60,9 @@ class ElicConfig:
     res_blocks: int = 1  # residual bottleneck blocks per g_a stage (ELIC: 3)
     attention: bool = False  # simplified attention blocks in g_a (ELIC: yes)
     gs_width: int = 128  # width of the synthesis transform
-    gs_blocks: int = 3  # residual blocks of g_s at 1/16 (two more at 1/8)
+    gs_blocks: int = 3  # residual blocks of g_s at 1/16
+    gs_up_widths: tuple[int, ...] = ()  # widths of g_s's x2 stages after 1/16 (() = gs_width, then halving, min 24)
+    gs_tail_blocks: int = 1  # residual blocks of g_s at 1/latent_factor before its output conv
     latent_channels: int = 48  # channels of the target latent z_c (pixels:4 = 48, taef2: 32, SD: 4)
     latent_factor: int = 4  # z_c is at 1/latent_factor of the frame (g_s upsamples 16 -> factor)
     n_scales: int = 64  # Gaussian scale tables
@@ -73,6 +75,30 @@ class ElicConfig:
             raise ValueError(f"groups {self.groups} sum to {sum(self.groups)}, not M={self.M}")
         if self.latent_factor not in (1, 2, 4, 8, 16):
             raise ValueError(f"latent_factor {self.latent_factor} not in (1, 2, 4, 8, 16)")
+        stages = int(math.log2(16 // self.latent_factor))
+        if self.gs_up_widths and len(self.gs_up_widths) != stages:
+            raise ValueError(f"gs_up_widths {self.gs_up_widths} has {len(self.gs_up_widths)} widths; "
+                             f"latent_factor {self.latent_factor} needs {stages} (or () for the default)")
+
+    @property
+    def synthesis_up_widths(self) -> tuple[int, ...]:
+        """Widths of g_s's x2 stages from 1/16 to 1/latent_factor."""
+        if self.gs_up_widths:
+            return tuple(self.gs_up_widths)
+        widths, w = [], self.gs_width
+        for i in range(int(math.log2(16 // self.latent_factor))):
+            w = self.gs_width if i == 0 else max(w // 2, 24)
+            widths.append(w)
+        return tuple(widths)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ElicConfig:
+        """The inverse of :meth:`to_dict` (JSON lists back to tuples; fields a file predates take defaults)."""
+        d = dict(d)
+        for k in ("groups", "rate_steps", "gs_up_widths"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
 
     @property
     def log_step(self) -> float:
@@ -229,14 +255,13 @@ class SynthesisToLatent(nn.Module):
         )
         self.head = _conv(cfg.M + 1 + g // 2, g, 3)
         self.trunk = nn.Sequential(*[ResBlock(g) for _ in range(cfg.gs_blocks)])
-        # x2 stages from 1/16 to 1/latent_factor, halving the width after the first
+        # x2 stages from 1/16 to 1/latent_factor (cfg.synthesis_up_widths), then the tail blocks
         up: list[nn.Module] = []
         w = g
-        for i in range(int(math.log2(16 // cfg.latent_factor))):
-            w_out = g if i == 0 else max(w // 2, 24)
+        for w_out in cfg.synthesis_up_widths:
             up += [_conv(w, 4 * w_out, 3), nn.PixelShuffle(2), nn.LeakyReLU(0.1, inplace=True), ResBlock(w_out)]
             w = w_out
-        self.up = nn.Sequential(*up, ResBlock(w))
+        self.up = nn.Sequential(*up, *[ResBlock(w) for _ in range(cfg.gs_tail_blocks)])
         self.out = _conv(w, cfg.latent_channels, 3)
 
     def forward(self, y_hat: torch.Tensor, mask: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:

@@ -36,8 +36,7 @@ def release_codec(checkpoint: str | Path, out: str | Path, *, rate_points: Seque
     all); ``calibrate`` chooses the table offsets on training images (needs the shared training data)."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     c = dict(state["codec"])
-    c["groups"], c["rate_steps"] = tuple(c["groups"]), tuple(c["rate_steps"])
-    model = ElicCodec(ElicConfig(**c))
+    model = ElicCodec(ElicConfig.from_dict(c))
     model.load_state_dict(state["model"])
     train_cfg = {k: v for k, v in (state.get("train") or {}).items() if k not in MACHINE_KEYS}
     meta = {"train": train_cfg, "step": state.get("step"), "latent_var": state.get("latent_var")}

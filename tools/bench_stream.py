@@ -556,7 +556,7 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
                     video: str | None = None, rate_point: int | None = None, labels: Sequence[str] | None = None,
                     task: str | None = None, threads: int | None = None, weights: str | None = None,
                     bundle: str | os.PathLike | None = None, tables: str | os.PathLike | None = None,
-                    cloud_threads: int | None = None, workers: int | None = None,
+                    cloud_threads: int | None = None, workers: int | None = None, synthesis: str = "",
                     codec: Any = None, detector: Any = None, edge_detector: Any = None,
                     out: str | os.PathLike | None = None, command: str = "latentcast bench stream",
                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -603,6 +603,8 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
         from latentcast.models.codec import LatentCodec
 
         codec = await asyncio.to_thread(LatentCodec.load, weights or "elic-lite")
+    if synthesis:
+        codec.use_synthesis(synthesis)  # the cloud's codec.synthesis: frames render with it
     if detector is None:
         from latentcast.cloud.analytics import make_detector
 
@@ -635,7 +637,7 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
         "options": {"streams": streams, "systems": systems, "seconds": seconds, "warmup_s": warmup,
                     "pace_fps": pace, "jpeg_quality": jpeg_quality, "threads": threads,
                     "cloud_threads": ctx.cloud_threads, "workers": workers, "video": portable_path(video),
-                    "weights": weights, "bundle": ctx.bundle, "tables": ctx.tables},
+                    "weights": weights, "bundle": ctx.bundle, "tables": ctx.tables, "synthesis": synthesis},
         "setup": {
             "codec": {"name": getattr(codec, "codec_name", "?"), "weights_hash": codec.weights_hash.hex(),
                       "latent_space": getattr(codec, "latent_space_spec", None)},
@@ -763,7 +765,8 @@ def main(args) -> int:
         jpeg_quality=args.jpeg_quality, video=args.video, rate_point=args.rate, labels=labels,
         task=getattr(args, "task", None), threads=args.threads,
         weights=args.weights, bundle=args.bundle, tables=getattr(args, "tables", None),
-        cloud_threads=getattr(args, "cloud_threads", None), workers=getattr(args, "workers", None), out=args.out,
+        cloud_threads=getattr(args, "cloud_threads", None), workers=getattr(args, "workers", None),
+        synthesis=getattr(args, "synthesis", None) or "", out=args.out,
         command=" ".join(["latentcast"] + sys.argv[1:])))
     print()
     print(markdown(result), end="")

@@ -6,8 +6,8 @@
     latentcast decode IN.lcf -o OUT.png [--latent OUT.npy]                    tools/packet.py
     latentcast info IN.lcf
     latentcast export edge|grounding ...                                      tools/export.py
-    latentcast train codec|composer|temporal ...                              tools/train.py
-    latentcast release codec CHECKPOINT --out W.safetensors                   tools/train.py
+    latentcast train codec|composer|temporal|synthesis ...                    tools/train.py
+    latentcast release codec|synthesis CHECKPOINT --out W.safetensors         tools/train.py
     latentcast bench codec|stream|composer|grounding|hostile|temporal ...     tools/bench/
     latentcast task new|show|list ...                                         tools/task.py
     latentcast edge --config edge.yaml [--task NAME] | cloud --config cloud.yaml | token new|hash
@@ -43,10 +43,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "export ONNX graphs: edge (the codec's encoder bundle) or grounding (Grounding DINO for the "
                "open-vocabulary edge backend)"),
     "train": ("latentcast.tools.train:add_arguments",
-              "train the codec or the ControlNet composer (stage I then II; resumable), or fit the temporal "
-              "P-frame entropy model on a video"),
+              "train the codec or the ControlNet composer (stage I then II; resumable), fit the temporal "
+              "P-frame entropy model on a video, or train a cheaper synthesis g_s for the cloud"),
     "release": ("latentcast.tools.train:add_release_arguments",
-                "freeze a training checkpoint into a codec weight file"),
+                "freeze a training checkpoint into a codec or synthesis weight file"),
     "edge": ("latentcast.tools.services:add_edge_arguments",
              "run the edge service: capture, grounding, encoding, stream to the cloud"),
     "task": ("latentcast.tools.task:add_arguments",

@@ -46,8 +46,7 @@ def _load(path: Path):
         return c.model, c.latent_space_spec, c.meta.get("step"), None
     state = torch.load(path, map_location="cpu", weights_only=False)
     cd = dict(state["codec"])
-    cd["groups"], cd["rate_steps"] = tuple(cd["groups"]), tuple(cd["rate_steps"])
-    model = ElicCodec(ElicConfig(**cd))
+    model = ElicCodec(ElicConfig.from_dict(cd))
     model.load_state_dict(state["model"])
     return model, state["train"]["latent_space"], int(state["step"]), state["train"]
 

@@ -64,8 +64,24 @@ def train_temporal(a: argparse.Namespace) -> int:
     return fit(a)
 
 
+def train_synthesis(a: argparse.Namespace) -> int:
+    """``latentcast train synthesis``: a cheaper g_s for the cloud (resumable); prints the checkpoint."""
+    from latentcast.models.synthesis_training import SynthesisTrainConfig
+    from latentcast.models.synthesis_training import train_synthesis as run
+
+    print(run(dataclass_from_args(SynthesisTrainConfig, a)))
+    return 0
+
+
 def release(a: argparse.Namespace) -> int:
-    """``latentcast release codec``: freeze a checkpoint into a weight file; prints its weights hash."""
+    """``latentcast release codec|synthesis``: freeze a checkpoint into a weight file; prints its hash."""
+    if a.what == "synthesis":
+        from latentcast.models.synthesis import release_synthesis
+
+        if a.rate_points or a.no_calibrate:
+            raise SystemExit("error: --rate-points and --no-calibrate are options of `release codec`")
+        print(f"{release_synthesis(a.checkpoint, a.out)}")
+        return 0
     from latentcast.models.release import release_codec
 
     rate_points = [int(v) for v in a.rate_points.split(",")] if a.rate_points else None
@@ -75,7 +91,7 @@ def release(a: argparse.Namespace) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """``train codec|composer|temporal``, each with its own options."""
+    """``train codec|composer|temporal|synthesis``, each with its own options."""
     from latentcast.models.composer_training import PRECISIONS, ComposerTrainConfig
     from latentcast.models.training import TrainConfig
     from latentcast.tools.fit_temporal_tables import add_arguments as temporal_arguments
@@ -103,10 +119,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     temporal_arguments(t)
     t.set_defaults(func=train_temporal)
 
+    from latentcast.models.synthesis_training import SynthesisTrainConfig
+
+    g = ts.add_parser("synthesis", help="a cheaper synthesis g_s for the cloud, on the codec's exact decoder "
+                                        "inputs (resumable; models/synthesis_training.py)",
+                      description="Train a student g_s for a codec (models/synthesis_training.py); resumes "
+                                  "from OUT/last.pt. Packets and the edge do not change.")
+    add_dataclass_options(g, SynthesisTrainConfig)
+    g.set_defaults(func=train_synthesis)
+
 
 def add_release_arguments(r: argparse.ArgumentParser) -> None:
-    """``release codec CHECKPOINT --out W.safetensors``."""
-    r.add_argument("what", choices=["codec"])
+    """``release codec|synthesis CHECKPOINT --out W.safetensors``."""
+    r.add_argument("what", choices=["codec", "synthesis"])
     r.add_argument("checkpoint")
     r.add_argument("--out", required=True)
     r.add_argument("--rate-points", help="ship only these trained rate points, e.g. 1,2,3 (default: all)")

@@ -43,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--tables", default=None, help="P-frame tables (default: models/weights/<codec>-temporal.safetensors)"
     )
     p.add_argument("--threads", type=int, default=2, help="torch threads of the decoder")
+    p.add_argument("--synthesis", default="", help="the g_s the cloud renders with (codec.synthesis; default: the "
+                                                   "codec's own; e.g. elic-lite-fast)")
     p.add_argument("--render-grow", type=int, default=None, help="tiled render: cells grown around each change "
                                                                    "(default: the decoder's, 1)")
     p.add_argument("--render-halo", type=int, default=None, help="tiled render: cells of context (default: the "
@@ -167,6 +169,7 @@ def _markdown(res: dict) -> str:
         f"{res['data']['scored']} scored (every 8th) against YOLOX-nano on the originals; refresh requests reach "
         f"the edge {res['rtt_frames']} frames after the refused frame",
         "- a scored frame the cloud could not render counts with no detections",
+        "- frames render with the synthesis: " + res.get("synthesis", "the codec's own"),
         "",
         "| run | target kbit/s | kbit/s | worst 1 s | bpp | keyframes | lost | refused | longest recovery (frames) "
         "| mAP@0.5 | mAP@0.5:0.95 | levels used |",
@@ -217,6 +220,8 @@ def main(a: argparse.Namespace) -> int:
     clip = video_clip(path, every=8, max_frames=a.max_frames)
     encoder = EdgeEncoder(bundle=a.bundle)
     codec = LatentCodec.load(a.weights or "elic-lite")
+    if a.synthesis:
+        codec.use_synthesis(a.synthesis)
     tables = TemporalTables.load(
         getattr(a, "tables", None) or default_tables_path(codec), weights_hash=codec.weights_hash
     )
@@ -272,7 +277,8 @@ def main(a: argparse.Namespace) -> int:
                     "size": f"{clip.width}x{clip.height}", "scored": len(gt)},
            "labels": labels, "tables": dict(tables.meta), "temporal_defaults": dataclasses.asdict(base),
            "rtt_frames": a.rtt_frames, "runs": out_runs, "cost_runs": cost_runs,
-           "render": render or "the TemporalDecoder's defaults (grow 1, halo 3)"}
+           "render": render or "the TemporalDecoder's defaults (grow 1, halo 3)",
+           "synthesis": codec.synthesis_name or "the codec's own"}
     provenance.write_results(a.out, res, _markdown(res))
     print(_markdown(res))
     return 0

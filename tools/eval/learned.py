@@ -122,6 +122,7 @@ class LatentcastCodec:
 
     def describe(self) -> dict:
         return {"codec": self.decoder.codec_name, "weights_hash": self.decoder.weights_hash.hex(),
+                "synthesis": self.decoder.synthesis_name or "the codec's own",
                 "latent_space": self.decoder.latent_space_spec, "mode": self.mode,
                 "encoder": "edge bundle (ONNX Runtime)", "decoder": "LatentCodec (PyTorch)",
                 "grounding": {"labels": list(self.grounding.labels), "every": self.grounding.every,
@@ -201,6 +202,7 @@ class TemporalLatentcastCodec:
 
         c = self.config
         return {"codec": self.decoder.codec_name, "weights_hash": self.decoder.weights_hash.hex(), "mode": "temporal",
+                "synthesis": self.decoder.synthesis_name or "the codec's own",
                 "levels": "q<rate point of ROI cells>/t<nonzero symbols for a ROI cell to be re-coded>",
                 "temporal": {k: v for k, v in dataclasses.asdict(c).items() if k not in ("rate_point", "threshold")},
                 "tables": dict(self.tables.meta),

@@ -21,7 +21,6 @@ import json
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torch.nn as nn
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 
 from latentcast.models.codec import LatentCodec
 from latentcast.models.elic import ResBlock
+from latentcast.models.synthesis_training import _fit64, decoder_inputs
 from latentcast.models.training import _read_rgb, default_cache_dir, training_sources
 from latentcast.shared import shared_path
 
@@ -70,25 +70,9 @@ class Decoder(nn.Module):
         return coarse if self.refine is None else self.refine(h, coarse)
 
 
-def _fit64(img: np.ndarray, max_side: int) -> np.ndarray:
-    h, w = img.shape[:2]
-    s = min(1.0, max_side / max(h, w))
-    if s < 1.0:
-        img = cv2.resize(img, (int(w * s), int(h * s)), interpolation=cv2.INTER_AREA)
-    h, w = img.shape[:2]
-    return np.ascontiguousarray(img[: h // 64 * 64, : w // 64 * 64])
-
-
 def latents(codec: LatentCodec, img: np.ndarray) -> dict:
-    y, z = codec.analyze(img)
-    out = {}
-    for q in RATES:
-        zs = codec.z_symbols(z, q)
-        tx = np.ones(y.shape[1:], dtype=bool)
-        _, _, y_hat = codec.encode_symbols_y_hat(y, zs, rate_point=q, tx_mask=tx)
-        z_hat = zs * float(codec.model.rate_zdelta[q])
-        out[q] = (np.asarray(y_hat, np.float32).reshape(y.shape), np.asarray(z_hat, np.float32))
-    return out
+    tx = np.ones((img.shape[0] // 16, img.shape[1] // 16), dtype=bool)
+    return {q: decoder_inputs(codec, img, q, tx) for q in RATES}
 
 
 def prepare(codec, items, cache: Path, max_side: int) -> list:

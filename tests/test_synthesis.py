@@ -1,0 +1,111 @@
+"""models.synthesis and models.synthesis_training: a cheaper g_s for a codec's packets.
+
+Real training steps on two tiny images with the tiny seeded codec, resume, release, load, and the cloud
+rendering with the released file; the file is refused for another codec."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+cv2 = pytest.importorskip("cv2")
+
+from latentcast.models import synthesis_training as st  # noqa: E402
+from latentcast.models.codec import LatentCodec  # noqa: E402
+from latentcast.models.elic import CONFIGS, ElicConfig, SynthesisToLatent  # noqa: E402
+from latentcast.models.synthesis import load_synthesis, save_synthesis, synthesis_macs_per_cell  # noqa: E402
+from latentcast.tools.cli import main  # noqa: E402
+
+
+def test_config_synthesis_fields():
+    lite = CONFIGS["lite"]
+    assert lite.synthesis_up_widths == (128, 64)  # the shipped g_s: gs_width, then halved
+    old = {k: v for k, v in lite.to_dict().items() if k not in ("gs_up_widths", "gs_tail_blocks")}
+    assert ElicConfig.from_dict(json.loads(json.dumps(old))) == lite  # files written before the fields load
+    narrow = dataclasses.replace(lite, gs_up_widths=(64, 32))
+    assert ElicConfig.from_dict(json.loads(json.dumps(narrow.to_dict()))) == narrow
+    with pytest.raises(ValueError, match=r"gs_up_widths \(64,\) has 1 widths; latent_factor 4 needs 2"):
+        dataclasses.replace(lite, gs_up_widths=(64,))
+    full, fast = SynthesisToLatent(lite), SynthesisToLatent(narrow)
+    assert synthesis_macs_per_cell(full) > 2.4 * synthesis_macs_per_cell(fast)
+    assert 6.5e6 < synthesis_macs_per_cell(full) < 7.5e6  # 6.9 M a cell, as measured for issue 17
+
+
+def test_student_config_errors():
+    with pytest.raises(ValueError, match="up_widths 'a,b'"):
+        st.student_config(CONFIGS["lite"], st.SynthesisTrainConfig(up_widths="a,b"))
+    with pytest.raises(ValueError, match="at least 8"):
+        st.student_config(CONFIGS["lite"], st.SynthesisTrainConfig(up_widths="64,2"))
+
+
+@pytest.fixture
+def tiny_data(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    srcs = []
+    for i in range(2):
+        p = tmp_path / f"img{i}.png"
+        img = cv2.resize(rng.integers(0, 255, (12, 12, 3)).astype(np.uint8), (200, 136), interpolation=cv2.INTER_CUBIC)
+        cv2.imwrite(str(p), img)
+        srcs.append((f"img{i}", p, None))
+    monkeypatch.setattr(st, "training_sources", lambda **_: srcs)
+    kodak = [("k0", lambda: st._read_rgb(srcs[0][1], None))]
+    monkeypatch.setattr(st, "_kodak_items", lambda: kodak)
+    monkeypatch.setenv("LATENTCAST_CACHE", str(tmp_path / "cache"))
+    return srcs
+
+
+def test_train_resume_release_render(tmp_path, tiny_data, tiny_codec_path):
+    cfg = st.SynthesisTrainConfig(codec=str(tiny_codec_path), out=str(tmp_path / "run"), up_widths="16,8",
+                                  steps=3, batch=2, crop=64, checkpoint_every=2, eval_every=50)
+    last = st.train_synthesis(cfg)
+    state = torch.load(last, weights_only=False)
+    assert state["step"] == 3 and tuple(state["student"]["gs_up_widths"]) == (16, 8)
+    hist = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    n = LatentCodec.from_file(tiny_codec_path).n_rates
+    assert hist[0]["step"] == 0 and len(hist[0]["kodak_psnr"]) == len(hist[0]["teacher_kodak_psnr"]) == n
+    assert hist[-1]["step"] == 3 and len(hist[-1]["kodak_psnr"]) == n  # the last step is always evaluated
+    cfg.steps = 5
+    st.train_synthesis(cfg)  # resumes
+    assert torch.load(last, weights_only=False)["step"] == 5
+    with pytest.raises(ValueError, match="another codec or student shape"):
+        st.train_synthesis(dataclasses.replace(cfg, up_widths="8,8"))
+
+    out = tmp_path / "tiny-fast-synthesis.safetensors"
+    assert main(["release", "synthesis", str(last), "--out", str(out)]) == 0
+    codec = LatentCodec.from_file(tiny_codec_path)
+    img = cv2.imread(str(tiny_data[0][1]))[:, :, ::-1].copy()
+    data = codec.compress(img, rate_point=1)
+    own = codec.decompress(data).frame
+    codec.use_synthesis(str(out))
+    assert codec.synthesis_name == "tiny-fast"
+    assert codec.model.g_s.up[0].out_channels == 4 * 16
+    fast = codec.decompress(data)
+    y_hat, z_t, tx = codec.decode_y(fast.packet)
+    sf = load_synthesis(str(out), codec.cfg, codec.weights_hash)
+    with torch.no_grad():
+        want = sf.g_s(y_hat.float(), torch.ones(1, 1, *tx.shape), z_t.float())
+    h, w = img.shape[:2]
+    assert np.array_equal(fast.latent, want[0, :, : -(-h // 4), : -(-w // 4)].numpy())
+    assert fast.frame.shape == own.shape and not np.array_equal(fast.frame, own)
+    codec.use_synthesis("")
+    assert codec.synthesis_name == "" and np.array_equal(codec.decompress(data).frame, own)
+
+
+def test_synthesis_refused_for_another_codec(tmp_path, tiny_codec):
+    cfg = dataclasses.replace(tiny_codec.cfg, gs_up_widths=(16, 8))
+    path = save_synthesis(SynthesisToLatent(cfg), cfg, b"\x01" * 16, tmp_path / "x-synthesis.safetensors")
+    with pytest.raises(ValueError, match="trained for codec weights 0101010101010101, this codec is"):
+        load_synthesis(str(path), tiny_codec.cfg, tiny_codec.weights_hash)
+    other = dataclasses.replace(cfg, M=32, groups=(16, 16))
+    path = save_synthesis(SynthesisToLatent(other), other, tiny_codec.weights_hash,
+                          tmp_path / "y-synthesis.safetensors")
+    with pytest.raises(ValueError, match="differs from the codec in M, groups"):
+        load_synthesis(str(path), tiny_codec.cfg, tiny_codec.weights_hash)
+    with pytest.raises(FileNotFoundError, match="no synthesis named 'nope'"):
+        load_synthesis("nope", tiny_codec.cfg, tiny_codec.weights_hash)
+    with pytest.raises(ValueError, match="not a latentcast synthesis file"):
+        load_synthesis(str(tiny_codec.path), tiny_codec.cfg, tiny_codec.weights_hash)
