@@ -120,7 +120,7 @@ class ServerConfig:
 @dataclass
 class CodecConfig:
     weights: str = "elic-lite"  # codec weights: a name shipped in models/weights or a path to a .safetensors file
-    synthesis: str = ""  # g_s that renders frames: "" = the codec's own; a shipped name (elic-lite-fast) or a path
+    synthesis: str = "auto"  # g_s that renders: auto (the one shipped for the codec, else own), own, a name or a path
     warmup_size: int = 64  # side of the dummy frame coded and decoded once before the health turns SERVING
     temporal_tables: str = ""  # temporal streams' P-frame tables; "" = models/weights/<codec>-temporal.safetensors
     refresh_retry_s: float = 1.0  # temporal: ask again for a keyframe if frames are still refused after this long
@@ -129,6 +129,8 @@ class CodecConfig:
     render_halo: int = 3  # temporal_render changed: cells of context around each re-rendered rectangle
 
     def __post_init__(self) -> None:
+        if not isinstance(self.synthesis, str) or not self.synthesis.strip():
+            raise ValueError(f"codec.synthesis {self.synthesis!r} must be auto, own, a synthesis name or a path")
         if self.temporal_render not in ("changed", "whole"):
             raise ValueError(f"codec.temporal_render {self.temporal_render!r} is not one of changed, whole")
         for name in ("render_grow", "render_halo"):

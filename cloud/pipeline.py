@@ -224,9 +224,9 @@ def load_and_warm(config: CloudConfig, *, codec: LatentCodec | None = None, dete
     frame coded, decoded, composed and analysed (the first real frame must not pay for any set-up)."""
     if codec is None:
         codec = LatentCodec.load(config.codec.weights)
-        if config.codec.synthesis:
-            codec.use_synthesis(config.codec.synthesis)
-            log.info("frames render with the synthesis %s (codec.synthesis)", codec.synthesis_name)
+        codec.use_synthesis(config.codec.synthesis)
+        log.info("frames render with the synthesis %s (codec.synthesis %s)", codec.synthesis_name or "of the codec",
+                 config.codec.synthesis)
     if detector is None:
         detector = make_detector(config.analytics)
     n = max(16, config.codec.warmup_size)

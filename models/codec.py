@@ -187,13 +187,17 @@ class LatentCodec(FrameCompressor):
 
     def use_synthesis(self, name: str) -> None:
         """Render with the synthesis ``name`` (``models/synthesis.py``: a cheaper g_s trained for this codec's
-        packets) instead of the codec's own; ``""`` goes back to the codec's own. Entropy decoding, the
-        packets and the weights hash do not change."""
-        from .synthesis import load_synthesis
+        packets) instead of the codec's own. ``"auto"``: the synthesis shipped for this codec if there is
+        one, else the codec's own; ``"own"``: the codec's own. Entropy decoding, the packets and the
+        weights hash do not change."""
+        from .synthesis import find_synthesis, load_synthesis
 
         if not hasattr(self, "_own_g_s"):
             self._own_g_s = self.model.g_s
-        if not name:
+        if name == "auto":
+            found = find_synthesis(self.weights_hash)
+            name = str(found) if found is not None else "own"
+        if name == "own":
             self.model.g_s, self.synthesis_name = self._own_g_s, ""
             return
         sf = load_synthesis(name, self.cfg, self.weights_hash)

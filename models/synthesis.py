@@ -21,10 +21,13 @@ from latentcast.weights import read_tagged_file, weights_dir, weights_path
 
 from .elic import ElicConfig, SynthesisToLatent
 
-__all__ = ["SYNTHESIS_FORMAT", "SynthesisFile", "save_synthesis", "load_synthesis", "release_synthesis",
-           "synthesis_macs_per_cell"]
+__all__ = ["SYNTHESIS_FORMAT", "SYNTHESIS_CHOICES", "SynthesisFile", "save_synthesis", "load_synthesis",
+           "find_synthesis", "release_synthesis", "synthesis_macs_per_cell"]
 
 SYNTHESIS_FORMAT = "latentcast-synthesis-1"
+#: the values of ``codec.synthesis`` besides a shipped name or a path: "auto" renders with the synthesis
+#: shipped for the loaded codec when there is one (else its own g_s), "own" always with the codec's own
+SYNTHESIS_CHOICES = ("auto", "own")
 #: the fields of ElicConfig a synthesis file may change; the rest must be the codec's
 SYNTHESIS_FIELDS = ("gs_width", "gs_blocks", "gs_up_widths", "gs_tail_blocks")
 
@@ -64,6 +67,19 @@ def release_synthesis(checkpoint: Path | str, out: Path | str) -> Path:
     g_s.load_state_dict(st["model"])
     train = {k: v for k, v in st.get("train", {}).items() if k not in ("out", "threads")}
     return save_synthesis(g_s, cfg, bytes.fromhex(st["codec_hash"]), out, meta={"step": st["step"], "train": train})
+
+
+def find_synthesis(codec_hash: bytes, folder: Path | None = None) -> Path | None:
+    """The first synthesis file (by name) in ``folder`` (default: the shipped weights) trained for the codec
+    whose weights hash is ``codec_hash``; None when there is none."""
+    from safetensors import safe_open
+
+    for p in sorted((folder or weights_dir()).glob("*-synthesis.safetensors")):
+        with safe_open(str(p), framework="pt") as f:
+            md = f.metadata() or {}
+        if md.get("format") == SYNTHESIS_FORMAT and md.get("codec_hash") == codec_hash.hex():
+            return p
+    return None
 
 
 def _resolve(name: str) -> Path:

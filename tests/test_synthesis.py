@@ -91,7 +91,7 @@ def test_train_resume_release_render(tmp_path, tiny_data, tiny_codec_path):
     h, w = img.shape[:2]
     assert np.array_equal(fast.latent, want[0, :, : -(-h // 4), : -(-w // 4)].numpy())
     assert fast.frame.shape == own.shape and not np.array_equal(fast.frame, own)
-    codec.use_synthesis("")
+    codec.use_synthesis("own")
     assert codec.synthesis_name == "" and np.array_equal(codec.decompress(data).frame, own)
 
 
@@ -109,3 +109,25 @@ def test_synthesis_refused_for_another_codec(tmp_path, tiny_codec):
         load_synthesis("nope", tiny_codec.cfg, tiny_codec.weights_hash)
     with pytest.raises(ValueError, match="not a latentcast synthesis file"):
         load_synthesis(str(tiny_codec.path), tiny_codec.cfg, tiny_codec.weights_hash)
+
+
+def test_auto_and_own(tmp_path, tiny_codec_path, monkeypatch):
+    from latentcast.cloud.config import CodecConfig
+    from latentcast.models import synthesis
+
+    codec = LatentCodec.from_file(tiny_codec_path)
+    assert synthesis.find_synthesis(codec.weights_hash) is None  # nothing shipped for the tiny codec
+    codec.use_synthesis(CodecConfig().synthesis)  # the cloud's default, auto: the codec's own
+    assert codec.synthesis_name == ""
+    cfg = dataclasses.replace(codec.cfg, gs_up_widths=(16, 8))
+    save_synthesis(SynthesisToLatent(cfg), cfg, b"\x02" * 16, tmp_path / "a-other-synthesis.safetensors")
+    mine = save_synthesis(SynthesisToLatent(cfg), cfg, codec.weights_hash, tmp_path / "b-mine-synthesis.safetensors")
+    assert synthesis.find_synthesis(codec.weights_hash, tmp_path) == mine  # the other codec's file is skipped
+    monkeypatch.setattr(synthesis, "weights_dir", lambda: tmp_path)
+    codec.use_synthesis("auto")
+    assert codec.synthesis_name == "b-mine" and codec.model.g_s.up[0].out_channels == 64
+    codec.use_synthesis("own")
+    assert codec.synthesis_name == "" and codec.model.g_s.up[0].out_channels == 4 * codec.cfg.gs_width
+    for bad in ("", "  "):
+        with pytest.raises(ValueError, match="codec.synthesis"):
+            CodecConfig(synthesis=bad)

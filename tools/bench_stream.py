@@ -556,7 +556,7 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
                     video: str | None = None, rate_point: int | None = None, labels: Sequence[str] | None = None,
                     task: str | None = None, threads: int | None = None, weights: str | None = None,
                     bundle: str | os.PathLike | None = None, tables: str | os.PathLike | None = None,
-                    cloud_threads: int | None = None, workers: int | None = None, synthesis: str = "",
+                    cloud_threads: int | None = None, workers: int | None = None, synthesis: str | None = None,
                     codec: Any = None, detector: Any = None, edge_detector: Any = None,
                     out: str | os.PathLike | None = None, command: str = "latentcast bench stream",
                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -603,8 +603,9 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
         from latentcast.models.codec import LatentCodec
 
         codec = await asyncio.to_thread(LatentCodec.load, weights or "elic-lite")
-    if synthesis:
-        codec.use_synthesis(synthesis)  # the cloud's codec.synthesis: frames render with it
+        from latentcast.cloud.config import CodecConfig
+
+        codec.use_synthesis(synthesis or CodecConfig().synthesis)  # as the cloud's codec.synthesis would
     if detector is None:
         from latentcast.cloud.analytics import make_detector
 
@@ -637,7 +638,8 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
         "options": {"streams": streams, "systems": systems, "seconds": seconds, "warmup_s": warmup,
                     "pace_fps": pace, "jpeg_quality": jpeg_quality, "threads": threads,
                     "cloud_threads": ctx.cloud_threads, "workers": workers, "video": portable_path(video),
-                    "weights": weights, "bundle": ctx.bundle, "tables": ctx.tables, "synthesis": synthesis},
+                    "weights": weights, "bundle": ctx.bundle, "tables": ctx.tables,
+                    "synthesis": getattr(codec, "synthesis_name", "") or "the codec's own"},
         "setup": {
             "codec": {"name": getattr(codec, "codec_name", "?"), "weights_hash": codec.weights_hash.hex(),
                       "latent_space": getattr(codec, "latent_space_spec", None)},
@@ -766,7 +768,7 @@ def main(args) -> int:
         task=getattr(args, "task", None), threads=args.threads,
         weights=args.weights, bundle=args.bundle, tables=getattr(args, "tables", None),
         cloud_threads=getattr(args, "cloud_threads", None), workers=getattr(args, "workers", None),
-        synthesis=getattr(args, "synthesis", None) or "", out=args.out,
+        synthesis=getattr(args, "synthesis", None), out=args.out,
         command=" ".join(["latentcast"] + sys.argv[1:])))
     print()
     print(markdown(result), end="")

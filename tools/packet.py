@@ -179,9 +179,11 @@ def cmd_decode(a: argparse.Namespace) -> int:
     import cv2
     import numpy as np
 
+    from latentcast.cloud.config import CodecConfig
     from latentcast.models.codec import LatentCodec
 
     codec = LatentCodec.load(a.weights or "elic-lite")
+    codec.use_synthesis(a.synthesis or CodecConfig().synthesis)  # as the cloud renders it
     rec = codec.decompress(data, decode_frame=True)
     try:
         written = cv2.imwrite(a.output, rec.frame[:, :, ::-1])
@@ -240,6 +242,8 @@ def add_decode_arguments(d: argparse.ArgumentParser) -> None:
     d.add_argument("-o", "--output", required=True)
     d.add_argument("--latent", help="also save the decoded diffusion latent (.npy)")
     d.add_argument("--weights", help="codec weights (.safetensors); default: the shipped elic-lite")
+    d.add_argument("--synthesis", default=None, help="the g_s that renders, as the cloud's codec.synthesis: auto "
+                                                     "(default: the one shipped for the codec), own, a name or a path")
     d.set_defaults(func=cmd_decode)
 
 

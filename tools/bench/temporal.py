@@ -43,8 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--tables", default=None, help="P-frame tables (default: models/weights/<codec>-temporal.safetensors)"
     )
     p.add_argument("--threads", type=int, default=2, help="torch threads of the decoder")
-    p.add_argument("--synthesis", default="", help="the g_s the cloud renders with (codec.synthesis; default: the "
-                                                   "codec's own; e.g. elic-lite-fast)")
+    p.add_argument("--synthesis", default=None, help="the g_s the cloud renders with, as its codec.synthesis: auto "
+                                                     "(default: the one shipped for the codec), own, a name or a path")
     p.add_argument("--render-grow", type=int, default=None, help="tiled render: cells grown around each change "
                                                                    "(default: the decoder's, 1)")
     p.add_argument("--render-halo", type=int, default=None, help="tiled render: cells of context (default: the "
@@ -199,6 +199,7 @@ def _markdown(res: dict) -> str:
 def main(a: argparse.Namespace) -> int:
     import torch
 
+    from latentcast.cloud.config import CodecConfig
     from latentcast.detector import YoloxDetector
     from latentcast.edge.config import GroundingConfig, TemporalConfig
     from latentcast.edge.encoder import EdgeEncoder
@@ -220,8 +221,7 @@ def main(a: argparse.Namespace) -> int:
     clip = video_clip(path, every=8, max_frames=a.max_frames)
     encoder = EdgeEncoder(bundle=a.bundle)
     codec = LatentCodec.load(a.weights or "elic-lite")
-    if a.synthesis:
-        codec.use_synthesis(a.synthesis)
+    codec.use_synthesis(a.synthesis or CodecConfig().synthesis)
     tables = TemporalTables.load(
         getattr(a, "tables", None) or default_tables_path(codec), weights_hash=codec.weights_hash
     )

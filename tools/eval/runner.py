@@ -240,8 +240,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gop", type=int, default=None, help="x264/x265 keyframe interval in frames (default: encoder's)")
     p.add_argument("--weights", default=None, help="latentcast codec weights (default: the shipped elic-lite)")
     p.add_argument("--bundle", default=None, help="latentcast edge bundle (default: the shipped export)")
-    p.add_argument("--synthesis", default="", help="latentcast: the g_s the cloud renders with (codec.synthesis; "
-                                                   "default: the codec's own; e.g. elic-lite-fast)")
+    p.add_argument("--synthesis", default=None, help="the g_s the cloud renders with, as its codec.synthesis: auto "
+                                                     "(default: the one shipped for the codec), own, a name or a path")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the latentcast decoder")
     p.add_argument(
         "--temporal-tables",
@@ -301,14 +301,14 @@ def main(a: argparse.Namespace) -> int:
 
     codecs = []
     if "latentcast" in names or "latentcast-roibg" in names or "latentcast-temporal" in names:
+        from latentcast.cloud.config import CodecConfig
         from latentcast.edge.encoder import EdgeEncoder
         from latentcast.models.codec import LatentCodec
         from latentcast.tools.eval.learned import GroundingSettings, LatentcastCodec, TemporalLatentcastCodec
 
         enc = EdgeEncoder(bundle=a.bundle)
         dec = LatentCodec.load(a.weights or "elic-lite")
-        if a.synthesis:
-            dec.use_synthesis(a.synthesis)
+        dec.use_synthesis(a.synthesis or CodecConfig().synthesis)
         gdet = YoloxDetector(score_threshold=GroundingSettings.score_threshold)
         gs = GroundingSettings(labels=tuple(labels), every=a.grounding_every)
         if "latentcast" in names:
