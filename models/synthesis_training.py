@@ -52,6 +52,7 @@ class SynthesisTrainConfig:
     crop: int = 192  # crop size in pixels, a multiple of 64
     lr: float = 2e-4  # Adam learning rate, halved for the last 20 % of the steps
     mask_fraction: float = 0.25  # share of crops drawn from the masked (ROI-only) decoder inputs
+    video_fraction: float = 0.5  # share of crops from video frames, the rest from photos (the codec's own: half)
     max_side: int = 1024  # training images are downscaled to at most this side before coding
     eval_every: int = 1000  # steps between Kodak evaluations (PSNR per rate point, in history.jsonl)
     checkpoint_every: int = 200  # steps between checkpoints (last.pt)
@@ -124,12 +125,15 @@ def _prepare(codec, items: list, cache: Path, max_side: int, *, masked: bool, se
     return out
 
 
-def _batch(data: list[dict], rng: np.random.Generator, cfg: SynthesisTrainConfig, n_rates: int):
-    """(x, ŷ, mask, ẑ) of ``cfg.batch`` random crops, each from a random image, rate point or masked draw."""
+def _batch(data: tuple[list[dict], list[dict]], rng: np.random.Generator, cfg: SynthesisTrainConfig, n_rates: int):
+    """(x, ŷ, mask, ẑ) of ``cfg.batch`` random crops, each from a random photo or video frame (``data``:
+    both lists; ``cfg.video_fraction`` of the crops from the frames), rate point or masked draw."""
     c = cfg.crop
+    photos, frames = data
     xs, ys, ms, zs = [], [], [], []
     for _ in range(cfg.batch):
-        d = data[rng.integers(len(data))]
+        pool = frames if (not photos or (frames and rng.random() < cfg.video_fraction)) else photos
+        d = pool[rng.integers(len(pool))]
         if "mask" in d and rng.random() < cfg.mask_fraction:
             y, z, m = d["ym"], d["zm"], d["mask"]
         else:
@@ -147,14 +151,14 @@ def _batch(data: list[dict], rng: np.random.Generator, cfg: SynthesisTrainConfig
 
 
 @torch.no_grad()
-def evaluate_synthesis(gs: SynthesisToLatent, latent_space, kodak: list[dict], n_rates: int) -> list[float]:
+def evaluate_synthesis(gs: SynthesisToLatent, latent_space, images: list[dict], n_rates: int) -> list[float]:
     """Mean PSNR (dB) on the evaluation images per rate point, whole frames, 8-bit output."""
     was = gs.training
     gs.eval()
     res = []
     for q in range(n_rates):
         ps = []
-        for d in kodak:
+        for d in images:
             y = torch.from_numpy(d[f"y{q}"])[None]
             out = latent_space.decode(gs(y, torch.ones_like(y[:, :1]), torch.from_numpy(d[f"z{q}"])[None]))
             rec = (out[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
@@ -170,6 +174,17 @@ def _kodak_items() -> list:
     return [(f"kodak-{p.stem}", (lambda p=p: _read_rgb(p, None))) for p in sorted(d.glob("*.png"))]
 
 
+def _vtest_items(every: int = 32) -> list:
+    """Scored vtest frames (index divisible by 8; every ``every``-th), for evaluation only."""
+    import cv2
+
+    video = shared_path("data", "video", "vtest.avi")
+    cap = cv2.VideoCapture(str(video))
+    n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    cap.release()
+    return [(f"vtest-{i:04d}", (lambda i=i: _read_rgb(video, i))) for i in range(0, n, every)]
+
+
 def train_synthesis(cfg: SynthesisTrainConfig) -> Path:
     """Train (or resume) a student g_s for ``cfg.codec``; returns the run's ``last.pt``."""
     from .codec import LatentCodec
@@ -182,14 +197,23 @@ def train_synthesis(cfg: SynthesisTrainConfig) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cache = default_cache_dir() / "synthesis" / codec.weights_hash.hex()[:16]
-    train_items = [(n, (lambda p=p, f=f: _read_rgb(p, f))) for n, p, f in training_sources()]
+    sources = training_sources()
+    train_items = [(n, (lambda p=p, f=f: _read_rgb(p, f))) for n, p, f in sources]
     log.info("%d training images; decoder inputs cached in %s", len(train_items), cache)
-    data = _prepare(codec, train_items, cache / "train", cfg.max_side, masked=cfg.mask_fraction > 0, seed=cfg.seed)
-    data = [d for d in data if min(d["img"].shape[:2]) >= cfg.crop]
-    if not data:
+    if not 0.0 <= cfg.video_fraction <= 1.0:
+        raise ValueError(f"video_fraction {cfg.video_fraction} must be in [0, 1]")
+    prepared = _prepare(codec, train_items, cache / "train", cfg.max_side, masked=cfg.mask_fraction > 0, seed=cfg.seed)
+    big = [(item[2] is not None, d) for item, d in zip(sources, prepared, strict=True)
+           if min(d["img"].shape[:2]) >= cfg.crop]
+    data = ([d for video, d in big if not video], [d for video, d in big if video])
+    if not big:
         raise ValueError(f"no training image is at least {cfg.crop} px on its shorter side: lower crop")
-    kodak = _prepare(codec, _kodak_items(), cache / "kodak", 10_000, masked=False, seed=cfg.seed)
+    evals = {"kodak": _prepare(codec, _kodak_items(), cache / "kodak", 10_000, masked=False, seed=cfg.seed),
+             "vtest": _prepare(codec, _vtest_items(), cache / "vtest", 10_000, masked=False, seed=cfg.seed)}
     space = codec.latent_space()
+
+    def evaluate(gs: SynthesisToLatent, prefix: str = "") -> dict:
+        return {f"{prefix}{k}_psnr": evaluate_synthesis(gs, space, v, codec.n_rates) for k, v in evals.items() if v}
 
     torch.manual_seed(cfg.seed)
     student = SynthesisToLatent(scfg)
@@ -212,10 +236,8 @@ def train_synthesis(cfg: SynthesisTrainConfig) -> Path:
         log.info("resumed %s at step %d", last, step)
     else:
         log.info("student %s: %d of %d tensors from the codec's g_s", scfg.synthesis_up_widths, len(reused), len(own))
-        teacher = evaluate_synthesis(codec.model.g_s, space, kodak, codec.n_rates)
-        with hist.open("a") as fh:
-            fh.write(json.dumps({"step": 0, "kodak_psnr": evaluate_synthesis(student, space, kodak, codec.n_rates),
-                                 "teacher_kodak_psnr": teacher}) + "\n")
+    with hist.open("a") as fh:  # the codec's own g_s on the evaluation sets, at every (re)start
+        fh.write(json.dumps({"step": step, **evaluate(codec.model.g_s, "teacher_"), **evaluate(student)}) + "\n")
 
     def save() -> None:
         tmp = out / "last.pt.tmp"
@@ -241,10 +263,11 @@ def train_synthesis(cfg: SynthesisTrainConfig) -> Path:
             rec = {"step": step, "loss": float(np.mean(losses)), "lr": lr, "sec": round(time.time() - t0, 1)}
             losses = []
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                rec["kodak_psnr"] = evaluate_synthesis(student, space, kodak, codec.n_rates)
+                rec.update(evaluate(student))
             with hist.open("a") as fh:
                 fh.write(json.dumps(rec) + "\n")
-            log.info("step %d loss %.5f %s", step, rec["loss"], rec.get("kodak_psnr", ""))
+            log.info("step %d loss %.5f %s", step, rec["loss"],
+                     " ".join(f"{k} {v}" for k, v in rec.items() if k.endswith("_psnr")))
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             save()
     return last

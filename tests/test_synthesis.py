@@ -54,6 +54,7 @@ def tiny_data(tmp_path, monkeypatch):
     monkeypatch.setattr(st, "training_sources", lambda **_: srcs)
     kodak = [("k0", lambda: st._read_rgb(srcs[0][1], None))]
     monkeypatch.setattr(st, "_kodak_items", lambda: kodak)
+    monkeypatch.setattr(st, "_vtest_items", lambda: [])
     monkeypatch.setenv("LATENTCAST_CACHE", str(tmp_path / "cache"))
     return srcs
 
