@@ -63,7 +63,8 @@ calls before that end with UNAVAILABLE. On shutdown it turns NOT_SERVING first.
 - "Received" (acks, next_seq) means the cloud took responsibility for the frame, before decoding.
 - Frames go to the :class:`~latentcast.cloud.pipeline.Pipeline` (worker threads); FrameAnalytics
   results are sent as they come back, in completion order. A cumulative Ack (every seq <= acked_seq
-  received) goes out after ``ack_every_frames`` frames or ``ack_interval_ms``, at once for a
+  received) goes out after ``ack_every_frames`` frames (fewer when the edge's SessionHeader says it waits
+  for an Ack after ``max_in_flight`` frames) or ``ack_interval_ms``, at once for a
   duplicate, and when the stream ends. When the edge half-closes, the stream sends the results
   still in flight and a final Ack, then ends OK.
 - Backpressure: when ``stream_outbox`` messages wait for the client, the server stops reading its
@@ -197,8 +198,12 @@ class _Stream:
     """One open ``Stream`` call."""
 
     def __init__(self, *, server: CloudServer, state: CameraState, spec: SessionSpec, session_id: str,
-                 peer: str, decoder: Decoder) -> None:
+                 peer: str, decoder: Decoder, edge_window: int = 0) -> None:
         self.server = server
+        # a cumulative Ack at least every edge_window frames (SessionHeader.max_in_flight): an edge that waits
+        # for acks after that many frames must not wait for ack_every_frames / ack_interval_ms instead
+        every = server.config.server.ack_every_frames
+        self.ack_every = min(every, edge_window) if edge_window > 0 else every
         self.state = state
         self.spec = spec
         self.decoder = decoder  # the session's codec's (cloud/decode.py)
@@ -250,7 +255,7 @@ class _Stream:
     def take_ack(self, *, force: bool = False) -> pb.CloudMessage | None:
         """An Ack when one is due (or ``force`` and anything new to ack), else None."""
         cfg = self.server.config.server
-        due = force or self._ack_now or self._unacked >= cfg.ack_every_frames or (
+        due = force or self._ack_now or self._unacked >= self.ack_every or (
             self._unacked > 0 and time.monotonic() - self._first_unacked >= cfg.ack_interval_ms / 1000.0)
         acked = self.state.seqs.acked_seq
         if not due or acked is None or (self._unacked == 0 and acked == self._last_acked and not self._ack_now):
@@ -483,7 +488,7 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
                 why = f"superseded by a newer stream of the same edge instance {spec.instance_id or '(none)'}"
             previous.end(grpc.StatusCode.ABORTED, f"camera {spec.camera_id!r}: {why} (session {session_id})")
         st = _Stream(server=srv, state=state, spec=spec, session_id=session_id, peer=context.peer(),
-                     decoder=decoder)
+                     decoder=decoder, edge_window=first.header.max_in_flight)
         srv._streams[spec.camera_id] = st
         m.active_sessions.inc()
         next_seq = state.seqs.next_seq

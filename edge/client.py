@@ -192,6 +192,7 @@ class EdgeClient:
         self.session = _session_header(session)
         if not self.session.instance_id:
             self.session.instance_id = uuid.uuid4().hex
+        self.session.max_in_flight = self.max_in_flight  # the cloud acks at least this often
         self.queue = queue if queue is not None else SendQueue(maxsize=8)
         self.backlog = backlog if backlog is not None else Backlog(max_frames=300, max_bytes=64 * 1024 * 1024)
         self.tls = tls

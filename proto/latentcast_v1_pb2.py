@@ -24,39 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$latentcast/proto/latentcast_v1.proto\x12\rlatentcast.v1\"\xbf\x01\n\rSessionHeader\x12\x11\n\tcamera_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\x10\n\x08\x63odec_id\x18\x04 \x01(\r\x12\x14\n\x0cweights_hash\x18\x05 \x01(\x0c\x12\r\n\x05width\x18\x06 \x01(\r\x12\x0e\n\x06height\x18\x07 \x01(\r\x12\x0b\n\x03\x66ps\x18\x08 \x01(\x01\x12\x14\n\x0c\x65\x64ge_version\x18\t \x01(\t\x12\x13\n\x0binstance_id\x18\n \x01(\t\"e\n\x03\x42ox\x12\n\n\x02x0\x18\x01 \x01(\x02\x12\n\n\x02y0\x18\x02 \x01(\x02\x12\n\n\x02x1\x18\x03 \x01(\x02\x12\n\n\x02y1\x18\x04 \x01(\x02\x12\r\n\x05label\x18\x05 \x01(\t\x12\x10\n\x08label_id\x18\x06 \x01(\r\x12\r\n\x05score\x18\x07 \x01(\x02\"i\n\x0b\x46ramePacket\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x15\n\rcapture_ts_us\x18\x02 \x01(\x03\x12\x0e\n\x06packet\x18\x03 \x01(\x0c\x12&\n\nedge_boxes\x18\x04 \x03(\x0b\x32\x12.latentcast.v1.Box\"q\n\x0b\x45\x64geMessage\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.latentcast.v1.SessionHeaderH\x00\x12+\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x1a.latentcast.v1.FramePacketH\x00\x42\x05\n\x03msg\"H\n\x0fSessionAccepted\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08next_seq\x18\x02 \x01(\x04\x12\x0f\n\x07resumed\x18\x03 \x01(\x08\"1\n\x03\x41\x63k\x12\x11\n\tacked_seq\x18\x01 \x01(\x04\x12\x17\n\x0f\x66rames_received\x18\x02 \x01(\x04\"\xc9\x01\n\x0e\x46rameAnalytics\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x15\n\rcapture_ts_us\x18\x02 \x01(\x03\x12!\n\x05\x62oxes\x18\x03 \x03(\x0b\x32\x12.latentcast.v1.Box\x12\x11\n\tdecode_ms\x18\x04 \x01(\x02\x12\x14\n\x0c\x61nalytics_ms\x18\x05 \x01(\x02\x12\x14\n\x0cpacket_bytes\x18\x06 \x01(\r\x12\x0b\n\x03\x62pp\x18\x07 \x01(\x02\x12\x10\n\x08queue_ms\x18\x08 \x01(\x02\x12\x12\n\ncompose_ms\x18\t \x01(\x02\"8\n\nFrameError\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"-\n\x0eRefreshRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xfb\x01\n\x0c\x43loudMessage\x12\x32\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x1e.latentcast.v1.SessionAcceptedH\x00\x12!\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x12.latentcast.v1.AckH\x00\x12/\n\x06result\x18\x03 \x01(\x0b\x32\x1d.latentcast.v1.FrameAnalyticsH\x00\x12*\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x19.latentcast.v1.FrameErrorH\x00\x12\x30\n\x07refresh\x18\x05 \x01(\x0b\x32\x1d.latentcast.v1.RefreshRequestH\x00\x42\x05\n\x03msg\"\x8c\x01\n\x10SubscribeRequest\x12\x11\n\tcamera_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12*\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x1a.latentcast.v1.ImageFormat\x12\x14\n\x0cjpeg_quality\x18\x04 \x01(\r\x12\x15\n\rcompose_steps\x18\x05 \x01(\r\"\x8d\x02\n\x0b\x46rameResult\x12\x11\n\tcamera_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x15\n\rcapture_ts_us\x18\x04 \x01(\x03\x12\r\n\x05width\x18\x05 \x01(\r\x12\x0e\n\x06height\x18\x06 \x01(\r\x12*\n\x06\x66ormat\x18\x07 \x01(\x0e\x32\x1a.latentcast.v1.ImageFormat\x12\r\n\x05image\x18\x08 \x01(\x0c\x12!\n\x05\x62oxes\x18\t \x03(\x0b\x32\x12.latentcast.v1.Box\x12&\n\nedge_boxes\x18\n \x03(\x0b\x32\x12.latentcast.v1.Box\x12\x14\n\x0cpacket_bytes\x18\x0b \x01(\r*X\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11IMAGE_FORMAT_JPEG\x10\x01\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x02\x32\x9f\x01\n\nLatentcast\x12\x45\n\x06Stream\x12\x1a.latentcast.v1.EdgeMessage\x1a\x1b.latentcast.v1.CloudMessage(\x01\x30\x01\x12J\n\tSubscribe\x12\x1f.latentcast.v1.SubscribeRequest\x1a\x1a.latentcast.v1.FrameResult0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$latentcast/proto/latentcast_v1.proto\x12\rlatentcast.v1\"\xd6\x01\n\rSessionHeader\x12\x11\n\tcamera_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\x10\n\x08\x63odec_id\x18\x04 \x01(\r\x12\x14\n\x0cweights_hash\x18\x05 \x01(\x0c\x12\r\n\x05width\x18\x06 \x01(\r\x12\x0e\n\x06height\x18\x07 \x01(\r\x12\x0b\n\x03\x66ps\x18\x08 \x01(\x01\x12\x14\n\x0c\x65\x64ge_version\x18\t \x01(\t\x12\x13\n\x0binstance_id\x18\n \x01(\t\x12\x15\n\rmax_in_flight\x18\x0b \x01(\r\"e\n\x03\x42ox\x12\n\n\x02x0\x18\x01 \x01(\x02\x12\n\n\x02y0\x18\x02 \x01(\x02\x12\n\n\x02x1\x18\x03 \x01(\x02\x12\n\n\x02y1\x18\x04 \x01(\x02\x12\r\n\x05label\x18\x05 \x01(\t\x12\x10\n\x08label_id\x18\x06 \x01(\r\x12\r\n\x05score\x18\x07 \x01(\x02\"i\n\x0b\x46ramePacket\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x15\n\rcapture_ts_us\x18\x02 \x01(\x03\x12\x0e\n\x06packet\x18\x03 \x01(\x0c\x12&\n\nedge_boxes\x18\x04 \x03(\x0b\x32\x12.latentcast.v1.Box\"q\n\x0b\x45\x64geMessage\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.latentcast.v1.SessionHeaderH\x00\x12+\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x1a.latentcast.v1.FramePacketH\x00\x42\x05\n\x03msg\"H\n\x0fSessionAccepted\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08next_seq\x18\x02 \x01(\x04\x12\x0f\n\x07resumed\x18\x03 \x01(\x08\"1\n\x03\x41\x63k\x12\x11\n\tacked_seq\x18\x01 \x01(\x04\x12\x17\n\x0f\x66rames_received\x18\x02 \x01(\x04\"\xc9\x01\n\x0e\x46rameAnalytics\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x15\n\rcapture_ts_us\x18\x02 \x01(\x03\x12!\n\x05\x62oxes\x18\x03 \x03(\x0b\x32\x12.latentcast.v1.Box\x12\x11\n\tdecode_ms\x18\x04 \x01(\x02\x12\x14\n\x0c\x61nalytics_ms\x18\x05 \x01(\x02\x12\x14\n\x0cpacket_bytes\x18\x06 \x01(\r\x12\x0b\n\x03\x62pp\x18\x07 \x01(\x02\x12\x10\n\x08queue_ms\x18\x08 \x01(\x02\x12\x12\n\ncompose_ms\x18\t \x01(\x02\"8\n\nFrameError\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"-\n\x0eRefreshRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xfb\x01\n\x0c\x43loudMessage\x12\x32\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x1e.latentcast.v1.SessionAcceptedH\x00\x12!\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x12.latentcast.v1.AckH\x00\x12/\n\x06result\x18\x03 \x01(\x0b\x32\x1d.latentcast.v1.FrameAnalyticsH\x00\x12*\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x19.latentcast.v1.FrameErrorH\x00\x12\x30\n\x07refresh\x18\x05 \x01(\x0b\x32\x1d.latentcast.v1.RefreshRequestH\x00\x42\x05\n\x03msg\"\x8c\x01\n\x10SubscribeRequest\x12\x11\n\tcamera_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12*\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x1a.latentcast.v1.ImageFormat\x12\x14\n\x0cjpeg_quality\x18\x04 \x01(\r\x12\x15\n\rcompose_steps\x18\x05 \x01(\r\"\x8d\x02\n\x0b\x46rameResult\x12\x11\n\tcamera_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x15\n\rcapture_ts_us\x18\x04 \x01(\x03\x12\r\n\x05width\x18\x05 \x01(\r\x12\x0e\n\x06height\x18\x06 \x01(\r\x12*\n\x06\x66ormat\x18\x07 \x01(\x0e\x32\x1a.latentcast.v1.ImageFormat\x12\r\n\x05image\x18\x08 \x01(\x0c\x12!\n\x05\x62oxes\x18\t \x03(\x0b\x32\x12.latentcast.v1.Box\x12&\n\nedge_boxes\x18\n \x03(\x0b\x32\x12.latentcast.v1.Box\x12\x14\n\x0cpacket_bytes\x18\x0b \x01(\r*X\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11IMAGE_FORMAT_JPEG\x10\x01\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x02\x32\x9f\x01\n\nLatentcast\x12\x45\n\x06Stream\x12\x1a.latentcast.v1.EdgeMessage\x1a\x1b.latentcast.v1.CloudMessage(\x01\x30\x01\x12J\n\tSubscribe\x12\x1f.latentcast.v1.SubscribeRequest\x1a\x1a.latentcast.v1.FrameResult0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'latentcast.proto.latentcast_v1_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_IMAGEFORMAT']._serialized_start=1677
-  _globals['_IMAGEFORMAT']._serialized_end=1765
+  _globals['_IMAGEFORMAT']._serialized_start=1700
+  _globals['_IMAGEFORMAT']._serialized_end=1788
   _globals['_SESSIONHEADER']._serialized_start=56
-  _globals['_SESSIONHEADER']._serialized_end=247
-  _globals['_BOX']._serialized_start=249
-  _globals['_BOX']._serialized_end=350
-  _globals['_FRAMEPACKET']._serialized_start=352
-  _globals['_FRAMEPACKET']._serialized_end=457
-  _globals['_EDGEMESSAGE']._serialized_start=459
-  _globals['_EDGEMESSAGE']._serialized_end=572
-  _globals['_SESSIONACCEPTED']._serialized_start=574
-  _globals['_SESSIONACCEPTED']._serialized_end=646
-  _globals['_ACK']._serialized_start=648
-  _globals['_ACK']._serialized_end=697
-  _globals['_FRAMEANALYTICS']._serialized_start=700
-  _globals['_FRAMEANALYTICS']._serialized_end=901
-  _globals['_FRAMEERROR']._serialized_start=903
-  _globals['_FRAMEERROR']._serialized_end=959
-  _globals['_REFRESHREQUEST']._serialized_start=961
-  _globals['_REFRESHREQUEST']._serialized_end=1006
-  _globals['_CLOUDMESSAGE']._serialized_start=1009
-  _globals['_CLOUDMESSAGE']._serialized_end=1260
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=1263
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=1403
-  _globals['_FRAMERESULT']._serialized_start=1406
-  _globals['_FRAMERESULT']._serialized_end=1675
-  _globals['_LATENTCAST']._serialized_start=1768
-  _globals['_LATENTCAST']._serialized_end=1927
+  _globals['_SESSIONHEADER']._serialized_end=270
+  _globals['_BOX']._serialized_start=272
+  _globals['_BOX']._serialized_end=373
+  _globals['_FRAMEPACKET']._serialized_start=375
+  _globals['_FRAMEPACKET']._serialized_end=480
+  _globals['_EDGEMESSAGE']._serialized_start=482
+  _globals['_EDGEMESSAGE']._serialized_end=595
+  _globals['_SESSIONACCEPTED']._serialized_start=597
+  _globals['_SESSIONACCEPTED']._serialized_end=669
+  _globals['_ACK']._serialized_start=671
+  _globals['_ACK']._serialized_end=720
+  _globals['_FRAMEANALYTICS']._serialized_start=723
+  _globals['_FRAMEANALYTICS']._serialized_end=924
+  _globals['_FRAMEERROR']._serialized_start=926
+  _globals['_FRAMEERROR']._serialized_end=982
+  _globals['_REFRESHREQUEST']._serialized_start=984
+  _globals['_REFRESHREQUEST']._serialized_end=1029
+  _globals['_CLOUDMESSAGE']._serialized_start=1032
+  _globals['_CLOUDMESSAGE']._serialized_end=1283
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=1286
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=1426
+  _globals['_FRAMERESULT']._serialized_start=1429
+  _globals['_FRAMERESULT']._serialized_end=1698
+  _globals['_LATENTCAST']._serialized_start=1791
+  _globals['_LATENTCAST']._serialized_end=1950
 # @@protoc_insertion_point(module_scope)

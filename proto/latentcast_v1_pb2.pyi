@@ -17,7 +17,7 @@ IMAGE_FORMAT_JPEG: ImageFormat
 IMAGE_FORMAT_PNG: ImageFormat
 
 class SessionHeader(_message.Message):
-    __slots__ = ("camera_id", "task", "labels", "codec_id", "weights_hash", "width", "height", "fps", "edge_version", "instance_id")
+    __slots__ = ("camera_id", "task", "labels", "codec_id", "weights_hash", "width", "height", "fps", "edge_version", "instance_id", "max_in_flight")
     CAMERA_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class SessionHeader(_message.Message):
     FPS_FIELD_NUMBER: _ClassVar[int]
     EDGE_VERSION_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     camera_id: str
     task: str
     labels: _containers.RepeatedScalarFieldContainer[str]
@@ -38,7 +39,8 @@ class SessionHeader(_message.Message):
     fps: float
     edge_version: str
     instance_id: str
-    def __init__(self, camera_id: _Optional[str] = ..., task: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., codec_id: _Optional[int] = ..., weights_hash: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., fps: _Optional[float] = ..., edge_version: _Optional[str] = ..., instance_id: _Optional[str] = ...) -> None: ...
+    max_in_flight: int
+    def __init__(self, camera_id: _Optional[str] = ..., task: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., codec_id: _Optional[int] = ..., weights_hash: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., fps: _Optional[float] = ..., edge_version: _Optional[str] = ..., instance_id: _Optional[str] = ..., max_in_flight: _Optional[int] = ...) -> None: ...
 
 class Box(_message.Message):
     __slots__ = ("x0", "y0", "x1", "y1", "label", "label_id", "score")

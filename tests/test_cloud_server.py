@@ -545,3 +545,30 @@ async def test_serve_forever_raises_when_loading_fails(tiny_codec, tmp_path):
     srv = CloudServer(cfg, detector=FakeDetector())
     with pytest.raises(RuntimeError, match="missing.safetensors"):
         await asyncio.wait_for(srv.serve_forever(), TIMEOUT)
+
+
+@pytest.mark.parametrize("window", [0, 2])
+async def test_acks_keep_up_with_the_edge_window(make_server, tiny_codec, packets, window):
+    """An edge that waits for an Ack after max_in_flight frames says so in its SessionHeader; the cloud then acks
+    at least that often, so its cumulative acks (ack_every_frames, ack_interval_ms) never throttle the edge. Without
+    it (an older edge, 0) acks follow the server's settings: here none comes within the test's wait."""
+    srv = await make_server(make_config(ack_every_frames=100, ack_interval_ms=60_000.0))
+    async with channel(srv.ports[0]) as ch:
+        call = pb_grpc.LatentcastStub(ch).Stream()
+        await call.write(header(tiny_codec, max_in_flight=window))
+        await read(call)
+        for seq in range(2):
+            await call.write(frame(seq, packets[seq]))
+        if window:
+            msgs = await collect(call, until=lambda ms: acked(ms) == 1)
+            assert [a.acked_seq for a in kinds(msgs, "ack")] == [1]
+        else:
+            msgs = await collect(call, until=lambda ms: len(kinds(ms, "result")) == 2)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 0.5:
+                try:
+                    msgs.append(await asyncio.wait_for(call.read(), 0.5))
+                except asyncio.TimeoutError:
+                    break
+            assert not kinds(msgs, "ack")
+        call.cancel()

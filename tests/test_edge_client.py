@@ -255,6 +255,8 @@ def test_options_and_bad_arguments(tmp_path):
         EdgeClient(target="127.0.0.1:1", session={"camera": "x"})
     with pytest.raises(ValueError, match="backoff_jitter 1.5"):
         EdgeClient(target="127.0.0.1:1", session=session(), backoff_jitter=1.5)
+    # the header tells the cloud the edge's window, so its cumulative acks never stall the edge
+    assert EdgeClient(target="127.0.0.1:1", session=session(), max_in_flight=3).session.max_in_flight == 3
     with pytest.raises(FileNotFoundError, match="TLS root_certs file .*ca.pem not found"):
         EdgeClient(target="127.0.0.1:1", session=session(), tls=TlsConfig(root_certs=tmp_path / "ca.pem"))
     with pytest.raises(ValueError, match="mTLS needs both client_cert and client_key"):
