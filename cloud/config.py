@@ -120,7 +120,7 @@ class ServerConfig:
 @dataclass
 class CodecConfig:
     weights: str = "elic-lite"  # codec weights: a name shipped in models/weights or a path to a .safetensors file
-    synthesis: str = "auto"  # g_s that renders: auto (the one shipped for the codec, else own), own, a name or a path
+    synthesis: str = "own"  # g_s that renders: own (the codec's), auto (one shipped for the codec), a name or a path
     warmup_size: int = 64  # side of the dummy frame coded and decoded once before the health turns SERVING
     temporal_tables: str = ""  # temporal streams' P-frame tables; "" = models/weights/<codec>-temporal.safetensors
     refresh_retry_s: float = 1.0  # temporal: ask again for a keyframe if frames are still refused after this long

@@ -830,9 +830,11 @@ class CloudServer:
             self._ready.set()
             for name in ("", SERVICE_NAME):
                 await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-            log.info("ready in %.1f s: codec %s (id %d, weights %s), detector %s, accepting %s; health SERVING",
-                     time.monotonic() - t0, getattr(self.codec, "codec_name", "?"), self.codec.codec_id,
-                     self.codec.weights_hash.hex(), type(self.detector).__name__, self.pipeline.decoders.describe())
+            log.info("ready in %.1f s: codec %s (id %d, weights %s, synthesis %s), detector %s, accepting %s; "
+                     "health SERVING", time.monotonic() - t0, getattr(self.codec, "codec_name", "?"),
+                     self.codec.codec_id, self.codec.weights_hash.hex(),
+                     getattr(self.codec, "synthesis_name", "") or "own", type(self.detector).__name__,
+                     self.pipeline.decoders.describe())
         except Exception as exc:  # noqa: BLE001 - reported by wait_ready / serve_forever
             self._warm_error = exc
             log.error("loading or warming the codec/composer/detector failed: %s", exc)

@@ -5,11 +5,15 @@
     training image ──codec (frozen): g_a, ẑ, entropy model──► ŷ, ẑ per rate point   (once, cached .npz)
                                     (+ one draw with 0-50 % of the cells masked)    exactly what a packet
                                                                                      decodes to
-    random crop (ŷ, mask, ẑ) ──student g_s──► ẑ_c          L = ||z_c - ẑ_c||²,  z_c = latent space(x)
+    random crop (ŷ, mask, ẑ) ──student g_s──► ẑ_c          L = ||z_c - ẑ_c||² + w ||g_s(ŷ, mask, ẑ) - ẑ_c||²
+                                                           z_c = latent space(x), g_s the codec's own (w:
+                                                           teacher_weight, 0 by default)
 
 The cloud spends most of a frame's decode in g_s (issue 17: 87 % of a temporal frame). A student with
 narrower x2 stages (``up_widths``) costs a fraction of it; it starts from the codec's own g_s wherever
-the shapes match (M(ẑ), the head and the 1/16 trunk) and trains on pixels, not on the teacher's output.
+the shapes match (M(ẑ), the head and the 1/16 trunk) and trains on pixels; ``teacher_weight`` adds the
+codec's own g_s output as a second target (on pixels alone the student's frames score higher PSNR but
+lower detection accuracy than the codec's own: ``models/weights/elic-lite-fast-synthesis.md``).
 g_a, the hyperprior and the entropy networks are untouched, so packets stay bit-identical and the edge
 does not change: the released file (``models/synthesis.py``) names the codec weights hash it decodes,
 and the cloud picks it with ``codec.synthesis``.
@@ -53,6 +57,7 @@ class SynthesisTrainConfig:
     lr: float = 2e-4  # Adam learning rate, halved for the last 20 % of the steps
     mask_fraction: float = 0.25  # share of crops drawn from the masked (ROI-only) decoder inputs
     video_fraction: float = 0.5  # share of crops from video frames, the rest from photos (the codec's own: half)
+    teacher_weight: float = 0.0  # weight of a second target, the codec's own g_s output (distillation; 0 = pixels only)
     max_side: int = 1024  # training images are downscaled to at most this side before coding
     eval_every: int = 1000  # steps between Kodak evaluations (PSNR per rate point, in history.jsonl)
     checkpoint_every: int = 200  # steps between checkpoints (last.pt)
@@ -202,6 +207,8 @@ def train_synthesis(cfg: SynthesisTrainConfig) -> Path:
     log.info("%d training images; decoder inputs cached in %s", len(train_items), cache)
     if not 0.0 <= cfg.video_fraction <= 1.0:
         raise ValueError(f"video_fraction {cfg.video_fraction} must be in [0, 1]")
+    if not cfg.teacher_weight >= 0.0:
+        raise ValueError(f"teacher_weight {cfg.teacher_weight} must be >= 0")
     prepared = _prepare(codec, train_items, cache / "train", cfg.max_side, masked=cfg.mask_fraction > 0, seed=cfg.seed)
     big = [(item[2] is not None, d) for item, d in zip(sources, prepared, strict=True)
            if min(d["img"].shape[:2]) >= cfg.crop]
@@ -253,7 +260,12 @@ def train_synthesis(cfg: SynthesisTrainConfig) -> Path:
         for g in opt.param_groups:
             g["lr"] = lr
         x, y, m, z = _batch(data, rng, cfg, codec.n_rates)
-        loss = F.mse_loss(student(y, m, z), space.encode(x))
+        out = student(y, m, z)
+        loss = F.mse_loss(out, space.encode(x))
+        if cfg.teacher_weight > 0:
+            with torch.no_grad():
+                target = codec.model.g_s(y, m, z)
+            loss = loss + cfg.teacher_weight * F.mse_loss(out, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

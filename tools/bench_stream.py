@@ -702,8 +702,8 @@ def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     title = (f"Streaming benchmark, commit {result['commit'][:10]}, {m.get('cpu', '?')} ({m.get('cpus')} CPUs, "
              f"load {m.get('loadavg_before')}); {o['seconds']:g} s per configuration (first {o['warmup_s']:g} s not "
-             f"counted), {o['pace_fps']:g} fps per camera, codec {result['setup']['codec']['name']}, "
-             f"JPEG quality {o['jpeg_quality']}.")
+             f"counted), {o['pace_fps']:g} fps per camera, codec {result['setup']['codec']['name']} "
+             f"(synthesis: {o.get('synthesis') or 'own'}), JPEG quality {o['jpeg_quality']}.")
     cols = ["system", "streams", "results/s", "per stream", "latency p50 ms", "p99 ms", "packet B/frame",
             "overhead B/frame", "+ HTTP/2 est.", "downstream B/result", "captured", "sent", "dropped",
             "cloud decode / analytics ms"]

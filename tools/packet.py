@@ -242,8 +242,8 @@ def add_decode_arguments(d: argparse.ArgumentParser) -> None:
     d.add_argument("-o", "--output", required=True)
     d.add_argument("--latent", help="also save the decoded diffusion latent (.npy)")
     d.add_argument("--weights", help="codec weights (.safetensors); default: the shipped elic-lite")
-    d.add_argument("--synthesis", default=None, help="the g_s that renders, as the cloud's codec.synthesis: auto "
-                                                     "(default: the one shipped for the codec), own, a name or a path")
+    d.add_argument("--synthesis", default=None, help="the g_s that renders, as the cloud's codec.synthesis: own "
+                                                     "(default), auto (shipped for the codec), a name or a path")
     d.set_defaults(func=cmd_decode)
 
 

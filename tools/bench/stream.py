@@ -40,8 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--weights", help="codec weights; default: the shipped elic-lite")
     p.add_argument("--bundle", help="edge bundle folder; default: the shipped one")
     p.add_argument("--tables", help="temporal P-frame tables of edge and cloud; default: the codec's shipped ones")
-    p.add_argument("--synthesis", default=None, help="the g_s the cloud renders with, as its codec.synthesis: auto "
-                                                     "(default: the one shipped for the codec), own, a name or a path")
+    p.add_argument("--synthesis", default=None, help="the g_s the cloud renders with, as its codec.synthesis: own "
+                                                     "(default), auto (shipped for the codec), a name or a path")
     p.add_argument("--out", default="results/stream_bench.json",
                    help="JSON result path, a .md table is written beside it (default results/stream_bench.json)")
     return p

@@ -43,8 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--tables", default=None, help="P-frame tables (default: models/weights/<codec>-temporal.safetensors)"
     )
     p.add_argument("--threads", type=int, default=2, help="torch threads of the decoder")
-    p.add_argument("--synthesis", default=None, help="the g_s the cloud renders with, as its codec.synthesis: auto "
-                                                     "(default: the one shipped for the codec), own, a name or a path")
+    p.add_argument("--synthesis", default=None, help="the g_s the cloud renders with, as its codec.synthesis: own "
+                                                     "(default), auto (shipped for the codec), a name or a path")
     p.add_argument("--render-grow", type=int, default=None, help="tiled render: cells grown around each change "
                                                                    "(default: the decoder's, 1)")
     p.add_argument("--render-halo", type=int, default=None, help="tiled render: cells of context (default: the "

@@ -240,8 +240,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gop", type=int, default=None, help="x264/x265 keyframe interval in frames (default: encoder's)")
     p.add_argument("--weights", default=None, help="latentcast codec weights (default: the shipped elic-lite)")
     p.add_argument("--bundle", default=None, help="latentcast edge bundle (default: the shipped export)")
-    p.add_argument("--synthesis", default=None, help="the g_s the cloud renders with, as its codec.synthesis: auto "
-                                                     "(default: the one shipped for the codec), own, a name or a path")
+    p.add_argument("--synthesis", default=None, help="the g_s the cloud renders with, as its codec.synthesis: own "
+                                                     "(default), auto (shipped for the codec), a name or a path")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the latentcast decoder")
     p.add_argument(
         "--temporal-tables",
