@@ -260,12 +260,12 @@ def train_synthesis(cfg: SynthesisTrainConfig) -> Path:
         for g in opt.param_groups:
             g["lr"] = lr
         x, y, m, z = _batch(data, rng, cfg, codec.n_rates)
-        out = student(y, m, z)
-        loss = F.mse_loss(out, space.encode(x))
+        pred = student(y, m, z)
+        loss = F.mse_loss(pred, space.encode(x))
         if cfg.teacher_weight > 0:
             with torch.no_grad():
                 target = codec.model.g_s(y, m, z)
-            loss = loss + cfg.teacher_weight * F.mse_loss(out, target)
+            loss = loss + cfg.teacher_weight * F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -69,8 +69,8 @@ def test_train_resume_release_render(tmp_path, tiny_data, tiny_codec_path):
     n = LatentCodec.from_file(tiny_codec_path).n_rates
     assert hist[0]["step"] == 0 and len(hist[0]["kodak_psnr"]) == len(hist[0]["teacher_kodak_psnr"]) == n
     assert hist[-1]["step"] == 3 and len(hist[-1]["kodak_psnr"]) == n  # the last step is always evaluated
-    cfg.steps = 5
-    st.train_synthesis(cfg)  # resumes
+    cfg.steps, cfg.teacher_weight = 5, 0.5
+    st.train_synthesis(cfg)  # resumes, now also distilling the codec's own g_s
     assert torch.load(last, weights_only=False)["step"] == 5
     with pytest.raises(ValueError, match="another codec or student shape"):
         st.train_synthesis(dataclasses.replace(cfg, up_widths="8,8"))
