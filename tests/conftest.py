@@ -12,6 +12,20 @@ import pytest
 from latentcast.shared import shared_dir
 
 
+def write_training_images(folder: Path, size: tuple[int, int], n: int = 2) -> list[tuple[str, Path, None]]:
+    """``n`` smooth random PNGs of ``size`` (w, h), seed 0, as ``models.training.training_sources`` lists them."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    srcs = []
+    for i in range(n):
+        p = folder / f"img{i}.png"
+        cv2.imwrite(str(p), cv2.resize(rng.integers(0, 255, (12, 12, 3)).astype(np.uint8), size,
+                                       interpolation=cv2.INTER_CUBIC))
+        srcs.append((f"img{i}", p, None))
+    return srcs
+
+
 def shared_or_skip() -> Path:
     try:
         return shared_dir()

@@ -20,6 +20,8 @@ from latentcast.models.elic import CONFIGS, ElicConfig, SynthesisToLatent  # noq
 from latentcast.models.synthesis import load_synthesis, save_synthesis, synthesis_macs_per_cell  # noqa: E402
 from latentcast.tools.cli import main  # noqa: E402
 
+from .conftest import write_training_images  # noqa: E402
+
 
 def test_config_synthesis_fields():
     lite = CONFIGS["lite"]
@@ -44,13 +46,7 @@ def test_student_config_errors():
 
 @pytest.fixture
 def tiny_data(tmp_path, monkeypatch):
-    rng = np.random.default_rng(0)
-    srcs = []
-    for i in range(2):
-        p = tmp_path / f"img{i}.png"
-        img = cv2.resize(rng.integers(0, 255, (12, 12, 3)).astype(np.uint8), (200, 136), interpolation=cv2.INTER_CUBIC)
-        cv2.imwrite(str(p), img)
-        srcs.append((f"img{i}", p, None))
+    srcs = write_training_images(tmp_path, (200, 136))
     monkeypatch.setattr(st, "training_sources", lambda **_: srcs)
     kodak = [("k0", lambda: st._read_rgb(srcs[0][1], None))]
     monkeypatch.setattr(st, "_kodak_items", lambda: kodak)

@@ -15,16 +15,12 @@ from latentcast.models import training  # noqa: E402
 from latentcast.models.codec import LatentCodec  # noqa: E402
 from latentcast.tools.cli import main  # noqa: E402
 
+from .conftest import write_training_images  # noqa: E402
+
 
 @pytest.fixture
 def tiny_sources(tmp_path, monkeypatch):
-    rng = np.random.default_rng(0)
-    srcs = []
-    for i in range(2):
-        p = tmp_path / f"img{i}.png"
-        img = cv2.resize(rng.integers(0, 255, (12, 12, 3)).astype(np.uint8), (160, 136), interpolation=cv2.INTER_CUBIC)
-        cv2.imwrite(str(p), img)
-        srcs.append((f"img{i}", p, None))
+    srcs = write_training_images(tmp_path, (160, 136))
     monkeypatch.setattr(training, "training_sources", lambda **_: srcs)
     return srcs
 
