@@ -122,6 +122,7 @@ class LatentCodec(FrameCompressor):
         self.meta = meta or {}
         self.codec_name = f"elic-{self.cfg.name}"
         self.synthesis_name = ""  # "" = the codec's own g_s renders (use_synthesis)
+        self._own_g_s = self.model.g_s
         if self.codec_name not in CODEC_IDS:
             raise ValueError(f"codec {self.codec_name!r} has no wire id (valid: {', '.join(CODEC_IDS)})")
         self.codec_id = CODEC_IDS[self.codec_name]
@@ -192,8 +193,6 @@ class LatentCodec(FrameCompressor):
         weights hash do not change."""
         from .synthesis import find_synthesis, load_synthesis
 
-        if not hasattr(self, "_own_g_s"):
-            self._own_g_s = self.model.g_s
         if name == "auto":
             found = find_synthesis(self.weights_hash)
             name = str(found) if found is not None else "own"
