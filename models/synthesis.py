@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from latentcast.weights import read_tagged_file, weights_dir, weights_path
+from latentcast.weights import SUFFIXES, read_tagged_file, weights_dir, weights_path
 
 from .elic import ElicConfig, SynthesisToLatent
 
@@ -40,7 +40,7 @@ class SynthesisFile:
 
     @property
     def name(self) -> str:
-        return self.path.name.removesuffix("-synthesis.safetensors") if self.path else "unnamed"
+        return self.path.name.removesuffix(SUFFIXES["synthesis"]) if self.path else "unnamed"
 
 
 def save_synthesis(g_s: SynthesisToLatent, cfg: ElicConfig, codec_hash: bytes, path: Path | str, *,
@@ -74,7 +74,7 @@ def find_synthesis(codec_hash: bytes, folder: Path | None = None) -> Path | None
     whose weights hash is ``codec_hash``; None when there is none."""
     from safetensors import safe_open
 
-    for p in sorted((folder or weights_dir()).glob("*-synthesis.safetensors")):
+    for p in sorted((folder or weights_dir()).glob(f"*{SUFFIXES['synthesis']}")):
         with safe_open(str(p), framework="pt") as f:
             md = f.metadata() or {}
         if md.get("format") == SYNTHESIS_FORMAT and md.get("codec_hash") == codec_hash.hex():
@@ -88,7 +88,7 @@ def _resolve(name: str) -> Path:
         return p
     cand = weights_path(name, "synthesis")
     if not cand.is_file():
-        suffix = "-synthesis.safetensors"
+        suffix = SUFFIXES["synthesis"]
         have = sorted(q.name.removesuffix(suffix) for q in weights_dir().glob(f"*{suffix}"))
         raise FileNotFoundError(f"no synthesis named {name!r} (shipped: {', '.join(have) or 'none'}; "
                                 "or give a .safetensors path)")

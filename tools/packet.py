@@ -179,11 +179,10 @@ def cmd_decode(a: argparse.Namespace) -> int:
     import cv2
     import numpy as np
 
-    from latentcast.cloud.config import CodecConfig
     from latentcast.models.codec import LatentCodec
 
     codec = LatentCodec.load(a.weights or "elic-lite")
-    codec.use_synthesis(a.synthesis or CodecConfig().synthesis)  # as the cloud renders it
+    codec.use_synthesis(a.synthesis)  # as the cloud renders it
     rec = codec.decompress(data, decode_frame=True)
     try:
         written = cv2.imwrite(a.output, rec.frame[:, :, ::-1])
@@ -238,12 +237,14 @@ def add_encode_arguments(e: argparse.ArgumentParser) -> None:
 
 
 def add_decode_arguments(d: argparse.ArgumentParser) -> None:
+    from latentcast.cloud.config import CodecConfig
+    from latentcast.tools.options import add_dataclass_options
+
     d.add_argument("input")
     d.add_argument("-o", "--output", required=True)
     d.add_argument("--latent", help="also save the decoded diffusion latent (.npy)")
     d.add_argument("--weights", help="codec weights (.safetensors); default: the shipped elic-lite")
-    d.add_argument("--synthesis", default=None, help="the g_s that renders, as the cloud's codec.synthesis: own "
-                                                     "(default), auto (shipped for the codec), a name or a path")
+    add_dataclass_options(d, CodecConfig, include=("synthesis",), help_extra={"synthesis": "(codec.synthesis)"})
     d.set_defaults(func=cmd_decode)
 
 

@@ -15,6 +15,9 @@ __all__ = ["add_arguments", "main"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from latentcast.cloud.config import CodecConfig
+    from latentcast.tools.options import add_dataclass_options
+
     p.add_argument("--streams", default="1,4,16",
                    help="concurrent camera streams per configuration, comma-separated (default 1,4,16)")
     p.add_argument("--seconds", type=float, default=20.0,
@@ -40,8 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--weights", help="codec weights; default: the shipped elic-lite")
     p.add_argument("--bundle", help="edge bundle folder; default: the shipped one")
     p.add_argument("--tables", help="temporal P-frame tables of edge and cloud; default: the codec's shipped ones")
-    p.add_argument("--synthesis", default=None, help="the g_s the cloud renders with, as its codec.synthesis: own "
-                                                     "(default), auto (shipped for the codec), a name or a path")
+    add_dataclass_options(p, CodecConfig, include=("synthesis",), help_extra={"synthesis": "(codec.synthesis)"})
     p.add_argument("--out", default="results/stream_bench.json",
                    help="JSON result path, a .md table is written beside it (default results/stream_bench.json)")
     return p

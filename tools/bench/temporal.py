@@ -43,14 +43,14 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--tables", default=None, help="P-frame tables (default: models/weights/<codec>-temporal.safetensors)"
     )
     p.add_argument("--threads", type=int, default=2, help="torch threads of the decoder")
-    p.add_argument("--synthesis", default=None, help="the g_s the cloud renders with, as its codec.synthesis: own "
-                                                     "(default), auto (shipped for the codec), a name or a path")
-    p.add_argument("--render-grow", type=int, default=None, help="tiled render: cells grown around each change "
-                                                                   "(default: the decoder's, 1)")
-    p.add_argument("--render-halo", type=int, default=None, help="tiled render: cells of context (default: the "
-                                                                   "decoder's, 3)")
-    p.add_argument("--change-threshold", type=float, default=None,
-                   help="the changed-cell edge runs' temporal.change_threshold (default: the edge's, 4)")
+    from latentcast.cloud.config import CodecConfig
+    from latentcast.edge.config import TemporalConfig
+    from latentcast.tools.options import add_dataclass_options
+
+    # the cloud's and the edge's settings, with their defaults and comments from the configs
+    add_dataclass_options(p, CodecConfig, include=("synthesis", "render_grow", "render_halo"))
+    add_dataclass_options(p, TemporalConfig, include=("change_threshold",),
+                          help_extra={"change_threshold": "(the changed-cell edge runs)"})
     p.add_argument("--no-cost-levers", dest="cost_levers", action="store_false",
                    help="skip the four runs that time the edge's and the cloud's changed-cell levers")
     p.add_argument("--out", default="results/temporal_bench.json", help="JSON file to write (and .md beside it)")
@@ -199,7 +199,6 @@ def _markdown(res: dict) -> str:
 def main(a: argparse.Namespace) -> int:
     import torch
 
-    from latentcast.cloud.config import CodecConfig
     from latentcast.detector import YoloxDetector
     from latentcast.edge.config import GroundingConfig, TemporalConfig
     from latentcast.edge.encoder import EdgeEncoder
@@ -221,7 +220,7 @@ def main(a: argparse.Namespace) -> int:
     clip = video_clip(path, every=8, max_frames=a.max_frames)
     encoder = EdgeEncoder(bundle=a.bundle)
     codec = LatentCodec.load(a.weights or "elic-lite")
-    codec.use_synthesis(a.synthesis or CodecConfig().synthesis)
+    codec.use_synthesis(a.synthesis)
     tables = TemporalTables.load(
         getattr(a, "tables", None) or default_tables_path(codec), weights_hash=codec.weights_hash
     )
@@ -239,9 +238,7 @@ def main(a: argparse.Namespace) -> int:
         if i in set(clip.scored):
             gt[i] = [GtBox(x0=d.x0, y0=d.y0, x1=d.x1, y1=d.y1, class_id=d.class_id) for d in detector.detect(frame)
                      if d.score >= 0.3]
-    base = TemporalConfig(mode="temporal")
-    if a.change_threshold is not None:
-        base = dataclasses.replace(base, change_threshold=a.change_threshold)
+    base = TemporalConfig(mode="temporal", change_threshold=a.change_threshold)
     runs = [("fixed q0/t1", base, 0.0)]
     runs += [(f"target {t:g} kbit/s", dataclasses.replace(base, target_kbps=t), 0.0) for t in targets]
     runs += [(f"fixed q0/t1, {a.loss:.0%} loss", base, a.loss)]
@@ -257,7 +254,7 @@ def main(a: argparse.Namespace) -> int:
         out_runs.append(r)
     # cost follows change: each lever alone and both, on the fixed level, every frame rendered and timed
     cost_runs, reference = [], None
-    render = {k: v for k, v in (("grow", a.render_grow), ("halo", a.render_halo)) if v is not None}
+    render = {"grow": a.render_grow, "halo": a.render_halo}
     for change, tiled in ((False, False), (True, False), (False, True), (True, True)):
         if not a.cost_levers:
             break
@@ -277,7 +274,7 @@ def main(a: argparse.Namespace) -> int:
                     "size": f"{clip.width}x{clip.height}", "scored": len(gt)},
            "labels": labels, "tables": dict(tables.meta), "temporal_defaults": dataclasses.asdict(base),
            "rtt_frames": a.rtt_frames, "runs": out_runs, "cost_runs": cost_runs,
-           "render": render or "the TemporalDecoder's defaults (grow 1, halo 3)",
+           "render": render,
            "synthesis": codec.synthesis_name or "the codec's own"}
     provenance.write_results(a.out, res, _markdown(res))
     print(_markdown(res))

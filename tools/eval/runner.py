@@ -220,6 +220,9 @@ def bd_tables(points: list[dict], metrics: list[str]) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from latentcast.cloud.config import CodecConfig
+    from latentcast.tools.options import add_dataclass_options
+
     p.add_argument("--data", required=True, help="a video file, an image folder, or a COCO annotation .json")
     p.add_argument("--images", default=None, help="folder of the COCO file's images (default: the file's folder)")
     p.add_argument("--task", default="detection,classification",
@@ -240,8 +243,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gop", type=int, default=None, help="x264/x265 keyframe interval in frames (default: encoder's)")
     p.add_argument("--weights", default=None, help="latentcast codec weights (default: the shipped elic-lite)")
     p.add_argument("--bundle", default=None, help="latentcast edge bundle (default: the shipped export)")
-    p.add_argument("--synthesis", default=None, help="the g_s the cloud renders with, as its codec.synthesis: own "
-                                                     "(default), auto (shipped for the codec), a name or a path")
+    add_dataclass_options(p, CodecConfig, include=("synthesis",), help_extra={"synthesis": "(codec.synthesis)"})
     p.add_argument("--threads", type=int, default=2, help="torch threads for the latentcast decoder")
     p.add_argument(
         "--temporal-tables",
@@ -301,14 +303,13 @@ def main(a: argparse.Namespace) -> int:
 
     codecs = []
     if "latentcast" in names or "latentcast-roibg" in names or "latentcast-temporal" in names:
-        from latentcast.cloud.config import CodecConfig
         from latentcast.edge.encoder import EdgeEncoder
         from latentcast.models.codec import LatentCodec
         from latentcast.tools.eval.learned import GroundingSettings, LatentcastCodec, TemporalLatentcastCodec
 
         enc = EdgeEncoder(bundle=a.bundle)
         dec = LatentCodec.load(a.weights or "elic-lite")
-        dec.use_synthesis(a.synthesis or CodecConfig().synthesis)
+        dec.use_synthesis(a.synthesis)
         gdet = YoloxDetector(score_threshold=GroundingSettings.score_threshold)
         gs = GroundingSettings(labels=tuple(labels), every=a.grounding_every)
         if "latentcast" in names:
