@@ -49,8 +49,10 @@ from latentcast.proto.bitstream import (
     VERSIONS,
     BitstreamError,
     Packet,
+    SectionKind,
 )
 from latentcast.proto.ids import CODEC_IDS, codec_name
+from latentcast.proto.temporal import TemporalError, TemporalInfo
 
 from .config import CODEC_NAMES, CloudConfig, SessionsConfig
 from .frames import DecodedFrame, FrameFailure, FrameJob
@@ -59,7 +61,7 @@ from .sessions import CameraState, SessionRejected, SessionSpec, validate_header
 log = logging.getLogger(__name__)
 
 __all__ = ["Decoder", "LatentcastDecoder", "JpegDecoder", "JpegPacket", "DecoderRegistry", "PacketRefused",
-           "jpeg_frame_size", "classify_parse_error", "codec_error_code", "JPEG_CODEC_ID"]
+           "jpeg_frame_size", "classify_parse_error", "codec_error_code", "describe_packet", "JPEG_CODEC_ID"]
 
 JPEG_CODEC_ID = CODEC_IDS["jpeg"]
 _ZERO_HASH = b"\0\0\0\0"
@@ -269,6 +271,29 @@ class JpegPacket:
     data: bytes
     width: int
     height: int
+
+
+def describe_packet(packet: object) -> str:
+    """How an admitted frame was coded, in a few words for subscribers and logs: ``jpeg``; ``temporal key q2``
+    or ``temporal p q0 bg q0`` (ROI step, background-update step); ``frame full q2``, ``frame roi q1`` or
+    ``frame roi q1 bg q0`` (an independent frame: whole, ROIs only, ROIs over a coded background); ``raw``
+    for bytes not parsed yet."""
+    if isinstance(packet, JpegPacket):
+        return "jpeg"
+    if not isinstance(packet, Packet):
+        return "raw"
+    hd = packet.header
+    t = packet.sections.get(SectionKind.T)
+    if t is not None:
+        try:
+            info = TemporalInfo.from_bytes(t)
+        except TemporalError:  # refused when it is decoded; the description does not judge
+            return f"temporal ? q{hd.rate_point}"
+        return f"temporal key q{hd.rate_point}" if info.is_key else \
+            f"temporal p q{hd.rate_point} bg q{info.bg_rate_point}"
+    if not hd.roi_only:
+        return f"frame full q{hd.rate_point}"
+    return f"frame roi q{hd.rate_point}" + ("" if hd.bg_rate_point is None else f" bg q{hd.bg_rate_point}")
 
 
 _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})

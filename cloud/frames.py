@@ -50,7 +50,7 @@ import numpy as np
 from latentcast.detector import Detection
 from latentcast.proto.bitstream import Packet
 
-from .sessions import SessionSpec
+from .sessions import CameraState, SessionSpec
 
 __all__ = ["FrameJob", "DecodedFrame", "AnalysedFrame", "FrameFailure", "FrameOutcome", "ERROR_CODES",
            "DROP_CODES", "CLIENT_FAULT_CODES"]
@@ -82,6 +82,8 @@ class FrameJob:
     prepared: Callable[[bool], object] | None = None
     prepare_ms: float = 0.0  # time the reader spent decoding it into the state (part of decode_ms)
     codec_id: int | None = None  # the session's codec id (picks the decoder); None = the loaded latentcast codec
+    mode: str = ""  # how the frame was coded, for subscribers and logs (decode.describe_packet)
+    camera: CameraState | None = None  # the camera's state: its counters (frames analysed) are kept there
 
 
 @dataclass

@@ -164,6 +164,8 @@ class Pipeline:
             _rl(level, f"fail:{outcome.code}", "frame %s/%d: %s: %s", job.spec.camera_id, job.seq, outcome.code,
                 outcome.message)
         else:
+            if job.camera is not None:  # before the sinks: a subscriber's counters include its own frame
+                job.camera.frames_analysed += 1
             if m is not None:
                 m.frames_decoded.inc()
                 m.observe_stage("decode", outcome.decode_ms / 1000)

@@ -105,7 +105,7 @@ from latentcast.proto.bitstream import MAX_ROIS
 from .analytics import Detection, Detector
 from .auth import HANDLER_KINDS, NOBODY, REJECT_DETAILS, BearerTokenInterceptor, Principal, TokenRegistry
 from .config import CloudConfig, is_loopback
-from .decode import Decoder, DecoderRegistry, PacketRefused
+from .decode import Decoder, DecoderRegistry, PacketRefused, describe_packet
 from .frames import CLIENT_FAULT_CODES, AnalysedFrame, FrameJob, FrameOutcome
 from .metrics import CloudMetrics, MetricsHttpServer, RateLimitedLog
 from .pipeline import Pipeline, load_and_warm
@@ -226,6 +226,7 @@ class _Stream:
 
     # ---------------------------------------------------------------- refused frames slow the stream down
     def frame_refused(self, code: str) -> None:
+        self.state.frames_failed += 1
         if code in CLIENT_FAULT_CODES:
             self.refused_in_row += 1
             self.refused += 1
@@ -600,6 +601,7 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
                     st.state.seqs.missing = 0
                 st.frames += 1
                 st.state.frames_received += 1
+                st.state.bytes_received += n
                 m.frames_received.inc()
                 m.bytes_received.inc(n)
                 st.count_frame()
@@ -635,7 +637,7 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
                 m.bpp.observe(n * 8.0 / (width * height))
                 job = FrameJob(stream_id=st.session_id, spec=st.spec, seq=seq, capture_ts_us=int(f.capture_ts_us),
                                packet=packet, packet_bytes=n, edge_boxes=edge_boxes, deliver=st.deliver,
-                               codec_id=st.decoder.codec_id)
+                               codec_id=st.decoder.codec_id, mode=describe_packet(packet), camera=st.state)
                 if st.decoder.needs_prepare(packet):  # temporal: into the camera's state, in arrival order
                     try:
                         await st.decoder.prepare(job, packet, st.state)

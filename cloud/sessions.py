@@ -148,6 +148,9 @@ class CameraState:
     seqs: SeqTracker
     spec: SessionSpec | None = None
     frames_received: int = 0  # since the server started
+    frames_analysed: int = 0  # of those, decoded and analysed (counted by the pipeline before the sinks see them)
+    frames_failed: int = 0  # of those, answered with a FrameError (dropped, refused, undecodable)
+    bytes_received: int = 0  # codec packet bytes of the received frames
     streams: int = 0  # streams opened for this camera
     active_stream: str | None = None  # session_id of the stream that owns the camera now
     active_peer: str = ""  # that stream's peer, for the ALREADY_EXISTS message

@@ -45,7 +45,7 @@ from .metrics import CloudMetrics
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JsonlSink", "FanOut", "Subscriber", "encode_image", "frame_record", "to_proto_boxes"]
+__all__ = ["JsonlSink", "FanOut", "Subscriber", "encode_image", "frame_record", "result_message", "to_proto_boxes"]
 
 Encoding = tuple[int, int, int]  # (ImageFormat value, quality or PNG level, composer steps or 0)
 
@@ -91,8 +91,29 @@ def frame_record(fr: AnalysedFrame) -> dict:
         "camera_id": job.spec.camera_id, "task": job.spec.task, "seq": job.seq, "capture_ts_us": job.capture_ts_us,
         "result_ts_us": int(time.time() * 1e6), "width": job.spec.width, "height": job.spec.height,
         "boxes": [_box_dict(d) for d in fr.detections], "edge_boxes": [_box_dict(d) for d in job.edge_boxes],
-        "latency_ms": lat, "packet_bytes": job.packet_bytes, "bpp": _num(fr.bpp, 6),
+        "latency_ms": lat, "packet_bytes": job.packet_bytes, "bpp": _num(fr.bpp, 6), "mode": job.mode,
     }
+
+
+def _finite(x: float | None) -> float:
+    """A proto float: non-finite and unknown (None) values become 0."""
+    return float(x) if x is not None and math.isfinite(x) else 0.0
+
+
+def result_message(fr: AnalysedFrame) -> pb.FrameResult:
+    """The ``FrameResult`` of an analysed frame, without its image: boxes, latencies, coding mode and the
+    camera's counters."""
+    job, spec = fr.job, fr.job.spec
+    cam = job.camera
+    counters = pb.CameraCounters() if cam is None else pb.CameraCounters(
+        frames_received=cam.frames_received, frames_analysed=cam.frames_analysed, frames_failed=cam.frames_failed,
+        bytes_received=cam.bytes_received)
+    return pb.FrameResult(camera_id=spec.camera_id, task=spec.task, seq=job.seq, capture_ts_us=job.capture_ts_us,
+                          width=spec.width, height=spec.height, boxes=to_proto_boxes(fr.detections),
+                          edge_boxes=to_proto_boxes(job.edge_boxes), packet_bytes=job.packet_bytes,
+                          bpp=_finite(fr.bpp), queue_ms=_finite(fr.queue_ms), decode_ms=_finite(fr.decode_ms),
+                          compose_ms=_finite(fr.compose_ms), analytics_ms=_finite(fr.analytics_ms),
+                          latency_ms=_finite(fr.capture_to_result_ms), mode=job.mode, camera=counters)
 
 
 class JsonlSink:
@@ -277,10 +298,7 @@ class FanOut:
             wanted = {s.encoding for s in self._subs if s.matches(spec.camera_id, spec.task)}
         if not wanted:
             return
-        base = pb.FrameResult(camera_id=spec.camera_id, task=spec.task, seq=fr.job.seq,
-                              capture_ts_us=fr.job.capture_ts_us, width=spec.width, height=spec.height,
-                              boxes=to_proto_boxes(fr.detections), edge_boxes=to_proto_boxes(fr.job.edge_boxes),
-                              packet_bytes=fr.job.packet_bytes)
+        base = result_message(fr)
         now = [e for e in wanted if e is not None and e[2] == 0]
         later = [e for e in wanted if e is not None and e[2] != 0]  # clients that asked for other steps (people: 50)
         if later and (fr.compose_request is None or self.composer is None):

@@ -39,13 +39,12 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
 import grpc.aio
 
+from latentcast.channel import TlsConfig, channel_options, open_channel
 from latentcast.edge.sender import Backlog, OutFrame, QueueClosed, SendQueue
 from latentcast.proto import latentcast_v1_pb2 as pb
 from latentcast.proto import latentcast_v1_pb2_grpc as pb_grpc
@@ -75,51 +74,6 @@ class GaveUpError(RuntimeError):
 
 class _Retry(Exception):
     """A connection ended in a retryable way (message says why)."""
-
-
-@dataclass(frozen=True)
-class TlsConfig:
-    """TLS (and mTLS) for the channel, from PEM file paths."""
-
-    root_certs: str | Path | None = None  # CA bundle that signs the server certificate; None: system roots
-    client_cert: str | Path | None = None  # client certificate chain for mTLS (with client_key)
-    client_key: str | Path | None = None  # client private key for mTLS (with client_cert)
-    server_name: str | None = None  # name to verify in the server certificate instead of the target host
-
-    def credentials(self) -> grpc.ChannelCredentials:
-        if (self.client_cert is None) != (self.client_key is None):
-            raise ValueError(f"mTLS needs both client_cert and client_key (got client_cert={self.client_cert!r}, "
-                             f"client_key={self.client_key!r})")
-
-        def read(what: str, p: str | Path | None) -> bytes | None:
-            if p is None or str(p) == "":
-                return None
-            path = Path(p).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(f"TLS {what} file {path} not found")
-            return path.read_bytes()
-
-        return grpc.ssl_channel_credentials(root_certificates=read("root_certs", self.root_certs),
-                                            private_key=read("client_key", self.client_key),
-                                            certificate_chain=read("client_cert", self.client_cert))
-
-
-def channel_options(*, keepalive_s: float, keepalive_timeout_s: float, max_message_bytes: int,
-                    server_name: str | None = None) -> list[tuple[str, Any]]:
-    """The channel options the edge sets explicitly. The server must allow pings this often
-    (``grpc.http2.min_ping_interval_without_data_ms`` <= keepalive_s * 1000) or it answers GOAWAY."""
-    opts: list[tuple[str, Any]] = [
-        ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
-        ("grpc.keepalive_timeout_ms", int(keepalive_timeout_s * 1000)),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.max_send_message_length", int(max_message_bytes)),
-        ("grpc.max_receive_message_length", int(max_message_bytes)),
-        ("grpc.enable_retries", 0),  # the client resumes by sequence number itself
-    ]
-    if server_name:
-        opts.append(("grpc.ssl_target_name_override", server_name))
-    return opts
 
 
 def _session_header(session: pb.SessionHeader | Mapping[str, Any]) -> pb.SessionHeader:
@@ -196,7 +150,8 @@ class EdgeClient:
         self.queue = queue if queue is not None else SendQueue(maxsize=8)
         self.backlog = backlog if backlog is not None else Backlog(max_frames=300, max_bytes=64 * 1024 * 1024)
         self.tls = tls
-        self._creds = tls.credentials() if tls is not None else None
+        if tls is not None:
+            tls.credentials()  # a missing or half-set certificate fails here, not at the first connection
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         if token and tls is None and not self.target.startswith(("127.", "localhost", "[::1]", "unix:")):
             log.warning("sending a bearer token to %s without TLS", self.target)
@@ -314,12 +269,8 @@ class EdgeClient:
         return f"{code.name}: {details}"
 
     def _channel(self) -> grpc.aio.Channel:
-        opts = channel_options(keepalive_s=self.keepalive_s, keepalive_timeout_s=self.keepalive_timeout_s,
-                               max_message_bytes=self.max_message_bytes,
-                               server_name=self.tls.server_name if self.tls else None)
-        if self._creds is not None:
-            return grpc.aio.secure_channel(self.target, self._creds, options=opts)
-        return grpc.aio.insecure_channel(self.target, options=opts)
+        return open_channel(self.target, tls=self.tls, keepalive_s=self.keepalive_s,
+                            keepalive_timeout_s=self.keepalive_timeout_s, max_message_bytes=self.max_message_bytes)
 
     async def _connection(self, stop: asyncio.Event | None) -> bool:
         """One Stream; True when done (stop set, or drained), False/raise when it must reconnect."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from latentcast.channel import read_token
 from latentcast.config import load_config
 from latentcast.proto.symbols import parse_background
 
@@ -244,18 +245,7 @@ class ServerConfig:
 
     def resolved_token(self) -> str | None:
         """The token, from ``token`` or else ``token_file``; None when neither is set."""
-        if self.token:
-            return self.token
-        if self.token_file:
-            p = os.path.expanduser(self.token_file)
-            if not os.path.isfile(p):
-                raise FileNotFoundError(f"server.token_file {p} not found")
-            with open(p, encoding="utf-8") as fh:
-                tok = fh.readline().strip()
-            if not tok:
-                raise ValueError(f"server.token_file {p} is empty")
-            return tok
-        return None
+        return read_token(self.token, self.token_file, what="server")
 
 
 @dataclass

@@ -167,7 +167,7 @@ class SubscribeRequest(_message.Message):
     def __init__(self, camera_id: _Optional[str] = ..., task: _Optional[str] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., jpeg_quality: _Optional[int] = ..., compose_steps: _Optional[int] = ...) -> None: ...
 
 class FrameResult(_message.Message):
-    __slots__ = ("camera_id", "task", "seq", "capture_ts_us", "width", "height", "format", "image", "boxes", "edge_boxes", "packet_bytes")
+    __slots__ = ("camera_id", "task", "seq", "capture_ts_us", "width", "height", "format", "image", "boxes", "edge_boxes", "packet_bytes", "bpp", "queue_ms", "decode_ms", "compose_ms", "analytics_ms", "latency_ms", "mode", "camera")
     CAMERA_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +179,14 @@ class FrameResult(_message.Message):
     BOXES_FIELD_NUMBER: _ClassVar[int]
     EDGE_BOXES_FIELD_NUMBER: _ClassVar[int]
     PACKET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BPP_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    COMPOSE_MS_FIELD_NUMBER: _ClassVar[int]
+    ANALYTICS_MS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    CAMERA_FIELD_NUMBER: _ClassVar[int]
     camera_id: str
     task: str
     seq: int
@@ -190,4 +198,24 @@ class FrameResult(_message.Message):
     boxes: _containers.RepeatedCompositeFieldContainer[Box]
     edge_boxes: _containers.RepeatedCompositeFieldContainer[Box]
     packet_bytes: int
-    def __init__(self, camera_id: _Optional[str] = ..., task: _Optional[str] = ..., seq: _Optional[int] = ..., capture_ts_us: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., image: _Optional[bytes] = ..., boxes: _Optional[_Iterable[_Union[Box, _Mapping]]] = ..., edge_boxes: _Optional[_Iterable[_Union[Box, _Mapping]]] = ..., packet_bytes: _Optional[int] = ...) -> None: ...
+    bpp: float
+    queue_ms: float
+    decode_ms: float
+    compose_ms: float
+    analytics_ms: float
+    latency_ms: float
+    mode: str
+    camera: CameraCounters
+    def __init__(self, camera_id: _Optional[str] = ..., task: _Optional[str] = ..., seq: _Optional[int] = ..., capture_ts_us: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., image: _Optional[bytes] = ..., boxes: _Optional[_Iterable[_Union[Box, _Mapping]]] = ..., edge_boxes: _Optional[_Iterable[_Union[Box, _Mapping]]] = ..., packet_bytes: _Optional[int] = ..., bpp: _Optional[float] = ..., queue_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., compose_ms: _Optional[float] = ..., analytics_ms: _Optional[float] = ..., latency_ms: _Optional[float] = ..., mode: _Optional[str] = ..., camera: _Optional[_Union[CameraCounters, _Mapping]] = ...) -> None: ...
+
+class CameraCounters(_message.Message):
+    __slots__ = ("frames_received", "frames_analysed", "frames_failed", "bytes_received")
+    FRAMES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_ANALYSED_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FAILED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    frames_received: int
+    frames_analysed: int
+    frames_failed: int
+    bytes_received: int
+    def __init__(self, frames_received: _Optional[int] = ..., frames_analysed: _Optional[int] = ..., frames_failed: _Optional[int] = ..., bytes_received: _Optional[int] = ...) -> None: ...

@@ -417,6 +417,12 @@ async def test_subscribe_receives_jpeg_frames_and_detections(make_server, tiny_c
             assert img.shape == (H, W, 3)
             assert g.boxes[0].label == "person" and g.edge_boxes[0].label == "person"
             assert g.packet_bytes == len(packets[g.seq])
+            assert g.mode == "frame roi q1" and g.bpp == pytest.approx(len(packets[g.seq]) * 8 / (W * H))
+            assert g.decode_ms > 0 and g.latency_ms > 0
+            # the camera's counters include this frame: a subscriber derives fps and kbit/s from them
+            assert g.camera.frames_analysed == g.seq + 1 and g.camera.frames_received >= g.seq + 1
+            assert g.camera.bytes_received >= sum(len(p) for p in packets[:g.seq + 1])
+            assert g.camera.frames_failed == 0
         p = await asyncio.wait_for(png.read(), TIMEOUT)
         assert p.format == pb.IMAGE_FORMAT_PNG and p.image[:4] == b"\x89PNG"
         await collect(call, until=lambda ms: acked(ms) == 1 and len(kinds(ms, "result")) == 2)
