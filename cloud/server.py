@@ -696,6 +696,7 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
         log.info("subscriber %s: camera %r task %r format %s", context.peer(), request.camera_id or "*",
                  request.task or "*", pb.ImageFormat.Name(request.format))
         try:
+            await context.send_initial_metadata(())  # the subscription is registered: the client may count on it
             while True:
                 msg = await sub.get()
                 if msg is None:

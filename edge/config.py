@@ -245,7 +245,7 @@ class ServerConfig:
 
     def resolved_token(self) -> str | None:
         """The token, from ``token`` or else ``token_file``; None when neither is set."""
-        return read_token(self.token, self.token_file, what="server")
+        return read_token(self.token, self.token_file, key="server.token_file")
 
 
 @dataclass

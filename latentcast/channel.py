@@ -72,18 +72,18 @@ def open_channel(target: str, *, tls: TlsConfig | None, keepalive_s: float, keep
     return grpc.aio.insecure_channel(target, options=opts)
 
 
-def read_token(token: str, token_file: str, *, what: str = "server") -> str | None:
+def read_token(token: str, token_file: str, *, key: str = "server.token_file") -> str | None:
     """A bearer token: ``token``, else the first line of ``token_file``; None when neither is set.
-    ``what`` names the config section in the errors (a missing or empty file)."""
+    ``key`` names the file's config key in the errors (a missing or empty file)."""
     if token:
         return token
     if token_file:
         p = os.path.expanduser(token_file)
         if not os.path.isfile(p):
-            raise FileNotFoundError(f"{what}.token_file {p} not found")
+            raise FileNotFoundError(f"{key} {p} not found")
         with open(p, encoding="utf-8") as fh:
             tok = fh.readline().strip()
         if not tok:
-            raise ValueError(f"{what}.token_file {p} is empty")
+            raise ValueError(f"{key} {p} is empty")
         return tok
     return None

@@ -58,18 +58,19 @@ def test_describe_lists_every_leaf_with_its_comment():
     assert len(rows) == 7 and all(r[3] for r in rows)
 
 
-@pytest.mark.parametrize("side", ["edge", "cloud"])
+@pytest.mark.parametrize("side", ["edge", "cloud", "cloud/dashboard"])
 def test_example_configs_are_complete_and_load_to_the_defaults(side):
-    """edge/edge.yaml and cloud/cloud.yaml document every option (regenerate them with
+    """edge/edge.yaml, cloud/cloud.yaml and cloud/dashboard.yaml document every option (regenerate them with
     latentcast.config.example_yaml when a field changes) and load to the defaults."""
     import importlib
     from pathlib import Path
 
     from latentcast.config import example_yaml
 
-    mod = importlib.import_module(f"latentcast.{side}.config")
-    cls = {"edge": "EdgeConfig", "cloud": "CloudConfig"}[side]
-    path = Path(__file__).resolve().parent.parent / side / f"{side}.yaml"
+    mod = importlib.import_module(f"latentcast.{side.replace('/', '.')}.config")
+    cls = {"edge": "EdgeConfig", "cloud": "CloudConfig", "cloud/dashboard": "DashboardConfig"}[side]
+    path = Path(__file__).resolve().parent.parent / {"edge": "edge/edge.yaml", "cloud": "cloud/cloud.yaml",
+                                                     "cloud/dashboard": "cloud/dashboard.yaml"}[side]
     text = path.read_text()
     title = text.splitlines()[0].removeprefix("# ")
     assert text == example_yaml(getattr(mod, cls), mod.ENV_PREFIX, title=title), f"regenerate {path.name}"

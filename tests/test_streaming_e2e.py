@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import time
 
@@ -113,8 +114,9 @@ def test_demo_defaults_to_temporal_coding_and_says_how_much_it_analysed(tmp_path
     from latentcast.tools.cli import main
 
     out = tmp_path / "demo"
-    assert main(["demo", str(vtest), "--frames", "6", "--pace", "none", "--out", str(out)]) == 0
+    assert main(["demo", str(vtest), "--frames", "6", "--pace", "none", "--out", str(out), "--dashboard", "0"]) == 0
     printed = capsys.readouterr().out
+    assert re.search(r"dashboard: http://127\.0\.0\.1:\d+/ ", printed)  # --dashboard serves the page beside it
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["mode"] == "temporal" and summary["config"]["temporal_mode_setting"] == "auto"
     e = summary["edge"]

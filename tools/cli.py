@@ -12,7 +12,8 @@
     latentcast task new|show|list ...                                         tools/task.py
     latentcast edge --config edge.yaml [--task NAME] | cloud --config cloud.yaml | token new|hash
                                                                               tools/services.py
-    latentcast demo [VIDEO]                                                   tools/demo.py
+    latentcast dashboard --cloud HOST:PORT [--config dashboard.yaml]          tools/dashboard.py
+    latentcast demo [VIDEO] [--dashboard]                                     tools/demo.py
     latentcast eval --data VIDEO|DIR|COCO.json --out DIR                      tools/eval/runner.py
 
 ``latentcast <command> --help`` lists a command's options. A command's options are declared only
@@ -56,6 +57,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "token": ("latentcast.tools.services:add_token_arguments",
               "bearer tokens for the cloud's server.tokens_file: new (random token + its entry) or hash "
               "(the sha256 of a token read from stdin)"),
+    "dashboard": ("latentcast.tools.dashboard:add_arguments",
+                  "serve a live web page of a running cloud: every camera's frames with detections, bitrate, "
+                  "fps, latency; a detections timeline"),
     "demo": ("latentcast.tools.demo:add_arguments",
              "edge + cloud on loopback over a video: live stats, side-by-side video, summary"),
     "bench": ("latentcast.tools.bench:add_arguments",

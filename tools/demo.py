@@ -178,13 +178,14 @@ async def run_demo(*, video: str, out_dir: Path, max_frames: int | None = None, 
                    pace: str | None = None, every: int | None = None, live: bool = True,
                    temporal: bool = False, target_kbps: float | None = None, task: str | None = None,
                    mode: str | None = None, threads: int | None = SHARED_MACHINE_THREADS,
-                   command: str = "latentcast demo") -> dict[str, Any]:
+                   command: str = "latentcast demo", dashboard_port: int | None = None) -> dict[str, Any]:
     """Run edge and cloud on loopback over ``video``; returns the summary (also written to disk).
 
     ``task``: ground that task's label list (``latentcast task list``) instead of ``labels``, as
     ``latentcast edge --task`` does; an unknown task is an error before anything starts. ``threads``: the
     threads of every library on both sides (ONNX Runtime encoder and detectors, torch), which share this
-    machine; None or 0 leaves the configs' values."""
+    machine; None or 0 leaves the configs' values. ``dashboard_port``: also serve the web dashboard
+    (``latentcast dashboard``) on 127.0.0.1 at this port (0 = a free one) while the demo runs."""
     import grpc
 
     from latentcast.cloud.config import load_cloud_config
@@ -235,6 +236,19 @@ async def run_demo(*, video: str, out_dir: Path, max_frames: int | None = None, 
     await cloud.wait_ready(timeout=300)
     log.info("cloud ready on 127.0.0.1:%d in %.1f s (metrics on %d)", port, time.monotonic() - t_ready, metrics_port)
     ecfg.server.target = f"127.0.0.1:{port}"
+    dash = None
+    if dashboard_port is not None:
+        from latentcast.cloud.dashboard.config import CloudLinkConfig, DashboardConfig, DashboardSection
+        from latentcast.cloud.dashboard.server import DashboardServer
+
+        dash = DashboardServer(DashboardConfig(cloud=CloudLinkConfig(target=ecfg.server.target, token=token),
+                                               dashboard=DashboardSection(host="127.0.0.1", port=dashboard_port)))
+        try:
+            await dash.start()
+        except BaseException:
+            await cloud.stop(grace=0)
+            raise
+        print(f"dashboard: {dash.url} (open it in a browser; it stops with the demo)", flush=True)
 
     import cv2
 
@@ -300,6 +314,8 @@ async def run_demo(*, video: str, out_dir: Path, max_frames: int | None = None, 
         tick.cancel()
         cloud_counters = _cloud_counters(cloud)
         await cloud.stop(grace=2.0)
+        if dash is not None:
+            await dash.stop()
         await asyncio.wait({sub_task}, timeout=5.0)
         sub_task.cancel()
         await channel.close()
@@ -363,6 +379,9 @@ def add_arguments(m: argparse.ArgumentParser) -> None:
     m.add_argument("--threads", type=int, default=SHARED_MACHINE_THREADS,
                    help="threads of every library on edge and cloud, which share this machine (default "
                         f"{SHARED_MACHINE_THREADS}; 0 = the configs' values)")
+    m.add_argument("--dashboard", nargs="?", type=int, const=8080, metavar="PORT",
+                   help="also serve the live web dashboard on 127.0.0.1:PORT (default 8080; 0 = a free port) and "
+                        "print its URL")
     m.add_argument("--edge-config", help="edge YAML config (addresses and token are set by the demo)")
     m.add_argument("--cloud-config", help="cloud YAML config (addresses and token are set by the demo)")
     m.set_defaults(func=main)
@@ -381,7 +400,8 @@ def main(args: argparse.Namespace) -> int:
                                    temporal=getattr(args, "temporal", False), mode=getattr(args, "mode", None),
                                    threads=getattr(args, "threads", SHARED_MACHINE_THREADS),
                                    target_kbps=getattr(args, "target_kbps", None), task=getattr(args, "task", None),
-                                   command=" ".join(["latentcast"] + sys.argv[1:])))
+                                   command=" ".join(["latentcast"] + sys.argv[1:]),
+                                   dashboard_port=getattr(args, "dashboard", None)))
     q, e = summary["quality"], summary["edge"]
     share = summary["analysed_fraction"]
     print(f"\nmode: {e.get('mode')} (temporal.mode {summary['config']['temporal_mode_setting']}); "

@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["add_edge_arguments", "add_cloud_arguments", "add_token_arguments", "cmd_edge", "cmd_cloud", "cmd_token"]
 
-def _print_config(cls: type, prefix: str) -> int:
+def print_config(cls: type, prefix: str) -> int:
+    """Every key of a config class, its environment variable, default and comment (``--describe``)."""
     from latentcast.config import describe_config
 
     for key, var, default, comment in describe_config(cls, prefix):
@@ -32,7 +33,7 @@ def cmd_edge(a: argparse.Namespace) -> int:
     from latentcast.edge.config import ENV_PREFIX, EdgeConfig, load_edge_config
 
     if a.describe:
-        return _print_config(EdgeConfig, ENV_PREFIX)
+        return print_config(EdgeConfig, ENV_PREFIX)
     cfg = load_edge_config(a.config)
     if a.source:
         cfg.source.uri = a.source
@@ -65,7 +66,7 @@ def cmd_cloud(a: argparse.Namespace) -> int:
     from latentcast.cloud.server import CloudServer
 
     if a.describe:
-        return _print_config(CloudConfig, ENV_PREFIX)
+        return print_config(CloudConfig, ENV_PREFIX)
     try:
         asyncio.run(CloudServer(load_cloud_config(a.config)).serve_forever())
     except (ConfigError, RuntimeError) as exc:

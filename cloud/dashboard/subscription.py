@@ -1,0 +1,106 @@
+"""The dashboard's ``Subscribe`` call to the cloud: JPEG frames, boxes and counters into the state.
+
+A normal client of the cloud: its own bearer token (a ``subscribe`` or ``admin`` role), the same TLS settings
+as an edge. The cloud confirms a subscription with its initial metadata; the link is "up" from then until
+the call ends. It then resubscribes after a backoff (``backoff_initial_s`` doubling up to
+``backoff_max_s``), whatever the status: a cloud that restarts, or a token fixed on the cloud side, is
+picked up without restarting the dashboard. The page shows why the link is down (the gRPC status).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import grpc
+import grpc.aio
+
+from latentcast.channel import open_channel
+from latentcast.proto import latentcast_v1_pb2 as pb
+from latentcast.proto import latentcast_v1_pb2_grpc as pb_grpc
+
+from ..metrics import RateLimitedLog
+from .config import CloudLinkConfig
+from .state import CameraView, DashboardState
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CloudSubscription"]
+
+
+class CloudSubscription:
+    """Subscribes to the cloud until ``stop`` is set; every result goes into ``state`` and to ``on_frame``."""
+
+    def __init__(self, config: CloudLinkConfig, state: DashboardState, *,
+                 on_frame: Callable[[CameraView], None] | None = None) -> None:
+        self.config = config
+        self.state = state
+        self.on_frame = on_frame
+        self._token = config.resolved_token()  # a missing token file fails here, before anything runs
+        self._tls = config.tls_config()
+        if self._tls is not None:
+            self._tls.credentials()  # a missing certificate fails here too
+        self._rl = RateLimitedLog(log, interval_s=30.0)
+
+    def _request(self) -> pb.SubscribeRequest:
+        c = self.config
+        return pb.SubscribeRequest(camera_id=c.camera_id, task=c.task, format=pb.IMAGE_FORMAT_JPEG,
+                                   jpeg_quality=c.jpeg_quality)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        c = self.config
+        delay = c.backoff_initial_s
+        metadata = (("authorization", f"Bearer {self._token}"),) if self._token else ()
+        while not stop.is_set():
+            got_any = await self._subscribe_once(metadata, stop)
+            if stop.is_set():
+                break
+            delay = c.backoff_initial_s if got_any else min(c.backoff_max_s, delay * 2)
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+        self.state.link.down("stopped")
+
+    async def _subscribe_once(self, metadata: tuple, stop: asyncio.Event) -> bool:
+        """One Subscribe call; True when it was accepted (the next attempt starts with the shortest delay)."""
+        c = self.config
+        accepted = False
+        async with open_channel(c.target, tls=self._tls, keepalive_s=c.keepalive_s,
+                                keepalive_timeout_s=c.keepalive_timeout_s,
+                                max_message_bytes=c.max_message_bytes) as channel:
+            call = pb_grpc.LatentcastStub(channel).Subscribe(self._request(), metadata=metadata)
+            stopper = asyncio.ensure_future(stop.wait())
+            try:
+                reading = asyncio.ensure_future(call.initial_metadata())
+                done, _ = await asyncio.wait({reading, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if stopper in done:
+                    reading.cancel()
+                    call.cancel()
+                    return accepted
+                reading.result()  # raises the call's error when it was refused
+                accepted = True
+                self.state.link.up()
+                log.info("subscribed to the cloud at %s", c.target)
+                while True:
+                    reading = asyncio.ensure_future(call.read())
+                    done, _ = await asyncio.wait({reading, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                    if stopper in done:
+                        reading.cancel()
+                        call.cancel()
+                        return accepted
+                    msg = reading.result()
+                    if msg is grpc.aio.EOF:
+                        self.state.link.down("the cloud ended the subscription (shutting down?)")
+                        return accepted
+                    cam = self.state.add(msg)
+                    if self.on_frame is not None:
+                        self.on_frame(cam)
+            except grpc.aio.AioRpcError as exc:
+                why = f"{exc.code().name}: {exc.details()}"
+                self.state.link.down(why)
+                self._rl(logging.WARNING, f"sub:{exc.code().name}", "subscription to %s ended: %s", c.target, why)
+                return accepted
+            finally:
+                stopper.cancel()
