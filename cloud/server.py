@@ -101,6 +101,7 @@ from latentcast.models.codec import LatentCodec
 from latentcast.proto import latentcast_v1_pb2 as pb
 from latentcast.proto import latentcast_v1_pb2_grpc as pb_grpc
 from latentcast.proto.bitstream import MAX_ROIS
+from latentcast.proto.ids import SUBSCRIBED_METADATA_KEY
 
 from .analytics import Detection, Detector
 from .auth import HANDLER_KINDS, NOBODY, REJECT_DETAILS, BearerTokenInterceptor, Principal, TokenRegistry
@@ -696,7 +697,8 @@ class _LatentcastServicer(pb_grpc.LatentcastServicer):
         log.info("subscriber %s: camera %r task %r format %s", context.peer(), request.camera_id or "*",
                  request.task or "*", pb.ImageFormat.Name(request.format))
         try:
-            await context.send_initial_metadata(())  # the subscription is registered: the client may count on it
+            # the subscription is registered: the client may count on it (a refused call has no such key)
+            await context.send_initial_metadata(((SUBSCRIBED_METADATA_KEY, "1"),))
             while True:
                 msg = await sub.get()
                 if msg is None:

@@ -1,11 +1,12 @@
-"""Wire identifiers: codec architectures and latent spaces (numpy-free constants)."""
+"""Wire identifiers: codec architectures, latent spaces, metadata keys (numpy-free constants)."""
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
 
-__all__ = ["CODEC_IDS", "LATENT_SPACE_IDS", "codec_name", "latent_space_name", "label_set_hash"]
+__all__ = ["CODEC_IDS", "LATENT_SPACE_IDS", "SUBSCRIBED_METADATA_KEY", "codec_name", "latent_space_name",
+           "label_set_hash"]
 
 # codec architecture -> codec_id in the packet header (and the SessionHeader). 100 and up are not LCF codecs:
 # "jpeg" is the JPEG baseline of `latentcast bench stream` (each packet a whole frame as JPEG bytes), which a
@@ -13,6 +14,8 @@ __all__ = ["CODEC_IDS", "LATENT_SPACE_IDS", "codec_name", "latent_space_name", "
 CODEC_IDS: dict[str, int] = {"elic-lite": 1, "elic-paper": 2, "elic-lite-taef2": 3, "jpeg": 100}
 # latent-space family -> latent_space_id in the packet header
 LATENT_SPACE_IDS: dict[str, int] = {"taef2": 1, "taesd": 2, "sd-vae": 3, "pixels": 4}
+# initial metadata key the cloud sends once a Subscribe call is registered (a refused call ends without it)
+SUBSCRIBED_METADATA_KEY = "latentcast-subscribed"
 
 
 def _reverse(table: dict[str, int], value: int, what: str) -> str:

@@ -1,8 +1,8 @@
 """The dashboard's ``Subscribe`` call to the cloud: JPEG frames, boxes and counters into the state.
 
 A normal client of the cloud: its own bearer token (a ``subscribe`` or ``admin`` role), the same TLS settings
-as an edge. The cloud confirms a subscription with its initial metadata; the link is "up" from then until
-the call ends. It then resubscribes after a backoff (``backoff_initial_s`` doubling up to
+as an edge. The cloud confirms a subscription with its initial metadata (``SUBSCRIBED_METADATA_KEY``); the
+link is "up" from then until the call ends. It then resubscribes after a backoff (``backoff_initial_s`` doubling up to
 ``backoff_max_s``), whatever the status: a cloud that restarts, or a token fixed on the cloud side, is
 picked up without restarting the dashboard. The page shows why the link is down (the gRPC status).
 """
@@ -19,6 +19,7 @@ import grpc.aio
 from latentcast.channel import open_channel
 from latentcast.proto import latentcast_v1_pb2 as pb
 from latentcast.proto import latentcast_v1_pb2_grpc as pb_grpc
+from latentcast.proto.ids import SUBSCRIBED_METADATA_KEY
 
 from ..metrics import RateLimitedLog
 from .config import CloudLinkConfig
@@ -79,7 +80,14 @@ class CloudSubscription:
                     reading.cancel()
                     call.cancel()
                     return accepted
-                reading.result()  # raises the call's error when it was refused
+                metadata_in = reading.result() or ()
+                if not any(k == SUBSCRIBED_METADATA_KEY for k, _ in metadata_in):
+                    # refused (or the connection failed): the call ended without the cloud's confirmation
+                    code = await call.code()
+                    why = f"{code.name}: {await call.details()}"
+                    self.state.link.down(why)
+                    self._rl(logging.WARNING, f"sub:{code.name}", "subscription to %s refused: %s", c.target, why)
+                    return accepted
                 accepted = True
                 self.state.link.up()
                 log.info("subscribed to the cloud at %s", c.target)
