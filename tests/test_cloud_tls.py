@@ -76,3 +76,43 @@ def test_tls_config_needs_both_files(pki):
     cfg = make_config()
     with pytest.raises(ValueError, match="together"):
         dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, tls_cert_file=str(pki / "server.pem")))
+
+
+async def test_dashboard_subscribes_over_mtls_with_its_token(pki, tiny_codec):
+    """The dashboard's link uses the edge's TLS settings (cloud.tls_* in cloud/dashboard.yaml) and its own token."""
+    pytest.importorskip("aiohttp")
+    from latentcast.cloud.dashboard.config import CloudLinkConfig, DashboardConfig, DashboardSection
+    from latentcast.cloud.dashboard.server import DashboardServer
+
+    cfg = make_config(tokens=["tok"], tls_cert_file=str(pki / "server.pem"), tls_key_file=str(pki / "server.key"),
+                      tls_client_ca_file=str(pki / "ca.pem"))
+    srv = CloudServer(cfg, codec=tiny_codec, detector=FakeDetector())
+    port = (await srv.start())[0]
+    dashboards = []
+    try:
+        await srv.wait_ready(TIMEOUT)
+
+        def link(**tls) -> DashboardServer:
+            d = DashboardServer(DashboardConfig(
+                cloud=CloudLinkConfig(target=f"localhost:{port}", token="tok", tls_root_certs=str(pki / "ca.pem"),
+                                      backoff_initial_s=0.05, backoff_max_s=0.2, **tls),
+                dashboard=DashboardSection(port=0)))
+            dashboards.append(d)
+            return d
+
+        good = link(tls_client_cert=str(pki / "client.pem"), tls_client_key=str(pki / "client.key"))
+        anon = link()  # no client certificate: the cloud's mTLS refuses the handshake
+        for d in dashboards:
+            await d.start()
+        for _ in range(int(TIMEOUT / 0.05)):
+            if good.state.link.connected and anon.state.link.error:
+                break
+            await asyncio.sleep(0.05)
+        assert good.state.link.connected and len(srv.fanout) == 1
+        assert not anon.state.link.connected and "UNAVAILABLE" in anon.state.link.error
+        with pytest.raises(ValueError, match="mTLS needs both client_cert and client_key"):
+            link(tls_client_cert=str(pki / "client.pem"))
+    finally:
+        for d in dashboards:
+            await d.stop()
+        await srv.stop(0.5)
