@@ -256,6 +256,7 @@ class _VideoSettings:
     gop: int | None = None
     threads: int = 0
     info_sei: bool = False
+    extra_params: tuple[str, ...] = ()  # more x264-params / x265-params entries (the task-aware anchors: qg-size)
 
     @property
     def encoder(self) -> str:
@@ -278,6 +279,7 @@ class _VideoSettings:
             p.append(f"keyint={self.gop}")
         if self.codec == "x265" and self.threads > 0:
             p.append(f"pools={self.threads}")
+        p += list(self.extra_params)
         return ":".join(p)
 
     def options(self, crf: float | None) -> dict[str, str]:
@@ -357,8 +359,8 @@ def _strip_x264_info_sei(packet: bytes) -> bytes:
     return bytes(out)
 
 
-def _encode_video(clip: Clip, s: _VideoSettings, crf: float, fmap: _FrameMap = _IDENTITY) -> _Bitstream:
-    """All ``clip.n_frames`` frames, in order, through ``fmap`` into one ``s.encoder`` bitstream."""
+def open_encoder(clip: Clip, s: _VideoSettings, crf: float, fmap: _FrameMap = _IDENTITY):
+    """An open ``s.encoder`` context for ``clip``: (context, coded (w, h), encoded (w, h) after padding)."""
     av = _import_av()
     cw, ch = fmap.coded_size(clip.width, clip.height)
     ew, eh = max(cw + cw % 2, s.min_size), max(ch + ch % 2, s.min_size)
@@ -374,14 +376,34 @@ def _encode_video(clip: Clip, s: _VideoSettings, crf: float, fmap: _FrameMap = _
         enc.open()
     except av.FFmpegError as exc:
         raise RuntimeError(f"{clip.name}: {s.encoder} refused {ew}x{eh} at {s.options(crf)}: {exc}") from exc
+    return enc, (cw, ch), (ew, eh)
+
+
+FramePrepare = Callable[[int, np.ndarray], np.ndarray]  # (frame index, RGB) -> the RGB frame the encoder gets
+FrameDecorate = Callable[[int, Any], Any]  # (frame index, yuv420p av.VideoFrame) -> the frame with side data
+
+
+def _encode_video(clip: Clip, s: _VideoSettings, crf: float, fmap: _FrameMap = _IDENTITY, *,
+                  prepare: FramePrepare | None = None, decorate: FrameDecorate | None = None) -> _Bitstream:
+    """All ``clip.n_frames`` frames, in order, through ``fmap`` into one ``s.encoder`` bitstream. ``prepare``
+    changes a frame's pixels before it is converted (after ``fmap``); ``decorate`` attaches side data to the
+    converted frame (both timed as encoding)."""
+    av = _import_av()
+    enc, (cw, ch), (ew, eh) = open_encoder(clip, s, crf, fmap)
     packets: list[bytes] = []
     seconds = 0.0
     n = 0
     for i, rgb in clip.frames():
         _check_frame(clip, i, rgb)
         t0 = time.perf_counter()
-        frame = av.VideoFrame.from_ndarray(_pad(fmap.forward(rgb), ew, eh), format="rgb24").reformat(format=PIX_FMT)
+        pixels = fmap.forward(rgb)
+        if prepare is not None:
+            pixels = prepare(i, pixels)
+        frame = av.VideoFrame.from_ndarray(_pad(pixels, ew, eh), format="rgb24").reformat(format=PIX_FMT)
         frame.pts = i
+        frame.time_base = enc.time_base
+        if decorate is not None:
+            frame = decorate(i, frame)
         packets += [bytes(p) for p in enc.encode(frame)]
         seconds += time.perf_counter() - t0
         n += 1
@@ -428,8 +450,9 @@ def _decode_video(clip: Clip, s: _VideoSettings, bs: _Bitstream,
     return recon, seconds
 
 
-def _code_video(clip: Clip, s: _VideoSettings, crf: float, fmap: _FrameMap = _IDENTITY) -> CodecRun:
-    bs = _encode_video(clip, s, crf, fmap)
+def _code_video(clip: Clip, s: _VideoSettings, crf: float, fmap: _FrameMap = _IDENTITY, *,
+                prepare: FramePrepare | None = None, decorate: FrameDecorate | None = None) -> CodecRun:
+    bs = _encode_video(clip, s, crf, fmap, prepare=prepare, decorate=decorate)
     recon, dec_s = _decode_video(clip, s, bs, fmap)
     return CodecRun(bytes=bs.nbytes, pixels=bs.frames * clip.width * clip.height, frames_coded=bs.frames,
                     recon=recon, encode_seconds=bs.seconds, decode_seconds=dec_s)
@@ -537,7 +560,8 @@ class WebpCodec(_ImageCodec):
                                      "colour": "libwebp RGB->YUV (BT.601, limited)"}
 
 
-def _video_settings(codec: str, preset: str, gop: int | None, threads: int, info_sei: bool) -> _VideoSettings:
+def _video_settings(codec: str, preset: str, gop: int | None, threads: int, info_sei: bool,
+                    extra_params: tuple[str, ...] = ()) -> _VideoSettings:
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r} is not valid: must be one of {', '.join(PRESETS)}")
     if gop is not None:
@@ -545,7 +569,8 @@ def _video_settings(codec: str, preset: str, gop: int | None, threads: int, info
     threads = int(_number(threads, "threads", 0, None, integer=True))
     if not isinstance(info_sei, bool):
         raise ValueError(f"info_sei {info_sei!r} is not valid: must be True or False")
-    return _VideoSettings(codec=codec, preset=preset, gop=gop, threads=threads, info_sei=info_sei)
+    return _VideoSettings(codec=codec, preset=preset, gop=gop, threads=threads, info_sei=info_sei,
+                          extra_params=tuple(extra_params))
 
 
 def _check_crf(crf: Any) -> int | float:

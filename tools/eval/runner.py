@@ -40,7 +40,8 @@ __all__ = ["TASKS", "CODECS", "METRICS", "evaluate", "add_arguments", "main"]
 TASKS = ("detection", "classification")
 # latentcast = latentcast-full + latentcast-roi (independent frames); latentcast-roibg: ROIs plus a coarser coded
 # background (independent frames); latentcast-temporal codes the clip as video
-CODECS = ("latentcast", "latentcast-roibg", "latentcast-temporal", "jpeg", "webp", "x264", "x265", "downscale")
+CODECS = ("latentcast", "latentcast-roibg", "latentcast-temporal", "jpeg", "webp", "x264", "x265", "downscale",
+          "x264-roi", "x265-roi", "x265-freeze")  # the last three: task-aware classical anchors (task_aware.py)
 # metric key -> (label, task it needs or None)
 METRICS = {"map50": ("mAP@0.5", "detection"), "map": ("mAP@0.5:0.95", "detection"),
            "top1": ("top-1 agreement", "classification"), "psnr": ("PSNR dB", None), "ms_ssim": ("MS-SSIM", None)}
@@ -302,16 +303,20 @@ def main(a: argparse.Namespace) -> int:
         classifier = Classifier()
 
     codecs = []
+    from latentcast.tools.eval.learned import GroundingSettings
+    from latentcast.tools.eval.task_aware import TASK_AWARE, make_task_aware
+
+    # the edge's grounding, for latentcast's ROIs and the task-aware anchors' alike
+    gdet = YoloxDetector(score_threshold=GroundingSettings.score_threshold)
+    gs = GroundingSettings(labels=tuple(labels), every=a.grounding_every)
     if "latentcast" in names or "latentcast-roibg" in names or "latentcast-temporal" in names:
         from latentcast.edge.encoder import EdgeEncoder
         from latentcast.models.codec import LatentCodec
-        from latentcast.tools.eval.learned import GroundingSettings, LatentcastCodec, TemporalLatentcastCodec
+        from latentcast.tools.eval.learned import LatentcastCodec, TemporalLatentcastCodec
 
         enc = EdgeEncoder(bundle=a.bundle)
         dec = LatentCodec.load(a.weights or "elic-lite")
         dec.use_synthesis(a.synthesis)
-        gdet = YoloxDetector(score_threshold=GroundingSettings.score_threshold)
-        gs = GroundingSettings(labels=tuple(labels), every=a.grounding_every)
         if "latentcast" in names:
             codecs += [LatentcastCodec(mode=m, grounding=gs, encoder=enc, decoder=dec, detector=gdet)
                        for m in ("full", "roi")]
@@ -334,8 +339,10 @@ def main(a: argparse.Namespace) -> int:
 
     # one encoder thread: x264 codes one slice per thread with zerolatency, so its size depends on the
     # thread count; one thread gives the same bytes on every machine
-    codecs += make_baselines([n for n in names if not n.startswith("latentcast")], preset=a.preset, gop=a.gop,
-                             threads=1)
+    codecs += make_baselines([n for n in names if not n.startswith("latentcast") and n not in TASK_AWARE],
+                             preset=a.preset, gop=a.gop, threads=1)
+    codecs += make_task_aware([n for n in names if n in TASK_AWARE], grounding=gs, detector=gdet, preset=a.preset,
+                              gop=a.gop, threads=1)
     if a.anchor not in {c.name for c in codecs}:
         raise SystemExit(f"error: --anchor {a.anchor!r} is not among the codecs run "
                          f"({', '.join(c.name for c in codecs)})")
