@@ -270,6 +270,44 @@ async def test_login_token_guards_everything_but_the_login(make_server, tmp_path
         await dash.stop()
 
 
+async def test_hostile_browsers_are_bounded(make_server):
+    """More browsers than max_clients get 503; a browser that sends an oversized message loses its own socket;
+    the others go on."""
+    srv = await make_server()
+    dash = DashboardServer(dashboard_config(srv.ports[0], max_clients=2))
+    await dash.start()
+    try:
+        url = f"http://127.0.0.1:{dash.port}/ws"
+        async with aiohttp.ClientSession() as http:
+            good = await http.ws_connect(url)
+            bad = await http.ws_connect(url)
+            with pytest.raises(aiohttp.WSServerHandshakeError) as ei:
+                await http.ws_connect(url)
+            assert ei.value.status == 503
+            await bad.send_str("x" * 100_000)  # over max_msg_size: the server closes this socket only
+            ends = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
+            for _ in range(100):  # what was queued for it, then the close
+                if (await bad.receive(timeout=TIMEOUT)).type in ends:
+                    break
+            assert bad.closed and bad.close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+            kinds = set()
+            for _ in range(5):  # the good one still gets its stats
+                kinds.add(json.loads((await good.receive(timeout=TIMEOUT)).data)["type"])
+            assert "stats" in kinds
+            third = await wait_for(lambda: _connect_or_none(http, url), "a free slot after the bad socket left")
+            await third.close()
+            await good.close()
+    finally:
+        await dash.stop()
+
+
+async def _connect_or_none(http, url):
+    try:
+        return await http.ws_connect(url)
+    except aiohttp.WSServerHandshakeError:
+        return None
+
+
 async def test_the_link_goes_down_with_the_cloud_and_comes_back(make_server, tiny_codec, packets):
     srv = await make_server()
     port = srv.ports[0]

@@ -30,7 +30,6 @@ import secrets
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import WSMsgType, web
@@ -265,8 +264,3 @@ class DashboardServer:
             await asyncio.gather(sender, return_exceptions=True)
             log.debug("browser %s left: %d sent, %d skipped", b.peer, b.sent, b.skipped)
         return ws
-
-    def stats(self) -> dict[str, Any]:
-        """Browsers connected and what they were sent (for tests and logs)."""
-        return {"browsers": len(self._browsers), "sent": sum(b.sent for b in self._browsers),
-                "skipped": sum(b.skipped for b in self._browsers)}
