@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from latentcast.config import ConfigError, load_config
 from latentcast.models.composer import COMPOSER_KINDS  # numpy only: importing it loads no torch
+from latentcast.proto.regions import SYNTHESIS_GROW, SYNTHESIS_HALO
 
 __all__ = [
     "ConfigError",
@@ -125,8 +126,8 @@ class CodecConfig:
     temporal_tables: str = ""  # temporal streams' P-frame tables; "" = models/weights/<codec>-temporal.safetensors
     refresh_retry_s: float = 1.0  # temporal: ask again for a keyframe if frames are still refused after this long
     temporal_render: str = "changed"  # temporal: "changed" re-renders the cells that changed, "whole" every cell
-    render_grow: int = 1  # temporal_render changed: cells around each changed cell re-rendered too
-    render_halo: int = 3  # temporal_render changed: cells of context around each re-rendered rectangle
+    render_grow: int = SYNTHESIS_GROW  # temporal_render changed: cells around each changed cell re-rendered too
+    render_halo: int = SYNTHESIS_HALO  # temporal_render changed: cells of context around each re-rendered rectangle
 
     def __post_init__(self) -> None:
         if not isinstance(self.synthesis, str) or not self.synthesis.strip():

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from latentcast.proto.bitstream import Packet, SectionKind
-from latentcast.proto.regions import change_regions
+from latentcast.proto.regions import SYNTHESIS_GROW, SYNTHESIS_HALO, change_regions
 from latentcast.proto.temporal import (
     BGCODE,
     CODE,
@@ -58,8 +58,6 @@ log = logging.getLogger(__name__)
 __all__ = ["MissingReference", "TemporalDecoder", "default_tables_path", "is_temporal", "SYNTHESIS_HALO",
            "SYNTHESIS_GROW"]
 
-SYNTHESIS_HALO = 3  # cells of ŷ around a re-rendered rectangle that g_s sees (beyond 3 a cell moves < 1 grey level)
-SYNTHESIS_GROW = 1  # cells around every changed cell that are re-rendered too
 _HISTORY = 64  # frames of changed-cell masks kept for renders that lag behind decoding
 
 
