@@ -155,3 +155,22 @@ def test_factory_names_and_describe():
         make_task_aware(["x266-roi"], grounding=None, detector=None)
     with pytest.raises(ValueError, match="ROI codec 'vp9' is not one of x264, x265"):
         RoiVideoCodec("vp9", FixedRois())
+
+
+def test_report_names_the_strongest_classical_anchor():
+    from latentcast.tools.eval.report import markdown, strongest_classical
+
+    def e(v):
+        return {"bd_rate_percent": v, "over": [0.5, 0.9] if v is not None else None, "bd_quality": None}
+
+    bd = {"map": {"x265": {"x264": e(30.0), "x264-roi": e(-20.0), "x265-roi": e(None), "latentcast-roi": e(-90.0)}}}
+    result = {"anchor": "x265", "bd_rate": bd}
+    assert strongest_classical(result, "map") == ("x264-roi", -20.0)  # latentcast curves are not anchors
+    bd["map"]["x265"]["x264-roi"]["bd_rate_percent"] = 5.0
+    assert strongest_classical(result, "map") == ("x265", 0.0)
+    assert strongest_classical({"anchor": "latentcast-roi", "bd_rate": bd}, "map") is None
+    result.update(data={"path": "v.avi", "kind": "video", "clips": 1, "frames": 8, "scored_frames": 1, "every": 8,
+                        "sizes": ["8x8"]}, command="c", commit="x", machine={}, seconds=1, ground_truth="g",
+                  gt_boxes=1, scored_classes=["person"], labels=["person"], bpp="b", uncompressed={},
+                  points=[], codecs={"x265": {}, "x264": {}, "x264-roi": {}, "latentcast-roi": {}})
+    assert "- mAP@0.5:0.95: **x265**" in markdown(result)

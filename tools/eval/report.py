@@ -35,6 +35,20 @@ def _metrics(result: dict) -> list[str]:
     return list(result["bd_rate"])
 
 
+def strongest_classical(result: dict, metric: str) -> tuple[str, float] | None:
+    """The classical codec that needs the fewest bits for the same ``metric``: the most negative BD-rate against
+    the run's anchor (the anchor itself counts as 0 %); None when the anchor is a latentcast curve."""
+    anchor = result["anchor"]
+    if anchor.startswith("latentcast"):
+        return None
+    best = (anchor, 0.0)
+    for codec, entry in result["bd_rate"][metric].get(anchor, {}).items():
+        v = (entry or {}).get("bd_rate_percent")
+        if not codec.startswith("latentcast") and v is not None and v < best[1]:
+            best = (codec, v)
+    return best
+
+
 def markdown(result: dict) -> str:
     """The results as markdown: setup, latentcast's BD-rates against each baseline, every codec's
     BD-rate against the anchor, and every point."""
@@ -55,6 +69,14 @@ def markdown(result: dict) -> str:
              "the same accuracy; n/a = the curves share no interval of the metric. Δ = BD-metric: the average "
              "difference of the metric at equal rate over the bitrates both curves cover (positive = latentcast "
              "more accurate).", ""]
+    strongest = {m: strongest_classical(result, m) for m in ms}
+    if any(strongest.values()):
+        lines += ["## The strongest classical anchor", "",
+                  f"The classical codec with the most negative BD-rate against {result['anchor']}, per metric (the "
+                  "table below gives latentcast's BD-rates against it as against every baseline):", ""]
+        lines += [f"- {_LABELS[m]}: **{s[0]}**" + (f" ({s[1]:+.1f} % against {result['anchor']})" if s[1] else "")
+                  for m, s in strongest.items() if s]
+        lines.append("")
     ours = [c for c in result["codecs"] if c.startswith("latentcast")]
     others = [c for c in result["codecs"] if not c.startswith("latentcast")]
     if ours and others:
