@@ -48,6 +48,7 @@ __all__ = [
 
 ENV_PREFIX = "LATENTCAST_CLOUD"
 DROP_POLICIES = ("drop_oldest", "drop_newest")
+ENGINES = ("embedded", "ray")  # pipeline.engine: where synthesis and analytics run
 DETECTOR_KINDS = ("yolox", "onnx", "none")
 # the decoders the cloud has (cloud/decode.py): "latentcast" = the loaded codec (per-frame and temporal LCF),
 # "jpeg" = the JPEG baseline of `latentcast bench stream` (proto/ids.py CODEC_IDS["jpeg"])
@@ -172,6 +173,15 @@ class PipelineConfig:
     refused_backoff_max_s: float = 1.0  # a stream whose frames keep being refused as the sender's fault (undecodable,
     #   bad checksum or edge boxes, not the session's) is read more slowly: after 3 in a row, 10 ms before its next
     #   frame, doubling per refusal up to this; one analysed frame resets it. 0 = off
+    engine: str = "embedded"  # where synthesis and analytics run: embedded (this process) or ray (Ray Serve
+    #   deployments, cloud/serve_stages.py; pip install -e ".[ray]"). The front keeps sessions and temporal state
+    ray_address: str = ""  # engine ray: the cluster to join (auto, ray://host:10001); "" = a local Ray on this machine
+    ray_max_batch: int = 8  # engine ray: frames a stage replica takes at once (@serve.batch), across cameras
+    ray_batch_wait_ms: float = 5.0  # engine ray: a replica waits at most this long to fill a batch
+    ray_min_replicas: int = 1  # engine ray: replicas of each stage at least (autoscaling lower bound)
+    ray_max_replicas: int = 1  # engine ray: replicas of each stage at most (autoscaled on ongoing requests)
+    ray_gpus: float = 0.0  # engine ray: GPUs per synthesis and analytics replica (0: CPU)
+    ray_cpus: float = 1.0  # engine ray: CPUs per synthesis and analytics replica
     codecs: list[str] = field(default_factory=lambda: ["latentcast"])  # codecs whose sessions are accepted:
     #   "latentcast" (the loaded codec) and "jpeg" (the JPEG baseline of `latentcast bench stream`: whole frames as
     #   JPEG, for benchmarks only; keep it off in production). Other codecs' sessions end with FAILED_PRECONDITION
@@ -185,6 +195,14 @@ class PipelineConfig:
         if unknown:
             raise ValueError(f"pipeline.codecs: unknown codec name(s) {', '.join(map(repr, unknown))} "
                              f"(valid: {', '.join(CODEC_NAMES)})")
+        if self.engine not in ENGINES:
+            raise ValueError(f"pipeline.engine {self.engine!r} is not one of {', '.join(ENGINES)}")
+        if not 1 <= self.ray_min_replicas <= self.ray_max_replicas:
+            raise ValueError(f"pipeline.ray_min_replicas {self.ray_min_replicas} must be >= 1 and <= "
+                             f"pipeline.ray_max_replicas {self.ray_max_replicas}")
+        if self.ray_max_batch < 1 or self.ray_batch_wait_ms < 0 or self.ray_gpus < 0 or self.ray_cpus < 0:
+            raise ValueError(f"pipeline.ray_max_batch {self.ray_max_batch} must be >= 1 and ray_batch_wait_ms "
+                             f"{self.ray_batch_wait_ms}, ray_gpus {self.ray_gpus}, ray_cpus {self.ray_cpus} >= 0")
         if self.drop_policy not in DROP_POLICIES:
             raise ValueError(f"pipeline.drop_policy {self.drop_policy!r} is not one of {', '.join(DROP_POLICIES)}")
         for name in ("workers", "max_batch", "max_queued_per_session", "max_queued_total"):

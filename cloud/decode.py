@@ -143,11 +143,16 @@ class LatentcastDecoder(Decoder):
     name = "latentcast"
 
     def __init__(self, codec: LatentCodec, *, max_packet_bytes: int = MAX_PACKET_BYTES, temporal_tables: str = "",
-                 refresh_retry_s: float = 1.0, render: dict | None = None) -> None:
+                 refresh_retry_s: float = 1.0, render: dict | None = None, remote=None) -> None:
         """``temporal_tables``: the P-frame tables of temporal streams ("" = the codec's shipped ones), loaded on
         first use; ``refresh_retry_s``: a missing reference asks again for a keyframe after this long;
-        ``render``: the TemporalDecoder's render settings (``tiled``, ``grow``, ``halo``; None: its defaults)."""
+        ``render``: the TemporalDecoder's render settings (``tiled``, ``grow``, ``halo``; None: its defaults);
+        ``remote``: the ray engine's synthesis (``serve_stages.RemoteSynthesis``), which then makes the pixels
+        (None: this process does)."""
         self.render = dict(render or {})
+        self.remote = remote
+        if remote is not None:
+            self.render["remote_render"] = remote.render
         self.codec = codec
         self.codec_id = int(codec.codec_id)
         self.max_packet_bytes = max_packet_bytes
@@ -252,6 +257,10 @@ class LatentcastDecoder(Decoder):
             if job.prepared is not None:
                 # temporal: every cell of the stream's latent was transmitted, nothing is left to compose
                 rec = job.prepared(True)
+            elif self.remote is not None:  # the ray engine: the Synthesis deployment makes the pixels
+                rec = self._remote_decompress(job, packet)
+                if isinstance(rec, FrameFailure):
+                    return rec
             elif not latent_only:
                 rec = codec.decompress(packet)
             else:
@@ -261,6 +270,19 @@ class LatentcastDecoder(Decoder):
         except (ValueError, IndexError, OverflowError) as exc:  # the range decoder on hostile section bytes
             return FrameFailure(job=job, code="decode_failed", message=f"{type(exc).__name__}: {exc}")
         return rec, rec.frame, hd.width, hd.height, [job.spec.labels[r.label_id] for r in hd.rois]
+
+
+    def _remote_decompress(self, job: FrameJob, packet: Packet):
+        from latentcast.models.codec import Reconstruction
+
+        from .serve_stages import StageError
+
+        data = job.packet if isinstance(job.packet, (bytes, bytearray, memoryview)) else packet.to_bytes()
+        try:
+            frame = self.remote.decompress(bytes(data))
+        except StageError as exc:
+            return FrameFailure(job=job, code=exc.code, message=str(exc))
+        return Reconstruction(latent=None, frame=frame, packet=packet, mask=None)
 
 
 # ------------------------------------------------------------------------------------------ JPEG baseline
@@ -416,18 +438,19 @@ class DecoderRegistry:
     def for_codec(cls, codec: LatentCodec, *, names: Sequence[str] = ("latentcast",),
                   max_packet_bytes: int = MAX_PACKET_BYTES, max_frame_pixels: int = SessionsConfig().max_frame_pixels,
                   temporal_tables: str = "", refresh_retry_s: float = 1.0,
-                  render: dict | None = None) -> DecoderRegistry:
-        """The decoders of ``names`` (from ``CODEC_NAMES``) around the loaded ``codec``."""
+                  render: dict | None = None, remote=None) -> DecoderRegistry:
+        """The decoders of ``names`` (from ``CODEC_NAMES``) around the loaded ``codec`` (``remote``: the ray
+        engine's synthesis, see :class:`LatentcastDecoder`)."""
         unknown = [n for n in names if n not in CODEC_NAMES]
         if unknown:
             raise ValueError(f"unknown codec name(s) {unknown} (valid: {', '.join(CODEC_NAMES)})")
         lc = LatentcastDecoder(codec, max_packet_bytes=max_packet_bytes, temporal_tables=temporal_tables,
-                               refresh_retry_s=refresh_retry_s, render=render)
+                               refresh_retry_s=refresh_retry_s, render=render, remote=remote)
         made = {"latentcast": lambda: lc, "jpeg": lambda: JpegDecoder(max_frame_pixels=max_frame_pixels)}
         return cls([made[n]() for n in dict.fromkeys(names)], default=lc if "latentcast" in names else None)
 
     @classmethod
-    def from_config(cls, config: CloudConfig, codec: LatentCodec) -> DecoderRegistry:
+    def from_config(cls, config: CloudConfig, codec: LatentCodec, *, remote=None) -> DecoderRegistry:
         """The decoders of ``pipeline.codecs``, bounded by ``server.max_packet_bytes`` and
         ``sessions.max_frame_pixels``, temporal settings from ``codec.*``."""
         return cls.for_codec(codec, names=config.pipeline.codecs, max_packet_bytes=config.server.max_packet_bytes,
@@ -435,7 +458,8 @@ class DecoderRegistry:
                              temporal_tables=config.codec.temporal_tables,
                              refresh_retry_s=config.codec.refresh_retry_s,
                              render={"tiled": config.codec.temporal_render == "changed",
-                                     "grow": config.codec.render_grow, "halo": config.codec.render_halo})
+                                     "grow": config.codec.render_grow, "halo": config.codec.render_halo},
+                             remote=remote)
 
     def __contains__(self, codec_id: object) -> bool:
         return codec_id in self._by_id

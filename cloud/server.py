@@ -724,6 +724,7 @@ class CloudServer:
         self.rl = RateLimitedLog(log)  # every client error and per-frame failure this server logs
         self.sessions = SessionRegistry(config=self.config.sessions)
         self.pipeline: Pipeline | None = None
+        self.stages = None  # pipeline.engine ray: serve_stages.RayStages
         self.fanout: FanOut | None = None
         self.jsonl: JsonlSink | None = None
         self.health = HealthServicer()
@@ -823,13 +824,26 @@ class CloudServer:
     async def _load_and_warm(self) -> None:
         try:
             t0 = time.monotonic()
+            remote = None
+            if self.config.pipeline.engine == "ray":  # synthesis and analytics as Ray Serve deployments
+                if self.config.composer.kind != "none":
+                    raise ValueError(f"pipeline.engine ray runs composer.kind none only for now (got "
+                                     f"{self.config.composer.kind!r}): run the composer embedded")
+                from .serve_stages import RayStages
+
+                self.stages = RayStages(self.config)
+                await asyncio.to_thread(self.stages.connect, threads=self.config.pipeline.torch_threads)
+                self.detector, remote = self.stages.detector, self.stages.synthesis
             self.codec, self.detector, self.composer = await asyncio.to_thread(
                 load_and_warm, self.config, codec=self.codec, detector=self.detector, composer=self.composer)
+            if self.stages is not None and self.stages.weights_hash != self.codec.weights_hash:
+                raise ValueError(f"the Ray synthesis stage decodes codec weights {self.stages.weights_hash.hex()}, "
+                                 f"this front {self.codec.weights_hash.hex()}: deploy the same codec.weights")
             self.pipeline = Pipeline(codec=self.codec, detector=self.detector, config=self.config.pipeline,
                                      metrics=self.metrics, on_result=self._result_sinks(),
                                      max_packet_bytes=self.config.server.max_packet_bytes,
                                      composer=self.composer, compose_steps=self.config.composer.steps,
-                                     decoders=DecoderRegistry.from_config(self.config, self.codec))
+                                     decoders=DecoderRegistry.from_config(self.config, self.codec, remote=remote))
             self.fanout.composer = self.composer  # subscribers may ask for their own composer steps
             self.pipeline.start()
             self._ready.set()
@@ -884,6 +898,8 @@ class CloudServer:
             self._http.close()
         if self.jsonl is not None:
             self.jsonl.close()
+        if self.stages is not None:
+            await asyncio.to_thread(self.stages.close)
         log.info("latentcast cloud stopped")
 
     def request_stop(self) -> None:

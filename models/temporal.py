@@ -93,12 +93,14 @@ class TemporalDecoder:
     """
 
     def __init__(self, *, codec: LatentCodec, tables: TemporalTables, tiled: bool = True,
-                 halo: int = SYNTHESIS_HALO, grow: int = SYNTHESIS_GROW, max_fraction: float = 0.6):
+                 halo: int = SYNTHESIS_HALO, grow: int = SYNTHESIS_GROW, max_fraction: float = 0.6,
+                 remote_render: Callable[[np.ndarray, np.ndarray, int, int], np.ndarray] | None = None):
         if tables.M != codec.M:
             raise ValueError(f"temporal tables are for M={tables.M} channels, the codec has {codec.M}")
         if halo < 0 or grow < 0 or not 0.0 < max_fraction <= 1.0:
             raise ValueError(f"halo {halo} and grow {grow} must be >= 0 and max_fraction {max_fraction} in (0, 1]")
         self.codec, self.tables = codec, tables
+        self.remote_render = remote_render  # the ray engine: (ŷ, M(ẑ), w, h) -> frame, rendered whole elsewhere
         self.tiled, self.halo, self.grow, self.max_fraction = bool(tiled), int(halo), int(grow), float(max_fraction)
         self.state: TemporalState | None = None
         self._z: torch.Tensor | None = None
@@ -175,6 +177,9 @@ class TemporalDecoder:
 
         @torch.no_grad()
         def render(decode_frame: bool = True) -> Reconstruction:
+            if self.remote_render is not None:
+                frame = self.remote_render(y, gz[0].numpy(), w, h)
+                return Reconstruction(latent=None, frame=frame, packet=packet, mask=every)
             f = codec.cfg.latent_factor
             latent = self._render(frame_no, key_no, y, gz)[:, :, : -(-h // f), : -(-w // f)]
             frame = codec.latent_to_frame(latent, w, h) if decode_frame else None

@@ -1,0 +1,238 @@
+"""The cloud's heavy stages as Ray Serve deployments (``pipeline.engine: ray``; ``pip install -e ".[ray]"``).
+
+::
+
+    front: latentcast cloud (gRPC streams, sessions, temporal state, the fair worker pool)
+        │ each frame, from a worker thread: DeploymentHandle.<method>.remote(...).result()
+        ├─► Synthesis  per-frame LCF: packet bytes ─► LatentCodec.decompress ─► RGB frame     @serve.batch
+        │              temporal: the stream's ŷ and M(ẑ) (decoded in order on the front) ─► g_s ─► frame
+        └─► Analytics  RGB frame ─► the configured detector ─► boxes                          @serve.batch
+
+The deployments run the same code as the embedded engine (``LatentCodec``, ``make_detector``); a batch takes
+frames of many cameras (``pipeline.ray_max_batch`` within ``pipeline.ray_batch_wait_ms``); replicas autoscale
+between ``ray_min_replicas`` and ``ray_max_replicas`` on ongoing requests, each with ``ray_cpus`` /
+``ray_gpus``. What stays on the front: admission, the entropy decoding of temporal streams into their state
+(in arrival order), the queues and their drop policy, the sinks. A temporal frame is rendered whole remotely
+(the front's changed-cell rendering needs the stream's last rendered latent, which stays on the front only in
+the embedded engine). The composer runs embedded only for now: a cloud with ``composer.kind`` other than
+``none`` refuses ``engine: ray`` at start.
+
+:class:`RayStages` connects (``ray.init``: the cluster at ``ray_address``, or a local Ray), deploys the
+application ``latentcast-stages`` unless it is already running (``serve run cloud/deploy/serve.yaml`` deploys
+the same application), and gives the front :class:`RemoteDetector` and :class:`RemoteSynthesis`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+try:
+    import ray
+    from ray import serve
+except ImportError as exc:  # pragma: no cover - the message is the point
+    raise ImportError(f"pipeline.engine ray needs Ray Serve: pip install -e \".[ray]\" ({exc})") from exc
+
+from .config import AnalyticsConfig, CloudConfig, CodecConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["APP_NAME", "Synthesis", "Analytics", "RayStages", "RemoteDetector", "RemoteSynthesis", "build_app"]
+
+APP_NAME = "latentcast-stages"  # the Serve application of the stages
+
+
+class _Failed:
+    """A frame a stage could not process: its FrameFailure code and message (pickled back to the front)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code, self.message = code, message
+
+
+@serve.deployment
+class Synthesis:
+    """g_s and the latent decoder of one codec: per-frame packets, and temporal states rendered whole."""
+
+    def __init__(self, codec: dict, max_batch: int = 8, batch_wait_s: float = 0.005, threads: int = 0) -> None:
+        import torch
+
+        from latentcast.models.codec import LatentCodec
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        cfg = CodecConfig(**codec)
+        self.codec = LatentCodec.load(cfg.weights)
+        self.codec.use_synthesis(cfg.synthesis)
+        for method in (self.decompress, self.render):
+            method.set_max_batch_size(max_batch)
+            method.set_batch_wait_timeout_s(batch_wait_s)
+
+    def weights_hash(self) -> bytes:
+        return bytes(self.codec.weights_hash)
+
+    @serve.batch
+    async def decompress(self, packets: list[bytes]) -> list[np.ndarray | _Failed]:
+        from latentcast.models.codec import CodecError
+
+        from .decode import codec_error_code
+
+        out: list[np.ndarray | _Failed] = []
+        for data in packets:
+            try:
+                out.append(self.codec.decompress(data).frame)
+            except CodecError as exc:
+                out.append(_Failed(codec_error_code(exc), str(exc)))
+            except (ValueError, IndexError, OverflowError) as exc:  # the range decoder on hostile bytes
+                out.append(_Failed("decode_failed", f"{type(exc).__name__}: {exc}"))
+        return out
+
+    @serve.batch
+    async def render(self, items: list[tuple[np.ndarray, np.ndarray, int, int]]) -> list[np.ndarray]:
+        """(ŷ (M, rows, cols), M(ẑ) on the same grid, width, height) -> the frame, g_s over the whole grid."""
+        import torch
+
+        out = []
+        with torch.no_grad():
+            for y, gz, w, h in items:
+                y_t = torch.from_numpy(np.ascontiguousarray(y))[None].float()
+                latent = self.codec.model.g_s.from_global(y_t, torch.ones(1, 1, *y.shape[1:]),
+                                                         torch.from_numpy(np.ascontiguousarray(gz))[None])
+                f = self.codec.cfg.latent_factor
+                out.append(self.codec.latent_to_frame(latent[:, :, : -(-h // f), : -(-w // f)], w, h))
+        return out
+
+
+@serve.deployment
+class Analytics:
+    """The configured detector (``analytics`` of cloud.yaml)."""
+
+    def __init__(self, analytics: dict, max_batch: int = 8, batch_wait_s: float = 0.005) -> None:
+        from .analytics import make_detector
+
+        self.detector = make_detector(AnalyticsConfig(**analytics))
+        self.labels = list(getattr(self.detector, "labels", []) or [])
+        self.detect.set_max_batch_size(max_batch)
+        self.detect.set_batch_wait_timeout_s(batch_wait_s)
+
+    def describe(self) -> dict:
+        return {"detector": type(self.detector).__name__, "labels": self.labels}
+
+    @serve.batch
+    async def detect(self, frames: list[np.ndarray]) -> list[list | _Failed]:
+        out: list[list | _Failed] = []
+        for f in frames:
+            try:
+                out.append(list(self.detector.detect(f)))
+            except Exception as exc:  # noqa: BLE001 - this frame's failure, not the replica's
+                out.append(_Failed("analytics_failed", f"{type(exc).__name__}: {exc}"))
+        return out
+
+
+class StageError(RuntimeError):
+    """A remote stage refused a frame; ``code`` is its FrameFailure code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class RemoteDetector:
+    """The front's detector in the ray engine: the Analytics deployment behind the embedded interface."""
+
+    def __init__(self, handle: Any, labels: list[str], name: str) -> None:
+        self._handle = handle
+        self.labels = labels
+        self.name = name
+
+    def detect(self, rgb: np.ndarray) -> list:
+        out = self._handle.detect.remote(rgb).result()
+        if isinstance(out, _Failed):
+            raise StageError(out.code, out.message)
+        return out
+
+
+class RemoteSynthesis:
+    """The front's synthesis in the ray engine (``cloud/decode.py`` and ``models/temporal.py`` call it)."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    def decompress(self, data: bytes) -> np.ndarray:
+        out = self._handle.decompress.remote(bytes(data)).result()
+        if isinstance(out, _Failed):
+            raise StageError(out.code, out.message)
+        return out
+
+    def render(self, y: np.ndarray, gz: np.ndarray, width: int, height: int) -> np.ndarray:
+        return self._handle.render.remote((y, gz, int(width), int(height))).result()
+
+
+def _options(p) -> dict:
+    return {"autoscaling_config": {"min_replicas": p.ray_min_replicas, "max_replicas": p.ray_max_replicas,
+                                   "target_ongoing_requests": max(1, p.ray_max_batch)},
+            "ray_actor_options": {"num_cpus": p.ray_cpus, "num_gpus": p.ray_gpus},
+            "max_ongoing_requests": 4 * p.ray_max_batch}
+
+
+def build_app(config: CloudConfig, *, threads: int = 0):
+    """The Serve application of the stages for ``config`` (also what ``cloud/deploy/serve.yaml`` builds)."""
+    p = config.pipeline
+    wait = p.ray_batch_wait_ms / 1000.0
+    synthesis = Synthesis.options(name="synthesis", **_options(p)).bind(
+        asdict(config.codec), max_batch=p.ray_max_batch, batch_wait_s=wait, threads=threads)
+    analytics = Analytics.options(name="analytics", **_options(p)).bind(
+        asdict(config.analytics), max_batch=p.ray_max_batch, batch_wait_s=wait)
+    return _Ingress.bind(synthesis, analytics)
+
+
+@serve.deployment(name="stages", ray_actor_options={"num_cpus": 0})
+class _Ingress:
+    """The application's entry (Serve needs one); the front calls the two stages by their deployment names."""
+
+    def __init__(self, synthesis, analytics) -> None:
+        self.synthesis, self.analytics = synthesis, analytics
+
+    def ready(self) -> bool:
+        return True
+
+
+class RayStages:
+    """The front's connection to the stage deployments."""
+
+    def __init__(self, config: CloudConfig) -> None:
+        self.config = config
+        self.synthesis: RemoteSynthesis | None = None
+        self.detector: RemoteDetector | None = None
+        self._started_ray = False
+
+    def connect(self, *, threads: int = 0) -> None:
+        """Join (or start) Ray, deploy the stages unless running, check the codec, and make the proxies."""
+        p = self.config.pipeline
+        if not ray.is_initialized():
+            kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+            if p.ray_address:
+                kw["address"] = p.ray_address
+            ray.init(**kw)
+            self._started_ray = True
+        serve.start(proxy_location="Disabled")  # the front calls the stages by handle: no HTTP proxy
+        if APP_NAME in serve.status().applications:
+            log.info("ray engine: using the running application %s", APP_NAME)
+        else:
+            serve.run(build_app(self.config, threads=threads), name=APP_NAME, route_prefix=None)
+            log.info("ray engine: deployed %s (synthesis, analytics)", APP_NAME)
+        synthesis = serve.get_deployment_handle("synthesis", app_name=APP_NAME)
+        analytics = serve.get_deployment_handle("analytics", app_name=APP_NAME)
+        self.synthesis = RemoteSynthesis(synthesis)
+        info = analytics.describe.remote().result()
+        self.detector = RemoteDetector(analytics, info["labels"], f"ray:{info['detector']}")
+        self.weights_hash = synthesis.weights_hash.remote().result()
+
+    def close(self, *, delete_app: bool = False) -> None:
+        """Leave Ray (the stages keep running for other fronts unless ``delete_app``)."""
+        if delete_app:
+            serve.delete(APP_NAME)
+        if self._started_ray:
+            ray.shutdown()

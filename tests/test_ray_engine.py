@@ -1,0 +1,128 @@
+"""``pipeline.engine: ray``: synthesis and analytics as Ray Serve deployments on a local Ray (2 CPUs, no
+dashboard) behind a loopback front; every frame is analysed with the same detections as the embedded engine.
+
+The shipped codec and YOLOX-nano on vtest frames (real detections to compare), two cameras through one front."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("ray.serve")
+
+from latentcast.cloud.config import CloudConfig  # noqa: E402
+from latentcast.cloud.server import CloudServer  # noqa: E402
+from latentcast.proto import latentcast_v1_pb2 as pb  # noqa: E402
+from latentcast.proto import latentcast_v1_pb2_grpc as pb_grpc  # noqa: E402
+from latentcast.proto.bitstream import Roi  # noqa: E402
+from latentcast.proto.ids import label_set_hash  # noqa: E402
+from tests.conftest import shared_or_skip  # noqa: E402
+from tests.test_cloud_server import channel, collect, kinds, read  # noqa: E402
+
+LABELS = ["person", "car"]
+N_FRAMES = 3
+SIZE = (384, 288)  # vtest at half size: real people for YOLOX, quick to decode
+
+
+@pytest.fixture(scope="module")
+def vtest_packets():
+    import cv2
+
+    from latentcast.models.codec import LatentCodec
+
+    video = shared_or_skip() / "data" / "video" / "vtest.avi"
+    codec = LatentCodec.load("elic-lite")
+    cap = cv2.VideoCapture(str(video))
+    frames = []
+    for i in range(N_FRAMES * 10):
+        ok, bgr = cap.read()
+        if ok and i % 10 == 1:
+            frames.append(cv2.cvtColor(cv2.resize(bgr, SIZE, interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB))
+    cap.release()
+    lsh = label_set_hash(LABELS)
+    packets = [codec.compress(f, [Roi(x0=0, y0=0, x1=SIZE[0], y1=SIZE[1])], rate_point=2, roi_only=False,
+                              label_set_hash=lsh) for f in frames]
+    return codec, packets
+
+
+def config(engine: str) -> CloudConfig:
+    cfg = CloudConfig()
+    cfg.server = dataclasses.replace(cfg.server, host="127.0.0.1", port=0, maintenance_port=-1, metrics_port=-1,
+                                     grace_s=1.0, ack_every_frames=1)
+    cfg.codec = dataclasses.replace(cfg.codec, warmup_size=32)
+    cfg.pipeline = dataclasses.replace(cfg.pipeline, engine=engine, ray_cpus=0.5, ray_max_batch=4, torch_threads=1)
+    return cfg
+
+
+async def stream(port: int, codec, camera: str, packets: list[bytes]) -> dict[int, list[tuple]]:
+    async with channel(port) as ch:
+        call = pb_grpc.LatentcastStub(ch).Stream()
+        await call.write(pb.EdgeMessage(header=pb.SessionHeader(
+            camera_id=camera, task="traffic", labels=LABELS, codec_id=codec.codec_id,
+            weights_hash=codec.weights_hash, width=SIZE[0], height=SIZE[1], fps=10.0, edge_version="test")))
+        await read(call)
+        for seq, p in enumerate(packets):
+            await call.write(pb.EdgeMessage(frame=pb.FramePacket(seq=seq, packet=p)))
+        await call.done_writing()
+        msgs = await collect(call, until=lambda ms: len(kinds(ms, "result")) + len(kinds(ms, "error")) == len(packets),
+                             limit=200)
+    assert not kinds(msgs, "error"), kinds(msgs, "error")
+    return {r.seq: sorted((b.label, round(b.x0, 1), round(b.y0, 1), round(b.x1, 1), round(b.y1, 1), round(b.score, 3))
+                          for b in r.boxes) for r in kinds(msgs, "result")}
+
+
+async def run_engine(engine: str, codec, packets) -> dict:
+    srv = CloudServer(config(engine), codec=codec)
+    await srv.start()
+    try:
+        await srv.wait_ready(180)
+        port = srv.ports[0]
+        a, b = await asyncio.gather(stream(port, codec, "cam-a", packets), stream(port, codec, "cam-b", packets[::-1]))
+        return {"cam-a": a, "cam-b": b, "detector": type(srv.detector).__name__}
+    finally:
+        await srv.stop(1.0)
+
+
+async def test_ray_engine_matches_the_embedded_engine(vtest_packets):
+    import ray
+
+    codec, packets = vtest_packets
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = await run_engine("ray", codec, packets)
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+    local = await run_engine("embedded", codec, packets)
+    assert remote["detector"] == "RemoteDetector" and local["detector"] != "RemoteDetector"
+    for cam in ("cam-a", "cam-b"):
+        assert sorted(remote[cam]) == list(range(N_FRAMES))  # every frame analysed
+        assert remote[cam] == local[cam]
+    n_boxes = sum(len(v) for v in local["cam-a"].values())
+    assert n_boxes >= N_FRAMES, "vtest frames have people: the comparison must compare boxes"
+    assert np.isfinite(n_boxes)
+
+
+def test_ray_engine_config_is_checked():
+    from latentcast.cloud.config import PipelineConfig
+
+    with pytest.raises(ValueError, match="pipeline.engine 'spark' is not one of embedded, ray"):
+        PipelineConfig(engine="spark")
+    with pytest.raises(ValueError, match="ray_min_replicas 3 must be >= 1 and <= pipeline.ray_max_replicas 2"):
+        PipelineConfig(ray_min_replicas=3, ray_max_replicas=2)
+
+
+def test_the_embedded_path_never_imports_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys, latentcast.cloud.server, latentcast.cloud.pipeline, latentcast.cloud.decode; "
+            "print('ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "False"
