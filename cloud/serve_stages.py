@@ -40,7 +40,8 @@ from .config import AnalyticsConfig, CloudConfig, CodecConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["APP_NAME", "Synthesis", "Analytics", "RayStages", "RemoteDetector", "RemoteSynthesis", "build_app"]
+__all__ = ["APP_NAME", "Synthesis", "Analytics", "RayStages", "RemoteDetector", "RemoteSynthesis", "StageError",
+           "build_app", "app_builder"]
 
 APP_NAME = "latentcast-stages"  # the Serve application of the stages
 
@@ -236,3 +237,13 @@ class RayStages:
             serve.delete(APP_NAME)
         if self._started_ray:
             ray.shutdown()
+
+
+def app_builder(args: dict[str, Any]):
+    """The application for ``serve run`` / ``serve deploy`` (``cloud/deploy/serve.yaml``): ``args.config`` names
+    a cloud.yaml whose ``codec``, ``analytics`` and ``pipeline.ray_*`` settings the stages use ("" = the
+    defaults; ``LATENTCAST_CLOUD__*`` variables apply as for the front)."""
+    from .config import load_cloud_config
+
+    path = (args or {}).get("config") or None
+    return build_app(load_cloud_config(path), threads=int((args or {}).get("threads", 0)))
