@@ -201,7 +201,8 @@ class EdgeApp:
                           max_reconnect_attempts=s.max_reconnect_attempts or None,
                           accept_timeout_s=s.accept_timeout_s, already_exists_retry_s=s.already_exists_retry_s,
                           max_unknown_retries=s.max_unknown_retries, on_result=self._on_result,
-                          max_in_flight=self.config.sender.max_in_flight, on_refresh=self._on_refresh)
+                          max_in_flight=self.config.sender.max_in_flight, on_refresh=self._on_refresh,
+                          fronts=list(s.fronts) or None)
 
     def _on_refresh(self, r: pb.RefreshRequest) -> None:
         """The cloud lacks a reference: the next packet is a keyframe (on the event loop; the encoder

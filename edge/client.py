@@ -44,7 +44,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from latentcast.channel import TlsConfig, channel_options, open_channel
+from latentcast.channel import TlsConfig, channel_options, front_order, open_channel
 from latentcast.edge.sender import Backlog, OutFrame, QueueClosed, SendQueue
 from latentcast.proto import latentcast_v1_pb2 as pb
 from latentcast.proto import latentcast_v1_pb2_grpc as pb_grpc
@@ -108,11 +108,14 @@ class EdgeClient:
                  on_result: Callable[[pb.FrameAnalytics], None] | None = None, result_queue_size: int = 0,
                  error_log_interval_s: float = 5.0, rng: random.Random | None = None, max_in_flight: int = 0,
                  on_refresh: Callable[[pb.RefreshRequest], None] | None = None,
-                 already_exists_retry_s: float = 60.0, max_unknown_retries: int = 5):
+                 already_exists_retry_s: float = 60.0, max_unknown_retries: int = 5,
+                 fronts: list[str] | None = None):
         """``max_in_flight``: at most this many frames sent and not yet acknowledged (0 = no limit);
         beyond it the frames wait in the send queue, which drops by its policy, so a slow cloud
         cannot build a long queue in the transport (live first). ``on_refresh``: the cloud asks for a
-        keyframe (temporal streams; called on the event loop)."""
+        keyframe (temporal streams; called on the event loop). ``fronts``: several cloud fronts; the camera
+        uses the first of :func:`~latentcast.channel.front_order` and, when an attempt is not accepted, the
+        next (a front that took over asks for a keyframe: it holds no state of this camera); None = ``target``."""
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 0:
             raise ValueError(f"max_in_flight {max_in_flight!r} must be an integer >= 0 (0 = no limit)")
         self.max_in_flight = max_in_flight
@@ -144,6 +147,9 @@ class EdgeClient:
             raise ValueError("token must be a non-empty string without whitespace (or None)")
         self.target = target.strip()
         self.session = _session_header(session)
+        # the fronts in this camera's order (rendezvous hash of its id); the first is where it streams to
+        self.fronts = front_order(self.session.camera_id, fronts) if fronts else [self.target]
+        self.target = self.fronts[0]
         if not self.session.instance_id:
             self.session.instance_id = uuid.uuid4().hex
         self.session.max_in_flight = self.max_in_flight  # the cloud acks at least this often
@@ -229,6 +235,9 @@ class EdgeClient:
                 failures = 0  # this connection worked: start the backoff over
             else:
                 self.connect_failures += 1
+                if len(self.fronts) > 1:  # not accepted here: the camera's next front (it will ask for a keyframe)
+                    self.target = self.fronts[(self.fronts.index(self.target) + 1) % len(self.fronts)]
+                    reason += f"; next front {self.target}"
             failures += 1
             if self.max_reconnect_attempts is not None and failures > self.max_reconnect_attempts:
                 raise GaveUpError(f"giving up on {self.target} after {failures} failed attempt(s) in a row "

@@ -211,6 +211,7 @@ class SenderConfig:
 @dataclass
 class ServerConfig:
     target: str = "127.0.0.1:50051"  # cloud address, host:port
+    fronts: list[str] = field(default_factory=list)  # cloud fronts (host:port), tried in rendezvous order by camera_id
     token: str = ""  # bearer token ("" = none); prefer LATENTCAST_EDGE__SERVER__TOKEN or token_file
     token_file: str = ""  # file whose first line is the bearer token (used when token is "")
     tls: bool = False  # use TLS (system roots unless tls_root_certs is set)

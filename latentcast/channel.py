@@ -6,7 +6,9 @@ dashboard's subscription (``cloud/dashboard/``). grpc only; importing it loads n
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-__all__ = ["TlsConfig", "channel_options", "open_channel", "read_token"]
+__all__ = ["TlsConfig", "channel_options", "front_order", "open_channel", "read_token"]
 
 
 @dataclass(frozen=True)
@@ -87,3 +89,13 @@ def read_token(token: str, token_file: str, *, key: str = "server.token_file") -
             raise ValueError(f"{key} {p} is empty")
         return tok
     return None
+
+
+def front_order(camera_id: str, fronts: Sequence[str]) -> list[str]:
+    """The cloud fronts in the order a camera tries them: rendezvous (highest random weight) hashing of
+    ``camera_id`` with each front's address. Every edge and load balancer that applies it sends a camera to the
+    same front; when a front is removed only its cameras move, each to the next front of its own order."""
+    fronts = list(dict.fromkeys(f.strip() for f in fronts if f and f.strip()))
+    if not fronts:
+        raise ValueError("front_order needs at least one front address (host:port)")
+    return sorted(fronts, key=lambda f: hashlib.sha256(f"{camera_id}\0{f}".encode()).digest(), reverse=True)
