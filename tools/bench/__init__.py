@@ -1,4 +1,4 @@
-"""``latentcast bench codec|stream|composer|grounding|hostile|temporal``: one module per benchmark.
+"""``latentcast bench codec|stream|composer|grounding|hostile|temporal|serve``: one module per benchmark.
 
 Each module has ``add_arguments(parser)`` (its options only, with their defaults) and ``main(args)``,
 and runs on its own as ``python -m latentcast.tools.bench.<name>``. Every benchmark writes a JSON
@@ -23,6 +23,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "grounding": ("grounding", "seconds per frame, YOLOX vs Grounding DINO"),
     "hostile": ("hostile", "a good stream's latency beside forged packets"),
     "temporal": ("temporal", "rate control and loss recovery of temporal coding on a video"),
+    "serve": ("serve", "the same load through the embedded pipeline and Ray Serve stages"),
 }
 
 
