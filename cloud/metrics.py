@@ -24,6 +24,10 @@ active_sessions                        gauge      open Stream calls
 reconnects_total                       counter    sessions resumed with next_seq > 0
 subscribers                            gauge      open Subscribe calls
 subscriber_dropped_total               counter    frames dropped for slow subscribers
+engine_info{engine}                    gauge      1 for the pipeline.engine in use (embedded, ray)
+remote_seconds{stage}                  histogram  engine ray: one call to a Ray Serve stage (synthesis, analytics),
+                                                  queueing and batching in the deployment included (the
+                                                  deployments' own metrics come from Ray: ray_serve_*)
 =====================================  =========  ==============================================
 """
 
@@ -83,6 +87,9 @@ class CloudMetrics:
         self.subscribers = Gauge(f"{p}_subscribers", "open Subscribe calls", registry=r)
         self.subscriber_dropped = Counter(f"{p}_subscriber_dropped", "frames dropped for slow subscribers",
                                           registry=r)
+        self.engine_info = Gauge(f"{p}_engine_info", "the pipeline engine in use", ["engine"], registry=r)
+        self.remote_seconds = Histogram(f"{p}_remote_seconds", "one call to a Ray Serve stage", ["stage"],
+                                        buckets=_LATENCY_BUCKETS, registry=r)
         for stage in STAGES:  # export every series from the start (zero), so dashboards see them
             self.stage_seconds.labels(stage=stage)
         self.frames_dropped.labels(reason="cloud_overloaded")

@@ -25,6 +25,7 @@ the same application), and gives the front :class:`RemoteDetector` and :class:`R
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict
 from typing import Any
 
@@ -140,16 +141,26 @@ class StageError(RuntimeError):
         self.code = code
 
 
+def _timed(observe, stage: str, call):
+    t0 = time.monotonic()
+    try:
+        return call()
+    finally:
+        if observe is not None:
+            observe(stage, time.monotonic() - t0)
+
+
 class RemoteDetector:
     """The front's detector in the ray engine: the Analytics deployment behind the embedded interface."""
 
-    def __init__(self, handle: Any, labels: list[str], name: str) -> None:
+    def __init__(self, handle: Any, labels: list[str], name: str, observe=None) -> None:
         self._handle = handle
         self.labels = labels
         self.name = name
+        self._observe = observe  # (stage, seconds) of each call, e.g. CloudMetrics.remote_seconds
 
     def detect(self, rgb: np.ndarray) -> list:
-        out = self._handle.detect.remote(rgb).result()
+        out = _timed(self._observe, "analytics", lambda: self._handle.detect.remote(rgb).result())
         if isinstance(out, _Failed):
             raise StageError(out.code, out.message)
         return out
@@ -158,17 +169,19 @@ class RemoteDetector:
 class RemoteSynthesis:
     """The front's synthesis in the ray engine (``cloud/decode.py`` and ``models/temporal.py`` call it)."""
 
-    def __init__(self, handle: Any) -> None:
+    def __init__(self, handle: Any, observe=None) -> None:
         self._handle = handle
+        self._observe = observe
 
     def decompress(self, data: bytes) -> np.ndarray:
-        out = self._handle.decompress.remote(bytes(data)).result()
+        out = _timed(self._observe, "synthesis", lambda: self._handle.decompress.remote(bytes(data)).result())
         if isinstance(out, _Failed):
             raise StageError(out.code, out.message)
         return out
 
     def render(self, y: np.ndarray, gz: np.ndarray, width: int, height: int) -> np.ndarray:
-        return self._handle.render.remote((y, gz, int(width), int(height))).result()
+        return _timed(self._observe, "synthesis",
+                      lambda: self._handle.render.remote((y, gz, int(width), int(height))).result())
 
 
 def _options(p) -> dict:
@@ -203,8 +216,10 @@ class _Ingress:
 class RayStages:
     """The front's connection to the stage deployments."""
 
-    def __init__(self, config: CloudConfig) -> None:
+    def __init__(self, config: CloudConfig, *, observe=None) -> None:
+        """``observe(stage, seconds)``: called after every remote call (the front's metrics)."""
         self.config = config
+        self._observe = observe
         self.synthesis: RemoteSynthesis | None = None
         self.detector: RemoteDetector | None = None
         self._started_ray = False
@@ -226,9 +241,9 @@ class RayStages:
             log.info("ray engine: deployed %s (synthesis, analytics)", APP_NAME)
         synthesis = serve.get_deployment_handle("synthesis", app_name=APP_NAME)
         analytics = serve.get_deployment_handle("analytics", app_name=APP_NAME)
-        self.synthesis = RemoteSynthesis(synthesis)
+        self.synthesis = RemoteSynthesis(synthesis, self._observe)
         info = analytics.describe.remote().result()
-        self.detector = RemoteDetector(analytics, info["labels"], f"ray:{info['detector']}")
+        self.detector = RemoteDetector(analytics, info["labels"], f"ray:{info['detector']}", self._observe)
         self.weights_hash = synthesis.weights_hash.remote().result()
 
     def close(self, *, delete_app: bool = False) -> None:

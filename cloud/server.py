@@ -831,7 +831,8 @@ class CloudServer:
                                      f"{self.config.composer.kind!r}): run the composer embedded")
                 from .serve_stages import RayStages
 
-                self.stages = RayStages(self.config)
+                self.stages = RayStages(self.config, observe=lambda stage, s: self.metrics.remote_seconds.labels(
+                    stage=stage).observe(s))
                 await asyncio.to_thread(self.stages.connect, threads=self.config.pipeline.torch_threads)
                 self.detector, remote = self.stages.detector, self.stages.synthesis
             self.codec, self.detector, self.composer = await asyncio.to_thread(
@@ -846,6 +847,7 @@ class CloudServer:
                                      decoders=DecoderRegistry.from_config(self.config, self.codec, remote=remote))
             self.fanout.composer = self.composer  # subscribers may ask for their own composer steps
             self.pipeline.start()
+            self.metrics.engine_info.labels(engine=self.config.pipeline.engine).set(1)
             self._ready.set()
             for name in ("", SERVICE_NAME):
                 await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

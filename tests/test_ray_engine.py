@@ -96,6 +96,10 @@ async def run_engine(engine: str, codec, packets) -> dict:
         await srv.wait_ready(180)
         port = srv.ports[0]
         a, b = await asyncio.gather(stream(port, codec, "cam-a", packets), stream(port, codec, "cam-b", packets[::-1]))
+        m = srv.metrics
+        assert m.value("latentcast_cloud_engine_info", {"engine": engine}) == 1
+        calls = m.value("latentcast_cloud_remote_seconds_count", {"stage": "analytics"})
+        assert calls == (2 * len(packets) + 1 if engine == "ray" else 0)  # every frame, and the warm-up's
         return {"cam-a": a, "cam-b": b, "detector": type(srv.detector).__name__}
     finally:
         await srv.stop(1.0)
