@@ -257,8 +257,8 @@ class LatentcastDecoder(Decoder):
             if job.prepared is not None:
                 # temporal: every cell of the stream's latent was transmitted, nothing is left to compose
                 rec = job.prepared(True)
-            elif self.remote is not None:  # the ray engine: the Synthesis deployment makes the pixels
-                rec = self._remote_decompress(job, packet)
+            elif self.remote is not None:  # the ray engine: the Synthesis deployment makes the pixels (or ẑ_c)
+                rec = self._remote_decompress(job, packet, latent_only)
                 if isinstance(rec, FrameFailure):
                     return rec
             elif not latent_only:
@@ -272,17 +272,20 @@ class LatentcastDecoder(Decoder):
         return rec, rec.frame, hd.width, hd.height, [job.spec.labels[r.label_id] for r in hd.rois]
 
 
-    def _remote_decompress(self, job: FrameJob, packet: Packet):
+    def _remote_decompress(self, job: FrameJob, packet: Packet, latent_only: bool):
         from latentcast.models.codec import Reconstruction
 
         from .serve_stages import StageError
 
         data = job.packet if isinstance(job.packet, (bytes, bytearray, memoryview)) else packet.to_bytes()
         try:
-            frame = self.remote.decompress(bytes(data))
+            out = self.remote.decompress(bytes(data), latent_only=latent_only)
         except StageError as exc:
             return FrameFailure(job=job, code=exc.code, message=str(exc))
-        return Reconstruction(latent=None, frame=frame, packet=packet, mask=None)
+        if latent_only:
+            latent, mask = out
+            return Reconstruction(latent=latent, frame=None, packet=packet, mask=mask)
+        return Reconstruction(latent=None, frame=out, packet=packet, mask=None)
 
 
 # ------------------------------------------------------------------------------------------ JPEG baseline

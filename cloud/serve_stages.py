@@ -6,6 +6,7 @@
         │ each frame, from a worker thread: DeploymentHandle.<method>.remote(...).result()
         ├─► Synthesis  per-frame LCF: packet bytes ─► LatentCodec.decompress ─► RGB frame     @serve.batch
         │              temporal: the stream's ŷ and M(ẑ) (decoded in order on the front) ─► g_s ─► frame
+        ├─► Compose    (composer.kind other than none) ẑ_c + ROIs ─► ControlNet ─► frame     @serve.batch
         └─► Analytics  RGB frame ─► the configured detector ─► boxes                          @serve.batch
 
 The deployments run the same code as the embedded engine (``LatentCodec``, ``make_detector``); a batch takes
@@ -14,8 +15,8 @@ between ``ray_min_replicas`` and ``ray_max_replicas`` on ongoing requests, each 
 ``ray_gpus``. What stays on the front: admission, the entropy decoding of temporal streams into their state
 (in arrival order), the queues and their drop policy, the sinks. A temporal frame is rendered whole remotely
 (the front's changed-cell rendering needs the stream's last rendered latent, which stays on the front only in
-the embedded engine). The composer runs embedded only for now: a cloud with ``composer.kind`` other than
-``none`` refuses ``engine: ray`` at start.
+the embedded engine). With a composer, the Synthesis deployment returns ẑ_c (no latent decoder) and the
+Compose deployment makes the frame; a subscriber's own sampling steps go to the same deployment.
 
 :class:`RayStages` connects (``ray.init``: the cluster at ``ray_address``, or a local Ray), deploys the
 application ``latentcast-stages`` unless it is already running (``serve run cloud/deploy/serve.yaml`` deploys
@@ -41,7 +42,8 @@ from .config import AnalyticsConfig, CloudConfig, CodecConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["APP_NAME", "Synthesis", "Analytics", "RayStages", "RemoteDetector", "RemoteSynthesis", "StageError",
+__all__ = ["APP_NAME", "Synthesis", "Analytics", "Compose", "RayStages", "RemoteComposer", "RemoteDetector",
+           "RemoteSynthesis", "StageError",
            "build_app", "app_builder"]
 
 APP_NAME = "latentcast-stages"  # the Serve application of the stages
@@ -76,15 +78,17 @@ class Synthesis:
         return bytes(self.codec.weights_hash)
 
     @serve.batch
-    async def decompress(self, packets: list[bytes]) -> list[np.ndarray | _Failed]:
+    async def decompress(self, items: list[tuple[bytes, bool]]) -> list[np.ndarray | tuple | _Failed]:
+        """(packet bytes, latent_only) -> the frame, or (ẑ_c, mask) for a composer to make the frame from."""
         from latentcast.models.codec import CodecError
 
         from .decode import codec_error_code
 
-        out: list[np.ndarray | _Failed] = []
-        for data in packets:
+        out: list[np.ndarray | tuple | _Failed] = []
+        for data, latent_only in items:
             try:
-                out.append(self.codec.decompress(data).frame)
+                rec = self.codec.decompress(data, decode_frame=not latent_only)
+                out.append((rec.latent, rec.mask) if latent_only else rec.frame)
             except CodecError as exc:
                 out.append(_Failed(codec_error_code(exc), str(exc)))
             except (ValueError, IndexError, OverflowError) as exc:  # the range decoder on hostile bytes
@@ -133,6 +137,34 @@ class Analytics:
         return out
 
 
+@serve.deployment
+class Compose:
+    """The configured composer (``composer`` of cloud.yaml, e.g. ControlNet diffusion): requests of many
+    cameras composed together, as the embedded compose stage does with a worker's batch."""
+
+    def __init__(self, codec: dict, composer: dict, max_batch: int = 8, batch_wait_s: float = 0.005,
+                 threads: int = 0) -> None:
+        import torch
+
+        from latentcast.models.codec import LatentCodec
+
+        from .compose import make_composer
+        from .config import ComposerConfig
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.composer = make_composer(ComposerConfig(**composer), LatentCodec.load(CodecConfig(**codec).weights))
+        self.compose.set_max_batch_size(max_batch)
+        self.compose.set_batch_wait_timeout_s(batch_wait_s)
+
+    @serve.batch
+    async def compose(self, requests: list) -> list[np.ndarray | _Failed]:
+        try:
+            return list(self.composer.compose(list(requests)))
+        except Exception as exc:  # noqa: BLE001 - the batch's frames fail, the replica goes on
+            return [_Failed("compose_failed", f"{type(exc).__name__}: {exc}")] * len(requests)
+
+
 class StageError(RuntimeError):
     """A remote stage refused a frame; ``code`` is its FrameFailure code."""
 
@@ -173,8 +205,10 @@ class RemoteSynthesis:
         self._handle = handle
         self._observe = observe
 
-    def decompress(self, data: bytes) -> np.ndarray:
-        out = _timed(self._observe, "synthesis", lambda: self._handle.decompress.remote(bytes(data)).result())
+    def decompress(self, data: bytes, *, latent_only: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """The frame of an LCF packet, or with ``latent_only`` (ẑ_c, mask) for the composer."""
+        out = _timed(self._observe, "synthesis",
+                     lambda: self._handle.decompress.remote((bytes(data), bool(latent_only))).result())
         if isinstance(out, _Failed):
             raise StageError(out.code, out.message)
         return out
@@ -199,18 +233,41 @@ def build_app(config: CloudConfig, *, threads: int = 0):
         asdict(config.codec), max_batch=p.ray_max_batch, batch_wait_s=wait, threads=threads)
     analytics = Analytics.options(name="analytics", **_options(p)).bind(
         asdict(config.analytics), max_batch=p.ray_max_batch, batch_wait_s=wait)
-    return _Ingress.bind(synthesis, analytics)
+    compose = None
+    if config.composer.kind != "none":
+        compose = Compose.options(name="compose", **_options(p)).bind(
+            asdict(config.codec), asdict(config.composer), max_batch=p.ray_max_batch, batch_wait_s=wait,
+            threads=threads)
+    return _Ingress.bind(synthesis, analytics, compose)
 
 
 @serve.deployment(name="stages", ray_actor_options={"num_cpus": 0})
 class _Ingress:
     """The application's entry (Serve needs one); the front calls the two stages by their deployment names."""
 
-    def __init__(self, synthesis, analytics) -> None:
-        self.synthesis, self.analytics = synthesis, analytics
+    def __init__(self, synthesis, analytics, compose=None) -> None:
+        self.synthesis, self.analytics, self.compose = synthesis, analytics, compose
 
     def ready(self) -> bool:
         return True
+
+
+class RemoteComposer:
+    """The front's composer in the ray engine: each request to the Compose deployment, which batches them."""
+
+    def __init__(self, handle: Any, observe=None) -> None:
+        self._handle = handle
+        self._observe = observe
+
+    def compose(self, requests: list) -> list[np.ndarray]:
+        def call():
+            return [r.result() for r in [self._handle.compose.remote(q) for q in requests]]
+
+        out = _timed(self._observe, "compose", call)
+        failed = next((o for o in out if isinstance(o, _Failed)), None)
+        if failed is not None:
+            raise StageError(failed.code, failed.message)
+        return out
 
 
 class RayStages:
@@ -222,6 +279,7 @@ class RayStages:
         self._observe = observe
         self.synthesis: RemoteSynthesis | None = None
         self.detector: RemoteDetector | None = None
+        self.composer: RemoteComposer | None = None  # composer.kind other than none
         self._started_ray = False
 
     def connect(self, *, threads: int = 0) -> None:
@@ -245,6 +303,8 @@ class RayStages:
         info = analytics.describe.remote().result()
         self.detector = RemoteDetector(analytics, info["labels"], f"ray:{info['detector']}", self._observe)
         self.weights_hash = synthesis.weights_hash.remote().result()
+        if self.config.composer.kind != "none":
+            self.composer = RemoteComposer(serve.get_deployment_handle("compose", app_name=APP_NAME), self._observe)
 
     def close(self, *, delete_app: bool = False) -> None:
         """Leave Ray (the stages keep running for other fronts unless ``delete_app``)."""

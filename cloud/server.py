@@ -825,16 +825,15 @@ class CloudServer:
         try:
             t0 = time.monotonic()
             remote = None
-            if self.config.pipeline.engine == "ray":  # synthesis and analytics as Ray Serve deployments
-                if self.config.composer.kind != "none":
-                    raise ValueError(f"pipeline.engine ray runs composer.kind none only for now (got "
-                                     f"{self.config.composer.kind!r}): run the composer embedded")
+            if self.config.pipeline.engine == "ray":  # synthesis, compose, analytics as Ray Serve deployments
                 from .serve_stages import RayStages
 
                 self.stages = RayStages(self.config, observe=lambda stage, s: self.metrics.remote_seconds.labels(
                     stage=stage).observe(s))
                 await asyncio.to_thread(self.stages.connect, threads=self.config.pipeline.torch_threads)
                 self.detector, remote = self.stages.detector, self.stages.synthesis
+                if self.stages.composer is not None:
+                    self.composer = self.stages.composer
             self.codec, self.detector, self.composer = await asyncio.to_thread(
                 load_and_warm, self.config, codec=self.codec, detector=self.detector, composer=self.composer)
             if self.stages is not None and self.stages.weights_hash != self.codec.weights_hash:

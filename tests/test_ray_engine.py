@@ -219,3 +219,62 @@ async def test_ray_engine_renders_temporal_streams(local_ray, tiny_codec, tiny_c
         assert remote[seq].shape == (H, W, 3)
         mse = np.mean((remote[seq].astype(float) - local[seq].astype(float)) ** 2)
         assert mse == 0 or 10 * np.log10(255**2 / mse) > 35, seq
+
+
+async def test_ray_engine_composes_on_the_compose_deployment(local_ray, tiny_codec, tiny_codec_path):
+    """composer.kind controlnet (tiny random SD components, no hub): the Synthesis deployment returns ẑ_c, the
+    Compose deployment makes the frames; they are the embedded engine's (same seeds per stream)."""
+    pytest.importorskip("diffusers")
+    import cv2
+
+    from tests.test_cloud_server import H, W, frame, header
+
+    rng = np.random.default_rng(0)
+    lsh = label_set_hash(["person", "car"])
+    packets = [tiny_codec.compress((rng.random((H, W, 3)) * 255).astype(np.uint8),
+                                   [Roi(x0=8 * i, y0=0, x1=8 * i + 32, y1=32, label_id=0)], rate_point=1,
+                                   label_set_hash=lsh) for i in range(3)]
+
+    async def run(engine: str) -> dict[int, np.ndarray]:
+        cfg = config(engine)
+        cfg.codec = dataclasses.replace(cfg.codec, weights=str(tiny_codec_path))
+        cfg.analytics = dataclasses.replace(cfg.analytics, kind="none")
+        cfg.composer = dataclasses.replace(cfg.composer, kind="controlnet", sd="tiny", steps=2)
+        srv = CloudServer(cfg, codec=tiny_codec)
+        await srv.start()
+        try:
+            await srv.wait_ready(WAIT)
+            if engine == "ray":
+                assert type(srv.composer).__name__ == "RemoteComposer"
+            async with channel(srv.ports[0]) as ch:
+                stub = pb_grpc.LatentcastStub(ch)
+                sub = stub.Subscribe(pb.SubscribeRequest(format=pb.IMAGE_FORMAT_PNG))
+                await asyncio.wait_for(sub.initial_metadata(), WAIT)
+                call = stub.Stream()
+                await call.write(header(tiny_codec))
+                await read(call)
+                for seq, p in enumerate(packets):
+                    await call.write(frame(seq, p))
+                await call.done_writing()
+                msgs = await collect(call, len(packets))
+                assert not kinds(msgs, "error"), kinds(msgs, "error")
+                out = {}
+                while len(out) < len(packets):
+                    r = await asyncio.wait_for(sub.read(), WAIT)
+                    out[r.seq] = cv2.imdecode(np.frombuffer(r.image, np.uint8), cv2.IMREAD_COLOR)
+                sub.cancel()
+                if engine == "ray":
+                    assert srv.metrics.value("latentcast_cloud_remote_seconds_count", {"stage": "compose"}) >= 3
+                return out
+        finally:
+            await srv.stop(1.0)
+
+    try:
+        remote = await run("ray")
+    finally:
+        _delete_stages()
+    local = await run("embedded")
+    assert sorted(remote) == [0, 1, 2]
+    for seq in remote:
+        mse = np.mean((remote[seq].astype(float) - local[seq].astype(float)) ** 2)
+        assert mse == 0 or 10 * np.log10(255**2 / mse) > 30, seq
