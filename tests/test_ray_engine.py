@@ -62,6 +62,40 @@ async def collect(call, n: int) -> list[pb.CloudMessage]:
     return got
 
 
+async def stream_and_watch(srv, codec, packets: list[bytes]) -> dict[int, np.ndarray]:
+    """One stream of ``packets`` (test_cloud_server's header and frames) and, through Subscribe, its frames
+    as the cloud rendered them (PNG, decoded); every frame must get a result."""
+    import cv2
+
+    from tests.test_cloud_server import frame, header
+
+    async with channel(srv.ports[0]) as ch:
+        stub = pb_grpc.LatentcastStub(ch)
+        sub = stub.Subscribe(pb.SubscribeRequest(format=pb.IMAGE_FORMAT_PNG))
+        await asyncio.wait_for(sub.initial_metadata(), WAIT)
+        call = stub.Stream()
+        await call.write(header(codec))
+        await read(call)
+        for seq, p in enumerate(packets):
+            await call.write(frame(seq, p))
+        await call.done_writing()
+        msgs = await collect(call, len(packets))
+        assert not kinds(msgs, "error"), kinds(msgs, "error")
+        out = {}
+        while len(out) < len(packets):
+            r = await asyncio.wait_for(sub.read(), WAIT)
+            out[r.seq] = cv2.imdecode(np.frombuffer(r.image, np.uint8), cv2.IMREAD_COLOR)
+        sub.cancel()
+        return out
+
+
+def assert_close(remote: dict, local: dict, n: int, min_db: float) -> None:
+    assert sorted(remote) == list(range(n))
+    for seq in remote:
+        mse = np.mean((remote[seq].astype(float) - local[seq].astype(float)) ** 2)
+        assert mse == 0 or 10 * np.log10(255**2 / mse) > min_db, seq
+
+
 def config(engine: str) -> CloudConfig:
     cfg = CloudConfig()
     cfg.server = dataclasses.replace(cfg.server, host="127.0.0.1", port=0, maintenance_port=-1, metrics_port=-1,
@@ -163,13 +197,12 @@ def test_the_embedded_path_never_imports_ray():
 async def test_ray_engine_renders_temporal_streams(local_ray, tiny_codec, tiny_codec_path, tiny_bundle, tmp_path):
     """A temporal stream: decoded in order on the front, rendered whole by the Synthesis deployment; every frame
     is analysed and its picture is the embedded engine's (which renders only the changed cells) within 35 dB."""
-    import cv2
 
     from latentcast.edge.config import TemporalConfig
     from latentcast.edge.encoder import EdgeEncoder
     from latentcast.edge.temporal import TemporalEncoder
     from latentcast.proto.temporal import TemporalTables
-    from tests.test_cloud_server import H, W, frame, header
+    from tests.test_cloud_server import H, W
     from tests.test_cloud_temporal import _frames
 
     tables = tmp_path / "tiny-temporal.safetensors"
@@ -187,25 +220,8 @@ async def test_ray_engine_renders_temporal_streams(local_ray, tiny_codec, tiny_c
         srv = CloudServer(cfg, codec=tiny_codec)
         await srv.start()
         try:
-            await srv.wait_ready(180)
-            async with channel(srv.ports[0]) as ch:
-                stub = pb_grpc.LatentcastStub(ch)
-                sub = stub.Subscribe(pb.SubscribeRequest(format=pb.IMAGE_FORMAT_PNG))
-                await asyncio.wait_for(sub.initial_metadata(), WAIT)
-                call = stub.Stream()
-                await call.write(header(tiny_codec))
-                await read(call)
-                for seq, p in enumerate(packets):
-                    await call.write(frame(seq, p))
-                await call.done_writing()
-                msgs = await collect(call, len(packets))
-                assert not kinds(msgs, "error")
-                out = {}
-                while len(out) < len(packets):
-                    r = await asyncio.wait_for(sub.read(), WAIT)
-                    out[r.seq] = cv2.imdecode(np.frombuffer(r.image, np.uint8), cv2.IMREAD_COLOR)
-                sub.cancel()
-                return out
+            await srv.wait_ready(WAIT)
+            return await stream_and_watch(srv, tiny_codec, packets)
         finally:
             await srv.stop(1.0)
 
@@ -214,20 +230,16 @@ async def test_ray_engine_renders_temporal_streams(local_ray, tiny_codec, tiny_c
     finally:
         _delete_stages()
     local = await run("embedded")
-    assert sorted(remote) == list(range(len(packets)))
-    for seq in remote:
-        assert remote[seq].shape == (H, W, 3)
-        mse = np.mean((remote[seq].astype(float) - local[seq].astype(float)) ** 2)
-        assert mse == 0 or 10 * np.log10(255**2 / mse) > 35, seq
+    assert all(f.shape == (H, W, 3) for f in remote.values())
+    assert_close(remote, local, len(packets), 35)
 
 
 async def test_ray_engine_composes_on_the_compose_deployment(local_ray, tiny_codec, tiny_codec_path):
     """composer.kind controlnet (tiny random SD components, no hub): the Synthesis deployment returns ẑ_c, the
     Compose deployment makes the frames; they are the embedded engine's (same seeds per stream)."""
     pytest.importorskip("diffusers")
-    import cv2
 
-    from tests.test_cloud_server import H, W, frame, header
+    from tests.test_cloud_server import H, W
 
     rng = np.random.default_rng(0)
     lsh = label_set_hash(["person", "car"])
@@ -246,26 +258,10 @@ async def test_ray_engine_composes_on_the_compose_deployment(local_ray, tiny_cod
             await srv.wait_ready(WAIT)
             if engine == "ray":
                 assert type(srv.composer).__name__ == "RemoteComposer"
-            async with channel(srv.ports[0]) as ch:
-                stub = pb_grpc.LatentcastStub(ch)
-                sub = stub.Subscribe(pb.SubscribeRequest(format=pb.IMAGE_FORMAT_PNG))
-                await asyncio.wait_for(sub.initial_metadata(), WAIT)
-                call = stub.Stream()
-                await call.write(header(tiny_codec))
-                await read(call)
-                for seq, p in enumerate(packets):
-                    await call.write(frame(seq, p))
-                await call.done_writing()
-                msgs = await collect(call, len(packets))
-                assert not kinds(msgs, "error"), kinds(msgs, "error")
-                out = {}
-                while len(out) < len(packets):
-                    r = await asyncio.wait_for(sub.read(), WAIT)
-                    out[r.seq] = cv2.imdecode(np.frombuffer(r.image, np.uint8), cv2.IMREAD_COLOR)
-                sub.cancel()
-                if engine == "ray":
-                    assert srv.metrics.value("latentcast_cloud_remote_seconds_count", {"stage": "compose"}) >= 3
-                return out
+            out = await stream_and_watch(srv, tiny_codec, packets)
+            if engine == "ray":
+                assert srv.metrics.value("latentcast_cloud_remote_seconds_count", {"stage": "compose"}) >= 3
+            return out
         finally:
             await srv.stop(1.0)
 
@@ -274,7 +270,4 @@ async def test_ray_engine_composes_on_the_compose_deployment(local_ray, tiny_cod
     finally:
         _delete_stages()
     local = await run("embedded")
-    assert sorted(remote) == [0, 1, 2]
-    for seq in remote:
-        mse = np.mean((remote[seq].astype(float) - local[seq].astype(float)) ** 2)
-        assert mse == 0 or 10 * np.log10(255**2 / mse) > 30, seq
+    assert_close(remote, local, len(packets), 30)

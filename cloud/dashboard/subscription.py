@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CloudSubscription"]
 
+_STOPPED = object()  # what a read returns when the dashboard stopped first
+
 
 class CloudSubscription:
     """Subscribes to the cloud until ``stop`` is set; every result goes into ``state`` and to ``on_frame``."""
@@ -73,15 +75,22 @@ class CloudSubscription:
                                 max_message_bytes=c.max_message_bytes) as channel:
             call = pb_grpc.LatentcastStub(channel).Subscribe(self._request(), metadata=metadata)
             stopper = asyncio.ensure_future(stop.wait())
-            try:
-                reading = asyncio.ensure_future(call.initial_metadata())
+
+            async def until_stop(aw):
+                """``aw``'s result, or _STOPPED (the call cancelled) once ``stop`` is set first."""
+                reading = asyncio.ensure_future(aw)
                 done, _ = await asyncio.wait({reading, stopper}, return_when=asyncio.FIRST_COMPLETED)
                 if stopper in done:
                     reading.cancel()
                     call.cancel()
+                    return _STOPPED
+                return reading.result()
+
+            try:
+                metadata_in = await until_stop(call.initial_metadata())
+                if metadata_in is _STOPPED:
                     return accepted
-                metadata_in = reading.result() or ()
-                if not any(k == SUBSCRIBED_METADATA_KEY for k, _ in metadata_in):
+                if not any(k == SUBSCRIBED_METADATA_KEY for k, _ in metadata_in or ()):
                     # refused (or the connection failed): the call ended without the cloud's confirmation
                     code = await call.code()
                     why = f"{code.name}: {await call.details()}"
@@ -92,13 +101,9 @@ class CloudSubscription:
                 self.state.link.up()
                 log.info("subscribed to the cloud at %s", c.target)
                 while True:
-                    reading = asyncio.ensure_future(call.read())
-                    done, _ = await asyncio.wait({reading, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                    if stopper in done:
-                        reading.cancel()
-                        call.cancel()
+                    msg = await until_stop(call.read())
+                    if msg is _STOPPED:
                         return accepted
-                    msg = reading.result()
                     if msg is grpc.aio.EOF:
                         self.state.link.down("the cloud ended the subscription (shutting down?)")
                         return accepted
