@@ -201,21 +201,18 @@ class DashboardState:
 
     def tick(self, *, now: float | None = None, wall: float | None = None) -> dict[str, Any]:
         """The stats message pushed to the browsers once per interval (each camera gets a chart point)."""
+        return {"type": "stats", **self.snapshot(now=now, wall=wall, chart_point=True)}
+
+    def snapshot(self, *, now: float | None = None, wall: float | None = None,
+                 chart_point: bool = False) -> dict[str, Any]:
+        """The numbers (``GET /api/state``); ``chart_point`` also appends each camera's chart point."""
         now = time.monotonic() if now is None else now
         wall = time.time() if wall is None else wall
         cams = []
         for cam in sorted(self.cameras.values(), key=lambda c: c.camera_id):
             st = cam.stats(now, self.config.stale_s)
-            cam.tick(wall, st)
+            if chart_point:
+                cam.tick(wall, st)
             cams.append({**st, "history": list(cam.history)})
-        return {"type": "stats", "t": round(wall, 3), "link": self.link.as_dict(), "cameras": cams,
-                "timeline": self.timeline.snapshot(wall), "results": self.results}
-
-    def snapshot(self, *, now: float | None = None, wall: float | None = None) -> dict[str, Any]:
-        """The same numbers without adding chart points (``GET /api/state``)."""
-        now = time.monotonic() if now is None else now
-        wall = time.time() if wall is None else wall
-        cams = [{**c.stats(now, self.config.stale_s), "history": list(c.history)}
-                for c in sorted(self.cameras.values(), key=lambda c: c.camera_id)]
         return {"t": round(wall, 3), "link": self.link.as_dict(), "cameras": cams,
                 "timeline": self.timeline.snapshot(wall), "results": self.results}
