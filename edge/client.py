@@ -156,8 +156,8 @@ class EdgeClient:
         self.queue = queue if queue is not None else SendQueue(maxsize=8)
         self.backlog = backlog if backlog is not None else Backlog(max_frames=300, max_bytes=64 * 1024 * 1024)
         self.tls = tls
-        if tls is not None:
-            tls.credentials()  # a missing or half-set certificate fails here, not at the first connection
+        # read once: a missing or half-set certificate fails here, not at the first connection
+        self._creds = tls.credentials() if tls is not None else None
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         if token and tls is None and not self.target.startswith(("127.", "localhost", "[::1]", "unix:")):
             log.warning("sending a bearer token to %s without TLS", self.target)
@@ -279,7 +279,8 @@ class EdgeClient:
 
     def _channel(self) -> grpc.aio.Channel:
         return open_channel(self.target, tls=self.tls, keepalive_s=self.keepalive_s,
-                            keepalive_timeout_s=self.keepalive_timeout_s, max_message_bytes=self.max_message_bytes)
+                            keepalive_timeout_s=self.keepalive_timeout_s, max_message_bytes=self.max_message_bytes,
+                            credentials=self._creds)
 
     async def _connection(self, stop: asyncio.Event | None) -> bool:
         """One Stream; True when done (stop set, or drained), False/raise when it must reconnect."""

@@ -65,12 +65,13 @@ def channel_options(*, keepalive_s: float, keepalive_timeout_s: float, max_messa
 
 
 def open_channel(target: str, *, tls: TlsConfig | None, keepalive_s: float, keepalive_timeout_s: float,
-                 max_message_bytes: int) -> grpc.aio.Channel:
-    """A grpc.aio channel to ``target`` (host:port), over TLS when ``tls`` is given."""
+                 max_message_bytes: int, credentials: grpc.ChannelCredentials | None = None) -> grpc.aio.Channel:
+    """A grpc.aio channel to ``target`` (host:port), over TLS when ``tls`` is given. ``credentials``: the
+    ones ``tls.credentials()`` made once (a reconnecting client then reads its certificate files once)."""
     opts = channel_options(keepalive_s=keepalive_s, keepalive_timeout_s=keepalive_timeout_s,
                            max_message_bytes=max_message_bytes, server_name=tls.server_name if tls else None)
     if tls is not None:
-        return grpc.aio.secure_channel(target, tls.credentials(), options=opts)
+        return grpc.aio.secure_channel(target, credentials or tls.credentials(), options=opts)
     return grpc.aio.insecure_channel(target, options=opts)
 
 

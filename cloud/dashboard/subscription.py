@@ -42,8 +42,8 @@ class CloudSubscription:
         self.on_frame = on_frame
         self._token = config.resolved_token()  # a missing token file fails here, before anything runs
         self._tls = config.tls_config()
-        if self._tls is not None:
-            self._tls.credentials()  # a missing certificate fails here too
+        # read once: a missing certificate fails here too, and resubscribing reads no file
+        self._creds = self._tls.credentials() if self._tls is not None else None
         self._rl = RateLimitedLog(log, interval_s=30.0)
 
     def _request(self) -> pb.SubscribeRequest:
@@ -72,7 +72,7 @@ class CloudSubscription:
         accepted = False
         async with open_channel(c.target, tls=self._tls, keepalive_s=c.keepalive_s,
                                 keepalive_timeout_s=c.keepalive_timeout_s,
-                                max_message_bytes=c.max_message_bytes) as channel:
+                                max_message_bytes=c.max_message_bytes, credentials=self._creds) as channel:
             call = pb_grpc.LatentcastStub(channel).Subscribe(self._request(), metadata=metadata)
             stopper = asyncio.ensure_future(stop.wait())
 
