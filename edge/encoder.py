@@ -22,7 +22,7 @@ import numpy as np
 from latentcast.onnx_runtime import ort_session
 from latentcast.proto.entropy import TableSet
 from latentcast.proto.grid import anchor_mask, padded_size
-from latentcast.proto.symbols import FrameCompressor, LatentEncoder, quantize_z
+from latentcast.proto.symbols import FrameCompressor, LatentEncoder, quantize_z, rate_steps_of
 from latentcast.weights import weights_path
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class EdgeEncoder(FrameCompressor):
         self.y_tables = y_tables
         self.n_rates = int(self.manifest["n_rates"])
         self.M = int(self.manifest["M"])
-        self.rate_deltas = [float(d) for d in self.manifest["rate_delta"]]
+        self.rate_deltas = rate_steps_of(self.manifest["rate_delta"])
         halo = self.manifest.get("analysis_halo")  # bundles exported before it say nothing
         self.analysis_halo: int | None = None if halo is None else int(halo)
         self._enc = LatentEncoder(groups=self.manifest["groups"], y_tables=y_tables, z_tables=z_tables,

@@ -75,7 +75,7 @@ class TemporalEncoder:
         if tables.M != compressor.M:
             raise ValueError(f"temporal tables are for M={tables.M} latent channels, the codec has {compressor.M}")
         self.compressor, self.tables, self.config, self.fps = compressor, tables, config, float(fps)
-        self.steps = [float(d) for d in compressor.rate_deltas]
+        self.steps = list(compressor.rate_deltas)  # floats, or (M,1,1) arrays with channel gains
         self.rate = RateController(target_kbps=config.target_kbps, fps=fps) if config.target_kbps > 0 else None
         self.state: TemporalState | None = None
         self.frame_id = 0

@@ -44,10 +44,11 @@ from latentcast.proto.symbols import (
     check_frame,
     coding_steps,
     quantize_z,
+    rate_steps_of,
 )
 from latentcast.weights import read_tagged_file, weights_dir, weights_path
 
-from .elic import ElicCodec, ElicConfig
+from .elic import ElicCodec, ElicConfig, channel_slice
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +212,9 @@ class LatentCodec(FrameCompressor):
         return self.cfg.M
 
     @property
-    def rate_deltas(self) -> list[float]:
-        return [float(d) for d in self.model.rate_delta]
+    def rate_deltas(self) -> list[float] | list[np.ndarray]:
+        """Δ_q of each rate point: a float, or with channel gains an (M,1,1) array (one step per channel)."""
+        return rate_steps_of(self.model.rate_delta.numpy())
 
     def latent_space(self):
         if self._latent_space is None:
@@ -246,13 +248,10 @@ class LatentCodec(FrameCompressor):
         return sym, tab
 
     def _step_sizes(self, rate_point: int, cell_rate: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rate index for ``table_index``, Δ broadcastable to (1,M,h,w)) of one rate point or per cell."""
-        m = self.model
-        if cell_rate is None:
-            q = torch.tensor([rate_point])
-            return q, m.rate_delta[q].view(1, 1, 1, 1)
-        q = torch.from_numpy(np.asarray(cell_rate, dtype=np.int64))[None, None]
-        return q, m.rate_delta[q]
+        """(rate index for ``table_index``, Δ (1,1|M,1|h,1|w)) of one rate point or per cell."""
+        q = (torch.tensor([rate_point]) if cell_rate is None
+             else torch.from_numpy(np.asarray(cell_rate, dtype=np.int64))[None, None])
+        return q, self.model.per_rate(self.model.rate_delta, q)
 
     @torch.no_grad()
     def encode_symbols_y_hat(self, y: np.ndarray, z_sym: np.ndarray, *, rate_point: int, tx_mask: np.ndarray,
@@ -270,11 +269,12 @@ class LatentCodec(FrameCompressor):
 
         def step(k, _is_anchor, cells, mu, idx):
             sl = slices[k]
-            s = torch.floor((yt[:, sl] - mu) / delta + 0.5)
+            d = channel_slice(delta, sl)
+            s = torch.floor((yt[:, sl] - mu) / d + 0.5)
             where = cells & tx
             sym[:, sl] = torch.where(where, s, sym[:, sl])
-            tab[:, sl] = torch.where(where, idx if raw_index else m.table_index(idx, qc), tab[:, sl])
-            return torch.where(tx, mu + delta * s, mu)
+            tab[:, sl] = torch.where(where, idx if raw_index else m.table_index(idx, qc, sl), tab[:, sl])
+            return torch.where(tx, mu + d * s, mu)
 
         z_hat = torch.from_numpy(z_sym).double()[None] * m.rate_zdelta[q].view(1, 1, 1, 1)
         H = m.hyper_features(z_hat, exact=True)
@@ -340,11 +340,11 @@ class LatentCodec(FrameCompressor):
 
         def step(k, is_anchor, cells, mu, idx):
             sl = steps[(k, is_anchor)]
-            tab = m.table_index(idx, qc)[0].numpy().astype(np.int64)
+            tab = m.table_index(idx, qc, sl)[0].numpy().astype(np.int64)
             vals, where = dec.decode_step(sl=sl, anchor=is_anchor, y_table=tab, tx_mask=tx)
             s = np.zeros(tab.shape, dtype=np.float64)
             s[:, where] = vals
-            y = mu + delta * torch.from_numpy(s)[None]
+            y = mu + channel_slice(delta, sl) * torch.from_numpy(s)[None]
             return torch.where(torch.from_numpy(tx)[None, None], y, mu)
 
         H = m.hyper_features(z_t, exact=True)

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from . import training as codec_training
+from .elic import channel_slice
 
 log = logging.getLogger(__name__)
 
@@ -124,14 +125,15 @@ def _codec_symbols(model, x: torch.Tensor, rate: torch.Tensor, mask: torch.Tenso
     dz = model.rate_zdelta[rate].view(-1, 1, 1, 1)  # float64, as LatentCodec.z_symbols / decode_latent
     z_hat = torch.floor(z.double() / dz + 0.5) * dz
     H = model.hyper_features(z_hat, exact=True)
-    delta = model.rate_delta[rate].view(-1, 1, 1, 1)
+    delta = model.per_rate(model.rate_delta, rate)  # (B,1|M,1,1)
     tx = mask > 0.5
     y64 = y.double()
     slices = model.group_slices()
 
     def step(k, _is_anchor, _cells, mu, _idx):
-        s = torch.floor((y64[:, slices[k]] - mu) / delta + 0.5)
-        return torch.where(tx, mu + delta * s, mu)
+        d = channel_slice(delta, slices[k])
+        s = torch.floor((y64[:, slices[k]] - mu) / d + 0.5)
+        return torch.where(tx, mu + d * s, mu)
 
     y_hat = model.entropy_params_loop(H, step, exact=True)
     return y_hat.float(), z_hat.float()

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from .quant import QConv, QSequential, quantize_input, round_ste
 
-__all__ = ["ElicConfig", "CONFIGS", "ElicCodec", "MEAN_RES", "Y_IN_RES", "analysis_halo"]
+__all__ = ["ElicConfig", "CONFIGS", "ElicCodec", "MEAN_RES", "Y_IN_RES", "analysis_halo", "channel_slice"]
 
 MEAN_RES = 64  # means are integers in units of 1/64
 Y_IN_RES = 4  # context networks see ŷ in steps of 1/4 (clipped to ±32)
@@ -69,6 +69,7 @@ class ElicConfig:
     scale_min: float = 0.11  # smallest table scale
     scale_max: float = 64.0  # largest table scale
     rate_steps: tuple[int, ...] = (22, 14, 7, 0)  # k_q per rate point (0 = lowest rate): Δ_q = exp(δ k_q)
+    channel_gains: bool = False  # learned per-channel offsets j_q,c: Δ_q,c = exp(δ (k_q + j_q,c)) (gain units)
 
     def __post_init__(self):
         if sum(self.groups) != self.M:
@@ -327,8 +328,14 @@ class ElicCodec(nn.Module):
             ]))
         self.g_s = SynthesisToLatent(cfg)
         n = len(cfg.rate_steps)
-        self.register_buffer("rate_k", torch.zeros(n, dtype=torch.int64))
-        self.register_buffer("rate_delta", torch.zeros(n, dtype=torch.float64))
+        # gain units (Cui et al., "Asymmetric Gained Deep Image Compression", CVPR 2021), in the form of
+        # this codec's tables: each rate point learns a per-channel offset j_q,c in table steps (real while
+        # training, rounded through the straight-through estimator), so a coarse rate point can drop a
+        # channel a fine one keeps. The released file holds the integers in rate_k / rate_delta (n, M).
+        self.rate_gain = nn.Parameter(torch.zeros(n, cfg.M)) if cfg.channel_gains else None
+        shape = (n, cfg.M) if cfg.channel_gains else (n,)
+        self.register_buffer("rate_k", torch.zeros(shape, dtype=torch.int64))
+        self.register_buffer("rate_delta", torch.zeros(shape, dtype=torch.float64))
         self.register_buffer("rate_zdelta", torch.zeros(n, dtype=torch.float64))
         self.reset_rate_points()
 
@@ -336,11 +343,14 @@ class ElicCodec(nn.Module):
         """Set the table offsets k_q and steps Δ_q, Δz_q from the configuration.
 
         Δ_q is dyadic (8 fractional bits) so that μ + Δ s is exact in float64; all three are stored
-        in the weight file and never recomputed there (exp() is not bit-identical across libms)."""
+        in the weight file and never recomputed there (exp() is not bit-identical across libms).
+        With channel gains, each channel's offset adds the learned gain rounded to an integer."""
         ks = torch.tensor(self.cfg.rate_steps, dtype=torch.float64)
+        self.rate_zdelta.copy_(torch.round(torch.exp(ks * self.cfg.log_step / 2) * 256) / 256)
+        if self.rate_gain is not None:
+            ks = ks[:, None] + torch.round(self.rate_gain.detach().double())
         self.rate_k.copy_(ks.to(torch.int64))
         self.rate_delta.copy_(torch.round(torch.exp(ks * self.cfg.log_step) * 256) / 256)
-        self.rate_zdelta.copy_(torch.round(torch.exp(ks * self.cfg.log_step / 2) * 256) / 256)
 
     def select_rate_points(self, keep: list[int]) -> None:
         """Keep only the rate points ``keep`` (ascending indices into the trained ones), e.g. to
@@ -355,6 +365,8 @@ class ElicCodec(nn.Module):
         idx = torch.tensor(keep)
         for name in ("rate_k", "rate_delta", "rate_zdelta"):
             setattr(self, name, getattr(self, name)[idx].clone())  # registered buffers: replaced in place
+        if self.rate_gain is not None:
+            self.rate_gain = nn.Parameter(self.rate_gain.detach()[idx].clone())
 
     # ------------------------------------------------------------------ shared pieces
     @property
@@ -410,11 +422,19 @@ class ElicCodec(nn.Module):
             codes_prev.append(quantize_input(y_k, Y_IN_RES, exact=exact))
         return torch.cat(y_parts, dim=1)
 
-    def table_index(self, idx_raw: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
-        """Exact integer table index: clip(idx_raw - k_q, 0, L-1); ``rate`` is (B,) long, one rate point
-        per image, or (B,1,h,w), one per latent cell (a background coded coarser than the ROIs)."""
-        k = self.rate_k[rate]
-        k = (k.view(-1, 1, 1, 1) if rate.dim() == 1 else k).to(idx_raw.dtype)
+    def per_rate(self, table: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
+        """A rate-point table (``rate_k`` or ``rate_delta``: (n,) or (n, M) with channel gains) at ``rate``:
+        (B,) long, one rate point per image, gives (B,1|M,1,1); (B,1,h,w), one per latent cell (a
+        background coded coarser than the ROIs), gives (B,1|M,h,w)."""
+        v = table[rate]
+        if rate.dim() == 1:
+            return v.view(rate.shape[0], -1, 1, 1)
+        return v if table.dim() == 1 else v[:, 0].movedim(-1, 1)
+
+    def table_index(self, idx_raw: torch.Tensor, rate: torch.Tensor, channels: slice = slice(None)) -> torch.Tensor:
+        """Exact integer table index: clip(idx_raw - k_q, 0, L-1) of the channels ``channels`` (a group's
+        slice: ``idx_raw`` holds those channels only); ``rate`` as in :meth:`per_rate`."""
+        k = channel_slice(self.per_rate(self.rate_k, rate), channels).to(idx_raw.dtype)
         return torch.clamp(idx_raw - k, 0, self.cfg.n_scales - 1)
 
     # ------------------------------------------------------------------ training
@@ -436,15 +456,22 @@ class ElicCodec(nn.Module):
         H = self.hyper_features(z_hat, exact=False)
         if mask is None:
             mask = torch.ones_like(y[:, :1])
-        delta = self.rate_delta[rate].view(-1, 1, 1, 1).to(y.dtype)
         slices = self.group_slices()
         bits = torch.zeros(y.shape[0], device=y.device, dtype=y.dtype)
         log_step, smin = self.cfg.log_step, self.cfg.scale_min
+        if self.rate_gain is None:
+            delta_all = self.per_rate(self.rate_delta, rate).to(y.dtype)
+            k_all = self.per_rate(self.rate_k, rate).to(y.dtype)
+        else:  # the learned offsets, rounded straight-through: training sees the released file's steps
+            k_all = (torch.tensor(self.cfg.rate_steps, dtype=y.dtype, device=y.device)[rate][:, None]
+                     + round_ste(self.rate_gain[rate])).view(*self.rate_gain[rate].shape, 1, 1)
+            delta_all = torch.exp(k_all * log_step)
 
         def step(k, _is_anchor, pos, mu, idx_raw):
             nonlocal bits
             yk = y[:, slices[k]]
-            lvl = self.table_index(idx_raw, rate)
+            delta = channel_slice(delta_all, slices[k])
+            lvl = torch.clamp(idx_raw - channel_slice(k_all, slices[k]), 0, self.cfg.n_scales - 1)
             # table lvl is the zero-mean Gaussian of std scales[lvl] over the *symbols* (y - μ)/Δ_q: the
             # offset k_q in lvl already divides σ_y by Δ_q (differentiable through the STE)
             s = smin * torch.exp(lvl * log_step)
@@ -461,6 +488,11 @@ class ElicCodec(nn.Module):
         y_hat = self.entropy_params_loop(H, step, exact=False)
         latent = self.g_s(y_hat, mask, z_hat)
         return {"latent": latent, "bits_y": bits, "bits_z": bits_z}
+
+
+def channel_slice(t: torch.Tensor, channels: slice) -> torch.Tensor:
+    """``t[:, channels]`` for a per-channel tensor (B,M,...); a per-image one (B,1,...) as it is."""
+    return t if t.shape[1] == 1 else t[:, channels]
 
 
 def _gauss_cdf(x: torch.Tensor) -> torch.Tensor:

@@ -140,9 +140,21 @@ def _entropy_graph(codec: LatentCodec):
     zdelta = g.op("Reshape", [g.op("Gather", [g.const(m.rate_zdelta.numpy().astype(np.float64)), rate], axis=0),
                               g.const(np.array([1, 1, 1, 1], dtype=np.int64))])
     z = g.op("Mul", [g.op("Cast", ["z_sym"], to=TensorProto.DOUBLE), zdelta])
-    # each cell's step and table offset: Gather over the (1,1,h,w) rate map keeps its shape
-    delta = g.op("Gather", [g.const(m.rate_delta.numpy().astype(np.float64)), "rate_map"], axis=0)
-    kq = g.op("Gather", [g.const(m.rate_k.numpy().astype(np.float64)), "rate_map"], axis=0)
+    # each cell's step and table offset: Gather over the (1,1,h,w) rate map keeps its shape; with channel
+    # gains the tables are (n, M): (1,1,h,w,M) -> (1,M,h,w), then each group takes its channels
+    def per_cell(table: torch.Tensor) -> str:
+        v = g.op("Gather", [g.const(table.numpy().astype(np.float64)), "rate_map"], axis=0)
+        if table.dim() == 1:
+            return v
+        return g.op("Transpose", [g.op("Squeeze", [v, g.const(np.array([1], np.int64))])], perm=[0, 3, 1, 2])
+
+    def group_part(v: str, table: torch.Tensor, start: int, c: int) -> str:
+        if table.dim() == 1:
+            return v
+        return g.op("Slice", [v, g.const(np.array([start], np.int64)), g.const(np.array([start + c], np.int64)),
+                              g.const(np.array([1], np.int64))])
+
+    delta_all, kq_all = per_cell(m.rate_delta), per_cell(m.rate_k)
     H = g.qseq(m.h_s, g.quantize_input(z, 1.0))
     shape_hw = g.op("Slice", [g.op("Shape", [y]), g.const(np.array([2], np.int64)), g.const(np.array([4], np.int64))])
     codes_prev: list[str] = []
@@ -151,6 +163,7 @@ def _entropy_graph(codec: LatentCodec):
     for k, c in enumerate(cfg.groups):
         yk = g.op("Slice", [y, g.const(np.array([start], np.int64)), g.const(np.array([start + c], np.int64)),
                             g.const(np.array([1], np.int64))])
+        delta, kq = group_part(delta_all, m.rate_delta, start, c), group_part(kq_all, m.rate_k, start, c)
         start += c
         ctx = [H]
         if k > 0:
@@ -245,7 +258,7 @@ def export_edge_bundle(codec: LatentCodec, out_dir: Path | str) -> Path:
         "codec": codec.codec_name, "codec_id": codec.codec_id, "weights_hash": codec.weights_hash.hex(),
         "latent_space": codec.latent_space_spec, "latent_space_id": codec.latent_space_id,
         "groups": list(cfg.groups), "M": cfg.M, "Nz": cfg.Nz, "n_rates": codec.n_rates,
-        "rate_delta": [float(v) for v in codec.model.rate_delta],
+        "rate_delta": codec.model.rate_delta.tolist(),  # (n,) or, with channel gains, (n, M)
         "rate_zdelta": [float(v) for v in codec.model.rate_zdelta], "files": files,
         "analysis_halo": analysis_halo(cfg),  # cells around a crop for exact g_a on its inside (edge/change.py)
     }

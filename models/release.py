@@ -38,6 +38,7 @@ def release_codec(checkpoint: str | Path, out: str | Path, *, rate_points: Seque
     c = dict(state["codec"])
     model = ElicCodec(ElicConfig.from_dict(c))
     model.load_state_dict(state["model"])
+    model.reset_rate_points()  # the configured steps, with channel gains rounded into them
     train_cfg = {k: v for k, v in (state.get("train") or {}).items() if k not in MACHINE_KEYS}
     meta = {"train": train_cfg, "step": state.get("step"), "latent_var": state.get("latent_var")}
     if rate_points is not None:
@@ -51,7 +52,7 @@ def release_codec(checkpoint: str | Path, out: str | Path, *, rate_points: Seque
         from .training import calibrate_table_offsets, calibration_images
 
         codec = LatentCodec.from_file(out)
-        meta["table_offsets_calibrated"] = calibrate_table_offsets(codec, calibration_images())
+        meta["table_offset_shifts"] = calibrate_table_offsets(codec, calibration_images())
         LatentCodec.save(codec.model, out, latent_space=space, meta=meta)
     weights_hash = LatentCodec.from_file(out).weights_hash
     log.info("released %s as %s (weights hash %s)", checkpoint, out, weights_hash.hex())

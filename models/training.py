@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,6 +68,8 @@ class TrainConfig:
     overrides: dict = field(default_factory=dict)  # ElicConfig field overrides, e.g. {"N": 64}
     init: str = ""  # start a new run from a released codec weight file (e.g. to train the shipped weights longer)
     mask_fraction: float = 0.0  # stage I: share of crops with 0-50 % of y masked (g_s keeps learning ROI-only)
+    channel_gains: bool = False  # learn per-rate-point channel offsets (gain units; ElicConfig.channel_gains)
+    gain_lr: float = 5e-3  # Adam learning rate of the channel offsets (in table steps, so larger than lr)
 
     def codec_config(self) -> ElicConfig:
         import dataclasses
@@ -74,7 +77,8 @@ class TrainConfig:
         base = CONFIGS.get(self.model)
         if base is None:
             raise ValueError(f"unknown model {self.model!r} (valid: {', '.join(CONFIGS)})")
-        return dataclasses.replace(base, **self.overrides)
+        cfg = dataclasses.replace(base, **self.overrides)
+        return dataclasses.replace(cfg, channel_gains=True) if self.channel_gains else cfg
 
 
 TRAIN_IMAGE_DIRS = ("photos", "samples", "extra")  # folders of ../shared/data/images that training may read
@@ -240,9 +244,11 @@ def load_init(model: ElicCodec, sd: dict[str, torch.Tensor]) -> list[str]:
     sliced, missing = [], []
     n_file_priors = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("prior_z.")), default=-1)
     for name, dst in own.items():
-        if name.startswith("rate_") or name.rsplit(".", 1)[-1] in _FROZEN_FORM:
+        if (name.startswith("rate_") and name != "rate_gain") or name.rsplit(".", 1)[-1] in _FROZEN_FORM:
             continue
         src = sd.get(name)
+        if src is None and name == "rate_gain":
+            continue  # a file without channel gains: they start at 0 (every channel at the rate point's step)
         if src is None and name.startswith("prior_z.") and n_file_priors:
             # a rate point the file lacks (e.g. a finer one added for training) starts from the file's last z prior
             parts = name.split(".")
@@ -320,14 +326,22 @@ def train(cfg: TrainConfig) -> Path:
             p.requires_grad_(stage == 1)
         for p in model.g_s.parameters():
             p.requires_grad_(True)
-        return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+        gains = [model.rate_gain] if model.rate_gain is not None and stage == 1 else []
+        rest = [p for p in model.parameters() if p.requires_grad and all(p is not g for g in gains)]
+        groups = [{"params": rest, "lr_scale": 1.0}]
+        if gains:
+            groups.append({"params": gains, "lr_scale": cfg.gain_lr / cfg.lr})
+        return torch.optim.Adam(groups, lr=cfg.lr)
 
     stage = 1 if step < cfg.stage1_steps else 2
     opt = make_opt(stage)
     if state is not None and state.get("stage") == stage:
         opt.load_state_dict(state["opt"])
     pbar = tqdm(total=total, initial=step, desc=f"stage {stage}", unit="step", mininterval=10)
-    lam = torch.tensor([cfg.lam], dtype=torch.float32) / model.rate_delta.float() ** 2
+    # λ_q = λ / Δ_q² with the rate point's own step (channel gains only move bits between channels)
+    base_delta = model.rate_delta if model.rate_delta.dim() == 1 else model.rate_delta.new_tensor(
+        [math.exp(k * ccfg.log_step) for k in ccfg.rate_steps])
+    lam = torch.tensor([cfg.lam], dtype=torch.float32) / base_delta.float() ** 2
     n_r = model.n_rates
     run = {"bpp": np.zeros(n_r), "mse": np.zeros(n_r), "n": np.zeros(n_r)}
     t0 = time.time()
@@ -340,7 +354,7 @@ def train(cfg: TrainConfig) -> Path:
         stage_len = cfg.stage1_steps if stage == 1 else cfg.stage2_steps
         lr = cfg.lr * (0.5 if step - stage_start >= 0.8 * stage_len else 1.0)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         x, target = crops.batch(cfg.batch)
         rate = torch.from_numpy(rng.integers(0, model.n_rates, cfg.batch))
         mask = None
@@ -401,33 +415,37 @@ def _code_lengths(tables, idx_tab: np.ndarray, sym: np.ndarray) -> float:
 
 @torch.no_grad()
 def calibrate_table_offsets(codec, images: list[np.ndarray], *, search: int = 48) -> list[int]:
-    """Choose each rate point's table offset k_q (``table = clip(l - k_q)``) to minimize the real code
-    length on training images. Only the choice of probability table changes: symbols and
-    reconstructions do not depend on k_q. Returns the new offsets (also set on the model)."""
+    """Shift each rate point's table offsets k_q (``table = clip(l - k_q)``; with channel gains, all of
+    the rate point's channels together) to minimize the real code length on training images. Only the
+    choice of probability table changes: symbols and reconstructions do not depend on k_q. Returns the
+    shifts applied (0 = the trained offsets were best); the model's offsets are updated."""
     m = codec.model
     n_rates = m.n_rates
-    samples = []  # per rate: list of (idx_raw, sym) arrays at the coded positions
+    samples = []  # per rate: list of (idx_raw, sym) arrays (M,h,w) at the coded positions
     analyzed = [codec.analyze(img) for img in images]
     for q in range(n_rates):
         per = []
         for y, z in analyzed:
             tx = np.ones(y.shape[1:], dtype=bool)
             sym, raw = codec.encode_symbols(y, codec.z_symbols(z, q), rate_point=q, tx_mask=tx, raw_index=True)
-            per.append((raw.ravel(), sym.ravel()))
+            per.append((raw, sym))
         samples.append(per)
-    new_k = []
+    shifts = []
     L = m.cfg.n_scales
+    new_k = m.rate_k.clone()
     for q in range(n_rates):
-        k0 = int(m.rate_k[q])
+        k0 = m.rate_k[q].numpy().reshape(-1, 1, 1)  # (1,1,1) or (M,1,1)
         best = None
-        for k in range(k0 - search, k0 + search + 1):
-            bits = sum(_code_lengths(codec.y_tables, np.clip(raw - k, 0, L - 1), sym) for raw, sym in samples[q])
+        for shift in range(-search, search + 1):
+            bits = sum(_code_lengths(codec.y_tables, np.clip(raw - (k0 + shift), 0, L - 1).ravel(), sym.ravel())
+                       for raw, sym in samples[q])
             if best is None or bits < best[0]:
-                best = (bits, k)
-        log.info("rate point %d: table offset %d -> %d", q, k0, best[1])
-        new_k.append(best[1])
-    m.rate_k.copy_(torch.tensor(new_k, dtype=torch.int64))
-    return new_k
+                best = (bits, shift)
+        log.info("rate point %d: table offsets shifted by %+d", q, best[1])
+        shifts.append(best[1])
+        new_k[q] += best[1]
+    m.rate_k.copy_(new_k)
+    return shifts
 
 
 def calibration_images(n: int = 8, size: int = 512) -> list[np.ndarray]:

@@ -26,8 +26,8 @@ from .entropy import SymbolDecoder, SymbolEncoder, TableSet
 from .grid import anchor_mask, coded_cells
 from .temporal import TemporalInfo
 
-__all__ = ["coding_steps", "quantize_z", "check_frame", "parse_background", "describe_levels", "FrameCompressor",
-           "LatentEncoder", "LatentDecoder"]
+__all__ = ["coding_steps", "rate_steps_of", "quantize_z", "check_frame", "parse_background", "describe_levels",
+           "FrameCompressor", "LatentEncoder", "LatentDecoder"]
 
 BACKGROUND_NONE = "none"  # the background level of ROI-only packets: the cloud fills it from the hyperprior
 
@@ -60,6 +60,18 @@ def describe_levels(header: PacketHeader) -> dict:
 def quantize_z(z: np.ndarray, step: float) -> np.ndarray:
     """The encoder's choice of hyper-latent symbols: ``floor(z / step + 1/2)`` (int64)."""
     return np.floor(np.asarray(z, dtype=np.float64) / step + 0.5).astype(np.int64)
+
+
+def rate_steps_of(table) -> list[float] | list[np.ndarray]:
+    """Each rate point's quantization step from a codec's ``rate_delta`` table (a weight file's tensor or
+    an edge manifest's list): (n,) gives floats, (n, M) (channel gains) gives (M,1,1) float64 arrays that
+    broadcast over a latent (M,h,w)."""
+    t = np.asarray(table, dtype=np.float64)
+    if t.ndim == 1:
+        return [float(d) for d in t]
+    if t.ndim != 2:
+        raise ValueError(f"rate_delta table has shape {t.shape}: expected (rate points,) or (rate points, M)")
+    return [row.reshape(-1, 1, 1).copy() for row in t]
 
 
 def coding_steps(groups: Sequence[int]) -> list[tuple[int, slice, bool]]:
@@ -193,7 +205,7 @@ class FrameCompressor:
 
     n_rates: int
     M: int  # latent channels
-    rate_deltas: Sequence[float]  # quantization step Δ_q of each rate point
+    rate_deltas: Sequence[float] | Sequence[np.ndarray]  # Δ_q of each rate point ((M,1,1) with channel gains)
     y_tables: TableSet  # the Gaussian tables of y (temporal P frames use them too)
     _enc: LatentEncoder
 

@@ -33,23 +33,51 @@ def shared_or_skip() -> Path:
         pytest.skip(str(exc))
 
 
-@pytest.fixture(scope="session")
-def tiny_codec_path(tmp_path_factory) -> Path:
-    """A tiny, randomly initialised (seed 0), frozen codec weight file."""
+def _write_tiny_codec(folder: Path, *, channel_gains: bool = False) -> Path:
+    """A tiny, randomly initialised (seed 0), frozen codec weight file; with ``channel_gains``, each rate
+    point's channels get random offsets in -6..6 table steps."""
     torch = pytest.importorskip("torch")
     from latentcast.models.codec import LatentCodec
     from latentcast.models.elic import CONFIGS, ElicCodec
 
     torch.manual_seed(0)
     cfg = dataclasses.replace(CONFIGS["lite"], N=32, M=64, groups=(16, 16, 32), Nz=16, Nh=32, ctx=16, ep=32,
-                              gs_width=32, gs_blocks=1)
+                              gs_width=32, gs_blocks=1, channel_gains=channel_gains)
     model = ElicCodec(cfg)
     with torch.no_grad():  # spread the random entropy parameters over many tables and means
         for seq in model.ep:
             seq[-1].conv.weight.mul_(40.0)
-    path = tmp_path_factory.mktemp("codec") / "tiny.safetensors"
+        if channel_gains:
+            model.rate_gain.copy_(torch.randint(-6, 7, model.rate_gain.shape) + 0.3)
+            model.reset_rate_points()
+    path = folder / ("tiny-gains.safetensors" if channel_gains else "tiny.safetensors")
     LatentCodec.save(model, path, latent_space="pixels:4")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_codec_path(tmp_path_factory) -> Path:
+    """A tiny, randomly initialised (seed 0), frozen codec weight file."""
+    return _write_tiny_codec(tmp_path_factory.mktemp("codec"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gain_codec(tmp_path_factory):
+    """The tiny codec with per-rate-point channel gains (``ElicConfig.channel_gains``)."""
+    from latentcast.models.codec import LatentCodec
+
+    return LatentCodec.from_file(_write_tiny_codec(tmp_path_factory.mktemp("codec"), channel_gains=True))
+
+
+@pytest.fixture(scope="session")
+def tiny_gain_bundle(tiny_gain_codec, tmp_path_factory) -> Path:
+    from latentcast.models.export import export_edge_bundle
+
+    out = tmp_path_factory.mktemp("gain-bundle")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_edge_bundle(tiny_gain_codec, out)
+    return out
 
 
 @pytest.fixture(scope="session")

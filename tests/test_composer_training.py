@@ -178,7 +178,9 @@ def test_resume_refuses_another_model(run, tiny_codec_path):
         train_composer(dataclasses.replace(cfg, crop=96))
 
 
-def test_codec_latent_is_what_the_cloud_decodes(tiny_codec):
+@pytest.mark.parametrize("which", ["tiny_codec", "tiny_gain_codec"])
+def test_codec_latent_is_what_the_cloud_decodes(which, request):
+    tiny_codec = request.getfixturevalue(which)
     img = _image(np.random.default_rng(2), 128, 64)
     x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
     for rois in ([], [Roi(x0=16, y0=16, x1=70, y1=60)]):

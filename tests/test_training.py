@@ -55,6 +55,29 @@ def test_train_resume_release(tmp_path, tiny_sources):
     assert main(["release", "codec", str(ckpt), "--out", str(sub), "--rate-points", "3,1"]) == 2
 
 
+def test_channel_gains_train_release_and_code(tmp_path, tiny_sources):
+    """--channel-gains: the offsets learn (their own learning rate), the release rounds them into per-channel
+    steps and table offsets (calibration shifts a rate point's channels together), and frames round-trip."""
+    over = {"N": 16, "M": 32, "groups": (16, 16), "Nz": 8, "Nh": 16, "ctx": 8, "ep": 16, "gs_width": 16, "gs_blocks": 1}
+    cfg = training.TrainConfig(out=str(tmp_path / "run"), cache=str(tmp_path / "cache"), stage1_steps=4,
+                               stage2_steps=1, batch=2, crop=128, checkpoint_every=2, overrides=over,
+                               channel_gains=True, gain_lr=0.7)
+    ckpt = training.train(cfg)
+    gains = torch.load(ckpt, weights_only=False)["model"]["rate_gain"]
+    assert gains.shape == (4, 32) and (gains.round() != 0).any()
+    out = tmp_path / "g.safetensors"
+    assert main(["release", "codec", str(ckpt), "--out", str(out)]) == 0
+    codec = LatentCodec.from_file(out)
+    shifts = torch.tensor(codec.meta["table_offset_shifts"])[:, None]
+    k_cfg = torch.tensor(codec.cfg.rate_steps)[:, None]
+    assert torch.equal(codec.model.rate_k, k_cfg + gains.round().long() + shifts)
+    expect = torch.round(torch.exp((k_cfg + gains.round().double()) * codec.cfg.log_step) * 256) / 256
+    assert torch.equal(codec.model.rate_delta, expect)
+    img = cv2.imread(str(tiny_sources[0][1]))[:, :, ::-1].copy()
+    for q in range(codec.n_rates):
+        assert codec.decompress(codec.compress(img, rate_point=q)).frame.shape == img.shape
+
+
 def test_init_slices_a_wider_codec_and_resets_rate_points():
     from latentcast.models.elic import CONFIGS, ElicCodec
 
@@ -72,9 +95,12 @@ def test_init_slices_a_wider_codec_and_resets_rate_points():
         training.load_init(wide, narrow.state_dict())
 
 
-def test_rate_proxy_matches_the_real_code_length(tiny_codec):
+@pytest.mark.parametrize("which", ["tiny_codec", "tiny_gain_codec"])
+def test_rate_proxy_matches_the_real_code_length(which, request):
     """The training rate (rounded symbols under the Gaussian of the table the coder will use) is the
-    ideal code length of the real symbols under the real integer tables, at every rate point."""
+    ideal code length of the real symbols under the real integer tables, at every rate point (with
+    channel gains too: every channel its own step and table)."""
+    tiny_codec = request.getfixturevalue(which)
     rng = np.random.default_rng(1)
     img = cv2.resize(rng.integers(0, 255, (16, 16, 3)).astype(np.uint8), (128, 128), interpolation=cv2.INTER_CUBIC)
     model = tiny_codec.model
@@ -83,7 +109,7 @@ def test_rate_proxy_matches_the_real_code_length(tiny_codec):
     for q in range(model.n_rates):
         sym, raw = tiny_codec.encode_symbols(y, tiny_codec.z_symbols(z, q), rate_point=q,
                                              tx_mask=np.ones(y.shape[1:], bool), raw_index=True)
-        idx = np.clip(raw - int(model.rate_k[q]), 0, model.cfg.n_scales - 1)
+        idx = np.clip(raw - model.rate_k[q].numpy().reshape(-1, 1, 1), 0, model.cfg.n_scales - 1)
         real = training._code_lengths(tiny_codec.y_tables, idx, sym)
         with torch.no_grad():
             proxy = float(model(x, rate=torch.tensor([q]))["bits_y"])
