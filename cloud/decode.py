@@ -45,11 +45,12 @@ from latentcast.proto.bitstream import (
     CRC_BYTES,
     MAGIC,
     MAX_PACKET_BYTES,
-    MIN_PACKET_BYTES,
+    MIN_COMPACT_PACKET_BYTES,
     VERSIONS,
     BitstreamError,
     Packet,
     SectionKind,
+    StreamContext,
 )
 from latentcast.proto.ids import CODEC_IDS, codec_name
 from latentcast.proto.temporal import TemporalError, TemporalInfo
@@ -89,7 +90,7 @@ def classify_parse_error(exc: BitstreamError, data: bytes | memoryview) -> str:
     its bytes, else ``malformed_packet``."""
     mv = memoryview(data)
     n = mv.nbytes
-    if n >= MIN_PACKET_BYTES and bytes(mv[:4]) == MAGIC and mv[4] in VERSIONS:
+    if n >= MIN_COMPACT_PACKET_BYTES and bytes(mv[:4]) == MAGIC and mv[4] in VERSIONS:
         stored = int.from_bytes(mv[n - CRC_BYTES:], "little")
         if stored != zlib.crc32(mv[: n - CRC_BYTES]):
             return "checksum_mismatch"
@@ -164,9 +165,16 @@ class LatentcastDecoder(Decoder):
         return validate_header(header, codec_id=self.codec.codec_id, weights_hash=self.codec.weights_hash,
                                config=config)
 
+    def stream_context(self, spec: SessionSpec) -> StreamContext:
+        """What a compact P frame of this session leaves out: the cloud's codec and the session's frame size
+        and label set (a packet that meant another stream fails its symbol checksum)."""
+        c = self.codec
+        return StreamContext(codec_id=c.codec_id, weights_hash=c.weights_hash, latent_space_id=c.latent_space_id,
+                             width=spec.width, height=spec.height, label_set_hash=spec.label_set_hash)
+
     def admit(self, data: bytes, spec: SessionSpec) -> Packet:
         try:
-            return Packet.from_bytes(data, max_packet_bytes=self.max_packet_bytes)
+            return Packet.from_bytes(data, max_packet_bytes=self.max_packet_bytes, stream=self.stream_context(spec))
         except BitstreamError as exc:
             code = classify_parse_error(exc, data)
             if code == "checksum_mismatch":
@@ -244,7 +252,8 @@ class LatentcastDecoder(Decoder):
         packet = job.packet
         if not isinstance(packet, Packet):
             try:
-                packet = Packet.from_bytes(packet, max_packet_bytes=self.max_packet_bytes)
+                packet = Packet.from_bytes(packet, max_packet_bytes=self.max_packet_bytes,
+                                           stream=self.stream_context(job.spec))
             except BitstreamError as exc:
                 return FrameFailure(job=job, code=classify_parse_error(exc, job.packet), message=str(exc))
         failure = self.check(job, packet)

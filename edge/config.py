@@ -175,6 +175,7 @@ class TemporalConfig:
     target_kbps: float = 0.0  # rate control target (0: off): picks rate point, threshold, keyframe cost and period
     change_threshold: float = 8.0  # P frames: g_a only on 16x16 cells that changed by more (mean grey levels; 0: all)
     tables: str = ""  # P-frame entropy tables; "" = models/weights/<codec>-temporal.safetensors next to the bundle
+    compact_p: bool = True  # P frames in the compact container (LCF v3: 26 bytes of header, not 61); off for old clouds
 
     def __post_init__(self) -> None:
         _check_choice("temporal.mode", self.mode, _TEMPORAL_MODES)

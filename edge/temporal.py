@@ -157,7 +157,7 @@ class TemporalEncoder:
             yb, crc = encode_p(self.state, modes, sym, tables=self.tables, y_tables=self.compressor.y_tables,
                                rate_point=rate_point, bg_rate_point=c.bg_rate_point)
             data = self.compressor.p_packet(width=w, height=h, rate_point=rate_point, y_bytes=yb, crc=crc,
-                                            temporal=info, label_set_hash=label_set_hash)
+                                            temporal=info, label_set_hash=label_set_hash, compact=c.compact_p)
             self.state.apply(modes, sym, step=self.steps[rate_point], bg_step=self.steps[c.bg_rate_point],
                              frame_id=fid)
             self._since_key += 1

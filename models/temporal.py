@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latentcast.proto.bitstream import Packet, SectionKind
+from latentcast.proto.bitstream import MAGIC, VERSION_COMPACT_P, Packet, SectionKind, StreamContext
 from latentcast.proto.regions import SYNTHESIS_GROW, SYNTHESIS_HALO, change_regions
 from latentcast.proto.temporal import (
     BGCODE,
@@ -106,6 +106,7 @@ class TemporalDecoder:
         self._z: torch.Tensor | None = None
         self._gz: torch.Tensor | None = None  # M(ẑ) of the keyframe, on the y grid
         self._size: tuple[int, int] | None = None
+        self._stream: StreamContext | None = None  # the held keyframe's identity: what compact P frames leave out
         self.last_coded: np.ndarray | None = None  # (h, w) cells coded in the last packet
         self.counts = {"key": 0, "p": 0, "missing_reference": 0, "render_whole": 0, "render_tiled": 0,
                        "render_cells": 0}
@@ -115,9 +116,20 @@ class TemporalDecoder:
         self._rendered: _Rendered | None = None
         self._render_lock = threading.Lock()
 
+    def parse(self, data: Packet | bytes) -> Packet:
+        """The packet of ``data``; a compact P frame is read in the held keyframe's context (MissingReference
+        before any keyframe)."""
+        if isinstance(data, Packet):
+            return data
+        mv = memoryview(data)
+        if self._stream is None and mv.nbytes > 4 and bytes(mv[:4]) == MAGIC and mv[4] == VERSION_COMPACT_P:
+            self.counts["missing_reference"] += 1
+            raise MissingReference("a compact P frame arrived and no keyframe has been decoded")
+        return Packet.from_bytes(data, stream=self._stream)
+
     def decode_state(self, packet: Packet | bytes) -> tuple[TemporalInfo, np.ndarray]:
         """Advance the stream's state by one packet; returns its T info and the cells coded in it."""
-        packet = packet if isinstance(packet, Packet) else Packet.from_bytes(packet)
+        packet = self.parse(packet)
         info = TemporalInfo.from_bytes(packet.sections[SectionKind.T])
         hd = packet.header
         if info.is_key:
@@ -126,6 +138,7 @@ class TemporalDecoder:
             with torch.no_grad():
                 gz = self.codec.model.g_s.global_features(z_t.float())
             self._z, self._gz, self._size = z_t, gz, (hd.width, hd.height)
+            self._stream = StreamContext.of(hd)
             self._frame_no += 1
             self._key_no = self._frame_no
             self._changed.clear()
@@ -169,7 +182,7 @@ class TemporalDecoder:
         later and elsewhere (the cloud's worker threads; renders of one stream take turns, and one that
         comes after a later frame's is rendered whole). ``Reconstruction.mask`` is all cells: every
         cell of the state was transmitted at some point (:attr:`last_coded`: the cells of this packet)."""
-        packet = data if isinstance(data, Packet) else Packet.from_bytes(data)
+        packet = self.parse(data)
         _, self.last_coded = self.decode_state(packet)
         every = np.ones(self.last_coded.shape, dtype=bool)
         y, (w, h), codec = self.state.y.copy(), self._size, self.codec

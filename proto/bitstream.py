@@ -49,7 +49,34 @@ A writer emits version 1 for every packet without a background (so those bytes a
 exactly what v1 writers made) and version 2 only for packets with one; readers accept
 both.
 
-Parsing order: packet length (against ``max_packet_bytes`` and the 42-byte minimum),
+Version 3 is the compact form of a temporal P frame (``Packet.compact``). Everything a
+P frame shares with its stream's keyframe (codec, weights, latent space, frame size,
+label set) is left out, and so is the section table: a P frame always has exactly a T
+and a Y section, and the T section's reference is the previous frame. 26 bytes of
+container instead of 61::
+
+    offset  field
+    0       magic            4 bytes  b"LCF\x00"
+    4       version          u8       = 3
+    5       flags            u8       = 0x01 (roi_only; other bits must be 0)
+    6       rate_point       u8       of the P frame's coded cells (0..254)
+    7       bg_rate_point    u8       of its background updates (0..254)
+    8       frame_id         u32      this frame; it is predicted from frame_id - 1 (mod 2**32)
+    12      key_id           u32      the keyframe whose background it uses
+    16      symbol_crc       u32
+    20      n_rois           u16      0..MAX_ROIS
+    22      ROI table        n_rois x 12 bytes, as in version 1
+    ...     Y payload        every byte up to the CRC
+    end-4   crc32            u32
+
+A reader needs the stream's :class:`StreamContext` (its keyframe's identity) to turn a
+compact packet into a :class:`Packet`; without it, parsing refuses with a
+:class:`BitstreamError` that says so. The parsed packet is the same :class:`Packet` a
+version 1 P frame gives (its T section rebuilt), with ``compact`` set so that it writes
+back to the same bytes.
+
+Parsing order: packet length (against ``max_packet_bytes`` and the 26-byte minimum;
+42 bytes for versions 1 and 2),
 magic, version, CRC32, then the fields in layout order. Every count and length is
 checked against its maximum and against the bytes actually remaining before anything
 is sliced or allocated, so a hostile packet costs at most O(len(data)) work and memory.
@@ -78,6 +105,7 @@ __all__ = [
     "MAGIC",
     "VERSION",
     "VERSIONS",
+    "VERSION_COMPACT_P",
     "MAX_ROIS",
     "MAX_SECTIONS",
     "MAX_SECTION_BYTES",
@@ -89,6 +117,10 @@ __all__ = [
     "SECTION_ENTRY_BYTES",
     "CRC_BYTES",
     "MIN_PACKET_BYTES",
+    "COMPACT_HEADER_BYTES",
+    "MIN_COMPACT_PACKET_BYTES",
+    "T_SECTION",
+    "StreamContext",
     "FLAG_ROI_ONLY",
     "BitstreamError",
     "SectionKind",
@@ -101,8 +133,9 @@ __all__ = [
 ]
 
 MAGIC = b"LCF\x00"
-VERSION = 2  # the newest version this module reads and writes
-VERSIONS = (1, 2)  # every version it reads
+VERSION = 3  # the newest version this module reads and writes
+VERSIONS = (1, 2, 3)  # every version it reads
+VERSION_COMPACT_P = 3  # the compact temporal P frame
 MAX_ROIS = 1024
 MAX_SECTIONS = 16
 MAX_SECTION_BYTES = 64 * 1024 * 1024
@@ -121,13 +154,21 @@ _ROI = struct.Struct("<HHHHHBB")
 _SECTION = struct.Struct("<BI")
 _CRC = struct.Struct("<I")
 _V2_EXTRA = struct.Struct("<B")  # version 2: bg_rate_point after the fixed header
+_COMPACT = struct.Struct("<4sBBBBIIIH")  # version 3: the compact P frame's header
+#: The T (temporal) section's payload: kind u8, frame_id u32, ref_id u32, key_id u32, bg_rate_point u8
+#: (``proto.temporal.TemporalInfo``). Version 3 rebuilds it from its own fields.
+T_SECTION = struct.Struct("<BIIIB")
+_T_KIND_P = 1
 
 HEADER_BYTES = _HEADER.size  # 33
 ROI_ENTRY_BYTES = _ROI.size  # 12
 SECTION_ENTRY_BYTES = _SECTION.size  # 5
 CRC_BYTES = _CRC.size  # 4
-#: Fixed header + one section table entry + CRC trailer.
+#: Fixed header + one section table entry + CRC trailer (versions 1 and 2).
 MIN_PACKET_BYTES = HEADER_BYTES + SECTION_ENTRY_BYTES + CRC_BYTES  # 42
+COMPACT_HEADER_BYTES = _COMPACT.size  # 22
+#: The shortest packet of any version: a compact P frame without ROIs and with an empty Y section.
+MIN_COMPACT_PACKET_BYTES = COMPACT_HEADER_BYTES + CRC_BYTES  # 26
 
 _U8 = 0xFF
 _U16 = 0xFFFF
@@ -136,7 +177,7 @@ _MAX_RATE_POINT = 254
 _WEIGHTS_HASH_BYTES = 8
 _LABEL_SET_HASH_BYTES = 4
 
-assert HEADER_BYTES == 33 and ROI_ENTRY_BYTES == 12 and SECTION_ENTRY_BYTES == 5
+assert HEADER_BYTES == 33 and ROI_ENTRY_BYTES == 12 and SECTION_ENTRY_BYTES == 5 and COMPACT_HEADER_BYTES == 22
 
 
 class BitstreamError(ValueError):
@@ -328,6 +369,24 @@ class PacketHeader:
         return FLAG_ROI_ONLY if self.roi_only else 0
 
 
+@dataclass(frozen=True, kw_only=True)
+class StreamContext:
+    """What a compact P frame (version 3) leaves out: the identity its stream's keyframe carries."""
+
+    codec_id: int
+    weights_hash: bytes
+    latent_space_id: int
+    width: int
+    height: int
+    label_set_hash: bytes = b"\0\0\0\0"
+
+    @classmethod
+    def of(cls, header: PacketHeader) -> StreamContext:
+        """The context of the stream a packet with ``header`` (e.g. its keyframe) belongs to."""
+        return cls(codec_id=header.codec_id, weights_hash=header.weights_hash, latent_space_id=header.latent_space_id,
+                   width=header.width, height=header.height, label_set_hash=header.label_set_hash)
+
+
 def _normalize_sections(sections: Any) -> dict[SectionKind, bytes]:
     if not isinstance(sections, Mapping):
         raise _err(f"sections must be a mapping SectionKind -> bytes, got {type(sections).__name__}")
@@ -350,6 +409,7 @@ class Packet:
 
     header: PacketHeader
     sections: dict[SectionKind, bytes] = field(default_factory=dict)
+    compact: bool = False  # written as a compact P frame (version 3); needs exactly a P frame's T and Y sections
 
     def __post_init__(self) -> None:
         self.sections = self.validate()
@@ -363,12 +423,24 @@ class Packet:
         if not isinstance(self.header, PacketHeader):
             raise _err(f"header must be a PacketHeader, got {type(self.header).__name__}")
         self.header.validate()
-        return _normalize_sections(self.sections)
+        sections = _normalize_sections(self.sections)
+        self.compact = _check_bool("compact", self.compact)
+        if self.compact:
+            _compact_fields(self.header, sections)
+        return sections
 
     def to_bytes(self) -> bytes:
         """Serialise; validates first and raises BitstreamError on an invalid packet."""
         sections = self.validate()
         h = self.header
+        if self.compact:
+            frame_id, key_id, bg = _compact_fields(h, sections)
+            parts = [_COMPACT.pack(MAGIC, VERSION_COMPACT_P, h.flags, h.rate_point, bg, frame_id, key_id, h.symbol_crc,
+                                   len(h.rois))]
+            parts.extend(_ROI.pack(r.x0, r.y0, r.x1, r.y1, r.label_id, r.score_u8, 0) for r in h.rois)
+            parts.append(sections[SectionKind.Y])
+            body = b"".join(parts)
+            return body + _CRC.pack(zlib.crc32(body) & _U32)
         parts = [
             _HEADER.pack(
                 MAGIC,
@@ -398,9 +470,31 @@ class Packet:
         return body + _CRC.pack(zlib.crc32(body) & _U32)
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, max_packet_bytes: int = MAX_PACKET_BYTES) -> Packet:
-        """Parse and validate one packet; every rejection raises BitstreamError."""
-        return _parse(data, max_packet_bytes)
+    def from_bytes(cls, data: bytes, *, max_packet_bytes: int = MAX_PACKET_BYTES,
+                   stream: StreamContext | None = None) -> Packet:
+        """Parse and validate one packet; every rejection raises BitstreamError. ``stream``: the context a
+        compact P frame (version 3) is read in (other versions carry their own and ignore it)."""
+        return _parse(data, max_packet_bytes, stream)
+
+
+def _compact_fields(h: PacketHeader, sections: dict[SectionKind, bytes]) -> tuple[int, int, int]:
+    """(frame_id, key_id, bg_rate_point) of a packet that can be written compact, else BitstreamError."""
+    why = None
+    if set(sections) != {SectionKind.T, SectionKind.Y}:
+        why = f"its sections are {'+'.join(k.name for k in sections)}, not exactly T+Y"
+    elif not h.roi_only or h.bg_rate_point is not None:
+        why = "a P frame is roi_only and has no header bg_rate_point"
+    elif len(sections[SectionKind.T]) != T_SECTION.size:
+        why = f"its T section is {len(sections[SectionKind.T])} bytes, not {T_SECTION.size}"
+    else:
+        kind, frame_id, ref_id, key_id, bg = T_SECTION.unpack(sections[SectionKind.T])
+        if kind != _T_KIND_P:
+            why = f"its T section is of kind {kind}, not a P frame ({_T_KIND_P})"
+        elif ref_id != (frame_id - 1) & _U32:
+            why = f"frame {frame_id} is predicted from frame {ref_id}, not from the one before it"
+        else:
+            return frame_id, key_id, bg
+    raise _err(f"packet cannot be written compact (version {VERSION_COMPACT_P}): {why}")
 
 
 # --------------------------------------------------------------------------- parsing
@@ -422,15 +516,15 @@ def _as_buffer(data: Any, max_packet_bytes: int) -> memoryview:
         raise _err(f"packet data must be bytes-like, got {type(data).__name__}") from None
     n = mv.nbytes  # no copy yet
     if n > max_packet_bytes:
-        raise _err(f"packet length {n} out of range {MIN_PACKET_BYTES}..{max_packet_bytes} (max_packet_bytes)")
-    if n < MIN_PACKET_BYTES:
-        raise _err(f"packet length {n} out of range {MIN_PACKET_BYTES}..{max_packet_bytes} (too short)")
+        raise _err(f"packet length {n} out of range {MIN_COMPACT_PACKET_BYTES}..{max_packet_bytes} (max_packet_bytes)")
+    if n < MIN_COMPACT_PACKET_BYTES:
+        raise _err(f"packet length {n} out of range {MIN_COMPACT_PACKET_BYTES}..{max_packet_bytes} (too short)")
     if not mv.c_contiguous:
         mv = memoryview(mv.tobytes())
     return mv.cast("B") if (mv.format != "B" or mv.ndim != 1) else mv
 
 
-def _parse(data: Any, max_packet_bytes: int) -> Packet:
+def _parse(data: Any, max_packet_bytes: int, stream: StreamContext | None = None) -> Packet:
     buf = _as_buffer(data, max_packet_bytes)
     total = len(buf)
 
@@ -440,7 +534,10 @@ def _parse(data: Any, max_packet_bytes: int) -> Packet:
     version = buf[4]
     if version not in VERSIONS:
         raise _err(f"version {version} out of range {VERSIONS[0]}..{VERSIONS[-1]} (unsupported LCF version)")
-    if version >= 2 and total < MIN_PACKET_BYTES + _V2_EXTRA.size:
+    if version in (1, 2) and total < MIN_PACKET_BYTES:
+        raise _err(f"packet length {total} out of range {MIN_PACKET_BYTES}..{max_packet_bytes} "
+                   f"(too short for version {version})")
+    if version == 2 and total < MIN_PACKET_BYTES + _V2_EXTRA.size:
         raise _err(f"packet length {total} out of range {MIN_PACKET_BYTES + _V2_EXTRA.size}..{max_packet_bytes} "
                    f"(too short for version {version})")
     (stored_crc,) = _CRC.unpack_from(buf, total - CRC_BYTES)
@@ -450,6 +547,8 @@ def _parse(data: Any, max_packet_bytes: int) -> Packet:
             f"crc32 0x{stored_crc:08x} does not match computed 0x{computed_crc:08x} "
             "(corrupt or truncated packet)"
         )
+    if version == VERSION_COMPACT_P:
+        return _parse_compact(buf, stream)
 
     (
         _magic,
@@ -566,6 +665,45 @@ def _parse(data: Any, max_packet_bytes: int) -> Packet:
     return Packet(header=header, sections=sections)
 
 
+def _compact_header(buf: memoryview) -> dict[str, int]:
+    """The fields of a compact P frame's header (CRC already checked), each checked."""
+    _magic, _version, flags, rate_point, bg, frame_id, key_id, symbol_crc, n_rois = _COMPACT.unpack_from(buf, 0)
+    if flags != FLAG_ROI_ONLY:
+        raise _err(f"flags 0x{flags:02x} out of range 0x01..0x01 (a compact P frame is roi_only; other bits must be 0)")
+    _check_int("rate_point", rate_point, 0, _MAX_RATE_POINT)
+    _check_int("bg_rate_point", bg, 0, _MAX_RATE_POINT)
+    _check_int("n_rois", n_rois, 0, MAX_ROIS)
+    room = len(buf) - CRC_BYTES - COMPACT_HEADER_BYTES
+    if n_rois * ROI_ENTRY_BYTES > room:
+        raise _err(f"n_rois {n_rois} out of range 0..{room // ROI_ENTRY_BYTES} (a {n_rois}-entry ROI table needs "
+                   f"{n_rois * ROI_ENTRY_BYTES} bytes, only {room} remain before the crc32)")
+    return {"rate_point": rate_point, "bg_rate_point": bg, "frame_id": frame_id, "key_id": key_id,
+            "symbol_crc": symbol_crc, "n_rois": n_rois}
+
+
+def _parse_compact(buf: memoryview, stream: StreamContext | None) -> Packet:
+    if stream is None:
+        raise _err("a compact P frame (version 3) does not name its codec or frame size: parse it with its "
+                   "stream's context (stream=StreamContext.of(the keyframe's header))")
+    if not isinstance(stream, StreamContext):
+        raise _err(f"stream must be a StreamContext, got {type(stream).__name__}")
+    f = _compact_header(buf)
+    pos, end = COMPACT_HEADER_BYTES, len(buf) - CRC_BYTES
+    rois = []
+    for i in range(f["n_rois"]):
+        x0, y0, x1, y1, label_id, score_u8, reserved = _ROI.unpack_from(buf, pos)
+        pos += ROI_ENTRY_BYTES
+        _check_roi_box(f"rois[{i}].", x0, y0, x1, y1, stream.width, stream.height)
+        _check_int(f"rois[{i}].reserved", reserved, 0, 0)
+        rois.append(Roi(x0=x0, y0=y0, x1=x1, y1=y1, label_id=label_id, score=score_u8 / 255))
+    header = PacketHeader(codec_id=stream.codec_id, weights_hash=stream.weights_hash, rate_point=f["rate_point"],
+                          latent_space_id=stream.latent_space_id, width=stream.width, height=stream.height,
+                          label_set_hash=stream.label_set_hash, symbol_crc=f["symbol_crc"], roi_only=True,
+                          rois=tuple(rois))
+    t = T_SECTION.pack(_T_KIND_P, f["frame_id"], (f["frame_id"] - 1) & _U32, f["key_id"], f["bg_rate_point"])
+    return Packet(header=header, sections={SectionKind.T: t, SectionKind.Y: bytes(buf[pos:end])}, compact=True)
+
+
 # ----------------------------------------------------------------------- module API
 
 
@@ -576,12 +714,13 @@ def pack(packet: Packet) -> bytes:
     return packet.to_bytes()
 
 
-def unpack(data: bytes, *, max_packet_bytes: int = MAX_PACKET_BYTES) -> Packet:
+def unpack(data: bytes, *, max_packet_bytes: int = MAX_PACKET_BYTES, stream: StreamContext | None = None) -> Packet:
     """Parse one packet (same as ``Packet.from_bytes``)."""
-    return _parse(data, max_packet_bytes)
+    return _parse(data, max_packet_bytes, stream)
 
 
-def describe(packet: Packet | bytes, *, max_packet_bytes: int = MAX_PACKET_BYTES) -> dict[str, Any]:
+def describe(packet: Packet | bytes, *, max_packet_bytes: int = MAX_PACKET_BYTES,
+             stream: StreamContext | None = None) -> dict[str, Any]:
     """A JSON-able summary of a packet.
 
     ``packet`` may be a :class:`Packet` (sizes are those of ``pack(packet)``) or the
@@ -589,19 +728,34 @@ def describe(packet: Packet | bytes, *, max_packet_bytes: int = MAX_PACKET_BYTES
     is everything that is not section payload: the fixed header, both tables and the
     CRC trailer, so ``header_bytes + sum(section_bytes.values()) == total_bytes``.
     ``bpp`` is ``total_bytes * 8 / (width * height)``: real bytes, headers included.
+    The bytes of a compact P frame without its ``stream`` give what the packet itself
+    says (the stream's fields and ``bpp`` are None).
     """
     if isinstance(packet, Packet):
         total = len(packet.to_bytes())
     else:
         data = packet
-        packet = _parse(data, max_packet_bytes)
+        buf = _as_buffer(data, max_packet_bytes)
+        if stream is None and len(buf) >= 5 and bytes(buf[:4]) == MAGIC and buf[4] == VERSION_COMPACT_P:
+            _parse(data, max_packet_bytes, StreamContext(codec_id=1, weights_hash=bytes(8), latent_space_id=0,
+                                                         width=MAX_DIM, height=MAX_DIM))  # every check but the stream's
+            f = _compact_header(buf)
+            total = len(buf)
+            y = total - COMPACT_HEADER_BYTES - f["n_rois"] * ROI_ENTRY_BYTES - CRC_BYTES
+            return {"format": "LCF", "version": VERSION_COMPACT_P, "compact": True, **f,
+                    "codec_id": None, "weights_hash": None, "width": None, "height": None,
+                    "section_bytes": {"Y": y}, "header_bytes": total - y, "total_bytes": total, "bpp": None}
+        packet = _parse(data, max_packet_bytes, stream)
         total = memoryview(data).nbytes
     h = packet.header
     section_bytes = {kind.name: len(payload) for kind, payload in packet.sections.items()}
+    if packet.compact:  # the T section is rebuilt from the header's fields: none of its bytes are on the wire
+        section_bytes.pop(SectionKind.T.name, None)
     header_bytes = total - sum(section_bytes.values())
     return {
         "format": "LCF",
-        "version": h.version,
+        "version": VERSION_COMPACT_P if packet.compact else h.version,
+        "compact": packet.compact,
         "flags": h.flags,
         "codec_id": h.codec_id,
         "weights_hash": h.weights_hash.hex(),

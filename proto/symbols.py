@@ -120,19 +120,20 @@ class LatentEncoder:
                           label_set_hash=label_set_hash, sections=sections, bg_rate_point=bg_rate_point)
 
     def _wrap(self, *, width: int, height: int, rois: Sequence[Roi], roi_only: bool, rate_point: int, crc: int,
-              label_set_hash: bytes, sections: dict, bg_rate_point: int | None = None) -> bytes:
+              label_set_hash: bytes, sections: dict, bg_rate_point: int | None = None, compact: bool = False) -> bytes:
         header = PacketHeader(codec_id=self.codec_id, weights_hash=self.weights_hash, rate_point=rate_point,
                               latent_space_id=self.latent_space_id, width=width, height=height,
                               label_set_hash=label_set_hash, symbol_crc=crc, roi_only=roi_only, rois=tuple(rois),
                               bg_rate_point=bg_rate_point)
-        return Packet(header=header, sections=sections).to_bytes()
+        return Packet(header=header, sections=sections, compact=compact).to_bytes()
 
     def p_packet(self, *, width: int, height: int, rate_point: int, y_bytes: bytes, crc: int, temporal: TemporalInfo,
-                 rois: Sequence[Roi] = (), label_set_hash: bytes = b"\0\0\0\0") -> bytes:
-        """A temporal P frame: the T and Y sections of ``proto.temporal.encode_p``, no Z."""
+                 rois: Sequence[Roi] = (), label_set_hash: bytes = b"\0\0\0\0", compact: bool = False) -> bytes:
+        """A temporal P frame: the T and Y sections of ``proto.temporal.encode_p``, no Z. ``compact``: in the
+        compact container (LCF version 3), which its reader parses in the stream's context."""
         return self._wrap(width=width, height=height, rois=rois, roi_only=True, rate_point=rate_point, crc=crc,
                           label_set_hash=label_set_hash, sections={SectionKind.T: temporal.to_bytes(),
-                                                                   SectionKind.Y: y_bytes})
+                                                                   SectionKind.Y: y_bytes}, compact=compact)
 
     def encode(
         self, *, z_sym: np.ndarray, y_sym: np.ndarray, y_table: np.ndarray, tx_mask: np.ndarray,

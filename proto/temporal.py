@@ -40,13 +40,13 @@ in that order.
 
 from __future__ import annotations
 
-import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .bitstream import T_SECTION as _INFO
 from .entropy import SymbolDecoder, SymbolEncoder, TableSet, quantize_pmf
 
 __all__ = [
@@ -63,7 +63,6 @@ N_MODE_CTX = 8  # fg_state x (coded here last frame) x (coded in the 3x3 neighbo
 N_GROUP_CTX = 4  # per rate point: (CODE | BGCODE) x (coded here last frame)
 N_CLASSES = 4  # classes of coded cells by the L1 norm of their residual (side information)
 N_RES_CTX = N_GROUP_CTX * N_CLASSES  # residual table contexts per rate point
-_INFO = struct.Struct("<BIIIB")
 MAX_FRAME_ID = 2**32 - 1
 
 

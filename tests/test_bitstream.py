@@ -168,10 +168,10 @@ def parse_or_reject(data) -> Packet | None:
 
 
 def test_constants_and_layout():
-    assert MAGIC == b"LCF\x00" and VERSION == 2 and bs.VERSIONS == (1, 2)
+    assert MAGIC == b"LCF\x00" and VERSION == 3 and bs.VERSIONS == (1, 2, 3)
     assert (MAX_ROIS, MAX_SECTIONS, MAX_SECTION_BYTES, MAX_DIM) == (1024, 16, 64 * MIB, 16384)
     assert (bs.HEADER_BYTES, bs.ROI_ENTRY_BYTES, bs.SECTION_ENTRY_BYTES, bs.CRC_BYTES) == (33, 12, 5, 4)
-    assert bs.MIN_PACKET_BYTES == 42
+    assert bs.MIN_PACKET_BYTES == 42 and bs.MIN_COMPACT_PACKET_BYTES == 26 and bs.COMPACT_HEADER_BYTES == 22
     assert issubclass(BitstreamError, ValueError)
     assert [(k.name, k.value) for k in SectionKind] == [("Z", 1), ("Y", 2), ("META", 3), ("T", 4)]
     for name in ("magic", "version", "flags", "codec_id", "weights_hash", "rate_point",
@@ -338,8 +338,8 @@ def test_non_bytes_input_is_bitstream_error():
 CRAFTED = [
     # (id, raw_packet kwargs, regex the message must match: field, value, valid range)
     ("magic", dict(magic=b"LCF\x01"), r"magic b'LCF\\x01' is not b'LCF\\x00'"),
-    ("version 3", dict(version=3), r"version 3 out of range 1\.\.2"),
-    ("version 0", dict(version=0), r"version 0 out of range 1\.\.2"),
+    ("version 4", dict(version=4), r"version 4 out of range 1\.\.3"),
+    ("version 0", dict(version=0), r"version 0 out of range 1\.\.3"),
     ("version 2 without roi_only", dict(version=2), r"bg_rate_point \d+ needs roi_only"),
     ("bad crc", dict(crc=0), r"crc32 0x00000000 does not match computed 0x[0-9a-f]{8}"),
     ("flags bit1", dict(flags=0x02), r"flags 0x02 out of range 0x00\.\.0x01"),
@@ -424,7 +424,9 @@ def test_raw_builder_makes_valid_packets():
 def test_short_packets():
     b = pack(simple_packet())
     for n in range(bs.MIN_PACKET_BYTES):
-        with pytest.raises(BitstreamError, match=rf"packet length {n} out of range 42\.\."):
+        # below 26 bytes no version fits; a version 1 or 2 packet needs 42
+        low = 26 if n < bs.MIN_COMPACT_PACKET_BYTES else 42
+        with pytest.raises(BitstreamError, match=rf"packet length {n} out of range {low}\.\."):
             unpack(b[:n])
 
 
@@ -435,7 +437,7 @@ def test_packet_larger_than_max_is_rejected_before_parsing():
     b = pack(simple_packet())
     assert unpack(b, max_packet_bytes=len(b)) == unpack(b)
     with pytest.raises(
-        BitstreamError, match=rf"packet length {len(b)} out of range 42\.\.{len(b) - 1} \(max_packet_bytes\)"
+        BitstreamError, match=rf"packet length {len(b)} out of range 26\.\.{len(b) - 1} \(max_packet_bytes\)"
     ):
         unpack(b, max_packet_bytes=len(b) - 1)
     # garbage that would fail on magic fails on size first
@@ -675,8 +677,8 @@ def test_v2_wire_checks():
         unpack(with_crc(bytes(b[:-4])))
     # unknown versions
     b = bytearray(pack(simple_packet()))
-    b[4] = 3
-    with pytest.raises(BitstreamError, match=r"version 3 out of range 1\.\.2"):
+    b[4] = 4
+    with pytest.raises(BitstreamError, match=r"version 4 out of range 1\.\.3"):
         unpack(with_crc(bytes(b[:-4])))
 
 
@@ -686,3 +688,106 @@ def test_random_v2_body_only_bitstream_error(rest):
     p = parse_or_reject(with_crc(MAGIC + bytes([2]) + rest))
     if p is not None:
         assert unpack(pack(p)) == p
+
+
+# ------------------------------------------------------------ version 3: compact temporal P frames
+
+
+def p_frame(frame_id=7, key_id=2, bg=1, rate_point=3, rois=(), y=b"modes+residual") -> Packet:
+    t = bs.T_SECTION.pack(1, frame_id, (frame_id - 1) % 2**32, key_id, bg)
+    return Packet(header=simple_packet(rate_point=rate_point, roi_only=True, rois=rois).header,
+                  sections={SectionKind.T: t, SectionKind.Y: y})
+
+
+def context_of(p: Packet) -> bs.StreamContext:
+    return bs.StreamContext.of(p.header)
+
+
+def test_compact_p_frame_known_bytes_and_round_trip():
+    p = p_frame(rois=(Roi(x0=1, y0=2, x1=3, y1=4, label_id=5, score=1.0),))
+    b = Packet(header=p.header, sections=p.sections, compact=True).to_bytes()
+    body = (b"LCF\x00" + b"\x03" + b"\x01" + b"\x03" + b"\x01" + struct.pack("<III", 7, 2, p.header.symbol_crc)
+            + b"\x01\x00" + b"\x01\x00\x02\x00\x03\x00\x04\x00\x05\x00\xff\x00" + b"modes+residual")
+    assert b == with_crc(body)
+    assert len(b) == len(pack(p)) - 35  # 26 bytes of container instead of 61
+    q = unpack(b, stream=context_of(p))
+    assert q.compact and q.header == p.header and q.sections == p.sections  # the same P frame as in LCF v1
+    assert q.to_bytes() == b  # and it writes back to the same bytes
+    assert unpack(pack(p), stream=context_of(p)) == p  # other versions ignore the context
+
+
+def test_compact_p_frame_needs_its_stream():
+    b = Packet(**{**p_frame().__dict__, "compact": True}).to_bytes()
+    with pytest.raises(BitstreamError, match=r"compact P frame \(version 3\) does not name its codec.*context"):
+        unpack(b)
+    with pytest.raises(BitstreamError, match="stream must be a StreamContext"):
+        unpack(b, stream={"width": 64})
+    d = bs.describe(b)  # what the bytes themselves say
+    assert d["compact"] and d["frame_id"] == 7 and d["key_id"] == 2 and d["width"] is None
+    assert d["header_bytes"] == 26 and d["section_bytes"] == {"Y": len(b"modes+residual")}
+    assert d["total_bytes"] == len(b)
+    full = bs.describe(b, stream=context_of(p_frame()))
+    assert full["width"] == 64 and full["header_bytes"] == 26 and full["total_bytes"] == len(b)
+
+
+@pytest.mark.parametrize("sections,header,pattern", [
+    ({SectionKind.Y: b"y"}, {}, "not exactly T\\+Y"),
+    ({SectionKind.T: bs.T_SECTION.pack(1, 7, 6, 2, 0), SectionKind.Y: b"y", SectionKind.Z: b"z"}, {}, "Y\\+T|T\\+Y"),
+    ({SectionKind.T: bs.T_SECTION.pack(0, 7, 7, 7, 0), SectionKind.Y: b"y"}, {}, "kind 0, not a P frame"),
+    ({SectionKind.T: bs.T_SECTION.pack(1, 7, 5, 2, 0), SectionKind.Y: b"y"}, {}, "predicted from frame 5"),
+    ({SectionKind.T: b"short", SectionKind.Y: b"y"}, {}, "T section is 5 bytes"),
+    ({SectionKind.T: bs.T_SECTION.pack(1, 7, 6, 2, 0), SectionKind.Y: b"y"}, {"roi_only": False}, "roi_only"),
+])
+def test_only_a_p_frame_that_follows_its_reference_is_written_compact(sections, header, pattern):
+    h = simple_packet(roi_only=True).header
+    h = dataclasses.replace(h, **header)
+    with pytest.raises(BitstreamError, match=pattern):
+        Packet(header=h, sections=sections, compact=True)
+
+
+def test_compact_frame_id_wraps():
+    p = p_frame(frame_id=0)  # predicted from frame 2**32 - 1
+    q = unpack(Packet(**{**p.__dict__, "compact": True}).to_bytes(), stream=context_of(p))
+    assert bs.T_SECTION.unpack(q.sections[SectionKind.T])[1:3] == (0, 2**32 - 1)
+
+
+def test_crafted_compact_packets_are_refused_with_the_field_named():
+    ctx = context_of(p_frame())
+
+    def raw(flags=1, rate_point=3, bg=1, n_rois=0, rest=b""):
+        return with_crc(struct.pack("<4sBBBBIIIH", MAGIC, 3, flags, rate_point, bg, 7, 2, 0, n_rois) + rest)
+
+    assert unpack(raw(), stream=ctx).sections[SectionKind.Y] == b""  # the shortest packet: 26 bytes
+    assert len(raw()) == bs.MIN_COMPACT_PACKET_BYTES
+    for kwargs, pattern in [
+        ({"flags": 0}, r"flags 0x00 out of range 0x01\.\.0x01"),
+        ({"flags": 3}, r"flags 0x03"),
+        ({"rate_point": 255}, r"rate_point 255 out of range 0\.\.254"),
+        ({"bg": 255}, r"bg_rate_point 255 out of range 0\.\.254"),
+        ({"n_rois": 1025}, r"n_rois 1025 out of range 0\.\.1024"),
+        ({"n_rois": 2, "rest": b"\0" * 12}, r"n_rois 2 out of range 0\.\.1"),
+        ({"n_rois": 1, "rest": struct.pack("<HHHHHBB", 0, 0, 65, 4, 0, 0, 0)}, r"rois\[0\]\.x1 65 out of range"),
+        ({"n_rois": 1, "rest": struct.pack("<HHHHHBB", 0, 0, 6, 4, 0, 0, 1)}, r"rois\[0\]\.reserved 1"),
+    ]:
+        with pytest.raises(BitstreamError, match=pattern):
+            unpack(raw(**kwargs), stream=ctx)
+    b = bytearray(raw())
+    b[8] ^= 1  # a flipped bit anywhere: the packet CRC
+    with pytest.raises(BitstreamError, match="crc32"):
+        unpack(bytes(b), stream=ctx)
+    for n in range(bs.MIN_COMPACT_PACKET_BYTES):
+        with pytest.raises(BitstreamError, match=r"out of range 26\.\."):
+            unpack(raw()[:n], stream=ctx)
+
+
+@FAST
+@given(st.binary(max_size=200))
+def test_random_compact_body_only_bitstream_error(rest):
+    ctx = context_of(p_frame())
+    p = None
+    try:
+        p = unpack(with_crc(MAGIC + bytes([3]) + rest), stream=ctx)
+    except BitstreamError as e:
+        assert str(e)
+    if p is not None:
+        assert p.compact and unpack(p.to_bytes(), stream=ctx) == p

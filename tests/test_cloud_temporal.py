@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 
 from latentcast.proto import latentcast_v1_pb2 as pb  # noqa: E402
 from latentcast.proto import latentcast_v1_pb2_grpc as pb_grpc  # noqa: E402
-from latentcast.proto.bitstream import Packet, Roi, SectionKind  # noqa: E402
+from latentcast.proto.bitstream import Packet, Roi, SectionKind, StreamContext  # noqa: E402
 from latentcast.proto.ids import label_set_hash  # noqa: E402
 from latentcast.proto.temporal import TemporalInfo, TemporalTables  # noqa: E402
 from tests.test_cloud_server import LABELS, TIMEOUT, H, W, channel, frame, header, make_config, make_server  # noqa: E402,F401
@@ -64,6 +64,8 @@ async def test_lost_packets_are_refused_then_a_refresh_recovers(make_server, tin
                           tables=TemporalTables.load(tables_file, weights_hash=tiny_codec.weights_hash),
                           config=TemporalConfig(mode="temporal", refresh_s=0.0), fps=10.0)
     lsh = label_set_hash(LABELS)
+    ctx = StreamContext(codec_id=tiny_codec.codec_id, weights_hash=tiny_codec.weights_hash,
+                        latent_space_id=tiny_codec.latent_space_id, width=W, height=H, label_set_hash=lsh)
     lost = {3, 9, 10, 15}
     outcome, kinds, refreshes = {}, {}, []
     async with channel(srv.ports[0]) as ch:
@@ -73,7 +75,7 @@ async def test_lost_packets_are_refused_then_a_refresh_recovers(make_server, tin
         for seq, (f, rois) in enumerate(_frames(20)):
             n_ref = len(refreshes)
             data = enc.encode(f, rois, label_set_hash=lsh)
-            kinds[seq] = TemporalInfo.from_bytes(Packet.from_bytes(data).sections[SectionKind.T]).kind
+            kinds[seq] = TemporalInfo.from_bytes(Packet.from_bytes(data, stream=ctx).sections[SectionKind.T]).kind
             if seq in lost:
                 continue  # lost on the way: never reaches the cloud
             await call.write(frame(seq, data))
@@ -159,7 +161,7 @@ def test_temporal_frames_bypass_the_composer(tiny_codec, tiny_bundle, tables_fil
     pipe = Pipeline(codec=tiny_codec, detector=FakeDetector(), composer=NoCompose())
     jobs = []
     for seq, (f, rois) in enumerate(_frames(3)):
-        p = Packet.from_bytes(enc.encode(f, rois, label_set_hash=label_set_hash(LABELS)))
+        p = dec.parse(enc.encode(f, rois, label_set_hash=label_set_hash(LABELS)))  # P frames: compact
         jobs.append(FrameJob(stream_id="s", spec=spec, seq=seq, capture_ts_us=0, packet=p, packet_bytes=1,
                              prepared=dec.prepare(p)))
     out = pipe.process_batch(jobs)

@@ -204,6 +204,12 @@ def test_eval_command_rejects_bad_choices(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--anchor 'x266'"):
         _run_cli("eval", "--data", data, "--codecs", "jpeg", "--anchor", "x266", "--max-frames", "1", "--out",
                  str(tmp_path))
+    bad = tmp_path / "edge.yaml"
+    bad.write_text("temporal:\n  compact_p: maybe\n")
+    for cfg in (bad, tmp_path / "missing.yaml"):
+        with pytest.raises(SystemExit, match=f"--edge-config {cfg}"):
+            _run_cli("eval", "--data", data, "--codecs", "latentcast-temporal", "--edge-config", str(cfg),
+                     "--max-frames", "1", "--out", str(tmp_path))
 
 
 def test_clip_frames_stop_at_n_frames():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from latentcast.proto.bitstream import Packet, Roi, SectionKind
+from latentcast.proto.bitstream import BitstreamError, Packet, Roi, SectionKind, StreamContext
 from latentcast.proto.temporal import (
     BG,
     BGCODE,
@@ -115,6 +115,12 @@ def test_tables_save_load_and_wrong_codec(tmp_path, tiny_codec):
 # ----------------------------------------------------------------------------- edge + cloud
 
 
+def _parse(data: bytes, codec) -> Packet:
+    """A packet of a test stream: compact P frames are read in the stream's context (the tiny codec, W x H)."""
+    return Packet.from_bytes(data, stream=StreamContext(codec_id=codec.codec_id, weights_hash=codec.weights_hash,
+                                                        latent_space_id=codec.latent_space_id, width=W, height=H))
+
+
 def test_edge_and_cloud_hold_the_same_latent(edge_encoder, tiny_codec):
     enc, dec = _pair(edge_encoder, tiny_codec)
     bg = _background()
@@ -122,7 +128,7 @@ def test_edge_and_cloud_hold_the_same_latent(edge_encoder, tiny_codec):
     for t in range(10):
         f, rois = _frame(t, bg)
         data = enc.encode(f, rois)
-        pk = Packet.from_bytes(data)
+        pk = _parse(data, tiny_codec)
         info = TemporalInfo.from_bytes(pk.sections[SectionKind.T])
         assert info.kind == (KIND_KEY if t == 0 else KIND_P) and info.frame_id == t
         assert (SectionKind.Z in pk.sections) == (t == 0)
@@ -142,7 +148,7 @@ def test_a_static_scene_codes_no_cell(edge_encoder, tiny_codec):
     y0 = dec.state.y.copy()
     for _ in range(3):
         data = enc.encode(f, rois)
-        pk = Packet.from_bytes(data)
+        pk = _parse(data, tiny_codec)
         # flat mode tables: 2 bits per cell and no residual
         assert len(pk.sections[SectionKind.Y]) <= dec.state.fg.size // 4 + 8, len(pk.sections[SectionKind.Y])
         rec = dec.decompress(data)
@@ -153,13 +159,13 @@ def test_a_static_scene_codes_no_cell(edge_encoder, tiny_codec):
 def test_periodic_and_scene_change_keyframes(edge_encoder, tiny_codec):
     enc, _ = _pair(edge_encoder, tiny_codec, refresh_s=0.3)  # 3 frames at 10 fps
     bg = _background()
-    kinds = [TemporalInfo.from_bytes(Packet.from_bytes(enc.encode(*_frame(t, bg))).sections[SectionKind.T]).kind
+    kinds = [TemporalInfo.from_bytes(_parse(enc.encode(*_frame(t, bg)), tiny_codec).sections[SectionKind.T]).kind
              for t in range(7)]
     assert kinds == [KIND_KEY, KIND_P, KIND_P, KIND_KEY, KIND_P, KIND_P, KIND_KEY]
     enc, _ = _pair(edge_encoder, tiny_codec, scene_change=0.3, bg_rate_point=3, bg_threshold=1)
     enc.encode(*_frame(0, bg))
     f, rois = _frame(1, _background(seed=5))  # another scene
-    assert TemporalInfo.from_bytes(Packet.from_bytes(enc.encode(f, rois)).sections[SectionKind.T]).is_key
+    assert TemporalInfo.from_bytes(_parse(enc.encode(f, rois), tiny_codec).sections[SectionKind.T]).is_key
     assert enc.counts["scene_change"] == 1
 
 
@@ -174,7 +180,7 @@ def test_loss_never_renders_from_a_missing_reference_and_recovers_on_refresh(edg
     broken, refused_at, kinds, rendered = False, [], [], 0
     for t in range(40):
         data = enc.encode(*_frame(t % 20, bg))
-        info = TemporalInfo.from_bytes(Packet.from_bytes(data).sections[SectionKind.T])
+        info = TemporalInfo.from_bytes(_parse(data, tiny_codec).sections[SectionKind.T])
         kinds.append(info.kind)
         if t in lost:
             broken = True
@@ -203,7 +209,7 @@ def test_p_frame_with_another_size_or_codec_is_refused(edge_encoder, tiny_codec)
     enc, dec = _pair(edge_encoder, tiny_codec)
     bg = _background()
     dec.decompress(enc.encode(*_frame(0, bg)))
-    p = Packet.from_bytes(enc.encode(*_frame(1, bg)))
+    p = _parse(enc.encode(*_frame(1, bg)), tiny_codec)
     bad = Packet(header=type(p.header)(**{**p.header.__dict__, "weights_hash": b"\2" * 8}), sections=p.sections)
     with pytest.raises(CodecError, match="weights hash"):
         dec.decompress(bad)
@@ -212,8 +218,10 @@ def test_p_frame_with_another_size_or_codec_is_refused(edge_encoder, tiny_codec)
     with pytest.raises(MissingReference, match="predicted from frame 4"):
         dec.decompress(forged)
     dec.decompress(p)  # the real one still applies: a refused packet changes nothing
+    with pytest.raises(BitstreamError, match="compact P frame .* stream's context"):
+        tiny_codec.decompress(enc.encode(*_frame(2, bg)))  # a P frame on its own: nothing says its codec
     with pytest.raises(CodecError, match="decode it in its stream"):
-        tiny_codec.decompress(enc.encode(*_frame(2, bg)))  # a P frame on its own
+        tiny_codec.decompress(Packet(header=p.header, sections=p.sections).to_bytes())  # the same in LCF v1
 
 
 # ----------------------------------------------------------------------------- fitting and rate control
@@ -267,14 +275,14 @@ def test_rate_controller_moves_toward_the_target():
 
 
 def test_encoder_under_rate_control_stays_near_its_target(edge_encoder, tiny_codec):
-    enc, dec = _pair(edge_encoder, tiny_codec, target_kbps=3.0)
+    enc, dec = _pair(edge_encoder, tiny_codec, target_kbps=1.5)
     bg = _background()
     sizes = []
     for t in range(40):
         data = enc.encode(*_frame(t % 20, bg))
         dec.decode_state(data)
         sizes.append(len(data))
-    assert enc.rate.level > 4  # 3 kbit/s at 10 fps = 37 B/frame: pushed to the coarse end of the ladder
+    assert enc.rate.level > 4  # 1.5 kbit/s at 10 fps = 19 B/frame: pushed to the coarse end of the ladder
     enc.request_refresh()
     key = Packet.from_bytes(enc.encode(*_frame(0, bg)))
     assert SectionKind.Z in key.sections and key.header.rate_point < 2  # coarse levels: cheaper keyframes
@@ -332,8 +340,12 @@ def test_info_shows_the_temporal_section(tmp_path, edge_encoder, tiny_codec, cap
     p = tmp_path / "p.lcf"
     p.write_bytes(enc.encode(*_frame(1, bg)))
     assert main(["info", str(p)]) == 0
-    t = json.loads(capsys.readouterr().out)["temporal"]
+    out = json.loads(capsys.readouterr().out)
+    t = out["temporal"]
     assert (t["kind"], t["frame_id"], t["ref_id"], t["key_id"]) == ("P", 1, 0, 0)
+    # the default P frame is the compact one: 26 bytes around its Y section, its stream's fields left out
+    assert out["compact"] and out["version"] == 3 and out["width"] is None and out["header_bytes"] == 26
+
 
 
 def test_edge_ignores_a_refresh_request_older_than_its_last_keyframe():

@@ -202,15 +202,21 @@ def cmd_info(a: argparse.Namespace) -> int:
 
     data = _read_packet(a.input)
     from latentcast.proto.symbols import describe_levels
+    from latentcast.proto.temporal import MODES, TemporalInfo
 
     info = describe(data)
+    if info.get("compact"):  # a compact P frame on its own: its stream's keyframe has the codec and frame size
+        fid = info.pop("frame_id")
+        info["temporal"] = {"kind": "P", "frame_id": fid, "ref_id": (fid - 1) % 2**32, "key_id": info.pop("key_id"),
+                            "bg_rate_point": info["bg_rate_point"], "modes": list(MODES)}
+        info["note"] = "a compact P frame (LCF v3): codec, weights and frame size are those of its stream's keyframe"
+        print(json.dumps(info, indent=2))
+        return 0
     packet = Packet.from_bytes(data)
     info["levels"] = describe_levels(packet.header)
     t = packet.sections.get(SectionKind.T)
     if t is not None:
         import dataclasses
-
-        from latentcast.proto.temporal import MODES, TemporalInfo
 
         ti = TemporalInfo.from_bytes(t)
         info["temporal"] = {**dataclasses.asdict(ti), "kind": "KEY" if ti.is_key else "P", "modes": list(MODES)}

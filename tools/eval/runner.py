@@ -251,6 +251,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="latentcast-temporal: P-frame entropy tables (default models/weights/<codec>-temporal.safetensors)",
     )
+    p.add_argument("--edge-config", default=None,
+                   help="latentcast-temporal: code with the temporal settings of this edge config and its "
+                        "LATENTCAST_EDGE__TEMPORAL__* variables, e.g. to measure one lever (default: the defaults)")
     p.add_argument("--temporal-levels", default=",".join(TEMPORAL_LEVELS),
                    help="latentcast-temporal: levels q<rate point>/t<threshold> to sweep "
                         f"(default {','.join(TEMPORAL_LEVELS)})")
@@ -333,8 +336,16 @@ def main(a: argparse.Namespace) -> int:
 
             tables = TemporalTables.load(a.temporal_tables or default_tables_path(dec), weights_hash=dec.weights_hash)
             levels = tuple(_parse_list(a.temporal_levels, (), "--temporal-levels", check=False))
+            tcfg = None
+            if a.edge_config:
+                from latentcast.edge.config import load_edge_config
+
+                try:
+                    tcfg = load_edge_config(a.edge_config).temporal
+                except (OSError, ValueError) as exc:
+                    raise SystemExit(f"error: --edge-config {a.edge_config}: {exc}") from None
             codecs.append(TemporalLatentcastCodec(grounding=gs, encoder=enc, decoder=dec, detector=gdet, tables=tables,
-                                                  params=levels))
+                                                  params=levels, config=tcfg))
     from latentcast.tools.eval.baselines import make_baselines
 
     # one encoder thread: x264 codes one slice per thread with zerolatency, so its size depends on the
