@@ -36,7 +36,7 @@ import torch
 
 from latentcast.shared import cache_dir, shared_path
 
-from .elic import CONFIGS, ElicCodec, ElicConfig
+from .elic import CONFIGS, ElicCodec, ElicConfig, ResidualBottleneck
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +241,7 @@ def load_init(model: ElicCodec, sd: dict[str, torch.Tensor]) -> list[str]:
     names that were sliced; raises ``ValueError`` for a tensor that cannot fit or is missing.
     """
     own = model.state_dict()
+    sd = _deepen_analysis(sd, model)
     sliced, missing = [], []
     n_file_priors = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("prior_z.")), default=-1)
     for name, dst in own.items():
@@ -269,6 +270,54 @@ def load_init(model: ElicCodec, sd: dict[str, torch.Tensor]) -> list[str]:
     if sliced:
         log.info("init: %d tensors sliced to the new shapes (%s, ...)", len(sliced), ", ".join(sliced[:4]))
     return sliced
+
+
+def _analysis_stages(kinds: list[str]) -> list[list[int]]:
+    """Module indices of g_a's residual blocks per stage, from its module kinds in order ("conv" / "block")."""
+    stages: list[list[int]] = []
+    for i, kind in enumerate(kinds):
+        if kind == "conv":
+            stages.append([])
+        elif not stages:
+            raise ValueError("g_a starts with a block")
+        else:
+            stages[-1].append(i)
+    return stages
+
+
+def _deepen_analysis(sd: dict[str, torch.Tensor], model: ElicCodec) -> dict[str, torch.Tensor]:
+    """``sd`` with its g_a renamed onto ``model``'s, when the model has more residual blocks per stage
+    (``res_blocks``): the file's blocks keep their order and each extra block starts as the identity (its
+    last convolution zero), so the deeper g_a computes what the file's did (function-preserving, as in
+    Net2Net's deepening). ``sd`` as it is when the layouts already agree."""
+    n_file = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("g_a.")), default=-1)
+    file_kinds = ["block" if f"g_a.{i}.body.0.weight" in sd else "conv" for i in range(n_file)]
+    kinds = ["block" if isinstance(m, ResidualBottleneck) else "conv" if isinstance(m, torch.nn.Conv2d) else "other"
+             for m in model.g_a]
+    if file_kinds == kinds or "other" in kinds:
+        return sd
+    old, new = _analysis_stages(file_kinds), _analysis_stages(kinds)
+    if len(old) != len(new) or any(len(a) > len(b) for a, b in zip(old, new)):
+        return sd  # not a deepening: load_init names what does not fit
+    rename = {}
+    for (i_old, i_new) in zip([i for i, k in enumerate(file_kinds) if k == "conv"],
+                              [i for i, k in enumerate(kinds) if k == "conv"]):
+        rename[i_old] = i_new
+    out = {k: v for k, v in sd.items() if not k.startswith("g_a.")}
+    own = model.state_dict()
+    for a, b in zip(old, new):
+        rename.update(zip(a, b))
+        for extra in b[len(a):]:
+            for k, v in own.items():
+                if k.startswith(f"g_a.{extra}."):
+                    out[k] = torch.zeros_like(v) if k.startswith(f"g_a.{extra}.body.4.") else v.clone()
+    for k, v in sd.items():
+        if k.startswith("g_a."):
+            _, i, rest = k.split(".", 2)
+            out[f"g_a.{rename[int(i)]}.{rest}"] = v
+    log.info("init: g_a deepened from %d to %d residual blocks (the new ones start as the identity)",
+             sum(map(len, old)), sum(map(len, new)))
+    return out
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

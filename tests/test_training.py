@@ -78,6 +78,27 @@ def test_channel_gains_train_release_and_code(tmp_path, tiny_sources):
         assert codec.decompress(codec.compress(img, rate_point=q)).frame.shape == img.shape
 
 
+def test_init_deepens_the_analysis_transform_as_the_identity():
+    """--set res_blocks=2 --init <file with 1>: the file's blocks keep their places, each new block starts as the
+    identity, so the deeper g_a computes exactly what the file's did; then it trains like any other."""
+    from latentcast.models.elic import CONFIGS, ElicCodec
+
+    base = {"N": 16, "M": 32, "groups": (16, 16), "Nz": 8, "Nh": 16, "ctx": 8, "ep": 16, "gs_width": 16, "gs_blocks": 1}
+    torch.manual_seed(0)
+    shallow = ElicCodec(dataclasses.replace(CONFIGS["lite"], **base))
+    deep = ElicCodec(dataclasses.replace(CONFIGS["lite"], res_blocks=2, **base))
+    training.load_init(deep, shallow.state_dict())
+    assert len(deep.g_a) == len(shallow.g_a) + 3
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(deep.g_a(x), shallow.g_a(x))
+    assert torch.equal(deep.g_a[3].weight, shallow.g_a[2].weight)  # stage 1's strided conv, moved past two blocks
+    assert not deep.g_a[2].body[4].weight.any() and deep.g_a[2].body[0].weight.any()
+    with pytest.raises(ValueError, match="cannot fit|lacks"):  # a shallower model from a deeper file: no guess
+        training.load_init(ElicCodec(dataclasses.replace(CONFIGS["lite"], **base)), {
+            k: v for k, v in deep.state_dict().items() if not k.startswith("g_a.1.")})
+
+
 def test_init_slices_a_wider_codec_and_resets_rate_points():
     from latentcast.models.elic import CONFIGS, ElicCodec
 

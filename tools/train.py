@@ -36,8 +36,31 @@ def train_codec(a: argparse.Namespace) -> int:
     cfg = dataclass_from_args(TrainConfig, a)
     if a.rate_steps:
         cfg.overrides["rate_steps"] = _csv_ints("--rate-steps", a.rate_steps, "14,7,0,-7")
+    cfg.overrides.update(_codec_overrides(a.set or []))
     print(train(cfg))
     return 0
+
+
+def _codec_overrides(items: list[str]) -> dict:
+    """``--set KEY=VALUE`` items as ElicConfig overrides, each value parsed as its field's type."""
+    import dataclasses
+
+    from latentcast.models.elic import ElicConfig
+
+    fields = {f.name: f for f in dataclasses.fields(ElicConfig)}
+    d = ElicConfig()
+    simple = {k: type(getattr(d, k)) for k in fields
+              if isinstance(getattr(d, k), (int, float)) and not isinstance(getattr(d, k), bool)}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in simple:
+            raise SystemExit(f"error: --set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(simple))}")
+        try:
+            out[key] = simple[key](value)
+        except ValueError:
+            raise SystemExit(f"error: --set {item!r}: {value!r} is not a {simple[key].__name__}") from None
+    return out
 
 
 def train_composer(a: argparse.Namespace) -> int:
@@ -102,6 +125,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_dataclass_options(c, TrainConfig, exclude=("overrides",), aliases=STEP_ALIASES)
     c.add_argument("--rate-steps", help="table offsets k_q of the trained rate points, lowest rate first "
                                         "(Δ_q = exp(δ k_q); default: the model configuration's, 22,14,7,0 for lite)")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a number of the codec configuration (models/elic.py ElicConfig), e.g. res_blocks=2 "
+                        "(with --init: extra g_a blocks start as the identity); repeatable")
     c.set_defaults(func=train_codec)
 
     m = ts.add_parser("composer", help="the ControlNet composer + adapter (DISCOVER sec. 3.4; "
