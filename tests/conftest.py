@@ -71,13 +71,7 @@ def tiny_gain_codec(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_gain_bundle(tiny_gain_codec, tmp_path_factory) -> Path:
-    from latentcast.models.export import export_edge_bundle
-
-    out = tmp_path_factory.mktemp("gain-bundle")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        export_edge_bundle(tiny_gain_codec, out)
-    return out
+    return _export_bundle(tiny_gain_codec, tmp_path_factory.mktemp("gain-bundle"))
 
 
 @pytest.fixture(scope="session")
@@ -87,15 +81,19 @@ def tiny_codec(tiny_codec_path):
     return LatentCodec.from_file(tiny_codec_path)
 
 
-@pytest.fixture(scope="session")
-def tiny_bundle(tiny_codec, tmp_path_factory) -> Path:
+def _export_bundle(codec, out: Path) -> Path:
+    """The edge bundle of ``codec`` in ``out`` (the exporter's warnings silenced)."""
     from latentcast.models.export import export_edge_bundle
 
-    out = tmp_path_factory.mktemp("bundle")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        export_edge_bundle(tiny_codec, out)
+        export_edge_bundle(codec, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_codec, tmp_path_factory) -> Path:
+    return _export_bundle(tiny_codec, tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture
