@@ -131,6 +131,7 @@ class _BrokenCodec:
         self._c = codec
         self._bad = bad_seq_bytes
         self.codec_id, self.weights_hash = codec.codec_id, codec.weights_hash
+        self.latent_space_id = codec.latent_space_id
 
     def decompress(self, packet):
         if packet.to_bytes() == self._bad:
