@@ -135,3 +135,17 @@ def test_rate_proxy_matches_the_real_code_length(which, request):
         with torch.no_grad():
             proxy = float(model(x, rate=torch.tensor([q]))["bits_y"])
         assert 0.9 < proxy / real < 1.1, (q, proxy, real)
+
+
+def test_learning_curve_hours_add_up_across_resumes(tmp_path):
+    """history.jsonl restarts its clock at each resume: a checkpoint's hours are the segments' sum."""
+    from latentcast.tools.codec_learning_curve import _hours
+
+    h = tmp_path / "history.jsonl"
+    rows = [(50, 60), (100, 120), (150, 180),  # killed after step 150; resumed from the step-100 checkpoint
+            (150, 50), (200, 110), (250, 170)]
+    h.write_text("".join(json.dumps({"step": s, "sec": t}) + "\n" for s, t in rows))
+    assert _hours(100, h) == pytest.approx(120 / 3600)
+    assert _hours(200, h) == pytest.approx((180 + 110) / 3600)
+    assert _hours(250, h) == pytest.approx((180 + 170) / 3600)
+    assert _hours(10, h) is None and _hours(100, tmp_path / "missing.jsonl") is None

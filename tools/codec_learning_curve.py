@@ -91,13 +91,18 @@ def evaluate_checkpoint(path: Path, images: list[np.ndarray]) -> dict:
 
 
 def _hours(step: int | None, history: Path | None) -> float | None:
+    """Wall-clock hours of the run until it logged ``step``. Each resume restarts the log's clock ("sec"), so the
+    segments add up; steps a resume did again count again (they were spent)."""
     if step is None or history is None or not history.is_file():
         return None
-    sec = None
+    sec, offset, prev = None, 0.0, 0.0
     for line in history.read_text().splitlines():
         d = json.loads(line)
+        if d["sec"] < prev:  # a resumed process: its clock started again
+            offset += prev
+        prev = d["sec"]
         if d["step"] <= step:
-            sec = d["sec"]
+            sec = offset + d["sec"]
     return None if sec is None else sec / 3600
 
 
