@@ -140,6 +140,20 @@ def test_edge_and_cloud_hold_the_same_latent(edge_encoder, tiny_codec):
     assert enc.counts == {"key": 1, "p": 9, "scene_change": 0, "refresh_requested": 0, "periodic": 0}
 
 
+def test_channel_gains_code_over_time_too(tiny_gain_codec, tiny_gain_bundle):
+    """A codec with per-channel steps: P frames quantize each channel with its own step, edge and cloud alike."""
+    from latentcast.edge.encoder import EdgeEncoder
+
+    enc, dec = _pair(EdgeEncoder(bundle=tiny_gain_bundle), tiny_gain_codec)
+    assert enc.steps[0].shape == (tiny_gain_codec.M, 1, 1)
+    bg = _background()
+    for t in range(6):
+        data = enc.encode(*_frame(t, bg))
+        assert dec.decompress(data).frame.shape == (H, W, 3)
+        np.testing.assert_array_equal(dec.state.y, enc.state.y)
+    assert enc.counts["p"] == 5
+
+
 def test_a_static_scene_codes_no_cell(edge_encoder, tiny_codec):
     enc, dec = _pair(edge_encoder, tiny_codec)
     f, rois = _frame(0, _background())
