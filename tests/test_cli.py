@@ -200,3 +200,18 @@ def test_service_commands_do_not_import_torch():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "False"
+
+
+def test_results_commands_leave_out_this_machines_folders(monkeypatch, tmp_path):
+    """provenance.command: the home folder as ~, the shared folder as $LATENTCAST_SHARED, the current one relative."""
+    import sys
+    from pathlib import Path
+
+    from latentcast.tools import provenance
+
+    monkeypatch.chdir(tmp_path)
+    home = str(Path.home())
+    monkeypatch.setattr(sys, "argv", ["x", "--out", str(tmp_path / "res"), "--history",
+                                      home + "/.cache/latentcast/runs/r/history.jsonl", "--lr", "1e-4", "rel/p"])
+    expect = "tool --out res --history ~/.cache/latentcast/runs/r/history.jsonl --lr 1e-4 rel/p"
+    assert provenance.command("tool") == expect

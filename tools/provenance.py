@@ -12,8 +12,22 @@ __all__ = ["command", "commit", "machine"]
 
 
 def command(prog: str = "latentcast") -> str:
-    """The command line as a user would type it (``latentcast ...``, or ``prog`` and the arguments)."""
-    return " ".join([prog] + sys.argv[1:])
+    """The command line as a user would type it (``latentcast ...``, or ``prog`` and the arguments), without this
+    machine's layout: the shared folder as ``$LATENTCAST_SHARED``, paths below the current folder relative,
+    the home folder as ``~``."""
+    return " ".join([prog] + [_portable_arg(a) for a in sys.argv[1:]])
+
+
+def _portable_arg(arg: str) -> str:
+    if not os.path.isabs(arg):
+        return arg
+    from latentcast.shared import portable_path
+
+    out = portable_path(arg)
+    home = str(Path.home())
+    if os.path.isabs(out) and (out == home or out.startswith(home + os.sep)):
+        out = "~" + out[len(home):]
+    return out
 
 
 def commit() -> str:
