@@ -154,6 +154,23 @@ def test_channel_gains_code_over_time_too(tiny_gain_codec, tiny_gain_bundle):
     assert enc.counts["p"] == 5
 
 
+def test_a_compact_p_frame_before_any_keyframe_is_a_missing_reference(edge_encoder, tiny_codec):
+    """A cloud that restarted (or a new subscriber's decoder) gets a compact P frame first: it asks for a keyframe
+    instead of failing to parse, and the keyframe that follows decodes."""
+    from latentcast.models.temporal import MissingReference
+
+    enc, _ = _pair(edge_encoder, tiny_codec)
+    bg = _background()
+    enc.encode(*_frame(0, bg))
+    p_frame = enc.encode(*_frame(1, bg))
+    _, fresh = _pair(edge_encoder, tiny_codec)
+    with pytest.raises(MissingReference, match="compact P frame .* no keyframe"):
+        fresh.decompress(p_frame)
+    assert fresh.counts["missing_reference"] == 1
+    enc.request_refresh()
+    assert fresh.decompress(enc.encode(*_frame(2, bg))).frame.shape == (H, W, 3)
+
+
 def test_a_static_scene_codes_no_cell(edge_encoder, tiny_codec):
     enc, dec = _pair(edge_encoder, tiny_codec)
     f, rois = _frame(0, _background())
