@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latentcast.proto.bitstream import MAGIC, VERSION_COMPACT_P, Packet, SectionKind, StreamContext
+from latentcast.proto.bitstream import Packet, SectionKind, StreamContext, is_compact
 from latentcast.proto.regions import SYNTHESIS_GROW, SYNTHESIS_HALO, change_regions
 from latentcast.proto.temporal import (
     BGCODE,
@@ -121,8 +121,7 @@ class TemporalDecoder:
         before any keyframe)."""
         if isinstance(data, Packet):
             return data
-        mv = memoryview(data)
-        if self._stream is None and mv.nbytes > 4 and bytes(mv[:4]) == MAGIC and mv[4] == VERSION_COMPACT_P:
+        if self._stream is None and is_compact(data):
             self.counts["missing_reference"] += 1
             raise MissingReference("a compact P frame arrived and no keyframe has been decoded")
         return Packet.from_bytes(data, stream=self._stream)

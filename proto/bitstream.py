@@ -121,6 +121,7 @@ __all__ = [
     "MIN_COMPACT_PACKET_BYTES",
     "T_SECTION",
     "StreamContext",
+    "is_compact",
     "FLAG_ROI_ONLY",
     "BitstreamError",
     "SectionKind",
@@ -477,6 +478,15 @@ class Packet:
         return _parse(data, max_packet_bytes, stream)
 
 
+def is_compact(data: Any) -> bool:
+    """True when ``data`` (bytes-like) starts like a compact P frame (version 3): it needs a stream context."""
+    try:
+        mv = memoryview(data)
+    except TypeError:
+        return False
+    return mv.nbytes > 4 and bytes(mv[:4]) == MAGIC and mv[4] == VERSION_COMPACT_P
+
+
 def _compact_fields(h: PacketHeader, sections: dict[SectionKind, bytes]) -> tuple[int, int, int]:
     """(frame_id, key_id, bg_rate_point) of a packet that can be written compact, else BitstreamError."""
     why = None
@@ -736,7 +746,7 @@ def describe(packet: Packet | bytes, *, max_packet_bytes: int = MAX_PACKET_BYTES
     else:
         data = packet
         buf = _as_buffer(data, max_packet_bytes)
-        if stream is None and len(buf) >= 5 and bytes(buf[:4]) == MAGIC and buf[4] == VERSION_COMPACT_P:
+        if stream is None and is_compact(buf):
             _parse(data, max_packet_bytes, StreamContext(codec_id=1, weights_hash=bytes(8), latent_space_id=0,
                                                          width=MAX_DIM, height=MAX_DIM))  # every check but the stream's
             f = _compact_header(buf)

@@ -47,10 +47,8 @@ def _codec_overrides(items: list[str]) -> dict:
 
     from latentcast.models.elic import ElicConfig
 
-    fields = {f.name: f for f in dataclasses.fields(ElicConfig)}
-    d = ElicConfig()
-    simple = {k: type(getattr(d, k)) for k in fields
-              if isinstance(getattr(d, k), (int, float)) and not isinstance(getattr(d, k), bool)}
+    defaults = {f.name: getattr(ElicConfig(), f.name) for f in dataclasses.fields(ElicConfig)}
+    simple = {k: type(v) for k, v in defaults.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
