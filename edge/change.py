@@ -5,29 +5,40 @@
     frame ─► pad to 64 ─► per 16x16 cell: mean |frame - reference| over its pixels and channels
           ─► changed = cells above ``threshold`` grey levels ─► reference[changed cells] = frame
           ─► proto.regions.change_regions(changed, halo = the bundle's analysis_halo)
-               None (most of the frame) ─► reference = frame, analysis.onnx on the whole frame
-               regions ─► analysis.onnx on each crop of the reference ─► y[inner cells] = crop's y
-          ─► y (M, rows, cols): the last y of every cell
+               None (most of the frame) ─► reference = frame, g_a on the whole frame
+               regions, bundle with analysis stages (staged, the default) ─►
+                   for each stage of g_a (stride 2, 4, 8, 16): proto.regions.stage_regions(what changed
+                   in its input, reach) ─► the stage on each crop of its cached input ─► its cached output
+                   [inner] = the crop's ─► what changed in its output is the next stage's input change
+               regions, older bundles ─► analysis.onnx on each crop of the reference (``analysis_halo``
+                   cells around each) ─► y[inner cells] = crop's y
+          ─► y (M, rows, cols)
 
-What is exact: the cells written back are the whole-frame g_a of the reference, bit for bit (a crop
-carries ``analysis_halo`` cells of context, g_a's receptive field, and lies on the 16-pixel grid),
-and the reference equals the frame on every cell that changed by more than ``threshold``. What is not:
-cells next to a changed cell keep their last y although their receptive field moved (their own pixels
-did not), and changes under ``threshold`` (sensor noise, compression flicker) are not analysed until
-they add up. The temporal encoder then codes y exactly as before; the cloud's state follows the edge's
+Staged, each stage keeps its output for the whole reference frame, and re-runs only where its input
+changed, grown by the stage's reach: at 1/2 resolution that is a few pixels around the changed cells,
+not g_a's whole receptive field, which is where most of g_a's work is. On vtest this is 30 ms a frame
+against 45 ms for crops with the whole halo (one thread).
+
+What is exact: staged, every cell of y is the whole-frame g_a of the reference, bit for bit (every
+output a change can reach is recomputed from a crop that holds its receptive field; tested). With
+older bundles, only the cells written back are (a crop carries ``analysis_halo`` cells of context, g_a's
+receptive field, and lies on the 16-pixel grid); cells next to a changed cell keep their last y although
+their receptive field moved. In both, the reference equals the frame on every cell that changed by more
+than ``threshold``; changes under it (sensor noise, compression flicker) are not analysed until they
+add up. The temporal encoder then codes y exactly as before; the cloud's state follows the edge's
 through the symbols it sends, so nothing here can make edge and cloud disagree.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import cv2
 import numpy as np
 
-from latentcast.edge.encoder import pad_frame
-from latentcast.proto.regions import change_regions
+from latentcast.edge.encoder import AnalysisStage, pad_frame, to_input
+from latentcast.proto.regions import change_regions, components, stage_regions
 
 log = logging.getLogger(__name__)
 
@@ -54,29 +65,48 @@ class ChangeAnalyzer:
     ``analyze``: the bundle's analysis (``EdgeEncoder.analyze``, taking ``pad_to``); ``halo``: its
     ``analysis_halo`` (cells); ``threshold``: mean absolute change in grey levels for a cell to be
     analysed again; ``max_fraction``: above this share of the frame in crops, analyse it whole.
+    ``stages`` and ``hyper``: the bundle's g_a stage by stage and its h_a (``EdgeEncoder.analysis_stages``,
+    ``EdgeEncoder.hyper_analyze``): re-run each stage only where its input changed (None: crops of ``analyze``).
     """
 
-    def __init__(self, analyze: Analyze, *, halo: int, threshold: float = 2.0, max_fraction: float = 0.5) -> None:
+    def __init__(self, analyze: Analyze, *, halo: int, threshold: float = 2.0, max_fraction: float = 0.5,
+                 stages: Sequence[AnalysisStage] | None = None,
+                 hyper: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         if isinstance(halo, bool) or not isinstance(halo, int) or halo < 0:
             raise ValueError(f"halo {halo!r} must be an integer >= 0 (the bundle's analysis_halo)")
         if not threshold > 0:
             raise ValueError(f"threshold {threshold!r} must be > 0 grey levels")
         if not 0.0 < max_fraction <= 1.0:
             raise ValueError(f"max_fraction {max_fraction!r} out of range (0, 1]")
+        if (stages is None) != (hyper is None):
+            raise ValueError("stages and hyper come together (EdgeEncoder.analysis_stages and .hyper_analyze)")
         self._analyze, self.halo, self.threshold, self.max_fraction = analyze, halo, float(threshold), max_fraction
+        self.stages = tuple(stages) if stages else None
+        self._hyper = hyper
+        self._features: list[np.ndarray] = []  # staged: each stage's output (1, C, H/s, W/s) for the reference
         self.reference: np.ndarray | None = None  # padded (H, W, 3) uint8: the frame g_a last saw, cell by cell
         self.y: np.ndarray | None = None
         self.z: np.ndarray | None = None
+        # crop_cells: cells of y the crops cover (staged: of each stage's crops, in 16x16 frame cells)
         self.counts = {"whole": 0, "regions": 0, "unchanged": 0, "crop_cells": 0, "changed_cells": 0}
         self.last_whole = False  # whether the last analyze() ran the whole frame (its y and z are fresh)
 
     def reset(self) -> None:
         """Forget the reference: the next frame is analysed whole."""
         self.reference = self.y = self.z = None
+        self._features = []
 
     def _whole(self, padded: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         self.reference = padded.copy()
-        self.y, self.z = self._analyze(padded)
+        if self.stages is None:
+            self.y, self.z = self._analyze(padded)
+        else:
+            x, self._features = to_input(padded), []
+            for st in self.stages:
+                x = st.run(x)
+                self._features.append(x)
+            self.y = x[0].copy()
+            self.z = self._hyper(self.y)
         self.counts["whole"] += 1
         self.last_whole = True
         return self.y, self.z, np.ones(self.y.shape[1:], dtype=bool)
@@ -96,8 +126,16 @@ class ChangeAnalyzer:
         regions = change_regions(changed, halo=self.halo, max_fraction=self.max_fraction)
         if regions is None:
             return self._whole(padded)
-        pixels = np.repeat(np.repeat(changed, STRIDE, axis=0), STRIDE, axis=1)
-        np.copyto(self.reference, padded, where=pixels[..., None])
+        boxes = components(changed)
+        for r0, r1, c0, c1 in boxes:  # the reference takes the changed cells (inside each box)
+            sl = np.s_[r0 * STRIDE: r1 * STRIDE, c0 * STRIDE: c1 * STRIDE]
+            cells = np.repeat(np.repeat(changed[r0:r1, c0:c1], STRIDE, axis=0), STRIDE, axis=1)
+            np.copyto(self.reference[sl], padded[sl], where=cells[..., None])
+        self.counts["regions"] += 1
+        self.counts["changed_cells"] += n
+        if self.stages is not None:
+            self.y = self._staged([(r0 * STRIDE, r1 * STRIDE, c0 * STRIDE, c1 * STRIDE) for r0, r1, c0, c1 in boxes])
+            return self.y, self.z, changed
         y = self.y.copy()  # the caller may hold the previous y
         for reg in regions:
             R0, R1, C0, C1 = reg.crop
@@ -108,6 +146,27 @@ class ChangeAnalyzer:
             y[:, r0:r1, c0:c1] = crop_y[:, dr: dr + r1 - r0, dc: dc + c1 - c0]
             self.counts["crop_cells"] += reg.crop_cells
         self.y = y
-        self.counts["regions"] += 1
-        self.counts["changed_cells"] += n
         return y, self.z, changed
+
+    def _staged(self, dirty: list[tuple[int, int, int, int]]) -> np.ndarray:
+        """Re-run each stage where its input changed (``dirty``: rectangles of the reference, in pixels);
+        returns the new y (a new array: the caller may hold the previous one)."""
+        shape = self.reference.shape[:2]
+        prev = 1
+        for k, st in enumerate(self.stages):
+            out = self._features[k]
+            regions = stage_regions(dirty, reach=st.reach, align=st.stride, shape=shape)
+            for reg in regions:
+                Y0, Y1, X0, X1 = reg.crop
+                y0, y1, x0, x1 = reg.inner
+                if k == 0:
+                    x = to_input(self.reference[Y0:Y1, X0:X1])
+                else:
+                    x = self._features[k - 1][:, :, Y0 // prev: Y1 // prev, X0 // prev: X1 // prev]
+                f = st.run(x)
+                s = st.stride
+                out[:, :, y0 // s: y1 // s, x0 // s: x1 // s] = f[:, :, (y0 - Y0) // s: (y1 - Y0) // s,
+                                                                 (x0 - X0) // s: (x1 - X0) // s]
+                self.counts["crop_cells"] += (Y1 - Y0) * (X1 - X0) // (STRIDE * STRIDE)
+            dirty, prev = [reg.inner for reg in regions], st.stride
+        return self._features[-1][0].copy()

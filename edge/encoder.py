@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,21 @@ from latentcast.weights import weights_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EdgeEncoder", "default_bundle_dir"]
+__all__ = ["EdgeEncoder", "AnalysisStage", "default_bundle_dir", "to_input"]
+
+
+@dataclass(frozen=True)
+class AnalysisStage:
+    """One stage of g_a from the bundle (``models/elic.py: analysis_stages``)."""
+
+    run: Callable[[np.ndarray], np.ndarray]  # (1, C, H, W) float32 -> (1, C', H/2, W/2)
+    stride: int  # frame pixels per output position: 2, 4, 8, 16
+    reach: int  # frame pixels around an output position's own that its value depends on
+
+
+def to_input(pixels: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> g_a's input (1, 3, H, W) float32 in [0, 1]."""
+    return np.ascontiguousarray(pixels.astype(np.float32).transpose(2, 0, 1)[None] / np.float32(255.0))
 
 
 def default_bundle_dir(codec: str = "elic-lite") -> Path:
@@ -69,16 +85,34 @@ class EdgeEncoder(FrameCompressor):
         self.rate_deltas = rate_steps_of(self.manifest["rate_delta"])
         halo = self.manifest.get("analysis_halo")  # bundles exported before it say nothing
         self.analysis_halo: int | None = None if halo is None else int(halo)
+        self.analysis_stages: tuple[AnalysisStage, ...] | None = None  # bundles exported before them: None
+        self._hyper = None
+        if self.manifest.get("analysis_stages"):
+            self.analysis_stages = tuple(
+                AnalysisStage(run=self._runner(self.bundle / st["file"], threads, "x"), stride=int(st["stride"]),
+                              reach=int(st["reach"])) for st in self.manifest["analysis_stages"])
+            self._hyper = self._runner(self.bundle / self.manifest["hyper_analysis"], threads, "y")
         self._enc = LatentEncoder(groups=self.manifest["groups"], y_tables=y_tables, z_tables=z_tables,
                                   codec_id=int(self.manifest["codec_id"]), weights_hash=self.weights_hash,
                                   latent_space_id=int(self.manifest["latent_space_id"]))
 
+    @staticmethod
+    def _runner(path: Path, threads: int, name: str) -> Callable[[np.ndarray], np.ndarray]:
+        sess = ort_session(path, threads=threads)
+        return lambda x: sess.run(None, {name: np.ascontiguousarray(x)})[0]
+
     def analyze(self, frame: np.ndarray, *, pad_to: int = 64) -> tuple[np.ndarray, np.ndarray]:
         """g_a, h_a: y (M,h,w) and z (Nz,hz,wz), float32. ``pad_to``: the frame is padded (edge replicate)
         to a multiple of this; 16 for a crop of a padded frame whose y is all that is wanted."""
-        x = pad_frame(frame, pad_to).astype(np.float32).transpose(2, 0, 1)[None] / np.float32(255.0)
-        y, z = self._ana.run(None, {"image": np.ascontiguousarray(x)})
+        y, z = self._ana.run(None, {"image": to_input(pad_frame(frame, pad_to))})
         return y[0], z[0]
+
+    def hyper_analyze(self, y: np.ndarray) -> np.ndarray:
+        """h_a alone: z (Nz,hz,wz) of y (M,h,w) (bundles with ``analysis_stages``)."""
+        if self._hyper is None:
+            raise ValueError(f"edge bundle {self.bundle} predates staged analysis: re-export it with "
+                             "`latentcast export edge`")
+        return self._hyper(y[None])[0]
 
     def z_symbols(self, z: np.ndarray, rate_point: int) -> np.ndarray:
         return quantize_z(z, float(self.manifest["rate_zdelta"][rate_point]))

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 
 from .quant import QConv, QSequential, quantize_input, round_ste
 
-__all__ = ["ElicConfig", "CONFIGS", "ElicCodec", "MEAN_RES", "Y_IN_RES", "analysis_halo", "channel_slice"]
+__all__ = ["ElicConfig", "CONFIGS", "ElicCodec", "MEAN_RES", "Y_IN_RES", "analysis_halo", "analysis_stages",
+           "channel_slice"]
 
 MEAN_RES = 64  # means are integers in units of 1/64
 Y_IN_RES = 4  # context networks see ŷ in steps of 1/4 (clipped to ±32)
@@ -188,6 +189,29 @@ def analysis_halo(cfg: ElicConfig, stride: int = 16) -> int:
             reach += (m.kernel_size[0] - 1) // 2 * m.dilation[0] * jump
             jump *= m.stride[0]
     return -(-reach // stride)
+
+
+def analysis_stages(g_a: nn.Sequential) -> list[tuple[nn.Sequential, int, int]]:
+    """g_a cut before each strided convolution: ``(stage, stride, reach)`` per stage, where ``stride`` is
+    the frame's pixels per output position (2, 4, 8, 16) and ``reach`` how many frame pixels on each side
+    of an output position's own pixels its value depends on within the stage (its convolutions'
+    (k - 1) / 2 times the stride of their input). An output changes only if an input within ``reach``
+    changed, and a crop with ``reach`` around a rectangle gives the whole frame's values on it: the edge
+    recomputes each stage only where its input changed (``edge/change.py``)."""
+    cut: list[list[nn.Module]] = []
+    for m in g_a:
+        if not cut or (isinstance(m, nn.Conv2d) and m.stride[0] > 1):
+            cut.append([])
+        cut[-1].append(m)
+    out, jump = [], 1
+    for mods in cut:
+        stage, reach = nn.Sequential(*mods), 0
+        for m in stage.modules():
+            if isinstance(m, nn.Conv2d):
+                reach += (m.kernel_size[0] - 1) // 2 * m.dilation[0] * jump
+                jump *= m.stride[0]
+        out.append((stage, jump, reach))
+    return out
 
 
 def hyper_analysis(cfg: ElicConfig) -> nn.Sequential:

@@ -4,6 +4,9 @@
 
     bundle/
       analysis.onnx   image (1,3,H,W) float32, H,W multiples of 64 ─► y (1,M,H/16,W/16), z (1,Nz,H/64,W/64)
+      analysis_stage1..4.onnx  the same g_a cut before each strided conv: x (1,C,H,W) ─► f (1,C',H/2,W/2);
+                      hyper_analysis.onnx  y ─► z.  The edge re-runs each stage only where its input
+                      changed (edge/change.py); manifest "analysis_stages" says each one's stride and reach
       entropy.onnx    y, z_sym, tx (1,1,h,w) bool, anchor (1,1,h,w) bool, rate (1,) int64 (z's step),
                       rate_map (1,1,h,w) int64 (each cell's rate point: ROIs finer than the background)
                         ─► y_sym, y_table (1,M,h,w) int32      exact integer networks (Conv / ConvInteger)
@@ -34,7 +37,7 @@ import numpy as np
 import torch
 
 from .codec import LatentCodec
-from .elic import MEAN_RES, Y_IN_RES, analysis_halo
+from .elic import MEAN_RES, Y_IN_RES, analysis_halo, analysis_stages
 from .quant import ACT_MAX, QConv, QSequential
 
 log = logging.getLogger(__name__)
@@ -243,6 +246,25 @@ def export_edge_bundle(codec: LatentCodec, out_dir: Path | str) -> Path:
                           input_names=["image"], output_names=["y", "z"], opset_version=OPSET,
                           dynamic_axes={"image": {2: "H", 3: "W"}, "y": {2: "h", 3: "w"}, "z": {2: "hz", 3: "wz"}})
     _stamp(ana, meta)
+    graphs = [ana]
+    stages = []
+    with torch.no_grad():
+        channels = 3
+        for k, (stage, stride, reach) in enumerate(analysis_stages(codec.model.g_a), start=1):
+            path = out / f"analysis_stage{k}.onnx"
+            x = torch.rand(1, channels, 64, 64)
+            channels = stage(x).shape[1]
+            torch.onnx.export(stage.eval(), (x,), str(path), dynamo=False, input_names=["x"], output_names=["f"],
+                              opset_version=OPSET, dynamic_axes={"x": {2: "H", 3: "W"}, "f": {2: "h", 3: "w"}})
+            _stamp(path, meta)
+            graphs.append(path)
+            stages.append({"file": path.name, "stride": stride, "reach": reach})
+        hyper = out / "hyper_analysis.onnx"
+        torch.onnx.export(codec.model.h_a.eval(), (torch.rand(1, channels, 8, 8),), str(hyper), dynamo=False,
+                          input_names=["y"], output_names=["z"], opset_version=OPSET,
+                          dynamic_axes={"y": {2: "h", 3: "w"}, "z": {2: "hz", 3: "wz"}})
+        _stamp(hyper, meta)
+        graphs.append(hyper)
     ent = out / "entropy.onnx"
     model = _entropy_graph(codec)
     onnx.checker.check_model(model)
@@ -251,7 +273,7 @@ def export_edge_bundle(codec: LatentCodec, out_dir: Path | str) -> Path:
     yp, yl, yo = codec.y_tables.packed()
     zp, zl, zo = codec.z_tables.packed()
     np.savez(out / "tables.npz", y_packed=yp, y_lengths=yl, y_offsets=yo, z_packed=zp, z_lengths=zl, z_offsets=zo)
-    files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (ana, ent, out / "tables.npz")}
+    files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (*graphs, ent, out / "tables.npz")}
     cfg = codec.cfg
     manifest = {
         "format": "latentcast-edge-bundle-1",
@@ -261,6 +283,8 @@ def export_edge_bundle(codec: LatentCodec, out_dir: Path | str) -> Path:
         "rate_delta": codec.model.rate_delta.tolist(),  # (n,) or, with channel gains, (n, M)
         "rate_zdelta": [float(v) for v in codec.model.rate_zdelta], "files": files,
         "analysis_halo": analysis_halo(cfg),  # cells around a crop for exact g_a on its inside (edge/change.py)
+        "analysis_stages": stages,  # g_a stage by stage, each re-run only where its input changed (edge/change.py)
+        "hyper_analysis": hyper.name,  # h_a alone: z of a whole frame analysed stage by stage
     }
     mpath = out / "manifest.json"
     mpath.write_text(json.dumps(manifest, indent=2))

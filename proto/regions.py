@@ -12,6 +12,10 @@ frame::
            whole frame is cheaper: one call, no halo)
 
 ``inner`` is what the caller writes back; ``crop`` is what it runs the transform on.
+
+:func:`stage_regions` does the same in pixels for one stage of a transform cut into stages (the edge's
+g_a, ``edge/change.py``): what changed in its input, grown by the stage's reach, is what changes in its
+output, and the crop carries that reach again, so each stage costs what changed at its own resolution.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Region", "dilate", "change_regions", "SYNTHESIS_HALO", "SYNTHESIS_GROW"]
+__all__ = ["Region", "dilate", "components", "change_regions", "stage_regions", "SYNTHESIS_HALO", "SYNTHESIS_GROW"]
 
 # the cloud's defaults for re-rendering changed cells with g_s (models/temporal.py; cloud.yaml codec.render_*)
 SYNTHESIS_HALO = 3  # cells of ŷ around a re-rendered rectangle that g_s sees (beyond 3 a cell moves < 1 grey level)
@@ -62,7 +66,7 @@ def dilate(mask: np.ndarray, r: int) -> np.ndarray:
     return out
 
 
-def _components(mask: np.ndarray) -> list[tuple[int, int, int, int]]:
+def components(mask: np.ndarray) -> list[tuple[int, int, int, int]]:
     """Bounding boxes (r0, r1, c0, c1) of the 8-connected groups of ``mask``."""
     rows, cols = mask.shape
     seen = np.zeros_like(mask)
@@ -123,16 +127,25 @@ def change_regions(changed: np.ndarray, *, halo: int, grow: int = 0, align: int 
         raise ValueError(f"grid {shape[0]}x{shape[1]} is not a multiple of align {align}")
     if not changed.any():
         return []
-    boxes = _components(dilate(changed, grow))
-    crops = [_crop(b, halo, shape, align) for b in boxes]
+    regions = _merged(components(dilate(changed, grow)), lambda b: _crop(b, halo, shape, align))
+    if sum(r.crop_cells for r in regions) >= max_fraction * shape[0] * shape[1]:
+        return None
+    return regions
+
+
+def _merged(boxes: list[tuple[int, int, int, int]], crop_of) -> list[Region]:
+    """Regions of ``boxes`` (inner) and ``crop_of(box)``; two boxes are merged while one crop of both costs
+    no more than their two crops."""
+    boxes = list(boxes)
+    crops = [crop_of(b) for b in boxes]
     merged = True
-    while merged and len(boxes) > 1:  # merge two boxes while one crop of both costs no more than their two
+    while merged and len(boxes) > 1:
         merged = False
         for i in range(len(boxes)):
             for j in range(i + 1, len(boxes)):
                 a, b = boxes[i], boxes[j]
                 union = (min(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), max(a[3], b[3]))
-                crop = _crop(union, halo, shape, align)
+                crop = crop_of(union)
                 if _cells(crop) <= _cells(crops[i]) + _cells(crops[j]):
                     boxes[i], crops[i] = union, crop
                     del boxes[j], crops[j]
@@ -140,7 +153,27 @@ def change_regions(changed: np.ndarray, *, halo: int, grow: int = 0, align: int 
                     break
             if merged:
                 break
-    regions = [Region(inner=b, crop=c) for b, c in zip(boxes, crops)]
-    if sum(r.crop_cells for r in regions) >= max_fraction * shape[0] * shape[1]:
-        return None
-    return regions
+    return [Region(inner=b, crop=c) for b, c in zip(boxes, crops)]
+
+
+def _grow(box: tuple[int, int, int, int], by: int, align: int, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """``box`` (pixels) grown by ``by`` on every side, out to multiples of ``align``, clipped to ``shape``."""
+    y0, y1, x0, x1 = box
+    return (max(0, (y0 - by) // align * align), min(shape[0], -(-(y1 + by) // align) * align),
+            max(0, (x0 - by) // align * align), min(shape[1], -(-(x1 + by) // align) * align))
+
+
+def stage_regions(dirty: list[tuple[int, int, int, int]], *, reach: int, align: int,
+                  shape: tuple[int, int]) -> list[Region]:
+    """One stage of a staged transform after its input changed inside the rectangles ``dirty``: the
+    regions whose ``inner`` (the outputs that may change: ``dirty`` grown by ``reach``) is recomputed
+    from ``crop`` (``inner`` grown by ``reach`` again, so ``inner`` sees the whole frame's inputs).
+
+    All in frame pixels (y0, y1, x0, x1); ``align``: the stage's output stride (rectangles lie on its
+    grid); ``shape``: the frame's (H, W), multiples of ``align``. ``inner`` of the result is the next
+    stage's ``dirty``."""
+    if reach < 0 or align < 1 or shape[0] % align or shape[1] % align:
+        raise ValueError(f"reach {reach} must be >= 0 and the frame {shape[0]}x{shape[1]} a multiple of "
+                         f"align {align} >= 1")
+    inner = [_grow(b, reach, align, shape) for b in dirty]
+    return _merged(inner, lambda b: _grow(b, reach, align, shape))

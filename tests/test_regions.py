@@ -79,3 +79,22 @@ def test_bad_arguments_are_errors(kw, msg):
         change_regions(_mask((8, 8), (1, 1)), **kw)
     with pytest.raises(ValueError, match=r"\(rows, cols\) mask, got shape \(8,\)"):
         change_regions(np.zeros(8, dtype=bool), halo=1)
+
+
+def test_stage_regions_grow_by_the_reach_on_the_stage_grid_and_merge_when_cheaper():
+    from latentcast.proto.regions import stage_regions
+
+    shape = (256, 320)
+    (reg,) = stage_regions([(32, 48, 64, 96)], reach=4, align=2, shape=shape)
+    assert reg.inner == (28, 52, 60, 100) and reg.crop == (24, 56, 56, 104)
+    (reg,) = stage_regions([(32, 48, 64, 96)], reach=16, align=16, shape=shape)
+    assert reg.inner == (16, 64, 48, 112) and reg.crop == (0, 80, 32, 128)
+    (reg,) = stage_regions([(0, 16, 304, 320)], reach=8, align=4, shape=shape)  # clipped at the frame's edges
+    assert reg.inner == (0, 24, 296, 320) and reg.crop == (0, 32, 288, 320)
+    far = stage_regions([(0, 16, 0, 16), (192, 208, 256, 272)], reach=4, align=2, shape=shape)
+    assert len(far) == 2
+    (near,) = stage_regions([(0, 16, 0, 16), (0, 16, 24, 40)], reach=4, align=2, shape=shape)
+    assert near.inner == (0, 20, 0, 44)
+    assert stage_regions([], reach=4, align=2, shape=shape) == []
+    with pytest.raises(ValueError, match="multiple of align 16"):
+        stage_regions([(0, 16, 0, 16)], reach=4, align=16, shape=(250, 320))

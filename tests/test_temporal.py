@@ -403,9 +403,10 @@ def test_edge_ignores_a_refresh_request_older_than_its_last_keyframe():
 
 
 def _big_frame(t: int) -> tuple[np.ndarray, list[Roi]]:
-    """256 x 256 (a 16 x 16 cell grid): a textured background and a square moving 6 px per frame."""
+    """384 x 384 (a 24 x 24 cell grid): a textured background and a square moving 6 px per frame (the edge
+    recomputes y within g_a's reach of it, so the grid is big enough for that to be a part of it)."""
     r = np.random.default_rng(3)
-    f = np.kron(r.integers(40, 200, size=(16, 16, 3)), np.ones((16, 16, 1))).astype(np.uint8)
+    f = np.kron(r.integers(40, 200, size=(24, 24, 3)), np.ones((16, 16, 1))).astype(np.uint8)
     x = 30 + 6 * t
     f[96:128, x:x + 32] = (250, 240, 20)
     return f, [Roi(x0=x, y0=96, x1=x + 32, y1=128, label_id=0, score=0.9)]
