@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from latentcast.config import ConfigError, load_config
 from latentcast.models.composer import COMPOSER_KINDS  # numpy only: importing it loads no torch
-from latentcast.proto.regions import SYNTHESIS_GROW, SYNTHESIS_HALO
+from latentcast.proto.regions import RENDER_RUNTIMES, SYNTHESIS_GROW, SYNTHESIS_HALO
 
 __all__ = [
     "ConfigError",
@@ -129,12 +129,15 @@ class CodecConfig:
     temporal_render: str = "changed"  # temporal: "changed" re-renders the cells that changed, "whole" every cell
     render_grow: int = SYNTHESIS_GROW  # temporal_render changed: cells around each changed cell re-rendered too
     render_halo: int = SYNTHESIS_HALO  # temporal_render changed: cells of context around each re-rendered rectangle
+    render_runtime: str = "onnx"  # temporal: g_s on "onnx" (ONNX Runtime, faster on crops) or "torch"
 
     def __post_init__(self) -> None:
         if not isinstance(self.synthesis, str) or not self.synthesis.strip():
             raise ValueError(f"codec.synthesis {self.synthesis!r} must be auto, own, a synthesis name or a path")
         if self.temporal_render not in ("changed", "whole"):
             raise ValueError(f"codec.temporal_render {self.temporal_render!r} is not one of changed, whole")
+        if self.render_runtime not in RENDER_RUNTIMES:
+            raise ValueError(f"codec.render_runtime {self.render_runtime!r} is not one of {', '.join(RENDER_RUNTIMES)}")
         for name in ("render_grow", "render_halo"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 16:
@@ -159,7 +162,7 @@ class AnalyticsConfig:
 @dataclass
 class PipelineConfig:
     workers: int = 1  # decode+analytics worker threads (each frame uses torch/ORT threads too; 1 per 2 cores)
-    torch_threads: int = 0  # torch intra-op threads for decoding; 0 = leave torch's default
+    torch_threads: int = 0  # intra-op threads for decoding (torch, and ONNX Runtime's g_s); 0 = each one's default
     max_batch: int = 4  # frames a worker takes at once for the composer to compose together (composer.kind none:
     #                     one at a time, so another stream's frame never waits for a whole batch)
     batch_wait_ms: float = 5.0  # a worker waits at most this long to fill a batch after its first frame

@@ -470,7 +470,9 @@ class DecoderRegistry:
                              temporal_tables=config.codec.temporal_tables,
                              refresh_retry_s=config.codec.refresh_retry_s,
                              render={"tiled": config.codec.temporal_render == "changed",
-                                     "grow": config.codec.render_grow, "halo": config.codec.render_halo},
+                                     "grow": config.codec.render_grow, "halo": config.codec.render_halo,
+                                     "runtime": config.codec.render_runtime,
+                                     "threads": config.pipeline.torch_threads},
                              remote=remote)
 
     def __contains__(self, codec_id: object) -> bool:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from .quant import QConv, QSequential, quantize_input, round_ste
 
 __all__ = ["ElicConfig", "CONFIGS", "ElicCodec", "MEAN_RES", "Y_IN_RES", "analysis_halo", "analysis_stages",
-           "channel_slice"]
+           "crop_chain", "channel_slice"]
 
 MEAN_RES = 64  # means are integers in units of 1/64
 Y_IN_RES = 4  # context networks see ŷ in steps of 1/4 (clipped to ±32)
@@ -267,6 +267,31 @@ class FactorizedPrior(nn.Module):
         return torch.cat([pmf, tail], dim=1), radius
 
 
+def crop_chain(steps: list[tuple[Callable, int, int]], x, keep: tuple[int, int, int, int]):
+    """Run a chain of convolutional steps on a crop ``x`` (1, C, rows, cols) on the y grid (16 frame pixels
+    a cell) and return its output on the cells ``keep`` (r0, r1, c0, c1) only, the same values as the whole
+    crop's output there. ``steps``: (step, reach, stride): a step's output at a position depends on its
+    input within ``reach`` frame pixels; ``stride``: frame pixels per position of its output. After each
+    step, ``x`` is cut to what the later steps need for ``keep``. Tensors or numpy arrays."""
+    rows, cols = x.shape[2] * 16, x.shape[3] * 16  # the crop, in frame pixels
+    r0, r1, c0, c1 = (v * 16 for v in keep)
+    if not (0 <= r0 < r1 <= rows and 0 <= c0 < c1 <= cols):
+        raise ValueError(f"keep {keep} is not inside the crop's {x.shape[2]}x{x.shape[3]} cells")
+    margins, total = [], 0  # frame pixels each step's output still has to reach beyond keep
+    for _, reach, _ in reversed(steps):
+        margins.append(total)
+        total += reach
+    y0, y1, x0, x1 = 0, rows, 0, cols  # what x covers now
+    for (step, _, stride), margin in zip(steps, reversed(margins)):
+        x = step(x)
+        n0, n1 = max(0, (r0 - margin) // stride * stride), min(rows, -(-(r1 + margin) // stride) * stride)
+        m0, m1 = max(0, (c0 - margin) // stride * stride), min(cols, -(-(c1 + margin) // stride) * stride)
+        if (n0, n1, m0, m1) != (y0, y1, x0, x1):
+            x = x[:, :, (n0 - y0) // stride: (n1 - y0) // stride, (m0 - x0) // stride: (m1 - x0) // stride]
+            y0, y1, x0, x1 = n0, n1, m0, m1
+    return x
+
+
 class SynthesisToLatent(nn.Module):
     """g_s with the global-information network M (two transposed convs and a conv, paper eq. (2))."""
 
@@ -297,11 +322,32 @@ class SynthesisToLatent(nn.Module):
         the cloud computes this once per keyframe and crops it with ŷ (``models/temporal.py``)."""
         return self.global_net(z_hat)
 
-    def from_global(self, y_hat: torch.Tensor, mask: torch.Tensor, gz: torch.Tensor) -> torch.Tensor:
-        """The rest of g_s, on any crop of the y grid: ŷ, the mask and M(ẑ) -> the target latent."""
-        h = self.head(torch.cat([y_hat, mask.to(y_hat.dtype), gz.to(y_hat.dtype)], dim=1))
-        h = self.trunk(F.leaky_relu(h, 0.1))
-        return self.out(self.up(h))
+    def from_global(self, y_hat: torch.Tensor, mask: torch.Tensor, gz: torch.Tensor,
+                    keep: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+        """The rest of g_s, on any crop of the y grid: ŷ, the mask and M(ẑ) -> the target latent.
+
+        ``keep``: cells (r0, r1, c0, c1) of the crop whose output is all that is wanted; the result is then
+        the latent of those cells only, the same values as the whole crop's output there, for less work:
+        after each layer the tensor is cut to what the remaining layers need for ``keep`` (a layer at
+        1/s needs its input within its reach), so the layers at 1/8 and 1/4 skip most of the margin."""
+        x = torch.cat([y_hat, mask.to(y_hat.dtype), gz.to(y_hat.dtype)], dim=1)
+        if keep is None:
+            return self.out(self.up(self.trunk(F.leaky_relu(self.head(x), 0.1))))
+        return crop_chain([(layer, reach * stride, stride) for layer, reach, stride in self.layers()], x, keep)
+
+    def layers(self) -> list[tuple[nn.Module, int, int]]:
+        """What follows the concatenation in :meth:`from_global`, as a chain: (layer, reach in its own
+        pixels, frame pixels per pixel of its output)."""
+        out: list[tuple[nn.Module, int, int]] = [(self.head, 1, 16), (nn.LeakyReLU(0.1), 0, 16)]
+        out += [(b, 2, 16) for b in self.trunk]
+        stride = 16
+        for m in self.up:
+            if isinstance(m, nn.PixelShuffle):
+                stride //= m.upscale_factor
+            reach = 2 if isinstance(m, ResBlock) else (m.kernel_size[0] // 2 if isinstance(m, nn.Conv2d) else 0)
+            out.append((m, reach, stride))
+        out.append((self.out, self.out.kernel_size[0] // 2, stride))
+        return out
 
 
 StepFn = Callable[[int, bool, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -13,10 +13,11 @@
 Rendering costs what changed (``tiled``, the default). M(ẑ), g_s's global features, is computed once
 per keyframe; the last rendered latent is kept, and a frame re-runs g_s only on the cells that changed
 since then (every cell whose mode was not KEEP), grown by ``grow`` cells, each rectangle cut out with
-``halo`` cells around it (``proto.regions``), and pastes them in. The pasted cells are the whole-frame
-g_s up to the halo's cut (g_s's receptive field is about ±10 cells, but the influence of a cell falls
-to under one grey level beyond 3 cells); cells outside the pasted ones keep the values of their last
-render. The difference to rendering every frame whole is measured by ``latentcast bench temporal``
+``halo`` cells around it (``proto.regions``; g_s's layers at 1/8 and 1/4 run only on what the cells need,
+``models/elic.py: crop_chain``; on ONNX Runtime by default, ``models/synthesis_runtime.py``), and pastes
+them in. The pasted cells are the whole-frame g_s up to the halo's cut (g_s's receptive field is about
+±10 cells, but the influence of a cell falls to under one grey level beyond 3 cells); cells outside the
+pasted ones keep the values of their last render. The difference to rendering every frame whole is measured by ``latentcast bench temporal``
 and bounded by a whole render at every keyframe and whenever the changed cells' crops would cover
 most of the frame.
 
@@ -52,6 +53,7 @@ from latentcast.proto.temporal import (
 from latentcast.weights import weights_path
 
 from .codec import CodecError, LatentCodec, Reconstruction
+from .synthesis_runtime import RENDER_RUNTIMES, onnx_synthesis
 
 log = logging.getLogger(__name__)
 
@@ -89,16 +91,24 @@ class TemporalDecoder:
 
     ``tiled``: render only what changed since the last render (see the module docstring); False renders
     every frame whole. ``halo``, ``grow``: the rectangles' margins in cells; ``max_fraction``: above this
-    share of the grid, a render is whole.
+    share of the grid, a render is whole. ``runtime``: g_s on ``"onnx"`` (ONNX Runtime, ``threads``
+    intra-op threads, 0 = its default) or ``"torch"``.
     """
 
     def __init__(self, *, codec: LatentCodec, tables: TemporalTables, tiled: bool = True,
                  halo: int = SYNTHESIS_HALO, grow: int = SYNTHESIS_GROW, max_fraction: float = 0.6,
+                 runtime: str = "onnx", threads: int = 0,
                  remote_render: Callable[[np.ndarray, np.ndarray, int, int], np.ndarray] | None = None):
         if tables.M != codec.M:
             raise ValueError(f"temporal tables are for M={tables.M} channels, the codec has {codec.M}")
         if halo < 0 or grow < 0 or not 0.0 < max_fraction <= 1.0:
             raise ValueError(f"halo {halo} and grow {grow} must be >= 0 and max_fraction {max_fraction} in (0, 1]")
+        if runtime not in RENDER_RUNTIMES:
+            raise ValueError(f"render runtime {runtime!r} is not one of {', '.join(RENDER_RUNTIMES)}")
+        # where g_s runs: ONNX Runtime (models/synthesis_runtime.py, exported once per g_s) or torch
+        self._synthesis = (onnx_synthesis(codec.model.g_s, threads=threads) if runtime == "onnx"
+                           else codec.model.g_s.from_global)
+        self.runtime = runtime
         self.codec, self.tables = codec, tables
         self.remote_render = remote_render  # the ray engine: (ŷ, M(ẑ), w, h) -> frame, rendered whole elsewhere
         self.tiled, self.halo, self.grow, self.max_fraction = bool(tiled), int(halo), int(grow), float(max_fraction)
@@ -211,7 +221,7 @@ class TemporalDecoder:
 
     def _render(self, frame_no: int, key_no: int, y: np.ndarray, gz: torch.Tensor) -> torch.Tensor:
         """g_s of the state ``y`` of decoded frame ``frame_no`` (keyframe ``key_no``): the padded grid's latent."""
-        g_s = self.codec.model.g_s
+        synthesis = self._synthesis
         y_t = torch.from_numpy(y)[None].float()
         with self._render_lock:
             last = self._rendered
@@ -221,7 +231,7 @@ class TemporalDecoder:
                 if changed is not None:
                     regions = change_regions(changed, halo=self.halo, grow=self.grow, max_fraction=self.max_fraction)
             if regions is None:
-                latent = g_s.from_global(y_t, torch.ones(1, 1, *y.shape[1:]), gz)
+                latent = synthesis(y_t, torch.ones(1, 1, *y.shape[1:]), gz)
                 self.counts["render_whole"] += 1
             else:
                 f = 16 // self.codec.cfg.latent_factor
@@ -230,10 +240,9 @@ class TemporalDecoder:
                     R0, R1, C0, C1 = reg.crop
                     r0, r1, c0, c1 = reg.inner
                     dr, dc = reg.offset
-                    out = g_s.from_global(y_t[:, :, R0:R1, C0:C1], torch.ones(1, 1, R1 - R0, C1 - C0),
-                                          gz[:, :, R0:R1, C0:C1])
-                    latent[:, :, r0 * f: r1 * f, c0 * f: c1 * f] = out[:, :, dr * f: (dr + r1 - r0) * f,
-                                                                         dc * f: (dc + c1 - c0) * f]
+                    latent[:, :, r0 * f: r1 * f, c0 * f: c1 * f] = synthesis(
+                        y_t[:, :, R0:R1, C0:C1], torch.ones(1, 1, R1 - R0, C1 - C0), gz[:, :, R0:R1, C0:C1],
+                        keep=(dr, dr + r1 - r0, dc, dc + c1 - c0))
                     self.counts["render_cells"] += reg.crop_cells
                 self.counts["render_tiled"] += 1
             if last is None or last.key_no != key_no or last.frame_no < frame_no:

@@ -426,7 +426,7 @@ def test_tiled_render_is_the_whole_render_within_a_band(edge_encoder, tiny_codec
         assert np.abs(a.latent - b.latent).max() < 0.05
     n = tiled.counts["render_tiled"]
     assert tiled.counts["render_whole"] + n == 8 and n >= 5  # the keyframe (and a frame with much change) whole
-    assert 0 < tiled.counts["render_cells"] < n * 256 * 0.6
+    assert 0 < tiled.counts["render_cells"] < n * 24 * 24 * 0.6
     assert whole.counts["render_tiled"] == 0
 
 

@@ -42,13 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument(
         "--tables", default=None, help="P-frame tables (default: models/weights/<codec>-temporal.safetensors)"
     )
-    p.add_argument("--threads", type=int, default=2, help="torch threads of the decoder")
+    p.add_argument("--threads", type=int, default=2, help="threads of the decoder (torch, ONNX Runtime)")
     from latentcast.cloud.config import CodecConfig
     from latentcast.edge.config import TemporalConfig
     from latentcast.tools.options import add_dataclass_options
 
     # the cloud's and the edge's settings, with their defaults and comments from the configs
-    add_dataclass_options(p, CodecConfig, include=("synthesis", "render_grow", "render_halo"))
+    add_dataclass_options(p, CodecConfig, include=("synthesis", "render_grow", "render_halo", "render_runtime"))
     add_dataclass_options(p, TemporalConfig, include=("change_threshold",),
                           help_extra={"change_threshold": "(the changed-cell edge runs)"})
     p.add_argument("--no-cost-levers", dest="cost_levers", action="store_false",
@@ -254,7 +254,7 @@ def main(a: argparse.Namespace) -> int:
         out_runs.append(r)
     # cost follows change: each lever alone and both, on the fixed level, every frame rendered and timed
     cost_runs, reference = [], None
-    render = {"grow": a.render_grow, "halo": a.render_halo}
+    render = {"grow": a.render_grow, "halo": a.render_halo, "runtime": a.render_runtime, "threads": a.threads}
     for change, tiled in ((False, False), (True, False), (False, True), (True, True)):
         if not a.cost_levers:
             break
