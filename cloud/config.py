@@ -123,6 +123,7 @@ class ServerConfig:
 class CodecConfig:
     weights: str = "elic-lite"  # codec weights: a name shipped in models/weights or a path to a .safetensors file
     synthesis: str = "own"  # g_s that renders: own (the codec's), auto (one shipped for the codec), a name or a path
+    temporal_synthesis: str = "auto"  # g_s of temporal streams, as synthesis (auto: elic-lite-fast for elic-lite)
     warmup_size: int = 64  # side of the dummy frame coded and decoded once before the health turns SERVING
     temporal_tables: str = ""  # temporal streams' P-frame tables; "" = models/weights/<codec>-temporal.safetensors
     refresh_retry_s: float = 1.0  # temporal: ask again for a keyframe if frames are still refused after this long
@@ -132,8 +133,10 @@ class CodecConfig:
     render_runtime: str = "onnx"  # temporal: g_s on "onnx" (ONNX Runtime, faster on crops) or "torch"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.synthesis, str) or not self.synthesis.strip():
-            raise ValueError(f"codec.synthesis {self.synthesis!r} must be auto, own, a synthesis name or a path")
+        for name in ("synthesis", "temporal_synthesis"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or not v.strip():
+                raise ValueError(f"codec.{name} {v!r} must be auto, own, a synthesis name or a path")
         if self.temporal_render not in ("changed", "whole"):
             raise ValueError(f"codec.temporal_render {self.temporal_render!r} is not one of changed, whole")
         if self.render_runtime not in RENDER_RUNTIMES:

@@ -227,8 +227,10 @@ def load_and_warm(config: CloudConfig, *, codec: LatentCodec | None = None, dete
     if codec is None:
         codec = LatentCodec.load(config.codec.weights)
         codec.use_synthesis(config.codec.synthesis)
-        log.info("frames render with the synthesis %s (codec.synthesis %s)", codec.synthesis_name or "of the codec",
-                 config.codec.synthesis)
+        codec.use_synthesis(config.codec.temporal_synthesis, temporal=True)
+        log.info("frames render with the synthesis %s (codec.synthesis %s), temporal streams with %s "
+                 "(codec.temporal_synthesis %s)", codec.synthesis_name or "of the codec", config.codec.synthesis,
+                 codec.temporal_synthesis_name or "the codec's own", config.codec.temporal_synthesis)
     if detector is None:
         detector = make_detector(config.analytics)
     n = max(16, config.codec.warmup_size)

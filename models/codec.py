@@ -124,6 +124,8 @@ class LatentCodec(FrameCompressor):
         self.codec_name = f"elic-{self.cfg.name}"
         self.synthesis_name = ""  # "" = the codec's own g_s renders (use_synthesis)
         self._own_g_s = self.model.g_s
+        self._temporal_g_s = None  # temporal streams' g_s when it differs (use_synthesis(..., temporal=True))
+        self.temporal_synthesis_name: str | None = None  # None: as synthesis_name
         if self.codec_name not in CODEC_IDS:
             raise ValueError(f"codec {self.codec_name!r} has no wire id (valid: {', '.join(CODEC_IDS)})")
         self.codec_id = CODEC_IDS[self.codec_name]
@@ -187,21 +189,31 @@ class LatentCodec(FrameCompressor):
             raise FileNotFoundError(f"no codec weights named {name!r} (shipped: {', '.join(have) or 'none'})")
         return cls.from_file(cand)
 
-    def use_synthesis(self, name: str) -> None:
+    def use_synthesis(self, name: str, *, temporal: bool = False) -> None:
         """Render with the synthesis ``name`` (``models/synthesis.py``: a cheaper g_s trained for this codec's
         packets) instead of the codec's own. ``"auto"``: the synthesis shipped for this codec if there is
         one, else the codec's own; ``"own"``: the codec's own. Entropy decoding, the packets and the
-        weights hash do not change."""
+        weights hash do not change. ``temporal``: for temporal streams' renders only (:attr:`temporal_g_s`;
+        until set, they render with the g_s of independent frames)."""
         from .synthesis import find_synthesis, load_synthesis
 
         if name == "auto":
             found = find_synthesis(self.weights_hash)
             name = str(found) if found is not None else "own"
         if name == "own":
-            self.model.g_s, self.synthesis_name = self._own_g_s, ""
-            return
-        sf = load_synthesis(name, self.cfg, self.weights_hash)
-        self.model.g_s, self.synthesis_name = sf.g_s, sf.name
+            g_s, label = self._own_g_s, ""
+        else:
+            sf = load_synthesis(name, self.cfg, self.weights_hash)
+            g_s, label = sf.g_s, sf.name
+        if temporal:
+            self._temporal_g_s, self.temporal_synthesis_name = g_s, label
+        else:
+            self.model.g_s, self.synthesis_name = g_s, label
+
+    @property
+    def temporal_g_s(self):
+        """The g_s temporal streams render with (``use_synthesis(..., temporal=True)``, else :attr:`model.g_s`)."""
+        return self.model.g_s if self._temporal_g_s is None else self._temporal_g_s
 
     @property
     def n_rates(self) -> int:

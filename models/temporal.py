@@ -17,9 +17,10 @@ since then (every cell whose mode was not KEEP), grown by ``grow`` cells, each r
 ``models/elic.py: crop_chain``; on ONNX Runtime by default, ``models/synthesis_runtime.py``), and pastes
 them in. The pasted cells are the whole-frame g_s up to the halo's cut (g_s's receptive field is about
 ±10 cells, but the influence of a cell falls to under one grey level beyond 3 cells); cells outside the
-pasted ones keep the values of their last render. The difference to rendering every frame whole is measured by ``latentcast bench temporal``
-and bounded by a whole render at every keyframe and whenever the changed cells' crops would cover
-most of the frame.
+pasted ones keep the values of their last render. The difference to rendering every frame whole is
+measured by ``latentcast bench temporal`` and bounded by a whole render at every keyframe and whenever
+the changed cells' crops would cover most of the frame. Temporal streams render with the codec's
+``temporal_g_s`` (``codec.temporal_synthesis``: by default the cheaper synthesis shipped for the codec).
 
 The P-frame tables it decodes with are fitted by ``latentcast train temporal``
 (``tools/fit_temporal_tables.py``) and shipped beside the codec
@@ -106,8 +107,8 @@ class TemporalDecoder:
         if runtime not in RENDER_RUNTIMES:
             raise ValueError(f"render runtime {runtime!r} is not one of {', '.join(RENDER_RUNTIMES)}")
         # where g_s runs: ONNX Runtime (models/synthesis_runtime.py, exported once per g_s) or torch
-        self._synthesis = (onnx_synthesis(codec.model.g_s, threads=threads) if runtime == "onnx"
-                           else codec.model.g_s.from_global)
+        self.g_s = codec.temporal_g_s  # the codec's g_s of temporal streams (codec.temporal_synthesis)
+        self._synthesis = onnx_synthesis(self.g_s, threads=threads) if runtime == "onnx" else self.g_s.from_global
         self.runtime = runtime
         self.codec, self.tables = codec, tables
         self.remote_render = remote_render  # the ray engine: (ŷ, M(ẑ), w, h) -> frame, rendered whole elsewhere
@@ -145,7 +146,7 @@ class TemporalDecoder:
             y_hat, z_t, tx = self.codec.decode_y(packet)
             self.state = TemporalState.from_key(y_hat[0].numpy(), info.frame_id)
             with torch.no_grad():
-                gz = self.codec.model.g_s.global_features(z_t.float())
+                gz = self.g_s.global_features(z_t.float())
             self._z, self._gz, self._size = z_t, gz, (hd.width, hd.height)
             self._stream = StreamContext.of(hd)
             self._frame_no += 1

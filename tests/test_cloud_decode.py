@@ -157,7 +157,7 @@ def test_the_temporal_render_settings_come_from_the_config():
     from latentcast.cloud.config import CodecConfig
 
     cfg = CloudConfig()
-    assert DecoderRegistry.from_config(cfg, _Codec()).get(1).render == {"tiled": True, "grow": 1, "halo": 3,
+    assert DecoderRegistry.from_config(cfg, _Codec()).get(1).render == {"tiled": True, "grow": 0, "halo": 3,
                                                                        "runtime": "onnx", "threads": 0}
     cfg.codec = CodecConfig(temporal_render="whole", render_grow=0, render_halo=2, render_runtime="torch")
     cfg.pipeline.torch_threads = 1

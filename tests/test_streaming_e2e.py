@@ -123,7 +123,8 @@ def test_demo_defaults_to_temporal_coding_and_says_how_much_it_analysed(tmp_path
     assert e["temporal"]["key"] >= 1 and e["temporal"]["p"] >= 1
     share = summary["analysed_fraction"]
     assert share == round(summary["quality"]["results"] / e["frames_captured"], 4) and share > 0
-    assert "mode: temporal (temporal.mode auto)" in printed and f"{100 * share:.0f} % of the captured" in printed
+    assert "mode: temporal (temporal.mode auto, synthesis auto)" in printed
+    assert f"{100 * share:.0f} % of the captured" in printed and summary["config"]["temporal_synthesis"] == "auto"
 
 
 def test_demo_grounds_a_task_list(tmp_path, vtest, capsys):

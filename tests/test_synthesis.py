@@ -128,3 +128,25 @@ def test_auto_and_own(tmp_path, tiny_codec_path, monkeypatch):
     for bad in ("", "  "):
         with pytest.raises(ValueError, match="codec.synthesis"):
             CodecConfig(synthesis=bad)
+
+
+def test_temporal_streams_render_with_their_own_synthesis(tmp_path, tiny_codec_path):
+    from latentcast.cloud.config import CodecConfig
+    from latentcast.models.temporal import TemporalDecoder
+    from latentcast.proto.temporal import TemporalTables
+
+    codec = LatentCodec.from_file(tiny_codec_path)
+    own = codec.model.g_s
+    assert codec.temporal_g_s is own and codec.temporal_synthesis_name is None  # unset: as frames render
+    codec.use_synthesis(CodecConfig().temporal_synthesis, temporal=True)  # auto: nothing shipped for it
+    assert codec.temporal_g_s is own and codec.temporal_synthesis_name == ""
+    cfg = dataclasses.replace(codec.cfg, gs_up_widths=(16, 8))
+    path = save_synthesis(SynthesisToLatent(cfg), cfg, codec.weights_hash, tmp_path / "t-synthesis.safetensors")
+    codec.use_synthesis(str(path), temporal=True)
+    assert codec.model.g_s is own and codec.synthesis_name == ""  # independent frames keep theirs
+    assert codec.temporal_synthesis_name == "t" and codec.temporal_g_s.up[0].out_channels == 64
+    tables = TemporalTables.flat(M=codec.M, n_rates=codec.n_rates)
+    for runtime in ("torch", "onnx"):
+        assert TemporalDecoder(codec=codec, tables=tables, runtime=runtime).g_s is codec.temporal_g_s
+    with pytest.raises(ValueError, match="codec.temporal_synthesis ' ' must be auto, own"):
+        CodecConfig(temporal_synthesis=" ")

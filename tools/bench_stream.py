@@ -557,7 +557,8 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
                     task: str | None = None, threads: int | None = None, weights: str | None = None,
                     bundle: str | os.PathLike | None = None, tables: str | os.PathLike | None = None,
                     cloud_threads: int | None = None, workers: int | None = None, synthesis: str | None = None,
-                    codec: Any = None, detector: Any = None, edge_detector: Any = None,
+                    temporal_synthesis: str | None = None, codec: Any = None, detector: Any = None,
+                    edge_detector: Any = None,
                     out: str | os.PathLike | None = None, command: str = "latentcast bench stream",
                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every (system, N) configuration; returns the result (also written to ``out`` + ``.md``).
@@ -606,6 +607,7 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
         from latentcast.cloud.config import CodecConfig
 
         codec.use_synthesis(synthesis or CodecConfig().synthesis)  # as the cloud's codec.synthesis would
+        codec.use_synthesis(temporal_synthesis or CodecConfig().temporal_synthesis, temporal=True)
     if detector is None:
         from latentcast.cloud.analytics import make_detector
 
@@ -639,7 +641,8 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
                     "pace_fps": pace, "jpeg_quality": jpeg_quality, "threads": threads,
                     "cloud_threads": ctx.cloud_threads, "workers": workers, "video": portable_path(video),
                     "weights": weights, "bundle": ctx.bundle, "tables": ctx.tables,
-                    "synthesis": getattr(codec, "synthesis_name", "") or "the codec's own"},
+                    "synthesis": getattr(codec, "synthesis_name", "") or "the codec's own",
+                    "temporal_synthesis": _temporal_synthesis_label(codec)},
         "setup": {
             "codec": {"name": getattr(codec, "codec_name", "?"), "weights_hash": codec.weights_hash.hex(),
                       "latent_space": getattr(codec, "latent_space_spec", None)},
@@ -696,6 +699,12 @@ def _f(v, fmt: str) -> str:
     return "n/a" if v is None else format(v, fmt)
 
 
+def _temporal_synthesis_label(codec: Any) -> str:
+    name = getattr(codec, "temporal_synthesis_name", None)  # None: temporal streams render as frames do
+    name = getattr(codec, "synthesis_name", "") if name is None else name
+    return name or "the codec's own"
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The benchmark as markdown tables."""
     o = result["options"]
@@ -703,7 +712,8 @@ def markdown(result: dict[str, Any]) -> str:
     title = (f"Streaming benchmark, commit {result['commit'][:10]}, {m.get('cpu', '?')} ({m.get('cpus')} CPUs, "
              f"load {m.get('loadavg_before')}); {o['seconds']:g} s per configuration (first {o['warmup_s']:g} s not "
              f"counted), {o['pace_fps']:g} fps per camera, codec {result['setup']['codec']['name']} "
-             f"(synthesis: {o.get('synthesis') or 'own'}), JPEG quality {o['jpeg_quality']}.")
+             f"(synthesis: {o.get('synthesis') or 'own'}; temporal streams: "
+             f"{o.get('temporal_synthesis') or o.get('synthesis') or 'own'}), JPEG quality {o['jpeg_quality']}.")
     cols = ["system", "streams", "results/s", "per stream", "latency p50 ms", "p99 ms", "packet B/frame",
             "overhead B/frame", "+ HTTP/2 est.", "downstream B/result", "captured", "sent", "dropped",
             "cloud decode / analytics ms"]
@@ -768,7 +778,8 @@ def main(args) -> int:
         task=getattr(args, "task", None), threads=args.threads,
         weights=args.weights, bundle=args.bundle, tables=getattr(args, "tables", None),
         cloud_threads=getattr(args, "cloud_threads", None), workers=getattr(args, "workers", None),
-        synthesis=getattr(args, "synthesis", None), out=args.out,
+        synthesis=getattr(args, "synthesis", None), temporal_synthesis=getattr(args, "temporal_synthesis", None),
+        out=args.out,
         command=" ".join(["latentcast"] + sys.argv[1:])))
     print()
     print(markdown(result), end="")

@@ -339,7 +339,8 @@ async def run_demo(*, video: str, out_dir: Path, max_frames: int | None = None, 
                    "labels": task_labels, "rate_point": ecfg.codec.rate_point, "pace": ecfg.source.pace,
                    "grounding_every": ecfg.grounding.every, "roi_only": ecfg.codec.roi_only,
                    "mode": edge_stats.get("mode"), "temporal_mode_setting": ecfg.temporal.mode,
-                   "target_kbps": ecfg.temporal.target_kbps or None},
+                   "target_kbps": ecfg.temporal.target_kbps or None,
+                   "synthesis": ccfg.codec.synthesis, "temporal_synthesis": ccfg.codec.temporal_synthesis},
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -404,7 +405,9 @@ def main(args: argparse.Namespace) -> int:
                                    dashboard_port=getattr(args, "dashboard", None)))
     q, e = summary["quality"], summary["edge"]
     share = summary["analysed_fraction"]
-    print(f"\nmode: {e.get('mode')} (temporal.mode {summary['config']['temporal_mode_setting']}); "
+    c = summary["config"]
+    synthesis = c["temporal_synthesis"] if e.get("mode") == "temporal" else c["synthesis"]
+    print(f"\nmode: {e.get('mode')} (temporal.mode {c['temporal_mode_setting']}, synthesis {synthesis}); "
           f"{e['frames_captured']} frames captured, {e['frames_encoded']} encoded, {q['results']} analysed "
           f"({'n/a' if share is None else f'{100 * share:.0f} %'} of the captured) in {summary['elapsed_s']:.1f} s; "
           f"{e['bpp']:.4f} bpp, {e['kbps']:.1f} kbps; dropped {e['dropped']}")

@@ -43,7 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--weights", help="codec weights; default: the shipped elic-lite")
     p.add_argument("--bundle", help="edge bundle folder; default: the shipped one")
     p.add_argument("--tables", help="temporal P-frame tables of edge and cloud; default: the codec's shipped ones")
-    add_dataclass_options(p, CodecConfig, include=("synthesis",), help_extra={"synthesis": "(codec.synthesis)"})
+    add_dataclass_options(p, CodecConfig, include=("synthesis", "temporal_synthesis"),
+                          help_extra={"synthesis": "(codec.synthesis)",
+                                      "temporal_synthesis": "(codec.temporal_synthesis)"})
     p.add_argument("--out", default="results/stream_bench.json",
                    help="JSON result path, a .md table is written beside it (default results/stream_bench.json)")
     return p

@@ -48,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from latentcast.tools.options import add_dataclass_options
 
     # the cloud's and the edge's settings, with their defaults and comments from the configs
-    add_dataclass_options(p, CodecConfig, include=("synthesis", "render_grow", "render_halo", "render_runtime"))
+    add_dataclass_options(p, CodecConfig,
+                          include=("temporal_synthesis", "render_grow", "render_halo", "render_runtime"))
     add_dataclass_options(p, TemporalConfig, include=("change_threshold",),
                           help_extra={"change_threshold": "(the changed-cell edge runs)"})
     p.add_argument("--no-cost-levers", dest="cost_levers", action="store_false",
@@ -220,7 +221,7 @@ def main(a: argparse.Namespace) -> int:
     clip = video_clip(path, every=8, max_frames=a.max_frames)
     encoder = EdgeEncoder(bundle=a.bundle)
     codec = LatentCodec.load(a.weights or "elic-lite")
-    codec.use_synthesis(a.synthesis)
+    codec.use_synthesis(a.temporal_synthesis, temporal=True)
     tables = TemporalTables.load(
         getattr(a, "tables", None) or default_tables_path(codec), weights_hash=codec.weights_hash
     )
@@ -275,7 +276,7 @@ def main(a: argparse.Namespace) -> int:
            "labels": labels, "tables": dict(tables.meta), "temporal_defaults": dataclasses.asdict(base),
            "rtt_frames": a.rtt_frames, "runs": out_runs, "cost_runs": cost_runs,
            "render": render,
-           "synthesis": codec.synthesis_name or "the codec's own"}
+           "synthesis": codec.temporal_synthesis_name or "the codec's own"}
     provenance.write_results(a.out, res, _markdown(res))
     print(_markdown(res))
     return 0

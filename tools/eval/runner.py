@@ -244,7 +244,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gop", type=int, default=None, help="x264/x265 keyframe interval in frames (default: encoder's)")
     p.add_argument("--weights", default=None, help="latentcast codec weights (default: the shipped elic-lite)")
     p.add_argument("--bundle", default=None, help="latentcast edge bundle (default: the shipped export)")
-    add_dataclass_options(p, CodecConfig, include=("synthesis",), help_extra={"synthesis": "(codec.synthesis)"})
+    add_dataclass_options(p, CodecConfig, include=("synthesis", "temporal_synthesis"),
+                          help_extra={"synthesis": "(codec.synthesis)",
+                                      "temporal_synthesis": "(codec.temporal_synthesis; latentcast-temporal)"})
     p.add_argument("--threads", type=int, default=2, help="torch threads for the latentcast decoder")
     p.add_argument(
         "--temporal-tables",
@@ -320,6 +322,7 @@ def main(a: argparse.Namespace) -> int:
         enc = EdgeEncoder(bundle=a.bundle)
         dec = LatentCodec.load(a.weights or "elic-lite")
         dec.use_synthesis(a.synthesis)
+        dec.use_synthesis(a.temporal_synthesis, temporal=True)
         if "latentcast" in names:
             codecs += [LatentcastCodec(mode=m, grounding=gs, encoder=enc, decoder=dec, detector=gdet)
                        for m in ("full", "roi")]
