@@ -242,4 +242,8 @@ def load_and_warm(config: CloudConfig, *, codec: LatentCodec | None = None, dete
         composer = make_composer(config.composer, codec)
     ComposeStage(composer).warm(rec)  # warm the sampler too
     detector.detect(rec.frame)
+    if config.codec.render_runtime == "onnx" and hasattr(codec, "temporal_g_s"):
+        from latentcast.models.synthesis_runtime import onnx_synthesis
+
+        onnx_synthesis(codec.temporal_g_s, threads=config.pipeline.torch_threads)  # exported now, not at a stream
     return codec, detector, composer
