@@ -134,7 +134,12 @@ class ChangeAnalyzer:
         self.counts["regions"] += 1
         self.counts["changed_cells"] += n
         if self.stages is not None:
-            self.y = self._staged([(r0 * STRIDE, r1 * STRIDE, c0 * STRIDE, c1 * STRIDE) for r0, r1, c0, c1 in boxes])
+            try:
+                self.y = self._staged([(r0 * STRIDE, r1 * STRIDE, c0 * STRIDE, c1 * STRIDE)
+                                       for r0, r1, c0, c1 in boxes])
+            except Exception:
+                self.reset()  # the stage caches may be half updated: the next frame is analysed whole
+                raise
             return self.y, self.z, changed
         y = self.y.copy()  # the caller may hold the previous y
         for reg in regions:

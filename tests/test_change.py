@@ -198,3 +198,27 @@ def test_a_bundle_without_stages_analyses_crops_with_the_halo(tiny_bundle, tmp_p
     for t in range(3):
         te.encode(_scene(t))
     assert te.change.counts["regions"] == 2
+
+
+def test_a_failed_stage_makes_the_next_frame_whole(encoder):
+    boom = {"on": False}
+
+    def run(x, inner=encoder.analysis_stages[1].run):
+        if boom["on"]:
+            raise RuntimeError("stage failed")
+        return inner(x)
+
+    from dataclasses import replace
+
+    stages = list(encoder.analysis_stages)
+    stages[1] = replace(stages[1], run=run)
+    ca = ChangeAnalyzer(encoder.analyze, halo=encoder.analysis_halo, stages=stages, hyper=encoder.hyper_analyze,
+                        max_fraction=1.0)
+    ca.analyze(_scene(0))
+    boom["on"] = True
+    with pytest.raises(RuntimeError, match="stage failed"):
+        ca.analyze(_scene(1))
+    boom["on"] = False
+    y, _, _ = ca.analyze(_scene(2))
+    assert ca.last_whole
+    np.testing.assert_array_equal(y, encoder.analyze(_scene(2))[0])
