@@ -53,16 +53,18 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_dataclass_options(p, TemporalConfig, include=("change_threshold",),
                           help_extra={"change_threshold": "(the changed-cell edge runs)"})
     p.add_argument("--no-cost-levers", dest="cost_levers", action="store_false",
-                   help="skip the four runs that time the edge's and the cloud's changed-cell levers")
+                   help="skip the runs that time the edge's and the cloud's changed-cell levers")
     p.add_argument("--out", default="results/temporal_bench.json", help="JSON file to write (and .md beside it)")
     return p
 
 
 def _run(name: str, clip, rois, analysis, *, encoder, decoder_codec, tables, config, loss: float, rtt: int,
          detector, gt, class_ids, seed: int = 0, change: bool = False, tiled: bool = True,
-         render_every: bool = False, reference: dict | None = None, render: dict | None = None) -> dict:
+         render_every: bool = False, reference: dict | None = None, render: dict | None = None,
+         staged: bool = True) -> dict:
     """One pass over the clip. ``change``: the edge analyses only the changed cells (else the whole frame,
-    ``analysis``: precomputed with its time); ``tiled``: the cloud renders only the changed cells;
+    ``analysis``: precomputed with its time), stage by stage (``staged``, bundles that have the stages) or
+    on crops with the whole ``analysis_halo``; ``tiled``: the cloud renders only the changed cells;
     ``render_every``: render every frame (timed), not only the scored ones; ``reference``: rendered frames
     of another run to compare with (PSNR)."""
     from latentcast.edge.temporal import TemporalEncoder
@@ -71,6 +73,10 @@ def _run(name: str, clip, rois, analysis, *, encoder, decoder_codec, tables, con
 
     cfg = config if change else dataclasses.replace(config, change_threshold=0.0)
     enc = TemporalEncoder(compressor=encoder, tables=tables, config=cfg, fps=clip.fps)
+    if change and not staged:  # g_a on halo crops, as bundles exported before the analysis stages do
+        from latentcast.edge.change import ChangeAnalyzer
+
+        enc.change = ChangeAnalyzer(encoder.analyze, halo=encoder.analysis_halo, threshold=cfg.change_threshold)
     dec = TemporalDecoder(codec=decoder_codec, tables=tables, tiled=tiled, **(render or {}))
     edge_ms, render_ms, frames = [], [], {}
     rng = np.random.default_rng(seed)
@@ -125,7 +131,8 @@ def _run(name: str, clip, rois, analysis, *, encoder, decoder_codec, tables, con
             break
         if i in frames:
             originals[i] = f
-    cost = {"edge": "changed cells" if change else "whole frame", "cloud": "changed cells" if tiled else "whole frame",
+    edge = ("changed cells" if staged else "changed cells, halo crops") if change else "whole frame"
+    cost = {"edge": edge, "cloud": "changed cells" if tiled else "whole frame",
             "edge_ms_p50": round(float(np.median(edge_ms)), 1), "render_ms_p50": round(float(np.median(render_ms)), 1)
             if render_ms else None, "rendered": len(render_ms),
             "psnr_db": round(float(np.mean([psnr(frames[i], originals[i]) for i in frames])), 3) if frames else None}
@@ -256,14 +263,17 @@ def main(a: argparse.Namespace) -> int:
     # cost follows change: each lever alone and both, on the fixed level, every frame rendered and timed
     cost_runs, reference = [], None
     render = {"grow": a.render_grow, "halo": a.render_halo, "runtime": a.render_runtime, "threads": a.threads}
-    for change, tiled in ((False, False), (True, False), (False, True), (True, True)):
+    arms = [(False, False, True), (True, False, True), (False, True, True), (True, True, True)]
+    if encoder.analysis_stages is not None:
+        arms.append((True, True, False))  # the edge's g_a on halo crops instead of stage by stage
+    for change, tiled, staged in arms:
         if not a.cost_levers:
             break
         where = {False: "whole frame", True: "changed cells"}
-        name = f"edge {where[change]}, cloud {where[tiled]}"
+        name = f"edge {where[change]}{'' if staged else ' (halo crops)'}, cloud {where[tiled]}"
         r = _run(name, clip, rois, analysis, encoder=encoder, decoder_codec=codec, tables=tables, config=base,
                  loss=0.0, rtt=a.rtt_frames, detector=detector, gt=gt, class_ids=class_ids, change=change, tiled=tiled,
-                 render_every=True, reference=reference, render=render)
+                 render_every=True, reference=reference, render=render, staged=staged)
         frames = r.pop("_frames")
         reference = reference or frames
         log.info("%s: edge %.1f ms, render %.1f ms, mAP@0.5 %.3f", name, r["cost"]["edge_ms_p50"],
