@@ -150,3 +150,20 @@ def test_temporal_streams_render_with_their_own_synthesis(tmp_path, tiny_codec_p
         assert TemporalDecoder(codec=codec, tables=tables, runtime=runtime).g_s is codec.temporal_g_s
     with pytest.raises(ValueError, match="codec.temporal_synthesis ' ' must be auto, own"):
         CodecConfig(temporal_synthesis=" ")
+
+
+def test_the_ray_synthesis_renders_temporal_states_with_the_temporal_synthesis(tmp_path, tiny_codec_path):
+    """The front computes M(ẑ) with codec.temporal_synthesis; the Synthesis deployment must render with it."""
+    pytest.importorskip("ray")
+    from dataclasses import asdict
+
+    from latentcast.cloud.config import CodecConfig
+    from latentcast.cloud.serve_stages import Synthesis
+
+    codec = LatentCodec.from_file(tiny_codec_path)
+    cfg = dataclasses.replace(codec.cfg, gs_up_widths=(16, 8))
+    path = save_synthesis(SynthesisToLatent(cfg), cfg, codec.weights_hash, tmp_path / "t-synthesis.safetensors")
+    cls = getattr(Synthesis, "func_or_class", Synthesis)
+    stage = cls(asdict(CodecConfig(weights=str(tiny_codec_path), temporal_synthesis=str(path))))
+    assert stage.codec.temporal_synthesis_name == "t" and stage.codec.synthesis_name == ""
+    assert stage.codec.temporal_g_s.up[0].out_channels == 64 and stage.codec.temporal_g_s is not stage.codec.model.g_s
