@@ -378,14 +378,4 @@ class LatentCodec(FrameCompressor):
     @torch.no_grad()
     def latent_to_frame(self, latent: torch.Tensor, width: int, height: int) -> np.ndarray:
         """(1,C,h,w) latent -> (height, width, 3) uint8 RGB through the latent space's decoder."""
-        from .latent_spaces import PixelSpace
-
-        space = self.latent_space()
-        if isinstance(space, PixelSpace) and space.factor > 1:  # pixels:f: a rearrangement, done on bytes
-            f, (_, c, h, w) = space.factor, latent.shape
-            q = latent[0].numpy() * np.float32(255) + np.float32(0.5)
-            q = np.clip(q, 0, 255, out=q).astype(np.uint8).reshape(c // (f * f), f, f, h, w)
-            return np.ascontiguousarray(q.transpose(3, 1, 4, 2, 0).reshape(h * f, w * f, -1)[:height, :width])
-        img = space.decode(latent)
-        img = img[0, :, :height, :width].clamp(0, 1)
-        return (img.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+        return self.latent_space().to_rgb8(latent, width, height)

@@ -183,12 +183,7 @@ def analysis_halo(cfg: ElicConfig, stride: int = 16) -> int:
     frame: its receptive field's reach in pixels (sum over the convolutions of (k - 1) / 2 times the
     stride so far), in cells of ``stride`` pixels, rounded up. Parallel branches (attention) are summed,
     so the bound is safe. The edge computes y on the cells that changed with it (``edge/change.py``)."""
-    reach, jump = 0, 1
-    for m in analysis_transform(cfg).modules():
-        if isinstance(m, nn.Conv2d):
-            reach += (m.kernel_size[0] - 1) // 2 * m.dilation[0] * jump
-            jump *= m.stride[0]
-    return -(-reach // stride)
+    return -(-sum(reach for _, _, reach in analysis_stages(analysis_transform(cfg))) // stride)
 
 
 def analysis_stages(g_a: nn.Sequential) -> list[tuple[nn.Sequential, int, int]]:
@@ -330,10 +325,15 @@ class SynthesisToLatent(nn.Module):
         the latent of those cells only, the same values as the whole crop's output there, for less work:
         after each layer the tensor is cut to what the remaining layers need for ``keep`` (a layer at
         1/s needs its input within its reach), so the layers at 1/8 and 1/4 skip most of the margin."""
-        x = torch.cat([y_hat, mask.to(y_hat.dtype), gz.to(y_hat.dtype)], dim=1)
+        x = self.inputs(y_hat, mask, gz)
         if keep is None:
             return self.out(self.up(self.trunk(F.leaky_relu(self.head(x), 0.1))))
         return crop_chain([(layer, reach * stride, stride) for layer, reach, stride in self.layers()], x, keep)
+
+    @staticmethod
+    def inputs(y_hat: torch.Tensor, mask: torch.Tensor, gz: torch.Tensor) -> torch.Tensor:
+        """What :meth:`layers` start from: ŷ, the mask and M(ẑ) concatenated on the channels."""
+        return torch.cat([y_hat, mask.to(y_hat.dtype), gz.to(y_hat.dtype)], dim=1)
 
     def layers(self) -> list[tuple[nn.Module, int, int]]:
         """What follows the concatenation in :meth:`from_global`, as a chain: (layer, reach in its own

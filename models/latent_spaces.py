@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -181,6 +182,12 @@ class LatentSpace(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Round trip ``decode(encode(images))``."""
         return self.decode(self.encode(images))
+
+    @torch.no_grad()
+    def to_rgb8(self, latents: torch.Tensor, width: int, height: int) -> np.ndarray:
+        """The first latent of ``latents`` (1 x C x h x w) -> its (height, width, 3) uint8 RGB frame."""
+        img = self.decode(latents)[0, :, :height, :width].clamp(0, 1)
+        return (img.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
 
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -721,6 +728,15 @@ class PixelSpace(LatentSpace):
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         x = F.pixel_shuffle(latents, self.factor) if self.factor > 1 else latents
         return x.clamp(0, 1)
+
+    def to_rgb8(self, latents: torch.Tensor, width: int, height: int) -> np.ndarray:
+        """As the base class, but the rearrangement is done on bytes (a temporal render's hot path)."""
+        if self.factor == 1:
+            return super().to_rgb8(latents, width, height)
+        f, (_, c, h, w) = self.factor, latents.shape
+        q = latents[0].detach().numpy() * np.float32(255) + np.float32(0.5)
+        q = np.clip(q, 0, 255, out=q).astype(np.uint8).reshape(c // (f * f), f, f, h, w)
+        return np.ascontiguousarray(q.transpose(3, 1, 4, 2, 0).reshape(h * f, w * f, -1)[:height, :width])
 
 
 # --------------------------------------------------------------------------- registry

@@ -68,7 +68,7 @@ class OnnxSynthesis:
     def __call__(self, y_hat: torch.Tensor, mask: torch.Tensor, gz: torch.Tensor,
                  keep: tuple[int, int, int, int] | None = None) -> torch.Tensor:
         """As ``SynthesisToLatent.from_global`` (``keep``: the cells of the crop to return)."""
-        x = torch.cat([y_hat, mask.to(y_hat.dtype), gz.to(y_hat.dtype)], dim=1).numpy()
+        x = SynthesisToLatent.inputs(y_hat, mask, gz).numpy()
         if keep is None:
             for step, _, _ in self.steps:
                 x = step(x)
