@@ -508,12 +508,16 @@ class ElicCodec(nn.Module):
         return torch.clamp(idx_raw - k, 0, self.cfg.n_scales - 1)
 
     # ------------------------------------------------------------------ training
-    def forward(self, x: torch.Tensor, *, rate: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+    def forward(self, x: torch.Tensor, *, rate: torch.Tensor, mask: torch.Tensor | None = None,
+                bf16: bool = False) -> dict:
         """Training pass. ``x`` in [0,1] (B,3,H,W) with H, W multiples of 64; ``rate`` (B,) rate-point
-        indices; ``mask`` (B,1,H/16,W/16) in {0,1}: 1 where y is transmitted (None: everywhere).
+        indices; ``mask`` (B,1,H/16,W/16) in {0,1}: 1 where y is transmitted (None: everywhere);
+        ``bf16``: run g_a and g_s under bfloat16 autocast (the CPU's AVX-512 BF16; the entropy model,
+        the rates and every parameter stay float32).
 
         Returns ``latent`` (ẑ_c), ``bits_y`` and ``bits_z`` per image (B,)."""
-        y = self.g_a(x)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            y = self.g_a(x).float()
         z = self.h_a(y)
         dz = self.rate_zdelta[rate].view(-1, 1, 1, 1).to(z.dtype)
         zs_hat = round_ste(z / dz)  # the z symbols (straight-through), coded with the factorized prior
@@ -556,7 +560,8 @@ class ElicCodec(nn.Module):
             return torch.where(mask > 0.5, y_hat, mu)
 
         y_hat = self.entropy_params_loop(H, step, exact=False)
-        latent = self.g_s(y_hat, mask, z_hat)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            latent = self.g_s(y_hat, mask, z_hat).float()
         return {"latent": latent, "bits_y": bits, "bits_z": bits_z}
 
 

@@ -70,6 +70,7 @@ class TrainConfig:
     mask_fraction: float = 0.0  # stage I: share of crops with 0-50 % of y masked (g_s keeps learning ROI-only)
     channel_gains: bool = False  # learn per-rate-point channel offsets (gain units; ElicConfig.channel_gains)
     gain_lr: float = 5e-3  # Adam learning rate of the channel offsets (in table steps, so larger than lr)
+    bf16: bool = False  # g_a, g_s in bfloat16 autocast: 1.8x a step with AVX-512 BF16, far slower without it
 
     def codec_config(self) -> ElicConfig:
         import dataclasses
@@ -320,6 +321,15 @@ def _deepen_analysis(sd: dict[str, torch.Tensor], model: ElicCodec) -> dict[str,
     return out
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX), read from /proc/cpuinfo (Linux)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write a training checkpoint atomically (a temporary file, then a rename): a run killed while saving keeps
     its previous checkpoint. Used by every trainer (codec, composer)."""
@@ -364,6 +374,9 @@ def train(cfg: TrainConfig) -> Path:
         raise ValueError(f"latent space {cfg.latent_space!r} ({space.channels} ch at 1/{space.factor}) does not match "
                          f"codec {ccfg.name!r} ({ccfg.latent_channels} ch at 1/{ccfg.latent_factor})")
     crops = RandomCrops(cache, cfg.crop, ccfg.latent_factor, rng, space)
+    if cfg.bf16 and not cpu_has_bf16():
+        log.warning("--bf16 on a CPU without AVX-512 BF16 or AMX: a step is many times slower than in float32")
+    model.to(memory_format=torch.channels_last)  # the convolutions' fastest layout on CPU (as fast or faster)
     total = cfg.stage1_steps + cfg.stage2_steps
     (out / "train_config.json").write_text(json.dumps({"train": asdict(cfg), "codec": ccfg.to_dict(),
                                                         "latent_var": crops.latent_var}, indent=2))
@@ -414,7 +427,7 @@ def train(cfg: TrainConfig) -> Path:
             keep_full = torch.from_numpy(rng.random(cfg.batch) >= cfg.mask_fraction)
             mask[keep_full] = 1.0
         model.train()
-        res = model(x, rate=rate, mask=mask)
+        res = model(x.contiguous(memory_format=torch.channels_last), rate=rate, mask=mask, bf16=cfg.bf16)
         npix = x.shape[2] * x.shape[3]
         bpp = (res["bits_y"] + res["bits_z"]) / npix
         mse = ((res["latent"] - target) ** 2).mean(dim=(1, 2, 3)) / crops.latent_var

@@ -78,6 +78,33 @@ def test_channel_gains_train_release_and_code(tmp_path, tiny_sources):
         assert codec.decompress(codec.compress(img, rate_point=q)).frame.shape == img.shape
 
 
+def test_bf16_transforms_match_float32_and_train(tmp_path, tiny_sources):
+    """--bf16: g_a and g_s in bfloat16 autocast give the float32 pass's latent and rates within bf16's precision
+    (the entropy model stays float32), every parameter stays float32, and a run trains, checkpoints (the
+    convolutions in channels_last) and releases a file that codes frames."""
+    from latentcast.models.elic import CONFIGS, ElicCodec
+
+    over = {"N": 16, "M": 32, "groups": (16, 16), "Nz": 8, "Nh": 16, "ctx": 8, "ep": 16, "gs_width": 16, "gs_blocks": 1}
+    torch.manual_seed(0)
+    model = ElicCodec(dataclasses.replace(CONFIGS["lite"], **over)).eval()
+    x, rate = torch.rand(2, 3, 64, 64), torch.tensor([0, 1])
+    with torch.no_grad():
+        a, b = model(x, rate=rate), model(x, rate=rate, bf16=True)
+    assert b["latent"].dtype == torch.float32 and b["bits_y"].dtype == torch.float32
+    assert (a["latent"] - b["latent"]).abs().max() < 0.05 * a["latent"].abs().max()
+    assert torch.allclose(a["bits_y"] + a["bits_z"], b["bits_y"] + b["bits_z"], rtol=0.05)
+    cfg = training.TrainConfig(out=str(tmp_path / "run"), cache=str(tmp_path / "cache"), stage1_steps=2,
+                               stage2_steps=1, batch=2, crop=128, checkpoint_every=2, overrides=over, bf16=True)
+    ckpt = training.train(cfg)
+    sd = torch.load(ckpt, weights_only=False)["model"]
+    assert {k: v.dtype for k, v in sd.items()} == {k: v.dtype for k, v in model.state_dict().items()}
+    out = tmp_path / "b.safetensors"
+    assert main(["release", "codec", str(ckpt), "--out", str(out), "--no-calibrate"]) == 0
+    codec = LatentCodec.from_file(out)
+    img = cv2.imread(str(tiny_sources[0][1]))[:, :, ::-1].copy()
+    assert codec.decompress(codec.compress(img, rate_point=0)).frame.shape == img.shape
+
+
 def test_init_deepens_the_analysis_transform_as_the_identity():
     """--set res_blocks=2 --init <file with 1>: the file's blocks keep their places, each new block starts as the
     identity, so the deeper g_a computes exactly what the file's did; then it trains like any other."""
