@@ -126,7 +126,8 @@ class EdgeApp:
         if self._encoder is None:
             from latentcast.edge.encoder import EdgeEncoder
 
-            self._encoder = EdgeEncoder(bundle=cfg.codec.bundle or None, threads=cfg.codec.threads)
+            self._encoder = EdgeEncoder(bundle=cfg.codec.bundle or None, threads=cfg.codec.threads,
+                                        analysis=cfg.codec.analysis)
         n_rates = int(self._encoder.n_rates)
         if not 0 <= cfg.codec.rate_point < n_rates:
             raise ValueError(f"codec.rate_point {cfg.codec.rate_point} out of range 0..{n_rates - 1} for this bundle")

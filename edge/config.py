@@ -18,6 +18,7 @@ from latentcast.config import load_config
 from latentcast.proto.symbols import parse_background
 
 __all__ = [
+    "ANALYSIS_PRECISIONS",
     "ENV_PREFIX",
     "EdgeConfig",
     "SourceConfig",
@@ -37,6 +38,7 @@ _MOTIONS = ("constant-velocity", "last")
 _BACKENDS = ("yolox", "open-vocab")  # grounding backends
 _PROVIDERS = ("cpu", "cuda", "tensorrt")  # ONNX Runtime execution providers of the open-vocab backend
 _TEMPORAL_MODES = ("auto", "temporal", "frames")  # temporal.mode
+ANALYSIS_PRECISIONS = ("int8", "float32")  # codec.analysis: the arithmetic of the edge's g_a
 
 
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
@@ -141,9 +143,11 @@ class CodecConfig:
     background: str = "none"  # with roi_only: rate point 0..rate_point the other cells are coded at (ROI-QP), or none
     target_kbps: float = 0.0  # rate control of independent frames (0: off): background coarser, then none, then ROIs
     threads: int = 0  # ONNX Runtime threads for the encoder; 0 = its default
+    analysis: str = "int8"  # g_a: int8 (the bundle's quantized stages, about 2x faster) or float32
 
     def __post_init__(self) -> None:
         _check_bounds("codec", self, at_least={"rate_point": 0, "threads": 0, "target_kbps": 0})
+        _check_choice("codec.analysis", self.analysis, ANALYSIS_PRECISIONS)
         self.background = str(self.background).strip().lower()
         try:
             level = parse_background(self.background)

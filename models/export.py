@@ -7,6 +7,9 @@
       analysis_stage1..4.onnx  the same g_a cut before each strided conv: x (1,C,H,W) ─► f (1,C',H/2,W/2);
                       hyper_analysis.onnx  y ─► z.  The edge re-runs each stage only where its input
                       changed (edge/change.py); manifest "analysis_stages" says each one's stride and reach
+      analysis_stage1..3.int8.onnx  those stages quantized (QDQ: int8 per-channel weights, uint8
+                      activations calibrated on training frames), the edge's default (codec.analysis);
+                      the last stage, which writes y, stays float (manifest "analysis_int8")
       entropy.onnx    y, z_sym, tx (1,1,h,w) bool, anchor (1,1,h,w) bool, rate (1,) int64 (z's step),
                       rate_map (1,1,h,w) int64 (each cell's rate point: ROIs finer than the background)
                         ─► y_sym, y_table (1,M,h,w) int32      exact integer networks (Conv / ConvInteger)
@@ -221,6 +224,34 @@ def _entropy_graph(codec: LatentCodec):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
 
 
+def _int8_stages(codec: LatentCodec, out: Path, stages: list[dict], meta: dict[str, str],
+                 calibration: list[np.ndarray] | None) -> list[Path]:
+    """Quantize every stage of g_a but the last (which writes y: int8 there tripled y's error for a few ms);
+    adds ``"int8"`` to those entries of ``stages``; returns the files written."""
+    if calibration is None:
+        from .training import calibration_images
+
+        calibration = calibration_images(INT8_CALIBRATION_IMAGES, 512)
+    if not calibration:
+        raise ValueError("int8 analysis stages need calibration frames and no training images were found in the "
+                         "shared data folder: pass calibration frames, or export without int8 (--no-int8)")
+    for img in calibration:
+        if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8 or img.shape[0] % 64 or img.shape[1] % 64:
+            raise ValueError(f"calibration frames must be (H, W, 3) uint8 with sides multiples of 64, got "
+                             f"{img.shape} {img.dtype}")
+    written = []
+    xs = [torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255.0 for img in calibration]
+    with torch.no_grad():
+        for k, (stage, _stride, _reach) in enumerate(analysis_stages(codec.model.g_a)[:-1]):
+            src, dst = out / stages[k]["file"], out / stages[k]["file"].replace(".onnx", ".int8.onnx")
+            _quantize_stage(src, dst, [x.numpy() for x in xs])
+            _stamp(dst, meta)
+            written.append(dst)
+            stages[k]["int8"] = dst.name
+            xs = [stage.eval()(x) for x in xs]  # the float stage's output calibrates the next one
+    return written
+
+
 def _stamp(path: Path, meta: dict[str, str]) -> None:
     import onnx
 
@@ -232,8 +263,39 @@ def _stamp(path: Path, meta: dict[str, str]) -> None:
     onnx.save(model, str(path))
 
 
-def export_edge_bundle(codec: LatentCodec, out_dir: Path | str) -> Path:
-    """Write the edge bundle for ``codec`` into ``out_dir``; returns the manifest path."""
+INT8_CALIBRATION_IMAGES = 24  # training images (models.training.calibration_images, 512 px crops) for int8 ranges
+
+
+def _quantize_stage(src: Path, dst: Path, inputs: list[np.ndarray]) -> None:
+    """``src`` (one g_a stage, input ``x``) -> ``dst``: static QDQ quantization, int8 weights per output channel,
+    uint8 activations with MinMax ranges over ``inputs`` (deterministic: the same inputs give the same file)."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter([{"x": x} for x in inputs])
+
+        def get_next(self):
+            return next(self._it, None)
+
+    quantize_static(str(src), str(dst), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax)
+
+
+def export_edge_bundle(codec: LatentCodec, out_dir: Path | str, *, int8: bool = True,
+                       calibration: list[np.ndarray] | None = None) -> Path:
+    """Write the edge bundle for ``codec`` into ``out_dir``; returns the manifest path.
+
+    ``int8``: also write g_a's stages but the last quantized to int8 (the edge's ``codec.analysis: int8``),
+    their activation ranges calibrated on ``calibration`` ((H, W, 3) uint8 RGB frames, sides multiples of 64;
+    None: ``INT8_CALIBRATION_IMAGES`` training images from the shared data)."""
     import onnx
 
     out = Path(out_dir)
@@ -259,6 +321,8 @@ def export_edge_bundle(codec: LatentCodec, out_dir: Path | str) -> Path:
             _stamp(path, meta)
             graphs.append(path)
             stages.append({"file": path.name, "stride": stride, "reach": reach})
+        if int8:
+            graphs += _int8_stages(codec, out, stages, meta, calibration)
         hyper = out / "hyper_analysis.onnx"
         torch.onnx.export(codec.model.h_a.eval(), (torch.rand(1, channels, 8, 8),), str(hyper), dynamo=False,
                           input_names=["y"], output_names=["z"], opset_version=OPSET,
@@ -286,6 +350,11 @@ def export_edge_bundle(codec: LatentCodec, out_dir: Path | str) -> Path:
         "analysis_stages": stages,  # g_a stage by stage, each re-run only where its input changed (edge/change.py)
         "hyper_analysis": hyper.name,  # h_a alone: z of a whole frame analysed stage by stage
     }
+    if int8:
+        manifest["analysis_int8"] = {  # stages[k]["int8"]: the stage in int8 (edge codec.analysis: int8)
+            "format": "QDQ, int8 weights per output channel, uint8 activations (MinMax)",
+            "calibration": f"{len(calibration) if calibration else INT8_CALIBRATION_IMAGES} images"
+                           + ("" if calibration else " (models.training.calibration_images, 512 px)")}
     mpath = out / "manifest.json"
     mpath.write_text(json.dumps(manifest, indent=2))
     log.info("edge bundle for %s (%s) written to %s", codec.codec_name, codec.weights_hash.hex(), out)

@@ -81,13 +81,24 @@ def tiny_codec(tiny_codec_path):
     return LatentCodec.from_file(tiny_codec_path)
 
 
-def _export_bundle(codec, out: Path) -> Path:
-    """The edge bundle of ``codec`` in ``out`` (the exporter's warnings silenced)."""
+def calibration_frames(n: int = 3, size: tuple[int, int] = (128, 192), seed: int = 5) -> list[np.ndarray]:
+    """Smooth random (H, W, 3) uint8 frames (seeded): int8 calibration for tiny bundles, no shared data read."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    h, w = size
+    return [cv2.resize(rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8), (w, h),
+                       interpolation=cv2.INTER_CUBIC) for _ in range(n)]
+
+
+def _export_bundle(codec, out: Path, **kw) -> Path:
+    """The edge bundle of ``codec`` in ``out``, int8 stages calibrated on :func:`calibration_frames` (the
+    exporter's warnings silenced)."""
     from latentcast.models.export import export_edge_bundle
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        export_edge_bundle(codec, out)
+        export_edge_bundle(codec, out, **({"calibration": calibration_frames()} | kw))
     return out
 
 

@@ -15,11 +15,14 @@ from latentcast.proto.regions import change_regions  # noqa: E402
 W, H = 320, 256  # a 20 x 16 cell grid
 
 
-@pytest.fixture(scope="module")
-def encoder(tiny_bundle):
+@pytest.fixture(scope="module", params=["int8", "float32"])
+def encoder(tiny_bundle, request):
+    """The bundle's g_a in each precision: exactness holds for the quantized stages as for the float ones."""
     from latentcast.edge.encoder import EdgeEncoder
 
-    return EdgeEncoder(bundle=tiny_bundle)
+    enc = EdgeEncoder(bundle=tiny_bundle, analysis=request.param)
+    assert enc.analysis == request.param
+    return enc
 
 
 def _scene(t: int) -> np.ndarray:

@@ -407,6 +407,7 @@ class _Ctx:
     tables: str | None = None  # temporal P-frame tables for edge and cloud (None: the codec's shipped ones)
     cloud_threads: int | None = None  # the cloud's torch and detector threads (None: as the edge's, threads)
     workers: int | None = None  # the cloud's worker threads (None: its config's default)
+    analysis: str | None = None  # the edges' codec.analysis (None: their config's default)
     edge_pool: list[tuple[Any, Any]] = field(default_factory=list)  # (EdgeEncoder, YOLOX) per stream index
 
 
@@ -451,6 +452,8 @@ def _edge_config(ctx: _Ctx, system: str, camera_id: str, port: int, token: str):
     if system == "latentcast-temporal":
         if ctx.tables:
             cfg.temporal.tables = str(ctx.tables)
+    if ctx.analysis:
+        cfg.codec.analysis = ctx.analysis
     if ctx.threads:
         cfg.codec.threads = cfg.grounding.threads = ctx.threads
     s = cfg.server
@@ -464,7 +467,7 @@ def _edge_parts(ctx: _Ctx, cfg, n: int) -> None:
     from latentcast.edge.encoder import EdgeEncoder
 
     while len(ctx.edge_pool) < n:
-        enc = EdgeEncoder(bundle=cfg.codec.bundle or None, threads=cfg.codec.threads)
+        enc = EdgeEncoder(bundle=cfg.codec.bundle or None, threads=cfg.codec.threads, analysis=cfg.codec.analysis)
         if enc.weights_hash != ctx.codec.weights_hash:
             raise ValueError(f"the edge bundle {enc.bundle} was exported from other weights than the cloud's codec "
                              f"({enc.weights_hash.hex()} vs {ctx.codec.weights_hash.hex()}); run "
@@ -558,7 +561,7 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
                     bundle: str | os.PathLike | None = None, tables: str | os.PathLike | None = None,
                     cloud_threads: int | None = None, workers: int | None = None, synthesis: str | None = None,
                     temporal_synthesis: str | None = None, codec: Any = None, detector: Any = None,
-                    edge_detector: Any = None,
+                    edge_detector: Any = None, analysis: str | None = None,
                     out: str | os.PathLike | None = None, command: str = "latentcast bench stream",
                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every (system, N) configuration; returns the result (also written to ``out`` + ``.md``).
@@ -624,7 +627,7 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
                threads=threads, bundle=str(bundle) if bundle else None, codec=codec, detector=detector,
                edge_detector=edge_detector, task=task, task_labels=task_labels,
                tables=str(tables) if tables else None,
-               cloud_threads=cloud_threads, workers=workers)
+               cloud_threads=cloud_threads, workers=workers, analysis=analysis)
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     for n in streams:
         for system in systems:
@@ -642,7 +645,7 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
                     "cloud_threads": ctx.cloud_threads, "workers": workers, "video": portable_path(video),
                     "weights": weights, "bundle": ctx.bundle, "tables": ctx.tables,
                     "synthesis": getattr(codec, "synthesis_name", "") or "the codec's own",
-                    "temporal_synthesis": _temporal_synthesis_label(codec)},
+                    "temporal_synthesis": _temporal_synthesis_label(codec), "analysis": ecfg.codec.analysis},
         "setup": {
             "codec": {"name": getattr(codec, "codec_name", "?"), "weights_hash": codec.weights_hash.hex(),
                       "latent_space": getattr(codec, "latent_space_spec", None)},
@@ -713,7 +716,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"load {m.get('loadavg_before')}); {o['seconds']:g} s per configuration (first {o['warmup_s']:g} s not "
              f"counted), {o['pace_fps']:g} fps per camera, codec {result['setup']['codec']['name']} "
              f"(synthesis: {o.get('synthesis') or 'own'}; temporal streams: "
-             f"{o.get('temporal_synthesis') or o.get('synthesis') or 'own'}), JPEG quality {o['jpeg_quality']}.")
+             f"{o.get('temporal_synthesis') or o.get('synthesis') or 'own'}), edge g_a in "
+             f"{o.get('analysis') or 'float32'}, JPEG quality {o['jpeg_quality']}.")
     cols = ["system", "streams", "results/s", "per stream", "latency p50 ms", "p99 ms", "packet B/frame",
             "overhead B/frame", "+ HTTP/2 est.", "downstream B/result", "captured", "sent", "dropped",
             "cloud decode / analytics ms"]
@@ -779,7 +783,7 @@ def main(args) -> int:
         weights=args.weights, bundle=args.bundle, tables=getattr(args, "tables", None),
         cloud_threads=getattr(args, "cloud_threads", None), workers=getattr(args, "workers", None),
         synthesis=getattr(args, "synthesis", None), temporal_synthesis=getattr(args, "temporal_synthesis", None),
-        out=args.out,
+        analysis=getattr(args, "analysis", None), out=args.out,
         command=" ".join(["latentcast"] + sys.argv[1:])))
     print()
     print(markdown(result), end="")

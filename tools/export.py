@@ -24,7 +24,7 @@ def export_edge(a: argparse.Namespace) -> int:
 
     codec = LatentCodec.load(a.weights or "elic-lite")
     out = Path(a.out) if a.out else weights_path(codec.codec_name, "edge-bundle")
-    print(export_edge_bundle(codec, out))
+    print(export_edge_bundle(codec, out, int8=a.int8))
     return 0
 
 
@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e = xs.add_parser("edge", help="the codec's encoder bundle (ONNX + tables) for the edge")
     e.add_argument("--weights", help="codec weights (.safetensors); default: the shipped elic-lite")
     e.add_argument("--out", help="bundle folder; default: models/weights/<codec>.onnx")
+    e.add_argument("--no-int8", dest="int8", action="store_false",
+                   help="leave out the int8 analysis stages (they are calibrated on training images from the "
+                        "shared data folder)")
     e.set_defaults(func=export_edge)
     g = xs.add_parser("grounding", help="Grounding DINO for the open-vocabulary edge backend")
     g.add_argument("--out", help="bundle folder; default: grounding/<model>-<task>")

@@ -113,12 +113,12 @@ def _parse_roi(text: str):
         raise bad(str(exc)) from None
 
 
-def _encoder(weights: str | None, bundle: str | None):
-    """The edge bundle if present (or given), else the PyTorch reference encoder."""
+def _encoder(weights: str | None, bundle: str | None, analysis: str = "int8"):
+    """The edge bundle if present (or given), g_a in ``analysis``, else the PyTorch reference encoder."""
     from latentcast.edge.encoder import EdgeEncoder, default_bundle_dir
 
     if bundle or (weights is None and (default_bundle_dir() / "manifest.json").is_file()):
-        return EdgeEncoder(bundle=bundle)
+        return EdgeEncoder(bundle=bundle, analysis=analysis)
     from latentcast.models.codec import LatentCodec
 
     return LatentCodec.load(weights or "elic-lite")
@@ -156,7 +156,7 @@ def cmd_encode(a: argparse.Namespace) -> int:
     roi_only = (bool(rois) or bool(a.labels)) and not a.full
     if background is not None and not roi_only:
         raise SystemExit("error: --background codes the cells outside the ROIs: give --roi or --labels, without --full")
-    enc = _encoder(a.weights, a.bundle)
+    enc = _encoder(a.weights, a.bundle, a.analysis)
     try:
         data = enc.compress(img, rois, rate_point=a.rate, roi_only=roi_only, label_set_hash=label_hash,
                             background=background)
@@ -238,6 +238,11 @@ def add_encode_arguments(e: argparse.ArgumentParser) -> None:
                         "(ROI-QP; an LCF v2 packet); 'none' (default) sends only the ROIs and z")
     e.add_argument("--weights", help="codec weights (.safetensors); default: the shipped elic-lite")
     e.add_argument("--bundle", help="edge bundle folder (ONNX); default: the shipped one if present")
+    from latentcast.edge.config import CodecConfig as EdgeCodecConfig
+    from latentcast.tools.options import add_dataclass_options
+
+    add_dataclass_options(e, EdgeCodecConfig, include=("analysis",),
+                          help_extra={"analysis": "(the edge's codec.analysis; with a bundle)"})
     e.add_argument("-o", "--output", required=True)
     e.set_defaults(func=cmd_encode)
 

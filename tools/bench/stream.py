@@ -46,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_dataclass_options(p, CodecConfig, include=("synthesis", "temporal_synthesis"),
                           help_extra={"synthesis": "(codec.synthesis)",
                                       "temporal_synthesis": "(codec.temporal_synthesis)"})
+    from latentcast.edge.config import CodecConfig as EdgeCodecConfig
+
+    add_dataclass_options(p, EdgeCodecConfig, include=("analysis",),
+                          help_extra={"analysis": "(the edge's codec.analysis)"})
     p.add_argument("--out", default="results/stream_bench.json",
                    help="JSON result path, a .md table is written beside it (default results/stream_bench.json)")
     return p

@@ -50,6 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     # the cloud's and the edge's settings, with their defaults and comments from the configs
     add_dataclass_options(p, CodecConfig,
                           include=("temporal_synthesis", "render_grow", "render_halo", "render_runtime"))
+    from latentcast.edge.config import CodecConfig as EdgeCodecConfig
+
+    add_dataclass_options(p, EdgeCodecConfig, include=("analysis",),
+                          help_extra={"analysis": "(the edge's codec.analysis)"})
     add_dataclass_options(p, TemporalConfig, include=("change_threshold",),
                           help_extra={"change_threshold": "(the changed-cell edge runs)"})
     p.add_argument("--no-cost-levers", dest="cost_levers", action="store_false",
@@ -177,7 +181,8 @@ def _markdown(res: dict) -> str:
         f"{res['data']['scored']} scored (every 8th) against YOLOX-nano on the originals; refresh requests reach "
         f"the edge {res['rtt_frames']} frames after the refused frame",
         "- a scored frame the cloud could not render counts with no detections",
-        "- frames render with the synthesis: " + res.get("synthesis", "the codec's own"),
+        "- frames render with the synthesis: " + res.get("synthesis", "the codec's own")
+        + "; the edge's g_a runs in " + res.get("analysis", "float32"),
         "",
         "| run | target kbit/s | kbit/s | worst 1 s | bpp | keyframes | lost | refused | longest recovery (frames) "
         "| mAP@0.5 | mAP@0.5:0.95 | levels used |",
@@ -226,7 +231,7 @@ def main(a: argparse.Namespace) -> int:
         raise SystemExit(f"error: --loss {a.loss} must be in [0, 1)")
     labels = [s.strip() for s in a.labels.split(",") if s.strip()] or list(GroundingConfig().labels)
     clip = video_clip(path, every=8, max_frames=a.max_frames)
-    encoder = EdgeEncoder(bundle=a.bundle)
+    encoder = EdgeEncoder(bundle=a.bundle, analysis=a.analysis)
     codec = LatentCodec.load(a.weights or "elic-lite")
     codec.use_synthesis(a.temporal_synthesis, temporal=True)
     tables = TemporalTables.load(
@@ -286,7 +291,7 @@ def main(a: argparse.Namespace) -> int:
            "labels": labels, "tables": dict(tables.meta), "temporal_defaults": dataclasses.asdict(base),
            "rtt_frames": a.rtt_frames, "runs": out_runs, "cost_runs": cost_runs,
            "render": render,
-           "synthesis": codec.temporal_synthesis_name or "the codec's own"}
+           "synthesis": codec.temporal_synthesis_name or "the codec's own", "analysis": encoder.analysis}
     provenance.write_results(a.out, res, _markdown(res))
     print(_markdown(res))
     return 0

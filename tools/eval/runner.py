@@ -247,6 +247,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_dataclass_options(p, CodecConfig, include=("synthesis", "temporal_synthesis"),
                           help_extra={"synthesis": "(codec.synthesis)",
                                       "temporal_synthesis": "(codec.temporal_synthesis; latentcast-temporal)"})
+    from latentcast.edge.config import CodecConfig as EdgeCodecConfig
+
+    add_dataclass_options(p, EdgeCodecConfig, include=("analysis",),
+                          help_extra={"analysis": "(the edge's codec.analysis)"})
     p.add_argument("--threads", type=int, default=2, help="torch threads for the latentcast decoder")
     p.add_argument(
         "--temporal-tables",
@@ -319,7 +323,7 @@ def main(a: argparse.Namespace) -> int:
         from latentcast.models.codec import LatentCodec
         from latentcast.tools.eval.learned import LatentcastCodec, TemporalLatentcastCodec
 
-        enc = EdgeEncoder(bundle=a.bundle)
+        enc = EdgeEncoder(bundle=a.bundle, analysis=a.analysis)
         dec = LatentCodec.load(a.weights or "elic-lite")
         dec.use_synthesis(a.synthesis)
         dec.use_synthesis(a.temporal_synthesis, temporal=True)
