@@ -164,7 +164,7 @@ class AnalyticsConfig:
 
 @dataclass
 class PipelineConfig:
-    workers: int = 1  # decode+analytics worker threads (each frame uses torch/ORT threads too; 1 per 2 cores)
+    workers: int = 0  # decode+analytics worker threads; 0 = auto: cores / torch_threads (1 when that is 0: all cores)
     torch_threads: int = 0  # intra-op threads for decoding (torch, and ONNX Runtime's g_s); 0 = each one's default
     max_batch: int = 4  # frames a worker takes at once for the composer to compose together (composer.kind none:
     #                     one at a time, so another stream's frame never waits for a whole batch)
@@ -192,6 +192,16 @@ class PipelineConfig:
     #   "latentcast" (the loaded codec) and "jpeg" (the JPEG baseline of `latentcast bench stream`: whole frames as
     #   JPEG, for benchmarks only; keep it off in production). Other codecs' sessions end with FAILED_PRECONDITION
 
+    @property
+    def worker_count(self) -> int:
+        """The worker threads to start: ``workers``, or with 0 one per ``torch_threads`` cores (each frame's
+        libraries then use their share of the machine), or 1 when ``torch_threads`` is 0 (they use it all)."""
+        if self.workers:
+            return self.workers
+        if self.torch_threads <= 0:
+            return 1
+        return max(1, (os.cpu_count() or 1) // self.torch_threads)
+
     def __post_init__(self) -> None:
         codecs = self.codecs
         if isinstance(codecs, str) or not isinstance(codecs, (list, tuple)) or not codecs:
@@ -211,7 +221,9 @@ class PipelineConfig:
                              f"{self.ray_batch_wait_ms}, ray_gpus {self.ray_gpus}, ray_cpus {self.ray_cpus} >= 0")
         if self.drop_policy not in DROP_POLICIES:
             raise ValueError(f"pipeline.drop_policy {self.drop_policy!r} is not one of {', '.join(DROP_POLICIES)}")
-        for name in ("workers", "max_batch", "max_queued_per_session", "max_queued_total"):
+        if self.workers < 0:
+            raise ValueError(f"pipeline.workers must be >= 0 (0 = auto), got {self.workers}")
+        for name in ("max_batch", "max_queued_per_session", "max_queued_total"):
             if getattr(self, name) < 1:
                 raise ValueError(f"pipeline.{name} must be >= 1, got {getattr(self, name)}")
         if not (self.refused_backoff_max_s >= 0 and math.isfinite(self.refused_backoff_max_s)):

@@ -110,8 +110,9 @@ class Pipeline:
             torch.set_num_threads(self.config.torch_threads)
         self.workers.start()
         log.info("pipeline: %d worker(s), batch <= %d within %.1f ms, queue <= %d (<= %d per stream), %s; codecs %s",
-                 self.config.workers, self.config.max_batch, self.config.batch_wait_ms, self.config.max_queued_total,
-                 self.config.max_queued_per_session, self.config.drop_policy, ", ".join(self.decoders.names))
+                 self.config.worker_count, self.config.max_batch, self.config.batch_wait_ms,
+                 self.config.max_queued_total, self.config.max_queued_per_session, self.config.drop_policy,
+                 ", ".join(self.decoders.names))
 
     def stop(self, timeout: float = 10.0) -> None:
         """Fail the frames still queued (``server_shutdown``), let workers finish their batch, join them."""

@@ -67,7 +67,7 @@ class WorkerPool:
     def start(self) -> None:
         if self._threads:
             return
-        for i in range(self.config.workers):
+        for i in range(self.config.worker_count):
             t = threading.Thread(target=self._worker, name=f"latentcast-cloud-worker-{i}", daemon=True)
             t.start()
             self._threads.append(t)

@@ -99,3 +99,20 @@ def test_cloud_config_loads_without_torch():
     code = "import sys, latentcast.cloud.config as c; print('torch' in sys.modules, c.COMPOSER_KINDS)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("False"), out
+
+
+def test_cloud_workers_auto_follow_the_threads_per_frame(monkeypatch):
+    """pipeline.workers 0 (the default): one worker per torch_threads cores, one when the libraries take every
+    core (torch_threads 0); a number is taken as given; a negative one is an error naming the key."""
+    import os
+
+    from latentcast.cloud.config import PipelineConfig
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert PipelineConfig().worker_count == 1
+    assert PipelineConfig(torch_threads=1).worker_count == 8
+    assert PipelineConfig(torch_threads=3).worker_count == 2
+    assert PipelineConfig(torch_threads=16).worker_count == 1
+    assert PipelineConfig(workers=3, torch_threads=1).worker_count == 3
+    with pytest.raises(ValueError, match="pipeline.workers must be >= 0"):
+        PipelineConfig(workers=-1)

@@ -39,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "(default 1: with the libraries' defaults they fight over the cores; 0 = leave them)")
     p.add_argument("--cloud-threads", type=int, default=None,
                    help="the cloud's torch and detector threads (default: --threads)")
-    p.add_argument("--workers", type=int, default=None, help="the cloud's worker threads (default: its config's, 1)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="the cloud's worker threads (default: its config's, 0 = one per --cloud-threads cores)")
     p.add_argument("--weights", help="codec weights; default: the shipped elic-lite")
     p.add_argument("--bundle", help="edge bundle folder; default: the shipped one")
     p.add_argument("--tables", help="temporal P-frame tables of edge and cloud; default: the codec's shipped ones")
