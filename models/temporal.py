@@ -54,7 +54,7 @@ from latentcast.proto.temporal import (
 from latentcast.weights import weights_path
 
 from .codec import CodecError, LatentCodec, Reconstruction
-from .synthesis_runtime import RENDER_RUNTIMES, onnx_synthesis
+from .synthesis_runtime import RENDER_RUNTIMES, render_synthesis
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class TemporalDecoder:
     ``tiled``: render only what changed since the last render (see the module docstring); False renders
     every frame whole. ``halo``, ``grow``: the rectangles' margins in cells; ``max_fraction``: above this
     share of the grid, a render is whole. ``runtime``: g_s on ``"onnx"`` (ONNX Runtime, ``threads``
-    intra-op threads, 0 = its default) or ``"torch"``.
+    intra-op threads, 0 = its default), ``"torch"`` or ``"bf16"`` (torch in bfloat16; models/synthesis_runtime.py).
     """
 
     def __init__(self, *, codec: LatentCodec, tables: TemporalTables, tiled: bool = True,
@@ -106,9 +106,9 @@ class TemporalDecoder:
             raise ValueError(f"halo {halo} and grow {grow} must be >= 0 and max_fraction {max_fraction} in (0, 1]")
         if runtime not in RENDER_RUNTIMES:
             raise ValueError(f"render runtime {runtime!r} is not one of {', '.join(RENDER_RUNTIMES)}")
-        # where g_s runs: ONNX Runtime (models/synthesis_runtime.py, exported once per g_s) or torch
+        # where g_s runs: ONNX Runtime (exported once per g_s), torch, or torch in bfloat16 (synthesis_runtime.py)
         self.g_s = codec.temporal_g_s  # the codec's g_s of temporal streams (codec.temporal_synthesis)
-        self._synthesis = onnx_synthesis(self.g_s, threads=threads) if runtime == "onnx" else self.g_s.from_global
+        self._synthesis = render_synthesis(self.g_s, runtime, threads=threads)
         self.runtime = runtime
         self.codec, self.tables = codec, tables
         self.remote_render = remote_render  # the ray engine: (ŷ, M(ẑ), w, h) -> frame, rendered whole elsewhere

@@ -321,15 +321,6 @@ def _deepen_analysis(sd: dict[str, torch.Tensor], model: ElicCodec) -> dict[str,
     return out
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX), read from /proc/cpuinfo (Linux)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write a training checkpoint atomically (a temporary file, then a rename): a run killed while saving keeps
     its previous checkpoint. Used by every trainer (codec, composer)."""
@@ -374,6 +365,8 @@ def train(cfg: TrainConfig) -> Path:
         raise ValueError(f"latent space {cfg.latent_space!r} ({space.channels} ch at 1/{space.factor}) does not match "
                          f"codec {ccfg.name!r} ({ccfg.latent_channels} ch at 1/{ccfg.latent_factor})")
     crops = RandomCrops(cache, cfg.crop, ccfg.latent_factor, rng, space)
+    from .synthesis_runtime import cpu_has_bf16
+
     if cfg.bf16 and not cpu_has_bf16():
         log.warning("--bf16 on a CPU without AVX-512 BF16 or AMX: a step is many times slower than in float32")
     model.to(memory_format=torch.channels_last)  # the convolutions' fastest layout on CPU (as fast or faster)

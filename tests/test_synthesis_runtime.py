@@ -67,6 +67,29 @@ def test_onnx_runtime_synthesis_computes_what_torch_does(kw):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("kw", SHAPES[:2])
+def test_bf16_synthesis_is_float32_within_bfloat16_precision(kw):
+    """runtime bf16: a channels_last copy of g_s under bfloat16 autocast (the original stays float32 and
+    contiguous), float32 out, kept cells as the whole crop's, values within bfloat16's precision of float32."""
+    from latentcast.models.synthesis_runtime import render_synthesis
+
+    g = _g_s(**kw)
+    bf = render_synthesis(g, "bf16")
+    assert render_synthesis(g, "bf16") is bf and bf.g_s is not g  # one copy per g_s
+    assert all(p.dtype == torch.float32 for p in g.parameters())
+    assert all(p.is_contiguous() for p in g.parameters())
+    for rows, cols, keep in ((9, 11, None), (9, 11, (3, 6, 2, 9))):
+        y, m, gz = _inputs(g, rows, cols)
+        with torch.no_grad():
+            want = g.from_global(y, m, gz, keep=keep)
+        got = bf(y, m, gz, keep=keep)
+        assert got.shape == want.shape and got.dtype == torch.float32
+        assert not torch.equal(got, want)  # it did run in bfloat16
+        assert (got - want).abs().max() < 0.03 * want.abs().max() + 1e-3
+    with pytest.raises(ValueError, match="render runtime 'fp8' is not one of onnx, torch, bf16"):
+        render_synthesis(g, "fp8")
+
+
 def test_temporal_decoder_runtimes_and_a_bad_one(tiny_codec):
     from latentcast.models.temporal import TemporalDecoder
     from latentcast.proto.temporal import TemporalTables
