@@ -130,7 +130,7 @@ class CodecConfig:
     temporal_render: str = "changed"  # temporal: "changed" re-renders the cells that changed, "whole" every cell
     render_grow: int = SYNTHESIS_GROW  # temporal_render changed: cells around each changed cell re-rendered too
     render_halo: int = SYNTHESIS_HALO  # temporal_render changed: cells of context around each re-rendered rectangle
-    render_runtime: str = "onnx"  # temporal: g_s on "onnx" (ONNX Runtime), "torch" or "bf16" (torch in bfloat16)
+    render_runtime: str = "auto"  # temporal: g_s on onnx, torch, bf16 (torch in bfloat16), auto: bf16 if the CPU has it
 
     def __post_init__(self) -> None:
         for name in ("synthesis", "temporal_synthesis"):

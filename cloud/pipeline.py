@@ -243,8 +243,8 @@ def load_and_warm(config: CloudConfig, *, codec: LatentCodec | None = None, dete
         composer = make_composer(config.composer, codec)
     ComposeStage(composer).warm(rec)  # warm the sampler too
     detector.detect(rec.frame)
-    if config.codec.render_runtime == "onnx" and hasattr(codec, "temporal_g_s"):
-        from latentcast.models.synthesis_runtime import onnx_synthesis
+    if hasattr(codec, "temporal_g_s"):  # the render runtime's copy of g_s made now, not at the first stream
+        from latentcast.models.synthesis_runtime import render_synthesis
 
-        onnx_synthesis(codec.temporal_g_s, threads=config.pipeline.torch_threads)  # exported now, not at a stream
+        render_synthesis(codec.temporal_g_s, config.codec.render_runtime, threads=config.pipeline.torch_threads)
     return codec, detector, composer

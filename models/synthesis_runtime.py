@@ -40,7 +40,8 @@ from latentcast.proto.regions import RENDER_RUNTIMES
 
 from .elic import SynthesisToLatent, crop_chain
 
-__all__ = ["Bf16Synthesis", "OnnxSynthesis", "onnx_synthesis", "render_synthesis", "cpu_has_bf16", "RENDER_RUNTIMES"]
+__all__ = ["Bf16Synthesis", "OnnxSynthesis", "onnx_synthesis", "render_synthesis", "resolve_render_runtime",
+           "cpu_has_bf16", "RENDER_RUNTIMES"]
 
 OPSET = 17
 
@@ -117,8 +118,18 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def resolve_render_runtime(runtime: str) -> str:
+    """``runtime`` with ``auto`` resolved: ``bf16`` where the CPU computes bfloat16 natively, else ``onnx``."""
+    if runtime not in RENDER_RUNTIMES:
+        raise ValueError(f"render runtime {runtime!r} is not one of {', '.join(RENDER_RUNTIMES)}")
+    if runtime == "auto":
+        return "bf16" if cpu_has_bf16() else "onnx"
+    return runtime
+
+
 def render_synthesis(g_s: SynthesisToLatent, runtime: str, *, threads: int = 0) -> Callable[..., torch.Tensor]:
     """``g_s.from_global`` (same arguments, ``keep`` included) on ``runtime`` (one of ``RENDER_RUNTIMES``)."""
+    runtime = resolve_render_runtime(runtime)
     if runtime == "onnx":
         return onnx_synthesis(g_s, threads=threads)
     if runtime == "bf16":
@@ -127,9 +138,7 @@ def render_synthesis(g_s: SynthesisToLatent, runtime: str, *, threads: int = 0) 
             if "bf16" not in per:
                 per["bf16"] = Bf16Synthesis(g_s)
             return per["bf16"]
-    if runtime == "torch":
-        return g_s.from_global
-    raise ValueError(f"render runtime {runtime!r} is not one of {', '.join(RENDER_RUNTIMES)}")
+    return g_s.from_global
 
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # g_s -> {threads: OnnxSynthesis, "bf16": ...}

@@ -54,7 +54,7 @@ from latentcast.proto.temporal import (
 from latentcast.weights import weights_path
 
 from .codec import CodecError, LatentCodec, Reconstruction
-from .synthesis_runtime import RENDER_RUNTIMES, render_synthesis
+from .synthesis_runtime import render_synthesis, resolve_render_runtime
 
 log = logging.getLogger(__name__)
 
@@ -93,23 +93,22 @@ class TemporalDecoder:
     ``tiled``: render only what changed since the last render (see the module docstring); False renders
     every frame whole. ``halo``, ``grow``: the rectangles' margins in cells; ``max_fraction``: above this
     share of the grid, a render is whole. ``runtime``: g_s on ``"onnx"`` (ONNX Runtime, ``threads``
-    intra-op threads, 0 = its default), ``"torch"`` or ``"bf16"`` (torch in bfloat16; models/synthesis_runtime.py).
+    intra-op threads, 0 = its default), ``"torch"``, ``"bf16"`` (torch in bfloat16; models/synthesis_runtime.py)
+    or ``"auto"`` (bf16 on a CPU with native bfloat16, else onnx).
     """
 
     def __init__(self, *, codec: LatentCodec, tables: TemporalTables, tiled: bool = True,
                  halo: int = SYNTHESIS_HALO, grow: int = SYNTHESIS_GROW, max_fraction: float = 0.6,
-                 runtime: str = "onnx", threads: int = 0,
+                 runtime: str = "auto", threads: int = 0,
                  remote_render: Callable[[np.ndarray, np.ndarray, int, int], np.ndarray] | None = None):
         if tables.M != codec.M:
             raise ValueError(f"temporal tables are for M={tables.M} channels, the codec has {codec.M}")
         if halo < 0 or grow < 0 or not 0.0 < max_fraction <= 1.0:
             raise ValueError(f"halo {halo} and grow {grow} must be >= 0 and max_fraction {max_fraction} in (0, 1]")
-        if runtime not in RENDER_RUNTIMES:
-            raise ValueError(f"render runtime {runtime!r} is not one of {', '.join(RENDER_RUNTIMES)}")
         # where g_s runs: ONNX Runtime (exported once per g_s), torch, or torch in bfloat16 (synthesis_runtime.py)
         self.g_s = codec.temporal_g_s  # the codec's g_s of temporal streams (codec.temporal_synthesis)
-        self._synthesis = render_synthesis(self.g_s, runtime, threads=threads)
-        self.runtime = runtime
+        self.runtime = resolve_render_runtime(runtime)  # auto: bf16 on a CPU with native bfloat16, else onnx
+        self._synthesis = render_synthesis(self.g_s, self.runtime, threads=threads)
         self.codec, self.tables = codec, tables
         self.remote_render = remote_render  # the ray engine: (ŷ, M(ẑ), w, h) -> frame, rendered whole elsewhere
         self.tiled, self.halo, self.grow, self.max_fraction = bool(tiled), int(halo), int(grow), float(max_fraction)

@@ -30,8 +30,9 @@ __all__ = ["Region", "dilate", "components", "change_regions", "stage_regions", 
 # the cloud's defaults for re-rendering changed cells with g_s (models/temporal.py; cloud.yaml codec.render_*)
 SYNTHESIS_HALO = 3  # cells of ŷ around a re-rendered rectangle that g_s sees (beyond 3 a cell moves < 1 grey level)
 SYNTHESIS_GROW = 0  # cells around every changed cell that are re-rendered too (1: 18 % more render, same mAP)
-# where g_s runs for temporal renders (models/synthesis_runtime.py): ONNX Runtime, torch, torch in bfloat16
-RENDER_RUNTIMES = ("onnx", "torch", "bf16")
+# where g_s runs for temporal renders (models/synthesis_runtime.py): ONNX Runtime, torch, torch in bfloat16;
+# auto: bf16 on a CPU with native bfloat16, else onnx
+RENDER_RUNTIMES = ("auto", "onnx", "torch", "bf16")
 
 
 @dataclass(frozen=True)

@@ -86,18 +86,23 @@ def test_bf16_synthesis_is_float32_within_bfloat16_precision(kw):
         assert got.shape == want.shape and got.dtype == torch.float32
         assert not torch.equal(got, want)  # it did run in bfloat16
         assert (got - want).abs().max() < 0.03 * want.abs().max() + 1e-3
-    with pytest.raises(ValueError, match="render runtime 'fp8' is not one of onnx, torch, bf16"):
+    with pytest.raises(ValueError, match="render runtime 'fp8' is not one of auto, onnx, torch, bf16"):
         render_synthesis(g, "fp8")
 
 
-def test_temporal_decoder_runtimes_and_a_bad_one(tiny_codec):
+def test_temporal_decoder_runtimes_and_a_bad_one(tiny_codec, monkeypatch):
     from latentcast.models.temporal import TemporalDecoder
     from latentcast.proto.temporal import TemporalTables
 
     tables = TemporalTables.flat(M=tiny_codec.M, n_rates=tiny_codec.n_rates)
-    with pytest.raises(ValueError, match="render runtime 'tvm' is not one of onnx, torch"):
+    with pytest.raises(ValueError, match="render runtime 'tvm' is not one of auto, onnx, torch, bf16"):
         TemporalDecoder(codec=tiny_codec, tables=tables, runtime="tvm")
     assert TemporalDecoder(codec=tiny_codec, tables=tables, runtime="torch").runtime == "torch"
+    from latentcast.models import synthesis_runtime
+
+    for has, want in ((True, "bf16"), (False, "onnx")):  # auto (the default): bf16 where the CPU has it
+        monkeypatch.setattr(synthesis_runtime, "cpu_has_bf16", lambda has=has: has)
+        assert TemporalDecoder(codec=tiny_codec, tables=tables).runtime == want
 
 
 def test_pixel_latent_frames_are_the_latent_space_decoder_output():

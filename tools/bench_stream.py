@@ -408,15 +408,21 @@ class _Ctx:
     cloud_threads: int | None = None  # the cloud's torch and detector threads (None: as the edge's, threads)
     workers: int | None = None  # the cloud's worker threads (None: its config's default)
     analysis: str | None = None  # the edges' codec.analysis (None: their config's default)
+    render: dict = field(default_factory=dict)  # the cloud's codec.* render settings given (temporal_render, ...)
     edge_pool: list[tuple[Any, Any]] = field(default_factory=list)  # (EdgeEncoder, YOLOX) per stream index
 
 
 def _cloud_config(token: str, threads: int | None, *, jpeg: bool = False, tables: str | None = None,
-                  workers: int | None = None):
-    """The loopback cloud of one configuration; ``jpeg`` enables the JPEG baseline codec."""
+                  workers: int | None = None, render: dict | None = None):
+    """The loopback cloud of one configuration; ``jpeg`` enables the JPEG baseline codec; ``render``: codec.*
+    render settings (temporal_render, render_runtime)."""
+    import dataclasses
+
     from latentcast.cloud.config import CloudConfig
 
     cfg = CloudConfig()
+    if render:
+        cfg.codec = dataclasses.replace(cfg.codec, **render)  # validated as the config file's values are
     if jpeg:
         cfg.pipeline.codecs = ["latentcast", "jpeg"]
     if tables:
@@ -489,7 +495,8 @@ async def _run_config(ctx: _Ctx, system: str, n: int, progress: Callable[[str], 
     from latentcast.tools.demo import _cloud_counters
 
     token = secrets.token_hex(16)
-    ccfg = _cloud_config(token, ctx.cloud_threads, jpeg=system == "jpeg", tables=ctx.tables, workers=ctx.workers)
+    ccfg = _cloud_config(token, ctx.cloud_threads, jpeg=system == "jpeg", tables=ctx.tables, workers=ctx.workers,
+                         render=ctx.render)
     server = CloudServer(ccfg, codec=ctx.codec, detector=ctx.detector)
     port, _, _ = await server.start()
     await server.wait_ready(timeout=300)
@@ -561,7 +568,7 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
                     bundle: str | os.PathLike | None = None, tables: str | os.PathLike | None = None,
                     cloud_threads: int | None = None, workers: int | None = None, synthesis: str | None = None,
                     temporal_synthesis: str | None = None, codec: Any = None, detector: Any = None,
-                    edge_detector: Any = None, analysis: str | None = None,
+                    edge_detector: Any = None, analysis: str | None = None, render: dict | None = None,
                     out: str | os.PathLike | None = None, command: str = "latentcast bench stream",
                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every (system, N) configuration; returns the result (also written to ``out`` + ``.md``).
@@ -627,13 +634,15 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
                threads=threads, bundle=str(bundle) if bundle else None, codec=codec, detector=detector,
                edge_detector=edge_detector, task=task, task_labels=task_labels,
                tables=str(tables) if tables else None,
-               cloud_threads=cloud_threads, workers=workers, analysis=analysis)
+               cloud_threads=cloud_threads, workers=workers, analysis=analysis, render=dict(render or {}))
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     for n in streams:
         for system in systems:
             rows[(system, n)] = await _run_config(ctx, system, n, progress)
     ecfg = _edge_config(ctx, "latentcast", "x", 0, "x")
-    ccfg = _cloud_config("x", ctx.cloud_threads, workers=workers)
+    from latentcast.models.synthesis_runtime import resolve_render_runtime
+
+    ccfg = _cloud_config("x", ctx.cloud_threads, workers=workers, render=ctx.render)
     result = {
         "command": command,
         "commit": _commit(),
@@ -645,7 +654,10 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
                     "cloud_threads": ctx.cloud_threads, "workers": workers, "video": portable_path(video),
                     "weights": weights, "bundle": ctx.bundle, "tables": ctx.tables,
                     "synthesis": getattr(codec, "synthesis_name", "") or "the codec's own",
-                    "temporal_synthesis": _temporal_synthesis_label(codec), "analysis": ecfg.codec.analysis},
+                    "temporal_synthesis": _temporal_synthesis_label(codec), "analysis": ecfg.codec.analysis,
+                    "temporal_render": ccfg.codec.temporal_render,
+                    "render_runtime": resolve_render_runtime(ccfg.codec.render_runtime),
+                    "cloud_workers": ccfg.pipeline.worker_count},
         "setup": {
             "codec": {"name": getattr(codec, "codec_name", "?"), "weights_hash": codec.weights_hash.hex(),
                       "latent_space": getattr(codec, "latent_space_spec", None)},
@@ -658,7 +670,7 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
                      "queue_size": ecfg.sender.queue_size,
                      "policy": ecfg.sender.policy, "frame_queue": ecfg.source.frame_queue,
                      "encoder_threads": ecfg.codec.threads, "grounding_threads": ecfg.grounding.threads},
-            "cloud": {"workers": ccfg.pipeline.workers, "max_batch": ccfg.pipeline.max_batch,
+            "cloud": {"workers": ccfg.pipeline.worker_count, "max_batch": ccfg.pipeline.max_batch,
                       "max_queued_per_session": ccfg.pipeline.max_queued_per_session,
                       "max_queued_total": ccfg.pipeline.max_queued_total, "drop_policy": ccfg.pipeline.drop_policy,
                       "backpressure": ccfg.pipeline.backpressure, "torch_threads": ccfg.pipeline.torch_threads,
@@ -716,8 +728,10 @@ def markdown(result: dict[str, Any]) -> str:
              f"load {m.get('loadavg_before')}); {o['seconds']:g} s per configuration (first {o['warmup_s']:g} s not "
              f"counted), {o['pace_fps']:g} fps per camera, codec {result['setup']['codec']['name']} "
              f"(synthesis: {o.get('synthesis') or 'own'}; temporal streams: "
-             f"{o.get('temporal_synthesis') or o.get('synthesis') or 'own'}), edge g_a in "
-             f"{o.get('analysis') or 'float32'}, JPEG quality {o['jpeg_quality']}.")
+             f"{o.get('temporal_synthesis') or o.get('synthesis') or 'own'}; render: "
+             f"{o.get('temporal_render', 'changed')} cells on {o.get('render_runtime', 'onnx')}), edge g_a in "
+             f"{o.get('analysis') or 'float32'}, {o.get('cloud_workers', 1)} cloud worker(s), JPEG quality "
+             f"{o['jpeg_quality']}.")
     cols = ["system", "streams", "results/s", "per stream", "latency p50 ms", "p99 ms", "packet B/frame",
             "overhead B/frame", "+ HTTP/2 est.", "downstream B/result", "captured", "sent", "dropped",
             "cloud decode / analytics ms"]
@@ -783,7 +797,9 @@ def main(args) -> int:
         weights=args.weights, bundle=args.bundle, tables=getattr(args, "tables", None),
         cloud_threads=getattr(args, "cloud_threads", None), workers=getattr(args, "workers", None),
         synthesis=getattr(args, "synthesis", None), temporal_synthesis=getattr(args, "temporal_synthesis", None),
-        analysis=getattr(args, "analysis", None), out=args.out,
+        analysis=getattr(args, "analysis", None),
+        render={k: getattr(args, k) for k in ("temporal_render", "render_runtime") if getattr(args, k, None)},
+        out=args.out,
         command=" ".join(["latentcast"] + sys.argv[1:])))
     print()
     print(markdown(result), end="")

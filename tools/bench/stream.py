@@ -44,9 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--weights", help="codec weights; default: the shipped elic-lite")
     p.add_argument("--bundle", help="edge bundle folder; default: the shipped one")
     p.add_argument("--tables", help="temporal P-frame tables of edge and cloud; default: the codec's shipped ones")
-    add_dataclass_options(p, CodecConfig, include=("synthesis", "temporal_synthesis"),
+    add_dataclass_options(p, CodecConfig, include=("synthesis", "temporal_synthesis", "temporal_render",
+                                                   "render_runtime"),
                           help_extra={"synthesis": "(codec.synthesis)",
-                                      "temporal_synthesis": "(codec.temporal_synthesis)"})
+                                      "temporal_synthesis": "(codec.temporal_synthesis)",
+                                      "temporal_render": "(codec.temporal_render)",
+                                      "render_runtime": "(codec.render_runtime)"})
     from latentcast.edge.config import CodecConfig as EdgeCodecConfig
 
     add_dataclass_options(p, EdgeCodecConfig, include=("analysis",),

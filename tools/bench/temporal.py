@@ -267,7 +267,10 @@ def main(a: argparse.Namespace) -> int:
         out_runs.append(r)
     # cost follows change: each lever alone and both, on the fixed level, every frame rendered and timed
     cost_runs, reference = [], None
-    render = {"grow": a.render_grow, "halo": a.render_halo, "runtime": a.render_runtime, "threads": a.threads}
+    from latentcast.models.synthesis_runtime import resolve_render_runtime
+
+    render = {"grow": a.render_grow, "halo": a.render_halo, "runtime": resolve_render_runtime(a.render_runtime),
+              "threads": a.threads}
     arms = [(False, False, True), (True, False, True), (False, True, True), (True, True, True)]
     if encoder.analysis_stages is not None:
         arms.append((True, True, False))  # the edge's g_a on halo crops instead of stage by stage
