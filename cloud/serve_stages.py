@@ -72,6 +72,10 @@ class Synthesis:
         self.codec.use_synthesis(cfg.synthesis)
         # temporal states render with the g_s whose M(ẑ) the front computed (codec.temporal_synthesis)
         self.codec.use_synthesis(cfg.temporal_synthesis, temporal=True)
+        from latentcast.models.synthesis_runtime import render_synthesis
+
+        # ... on the runtime the embedded engine would use (codec.render_runtime: bf16 where the CPU has it)
+        self._synthesis = render_synthesis(self.codec.temporal_g_s, cfg.render_runtime, threads=threads)
         for method in (self.decompress, self.render):
             method.set_max_batch_size(max_batch)
             method.set_batch_wait_timeout_s(batch_wait_s)
@@ -106,8 +110,8 @@ class Synthesis:
         with torch.no_grad():
             for y, gz, w, h in items:
                 y_t = torch.from_numpy(np.ascontiguousarray(y))[None].float()
-                latent = self.codec.temporal_g_s.from_global(y_t, torch.ones(1, 1, *y.shape[1:]),
-                                                             torch.from_numpy(np.ascontiguousarray(gz))[None])
+                latent = self._synthesis(y_t, torch.ones(1, 1, *y.shape[1:]),
+                                         torch.from_numpy(np.ascontiguousarray(gz))[None])
                 f = self.codec.cfg.latent_factor
                 out.append(self.codec.latent_to_frame(latent[:, :, : -(-h // f), : -(-w // f)], w, h))
         return out

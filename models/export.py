@@ -284,9 +284,16 @@ def _quantize_stage(src: Path, dst: Path, inputs: list[np.ndarray]) -> None:
         def get_next(self):
             return next(self._it, None)
 
-    quantize_static(str(src), str(dst), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
+    def _no_preprocess_hint(record: logging.LogRecord) -> bool:  # the quantizer's advice for image classifiers
+        return "pre-processing" not in record.getMessage()
+
+    logging.root.addFilter(_no_preprocess_hint)
+    try:
+        quantize_static(str(src), str(dst), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+    finally:
+        logging.root.removeFilter(_no_preprocess_hint)
 
 
 def export_edge_bundle(codec: LatentCodec, out_dir: Path | str, *, int8: bool = True,

@@ -30,7 +30,7 @@ def test_encode_info_decode(tmp_path, photo, tiny_codec_path, tiny_bundle, capsy
     assert np.load(tmp_path / "lat.npy").shape == (48, 44, 60)
 
 
-def test_pytorch_and_onnx_encoders_agree(tmp_path, photo, tiny_codec_path, tiny_bundle):
+def test_pytorch_and_onnx_encoders_agree(tmp_path, photo, tiny_codec_path, tiny_bundle, capsys):
     """Both encoders make packets the decoder accepts; they differ only where g_a's float rounding
     (ONNX Runtime vs PyTorch) lands on a quantization boundary, which is the encoder's free choice."""
     import dataclasses
@@ -40,7 +40,7 @@ def test_pytorch_and_onnx_encoders_agree(tmp_path, photo, tiny_codec_path, tiny_
 
     a, b = tmp_path / "a.lcf", tmp_path / "b.lcf"
     assert main(["encode", str(photo), "--weights", str(tiny_codec_path), "-o", str(a)]) == 0
-    assert main(["encode", str(photo), "--bundle", str(tiny_bundle), "-o", str(b)]) == 0
+    assert main(["encode", str(photo), "--bundle", str(tiny_bundle), "--analysis", "float32", "-o", str(b)]) == 0
     pa, pb = Packet.from_bytes(a.read_bytes()), Packet.from_bytes(b.read_bytes())
     assert dataclasses.replace(pa.header, symbol_crc=0) == dataclasses.replace(pb.header, symbol_crc=0)
     assert abs(a.stat().st_size - b.stat().st_size) <= 0.02 * a.stat().st_size
@@ -48,6 +48,14 @@ def test_pytorch_and_onnx_encoders_agree(tmp_path, photo, tiny_codec_path, tiny_
     la = codec.decompress(pa, decode_frame=False).latent
     lb = codec.decompress(pb, decode_frame=False).latent
     assert np.abs(la - lb).mean() < 1e-2 * (np.abs(la).mean() + 1e-6)
+    # the bundle's default, g_a in int8: another y, a packet of the same kind the decoder takes as well
+    c = tmp_path / "c.lcf"
+    assert main(["encode", str(photo), "--bundle", str(tiny_bundle), "-o", str(c)]) == 0
+    pc = Packet.from_bytes(c.read_bytes())
+    assert dataclasses.replace(pc.header, symbol_crc=0) == dataclasses.replace(pb.header, symbol_crc=0)
+    assert codec.decompress(pc, decode_frame=False).latent.shape == la.shape
+    assert main(["encode", str(photo), "--bundle", str(tiny_bundle), "--analysis", "int4", "-o", str(c)]) == 2
+    assert "analysis 'int4' is not one of int8, float32" in capsys.readouterr().err
 
 
 def test_encode_with_a_coded_background(tmp_path, photo, tiny_codec_path, tiny_bundle, capsys):

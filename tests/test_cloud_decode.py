@@ -158,12 +158,12 @@ def test_the_temporal_render_settings_come_from_the_config():
 
     cfg = CloudConfig()
     assert DecoderRegistry.from_config(cfg, _Codec()).get(1).render == {"tiled": True, "grow": 0, "halo": 3,
-                                                                       "runtime": "onnx", "threads": 0}
+                                                                       "runtime": "auto", "threads": 0}
     cfg.codec = CodecConfig(temporal_render="whole", render_grow=0, render_halo=2, render_runtime="torch")
     cfg.pipeline.torch_threads = 1
     assert DecoderRegistry.from_config(cfg, _Codec()).get(1).render == {"tiled": False, "grow": 0, "halo": 2,
                                                                        "runtime": "torch", "threads": 1}
-    with pytest.raises(ValueError, match="codec.render_runtime 'tvm' is not one of onnx, torch"):
+    with pytest.raises(ValueError, match="codec.render_runtime 'tvm' is not one of auto, onnx, torch, bf16"):
         CodecConfig(render_runtime="tvm")
     with pytest.raises(ValueError, match="codec.temporal_render 'some' is not one of changed, whole"):
         CodecConfig(temporal_render="some")

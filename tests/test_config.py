@@ -116,3 +116,12 @@ def test_cloud_workers_auto_follow_the_threads_per_frame(monkeypatch):
     assert PipelineConfig(workers=3, torch_threads=1).worker_count == 3
     with pytest.raises(ValueError, match="pipeline.workers must be >= 0"):
         PipelineConfig(workers=-1)
+
+
+def test_edge_analysis_precision_is_checked():
+    from latentcast.edge.config import CodecConfig
+
+    assert CodecConfig().analysis == "int8"
+    assert CodecConfig(analysis="float32").analysis == "float32"
+    with pytest.raises(ValueError, match="codec.analysis 'fp16' is not one of int8, float32"):
+        CodecConfig(analysis="fp16")
