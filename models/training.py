@@ -506,6 +506,8 @@ def calibrate_table_offsets(codec, images: list[np.ndarray], *, search: int = 48
 def calibration_images(n: int = 8, size: int = 512) -> list[np.ndarray]:
     """Center crops of training images (photos and vtest frames not divisible by 8)."""
     srcs = training_sources()
+    if not srcs:
+        return []
     pick = [srcs[i] for i in np.linspace(0, len(srcs) - 1, n).astype(int)]
     out = []
     for _name, path, frame in pick:

@@ -96,7 +96,7 @@ def test_analysis_parity(tiny_codec, tiny_bundle, rng):
     assert np.sqrt(np.mean((z8 - z_pt) ** 2)) < 0.1 * z_pt.std()
 
 
-def test_int8_analysis_stages_in_the_manifest_and_fallbacks(tiny_codec, tiny_bundle, tmp_path, caplog):
+def test_int8_analysis_stages_in_the_manifest_and_fallbacks(tiny_codec, tiny_bundle, tmp_path, caplog, monkeypatch):
     """Every stage but the last (which writes y) has an int8 file; a bundle without them (``--no-int8``) runs
     float32 and says so; a bad precision or calibration frame is a precise error."""
     import logging
@@ -115,6 +115,11 @@ def test_int8_analysis_stages_in_the_manifest_and_fallbacks(tiny_codec, tiny_bun
         EdgeEncoder(bundle=tiny_bundle, analysis="int4")
     with pytest.raises(ValueError, match="multiples of 64"):
         _export_bundle(tiny_codec, tmp_path / "bad", calibration=[np.zeros((100, 64, 3), np.uint8)])
+    from latentcast.models import training
+
+    monkeypatch.setattr(training, "training_sources", lambda **_: [])  # no shared data folder
+    with pytest.raises(ValueError, match=r"no training images were found .* \(--no-int8\)"):
+        _export_bundle(tiny_codec, tmp_path / "none", calibration=None)
 
 
 def test_entropy_graph_equals_pytorch_exactly(tiny_codec, tiny_bundle, rng):
