@@ -81,6 +81,10 @@ class EdgeEncoder(FrameCompressor):
         self.manifest = json.loads(mpath.read_text())
         if self.manifest.get("format") != "latentcast-edge-bundle-1":
             raise ValueError(f"{mpath}: unknown bundle format {self.manifest.get('format')!r}")
+        missing = sorted(n for n in self.manifest.get("files", {}) if not (self.bundle / n).is_file())
+        if missing:
+            raise FileNotFoundError(f"edge bundle {self.bundle} lacks {', '.join(missing)}, which its manifest "
+                                    "lists: re-export it with `latentcast export edge`")
         self._ent = ort_session(self.bundle / "entropy.onnx", threads=threads)
         self._has_rate_map = "rate_map" in {i.name for i in self._ent.get_inputs()}
         t = np.load(self.bundle / "tables.npz")

@@ -115,6 +115,10 @@ def test_int8_analysis_stages_in_the_manifest_and_fallbacks(tiny_codec, tiny_bun
         EdgeEncoder(bundle=tiny_bundle, analysis="int4")
     with pytest.raises(ValueError, match="multiples of 64"):
         _export_bundle(tiny_codec, tmp_path / "bad", calibration=[np.zeros((100, 64, 3), np.uint8)])
+    broken = _export_bundle(tiny_codec, tmp_path / "broken")
+    (broken / stages[1]["int8"]).unlink()  # a bundle copied without one of its files
+    with pytest.raises(FileNotFoundError, match=r"lacks analysis_stage2\.int8\.onnx, which its manifest lists"):
+        EdgeEncoder(bundle=broken)
     from latentcast.models import training
 
     monkeypatch.setattr(training, "training_sources", lambda **_: [])  # no shared data folder
