@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 import cv2
 import numpy as np
 
-from latentcast.edge.encoder import AnalysisStage, pad_frame, to_input
+from latentcast.edge.encoder import AnalysisStage, pad_frame, run_stages, to_input
 from latentcast.proto.regions import change_regions, components, stage_regions
 
 log = logging.getLogger(__name__)
@@ -101,11 +101,8 @@ class ChangeAnalyzer:
         if self.stages is None:
             self.y, self.z = self._analyze(padded)
         else:
-            x, self._features = to_input(padded), []
-            for st in self.stages:
-                x = st.run(x)
-                self._features.append(x)
-            self.y = x[0].copy()
+            self._features = run_stages(self.stages, to_input(padded))
+            self.y = self._features[-1][0].copy()
             self.z = self._hyper(self.y)
         self.counts["whole"] += 1
         self.last_whole = True

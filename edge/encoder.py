@@ -32,7 +32,7 @@ from latentcast.weights import weights_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EdgeEncoder", "AnalysisStage", "default_bundle_dir", "to_input"]
+__all__ = ["EdgeEncoder", "AnalysisStage", "default_bundle_dir", "run_stages", "to_input"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,15 @@ class AnalysisStage:
     run: Callable[[np.ndarray], np.ndarray]  # (1, C, H, W) float32 -> (1, C', H/2, W/2)
     stride: int  # frame pixels per output position: 2, 4, 8, 16
     reach: int  # frame pixels around an output position's own that its value depends on
+
+
+def run_stages(stages: tuple[AnalysisStage, ...], x: np.ndarray) -> list[np.ndarray]:
+    """g_a stage by stage on ``x`` (g_a's input): every stage's output, y last."""
+    out = []
+    for st in stages:
+        x = st.run(x)
+        out.append(x)
+    return out
 
 
 def to_input(pixels: np.ndarray) -> np.ndarray:
@@ -126,9 +135,8 @@ class EdgeEncoder(FrameCompressor):
         to a multiple of this; 16 for a crop of a padded frame whose y is all that is wanted."""
         x = to_input(pad_frame(frame, pad_to))
         if self.analysis == "int8":
-            for st in self.analysis_stages:
-                x = st.run(x)
-            return x[0], self._hyper(x)[0]
+            y = run_stages(self.analysis_stages, x)[-1]
+            return y[0], self._hyper(y)[0]
         y, z = self._ana.run(None, {"image": x})
         return y[0], z[0]
 

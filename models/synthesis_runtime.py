@@ -25,6 +25,7 @@ frames and the detections. On a CPU without native bfloat16 it is many times slo
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import threading
 import warnings
@@ -108,8 +109,9 @@ class Bf16Synthesis:
         return x.float().contiguous()
 
 
+@functools.cache
 def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX), read from /proc/cpuinfo (Linux)."""
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX), read once from /proc/cpuinfo (Linux)."""
     try:
         with open("/proc/cpuinfo") as fh:
             flags = fh.read().split()
