@@ -24,7 +24,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["field_comments", "add_dataclass_options", "dataclass_from_args", "option_name"]
+__all__ = ["field_comments", "add_dataclass_options", "add_analysis_option", "dataclass_from_args", "option_name"]
 
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -123,3 +123,10 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, *, base: Any = None
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
              if getattr(args, f.name, None) is not None}
     return cls(**{**start, **given, **values})
+
+
+def add_analysis_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--analysis``: the edge encoder's g_a precision, as the edge config's ``codec.analysis``."""
+    from latentcast.edge.config import CodecConfig
+
+    add_dataclass_options(p, CodecConfig, include=("analysis",), help_extra={"analysis": "(the edge's codec.analysis)"})

@@ -238,11 +238,9 @@ def add_encode_arguments(e: argparse.ArgumentParser) -> None:
                         "(ROI-QP; an LCF v2 packet); 'none' (default) sends only the ROIs and z")
     e.add_argument("--weights", help="codec weights (.safetensors); default: the shipped elic-lite")
     e.add_argument("--bundle", help="edge bundle folder (ONNX); default: the shipped one if present")
-    from latentcast.edge.config import CodecConfig as EdgeCodecConfig
-    from latentcast.tools.options import add_dataclass_options
+    from latentcast.tools.options import add_analysis_option
 
-    add_dataclass_options(e, EdgeCodecConfig, include=("analysis",),
-                          help_extra={"analysis": "(the edge's codec.analysis; with a bundle)"})
+    add_analysis_option(e)
     e.add_argument("-o", "--output", required=True)
     e.set_defaults(func=cmd_encode)
 

@@ -33,11 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """This benchmark's options (``latentcast bench codec`` and ``python -m latentcast.tools.bench.codec``)."""
     p.add_argument("--weights", help="codec weights (.safetensors); default: the shipped elic-lite")
     p.add_argument("--bundle", help="edge bundle folder; default: the shipped one")
-    from latentcast.edge.config import CodecConfig as EdgeCodecConfig
-    from latentcast.tools.options import add_dataclass_options
+    from latentcast.tools.options import add_analysis_option
 
-    add_dataclass_options(p, EdgeCodecConfig, include=("analysis",),
-                          help_extra={"analysis": "(the edge's codec.analysis)"})
+    add_analysis_option(p)
     p.add_argument("--kodak", type=int, default=24, help="number of Kodak images (default all 24)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--out", default="results/codec_bench.json",

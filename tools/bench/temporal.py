@@ -45,15 +45,12 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="threads of the decoder (torch, ONNX Runtime)")
     from latentcast.cloud.config import CodecConfig
     from latentcast.edge.config import TemporalConfig
-    from latentcast.tools.options import add_dataclass_options
+    from latentcast.tools.options import add_analysis_option, add_dataclass_options
 
     # the cloud's and the edge's settings, with their defaults and comments from the configs
     add_dataclass_options(p, CodecConfig,
                           include=("temporal_synthesis", "render_grow", "render_halo", "render_runtime"))
-    from latentcast.edge.config import CodecConfig as EdgeCodecConfig
-
-    add_dataclass_options(p, EdgeCodecConfig, include=("analysis",),
-                          help_extra={"analysis": "(the edge's codec.analysis)"})
+    add_analysis_option(p)
     add_dataclass_options(p, TemporalConfig, include=("change_threshold",),
                           help_extra={"change_threshold": "(the changed-cell edge runs)"})
     p.add_argument("--no-cost-levers", dest="cost_levers", action="store_false",

@@ -222,7 +222,7 @@ def bd_tables(points: list[dict], metrics: list[str]) -> dict:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from latentcast.cloud.config import CodecConfig
-    from latentcast.tools.options import add_dataclass_options
+    from latentcast.tools.options import add_analysis_option, add_dataclass_options
 
     p.add_argument("--data", required=True, help="a video file, an image folder, or a COCO annotation .json")
     p.add_argument("--images", default=None, help="folder of the COCO file's images (default: the file's folder)")
@@ -247,10 +247,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_dataclass_options(p, CodecConfig, include=("synthesis", "temporal_synthesis"),
                           help_extra={"synthesis": "(codec.synthesis)",
                                       "temporal_synthesis": "(codec.temporal_synthesis; latentcast-temporal)"})
-    from latentcast.edge.config import CodecConfig as EdgeCodecConfig
-
-    add_dataclass_options(p, EdgeCodecConfig, include=("analysis",),
-                          help_extra={"analysis": "(the edge's codec.analysis)"})
+    add_analysis_option(p)
     p.add_argument("--threads", type=int, default=2, help="torch threads for the latentcast decoder")
     p.add_argument(
         "--temporal-tables",
