@@ -180,6 +180,8 @@ class TemporalConfig:
     change_threshold: float = 8.0  # P frames: g_a only on 16x16 cells that changed by more (mean grey levels; 0: all)
     tables: str = ""  # P-frame entropy tables; "" = models/weights/<codec>-temporal.safetensors next to the bundle
     compact_p: bool = True  # P frames in the compact container (LCF v3: 26 bytes of header, not 61); off for old clouds
+    motion: bool = True  # P frames: coded ROI cells predicted from the previous latent moved per grounded box (P_MC)
+    camera_motion: bool = False  # P frames also send the camera's motion (a moving or handheld camera; off: fixed)
 
     def __post_init__(self) -> None:
         _check_choice("temporal.mode", self.mode, _TEMPORAL_MODES)

@@ -5,7 +5,9 @@
     frame, ROIs ─► analyze (g_a; P frames: only the cells that changed, edge/change.py) ─► y
                                        ┬─ keyframe due? (start, every refresh_s, scene change, refresh asked)
                                        │     yes ─► compress_key: full intra packet + T{KEY} ─► state = ŷ
-                                       └─ no ─► proto.temporal.choose_modes(state, y, ROI cells)
+                                       └─ no ─► motion: the camera's vector (camera_motion), then a vector
+                                                per grounded box (choose_motion)
+                                                ─► proto.temporal.choose_modes(state, y, ROI cells, vectors)
                                                 ─► encode_p ─► packet T{P, ref = last frame, key} + Y
                                                 ─► state.apply (the same update the cloud makes)
     bytes sent ─► RateController (leaky bucket on target_kbps) ─► level = (rate point and threshold of ROI
@@ -32,14 +34,20 @@ from latentcast.proto.bitstream import Roi
 from latentcast.proto.grid import transmit_mask
 from latentcast.proto.symbols import FrameCompressor
 from latentcast.proto.temporal import (
+    CODE,
     KIND_KEY,
     KIND_P,
+    KIND_P_MC,
     MAX_FRAME_ID,
+    Motion,
     TemporalInfo,
     TemporalState,
     TemporalTables,
+    box_cells,
     choose_modes,
+    choose_motion,
     encode_p,
+    search_camera,
 )
 from latentcast.weights import codec_name_of, weights_path
 
@@ -81,7 +89,7 @@ class TemporalEncoder:
         self.frame_id = 0
         self._since_key = 0
         self._refresh: str | None = "start"
-        self.counts = {"key": 0, "p": 0, "scene_change": 0, "refresh_requested": 0, "periodic": 0}
+        self.counts = {"key": 0, "p": 0, "p_mc": 0, "scene_change": 0, "refresh_requested": 0, "periodic": 0}
         halo = getattr(compressor, "analysis_halo", None)
         self.change: ChangeAnalyzer | None = None
         if config.change_threshold > 0 and halo is not None:
@@ -97,11 +105,12 @@ class TemporalEncoder:
         if self._refresh is None:
             self._refresh = reason
 
-    def changed_fraction(self, y: np.ndarray) -> float:
-        """Fraction of all cells (ROI or not) whose change against the current latent, quantized with the
-        background step, has at least ``bg_threshold`` nonzero symbols: a cut or a camera move is near 1."""
+    def changed_fraction(self, y: np.ndarray, camera: tuple[int, int] = (0, 0)) -> float:
+        """Fraction of all cells (ROI or not) whose change against the current latent (moved by the camera's
+        vector), quantized with the background step, has at least ``bg_threshold`` nonzero symbols: a cut, or a
+        camera move not followed, is near 1."""
         step = self.steps[self.config.bg_rate_point]
-        nz = (np.floor((np.asarray(y, dtype=np.float64) - self.state.y) / step + 0.5) != 0).sum(0)
+        nz = (np.floor((np.asarray(y, dtype=np.float64) - self.state.moved(camera).y) / step + 0.5) != 0).sum(0)
         return float(np.mean(nz >= self.config.bg_threshold))
 
     @property
@@ -132,7 +141,10 @@ class TemporalEncoder:
             y, z, _ = self.change.analyze(frame, full=self._refresh is not None)
         else:
             y, z = self.compressor.analyze(frame)
-        if self._refresh is None and c.scene_change < 1.0 and self.changed_fraction(y) > c.scene_change:
+        camera = (0, 0)
+        if self._refresh is None and c.camera_motion:
+            camera = search_camera(self.state.y, y, step=self.steps[c.bg_rate_point])
+        if self._refresh is None and c.scene_change < 1.0 and self.changed_fraction(y, camera) > c.scene_change:
             self._refresh = "scene_change"
             if analysis is None and self.change is not None and not self.change.last_whole:
                 y, z, _ = self.change.analyze(frame, full=True)  # a keyframe sends the whole frame's y and z
@@ -150,18 +162,27 @@ class TemporalEncoder:
             self.counts["key"] += 1
             log.debug("frame %d: keyframe (%s), %d bytes", fid, reason, len(data))
         else:
-            roi = transmit_mask(w, h, [(r.x0, r.y0, r.x1, r.y1) for r in rois], True)
-            modes, sym = choose_modes(self.state, y, roi, step=self.steps[rate_point],
+            boxes = [(r.x0, r.y0, r.x1, r.y1) for r in rois]
+            roi = transmit_mask(w, h, boxes, True)
+            st = self.state.moved(camera)
+            mv = None
+            if c.motion and boxes:
+                mv = choose_motion(st, y, roi, box_cells(boxes, roi.shape), step=self.steps[rate_point])
+            modes, sym = choose_modes(st, y, roi, step=self.steps[rate_point],
                                       bg_step=self.steps[c.bg_rate_point], threshold=threshold,
-                                      bg_threshold=c.bg_threshold, deadzone=c.deadzone)
-            info = TemporalInfo(kind=KIND_P, frame_id=fid, ref_id=self.state.frame_id, key_id=self.state.key_id,
-                                bg_rate_point=c.bg_rate_point)
-            yb, crc = encode_p(self.state, modes, sym, tables=self.tables, y_tables=self.compressor.y_tables,
-                               rate_point=rate_point, bg_rate_point=c.bg_rate_point)
+                                      bg_threshold=c.bg_threshold, deadzone=c.deadzone, mv=mv)
+            motion = Motion(camera=camera, cells=None if mv is None else np.where((modes == CODE)[None], mv, 0))
+            if not motion.moves:
+                motion = None  # nothing moved: an ordinary P frame
+            info = TemporalInfo(kind=KIND_P if motion is None else KIND_P_MC, frame_id=fid,
+                                ref_id=self.state.frame_id, key_id=self.state.key_id, bg_rate_point=c.bg_rate_point)
+            yb, crc = encode_p(st, modes, sym, tables=self.tables, y_tables=self.compressor.y_tables,
+                               rate_point=rate_point, bg_rate_point=c.bg_rate_point, motion=motion)
             data = self.compressor.p_packet(width=w, height=h, rate_point=rate_point, y_bytes=yb, crc=crc,
                                             temporal=info, label_set_hash=label_set_hash, compact=c.compact_p)
             self.state.apply(modes, sym, step=self.steps[rate_point], bg_step=self.steps[c.bg_rate_point],
-                             frame_id=fid)
+                             frame_id=fid, motion=motion)
+            self.counts["p_mc"] += int(motion is not None)
             self._since_key += 1
             self.counts["p"] += 1
         if self.rate is not None:

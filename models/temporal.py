@@ -7,7 +7,8 @@
                                 P:   ref == last decoded frame and key == held keyframe?
                                        no  ─► MissingReference (nothing rendered; the cloud asks the edge
                                               for a keyframe over the back channel)
-                                       yes ─► proto.temporal.decode_p ─► CRC ─► state.apply
+                                       yes ─► proto.temporal.decode_p ─► CRC ─► state.apply (P_MC: CODE
+                                              cells from the moved latent)
                          ─► render: g_s(ŷ_state, all cells, ẑ_key) ─► ẑ_c ─► latent decoder ─► frame
 
 Rendering costs what changed (``tiled``, the default). M(ẑ), g_s's global features, is computed once
@@ -167,15 +168,15 @@ class TemporalDecoder:
         for q in (hd.rate_point, info.bg_rate_point):
             if q >= self.codec.n_rates:
                 raise CodecError(f"P frame rate point {q} out of range 0..{self.codec.n_rates - 1}")
-        modes, sym, crc = decode_p(self.state, packet.sections[SectionKind.Y], tables=self.tables,
-                                   y_tables=self.codec.y_tables, rate_point=hd.rate_point,
-                                   bg_rate_point=info.bg_rate_point)
+        modes, sym, crc, motion = decode_p(self.state, packet.sections[SectionKind.Y], tables=self.tables,
+                                       y_tables=self.codec.y_tables, rate_point=hd.rate_point,
+                                       bg_rate_point=info.bg_rate_point, motion=info.has_motion)
         if crc != hd.symbol_crc:
             raise CodecError(f"symbol checksum mismatch in P frame {info.frame_id} (decoded {crc:#010x}, packet "
                              f"{hd.symbol_crc:#010x}): frame not rendered")
         steps = self.codec.rate_deltas
         self.state.apply(modes, sym, step=steps[hd.rate_point], bg_step=steps[info.bg_rate_point],
-                         frame_id=info.frame_id)
+                         frame_id=info.frame_id, motion=motion)
         self.counts["p"] += 1
         self._frame_no += 1
         self._changed.append((self._frame_no, modes != KEEP))

@@ -123,6 +123,7 @@ __all__ = [
     "StreamContext",
     "is_compact",
     "FLAG_ROI_ONLY",
+    "FLAG_MOTION",
     "BitstreamError",
     "SectionKind",
     "Roi",
@@ -149,6 +150,7 @@ MAX_DECODE_PIXELS = 4096 * 2304
 
 FLAG_ROI_ONLY = 0x01
 _KNOWN_FLAGS = FLAG_ROI_ONLY
+FLAG_MOTION = 0x02  # version 3 only: the compact P frame is a P_MC frame (T kind 2: its CODE cells carry motion)
 
 _HEADER = struct.Struct("<4sBBH8sBBHH4sIHB")
 _ROI = struct.Struct("<HHHHHBB")
@@ -159,7 +161,7 @@ _COMPACT = struct.Struct("<4sBBBBIIIH")  # version 3: the compact P frame's head
 #: The T (temporal) section's payload: kind u8, frame_id u32, ref_id u32, key_id u32, bg_rate_point u8
 #: (``proto.temporal.TemporalInfo``). Version 3 rebuilds it from its own fields.
 T_SECTION = struct.Struct("<BIIIB")
-_T_KIND_P = 1
+_T_KIND_P, _T_KIND_P_MC = 1, 2
 
 HEADER_BYTES = _HEADER.size  # 33
 ROI_ENTRY_BYTES = _ROI.size  # 12
@@ -435,8 +437,9 @@ class Packet:
         sections = self.validate()
         h = self.header
         if self.compact:
-            frame_id, key_id, bg = _compact_fields(h, sections)
-            parts = [_COMPACT.pack(MAGIC, VERSION_COMPACT_P, h.flags, h.rate_point, bg, frame_id, key_id, h.symbol_crc,
+            frame_id, key_id, bg, kind = _compact_fields(h, sections)
+            flags = h.flags | (FLAG_MOTION if kind == _T_KIND_P_MC else 0)
+            parts = [_COMPACT.pack(MAGIC, VERSION_COMPACT_P, flags, h.rate_point, bg, frame_id, key_id, h.symbol_crc,
                                    len(h.rois))]
             parts.extend(_ROI.pack(r.x0, r.y0, r.x1, r.y1, r.label_id, r.score_u8, 0) for r in h.rois)
             parts.append(sections[SectionKind.Y])
@@ -487,8 +490,8 @@ def is_compact(data: Any) -> bool:
     return mv.nbytes > 4 and bytes(mv[:4]) == MAGIC and mv[4] == VERSION_COMPACT_P
 
 
-def _compact_fields(h: PacketHeader, sections: dict[SectionKind, bytes]) -> tuple[int, int, int]:
-    """(frame_id, key_id, bg_rate_point) of a packet that can be written compact, else BitstreamError."""
+def _compact_fields(h: PacketHeader, sections: dict[SectionKind, bytes]) -> tuple[int, int, int, int]:
+    """(frame_id, key_id, bg_rate_point, T kind) of a packet that can be written compact, else BitstreamError."""
     why = None
     if set(sections) != {SectionKind.T, SectionKind.Y}:
         why = f"its sections are {'+'.join(k.name for k in sections)}, not exactly T+Y"
@@ -498,12 +501,12 @@ def _compact_fields(h: PacketHeader, sections: dict[SectionKind, bytes]) -> tupl
         why = f"its T section is {len(sections[SectionKind.T])} bytes, not {T_SECTION.size}"
     else:
         kind, frame_id, ref_id, key_id, bg = T_SECTION.unpack(sections[SectionKind.T])
-        if kind != _T_KIND_P:
-            why = f"its T section is of kind {kind}, not a P frame ({_T_KIND_P})"
+        if kind not in (_T_KIND_P, _T_KIND_P_MC):
+            why = f"its T section is of kind {kind}, not a P frame ({_T_KIND_P} or {_T_KIND_P_MC})"
         elif ref_id != (frame_id - 1) & _U32:
             why = f"frame {frame_id} is predicted from frame {ref_id}, not from the one before it"
         else:
-            return frame_id, key_id, bg
+            return frame_id, key_id, bg, kind
     raise _err(f"packet cannot be written compact (version {VERSION_COMPACT_P}): {why}")
 
 
@@ -678,8 +681,9 @@ def _parse(data: Any, max_packet_bytes: int, stream: StreamContext | None = None
 def _compact_header(buf: memoryview) -> dict[str, int]:
     """The fields of a compact P frame's header (CRC already checked), each checked."""
     _magic, _version, flags, rate_point, bg, frame_id, key_id, symbol_crc, n_rois = _COMPACT.unpack_from(buf, 0)
-    if flags != FLAG_ROI_ONLY:
-        raise _err(f"flags 0x{flags:02x} out of range 0x01..0x01 (a compact P frame is roi_only; other bits must be 0)")
+    if flags & ~FLAG_MOTION != FLAG_ROI_ONLY:
+        raise _err(f"flags 0x{flags:02x} out of range: a compact P frame is roi_only (0x01), with 0x02 for motion; "
+                   "other bits must be 0")
     _check_int("rate_point", rate_point, 0, _MAX_RATE_POINT)
     _check_int("bg_rate_point", bg, 0, _MAX_RATE_POINT)
     _check_int("n_rois", n_rois, 0, MAX_ROIS)
@@ -688,7 +692,7 @@ def _compact_header(buf: memoryview) -> dict[str, int]:
         raise _err(f"n_rois {n_rois} out of range 0..{room // ROI_ENTRY_BYTES} (a {n_rois}-entry ROI table needs "
                    f"{n_rois * ROI_ENTRY_BYTES} bytes, only {room} remain before the crc32)")
     return {"rate_point": rate_point, "bg_rate_point": bg, "frame_id": frame_id, "key_id": key_id,
-            "symbol_crc": symbol_crc, "n_rois": n_rois}
+            "symbol_crc": symbol_crc, "n_rois": n_rois, "kind": _T_KIND_P_MC if flags & FLAG_MOTION else _T_KIND_P}
 
 
 def _parse_compact(buf: memoryview, stream: StreamContext | None) -> Packet:
@@ -710,7 +714,7 @@ def _parse_compact(buf: memoryview, stream: StreamContext | None) -> Packet:
                           latent_space_id=stream.latent_space_id, width=stream.width, height=stream.height,
                           label_set_hash=stream.label_set_hash, symbol_crc=f["symbol_crc"], roi_only=True,
                           rois=tuple(rois))
-    t = T_SECTION.pack(_T_KIND_P, f["frame_id"], (f["frame_id"] - 1) & _U32, f["key_id"], f["bg_rate_point"])
+    t = T_SECTION.pack(f["kind"], f["frame_id"], (f["frame_id"] - 1) & _U32, f["key_id"], f["bg_rate_point"])
     return Packet(header=header, sections={SectionKind.T: t, SectionKind.Y: bytes(buf[pos:end])}, compact=True)
 
 

@@ -13,6 +13,17 @@ keyframe whose background it draws on::
               BG       ŷ_t = ŷ_bg                          (the object left: back to the background)
               BGCODE   ŷ_bg += Δ_bg · s ; ŷ_t = ŷ_bg        (the background itself changed)
 
+Motion (a ``P_MC`` frame, kind 2): each CODE cell also carries a motion vector ``v`` in quarter
+cells (4 pixels at 1/16), and its mean is the previous latent moved by ``v``
+(:func:`motion_predict`: bilinear between the 4 nearest cells, edge cells repeated, rounded to 8
+fractional bits) instead of ŷ_{t-1} itself: ``ŷ_t = P_v(ŷ_{t-1}) + Δ_q · s``. A walking person moves
+a few pixels a frame, which a latent at 1/16 cannot follow without it. The edge estimates one vector
+per grounded box (:func:`search_motion`, the smallest quantized residual over the box's cells) and
+gives each coded cell the best of its boxes' vectors and none (:func:`choose_motion`). A moving
+camera (the edge's ``temporal.camera_motion``) also sends the camera's vector, which moves the whole
+state, foreground and background latents, before anything else (:func:`search_camera`). A frame in
+which nothing moves is an ordinary ``P`` frame.
+
 The edge decides the modes (:func:`choose_modes`): cells under the grounded ROIs
 are coded when their quantized change against the previous decoded latent has
 at least ``threshold`` nonzero symbols; other cells fall back to the background,
@@ -32,7 +43,11 @@ previous frame. Every context is known before its symbols are decoded, so a
 frame decodes in a handful of vectorized calls. The tables are fitted on footage
 (``latentcast train temporal``) and stored as integers.
 
-``Y`` section order: all modes (row-major); then for CODE cells their classes
+``Y`` section order: a ``P_MC`` frame's camera vector (one symbol of :data:`CAMERA_ALPHABET`); all modes
+(row-major); in a ``P_MC`` frame, then the CODE cells' motion vectors
+(row-major): each one's kind (none, its predictor's: the nonzero vector of the CODE cell above, else
+left, else the last one, or a new one; a table per whether the cells above and left are CODE cells),
+then the new vectors as symbols of :data:`MV_ALPHABET`; then for CODE cells their classes
 (row-major) and their residual symbols (channel-major, then row-major); then the
 same for BGCODE cells. The packet's ``symbol_crc`` is the CRC32 of all of these
 in that order.
@@ -52,13 +67,29 @@ from .entropy import SymbolDecoder, SymbolEncoder, TableSet, quantize_pmf
 __all__ = [
     "KEEP", "CODE", "BG", "BGCODE", "MODES", "KIND_KEY", "KIND_P", "TemporalError", "TemporalInfo",
     "TemporalTables", "TemporalState", "choose_modes", "encode_p", "decode_p", "residual_context", "group_context",
-    "cell_classes", "N_MODE_CTX", "N_GROUP_CTX", "N_CLASSES", "N_RES_CTX",
+    "cell_classes", "N_MODE_CTX", "N_GROUP_CTX", "N_CLASSES", "N_RES_CTX", "KIND_P_MC", "MV_RANGE", "MV_ALPHABET",
+    "CAMERA_ALPHABET", "CAMERA_RANGE", "Motion", "motion_predict", "search_motion", "search_camera", "choose_motion",
+    "box_cells",
 ]
 
 KEEP, CODE, BG, BGCODE = 0, 1, 2, 3
 MODES = ("KEEP", "CODE", "BG", "BGCODE")
-KIND_KEY, KIND_P = 0, 1
-_KINDS = {KIND_KEY: "KEY", KIND_P: "P"}
+KIND_KEY, KIND_P, KIND_P_MC = 0, 1, 2
+_KINDS = {KIND_KEY: "KEY", KIND_P: "P", KIND_P_MC: "P_MC"}
+MV_RANGE = 4  # motion vectors in quarter cells: |dy|, |dx| <= 4, i.e. up to one cell (16 px) each way
+MV_ALPHABET = (2 * MV_RANGE + 1) ** 2  # a vector (dy, dx) as one symbol (dy + R) * (2R + 1) + (dx + R)
+CAMERA_RANGE = 8  # the camera's vector of a frame, in quarter cells: up to 2 cells (32 px) each way
+CAMERA_ALPHABET = (2 * CAMERA_RANGE + 1) ** 2
+_CAMERA_FREQS = np.array([[(1 << 15) if i == CAMERA_ALPHABET // 2 else 0 for i in range(CAMERA_ALPHABET)]],
+                         dtype=np.int64)  # half the mass on "the camera did not move", the rest uniform
+_CAMERA_FREQS[0, np.arange(CAMERA_ALPHABET) != CAMERA_ALPHABET // 2] = (1 << 15) // (CAMERA_ALPHABET - 1)
+_CAMERA_FREQS[0, 0] += (1 << 16) - int(_CAMERA_FREQS.sum())
+_CAMERA_FREQS = _CAMERA_FREQS.astype(np.int32)
+# A CODE cell's vector kind (none / its predictor's / new) by whether the cells above and to the left are CODE
+# cells: symbol counts of the edge's choices on vtest's training frames (index % 8 != 0), rate point 0.
+_MV_KIND_COUNTS = ((645, 32, 94), (876, 172, 100), (1005, 366, 127), (2893, 2792, 395))
+_MV_FREQS = np.array([[(1 << 16) // MV_ALPHABET + (i < (1 << 16) % MV_ALPHABET) for i in range(MV_ALPHABET)]],
+                     dtype=np.int32)  # a new vector: uniform
 N_MODE_CTX = 8  # fg_state x (coded here last frame) x (coded in the 3x3 neighbourhood last frame)
 N_GROUP_CTX = 4  # per rate point: (CODE | BGCODE) x (coded here last frame)
 N_CLASSES = 4  # classes of coded cells by the L1 norm of their residual (side information)
@@ -98,6 +129,16 @@ class TemporalInfo:
     @property
     def is_key(self) -> bool:
         return self.kind == KIND_KEY
+
+    @property
+    def kind_name(self) -> str:
+        """KEY, P or P_MC."""
+        return _KINDS[self.kind]
+
+    @property
+    def has_motion(self) -> bool:
+        """A ``P_MC`` frame: its CODE cells carry motion vectors."""
+        return self.kind == KIND_P_MC
 
     def to_bytes(self) -> bytes:
         return _INFO.pack(self.kind, self.frame_id, self.ref_id, self.key_id, self.bg_rate_point)
@@ -221,6 +262,11 @@ class TemporalTables:
 _TABLE_CACHE: dict[tuple, TableSet] = {}
 
 
+def _mv_kind_tables() -> TableSet:
+    return _freq_tableset(np.stack([quantize_pmf(np.asarray(c, dtype=np.float64) + 0.5)
+                                    for c in _MV_KIND_COUNTS]).astype(np.int32))
+
+
 def _freq_tableset(freqs: np.ndarray) -> TableSet:
     """Rows of frequencies (symbols 0..n-1) as a TableSet; each gets the (unused) escape entry the coder needs."""
     key = (freqs.shape, freqs.astype(np.int32).tobytes())
@@ -235,6 +281,24 @@ def _freq_tableset(freqs: np.ndarray) -> TableSet:
 
 
 # ----------------------------------------------------------------------------- state
+
+
+@dataclass(frozen=True, eq=False)
+class Motion:
+    """A ``P_MC`` frame's motion: the camera's vector, which moves both latents of the state (every cell)
+    first, then the CODE cells' own vectors (2,h,w) on top of it; all in quarter cells."""
+
+    camera: tuple[int, int] = (0, 0)  # |dy|, |dx| <= CAMERA_RANGE
+    cells: np.ndarray | None = None  # (2, h, w) int, nonzero only on CODE cells, |v| <= MV_RANGE; None: none move
+
+    def __post_init__(self) -> None:
+        if len(self.camera) != 2 or any(abs(int(v)) > CAMERA_RANGE for v in self.camera):
+            raise TemporalError(f"camera vector {self.camera!r} outside +-{CAMERA_RANGE} quarter cells")
+
+    @property
+    def moves(self) -> bool:
+        """Anything moves: else the frame is an ordinary P frame."""
+        return tuple(self.camera) != (0, 0) or (self.cells is not None and bool(self.cells.any()))
 
 
 @dataclass
@@ -284,18 +348,232 @@ class TemporalState:
             raise TemporalError(f"frame {info.frame_id} is predicted from frame {info.ref_id}, "
                                 f"the last decoded frame is {self.frame_id}")
 
-    def apply(self, modes: np.ndarray, sym: np.ndarray, *, step: float, bg_step: float, frame_id: int) -> None:
-        """Advance to the next frame given its modes (h,w) and residual symbols (M,h,w) (0 where not coded)."""
+    def moved(self, camera: tuple[int, int]) -> TemporalState:
+        """The state with both latents moved by the camera's vector (``self`` when it is zero; not a copy)."""
+        if tuple(camera) == (0, 0):
+            return self
+        mv = np.empty((2, *self.fg.shape), dtype=np.int64)
+        mv[0], mv[1] = camera
+        return TemporalState(y=motion_predict(self.y, mv), bg=motion_predict(self.bg, mv), fg=self.fg.copy(),
+                             coded=self.coded.copy(), frame_id=self.frame_id, key_id=self.key_id)
+
+    def apply(self, modes: np.ndarray, sym: np.ndarray, *, step: float, bg_step: float, frame_id: int,
+              motion: Motion | None = None) -> None:
+        """Advance to the next frame given its modes (h,w) and residual symbols (M,h,w) (0 where not coded);
+        ``motion``: a ``P_MC`` frame's (the camera's vector moves the state first; CODE cells are predicted
+        from the latent moved by their own vectors)."""
         if modes.shape != self.fg.shape or sym.shape != self.y.shape:
             raise TemporalError(f"modes {modes.shape} / symbols {sym.shape} do not match the state {self.y.shape}")
+        if motion is not None and tuple(motion.camera) != (0, 0):
+            moved = self.moved(motion.camera)
+            self.y, self.bg = moved.y, moved.bg
+        mv = None if motion is None else motion.cells
         code, bgcode, bg = modes == CODE, modes == BGCODE, modes == BG
         s = sym.astype(np.float64)
         self.bg = np.where(bgcode[None], self.bg + bg_step * s, self.bg)
-        y = np.where(code[None], self.y + step * s, self.y)
+        base = self.y if mv is None else motion_predict(self.y, np.where(code[None], mv, 0))
+        y = np.where(code[None], base + step * s, self.y)
         self.y = np.where((bg | bgcode)[None], self.bg, y)
         self.fg = (self.fg | code) & ~(bg | bgcode)
         self.coded = code | bgcode
         self.frame_id = int(frame_id)
+
+
+def motion_predict(y: np.ndarray, mv: np.ndarray) -> np.ndarray:
+    """``y`` (M,h,w) with each cell replaced by ``y`` at the cell minus its vector: ``mv`` (2,h,w) int, (dy, dx)
+    in quarter cells (the cell's content came from ``dy / 4`` cells above and ``dx / 4`` to the left).
+
+    Bilinear between the 4 nearest cells (weights in sixteenths), cells beyond the grid repeat the edge,
+    rounded to 8 fractional bits: dyadic arithmetic, the same on every machine. Cells with a zero
+    vector keep ``y`` exactly."""
+    y = np.asarray(y, dtype=np.float64)
+    mv = np.asarray(mv)
+    out = y.copy()
+    r, c = np.nonzero((mv[0] != 0) | (mv[1] != 0))
+    if r.size == 0:
+        return out
+    _, h, w = y.shape
+    sy, sx = r * 4 - mv[0, r, c].astype(np.int64), c * 4 - mv[1, r, c].astype(np.int64)
+    iy, fy = np.floor_divide(sy, 4), np.mod(sy, 4)
+    ix, fx = np.floor_divide(sx, 4), np.mod(sx, 4)
+    y0, y1 = np.clip(iy, 0, h - 1), np.clip(iy + 1, 0, h - 1)
+    x0, x1 = np.clip(ix, 0, w - 1), np.clip(ix + 1, 0, w - 1)
+    v = ((4 - fy) * (4 - fx) * y[:, y0, x0] + (4 - fy) * fx * y[:, y0, x1] + fy * (4 - fx) * y[:, y1, x0]
+         + fy * fx * y[:, y1, x1]) / 16.0
+    out[:, r, c] = np.floor(v * 256.0 + 0.5) / 256.0
+    return out
+
+
+def _box_candidates(y: np.ndarray, r0: int, r1: int, c0: int, c1: int, dys: np.ndarray,
+                    dxs: np.ndarray) -> np.ndarray:
+    """The predictions of the cells [r0:r1, c0:c1] under every vector (dy, dx) of ``dys`` x ``dxs``:
+    (len(dys), len(dxs), C, r1-r0, c1-c0), before the rounding of :func:`motion_predict` (the search only
+    ranks vectors)."""
+    _, h, w = y.shape
+    sy = np.arange(r0, r1)[None] * 4 - dys[:, None]  # (n_dy, bh) source rows in quarter cells
+    sx = np.arange(c0, c1)[None] * 4 - dxs[:, None]
+    iy, fy = np.floor_divide(sy, 4), np.mod(sy, 4).astype(y.dtype)
+    ix, fx = np.floor_divide(sx, 4), np.mod(sx, 4).astype(y.dtype)
+    ya, yb = np.clip(iy, 0, h - 1), np.clip(iy + 1, 0, h - 1)
+    xa, xb = np.clip(ix, 0, w - 1), np.clip(ix + 1, 0, w - 1)
+    cols = np.unique(np.concatenate([xa.ravel(), xb.ravel()]))
+    sub = y[:, :, cols]  # (C, h, n) the columns any vector reads
+    pos = np.searchsorted(cols, np.stack([xa, xb]))  # (2, n_dx, bw) into sub's columns
+    rows = ((4 - fy)[:, None, :, None] * sub[:, ya].transpose(1, 0, 2, 3)
+            + fy[:, None, :, None] * sub[:, yb].transpose(1, 0, 2, 3))  # (n_dy, C, bh, n), in quarters
+    p = ((4 - fx) * rows[..., pos[0]] + fx * rows[..., pos[1]]) / 16.0  # (n_dy, C, bh, n_dx, bw)
+    return p.transpose(0, 3, 1, 2, 4)
+
+
+_SEARCH_CHANNELS = 48  # the search ranks vectors on the channels that changed most in the box (all: too slow)
+
+
+def search_motion(y_prev: np.ndarray, y: np.ndarray, box: tuple[int, int, int, int], *, step,
+                  mv_range: int = MV_RANGE) -> tuple[tuple[int, int], np.ndarray]:
+    """The vector (dy, dx) that best moves ``y_prev`` onto ``y`` over the cells ``box`` = (r0, r1, c0, c1):
+    the smallest L1 norm of the residual quantized with ``step``, ties to the shorter vector. Returns it and
+    the per-cell L1 norms of its residual on all channels (r1-r0, c1-c0).
+
+    The search is coarse to fine (even vectors, then the 8 around the best) on the box's
+    :data:`_SEARCH_CHANNELS` channels of largest change; it is the edge's choice only (the decoder
+    reads the vector)."""
+    if not 0 <= mv_range <= MV_RANGE:
+        raise ValueError(f"mv_range {mv_range!r} out of range 0..{MV_RANGE}")
+    r0, r1, c0, c1 = box
+    y_prev = np.asarray(y_prev, dtype=np.float64)
+    tgt = np.asarray(y, dtype=np.float64)[:, r0:r1, c0:c1]
+    step = np.asarray(step, dtype=np.float64)
+    change = np.abs(tgt - y_prev[:, r0:r1, c0:c1]).sum((1, 2))
+    ch = np.sort(np.argsort(change)[-_SEARCH_CHANNELS:])
+    sub_prev = y_prev[ch].astype(np.float32)
+    sub_tgt = tgt[ch].astype(np.float32)
+    sub_step = (step[ch] if step.ndim == 3 else step).astype(np.float32)
+
+    def best_of(dys: np.ndarray, dxs: np.ndarray) -> tuple[float, int, int]:
+        p = _box_candidates(sub_prev, r0, r1, c0, c1, dys, dxs)
+        cost = np.abs(np.floor((sub_tgt - p) / sub_step + 0.5)).sum((2, 3, 4))
+        cost = cost + 1e-3 * (np.abs(dys)[:, None] + np.abs(dxs)[None])  # ties go to the shorter vector
+        i, j = np.unravel_index(int(np.argmin(cost)), cost.shape)
+        return float(cost[i, j]), int(dys[i]), int(dxs[j])
+
+    coarse = np.arange(-mv_range, mv_range + 1)
+    coarse = coarse[coarse % 2 == 0]
+    _, dy, dx = best_of(coarse, coarse)
+    _, dy, dx = best_of(np.arange(max(dy - 1, -mv_range), min(dy + 1, mv_range) + 1),
+                        np.arange(max(dx - 1, -mv_range), min(dx + 1, mv_range) + 1))
+    p = _box_candidates(y_prev, r0, r1, c0, c1, np.array([dy]), np.array([dx]))[0, 0]
+    return (dy, dx), np.abs(np.floor((tgt - p) / step + 0.5)).sum(0)
+
+
+def search_camera(y_prev: np.ndarray, y: np.ndarray, *, step, camera_range: int = CAMERA_RANGE) -> tuple[int, int]:
+    """The camera's vector: the shift of the whole ``y_prev`` that best predicts ``y`` (smallest L1 norm of the
+    residual quantized with ``step`` over every cell; coarse to fine on the channels that changed most, ties
+    to the shorter vector)."""
+    if not 0 <= camera_range <= CAMERA_RANGE:
+        raise ValueError(f"camera_range {camera_range!r} out of range 0..{CAMERA_RANGE}")
+    y_prev, y = np.asarray(y_prev, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    _, h, w = y.shape
+    step = np.asarray(step, dtype=np.float64)
+    ch = np.sort(np.argsort(np.abs(y - y_prev).sum((1, 2)))[-_SEARCH_CHANNELS // 2:])
+    sub_prev, sub_tgt = y_prev[ch].astype(np.float32), y[ch].astype(np.float32)
+    sub_step = (step[ch] if step.ndim == 3 else step).astype(np.float32)
+
+    def best_of(dys: np.ndarray, dxs: np.ndarray) -> tuple[int, int]:
+        p = _box_candidates(sub_prev, 0, h, 0, w, dys, dxs)
+        cost = np.abs(np.floor((sub_tgt - p) / sub_step + 0.5)).sum((2, 3, 4))
+        cost = cost + 1e-3 * (np.abs(dys)[:, None] + np.abs(dxs)[None])
+        i, j = np.unravel_index(int(np.argmin(cost)), cost.shape)
+        return int(dys[i]), int(dxs[j])
+
+    coarse = np.arange(-camera_range, camera_range + 1)
+    dy, dx = best_of(coarse[coarse % 2 == 0], coarse[coarse % 2 == 0])
+    return best_of(np.arange(max(dy - 1, -camera_range), min(dy + 1, camera_range) + 1),
+                   np.arange(max(dx - 1, -camera_range), min(dx + 1, camera_range) + 1))
+
+
+def box_cells(boxes, shape: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+    """Pixel boxes (x0, y0, x1, y1) as the cells they touch, (r0, r1, c0, c1) within a grid of ``shape``."""
+    rows, cols = shape
+    return [(min(int(y0) // 16, rows), min(-(-int(y1) // 16), rows), min(int(x0) // 16, cols),
+             min(-(-int(x1) // 16), cols)) for x0, y0, x1, y1 in boxes]
+
+
+def choose_motion(state: TemporalState, y: np.ndarray, roi: np.ndarray, boxes, *, step,
+                  mv_range: int = MV_RANGE) -> np.ndarray:
+    """The edge's motion vectors (2,h,w) for one frame: per box (r0, r1, c0, c1) in cells, the vector of
+    :func:`search_motion`; each ROI cell takes the vector of its boxes that leaves the smallest quantized
+    residual, or none when not moving leaves a residual as small."""
+    y = np.asarray(y, dtype=np.float64)
+    mv = np.zeros((2, *roi.shape), dtype=np.int64)
+    best = np.abs(np.floor((y - state.y) / step + 0.5)).sum(0)
+    for box in boxes:
+        r0, r1, c0, c1 = box
+        if r1 <= r0 or c1 <= c0:
+            continue
+        v, l1 = search_motion(state.y, y, box, step=step, mv_range=mv_range)
+        if v == (0, 0):
+            continue
+        better = (l1 < best[r0:r1, c0:c1]) & roi[r0:r1, c0:c1]
+        best[r0:r1, c0:c1] = np.where(better, l1, best[r0:r1, c0:c1])
+        for k in (0, 1):
+            mv[k, r0:r1, c0:c1] = np.where(better, v[k], mv[k, r0:r1, c0:c1])
+    return mv
+
+
+def _mv_context(modes: np.ndarray) -> np.ndarray:
+    """(n,) row of :data:`_MV_KIND_FREQS` of each CODE cell (raster order): is the cell above, the cell to the
+    left, a CODE cell too. Known from the modes, so a frame's vector kinds decode in one call."""
+    code = modes == CODE
+    above = np.zeros_like(code)
+    above[1:] = code[:-1]
+    left = np.zeros_like(code)
+    left[:, 1:] = code[:, :-1]
+    return (above.astype(np.int64) * 2 + left.astype(np.int64))[code]
+
+
+def _mv_walk(modes: np.ndarray, mv: np.ndarray, kinds: np.ndarray | None = None,
+             new: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The CODE cells' vectors in raster order as symbols: each one's kind (0: no motion, 1: the same as its
+    predictor, the nonzero vector of the CODE cell above, else left, else the last nonzero one; 2: a new
+    vector, one symbol of ``(dy + R) * (2R + 1) + dx + R``). Encoder: from ``mv``; decoder (fills ``mv``):
+    from the decoded ``kinds`` and ``new`` symbols. Returns (vectors (n, 2), kinds (n,), new symbols)."""
+    cells = np.argwhere(modes == CODE)
+    side = 2 * MV_RANGE + 1
+    vec = np.zeros((len(cells), 2), dtype=np.int64)
+    out_kinds = np.zeros(len(cells), dtype=np.int64)
+    out_new: list[int] = []
+    last: tuple[int, int] | None = None
+    k = 0
+    for i, (r, c) in enumerate(cells):
+        pred = last
+        if r > 0 and modes[r - 1, c] == CODE and (mv[0, r - 1, c] or mv[1, r - 1, c]):
+            pred = (int(mv[0, r - 1, c]), int(mv[1, r - 1, c]))
+        elif c > 0 and modes[r, c - 1] == CODE and (mv[0, r, c - 1] or mv[1, r, c - 1]):
+            pred = (int(mv[0, r, c - 1]), int(mv[1, r, c - 1]))
+        if kinds is None:  # encoder
+            v = (int(mv[0, r, c]), int(mv[1, r, c]))
+            kind = 0 if v == (0, 0) else 1 if v == pred else 2
+            if kind == 2:
+                out_new.append((v[0] + MV_RANGE) * side + v[1] + MV_RANGE)
+        else:  # decoder
+            kind = int(kinds[i])
+            if kind == 0:
+                v = (0, 0)
+            elif kind == 1:
+                if pred is None:
+                    raise TemporalError("a motion vector refers to a predictor that does not exist: corrupt Y section")
+                v = pred
+            else:
+                dy, dx = divmod(int(new[k]), side)
+                v, k = (dy - MV_RANGE, dx - MV_RANGE), k + 1
+                if v == (0, 0):
+                    raise TemporalError("a new motion vector of zero: corrupt Y section")
+            mv[0, r, c], mv[1, r, c] = v
+        out_kinds[i] = kind
+        vec[i] = v
+        if v != (0, 0):
+            last = v
+    return vec, out_kinds, np.asarray(out_new, dtype=np.int64)
 
 
 def _quantize(r: np.ndarray, step: float, deadzone: float) -> np.ndarray:
@@ -306,7 +584,8 @@ def _quantize(r: np.ndarray, step: float, deadzone: float) -> np.ndarray:
 
 
 def choose_modes(state: TemporalState, y: np.ndarray, roi: np.ndarray, *, step: float, bg_step: float,
-                 threshold: int, bg_threshold: int, deadzone: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+                 threshold: int, bg_threshold: int, deadzone: float = 0.0,
+                 mv: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The edge's decision for one frame: modes (h,w) and residual symbols (M,h,w).
 
     ``roi``: (h,w) bool cells under the grounded ROIs. A ROI cell is coded (CODE) when its change
@@ -314,11 +593,16 @@ def choose_modes(state: TemporalState, y: np.ndarray, roi: np.ndarray, *, step: 
     Elsewhere, a cell showing foreground goes back to the background (BG), and any cell whose
     change against the background, quantized with ``bg_step``, has at least ``bg_threshold``
     nonzero symbols is re-coded into the background (BGCODE). ``deadzone`` (0..0.5) widens the zero
-    bin of the residual quantizer: fewer small symbols, fewer bits (the decoder is unchanged)."""
+    bin of the residual quantizer: fewer small symbols, fewer bits (the decoder is unchanged).
+    ``mv`` (2,h,w, :func:`choose_motion`): a coded cell's residual is against the moved latent; whether it
+    is coded still depends on its change against the previous latent (the caller keeps the vectors of
+    CODE cells only)."""
     y = np.asarray(y, dtype=np.float64)
     s_fg = _quantize(y - state.y, step, deadzone)
     s_bg = _quantize(y - state.bg, bg_step, deadzone)
     code = roi & ((s_fg != 0).sum(0) >= threshold)
+    if mv is not None:
+        s_fg = _quantize(y - motion_predict(state.y, np.where(code[None], mv, 0)), step, deadzone)
     bgcode = ~roi & ((s_bg != 0).sum(0) >= bg_threshold)
     modes = np.full(roi.shape, KEEP, dtype=np.int64)
     modes[~roi & state.fg] = BG
@@ -351,12 +635,26 @@ def _check_rate(tables: TemporalTables, rate_point: int) -> None:
 
 
 def encode_p(state: TemporalState, modes: np.ndarray, sym: np.ndarray, *, tables: TemporalTables,
-             y_tables: TableSet, rate_point: int, bg_rate_point: int) -> tuple[bytes, int]:
-    """The Y section of a P frame and its symbol CRC (``state`` is the one *before* this frame)."""
+             y_tables: TableSet, rate_point: int, bg_rate_point: int,
+             motion: Motion | None = None) -> tuple[bytes, int]:
+    """The Y section of a P frame and its symbol CRC (``state`` is the one *before* this frame); ``motion``: a
+    ``P_MC`` frame's (the camera's vector, and the vectors of CODE cells, each within :data:`MV_RANGE`)."""
     enc = SymbolEncoder()
+    if motion is not None:
+        cam = (motion.camera[0] + CAMERA_RANGE) * (2 * CAMERA_RANGE + 1) + motion.camera[1] + CAMERA_RANGE
+        enc.encode(np.array([cam]), np.zeros(1, dtype=np.int64), _freq_tableset(_CAMERA_FREQS))
     m = modes.ravel()
     enc.encode(m, state.mode_context().ravel(), tables.mode_tables)
     crc = zlib.crc32(m.astype("<i4").tobytes())
+    if motion is not None:
+        crc = zlib.crc32(np.asarray(motion.camera, dtype="<i4").tobytes(), crc)
+        mv = motion.cells if motion.cells is not None else np.zeros((2, *modes.shape), dtype=np.int64)
+        if np.any(np.abs(mv[:, modes == CODE]) > MV_RANGE):
+            raise ValueError(f"a motion vector is outside +-{MV_RANGE} quarter cells")
+        vec, kinds, new = _mv_walk(modes, mv)
+        enc.encode(kinds, _mv_context(modes), _mv_kind_tables())
+        enc.encode(new, np.zeros(new.size, dtype=np.int64), _freq_tableset(_MV_FREQS))
+        crc = zlib.crc32(vec.astype("<i4").tobytes(), crc)
     for kind, cells in enumerate((modes == CODE, modes == BGCODE)):
         if not cells.any():
             continue
@@ -371,14 +669,34 @@ def encode_p(state: TemporalState, modes: np.ndarray, sym: np.ndarray, *, tables
 
 
 def decode_p(state: TemporalState, data: bytes, *, tables: TemporalTables, y_tables: TableSet, rate_point: int,
-             bg_rate_point: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Inverse of :func:`encode_p`: modes (h,w), symbols (M,h,w), CRC."""
+             bg_rate_point: int, motion: bool = False) -> tuple[np.ndarray, np.ndarray, int, Motion | None]:
+    """Inverse of :func:`encode_p`: modes (h,w), symbols (M,h,w), CRC, and for a ``P_MC`` frame (``motion``)
+    its :class:`Motion` (cell vectors zero outside CODE cells), else None."""
     dec = SymbolDecoder(data)
+    camera = (0, 0)
+    if motion:
+        cam = int(dec.decode(np.zeros(1, dtype=np.int64), _freq_tableset(_CAMERA_FREQS))[0])
+        if not 0 <= cam < CAMERA_ALPHABET:
+            raise TemporalError("decoded a camera vector out of range: corrupt Y section")
+        cy, cx = divmod(cam, 2 * CAMERA_RANGE + 1)
+        camera = (cy - CAMERA_RANGE, cx - CAMERA_RANGE)
     ctx = state.mode_context()
     m = dec.decode(ctx.ravel(), tables.mode_tables).reshape(ctx.shape).astype(np.int64)
     if np.any((m < 0) | (m > 3)):
         raise TemporalError("decoded a mode outside KEEP/CODE/BG/BGCODE: corrupt Y section")
     crc = zlib.crc32(m.astype("<i4").tobytes())
+    mv = None
+    if motion:
+        crc = zlib.crc32(np.asarray(camera, dtype="<i4").tobytes(), crc)
+        kinds = dec.decode(_mv_context(m), _mv_kind_tables())
+        if np.any((kinds < 0) | (kinds > 2)):
+            raise TemporalError("decoded a motion vector kind out of range: corrupt Y section")
+        new = dec.decode(np.zeros(int((kinds == 2).sum()), dtype=np.int64), _freq_tableset(_MV_FREQS))
+        if np.any((new < 0) | (new >= MV_ALPHABET)):
+            raise TemporalError("decoded a motion vector out of range: corrupt Y section")
+        mv = np.zeros((2, *m.shape), dtype=np.int64)
+        vec, _, _ = _mv_walk(m, mv, kinds=kinds, new=new)
+        crc = zlib.crc32(vec.astype("<i4").tobytes(), crc)
     sym = np.zeros(state.y.shape, dtype=np.int64)
     for kind, cells in enumerate((m == CODE, m == BGCODE)):
         if not cells.any():
@@ -392,4 +710,4 @@ def decode_p(state: TemporalState, data: bytes, *, tables: TemporalTables, y_tab
         v = dec.decode(t.ravel(), y_tables).reshape(t.shape).astype(np.int64)
         sym[:, cells] = v
         crc = zlib.crc32(v.astype("<i4").tobytes(), zlib.crc32(k.astype("<i4").tobytes(), crc))
-    return m, sym, crc
+    return m, sym, crc, (Motion(camera=camera, cells=mv) if motion else None)

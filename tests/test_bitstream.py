@@ -745,6 +745,18 @@ def test_only_a_p_frame_that_follows_its_reference_is_written_compact(sections, 
         Packet(header=h, sections=sections, compact=True)
 
 
+def test_compact_p_frame_with_motion_keeps_its_kind():
+    p = p_frame()
+    t = bytearray(p.sections[SectionKind.T])
+    t[0] = 2  # a P_MC frame: its CODE cells carry motion vectors
+    p = Packet(header=p.header, sections={SectionKind.T: bytes(t), SectionKind.Y: p.sections[SectionKind.Y]})
+    b = Packet(header=p.header, sections=p.sections, compact=True).to_bytes()
+    assert b[5] == bs.FLAG_ROI_ONLY | bs.FLAG_MOTION
+    q = unpack(b, stream=context_of(p))
+    assert q.sections == p.sections and q.to_bytes() == b
+    assert bs.describe(b)["kind"] == 2
+
+
 def test_compact_frame_id_wraps():
     p = p_frame(frame_id=0)  # predicted from frame 2**32 - 1
     q = unpack(Packet(**{**p.__dict__, "compact": True}).to_bytes(), stream=context_of(p))
@@ -760,8 +772,9 @@ def test_crafted_compact_packets_are_refused_with_the_field_named():
     assert unpack(raw(), stream=ctx).sections[SectionKind.Y] == b""  # the shortest packet: 26 bytes
     assert len(raw()) == bs.MIN_COMPACT_PACKET_BYTES
     for kwargs, pattern in [
-        ({"flags": 0}, r"flags 0x00 out of range 0x01\.\.0x01"),
-        ({"flags": 3}, r"flags 0x03"),
+        ({"flags": 0}, r"flags 0x00 out of range: a compact P frame is roi_only \(0x01\), with 0x02 for motion"),
+        ({"flags": 5}, r"flags 0x05"),
+        ({"flags": 2}, r"flags 0x02"),
         ({"rate_point": 255}, r"rate_point 255 out of range 0\.\.254"),
         ({"bg": 255}, r"bg_rate_point 255 out of range 0\.\.254"),
         ({"n_rois": 1025}, r"n_rois 1025 out of range 0\.\.1024"),

@@ -3,7 +3,7 @@
 ::
 
     video ─► edge grounding (ROIs) ─► per rate point, the edge's own closed loop
-             (proto.temporal.choose_modes, keyframe at the first frame) ─► mode counts per context,
+             (proto.temporal.choose_motion and choose_modes, keyframe at the first frame) ─► mode counts per context,
              residual symbols per (rate point, context, class, channel)   [training frames only]
           ─► class edges = quartiles of the residual L1 norm; per (context, channel) the codec's
              Gaussian table that codes the residuals in the fewest bits ─► TemporalTables
@@ -36,10 +36,13 @@ from latentcast.proto.temporal import (
     N_GROUP_CTX,
     N_MODE_CTX,
     N_RES_CTX,
+    Motion,
     TemporalInfo,
     TemporalState,
     TemporalTables,
+    box_cells,
     choose_modes,
+    choose_motion,
     group_context,
 )
 
@@ -64,14 +67,15 @@ def _code_lengths(y_tables: TableSet) -> tuple[np.ndarray, int]:
 
 def fit_tables(codec: Any, frames: Iterable[tuple[int, np.ndarray, list]], *, train: Callable[[int], bool],
                key_rate_point: int, bg_rate_point: int = 0, threshold: int = 1, bg_threshold: int = 8,
-               progress=None) -> tuple[TemporalTables, dict]:
+               motion: bool = True, progress=None) -> tuple[TemporalTables, dict]:
     """Fit :class:`TemporalTables` on a video: ``frames`` yields (index, RGB frame, ROI boxes in pixels);
     ``codec`` is a :class:`latentcast.models.codec.LatentCodec`.
 
     Every rate point runs its own closed loop over all frames (keyframe at the first frame); only
     frames with ``train(index)`` add to the statistics. The class edges are the quartiles of the coded
     cells' residual L1 norm at each rate point; then, per context, class and channel, the Gaussian
-    table that codes the residuals in the fewest bits."""
+    table that codes the residuals in the fewest bits. ``motion``: the loop predicts coded cells from the moved
+    latent as the edge's ``temporal.motion`` does (P_MC frames)."""
     n_rates, M = codec.n_rates, codec.M
     steps = codec.rate_deltas
     lengths, R = _code_lengths(codec.y_tables)
@@ -92,8 +96,10 @@ def fit_tables(codec: Any, frames: Iterable[tuple[int, np.ndarray, list]], *, tr
                 states[q] = TemporalState.from_key(y_hat, i)
                 continue
             st = states[q]
+            mv = choose_motion(st, y, roi, box_cells(boxes, roi.shape), step=steps[q]) if motion and boxes else None
             modes, sym = choose_modes(st, y, roi, step=steps[q], bg_step=steps[bg_rate_point], threshold=threshold,
-                                      bg_threshold=bg_threshold)
+                                      bg_threshold=bg_threshold, mv=mv)
+            motion = None if mv is None else Motion(cells=np.where((modes == CODE)[None], mv, 0))
             if use:
                 np.add.at(mode_counts, (st.mode_context().ravel(), modes.ravel()), 1)
                 for kind, cells in enumerate((modes == CODE, modes == BGCODE)):
@@ -101,7 +107,7 @@ def fit_tables(codec: Any, frames: Iterable[tuple[int, np.ndarray, list]], *, tr
                         rq = q if kind == 0 else bg_rate_point
                         cells_by_rate[rq].append((group_context(st, cells, kind, rq),
                                                   np.clip(sym[:, cells], -R, R).astype(np.int16)))
-            st.apply(modes, sym, step=steps[q], bg_step=steps[bg_rate_point], frame_id=i)
+            st.apply(modes, sym, step=steps[q], bg_step=steps[bg_rate_point], frame_id=i, motion=motion)
         if progress is not None:
             progress.update(1)
     class_counts = np.zeros((n_rates * N_GROUP_CTX, N_CLASSES), dtype=np.int64)
@@ -131,7 +137,7 @@ def fit_tables(codec: Any, frames: Iterable[tuple[int, np.ndarray, list]], *, tr
     stats = {"train_frames": n_train, "residual_symbols": int(hist.sum()), "residual_bits": round(bits),
              "class_edges": edges.tolist(), "mode_counts": mode_counts.tolist()}
     meta = {"key_rate_point": key_rate_point, "bg_rate_point": bg_rate_point, "threshold": threshold,
-            "bg_threshold": bg_threshold}
+            "bg_threshold": bg_threshold, "motion": motion}
     return TemporalTables.from_counts(mode_counts, class_counts, edges, res_scale, meta=meta), stats
 
 
@@ -148,6 +154,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--labels", default="person,vehicle,bicycle", help="task labels the edge grounds (ROIs)")
     p.add_argument("--key-rate-point", type=int, default=2, help="rate point of the keyframe (default 2)")
     p.add_argument("--bg-rate-point", type=int, default=0, help="rate point of background updates (default 0)")
+    p.add_argument("--no-motion", dest="motion", action="store_false",
+                   help="fit for P frames without motion vectors (the edge's temporal.motion: false)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--out", default=None,
                    help="tables file (default models/weights/<codec>-temporal.safetensors beside the shipped codec)")
@@ -187,7 +195,7 @@ def main(a: argparse.Namespace) -> int:
     t0 = time.time()
     with tqdm(total=clip.n_frames, unit="frame", desc="fit temporal tables") as bar:
         tables, stats = fit_tables(codec, frames(), train=lambda i: i % a.every != 0, key_rate_point=a.key_rate_point,
-                                   bg_rate_point=a.bg_rate_point, progress=bar)
+                                   bg_rate_point=a.bg_rate_point, motion=a.motion, progress=bar)
     meta = dict(tables.meta, data=portable_path(path), held_out=f"frames with index % {a.every} == 0",
                 frames=clip.n_frames, command=provenance.command(), commit=provenance.commit(),
                 seconds=round(time.time() - t0, 1), **{k: v for k, v in stats.items() if k != "mode_counts"})

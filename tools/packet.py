@@ -219,7 +219,7 @@ def cmd_info(a: argparse.Namespace) -> int:
         import dataclasses
 
         ti = TemporalInfo.from_bytes(t)
-        info["temporal"] = {**dataclasses.asdict(ti), "kind": "KEY" if ti.is_key else "P", "modes": list(MODES)}
+        info["temporal"] = {**dataclasses.asdict(ti), "kind": ti.kind_name, "modes": list(MODES)}
     print(json.dumps(info, indent=2))
     return 0
 
