@@ -182,6 +182,7 @@ class TemporalConfig:
     compact_p: bool = True  # P frames in the compact container (LCF v3: 26 bytes of header, not 61); off for old clouds
     motion: bool = True  # P frames: coded ROI cells predicted from the previous latent moved per grounded box (P_MC)
     camera_motion: bool = False  # P frames also send the camera's motion (a moving or handheld camera; off: fixed)
+    rd: float = 0.0  # a coded ROI cell must save rd * step**2 of squared latent error per bit it costs (0: off)
 
     def __post_init__(self) -> None:
         _check_choice("temporal.mode", self.mode, _TEMPORAL_MODES)
@@ -194,6 +195,7 @@ class TemporalConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"temporal.{name} {v!r} must be an integer >= 1")
         for name, lo, hi in (("refresh_s", 0.0, float("inf")), ("scene_change", 0.0, 1.0), ("deadzone", 0.0, 0.5),
+                             ("rd", 0.0, 10.0),
                              ("target_kbps", 0.0, float("inf")), ("change_threshold", 0.0, 255.0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:

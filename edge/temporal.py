@@ -6,7 +6,8 @@
                                        ┬─ keyframe due? (start, every refresh_s, scene change, refresh asked)
                                        │     yes ─► compress_key: full intra packet + T{KEY} ─► state = ŷ
                                        └─ no ─► motion: the camera's vector (camera_motion), then a vector
-                                                per grounded box (choose_motion)
+                                                per grounded box (choose_motion); rd: coded cells must pay
+                                                for their bits (rd_prune)
                                                 ─► proto.temporal.choose_modes(state, y, ROI cells, vectors)
                                                 ─► encode_p ─► packet T{P, ref = last frame, key} + Y
                                                 ─► state.apply (the same update the cloud makes)
@@ -46,7 +47,9 @@ from latentcast.proto.temporal import (
     box_cells,
     choose_modes,
     choose_motion,
+    code_lengths,
     encode_p,
+    rd_prune,
     search_camera,
 )
 from latentcast.weights import codec_name_of, weights_path
@@ -86,6 +89,7 @@ class TemporalEncoder:
         self.steps = list(compressor.rate_deltas)  # floats, or (M,1,1) arrays with channel gains
         self.rate = RateController(target_kbps=config.target_kbps, fps=fps) if config.target_kbps > 0 else None
         self.state: TemporalState | None = None
+        self._lengths: tuple[np.ndarray, int] | None = None  # code lengths of the y tables (temporal.rd)
         self.frame_id = 0
         self._since_key = 0
         self._refresh: str | None = "start"
@@ -171,6 +175,11 @@ class TemporalEncoder:
             modes, sym = choose_modes(st, y, roi, step=self.steps[rate_point],
                                       bg_step=self.steps[c.bg_rate_point], threshold=threshold,
                                       bg_threshold=c.bg_threshold, deadzone=c.deadzone, mv=mv)
+            if c.rd > 0:
+                if self._lengths is None:
+                    self._lengths = code_lengths(self.compressor.y_tables)
+                modes, sym = rd_prune(st, y, modes, sym, step=self.steps[rate_point], weight=c.rd, tables=self.tables,
+                                      lengths=self._lengths, rate_point=rate_point, mv=mv)
             motion = Motion(camera=camera, cells=None if mv is None else np.where((modes == CODE)[None], mv, 0))
             if not motion.moves:
                 motion = None  # nothing moved: an ordinary P frame

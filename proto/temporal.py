@@ -69,7 +69,7 @@ __all__ = [
     "TemporalTables", "TemporalState", "choose_modes", "encode_p", "decode_p", "residual_context", "group_context",
     "cell_classes", "N_MODE_CTX", "N_GROUP_CTX", "N_CLASSES", "N_RES_CTX", "KIND_P_MC", "MV_RANGE", "MV_ALPHABET",
     "CAMERA_ALPHABET", "CAMERA_RANGE", "Motion", "motion_predict", "search_motion", "search_camera", "choose_motion",
-    "box_cells",
+    "box_cells", "rd_prune", "code_lengths",
 ]
 
 KEEP, CODE, BG, BGCODE = 0, 1, 2, 3
@@ -610,6 +610,46 @@ def choose_modes(state: TemporalState, y: np.ndarray, roi: np.ndarray, *, step: 
     modes[bgcode] = BGCODE
     sym = np.where(code[None], s_fg, np.where(bgcode[None], s_bg, 0.0)).astype(np.int64)
     return modes, sym
+
+
+def code_lengths(y_tables: TableSet) -> tuple[np.ndarray, int]:
+    """(n_tables, 2R+1) bits of each value -R..R under each table (escapes: escape entry + ~2 log2|v| + 1)."""
+    R = max(len(f) for f in y_tables.freqs)
+    vals = np.arange(-R, R + 1)
+    out = np.empty((len(y_tables), vals.size))
+    for t, (f, off) in enumerate(zip(y_tables.freqs, y_tables.offsets)):
+        bits = -np.log2(f / 65536.0)
+        idx = vals - off
+        inside = (idx >= 0) & (idx < len(f) - 1)
+        esc = bits[-1] + 2 * np.log2(np.abs(vals) + 1) + 1
+        out[t] = np.where(inside, bits[np.clip(idx, 0, len(f) - 2)], esc)
+    return out, R
+
+
+def rd_prune(state: TemporalState, y: np.ndarray, modes: np.ndarray, sym: np.ndarray, *, step, weight: float,
+             tables: TemporalTables, lengths: tuple[np.ndarray, int], rate_point: int,
+             mv: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The rate-distortion test of CODE cells: a cell stays coded only when coding it removes at least
+    ``weight * step**2`` of squared latent error per bit it costs (its residual's code length under its
+    tables, from :func:`code_lengths`); the others become KEEP. ``state`` is the one the modes were chosen
+    on (moved by the camera's vector if any), ``mv`` the cells' vectors. Returns the new (modes, sym)."""
+    code = modes == CODE
+    if weight <= 0 or not code.any():
+        return modes, sym
+    table_bits, R = lengths
+    y = np.asarray(y, dtype=np.float64)
+    pred = state.y if mv is None else motion_predict(state.y, np.where(code[None], mv, 0))
+    step_a = np.asarray(step, dtype=np.float64)
+    d_keep = ((y[:, code] - state.y[:, code]) ** 2).sum(0)
+    s = sym[:, code]
+    d_code = ((y[:, code] - (pred[:, code] + (step_a[:, :, 0] if step_a.ndim == 3 else step_a) * s)) ** 2).sum(0)
+    k = cell_classes(tables, s, rate_point)
+    t = tables.res_scale[residual_context(state, code, 0, rate_point, k)].T  # (M, n) table of each symbol
+    bits = table_bits[t, np.clip(s, -R, R) + R].sum(0) + 2.0  # + about a class and a mode
+    scale = float(np.mean(step_a)) ** 2
+    drop = np.zeros_like(code)
+    drop[code] = (d_keep - d_code) < weight * scale * bits
+    return np.where(drop, KEEP, modes), np.where(drop[None], 0, sym)
 
 
 def group_context(state: TemporalState, cells: np.ndarray, kind: int, rate_point: int) -> np.ndarray:

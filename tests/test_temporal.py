@@ -23,9 +23,11 @@ from latentcast.proto.temporal import (
     TemporalTables,
     choose_modes,
     choose_motion,
+    code_lengths,
     decode_p,
     encode_p,
     motion_predict,
+    rd_prune,
     search_camera,
     search_motion,
 )
@@ -268,6 +270,36 @@ def test_edge_and_cloud_follow_a_panning_camera(edge_encoder, tiny_codec):
     assert enc.counts["key"] == 1 and enc.counts["p"] == 5
 
 
+def test_rd_prune_keeps_the_cells_that_pay_for_their_bits(tiny_codec, rng):
+    M = tiny_codec.M
+    tables = _flat_tables(M, tiny_codec.n_rates)
+    lengths = code_lengths(tiny_codec.y_tables)
+    state = TemporalState.from_key(np.zeros((M, 2, 3)), frame_id=0)
+    y = np.zeros((M, 2, 3))
+    y[:, 0, 0] = rng.normal(scale=4.0, size=M)  # a large change
+    y[0, 0, 1] = 0.6  # one symbol just over half a step
+    roi = np.ones((2, 3), bool)
+    modes, sym = choose_modes(state, y, roi, step=1.0, bg_step=1.0, threshold=1, bg_threshold=M)
+    assert modes[0, 0] == CODE and modes[0, 1] == CODE and (modes[1] == KEEP).all()
+    args = dict(step=1.0, tables=tables, lengths=lengths, rate_point=0)
+    same = rd_prune(state, y, modes, sym, weight=0.0, **args)
+    assert np.array_equal(same[0], modes) and np.array_equal(same[1], sym)
+    m2, s2 = rd_prune(state, y, modes, sym, weight=0.02, **args)
+    assert m2[0, 0] == CODE and m2[0, 1] == KEEP and not s2[:, 0, 1].any()  # 0.36 - 0.16 < 0.02 * its bits
+    assert np.array_equal(s2[:, 0, 0], sym[:, 0, 0])
+    m3, _ = rd_prune(state, y, modes, sym, weight=100.0, **args)
+    assert (m3 == KEEP).all()
+
+
+def test_edge_and_cloud_hold_the_same_latent_with_rd(edge_encoder, tiny_codec):
+    enc, dec = _pair(edge_encoder, tiny_codec, rd=0.05)
+    bg = _background()
+    for t in range(6):
+        f, rois = _frame(t, bg)
+        dec.decompress(enc.encode(f, rois))
+        np.testing.assert_array_equal(dec.state.y, enc.state.y)
+
+
 def test_tables_save_load_and_wrong_codec(tmp_path, tiny_codec):
     t = _flat_tables(tiny_codec.M, tiny_codec.n_rates)
     p = tmp_path / "t.safetensors"
@@ -426,7 +458,7 @@ def test_p_frame_with_another_size_or_codec_is_refused(edge_encoder, tiny_codec)
 # ----------------------------------------------------------------------------- fitting and rate control
 
 
-def test_fitted_tables_code_in_fewer_bytes_than_flat_ones(edge_encoder, tiny_codec):
+def test_fitted_tables_code_in_fewer_bytes_than_flat_ones(edge_encoder, tiny_codec, tmp_path):
     from latentcast.tools.fit_temporal_tables import fit_tables
 
     bg = _background()
@@ -438,6 +470,8 @@ def test_fitted_tables_code_in_fewer_bytes_than_flat_ones(edge_encoder, tiny_cod
 
     tables, stats = fit_tables(tiny_codec, frames(), train=lambda i: i % 4 != 0, key_rate_point=2)
     assert stats["train_frames"] == 9 and stats["residual_symbols"] > 0
+    assert tables.meta["motion"] is True  # fitted as the edge codes by default
+    tables.save(tmp_path / "t.safetensors", weights_hash=tiny_codec.weights_hash)  # its metadata is plain JSON
     totals = {}
     for name, t in (("flat", _flat_tables(tiny_codec.M, tiny_codec.n_rates)), ("fitted", tables)):
         enc, dec = _pair(edge_encoder, tiny_codec, tables=t)

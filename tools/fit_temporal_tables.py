@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 
-from latentcast.proto.entropy import TableSet
 from latentcast.proto.grid import transmit_mask
 from latentcast.proto.temporal import (
     BGCODE,
@@ -43,26 +42,13 @@ from latentcast.proto.temporal import (
     box_cells,
     choose_modes,
     choose_motion,
+    code_lengths,
     group_context,
 )
 
 log = logging.getLogger(__name__)
 
 __all__ = ["fit_tables", "add_arguments", "main"]
-
-
-def _code_lengths(y_tables: TableSet) -> tuple[np.ndarray, int]:
-    """(n_tables, 2R+1) bits of each value -R..R under each table (escapes: escape entry + ~2 log2|v| + 1)."""
-    R = max(len(f) for f in y_tables.freqs)
-    vals = np.arange(-R, R + 1)
-    out = np.empty((len(y_tables), vals.size))
-    for t, (f, off) in enumerate(zip(y_tables.freqs, y_tables.offsets)):
-        bits = -np.log2(f / 65536.0)
-        idx = vals - off
-        inside = (idx >= 0) & (idx < len(f) - 1)
-        esc = bits[-1] + 2 * np.log2(np.abs(vals) + 1) + 1
-        out[t] = np.where(inside, bits[np.clip(idx, 0, len(f) - 2)], esc)
-    return out, R
 
 
 def fit_tables(codec: Any, frames: Iterable[tuple[int, np.ndarray, list]], *, train: Callable[[int], bool],
@@ -75,10 +61,11 @@ def fit_tables(codec: Any, frames: Iterable[tuple[int, np.ndarray, list]], *, tr
     frames with ``train(index)`` add to the statistics. The class edges are the quartiles of the coded
     cells' residual L1 norm at each rate point; then, per context, class and channel, the Gaussian
     table that codes the residuals in the fewest bits. ``motion``: the loop predicts coded cells from the moved
-    latent as the edge's ``temporal.motion`` does (P_MC frames)."""
+    latent as the edge's ``temporal.motion`` does (P_MC frames). The edge's ``temporal.rd`` test is not applied
+    (it needs tables to price the cells): it only drops cells of small change, so the fit sees a few more."""
     n_rates, M = codec.n_rates, codec.M
     steps = codec.rate_deltas
-    lengths, R = _code_lengths(codec.y_tables)
+    lengths, R = code_lengths(codec.y_tables)
     mode_counts = np.zeros((N_MODE_CTX, 4), dtype=np.int64)
     cells_by_rate: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n_rates)]  # (group ctx, symbols)
     states: list[TemporalState | None] = [None] * n_rates
@@ -99,7 +86,7 @@ def fit_tables(codec: Any, frames: Iterable[tuple[int, np.ndarray, list]], *, tr
             mv = choose_motion(st, y, roi, box_cells(boxes, roi.shape), step=steps[q]) if motion and boxes else None
             modes, sym = choose_modes(st, y, roi, step=steps[q], bg_step=steps[bg_rate_point], threshold=threshold,
                                       bg_threshold=bg_threshold, mv=mv)
-            motion = None if mv is None else Motion(cells=np.where((modes == CODE)[None], mv, 0))
+            frame_motion = None if mv is None else Motion(cells=np.where((modes == CODE)[None], mv, 0))
             if use:
                 np.add.at(mode_counts, (st.mode_context().ravel(), modes.ravel()), 1)
                 for kind, cells in enumerate((modes == CODE, modes == BGCODE)):
@@ -107,7 +94,7 @@ def fit_tables(codec: Any, frames: Iterable[tuple[int, np.ndarray, list]], *, tr
                         rq = q if kind == 0 else bg_rate_point
                         cells_by_rate[rq].append((group_context(st, cells, kind, rq),
                                                   np.clip(sym[:, cells], -R, R).astype(np.int16)))
-            st.apply(modes, sym, step=steps[q], bg_step=steps[bg_rate_point], frame_id=i, motion=motion)
+            st.apply(modes, sym, step=steps[q], bg_step=steps[bg_rate_point], frame_id=i, motion=frame_motion)
         if progress is not None:
             progress.update(1)
     class_counts = np.zeros((n_rates * N_GROUP_CTX, N_CLASSES), dtype=np.int64)

@@ -46,12 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         TemporalState,
         cell_classes,
         choose_modes,
+        code_lengths,
     )
     from latentcast.shared import portable_path
     from latentcast.tools import provenance
     from latentcast.tools.eval.data import video_clip
     from latentcast.tools.eval.learned import GroundingSettings, grounding_rois
-    from latentcast.tools.fit_temporal_tables import _code_lengths
 
     p = video_parser(__doc__, frames=300, out="results/temporal_context_experiment.json",
                      frames_help="run over the first N frames")
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     g = GroundingSettings(labels=("person", "vehicle", "bicycle"))
     rois = grounding_rois(clip, g, YoloxDetector(score_threshold=g.score_threshold), {}, every_frame=True)
     steps, q = codec.rate_deltas, a.rate
-    lengths, R = _code_lengths(codec.y_tables)
+    lengths, R = code_lengths(codec.y_tables)
     parts: list[tuple[np.ndarray, ...]] = []
     st = prev = None
     for i, frame in clip.frames():
