@@ -369,11 +369,17 @@ class TemporalState:
             self.y, self.bg = moved.y, moved.bg
         mv = None if motion is None else motion.cells
         code, bgcode, bg = modes == CODE, modes == BGCODE, modes == BG
-        s = sym.astype(np.float64)
-        self.bg = np.where(bgcode[None], self.bg + bg_step * s, self.bg)
-        base = self.y if mv is None else motion_predict(self.y, np.where(code[None], mv, 0))
-        y = np.where(code[None], base + step * s, self.y)
-        self.y = np.where((bg | bgcode)[None], self.bg, y)
+        # only the cells that change are touched (in place): the same arithmetic, element by element, as a
+        # whole-grid update, so both ends stay bit-identical
+        if bgcode.any():
+            self.bg[:, bgcode] = self.bg[:, bgcode] + _per_channel(bg_step) * sym[:, bgcode]
+        if code.any():
+            r, c = np.nonzero(code)
+            base = self.y[:, r, c] if mv is None else _moved_cells(self.y, r, c, mv[0, r, c], mv[1, r, c])
+            self.y[:, r, c] = base + _per_channel(step) * sym[:, r, c]
+        back = bg | bgcode
+        if back.any():
+            self.y[:, back] = self.bg[:, back]
         self.fg = (self.fg | code) & ~(bg | bgcode)
         self.coded = code | bgcode
         self.frame_id = int(frame_id)
@@ -390,18 +396,33 @@ def motion_predict(y: np.ndarray, mv: np.ndarray) -> np.ndarray:
     mv = np.asarray(mv)
     out = y.copy()
     r, c = np.nonzero((mv[0] != 0) | (mv[1] != 0))
-    if r.size == 0:
-        return out
+    if r.size:
+        out[:, r, c] = _moved_cells(y, r, c, mv[0, r, c], mv[1, r, c])
+    return out
+
+
+def _moved_cells(y: np.ndarray, r: np.ndarray, c: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
+    """(M, n): :func:`motion_predict` at the cells (r, c) with vectors (dy, dx); a zero vector gives ``y``."""
     _, h, w = y.shape
-    sy, sx = r * 4 - mv[0, r, c].astype(np.int64), c * 4 - mv[1, r, c].astype(np.int64)
+    dy, dx = np.asarray(dy, dtype=np.int64), np.asarray(dx, dtype=np.int64)
+    sy, sx = r * 4 - dy, c * 4 - dx
     iy, fy = np.floor_divide(sy, 4), np.mod(sy, 4)
     ix, fx = np.floor_divide(sx, 4), np.mod(sx, 4)
     y0, y1 = np.clip(iy, 0, h - 1), np.clip(iy + 1, 0, h - 1)
     x0, x1 = np.clip(ix, 0, w - 1), np.clip(ix + 1, 0, w - 1)
     v = ((4 - fy) * (4 - fx) * y[:, y0, x0] + (4 - fy) * fx * y[:, y0, x1] + fy * (4 - fx) * y[:, y1, x0]
          + fy * fx * y[:, y1, x1]) / 16.0
-    out[:, r, c] = np.floor(v * 256.0 + 0.5) / 256.0
-    return out
+    v = np.floor(v * 256.0 + 0.5) / 256.0
+    still = (dy == 0) & (dx == 0)
+    if still.any():
+        v[:, still] = y[:, r[still], c[still]]
+    return v
+
+
+def _per_channel(step) -> np.ndarray | float:
+    """A rate point's step as a factor of (M, n) symbols: a number, or (M, 1) with channel gains."""
+    a = np.asarray(step, dtype=np.float64)
+    return a.reshape(-1, 1) if a.ndim else float(a)
 
 
 def _box_candidates(y: np.ndarray, r0: int, r1: int, c0: int, c1: int, dys: np.ndarray,
