@@ -147,7 +147,7 @@ def test_search_finds_the_shift_that_made_the_frame(rng):
     true[0], true[1] = 3, -2  # everything moved 3/4 cell down, half a cell left
     y = motion_predict(y_prev, true)
     (dy, dx), l1 = search_motion(y_prev, y, (3, 9, 4, 12), step=0.25)
-    assert (dy, dx) == (3, -2) and l1.shape == (6, 8) and l1.max() == 0
+    assert (dy, dx) == (3, -2) and l1.shape == (6, 8) and l1.max() < 0.01  # only the rounding to 2**-8
     with pytest.raises(ValueError, match="mv_range 9 out of range 0..4"):
         search_motion(y_prev, y, (3, 9, 4, 12), step=0.25, mv_range=9)
 
