@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import math
 import os
@@ -409,6 +410,7 @@ class _Ctx:
     workers: int | None = None  # the cloud's worker threads (None: its config's default)
     analysis: str | None = None  # the edges' codec.analysis (None: their config's default)
     render: dict = field(default_factory=dict)  # the cloud's codec.* render settings given (temporal_render, ...)
+    temporal: Any = None  # the edges' temporal settings (an edge config's TemporalConfig; None: the defaults)
     edge_pool: list[tuple[Any, Any]] = field(default_factory=list)  # (EdgeEncoder, YOLOX) per stream index
 
 
@@ -416,8 +418,6 @@ def _cloud_config(token: str, threads: int | None, *, jpeg: bool = False, tables
                   workers: int | None = None, render: dict | None = None):
     """The loopback cloud of one configuration; ``jpeg`` enables the JPEG baseline codec; ``render``: codec.*
     render settings (temporal_render, render_runtime)."""
-    import dataclasses
-
     from latentcast.cloud.config import CloudConfig
 
     cfg = CloudConfig()
@@ -454,6 +454,8 @@ def _edge_config(ctx: _Ctx, system: str, camera_id: str, port: int, token: str):
         cfg.codec.rate_point = ctx.rate_point
     if system == "jpeg":
         cfg.codec.rate_point = 0
+    if ctx.temporal is not None:
+        cfg.temporal = dataclasses.replace(ctx.temporal)
     cfg.temporal.mode = "temporal" if system == "latentcast-temporal" else "frames"
     if system == "latentcast-temporal":
         if ctx.tables:
@@ -569,6 +571,7 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
                     cloud_threads: int | None = None, workers: int | None = None, synthesis: str | None = None,
                     temporal_synthesis: str | None = None, codec: Any = None, detector: Any = None,
                     edge_detector: Any = None, analysis: str | None = None, render: dict | None = None,
+                    temporal: Any = None,
                     out: str | os.PathLike | None = None, command: str = "latentcast bench stream",
                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every (system, N) configuration; returns the result (also written to ``out`` + ``.md``).
@@ -634,7 +637,8 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
                threads=threads, bundle=str(bundle) if bundle else None, codec=codec, detector=detector,
                edge_detector=edge_detector, task=task, task_labels=task_labels,
                tables=str(tables) if tables else None,
-               cloud_threads=cloud_threads, workers=workers, analysis=analysis, render=dict(render or {}))
+               cloud_threads=cloud_threads, workers=workers, analysis=analysis, render=dict(render or {}),
+               temporal=temporal)
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     for n in streams:
         for system in systems:
@@ -657,7 +661,9 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
                     "temporal_synthesis": _temporal_synthesis_label(codec), "analysis": ecfg.codec.analysis,
                     "temporal_render": ccfg.codec.temporal_render,
                     "render_runtime": resolve_render_runtime(ccfg.codec.render_runtime),
-                    "cloud_workers": ccfg.pipeline.worker_count},
+                    "cloud_workers": ccfg.pipeline.worker_count,
+                    "edge_temporal": dataclasses.asdict(
+                        _edge_config(ctx, "latentcast-temporal", "x", 0, "x").temporal)},
         "setup": {
             "codec": {"name": getattr(codec, "codec_name", "?"), "weights_hash": codec.weights_hash.hex(),
                       "latent_space": getattr(codec, "latent_space_spec", None)},
@@ -785,6 +791,8 @@ def _int_list(text: str) -> list[int]:
 
 
 def main(args) -> int:
+    from latentcast.tools.options import temporal_settings
+
     if not getattr(args, "verbose", False):  # one line per session start/end x 16 streams drowns the progress
         for name in ("latentcast.cloud", "latentcast.edge"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -798,6 +806,7 @@ def main(args) -> int:
         cloud_threads=getattr(args, "cloud_threads", None), workers=getattr(args, "workers", None),
         synthesis=getattr(args, "synthesis", None), temporal_synthesis=getattr(args, "temporal_synthesis", None),
         analysis=getattr(args, "analysis", None),
+        temporal=temporal_settings(args.edge_config) if getattr(args, "edge_config", None) else None,
         render={k: getattr(args, k) for k in ("temporal_render", "render_runtime") if getattr(args, k, None)},
         out=args.out,
         command=" ".join(["latentcast"] + sys.argv[1:])))

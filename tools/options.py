@@ -24,7 +24,12 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["field_comments", "add_dataclass_options", "add_analysis_option", "dataclass_from_args", "option_name"]
+__all__ = ["field_comments", "add_dataclass_options", "add_analysis_option", "dataclass_from_args", "option_name",
+           "EDGE_CONFIG_HELP", "temporal_settings"]
+
+#: ``--edge-config`` of the tools that code temporal streams outside an edge (eval, bench stream)
+EDGE_CONFIG_HELP = ("code temporal streams with the temporal settings of this edge config and its "
+                    "LATENTCAST_EDGE__TEMPORAL__* variables, e.g. to measure one lever (default: the defaults)")
 
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -123,6 +128,17 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, *, base: Any = None
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
              if getattr(args, f.name, None) is not None}
     return cls(**{**start, **given, **values})
+
+
+def temporal_settings(path: str):
+    """The ``temporal`` section of the edge config at ``path`` (a TemporalConfig); a bad file exits with its
+    error as ``--edge-config``'s."""
+    from latentcast.edge.config import load_edge_config
+
+    try:
+        return load_edge_config(path).temporal
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: --edge-config {path}: {exc}") from None
 
 
 def add_analysis_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

@@ -222,7 +222,7 @@ def bd_tables(points: list[dict], metrics: list[str]) -> dict:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from latentcast.cloud.config import CodecConfig
-    from latentcast.tools.options import add_analysis_option, add_dataclass_options
+    from latentcast.tools.options import EDGE_CONFIG_HELP, add_analysis_option, add_dataclass_options
 
     p.add_argument("--data", required=True, help="a video file, an image folder, or a COCO annotation .json")
     p.add_argument("--images", default=None, help="folder of the COCO file's images (default: the file's folder)")
@@ -254,9 +254,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="latentcast-temporal: P-frame entropy tables (default models/weights/<codec>-temporal.safetensors)",
     )
-    p.add_argument("--edge-config", default=None,
-                   help="latentcast-temporal: code with the temporal settings of this edge config and its "
-                        "LATENTCAST_EDGE__TEMPORAL__* variables, e.g. to measure one lever (default: the defaults)")
+    p.add_argument("--edge-config", default=None, help=f"latentcast-temporal: {EDGE_CONFIG_HELP}")
     p.add_argument("--temporal-levels", default=",".join(TEMPORAL_LEVELS),
                    help="latentcast-temporal: levels q<rate point>/t<threshold> to sweep "
                         f"(default {','.join(TEMPORAL_LEVELS)})")
@@ -340,14 +338,9 @@ def main(a: argparse.Namespace) -> int:
 
             tables = TemporalTables.load(a.temporal_tables or default_tables_path(dec), weights_hash=dec.weights_hash)
             levels = tuple(_parse_list(a.temporal_levels, (), "--temporal-levels", check=False))
-            tcfg = None
-            if a.edge_config:
-                from latentcast.edge.config import load_edge_config
+            from latentcast.tools.options import temporal_settings
 
-                try:
-                    tcfg = load_edge_config(a.edge_config).temporal
-                except (OSError, ValueError) as exc:
-                    raise SystemExit(f"error: --edge-config {a.edge_config}: {exc}") from None
+            tcfg = temporal_settings(a.edge_config) if a.edge_config else None
             codecs.append(TemporalLatentcastCodec(grounding=gs, encoder=enc, decoder=dec, detector=gdet, tables=tables,
                                                   params=levels, config=tcfg))
     from latentcast.tools.eval.baselines import make_baselines
