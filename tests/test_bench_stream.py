@@ -123,3 +123,27 @@ async def test_bench_stream_grounds_a_task_list(tmp_path, tiny_codec, tiny_bundl
     with pytest.raises(ValueError, match="either labels or a task"):
         await bench_stream.run_bench(streams=[1], task="traffic", labels=["person"], codec=tiny_codec,
                                      bundle=tiny_bundle, detector=FakeDetector(), out=out)
+
+
+async def test_bench_stream_codes_with_an_edge_configs_temporal_settings(tmp_path, tiny_codec, tiny_bundle):
+    """``bench stream --edge-config``: the edges' temporal settings come from the file (to measure one lever),
+    the result records them; a bad file is an error naming it."""
+    from latentcast.proto.temporal import TemporalTables
+    from latentcast.tools.options import temporal_settings
+
+    video = shared_or_skip() / "data" / "video" / "vtest.avi"
+    tables = tmp_path / "tiny-temporal.safetensors"
+    TemporalTables.flat(M=tiny_codec.M, n_rates=tiny_codec.n_rates).save(tables, weights_hash=tiny_codec.weights_hash)
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text("temporal:\n  motion: false\n  deadzone: 0.25\n")
+    result = await bench_stream.run_bench(
+        streams=[1], seconds=1.5, warmup=0.3, pace=10.0, video=str(video), labels=["person"], threads=1,
+        systems=["latentcast-temporal"], codec=tiny_codec, bundle=tiny_bundle, tables=tables, detector=FakeDetector(),
+        temporal=temporal_settings(str(cfg)), out=tmp_path / "bench.json", progress=lambda _line: None)
+    t = result["options"]["edge_temporal"]
+    assert t["motion"] is False and t["deadzone"] == 0.25 and t["mode"] == "temporal"
+    (row,) = result["results"]
+    assert not row["errors"] and row["frames"]["results"] > 0
+    cfg.write_text("temporal:\n  rd: -1\n")
+    with pytest.raises(SystemExit, match="--edge-config .*edge.yaml.*rd"):
+        temporal_settings(str(cfg))
