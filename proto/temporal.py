@@ -425,27 +425,6 @@ def _per_channel(step) -> np.ndarray | float:
     return a.reshape(-1, 1) if a.ndim else float(a)
 
 
-def _box_candidates(y: np.ndarray, r0: int, r1: int, c0: int, c1: int, dys: np.ndarray,
-                    dxs: np.ndarray) -> np.ndarray:
-    """The predictions of the cells [r0:r1, c0:c1] under every vector (dy, dx) of ``dys`` x ``dxs``:
-    (len(dys), len(dxs), C, r1-r0, c1-c0), before the rounding of :func:`motion_predict` (the search only
-    ranks vectors)."""
-    _, h, w = y.shape
-    sy = np.arange(r0, r1)[None] * 4 - dys[:, None]  # (n_dy, bh) source rows in quarter cells
-    sx = np.arange(c0, c1)[None] * 4 - dxs[:, None]
-    iy, fy = np.floor_divide(sy, 4), np.mod(sy, 4).astype(y.dtype)
-    ix, fx = np.floor_divide(sx, 4), np.mod(sx, 4).astype(y.dtype)
-    ya, yb = np.clip(iy, 0, h - 1), np.clip(iy + 1, 0, h - 1)
-    xa, xb = np.clip(ix, 0, w - 1), np.clip(ix + 1, 0, w - 1)
-    cols = np.unique(np.concatenate([xa.ravel(), xb.ravel()]))
-    sub = y[:, :, cols]  # (C, h, n) the columns any vector reads
-    pos = np.searchsorted(cols, np.stack([xa, xb]))  # (2, n_dx, bw) into sub's columns
-    rows = ((4 - fy)[:, None, :, None] * sub[:, ya].transpose(1, 0, 2, 3)
-            + fy[:, None, :, None] * sub[:, yb].transpose(1, 0, 2, 3))  # (n_dy, C, bh, n), in quarters
-    p = ((4 - fx) * rows[..., pos[0]] + fx * rows[..., pos[1]]) / 16.0  # (n_dy, C, bh, n_dx, bw)
-    return p.transpose(0, 3, 1, 2, 4)
-
-
 _SEARCH_CHANNELS = 24  # the search ranks vectors on the channels that changed most in the box (all: too slow)
 _DISTORTION_WEIGHT = 4.0  # a prediction's cost: the L1 norm of its quantized residual + this x its squared error
 # (in steps): the L1 norm alone is blind to errors under half a step, which no symbol corrects
@@ -544,12 +523,14 @@ def search_camera(y_prev: np.ndarray, y: np.ndarray, *, step, camera_range: int 
     step = np.asarray(step, dtype=np.float64)
     ch = np.sort(np.argsort(np.abs(y - y_prev).sum((1, 2)))[-_SEARCH_CHANNELS // 2:])
     sub_step = (step[ch] if step.ndim == 3 else step).astype(np.float32)
+    sub_step = sub_step[..., None] if step.ndim == 3 else sub_step  # (C, 1, 1, 1) against (C, h, w, K)
     d = np.arange(-(camera_range // 4), camera_range // 4 + 1) * 4
-    p = _box_candidates(y_prev[ch].astype(np.float32), 0, h, 0, w, d, d)
-    cost = _prediction_cost((y[ch].astype(np.float32) - p) / sub_step, (2, 3, 4))
-    cost = cost + 1e-3 * (np.abs(d)[:, None] + np.abs(d)[None])
-    i, j = np.unravel_index(int(np.argmin(cost)), cost.shape)
-    return int(d[i]), int(d[j])
+    cand = np.stack(np.meshgrid(d, d, indexing="ij"), -1).reshape(-1, 2)  # (K, 2)
+    r, c = np.mgrid[0:h, 0:w]
+    p = _gather_moved(y_prev[ch].astype(np.float32), r[..., None], c[..., None], cand[:, 0], cand[:, 1])
+    cost = _prediction_cost((y[ch].astype(np.float32)[..., None] - p) / sub_step, (0, 1, 2))
+    k = int(np.argmin(cost + 1e-3 * np.abs(cand).sum(1)))  # ties go to the shorter vector
+    return int(cand[k, 0]), int(cand[k, 1])
 
 
 def box_cells(boxes, shape: tuple[int, int]) -> list[tuple[int, int, int, int]]:
