@@ -223,3 +223,13 @@ def test_results_commands_leave_out_this_machines_folders(monkeypatch, tmp_path)
                                       home + "/.cache/latentcast/runs/r/history.jsonl", "--lr", "1e-4", "rel/p"])
     expect = "tool --out res --history ~/.cache/latentcast/runs/r/history.jsonl --lr 1e-4 rel/p"
     assert provenance.command("tool") == expect
+
+
+def test_results_without_a_suffix_are_written_as_json(tmp_path):
+    """``--out results/x`` writes results/x.json and results/x.md (it wrote a JSON file named ``x``)."""
+    from latentcast.tools.provenance import results_path, write_results
+
+    out = write_results(tmp_path / "bench", {"a": 1}, "| a |")
+    assert out == tmp_path / "bench.json" and json.loads(out.read_text()) == {"a": 1}
+    assert (tmp_path / "bench.md").read_text() == "| a |" and not (tmp_path / "bench").exists()
+    assert results_path("r/eval.json").name == "eval.json"

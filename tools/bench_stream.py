@@ -812,5 +812,8 @@ def main(args) -> int:
         command=" ".join(["latentcast"] + sys.argv[1:])))
     print()
     print(markdown(result), end="")
-    print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')} in {result['duration_s']:.0f} s")
+    from latentcast.tools.provenance import results_path
+
+    out = results_path(args.out)
+    print(f"wrote {out} and {out.with_suffix('.md')} in {result['duration_s']:.0f} s")
     return 0

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["command", "commit", "machine"]
+__all__ = ["command", "commit", "machine", "results_path", "write_results"]
 
 
 def command(prog: str = "latentcast") -> str:
@@ -69,11 +69,18 @@ def machine() -> dict:
     return info
 
 
+def results_path(path: str | os.PathLike) -> Path:
+    """Where :func:`write_results` writes the JSON of ``path``: ``.json`` added when it has no suffix."""
+    out = Path(path)
+    return out if out.suffix else out.with_suffix(".json")
+
+
 def write_results(path: str | os.PathLike, result: dict, markdown: str) -> Path:
-    """A benchmark's JSON at ``path`` and its markdown table beside it (``.md``); returns the JSON path."""
+    """A benchmark's JSON at ``path`` (``.json`` added when it has no suffix) and its markdown table beside it
+    (``.md``); returns the JSON path."""
     import json
 
-    out = Path(path)
+    out = results_path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     out.with_suffix(".md").write_text(markdown)
