@@ -18,11 +18,11 @@ cells (4 pixels at 1/16), and its mean is the previous latent moved by ``v``
 (:func:`motion_predict`: bilinear between the 4 nearest cells, edge cells repeated, rounded to 8
 fractional bits) instead of ŷ_{t-1} itself: ``ŷ_t = P_v(ŷ_{t-1}) + Δ_q · s``. A walking person moves
 a few pixels a frame, which a latent at 1/16 cannot follow without it. The edge estimates one vector
-per grounded box (:func:`search_motion`, the smallest quantized residual over the box's cells) and
-gives each coded cell the best of its boxes' vectors and none (:func:`choose_motion`). A moving
-camera (the edge's ``temporal.camera_motion``) also sends the camera's vector, which moves the whole
-state, foreground and background latents, before anything else (:func:`search_camera`). A frame in
-which nothing moves is an ordinary ``P`` frame.
+per grounded box, all boxes at once (:func:`choose_motion`: the cheapest residual over the box's cells,
+its symbols' L1 norm plus its squared error under half a step) and gives each coded cell the best of
+its boxes' vectors and none. A moving camera (the edge's ``temporal.camera_motion``) also sends the
+camera's vector, in whole cells, which moves the whole state, foreground and background latents,
+before anything else (:func:`search_camera`). A frame in which nothing moves is an ordinary ``P`` frame.
 
 The edge decides the modes (:func:`choose_modes`): cells under the grounded ROIs
 are coded when their quantized change against the previous decoded latent has
