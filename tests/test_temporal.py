@@ -673,3 +673,33 @@ def test_a_render_whose_changes_left_the_history_is_whole(edge_encoder, tiny_cod
     got = renders[-1](True)
     assert tiled.counts["render_whole"] == before + 1
     np.testing.assert_allclose(got.latent, want.latent, atol=1e-5)
+
+
+def test_a_forged_motion_flag_is_refused_and_leaves_the_state(edge_encoder, tiny_codec):
+    """A client that sets the compact P frame's motion flag on a frame coded without motion (CRC fixed up):
+    the cloud refuses the frame, its state is untouched (apply runs in place, after every check), and the
+    stream goes on once the edge sends a keyframe."""
+    import struct
+    import zlib
+
+    from latentcast.models.codec import CodecError
+    from latentcast.proto.bitstream import FLAG_MOTION, FLAG_ROI_ONLY
+
+    enc, dec = _pair(edge_encoder, tiny_codec, motion=False)
+    bg = _background()
+    dec.decompress(enc.encode(*_frame(0, bg)))
+    data = bytearray(enc.encode(*_frame(1, bg)))
+    assert data[5] == FLAG_ROI_ONLY
+    data[5] = FLAG_ROI_ONLY | FLAG_MOTION
+    body = bytes(data[:-4])
+    forged = body + struct.pack("<I", zlib.crc32(body) & 0xFFFFFFFF)
+    before = dec.state.copy()
+    with pytest.raises((CodecError, TemporalError, ValueError)):
+        dec.decompress(forged)
+    np.testing.assert_array_equal(dec.state.y, before.y)
+    np.testing.assert_array_equal(dec.state.bg, before.bg)
+    assert dec.state.frame_id == before.frame_id
+    enc.request_refresh()
+    dec.decompress(enc.encode(*_frame(2, bg)))  # the keyframe the cloud asks for
+    dec.decompress(enc.encode(*_frame(3, bg)))
+    np.testing.assert_array_equal(dec.state.y, enc.state.y)
