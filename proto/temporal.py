@@ -403,13 +403,8 @@ def motion_predict(y: np.ndarray, mv: np.ndarray) -> np.ndarray:
 
 def _moved_cells(y: np.ndarray, r: np.ndarray, c: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
     """(M, n): :func:`motion_predict` at the cells (r, c) with vectors (dy, dx); a zero vector gives ``y``."""
-    _, h, w = y.shape
     dy, dx = np.asarray(dy, dtype=np.int64), np.asarray(dx, dtype=np.int64)
-    sy, sx = r * 4 - dy, c * 4 - dx
-    iy, fy = np.floor_divide(sy, 4), np.mod(sy, 4)
-    ix, fx = np.floor_divide(sx, 4), np.mod(sx, 4)
-    y0, y1 = np.clip(iy, 0, h - 1), np.clip(iy + 1, 0, h - 1)
-    x0, x1 = np.clip(ix, 0, w - 1), np.clip(ix + 1, 0, w - 1)
+    y0, y1, x0, x1, fy, fx = _taps(y.shape, r, c, dy, dx)
     v = ((4 - fy) * (4 - fx) * y[:, y0, x0] + (4 - fy) * fx * y[:, y0, x1] + fy * (4 - fx) * y[:, y1, x0]
          + fy * fx * y[:, y1, x1]) / 16.0
     v = np.floor(v * 256.0 + 0.5) / 256.0
@@ -417,6 +412,18 @@ def _moved_cells(y: np.ndarray, r: np.ndarray, c: np.ndarray, dy: np.ndarray, dx
     if still.any():
         v[:, still] = y[:, r[still], c[still]]
     return v
+
+
+def _taps(shape: tuple[int, ...], r, c, dy, dx) -> tuple[np.ndarray, ...]:
+    """The 4 cells a moved cell reads and its weights in quarters: (y0, y1, x0, x1, fy, fx) for the cells (r, c)
+    moved by (dy, dx) quarter cells, edge cells repeated (the bilinear interpolation of :func:`motion_predict`
+    and of the search)."""
+    h, w = shape[-2:]
+    sy, sx = r * 4 - dy, c * 4 - dx
+    iy, fy = np.floor_divide(sy, 4), np.mod(sy, 4)
+    ix, fx = np.floor_divide(sx, 4), np.mod(sx, 4)
+    return (np.clip(iy, 0, h - 1), np.clip(iy + 1, 0, h - 1), np.clip(ix, 0, w - 1), np.clip(ix + 1, 0, w - 1),
+            fy, fx)
 
 
 def _per_channel(step) -> np.ndarray | float:
@@ -443,12 +450,8 @@ def _prediction_cost(x: np.ndarray, axis) -> np.ndarray:
 def _gather_moved(y: np.ndarray, r: np.ndarray, c: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
     """``y`` (C,h,w) moved by (dy, dx) quarter cells at the cells (r, c): bilinear, edge cells repeated, not
     rounded (the search only ranks vectors). Broadcasts r, c, dy, dx; returns (C, *their shape)."""
-    _, h, w = y.shape
-    sy, sx = r * 4 - dy, c * 4 - dx
-    iy, fy = np.floor_divide(sy, 4), np.mod(sy, 4).astype(y.dtype)
-    ix, fx = np.floor_divide(sx, 4), np.mod(sx, 4).astype(y.dtype)
-    y0, y1 = np.clip(iy, 0, h - 1), np.clip(iy + 1, 0, h - 1)
-    x0, x1 = np.clip(ix, 0, w - 1), np.clip(ix + 1, 0, w - 1)
+    y0, y1, x0, x1, fy, fx = _taps(y.shape, r, c, dy, dx)
+    fy, fx = fy.astype(y.dtype), fx.astype(y.dtype)
     top = (4 - fx) * y[:, y0, x0] + fx * y[:, y0, x1]
     bottom = (4 - fx) * y[:, y1, x0] + fx * y[:, y1, x1]
     return ((4 - fy) * top + fy * bottom) / 16.0
@@ -476,10 +479,10 @@ def _search_boxes(y_prev: np.ndarray, y: np.ndarray, boxes: list[tuple[int, int,
     y_prev = np.asarray(y_prev, dtype=np.float64)
     tgt = np.asarray(y, dtype=np.float64)[:, r, c]  # (M, n)
     step_a = np.asarray(step, dtype=np.float64)
-    step_v = step_a.reshape(-1, 1) if step_a.ndim else step_a
+    step_v = _per_channel(step)
     ch = np.sort(np.argsort(np.abs(tgt - y_prev[:, r, c]).sum(1))[-_SEARCH_CHANNELS:])
     sub_prev, sub_tgt = y_prev[ch].astype(np.float32), tgt[ch].astype(np.float32)[:, :, None]
-    sub_step = (step_v[ch] if step_a.ndim else step_v).astype(np.float32)
+    sub_step = np.asarray(step_v[ch] if step_a.ndim else step_v, dtype=np.float32)
     sub_step = sub_step[:, :, None] if step_a.ndim else sub_step
 
     def best_of(cands: np.ndarray) -> np.ndarray:
@@ -549,8 +552,7 @@ def choose_motion(state: TemporalState, y: np.ndarray, roi: np.ndarray, boxes, *
     boxes = [b for b in boxes if b[1] > b[0] and b[3] > b[2]]
     if not boxes:
         return mv
-    step_a = np.asarray(step, dtype=np.float64)
-    step_v = step_a.reshape(-1, 1) if step_a.ndim else step_a
+    step_v = _per_channel(step)
     r, c = np.nonzero(np.any([_box_mask(b, roi.shape) for b in boxes], axis=0) & roi)
     best = np.full(roi.shape, np.inf)  # the cost of each cell's prediction so far: not moving, first
     best[r, c] = _prediction_cost((np.asarray(y, dtype=np.float64)[:, r, c] - state.y[:, r, c]) / step_v, 0)
@@ -656,8 +658,10 @@ def choose_modes(state: TemporalState, y: np.ndarray, roi: np.ndarray, *, step: 
     s_fg = _quantize(y - state.y, step, deadzone)
     s_bg = _quantize(y - state.bg, bg_step, deadzone)
     code = roi & ((s_fg != 0).sum(0) >= threshold)
-    if mv is not None:
-        s_fg = _quantize(y - motion_predict(state.y, np.where(code[None], mv, 0)), step, deadzone)
+    if mv is not None and code.any():
+        r, c = np.nonzero(code)
+        s_fg[:, r, c] = _quantize(y[:, r, c] - _moved_cells(state.y, r, c, mv[0, r, c], mv[1, r, c]),
+                                  _per_channel(step), deadzone)
     bgcode = ~roi & ((s_bg != 0).sum(0) >= bg_threshold)
     modes = np.full(roi.shape, KEEP, dtype=np.int64)
     modes[~roi & state.fg] = BG
@@ -692,16 +696,16 @@ def rd_prune(state: TemporalState, y: np.ndarray, modes: np.ndarray, sym: np.nda
     if weight <= 0 or not code.any():
         return modes, sym
     table_bits, R = lengths
-    y = np.asarray(y, dtype=np.float64)
-    pred = state.y if mv is None else motion_predict(state.y, np.where(code[None], mv, 0))
-    step_a = np.asarray(step, dtype=np.float64)
-    d_keep = ((y[:, code] - state.y[:, code]) ** 2).sum(0)
-    s = sym[:, code]
-    d_code = ((y[:, code] - (pred[:, code] + (step_a[:, :, 0] if step_a.ndim == 3 else step_a) * s)) ** 2).sum(0)
+    r, c = np.nonzero(code)
+    y_c = np.asarray(y, dtype=np.float64)[:, r, c]
+    pred = state.y[:, r, c] if mv is None else _moved_cells(state.y, r, c, mv[0, r, c], mv[1, r, c])
+    d_keep = ((y_c - state.y[:, r, c]) ** 2).sum(0)
+    s = sym[:, r, c]
+    d_code = ((y_c - (pred + _per_channel(step) * s)) ** 2).sum(0)
     k = cell_classes(tables, s, rate_point)
     t = tables.res_scale[residual_context(state, code, 0, rate_point, k)].T  # (M, n) table of each symbol
     bits = table_bits[t, np.clip(s, -R, R) + R].sum(0) + 2.0  # + about a class and a mode
-    scale = float(np.mean(step_a)) ** 2
+    scale = float(np.mean(step)) ** 2
     drop = np.zeros_like(code)
     drop[code] = (d_keep - d_code) < weight * scale * bits
     return np.where(drop, KEEP, modes), np.where(drop[None], 0, sym)
