@@ -643,7 +643,7 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
     for n in streams:
         for system in systems:
             rows[(system, n)] = await _run_config(ctx, system, n, progress)
-    ecfg = _edge_config(ctx, "latentcast", "x", 0, "x")
+    ecfg = _edge_config(ctx, "latentcast-temporal", "x", 0, "x")  # the edges' settings (temporal: its own too)
     from latentcast.models.synthesis_runtime import resolve_render_runtime
 
     ccfg = _cloud_config("x", ctx.cloud_threads, workers=workers, render=ctx.render)
@@ -662,8 +662,7 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
                     "temporal_render": ccfg.codec.temporal_render,
                     "render_runtime": resolve_render_runtime(ccfg.codec.render_runtime),
                     "cloud_workers": ccfg.pipeline.worker_count,
-                    "edge_temporal": dataclasses.asdict(
-                        _edge_config(ctx, "latentcast-temporal", "x", 0, "x").temporal)},
+                    "edge_temporal": dataclasses.asdict(ecfg.temporal)},
         "setup": {
             "codec": {"name": getattr(codec, "codec_name", "?"), "weights_hash": codec.weights_hash.hex(),
                       "latent_space": getattr(codec, "latent_space_spec", None)},
