@@ -48,6 +48,8 @@ __all__ = ["SynthesisTrainConfig", "student_config", "decoder_inputs", "train_sy
 class SynthesisTrainConfig:
     codec: str = "elic-lite"  # the codec whose packets the student decodes (a shipped name or a weight file)
     out: str = "checkpoints/elic-lite-fast"  # run folder (resumed from when it holds last.pt)
+    init: str = ""  # start from this synthesis (a shipped name or file for the same codec) instead of the codec's
+    #                 own g_s, wherever the shapes match ("" = the codec's own g_s)
     up_widths: str = "64,32"  # widths of the student's x2 stages after 1/16 ("" = the codec's own)
     blocks: int = 3  # residual blocks at 1/16 (the shipped g_s: 3)
     tail_blocks: int = 1  # residual blocks at the output resolution (the shipped g_s: 1)
@@ -63,6 +65,8 @@ class SynthesisTrainConfig:
     checkpoint_every: int = 200  # steps between checkpoints (last.pt)
     seed: int = 0  # RNG seed for crops, rate points and masks
     threads: int = 1  # torch threads
+    bf16: bool = False  # the student under bfloat16 autocast (loss and weights float32): ~2x faster on CPUs with
+    #                     AVX-512 BF16 or AMX, many times slower without
 
 
 def student_config(codec_cfg: ElicConfig, cfg: SynthesisTrainConfig) -> ElicConfig:
@@ -179,6 +183,24 @@ def _kodak_items() -> list:
     return [(f"kodak-{p.stem}", (lambda p=p: _read_rgb(p, None))) for p in sorted(d.glob("*.png"))]
 
 
+def _identity_blocks(student: SynthesisToLatent, reused: dict) -> int:
+    """Zero the last convolution of every residual block the start (``reused``: the codec's g_s or ``init``)
+    did not provide, so a student that only adds blocks to its layout (``blocks``, ``tail_blocks`` above its
+    own) starts as exactly that g_s and training only improves on it (Net2Net's function-preserving
+    deepening). Returns the number of blocks zeroed."""
+    from .elic import ResBlock
+
+    n = 0
+    for name, m in student.named_modules():
+        if isinstance(m, ResBlock) and not any(k.startswith(name + ".") for k in reused):
+            last = m.body[-1]
+            with torch.no_grad():
+                last.weight.zero_()
+                last.bias.zero_()
+            n += 1
+    return n
+
+
 def _vtest_items(every: int = 32) -> list:
     """Scored vtest frames (index divisible by 8; every ``every``-th), for evaluation only."""
     import cv2
@@ -224,10 +246,15 @@ def train_synthesis(cfg: SynthesisTrainConfig) -> Path:
 
     torch.manual_seed(cfg.seed)
     student = SynthesisToLatent(scfg)
-    teacher_sd = codec.model.g_s.state_dict()
+    start_sd = codec.model.g_s.state_dict()
+    if cfg.init:
+        from .synthesis import load_synthesis
+
+        start_sd = load_synthesis(cfg.init, codec.cfg, codec.weights_hash).g_s.state_dict()
     own = student.state_dict()
-    reused = {k: v for k, v in teacher_sd.items() if k in own and own[k].shape == v.shape}
+    reused = {k: v for k, v in start_sd.items() if k in own and own[k].shape == v.shape}
     student.load_state_dict(reused, strict=False)
+    grown = _identity_blocks(student, reused)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
     rng = np.random.default_rng(cfg.seed)
     step, hist = 0, out / "history.jsonl"
@@ -242,7 +269,8 @@ def train_synthesis(cfg: SynthesisTrainConfig) -> Path:
         step = int(st["step"])
         log.info("resumed %s at step %d", last, step)
     else:
-        log.info("student %s: %d of %d tensors from the codec's g_s", scfg.synthesis_up_widths, len(reused), len(own))
+        log.info("student %s: %d of %d tensors from %s; %d new residual blocks start as the identity",
+                 scfg.synthesis_up_widths, len(reused), len(own), cfg.init or "the codec's g_s", grown)
     with hist.open("a") as fh:  # the codec's own g_s on the evaluation sets, at every (re)start
         fh.write(json.dumps({"step": step, **evaluate(codec.model.g_s, "teacher_"), **evaluate(student)}) + "\n")
 
@@ -260,7 +288,9 @@ def train_synthesis(cfg: SynthesisTrainConfig) -> Path:
         for g in opt.param_groups:
             g["lr"] = lr
         x, y, m, z = _batch(data, rng, cfg, codec.n_rates)
-        pred = student(y, m, z)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            pred = student(y, m, z)
+        pred = pred.float()
         loss = F.mse_loss(pred, space.encode(x))
         if cfg.teacher_weight > 0:
             with torch.no_grad():

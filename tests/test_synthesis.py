@@ -91,6 +91,14 @@ def test_train_resume_release_render(tmp_path, tiny_data, tiny_codec_path):
     codec.use_synthesis("own")
     assert codec.synthesis_name == "" and np.array_equal(codec.decompress(data).frame, own)
 
+    # a deeper student grown from the released file (--init) starts as exactly that file
+    grown = dataclasses.replace(cfg, out=str(tmp_path / "grown"), init=str(out), blocks=cfg.blocks + 1,
+                                tail_blocks=cfg.tail_blocks + 1, steps=0)
+    st.train_synthesis(grown)
+    first = json.loads((tmp_path / "grown" / "history.jsonl").read_text().splitlines()[0])
+    released = json.loads((tmp_path / "run" / "history.jsonl").read_text().splitlines()[-1])  # step 5, evaluated
+    assert released["step"] == 5 and first["kodak_psnr"] == released["kodak_psnr"] != first["teacher_kodak_psnr"]
+
 
 def test_synthesis_refused_for_another_codec(tmp_path, tiny_codec):
     cfg = dataclasses.replace(tiny_codec.cfg, gs_up_widths=(16, 8))
@@ -167,3 +175,17 @@ def test_the_ray_synthesis_renders_temporal_states_with_the_temporal_synthesis(t
     stage = cls(asdict(CodecConfig(weights=str(tiny_codec_path), temporal_synthesis=str(path))))
     assert stage.codec.temporal_synthesis_name == "t" and stage.codec.synthesis_name == ""
     assert stage.codec.temporal_g_s.up[0].out_channels == 64 and stage.codec.temporal_g_s is not stage.codec.model.g_s
+
+
+def test_deeper_student_starts_as_the_codecs_own_g_s(tmp_path, tiny_data, tiny_codec_path):
+    """Blocks added to the codec's layout start as the identity: at step 0 the student renders exactly
+    what the codec's own g_s renders (the history's first entry holds both)."""
+    codec_cfg = LatentCodec.from_file(tiny_codec_path).cfg
+    cfg = st.SynthesisTrainConfig(codec=str(tiny_codec_path), out=str(tmp_path / "run"), up_widths="",
+                                  blocks=codec_cfg.gs_blocks + 2, tail_blocks=codec_cfg.gs_tail_blocks + 1,
+                                  steps=0, batch=2, crop=64, eval_every=50)
+    st.train_synthesis(cfg)
+    first = json.loads((tmp_path / "run" / "history.jsonl").read_text().splitlines()[0])
+    assert first["kodak_psnr"] == first["teacher_kodak_psnr"]
+    cfg.out, cfg.steps, cfg.bf16 = str(tmp_path / "run-bf16"), 2, True
+    assert torch.load(st.train_synthesis(cfg), weights_only=False)["step"] == 2
