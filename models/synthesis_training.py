@@ -220,6 +220,11 @@ def train_synthesis(cfg: SynthesisTrainConfig) -> Path:
     if cfg.crop % 64 or cfg.crop < 64:
         raise ValueError(f"crop {cfg.crop} must be a positive multiple of 64")
     codec = LatentCodec.load(cfg.codec)
+    start_sd = codec.model.g_s.state_dict()
+    if cfg.init:  # checked before the (long) decoder inputs: a wrong file fails at once
+        from .synthesis import load_synthesis
+
+        start_sd = load_synthesis(cfg.init, codec.cfg, codec.weights_hash).g_s.state_dict()
     scfg = student_config(codec.cfg, cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -246,11 +251,6 @@ def train_synthesis(cfg: SynthesisTrainConfig) -> Path:
 
     torch.manual_seed(cfg.seed)
     student = SynthesisToLatent(scfg)
-    start_sd = codec.model.g_s.state_dict()
-    if cfg.init:
-        from .synthesis import load_synthesis
-
-        start_sd = load_synthesis(cfg.init, codec.cfg, codec.weights_hash).g_s.state_dict()
     own = student.state_dict()
     reused = {k: v for k, v in start_sd.items() if k in own and own[k].shape == v.shape}
     student.load_state_dict(reused, strict=False)
