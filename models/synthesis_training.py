@@ -14,6 +14,9 @@ narrower x2 stages (``up_widths``) costs a fraction of it; it starts from the co
 the shapes match (M(ẑ), the head and the 1/16 trunk) and trains on pixels; ``teacher_weight`` adds the
 codec's own g_s output as a second target (on pixels alone the student's frames score higher PSNR but
 lower detection accuracy than the codec's own: ``models/weights/elic-lite-fast-synthesis.md``).
+``init`` starts from a released synthesis instead; residual blocks the start lacks begin as the identity, so
+a student that only adds blocks begins exactly as its start (use a small ``lr``: Adam's first steps move a
+trained g_s by about ``lr`` per weight).
 g_a, the hyperprior and the entropy networks are untouched, so packets stay bit-identical and the edge
 does not change: the released file (``models/synthesis.py``) names the codec weights hash it decodes,
 and the cloud picks it with ``codec.synthesis``.

@@ -189,3 +189,11 @@ def test_deeper_student_starts_as_the_codecs_own_g_s(tmp_path, tiny_data, tiny_c
     assert first["kodak_psnr"] == first["teacher_kodak_psnr"]
     cfg.out, cfg.steps, cfg.bf16 = str(tmp_path / "run-bf16"), 2, True
     assert torch.load(st.train_synthesis(cfg), weights_only=False)["step"] == 2
+
+
+def test_wrong_init_fails_before_the_decoder_inputs(tmp_path, tiny_data, tiny_codec_path):
+    cfg = st.SynthesisTrainConfig(codec=str(tiny_codec_path), out=str(tmp_path / "run"), init="no-such-synthesis",
+                                  steps=1, batch=2, crop=64)
+    with pytest.raises(FileNotFoundError, match="no synthesis named 'no-such-synthesis'"):
+        st.train_synthesis(cfg)
+    assert not (tmp_path / "cache" / "synthesis").exists()  # nothing was computed or cached
