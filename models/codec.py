@@ -240,7 +240,7 @@ class LatentCodec(FrameCompressor):
     def analyze(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """g_a and h_a in PyTorch: returns y (M,h,w) and z (Nz,hz,wz), float32."""
         x = pad_image(image_to_tensor(image))
-        y = self.model.g_a(x)
+        y = self.model.analyze(x)
         z = self.model.h_a(y)
         return y[0].numpy(), z[0].numpy()
 

@@ -120,7 +120,7 @@ class ComposerTrainConfig:
 @torch.no_grad()
 def _codec_symbols(model, x: torch.Tensor, rate: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ŷ and ẑ as the cloud decodes them (exact integer entropy networks), without entropy coding."""
-    y = model.g_a(x)
+    y = model.analyze(x)
     z = model.h_a(y)
     dz = model.rate_zdelta[rate].view(-1, 1, 1, 1)  # float64, as LatentCodec.z_symbols / decode_latent
     z_hat = torch.floor(z.double() / dz + 0.5) * dz

@@ -24,6 +24,14 @@ Gaussian table the symbol is coded with. Positions outside the ROI mask are
 not coded and take the mean ``μ`` (the paper's eq. (2) fills them from the
 hyperprior).
 
+With ``linear_path`` (pixel latents only), a linear transform of each 16x16 cell runs beside both
+transforms, ``y = g_a(x) + A·cell(x)`` and ``ẑ_c = g_s(...) + S·ŷ`` per cell (:class:`CellAnalysis`,
+:class:`CellSynthesis`). Started from the principal components of training cells
+(``models/training.py: init_linear_path``) with g_a's and g_s's last convolutions at zero, the codec
+begins as a block-PCA transform coder (35.5 dB on Kodak with 160 coefficients, unquantized) and the
+nonlinear transforms learn what it lacks, instead of learning the reconstruction from nothing
+(``results/linear_path``).
+
 Two configurations: ``paper`` (N=192, M=320, groups 16/16/32/64/192) and
 ``lite`` (N=64, M=160, groups 16/16/32/64/32), small enough for a CPU edge.
 """
@@ -41,7 +49,7 @@ import torch.nn.functional as F
 from .quant import QConv, QSequential, quantize_input, round_ste
 
 __all__ = ["ElicConfig", "CONFIGS", "ElicCodec", "MEAN_RES", "Y_IN_RES", "analysis_halo", "analysis_stages",
-           "crop_chain", "channel_slice"]
+           "crop_chain", "channel_slice", "CellAnalysis", "CellSynthesis"]
 
 MEAN_RES = 64  # means are integers in units of 1/64
 Y_IN_RES = 4  # context networks see ŷ in steps of 1/4 (clipped to ±32)
@@ -71,12 +79,16 @@ class ElicConfig:
     scale_max: float = 64.0  # largest table scale
     rate_steps: tuple[int, ...] = (22, 14, 7, 0)  # k_q per rate point (0 = lowest rate): Δ_q = exp(δ k_q)
     channel_gains: bool = False  # learned per-channel offsets j_q,c: Δ_q,c = exp(δ (k_q + j_q,c)) (gain units)
+    linear_path: bool = False  # a linear transform of 16x16 cells beside g_a and g_s (CellAnalysis; pixel latents)
 
     def __post_init__(self):
         if sum(self.groups) != self.M:
             raise ValueError(f"groups {self.groups} sum to {sum(self.groups)}, not M={self.M}")
         if self.latent_factor not in (1, 2, 4, 8, 16):
             raise ValueError(f"latent_factor {self.latent_factor} not in (1, 2, 4, 8, 16)")
+        if self.linear_path and self.latent_channels != 3 * self.latent_factor**2:
+            raise ValueError(f"linear_path needs a pixel latent (3 x latent_factor² = {3 * self.latent_factor**2} "
+                             f"channels), not {self.latent_channels} channels")
         stages = int(math.log2(16 // self.latent_factor))
         if self.gs_up_widths and len(self.gs_up_widths) != stages:
             raise ValueError(f"gs_up_widths {self.gs_up_widths} has {len(self.gs_up_widths)} widths; "
@@ -161,6 +173,37 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
+
+
+CELL = 16  # frame pixels per side of a cell of y
+
+
+class CellAnalysis(nn.Module):
+    """The linear path of g_a: each 16x16x3 cell of the frame -> M values of y (a 1x1 convolution on the cells;
+    float32 even under autocast: bfloat16 would round y by more than the finest quantization step)."""
+
+    def __init__(self, cfg: ElicConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(3 * CELL * CELL, cfg.M, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return self.proj(F.pixel_unshuffle(x.float(), CELL))
+
+
+class CellSynthesis(nn.Module):
+    """The linear path of g_s: M values of ŷ -> the cell's 16x16x3 pixels, in the pixel latent's layout
+    (``pixel_unshuffle`` by ``latent_factor``); float32 even under autocast."""
+
+    def __init__(self, cfg: ElicConfig):
+        super().__init__()
+        self.factor = cfg.latent_factor
+        self.proj = nn.Conv2d(cfg.M, 3 * CELL * CELL, 1)
+
+    def forward(self, y_hat: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(y_hat.device.type, enabled=False):
+            pixels = F.pixel_shuffle(self.proj(y_hat.float()), CELL)
+            return F.pixel_unshuffle(pixels, self.factor) if self.factor > 1 else pixels
 
 
 def analysis_transform(cfg: ElicConfig) -> nn.Sequential:
@@ -308,6 +351,7 @@ class SynthesisToLatent(nn.Module):
             w = w_out
         self.up = nn.Sequential(*up, *[ResBlock(w) for _ in range(cfg.gs_tail_blocks)])
         self.out = _conv(w, cfg.latent_channels, 3)
+        self.linear = CellSynthesis(cfg) if cfg.linear_path else None
 
     def forward(self, y_hat: torch.Tensor, mask: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
         return self.from_global(y_hat, mask, self.global_features(z_hat))
@@ -327,8 +371,22 @@ class SynthesisToLatent(nn.Module):
         1/s needs its input within its reach), so the layers at 1/8 and 1/4 skip most of the margin."""
         x = self.inputs(y_hat, mask, gz)
         if keep is None:
-            return self.out(self.up(self.trunk(F.leaky_relu(self.head(x), 0.1))))
-        return crop_chain([(layer, reach * stride, stride) for layer, reach, stride in self.layers()], x, keep)
+            out = self.out(self.up(self.trunk(F.leaky_relu(self.head(x), 0.1))))
+        else:
+            out = crop_chain([(layer, reach * stride, stride) for layer, reach, stride in self.layers()], x, keep)
+        return self.add_linear(out, y_hat, keep)
+
+    def add_linear(self, out: torch.Tensor, y_hat: torch.Tensor,
+                   keep: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+        """``out`` (the chain's output on the cells ``keep`` of the crop, or on all of it) plus the linear
+        path's, which is per cell (the kept cells' own ŷ), in float32; ``out`` itself without a linear path.
+        Every runtime of g_s ends with this (``models/synthesis_runtime.py``)."""
+        if self.linear is None:
+            return out
+        if keep is not None:
+            r0, r1, c0, c1 = keep
+            y_hat = y_hat[:, :, r0:r1, c0:c1]
+        return out.float() + self.linear(y_hat)
 
     @staticmethod
     def inputs(y_hat: torch.Tensor, mask: torch.Tensor, gz: torch.Tensor) -> torch.Tensor:
@@ -361,6 +419,7 @@ class ElicCodec(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.g_a = analysis_transform(cfg)
+        self.a_lin = CellAnalysis(cfg) if cfg.linear_path else None
         self.h_a = hyper_analysis(cfg)
         # one factorized prior per rate point: z is quantized with step Δz_q = sqrt(Δ_q)
         self.prior_z = nn.ModuleList([FactorizedPrior(cfg.Nz) for _ in cfg.rate_steps])
@@ -508,6 +567,13 @@ class ElicCodec(nn.Module):
         return torch.clamp(idx_raw - k, 0, self.cfg.n_scales - 1)
 
     # ------------------------------------------------------------------ training
+    def analyze(self, x: torch.Tensor, *, bf16: bool = False) -> torch.Tensor:
+        """y of ``x`` in [0,1] (B,3,H,W), H and W multiples of 16: g_a (under bfloat16 autocast with ``bf16``),
+        plus the linear path when the configuration has one; float32."""
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            y = self.g_a(x).float()
+        return y if self.a_lin is None else y + self.a_lin(x)
+
     def forward(self, x: torch.Tensor, *, rate: torch.Tensor, mask: torch.Tensor | None = None,
                 bf16: bool = False) -> dict:
         """Training pass. ``x`` in [0,1] (B,3,H,W) with H, W multiples of 64; ``rate`` (B,) rate-point
@@ -516,8 +582,7 @@ class ElicCodec(nn.Module):
         the rates and every parameter stay float32).
 
         Returns ``latent`` (ẑ_c), ``bits_y`` and ``bits_z`` per image (B,)."""
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            y = self.g_a(x).float()
+        y = self.analyze(x, bf16=bf16)
         z = self.h_a(y)
         dz = self.rate_zdelta[rate].view(-1, 1, 1, 1).to(z.dtype)
         zs_hat = round_ste(z / dz)  # the z symbols (straight-through), coded with the factorized prior

@@ -305,6 +305,10 @@ def export_edge_bundle(codec: LatentCodec, out_dir: Path | str, *, int8: bool = 
     None: ``INT8_CALIBRATION_IMAGES`` training images from the shared data)."""
     import onnx
 
+    if codec.model.a_lin is not None:
+        raise ValueError(f"codec {codec.codec_name!r} has a linear path (ElicConfig.linear_path), which the edge "
+                         "bundle's analysis graphs do not carry yet; measure it in PyTorch until they do "
+                         "(`python -m latentcast.tools.codec_learning_curve <weights>`)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"latentcast.codec": codec.codec_name, "latentcast.codec_id": str(codec.codec_id),

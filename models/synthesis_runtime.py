@@ -61,6 +61,7 @@ class OnnxSynthesis:
     """``g_s.from_global`` on ONNX Runtime, cut at its upsamplings (see the module docstring)."""
 
     def __init__(self, g_s: SynthesisToLatent, *, threads: int = 0):
+        self.g_s = g_s  # its linear path (if any) runs in torch, float32
         self.steps: list[tuple[Callable[[np.ndarray], np.ndarray], int, int]] = []
         channels = g_s.head.in_channels
         with torch.no_grad():
@@ -85,7 +86,8 @@ class OnnxSynthesis:
                 x = step(x)
         else:
             x = crop_chain(self.steps, x, keep)
-        return torch.from_numpy(np.ascontiguousarray(x))
+        with torch.no_grad():
+            return self.g_s.add_linear(torch.from_numpy(np.ascontiguousarray(x)), y_hat, keep)
 
 
 class Bf16Synthesis:
@@ -95,6 +97,8 @@ class Bf16Synthesis:
 
     def __init__(self, g_s: SynthesisToLatent):
         self.g_s = copy.deepcopy(g_s).eval().to(memory_format=torch.channels_last).to(torch.bfloat16)
+        if g_s.linear is not None:  # the linear path stays float32 (bfloat16 would round what it adds)
+            self.g_s.linear = copy.deepcopy(g_s.linear).eval().float()
         self.steps = [(layer, reach * stride, stride) for layer, reach, stride in self.g_s.layers()]
 
     @torch.no_grad()
@@ -106,7 +110,7 @@ class Bf16Synthesis:
                 x = layer(x)
         else:
             x = crop_chain(self.steps, x, keep)
-        return x.float().contiguous()
+        return self.g_s.add_linear(x.float().contiguous(), y_hat, keep)
 
 
 @functools.cache

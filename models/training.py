@@ -41,7 +41,7 @@ from .elic import CONFIGS, ElicCodec, ElicConfig, ResidualBottleneck
 log = logging.getLogger(__name__)
 
 __all__ = ["TrainConfig", "RandomCrops", "training_sources", "prepare_cache", "train", "default_cache_dir", "load_init",
-           "save_checkpoint"]
+           "save_checkpoint", "init_linear_path"]
 
 
 def default_cache_dir() -> Path:
@@ -231,6 +231,41 @@ def random_masks(n: int, rows: int, cols: int, rng: np.random.Generator, max_mas
 _FROZEN_FORM = ("w_int", "mult", "bias_int", "shift", "frozen")  # QConv's integer form, rebuilt by freeze()
 
 
+def init_linear_path(model: ElicCodec, crops: RandomCrops, *, batches: int = 60, scale: float = 8.0) -> None:
+    """Start a fresh codec with a linear path (``ElicConfig.linear_path``) as a block-PCA transform coder.
+
+    The linear paths get the first M principal components V of 16x16 cells of ``batches`` x 16 training
+    crops (mean m): y = scale·Vᵀ(cell - m) and back, cell = V ŷ / scale + m, so y's channels come in
+    decreasing variance (ELIC's small first groups get the strongest ones). ``scale``: PCA units per unit
+    of y (at 8, rate point Δ = 1 quantizes a coefficient with step 1/8). The last convolutions of g_a and
+    g_s start at zero: step 0 is that coder, and the nonlinear transforms learn what it lacks."""
+    import torch.nn.functional as F
+
+    from .elic import CELL
+
+    if model.a_lin is None or model.g_s.linear is None:
+        raise ValueError("init_linear_path: the codec has no linear path (ElicConfig.linear_path is False)")
+    cells = []
+    for _ in range(batches):
+        x, _ = crops.batch(16)
+        cells.append(F.pixel_unshuffle(x, CELL).permute(0, 2, 3, 1).reshape(-1, 3 * CELL * CELL))
+    X = torch.cat(cells).double()
+    mean = X.mean(0)
+    ev, vecs = torch.linalg.eigh(torch.cov((X - mean).T))
+    V = vecs[:, torch.argsort(ev, descending=True)[: model.cfg.M]]
+    with torch.no_grad():
+        model.a_lin.proj.weight.copy_((scale * V.T)[:, :, None, None])
+        model.a_lin.proj.bias.copy_(-scale * V.T @ mean)
+        model.g_s.linear.proj.weight.copy_((V / scale)[:, :, None, None])
+        model.g_s.linear.proj.bias.copy_(mean)
+        for last in (model.g_a[-1], model.g_s.out):
+            last.weight.zero_()
+            last.bias.zero_()
+    log.info("linear path: the %d principal components of %d training cells (%.1f %% of their variance)",
+             V.shape[1], X.shape[0], 100 * float(ev.clamp_min(0).sort(descending=True).values[: V.shape[1]].sum()
+                                                 / ev.clamp_min(0).sum()))
+
+
 def load_init(model: ElicCodec, sd: dict[str, torch.Tensor]) -> list[str]:
     """Start ``model`` from another codec's parameters (a released weight file's state dict).
 
@@ -365,6 +400,8 @@ def train(cfg: TrainConfig) -> Path:
         raise ValueError(f"latent space {cfg.latent_space!r} ({space.channels} ch at 1/{space.factor}) does not match "
                          f"codec {ccfg.name!r} ({ccfg.latent_channels} ch at 1/{ccfg.latent_factor})")
     crops = RandomCrops(cache, cfg.crop, ccfg.latent_factor, rng, space)
+    if state is None and not cfg.init and ccfg.linear_path:
+        init_linear_path(model, crops)
     from .synthesis_runtime import cpu_has_bf16
 
     if cfg.bf16 and not cpu_has_bf16():

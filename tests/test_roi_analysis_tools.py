@@ -70,3 +70,21 @@ def test_size_recall_counts_matches_per_coco_size():
     assert r == {"small": (2, 2), "medium": (0, 1), "large": (0, 1)}
     with pytest.raises(TypeError):
         size_recall(gt, None)
+
+
+def test_linear_path_starts_as_the_block_pca_codec():
+    """linear_path.py's step 0: synthesis(analysis(x)) is x projected on the PCA basis, cell by cell."""
+    import torch
+    import torch.nn.functional as F
+
+    lp = _experiment("linear_path")
+    g = torch.Generator().manual_seed(0)
+    V, _ = torch.linalg.qr(torch.randn(768, 160, generator=g, dtype=torch.float64))
+    V, mean = V.float(), torch.rand(768, generator=g)
+    x = torch.rand(2, 3, 64, 48, generator=g)
+    rec = F.pixel_shuffle(lp.LinearSynthesis(V, mean, 8.0)(lp.LinearAnalysis(V, mean, 8.0)(x)), 4)
+    cells = F.pixel_unshuffle(x, 16).permute(0, 2, 3, 1).reshape(-1, 768)
+    proj = (cells - mean) @ V @ V.T + mean
+    expect = F.pixel_shuffle(proj.reshape(2, 4, 3, 768).permute(0, 3, 1, 2), 16)
+    assert torch.allclose(rec, expect, atol=1e-4)
+    assert not torch.allclose(rec, x, atol=1e-2)  # 160 of 768 dimensions: a projection, not the identity

@@ -72,7 +72,7 @@ def evaluate_checkpoint(path: Path, images: list[np.ndarray]) -> dict:
         ceil = []
         for img in images:
             x = pad_image(image_to_tensor(img))
-            y = model.g_a(x)
+            y = model.analyze(x)
             ceil.append(psnr(img, to_rgb(model.g_s(y, torch.ones_like(y[:, :1]), model.h_a(y)), *img.shape[:2])))
         out["psnr_unquantized"] = round(float(np.mean(ceil)), 3)
         for q in range(model.n_rates):

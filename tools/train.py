@@ -48,12 +48,17 @@ def _codec_overrides(items: list[str]) -> dict:
     from latentcast.models.elic import ElicConfig
 
     defaults = {f.name: getattr(ElicConfig(), f.name) for f in dataclasses.fields(ElicConfig)}
-    simple = {k: type(v) for k, v in defaults.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    simple = {k: type(v) for k, v in defaults.items() if isinstance(v, (int, float))}
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in simple:
             raise SystemExit(f"error: --set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(simple))}")
+        if simple[key] is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise SystemExit(f"error: --set {item!r}: {value!r} is not a bool (true, false, 1 or 0)")
+            out[key] = value.lower() in ("true", "1")
+            continue
         try:
             out[key] = simple[key](value)
         except ValueError:
@@ -124,8 +129,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--rate-steps", help="table offsets k_q of the trained rate points, lowest rate first "
                                         "(Δ_q = exp(δ k_q); default: the model configuration's, 22,14,7,0 for lite)")
     c.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a number of the codec configuration (models/elic.py ElicConfig), e.g. res_blocks=2 "
-                        "(with --init: extra g_a blocks start as the identity); repeatable")
+                   help="override a number or switch of the codec configuration (models/elic.py ElicConfig), e.g. "
+                        "res_blocks=2 (with --init: extra g_a blocks start as the identity) or linear_path=true (a "
+                        "fresh run starts as a block-PCA coder); repeatable")
     c.set_defaults(func=train_codec)
 
     m = ts.add_parser("composer", help="the ControlNet composer + adapter (DISCOVER sec. 3.4; "
