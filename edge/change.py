@@ -71,7 +71,8 @@ class ChangeAnalyzer:
 
     def __init__(self, analyze: Analyze, *, halo: int, threshold: float = 2.0, max_fraction: float = 0.5,
                  stages: Sequence[AnalysisStage] | None = None,
-                 hyper: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+                 hyper: Callable[[np.ndarray], np.ndarray] | None = None,
+                 linear: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         if isinstance(halo, bool) or not isinstance(halo, int) or halo < 0:
             raise ValueError(f"halo {halo!r} must be an integer >= 0 (the bundle's analysis_halo)")
         if not threshold > 0:
@@ -80,10 +81,14 @@ class ChangeAnalyzer:
             raise ValueError(f"max_fraction {max_fraction!r} out of range (0, 1]")
         if (stages is None) != (hyper is None):
             raise ValueError("stages and hyper come together (EdgeEncoder.analysis_stages and .hyper_analyze)")
+        if linear is not None and stages is None:
+            raise ValueError("linear (EdgeEncoder.analysis_linear) is part of the staged analysis: give the stages")
         self._analyze, self.halo, self.threshold, self.max_fraction = analyze, halo, float(threshold), max_fraction
         self.stages = tuple(stages) if stages else None
         self._hyper = hyper
+        self._linear = linear
         self._features: list[np.ndarray] = []  # staged: each stage's output (1, C, H/s, W/s) for the reference
+        self._lin: np.ndarray | None = None  # staged, with a linear path: its output (1, M, H/16, W/16)
         self.reference: np.ndarray | None = None  # padded (H, W, 3) uint8: the frame g_a last saw, cell by cell
         self.y: np.ndarray | None = None
         self.z: np.ndarray | None = None
@@ -95,14 +100,18 @@ class ChangeAnalyzer:
         """Forget the reference: the next frame is analysed whole."""
         self.reference = self.y = self.z = None
         self._features = []
+        self._lin = None
 
     def _whole(self, padded: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         self.reference = padded.copy()
         if self.stages is None:
             self.y, self.z = self._analyze(padded)
         else:
-            self._features = run_stages(self.stages, to_input(padded))
-            self.y = self._features[-1][0].copy()
+            x = to_input(padded)
+            self._features = run_stages(self.stages, x)
+            if self._linear is not None:
+                self._lin = self._linear(x)
+            self.y = self._y()
             self.z = self._hyper(self.y)
         self.counts["whole"] += 1
         self.last_whole = True
@@ -154,6 +163,10 @@ class ChangeAnalyzer:
         """Re-run each stage where its input changed (``dirty``: rectangles of the reference, in pixels);
         returns the new y (a new array: the caller may hold the previous one)."""
         shape = self.reference.shape[:2]
+        if self._lin is not None:  # the linear path is per cell: each changed rectangle's own pixels
+            for y0, y1, x0, x1 in dirty:
+                self._lin[:, :, y0 // STRIDE: y1 // STRIDE, x0 // STRIDE: x1 // STRIDE] = self._linear(
+                    to_input(self.reference[y0:y1, x0:x1]))
         prev = 1
         for k, st in enumerate(self.stages):
             out = self._features[k]
@@ -171,4 +184,10 @@ class ChangeAnalyzer:
                                                                  (x0 - X0) // s: (x1 - X0) // s]
                 self.counts["crop_cells"] += (Y1 - Y0) * (X1 - X0) // (STRIDE * STRIDE)
             dirty, prev = [reg.inner for reg in regions], st.stride
-        return self._features[-1][0].copy()
+        return self._y()
+
+    def _y(self) -> np.ndarray:
+        """y of the reference from the caches (staged): the last stage's output, plus the linear path's
+        (the same addition as ``EdgeEncoder.analyze``'s, so the same bits); a new array."""
+        y = self._features[-1][0]
+        return y.copy() if self._lin is None else y + self._lin[0]

@@ -27,6 +27,7 @@ from latentcast.edge.config import ANALYSIS_PRECISIONS
 from latentcast.onnx_runtime import ort_session
 from latentcast.proto.entropy import TableSet
 from latentcast.proto.grid import anchor_mask, padded_size
+from latentcast.proto.ids import EDGE_BUNDLE_FORMATS
 from latentcast.proto.symbols import FrameCompressor, LatentEncoder, quantize_z, rate_steps_of
 from latentcast.weights import weights_path
 
@@ -44,12 +45,17 @@ class AnalysisStage:
     reach: int  # frame pixels around an output position's own that its value depends on
 
 
-def run_stages(stages: tuple[AnalysisStage, ...], x: np.ndarray) -> list[np.ndarray]:
-    """g_a stage by stage on ``x`` (g_a's input): every stage's output, y last."""
+def run_stages(stages: tuple[AnalysisStage, ...], x: np.ndarray,
+               linear: Callable[[np.ndarray], np.ndarray] | None = None) -> list[np.ndarray]:
+    """g_a stage by stage on ``x`` (g_a's input): every stage's output, then y (the last stage's output, plus
+    ``linear(x)`` for a codec with a linear path: the bundle's ``analysis_linear``)."""
     out = []
+    frame = x
     for st in stages:
         x = st.run(x)
         out.append(x)
+    if linear is not None:
+        out.append(out[-1] + linear(frame))
     return out
 
 
@@ -88,8 +94,9 @@ class EdgeEncoder(FrameCompressor):
             raise FileNotFoundError(f"edge bundle manifest {mpath} not found (create it with "
                                     "`latentcast export edge --weights <codec.safetensors> --out <dir>`)")
         self.manifest = json.loads(mpath.read_text())
-        if self.manifest.get("format") != "latentcast-edge-bundle-1":
-            raise ValueError(f"{mpath}: unknown bundle format {self.manifest.get('format')!r}")
+        if self.manifest.get("format") not in EDGE_BUNDLE_FORMATS:
+            raise ValueError(f"{mpath}: unknown bundle format {self.manifest.get('format')!r} (this edge reads "
+                             f"{', '.join(EDGE_BUNDLE_FORMATS)}: update latentcast, or re-export the bundle)")
         missing = sorted(n for n in self.manifest.get("files", {}) if not (self.bundle / n).is_file())
         if missing:
             raise FileNotFoundError(f"edge bundle {self.bundle} lacks {', '.join(missing)}, which its manifest "
@@ -114,7 +121,15 @@ class EdgeEncoder(FrameCompressor):
             log.info("edge bundle %s has no int8 analysis stages (re-export it with `latentcast export edge`): "
                      "g_a runs in float32", self.bundle)
         self.analysis = "int8" if int8 else "float32"  # what g_a runs in
-        self._ana = None if int8 else ort_session(self.bundle / "analysis.onnx", threads=threads)
+        # a codec with a linear path: y = the last stage's output + analysis_linear's, always through the stages,
+        # so that a whole frame and the changed cells (edge/change.py) add the same two numbers
+        self.analysis_linear: Callable[[np.ndarray], np.ndarray] | None = None
+        if self.manifest.get("analysis_linear"):
+            if not stages:
+                raise ValueError(f"{mpath}: analysis_linear without analysis_stages: re-export the bundle")
+            self.analysis_linear = self._runner(self.bundle / self.manifest["analysis_linear"], threads, "x")
+        staged = int8 or self.analysis_linear is not None
+        self._ana = None if staged else ort_session(self.bundle / "analysis.onnx", threads=threads)
         if stages:
             self.analysis_stages = tuple(
                 AnalysisStage(run=self._runner(self.bundle / st["int8" if int8 and "int8" in st else "file"],
@@ -134,8 +149,8 @@ class EdgeEncoder(FrameCompressor):
         """g_a, h_a: y (M,h,w) and z (Nz,hz,wz), float32. ``pad_to``: the frame is padded (edge replicate)
         to a multiple of this; 16 for a crop of a padded frame whose y is all that is wanted."""
         x = to_input(pad_frame(frame, pad_to))
-        if self.analysis == "int8":
-            y = run_stages(self.analysis_stages, x)[-1]
+        if self._ana is None:
+            y = run_stages(self.analysis_stages, x, self.analysis_linear)[-1]
             return y[0], self._hyper(y)[0]
         y, z = self._ana.run(None, {"image": x})
         return y[0], z[0]

@@ -99,7 +99,8 @@ class TemporalEncoder:
         if config.change_threshold > 0 and halo is not None:
             stages = getattr(compressor, "analysis_stages", None)
             self.change = ChangeAnalyzer(compressor.analyze, halo=int(halo), threshold=config.change_threshold,
-                                         stages=stages, hyper=compressor.hyper_analyze if stages else None)
+                                         stages=stages, hyper=compressor.hyper_analyze if stages else None,
+                                         linear=getattr(compressor, "analysis_linear", None) if stages else None)
         elif config.change_threshold > 0:
             log.info("temporal: the edge bundle does not say its analysis_halo (re-export it with `latentcast "
                      "export edge`): g_a runs on the whole frame every frame")

@@ -39,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from latentcast.proto.ids import EDGE_BUNDLE_FORMATS as BUNDLE_FORMATS
+
 from .codec import LatentCodec
 from .elic import MEAN_RES, Y_IN_RES, analysis_halo, analysis_stages
 from .quant import ACT_MAX, QConv, QSequential
@@ -54,11 +56,11 @@ IR_VERSION = 8
 class _Analysis(torch.nn.Module):
     def __init__(self, codec: LatentCodec):
         super().__init__()
-        self.g_a, self.h_a = codec.model.g_a, codec.model.h_a
+        self.model = codec.model
 
     def forward(self, x: torch.Tensor):
-        y = self.g_a(x)
-        return y, self.h_a(y)
+        y = self.model.analyze(x)  # g_a, plus the linear path of a codec that has one
+        return y, self.model.h_a(y)
 
 
 def float32_conv_is_exact(layer: QConv) -> bool:
@@ -305,10 +307,6 @@ def export_edge_bundle(codec: LatentCodec, out_dir: Path | str, *, int8: bool = 
     None: ``INT8_CALIBRATION_IMAGES`` training images from the shared data)."""
     import onnx
 
-    if codec.model.a_lin is not None:
-        raise ValueError(f"codec {codec.codec_name!r} has a linear path (ElicConfig.linear_path), which the edge "
-                         "bundle's analysis graphs do not carry yet; measure it in PyTorch until they do "
-                         "(`python -m latentcast.tools.codec_learning_curve <weights>`)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"latentcast.codec": codec.codec_name, "latentcast.codec_id": str(codec.codec_id),
@@ -332,6 +330,14 @@ def export_edge_bundle(codec: LatentCodec, out_dir: Path | str, *, int8: bool = 
             _stamp(path, meta)
             graphs.append(path)
             stages.append({"file": path.name, "stride": stride, "reach": reach})
+        linear = None
+        if codec.model.a_lin is not None:  # float32 always: it writes y directly (as the last stage does)
+            linear = out / "analysis_linear.onnx"
+            torch.onnx.export(codec.model.a_lin.eval(), (torch.rand(1, 3, 64, 64),), str(linear), dynamo=False,
+                              input_names=["x"], output_names=["f"], opset_version=OPSET,
+                              dynamic_axes={"x": {2: "H", 3: "W"}, "f": {2: "h", 3: "w"}})
+            _stamp(linear, meta)
+            graphs.append(linear)
         if int8:
             graphs += _int8_stages(codec, out, stages, meta, calibration)
         hyper = out / "hyper_analysis.onnx"
@@ -350,8 +356,8 @@ def export_edge_bundle(codec: LatentCodec, out_dir: Path | str, *, int8: bool = 
     np.savez(out / "tables.npz", y_packed=yp, y_lengths=yl, y_offsets=yo, z_packed=zp, z_lengths=zl, z_offsets=zo)
     files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (*graphs, ent, out / "tables.npz")}
     cfg = codec.cfg
-    manifest = {
-        "format": "latentcast-edge-bundle-1",
+    manifest = {  # format 2: y is the last stage's output plus analysis_linear's (edges that predate it refuse it)
+        "format": BUNDLE_FORMATS[1] if linear is not None else BUNDLE_FORMATS[0],
         "codec": codec.codec_name, "codec_id": codec.codec_id, "weights_hash": codec.weights_hash.hex(),
         "latent_space": codec.latent_space_spec, "latent_space_id": codec.latent_space_id,
         "groups": list(cfg.groups), "M": cfg.M, "Nz": cfg.Nz, "n_rates": codec.n_rates,
@@ -361,6 +367,8 @@ def export_edge_bundle(codec: LatentCodec, out_dir: Path | str, *, int8: bool = 
         "analysis_stages": stages,  # g_a stage by stage, each re-run only where its input changed (edge/change.py)
         "hyper_analysis": hyper.name,  # h_a alone: z of a whole frame analysed stage by stage
     }
+    if linear is not None:
+        manifest["analysis_linear"] = linear.name  # y = last stage + this, cell by cell (ElicConfig.linear_path)
     if int8:
         manifest["analysis_int8"] = {  # stages[k]["int8"]: the stage in int8 (edge codec.analysis: int8)
             "format": "QDQ, int8 weights per output channel, uint8 activations (MinMax)",

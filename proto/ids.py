@@ -5,8 +5,8 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 
-__all__ = ["CODEC_IDS", "LATENT_SPACE_IDS", "SUBSCRIBED_METADATA_KEY", "codec_name", "latent_space_name",
-           "label_set_hash"]
+__all__ = ["CODEC_IDS", "LATENT_SPACE_IDS", "SUBSCRIBED_METADATA_KEY", "EDGE_BUNDLE_FORMATS", "codec_name",
+           "latent_space_name", "label_set_hash"]
 
 # codec architecture -> codec_id in the packet header (and the SessionHeader). 100 and up are not LCF codecs:
 # "jpeg" is the JPEG baseline of `latentcast bench stream` (each packet a whole frame as JPEG bytes), which a
@@ -16,6 +16,9 @@ CODEC_IDS: dict[str, int] = {"elic-lite": 1, "elic-paper": 2, "elic-lite-taef2":
 LATENT_SPACE_IDS: dict[str, int] = {"taef2": 1, "taesd": 2, "sd-vae": 3, "pixels": 4}
 # initial metadata key the cloud sends once a Subscribe call is registered (a refused call ends without it)
 SUBSCRIBED_METADATA_KEY = "latentcast-subscribed"
+# the edge bundle's manifest "format" (models/export.py writes, edge/encoder.py reads): 2 adds analysis_linear
+# (y = the last analysis stage's output + that graph's, cell by cell); a codec without a linear path is written as 1
+EDGE_BUNDLE_FORMATS = ("latentcast-edge-bundle-1", "latentcast-edge-bundle-2")
 
 
 def _reverse(table: dict[str, int], value: int, what: str) -> str:

@@ -1,5 +1,5 @@
 """ElicConfig.linear_path: the block-PCA start, the synthesis runtimes, train -> release -> code, and the edge
-export's refusal (tiny seeded codecs and images, no shared data)."""
+bundle's analysis_linear (whole frames and changed cells; tiny seeded codecs and images, no shared data)."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def test_render_runtimes_add_the_linear_path_on_crops(runtime):
     assert (lin.abs() > 10 * atol).any()  # the linear path is a real part of what the runtimes return
 
 
-def test_train_release_code_and_refused_edge_export(tmp_path, monkeypatch):
+def test_train_release_code_and_export(tmp_path, monkeypatch):
     srcs = write_training_images(tmp_path, (160, 136))
     monkeypatch.setattr(training, "training_sources", lambda **_: srcs)
     run = tmp_path / "run"
@@ -106,11 +106,79 @@ def test_train_release_code_and_refused_edge_export(tmp_path, monkeypatch):
         data = codec.compress(img, rate_point=q)
         assert codec.decompress(data).frame.tobytes() == codec.decompress(data).frame.tobytes()
         assert codec.decompress(data).frame.shape == img.shape
-    from latentcast.models.export import export_edge_bundle
+    from latentcast.edge.encoder import EdgeEncoder
 
-    with pytest.raises(ValueError, match="linear path"):
-        export_edge_bundle(codec, tmp_path / "bundle")
-    assert not (tmp_path / "bundle").exists()
+    from .conftest import _export_bundle
+
+    enc = EdgeEncoder(bundle=_export_bundle(codec, tmp_path / "bundle"), analysis="float32")
+    assert enc.manifest["format"] == "latentcast-edge-bundle-2" and enc.analysis_linear is not None
+    data = enc.compress(img, rate_point=1)
+    assert codec.decompress(data).frame.shape == img.shape
+
+
+@pytest.fixture(scope="module")
+def linear_bundle(tmp_path_factory):
+    """A tiny seeded codec with a linear path (PCA of smooth random crops) and its edge bundle."""
+    from .conftest import _export_bundle
+
+    model = _tiny()
+    training.init_linear_path(model, _Crops(), batches=4)
+    with torch.no_grad():  # the nonlinear parts too, so that both paths matter
+        model.g_a[-1].weight.normal_(0, 0.05)
+        model.g_s.out.weight.normal_(0, 0.05)
+    folder = tmp_path_factory.mktemp("linear")
+    path = folder / "tiny-linear.safetensors"
+    LatentCodec.save(model, path, latent_space="pixels:4")
+    codec = LatentCodec.from_file(path)
+    return codec, _export_bundle(codec, folder / "bundle")
+
+
+@pytest.mark.parametrize("precision", ["float32", "int8"])
+def test_edge_analysis_adds_the_linear_path_and_stays_exact_on_changed_cells(linear_bundle, precision):
+    from latentcast.edge.change import ChangeAnalyzer
+    from latentcast.edge.encoder import EdgeEncoder
+
+    from .test_change import _scene
+
+    codec, bundle = linear_bundle
+    enc = EdgeEncoder(bundle=bundle, analysis=precision)
+    assert enc.analysis == precision and enc.analysis_linear is not None
+    y_edge, z_edge = enc.analyze(_scene(0))
+    y_torch, z_torch = codec.analyze(_scene(0))
+    atol = 1e-3 if precision == "float32" else 0.5
+    np.testing.assert_allclose(y_edge, y_torch, atol=atol)
+    lin_only = codec.model.a_lin(torch.from_numpy(_scene(0)).permute(2, 0, 1)[None].float() / 255)[0].detach()
+    assert float(lin_only.abs().max()) > 20 * atol  # the linear path is a real part of y
+    ca = ChangeAnalyzer(enc.analyze, halo=enc.analysis_halo, stages=enc.analysis_stages, hyper=enc.hyper_analyze,
+                        linear=enc.analysis_linear, threshold=2.0, max_fraction=1.0)
+    y0, _, _ = ca.analyze(_scene(0))
+    np.testing.assert_array_equal(y0, y_edge)
+    for t in range(1, 4):
+        y, _, changed = ca.analyze(_scene(t))
+        assert not ca.last_whole and 0 < changed.sum() < changed.size // 4
+        np.testing.assert_array_equal(y, enc.analyze(ca.reference)[0])  # every cell, bit for bit
+    with pytest.raises(ValueError, match="give the stages"):
+        ChangeAnalyzer(enc.analyze, halo=3, linear=enc.analysis_linear)
+
+
+def test_temporal_stream_with_a_linear_path_codes_and_decodes_in_step(linear_bundle):
+    """Edge P frames analyse the changed cells with the linear path; the cloud renders with it; states agree."""
+    from latentcast.edge.encoder import EdgeEncoder
+
+    from latentcast.proto.bitstream import Roi
+
+    from .test_change import _scene
+    from .test_temporal import _pair
+
+    codec, bundle = linear_bundle
+    enc, dec = _pair(EdgeEncoder(bundle=bundle), codec)
+    assert enc.change is not None and enc.change._linear is not None
+    for t in range(5):
+        f = _scene(t)  # 320 x 256, a square moving 9 px a frame
+        rec = dec.decompress(enc.encode(f, [Roi(x0=20 + 9 * t, y0=100, x1=60 + 9 * t, y1=140, label_id=0, score=0.9)]))
+        assert rec.frame.shape == f.shape
+        np.testing.assert_array_equal(dec.state.y, enc.state.y)
+    assert enc.counts["key"] == 1 and enc.counts["p"] == 4 and enc.change.counts["regions"] >= 1
 
 
 def test_set_parses_switches(capsys):
