@@ -164,7 +164,6 @@ def test_edge_analysis_adds_the_linear_path_and_stays_exact_on_changed_cells(lin
 def test_temporal_stream_with_a_linear_path_codes_and_decodes_in_step(linear_bundle):
     """Edge P frames analyse the changed cells with the linear path; the cloud renders with it; states agree."""
     from latentcast.edge.encoder import EdgeEncoder
-
     from latentcast.proto.bitstream import Roi
 
     from .test_change import _scene
