@@ -41,7 +41,7 @@ from .elic import CONFIGS, ElicCodec, ElicConfig, ResidualBottleneck
 log = logging.getLogger(__name__)
 
 __all__ = ["TrainConfig", "RandomCrops", "training_sources", "prepare_cache", "train", "default_cache_dir", "load_init",
-           "save_checkpoint", "init_linear_path"]
+           "save_checkpoint", "init_linear_path", "cell_components"]
 
 
 def default_cache_dir() -> Path:
@@ -239,20 +239,9 @@ def init_linear_path(model: ElicCodec, crops: RandomCrops, *, batches: int = 60,
     decreasing variance (ELIC's small first groups get the strongest ones). ``scale``: PCA units per unit
     of y (at 8, rate point Δ = 1 quantizes a coefficient with step 1/8). The last convolutions of g_a and
     g_s start at zero: step 0 is that coder, and the nonlinear transforms learn what it lacks."""
-    import torch.nn.functional as F
-
-    from .elic import CELL
-
     if model.a_lin is None or model.g_s.linear is None:
         raise ValueError("init_linear_path: the codec has no linear path (ElicConfig.linear_path is False)")
-    cells = []
-    for _ in range(batches):
-        x, _ = crops.batch(16)
-        cells.append(F.pixel_unshuffle(x, CELL).permute(0, 2, 3, 1).reshape(-1, 3 * CELL * CELL))
-    X = torch.cat(cells).double()
-    mean = X.mean(0)
-    ev, vecs = torch.linalg.eigh(torch.cov((X - mean).T))
-    V = vecs[:, torch.argsort(ev, descending=True)[: model.cfg.M]]
+    V, mean, share = cell_components(crops, model.cfg.M, batches=batches)
     with torch.no_grad():
         model.a_lin.proj.weight.copy_((scale * V.T)[:, :, None, None])
         model.a_lin.proj.bias.copy_(-scale * V.T @ mean)
@@ -261,9 +250,28 @@ def init_linear_path(model: ElicCodec, crops: RandomCrops, *, batches: int = 60,
         for last in (model.g_a[-1], model.g_s.out):
             last.weight.zero_()
             last.bias.zero_()
-    log.info("linear path: the %d principal components of %d training cells (%.1f %% of their variance)",
-             V.shape[1], X.shape[0], 100 * float(ev.clamp_min(0).sort(descending=True).values[: V.shape[1]].sum()
-                                                 / ev.clamp_min(0).sum()))
+    log.info("linear path: the %d principal components of training cells (%.1f %% of their variance)",
+             V.shape[1], 100 * share)
+
+
+def cell_components(crops: RandomCrops, M: int, *, batches: int = 60) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The first ``M`` principal components of 16x16x3 cells of ``batches`` x 16 training crops, in
+    ``pixel_unshuffle`` order: (V (768, M) float64 orthonormal, in decreasing variance; the cells' mean (768,);
+    the share of the cells' variance they hold)."""
+    import torch.nn.functional as F
+
+    from .elic import CELL
+
+    cells = []
+    for _ in range(batches):
+        x, _ = crops.batch(16)
+        cells.append(F.pixel_unshuffle(x, CELL).permute(0, 2, 3, 1).reshape(-1, 3 * CELL * CELL))
+    X = torch.cat(cells).double()
+    mean = X.mean(0)
+    ev, vecs = torch.linalg.eigh(torch.cov((X - mean).T))
+    order = torch.argsort(ev, descending=True)[:M]
+    ev = ev.clamp_min(0)
+    return vecs[:, order], mean, float(ev[order].sum() / ev.sum())
 
 
 def load_init(model: ElicCodec, sd: dict[str, torch.Tensor]) -> list[str]:

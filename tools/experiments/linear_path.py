@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from latentcast.models.elic import CONFIGS, ElicCodec
 from latentcast.models.latent_spaces import load_latent_space
-from latentcast.models.training import RandomCrops, _read_rgb, default_cache_dir
+from latentcast.models.training import RandomCrops, _read_rgb, cell_components, default_cache_dir
 from latentcast.shared import shared_path
 
 CELL = 16
@@ -82,14 +82,8 @@ class WithLinear(nn.Module):
 
 
 def pca(crops: RandomCrops, M: int, n_batches: int = 60) -> tuple[torch.Tensor, torch.Tensor]:
-    xs = []
-    for _ in range(n_batches):
-        x, _ = crops.batch(16)
-        xs.append(F.pixel_unshuffle(x, CELL).permute(0, 2, 3, 1).reshape(-1, 3 * CELL * CELL))
-    X = torch.cat(xs).double()
-    mean = X.mean(0)
-    ev, V = torch.linalg.eigh(torch.cov((X - mean).T))
-    return V[:, torch.argsort(ev, descending=True)[:M]].float(), mean.float()
+    V, mean, _ = cell_components(crops, M, batches=n_batches)
+    return V.float(), mean.float()
 
 
 @torch.no_grad()
