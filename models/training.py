@@ -308,6 +308,9 @@ def load_init(model: ElicCodec, sd: dict[str, torch.Tensor]) -> list[str]:
             sliced.append(name)
         with torch.no_grad():
             dst.copy_(src.to(dst.dtype))
+    if missing and all(n.startswith(("a_lin.", "g_s.linear.")) for n in missing):
+        raise ValueError("init file has no linear path (ElicConfig.linear_path): start the linear-path run without "
+                         "--init (it starts from the training cells' principal components) or from a file that has one")
     if missing:
         raise ValueError(f"init file lacks {len(missing)} tensors of the model, e.g. {missing[:3]}")
     model.reset_rate_points()

@@ -60,8 +60,11 @@ def test_fresh_linear_path_codec_starts_as_block_pca():
     proj = ((cells - mean) @ V @ V.T + mean).reshape(2, 4, 4, 768).permute(0, 3, 1, 2)
     assert torch.allclose(V.T @ V, torch.eye(32), atol=1e-4)
     assert torch.allclose(F.pixel_shuffle(rec, 4), F.pixel_shuffle(proj, 16), atol=1e-4)
+    plain = ElicCodec(dataclasses.replace(CONFIGS["lite"], **TINY))
     with pytest.raises(ValueError, match="no linear path"):
-        training.init_linear_path(ElicCodec(dataclasses.replace(CONFIGS["lite"], **TINY)), _Crops())
+        training.init_linear_path(plain, _Crops())
+    with pytest.raises(ValueError, match="init file has no linear path"):
+        training.load_init(_tiny(), plain.state_dict())
 
 
 @pytest.mark.parametrize("runtime", ["torch", "onnx", "bf16"])
