@@ -164,6 +164,22 @@ def test_edge_analysis_adds_the_linear_path_and_stays_exact_on_changed_cells(lin
         ChangeAnalyzer(enc.analyze, halo=3, linear=enc.analysis_linear)
 
 
+def test_a_bundle_naming_an_unlisted_linear_graph_is_refused(linear_bundle, tmp_path):
+    import json
+    import shutil
+
+    from latentcast.edge.encoder import EdgeEncoder
+
+    _, bundle = linear_bundle
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle, bad)
+    man = json.loads((bad / "manifest.json").read_text())
+    man["analysis_linear"] = "../elsewhere.onnx"
+    (bad / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ValueError, match="is not one of the bundle's files"):
+        EdgeEncoder(bundle=bad)
+
+
 def test_temporal_stream_with_a_linear_path_codes_and_decodes_in_step(linear_bundle):
     """Edge P frames analyse the changed cells with the linear path; the cloud renders with it; states agree."""
     from latentcast.edge.encoder import EdgeEncoder
