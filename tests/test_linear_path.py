@@ -100,6 +100,14 @@ def test_train_release_code_and_export(tmp_path, monkeypatch):
     ckpt = training.train(cfg)
     state = torch.load(ckpt, weights_only=False)
     assert state["codec"]["linear_path"] and "a_lin.proj.weight" in state["model"]
+    # a restart resumes the trained linear path: it is not started from the components again
+    monkeypatch.setattr(training, "init_linear_path", lambda *a, **k: pytest.fail("re-initialised on resume"))
+    cfg.stage1_steps = 4
+    training.train(cfg)
+    resumed = torch.load(ckpt, weights_only=False)
+    assert resumed["step"] == 4 and not torch.equal(resumed["model"]["a_lin.proj.weight"],
+                                                     state["model"]["a_lin.proj.weight"])
+    state = resumed
     out = tmp_path / "lp.safetensors"
     assert main(["release", "codec", str(ckpt), "--out", str(out), "--no-calibrate"]) == 0
     codec = LatentCodec.from_file(out)
