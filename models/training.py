@@ -60,6 +60,8 @@ class TrainConfig:
     batch: int = 8  # crops per step
     crop: int = 192  # crop size in pixels, a multiple of 64 (the paper: 512)
     lr: float = 2e-4  # Adam learning rate (halved for the last 20 % of each stage); the shipped weights: 2e-4
+    warmup_steps: int = 0  # linear lr warm-up whenever Adam starts afresh (a new run, --init, stage II): a fresh
+    #                        Adam moves every weight by about lr at first, which costs a trained decoder ~1 dB
     lam: float = 64.0  # λ: weight of the normalized MSE at Δ = 1 (λ_q = λ / Δ_q²)
     vtest_stride: int = 5  # use vtest frames with index % stride == 0 (and index % 8 != 0)
     checkpoint_every: int = 200  # steps between checkpoints
@@ -68,6 +70,8 @@ class TrainConfig:
     overrides: dict = field(default_factory=dict)  # ElicConfig field overrides, e.g. {"N": 64}
     init: str = ""  # start a new run from a released codec weight file (e.g. to train the shipped weights longer)
     mask_fraction: float = 0.0  # stage I: share of crops with 0-50 % of y masked (g_s keeps learning ROI-only)
+    stage2_mask_fraction: float = 1.0  # stage II: the same share (1.0: every crop, as the shipped v1/v2; lower
+    #                                    keeps whole frames sharp when stage II finishes a run's decoder)
     channel_gains: bool = False  # learn per-rate-point channel offsets (gain units; ElicConfig.channel_gains)
     gain_lr: float = 5e-3  # Adam learning rate of the channel offsets (in table steps, so larger than lr)
     bf16: bool = False  # g_a, g_s in bfloat16 autocast: 1.8x a step with AVX-512 BF16, far slower without it
@@ -382,6 +386,11 @@ def train(cfg: TrainConfig) -> Path:
     torch.set_num_threads(cfg.threads)
     if cfg.crop % 64:
         raise ValueError(f"crop {cfg.crop} must be a multiple of 64")
+    if cfg.warmup_steps < 0:
+        raise ValueError(f"warmup_steps {cfg.warmup_steps} must be >= 0")
+    for name in ("mask_fraction", "stage2_mask_fraction"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ValueError(f"{name} {getattr(cfg, name)} must be within [0, 1]")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "last.pt"
@@ -438,8 +447,10 @@ def train(cfg: TrainConfig) -> Path:
 
     stage = 1 if step < cfg.stage1_steps else 2
     opt = make_opt(stage)
+    opt_start = step  # where the optimizer started afresh (the warm-up counts from here)
     if state is not None and state.get("stage") == stage:
         opt.load_state_dict(state["opt"])
+        opt_start = -cfg.warmup_steps
     pbar = tqdm(total=total, initial=step, desc=f"stage {stage}", unit="step", mininterval=10)
     # λ_q = λ / Δ_q² with the rate point's own step (channel gains only move bits between channels)
     base_delta = model.rate_delta if model.rate_delta.dim() == 1 else model.rate_delta.new_tensor(
@@ -452,21 +463,23 @@ def train(cfg: TrainConfig) -> Path:
         if step == cfg.stage1_steps and stage == 1:
             stage = 2
             opt = make_opt(2)
+            opt_start = step
             pbar.set_description("stage 2")
         stage_start = 0 if stage == 1 else cfg.stage1_steps
         stage_len = cfg.stage1_steps if stage == 1 else cfg.stage2_steps
         lr = cfg.lr * (0.5 if step - stage_start >= 0.8 * stage_len else 1.0)
+        lr *= min(1.0, (step - opt_start + 1) / max(cfg.warmup_steps, 1))
         for g in opt.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         x, target = crops.batch(cfg.batch)
         rate = torch.from_numpy(rng.integers(0, model.n_rates, cfg.batch))
         mask = None
-        if stage == 2:
+        fraction = cfg.mask_fraction if stage == 1 else cfg.stage2_mask_fraction
+        if fraction > 0:
             mask = random_masks(cfg.batch, cfg.crop // 16, cfg.crop // 16, rng)
-        elif cfg.mask_fraction > 0:
-            mask = random_masks(cfg.batch, cfg.crop // 16, cfg.crop // 16, rng)
-            keep_full = torch.from_numpy(rng.random(cfg.batch) >= cfg.mask_fraction)
-            mask[keep_full] = 1.0
+            if fraction < 1:
+                keep_full = torch.from_numpy(rng.random(cfg.batch) >= fraction)
+                mask[keep_full] = 1.0
         model.train()
         res = model(x.contiguous(memory_format=torch.channels_last), rate=rate, mask=mask, bf16=cfg.bf16)
         npix = x.shape[2] * x.shape[3]

@@ -176,3 +176,32 @@ def test_learning_curve_hours_add_up_across_resumes(tmp_path):
     assert _hours(200, h) == pytest.approx((180 + 110) / 3600)
     assert _hours(250, h) == pytest.approx((180 + 170) / 3600)
     assert _hours(10, h) is None and _hours(100, tmp_path / "missing.jsonl") is None
+
+
+def test_stage2_finishes_a_copy_of_the_run_with_whole_frames_and_warm_up(tmp_path, tiny_sources, monkeypatch):
+    """The finishing pass of the model card: stage II on a copy of a stage-I run trains g_s only, draws masks
+    for the share ``stage2_mask_fraction`` of the crops (none at 0) and warms Adam's lr up from afresh."""
+    import shutil
+
+    over = {"N": 16, "M": 32, "groups": (16, 16), "Nz": 8, "Nh": 16, "ctx": 8, "ep": 16, "gs_width": 16, "gs_blocks": 1}
+    cfg = training.TrainConfig(out=str(tmp_path / "run"), cache=str(tmp_path / "cache"), stage1_steps=2,
+                               stage2_steps=0, batch=2, crop=128, overrides=over)
+    before = torch.load(training.train(cfg), weights_only=False)["model"]
+    (tmp_path / "finish").mkdir()
+    shutil.copy(tmp_path / "run" / "last.pt", tmp_path / "finish" / "last.pt")
+    drawn = []
+    real_masks = training.random_masks
+    monkeypatch.setattr(training, "random_masks", lambda n, *a, **k: drawn.append(n) or real_masks(n, *a, **k))
+    finish = dataclasses.replace(cfg, out=str(tmp_path / "finish"), stage2_steps=2, stage2_mask_fraction=0.0,
+                                 warmup_steps=4, lr=1e-3)
+    state = torch.load(training.train(finish), weights_only=False)
+    assert (state["step"], state["stage"]) == (4, 2) and drawn == []
+    assert state["opt"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 2 / 4)  # the 2nd step of a 4-step warm-up
+    after = state["model"]
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"g_s"}
+    more = dataclasses.replace(finish, stage2_steps=3, stage2_mask_fraction=0.5)
+    training.train(more)
+    assert drawn == [2]
+    with pytest.raises(ValueError, match=r"stage2_mask_fraction 1.5 must be within \[0, 1\]"):
+        training.train(dataclasses.replace(more, stage2_mask_fraction=1.5))
