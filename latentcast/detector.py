@@ -28,7 +28,7 @@ from latentcast.shared import ENV_VAR, shared_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Detection", "Detector", "YoloxDetector", "nms", "letterbox", "STRIDES", "PAD_VALUE"]
+__all__ = ["Detection", "Detector", "YoloxDetector", "nms", "letterbox", "detector_model_path", "STRIDES", "PAD_VALUE"]
 
 STRIDES = (8, 16, 32)  # YOLOX head strides, in the model's anchor order
 PAD_VALUE = 114  # letterbox fill value of the YOLOX reference preprocessing
@@ -73,6 +73,11 @@ def _resolve(path: str | Path | None, default_name: str, what: str) -> Path:
         raise FileNotFoundError(f"{what} {p} not found (pass an existing file, or leave it unset to use "
                                 f"models/{default_name} from the shared folder set by {ENV_VAR})")
     return p
+
+
+def detector_model_path(path: str | Path | None = None) -> Path:
+    """The detector ONNX file: ``path``, or the shared YOLOX-nano when it is None or empty."""
+    return _resolve(path, "yolox_nano.onnx", "detector model")
 
 
 def letterbox(bgr: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, float]:
@@ -124,7 +129,7 @@ class YoloxDetector:
             raise ValueError(f"threads {threads!r} must be an integer >= 0 (0 = ONNX Runtime's default)")
         self.score_threshold = float(score_threshold)
         self.nms_threshold = float(nms_threshold)
-        self.model_path = _resolve(model_path, "yolox_nano.onnx", "detector model")
+        self.model_path = detector_model_path(model_path)
         self.labels_path = _resolve(labels_path, "coco80_labels.txt", "detector label file")
         self.labels: list[str] = [s.strip() for s in self.labels_path.read_text().splitlines() if s.strip()]
 

@@ -63,6 +63,10 @@ class SynthesisTrainConfig:
     mask_fraction: float = 0.25  # share of crops drawn from the masked (ROI-only) decoder inputs
     video_fraction: float = 0.5  # share of crops from video frames, the rest from photos (the codec's own: half)
     teacher_weight: float = 0.0  # weight of a second target, the codec's own g_s output (distillation; 0 = pixels only)
+    task_weight: float = 0.0  # weight of the detector-feature loss (models/task_loss.py: YOLOX neck features of the
+    #                           render against the original's, relative error; 0 = off)
+    task_detector: str = ""  # ONNX detector of that loss ("" = the cloud's default, the shared YOLOX-nano)
+    task_scale: float = 0.5  # crops are resized by this before the detector (the cloud's YOLOX sees 768x576 at 0.54)
     max_side: int = 1024  # training images are downscaled to at most this side before coding
     eval_every: int = 1000  # steps between Kodak evaluations (PSNR per rate point, in history.jsonl)
     checkpoint_every: int = 200  # steps between checkpoints (last.pt)
@@ -239,6 +243,15 @@ def train_synthesis(cfg: SynthesisTrainConfig) -> Path:
         raise ValueError(f"video_fraction {cfg.video_fraction} must be in [0, 1]")
     if not cfg.teacher_weight >= 0.0:
         raise ValueError(f"teacher_weight {cfg.teacher_weight} must be >= 0")
+    if not cfg.task_weight >= 0.0:
+        raise ValueError(f"task_weight {cfg.task_weight} must be >= 0")
+    task = None
+    if cfg.task_weight > 0:  # loaded before the (long) decoder inputs: a wrong file fails at once
+        from latentcast.detector import detector_model_path
+
+        from .task_loss import DetectorFeatureLoss
+
+        task = DetectorFeatureLoss(detector_model_path(cfg.task_detector), scale=cfg.task_scale)
     prepared = _prepare(codec, train_items, cache / "train", cfg.max_side, masked=cfg.mask_fraction > 0, seed=cfg.seed)
     big = [(item[2] is not None, d) for item, d in zip(sources, prepared, strict=True)
            if min(d["img"].shape[:2]) >= cfg.crop]
@@ -299,6 +312,10 @@ def train_synthesis(cfg: SynthesisTrainConfig) -> Path:
             with torch.no_grad():
                 target = codec.model.g_s(y, m, z)
             loss = loss + cfg.teacher_weight * F.mse_loss(pred, target)
+        if task is not None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                task_term = task(space.decode(pred).clamp(0, 1), x).float()
+            loss = loss + cfg.task_weight * task_term
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
