@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["ConfigError", "load_config", "config_to_dict", "describe_config", "example_yaml", "field_comments"]
+__all__ = ["ConfigError", "coerce_value", "load_config", "config_to_dict", "describe_config", "example_yaml", "field_comments"]
 
 T = TypeVar("T")
 
@@ -80,6 +80,12 @@ def _coerce(value: Any, tp: Any, key: str, *, from_env: bool) -> Any:
             raise ConfigError(f"{key}: expected a string, got {type(value).__name__}")
         return str(value)
     return value
+
+
+def coerce_value(value: Any, tp: Any, key: str) -> Any:
+    """``value`` (e.g. a command-line string) as type ``tp``, by the rules of config files; ``ConfigError``
+    naming ``key`` when it is not one."""
+    return _coerce(value, tp, key, from_env=False)
 
 
 def _build(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:

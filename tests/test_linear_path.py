@@ -212,5 +212,8 @@ def test_set_parses_switches(capsys):
 
     assert _overrides(["linear_path=true", "res_blocks=2"]) == {"linear_path": True, "res_blocks": 2}
     assert _overrides(["linear_path=0"]) == {"linear_path": False}
-    with pytest.raises(SystemExit, match="not a bool"):
-        _overrides(["linear_path=yes"])
+    assert _overrides(["linear_path=yes"]) == {"linear_path": True}  # the config files' spellings
+    with pytest.raises(SystemExit, match="--set linear_path: 'maybe' is not a boolean"):
+        _overrides(["linear_path=maybe"])
+    with pytest.raises(SystemExit, match="--set res_blocks: 'two' is not an integer"):
+        _overrides(["res_blocks=two"])

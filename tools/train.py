@@ -45,6 +45,7 @@ def _codec_overrides(items: list[str]) -> dict:
     """``--set KEY=VALUE`` items as ElicConfig overrides, each value parsed as its field's type."""
     import dataclasses
 
+    from latentcast.config import ConfigError, coerce_value
     from latentcast.models.elic import ElicConfig
 
     defaults = {f.name: getattr(ElicConfig(), f.name) for f in dataclasses.fields(ElicConfig)}
@@ -54,15 +55,10 @@ def _codec_overrides(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or key not in simple:
             raise SystemExit(f"error: --set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(simple))}")
-        if simple[key] is bool:
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise SystemExit(f"error: --set {item!r}: {value!r} is not a bool (true, false, 1 or 0)")
-            out[key] = value.lower() in ("true", "1")
-            continue
         try:
-            out[key] = simple[key](value)
-        except ValueError:
-            raise SystemExit(f"error: --set {item!r}: {value!r} is not a {simple[key].__name__}") from None
+            out[key] = coerce_value(value, simple[key], f"--set {key}")
+        except ConfigError as exc:
+            raise SystemExit(f"error: {exc}") from None
     return out
 
 
