@@ -20,7 +20,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["ConfigError", "coerce_value", "load_config", "config_to_dict", "describe_config", "example_yaml", "field_comments"]
+__all__ = ["ConfigError", "coerce_value", "load_config", "config_to_dict", "describe_config", "example_yaml",
+           "field_comments"]
 
 T = TypeVar("T")
 
