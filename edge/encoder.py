@@ -101,10 +101,14 @@ class EdgeEncoder(FrameCompressor):
         if missing:
             raise FileNotFoundError(f"edge bundle {self.bundle} lacks {', '.join(missing)}, which its manifest "
                                     "lists: re-export it with `latentcast export edge`")
-        linear = self.manifest.get("analysis_linear")
-        if linear and linear not in self.manifest.get("files", {}):
-            raise ValueError(f"{mpath}: analysis_linear {linear!r} is not one of the bundle's files "
-                             f"({', '.join(sorted(self.manifest.get('files', {})))}): re-export the bundle")
+        # every model file the manifest points to must be one it lists (and so was checked above)
+        named = [("analysis_linear", self.manifest.get("analysis_linear"))]
+        for i, st in enumerate(self.manifest.get("analysis_stages") or []):
+            named += [(f"analysis_stages[{i}].{k}", st.get(k)) for k in ("file", "int8")]
+        for what, name in named:
+            if name and name not in self.manifest.get("files", {}):
+                raise ValueError(f"{mpath}: {what} {name!r} is not one of the bundle's files "
+                                 f"({', '.join(sorted(self.manifest.get('files', {})))}): re-export the bundle")
         self._ent = ort_session(self.bundle / "entropy.onnx", threads=threads)
         self._has_rate_map = "rate_map" in {i.name for i in self._ent.get_inputs()}
         t = np.load(self.bundle / "tables.npz")

@@ -184,7 +184,12 @@ def test_a_bundle_naming_an_unlisted_linear_graph_is_refused(linear_bundle, tmp_
     man = json.loads((bad / "manifest.json").read_text())
     man["analysis_linear"] = "../elsewhere.onnx"
     (bad / "manifest.json").write_text(json.dumps(man))
-    with pytest.raises(ValueError, match="is not one of the bundle's files"):
+    with pytest.raises(ValueError, match="analysis_linear '../elsewhere.onnx' is not one of the bundle's files"):
+        EdgeEncoder(bundle=bad)
+    man = json.loads((bundle / "manifest.json").read_text())  # a stage file it does not list
+    man["analysis_stages"][1]["file"] = "/tmp/stage.onnx"
+    (bad / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ValueError, match=r"analysis_stages\[1\].file '/tmp/stage.onnx' is not one of the bundle's"):
         EdgeEncoder(bundle=bad)
 
 
