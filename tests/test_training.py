@@ -205,3 +205,5 @@ def test_stage2_finishes_a_copy_of_the_run_with_whole_frames_and_warm_up(tmp_pat
     assert drawn == [2]
     with pytest.raises(ValueError, match=r"stage2_mask_fraction 1.5 must be within \[0, 1\]"):
         training.train(dataclasses.replace(more, stage2_mask_fraction=1.5))
+    with pytest.raises(ValueError, match="warmup_steps -1 must be >= 0"):
+        training.train(dataclasses.replace(more, warmup_steps=-1))
