@@ -447,10 +447,10 @@ def train(cfg: TrainConfig) -> Path:
 
     stage = 1 if step < cfg.stage1_steps else 2
     opt = make_opt(stage)
-    opt_start = step  # where the optimizer started afresh (the warm-up counts from here)
+    opt_start: int | None = step  # where Adam started afresh (the warm-up counts from here); None: resumed
     if state is not None and state.get("stage") == stage:
         opt.load_state_dict(state["opt"])
-        opt_start = -cfg.warmup_steps
+        opt_start = None
     pbar = tqdm(total=total, initial=step, desc=f"stage {stage}", unit="step", mininterval=10)
     # λ_q = λ / Δ_q² with the rate point's own step (channel gains only move bits between channels)
     base_delta = model.rate_delta if model.rate_delta.dim() == 1 else model.rate_delta.new_tensor(
@@ -468,7 +468,8 @@ def train(cfg: TrainConfig) -> Path:
         stage_start = 0 if stage == 1 else cfg.stage1_steps
         stage_len = cfg.stage1_steps if stage == 1 else cfg.stage2_steps
         lr = cfg.lr * (0.5 if step - stage_start >= 0.8 * stage_len else 1.0)
-        lr *= min(1.0, (step - opt_start + 1) / max(cfg.warmup_steps, 1))
+        if opt_start is not None and cfg.warmup_steps:
+            lr *= min(1.0, (step - opt_start + 1) / cfg.warmup_steps)
         for g in opt.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         x, target = crops.batch(cfg.batch)
