@@ -147,3 +147,49 @@ async def test_bench_stream_codes_with_an_edge_configs_temporal_settings(tmp_pat
     cfg.write_text("temporal:\n  rd: -1\n")
     with pytest.raises(SystemExit, match="--edge-config .*edge.yaml.*rd"):
         temporal_settings(str(cfg))
+
+
+def test_bench_stream_in_processes(tmp_path, tiny_codec_path, tiny_bundle):
+    """``placement="processes"``: the cloud and each edge in their own processes, loading their models by name
+    (the tiny codec's file, its bundle and tables; the shared YOLOX on both sides); what the edges measured
+    comes back to the report."""
+    import asyncio
+
+    from latentcast.models.codec import LatentCodec
+    from latentcast.proto.temporal import TemporalTables
+
+    video = shared_or_skip() / "data" / "video" / "vtest.avi"
+    codec = LatentCodec.from_file(tiny_codec_path)
+    tables = tmp_path / "tiny-temporal.safetensors"
+    TemporalTables.flat(M=codec.M, n_rates=codec.n_rates).save(tables, weights_hash=codec.weights_hash)
+    lines: list[str] = []
+    result = asyncio.run(bench_stream.run_bench(
+        streams=[2], seconds=3.0, warmup=0.5, pace=10.0, video=str(video), labels=["person"], threads=1,
+        systems=["latentcast-temporal", "jpeg"], weights=str(tiny_codec_path), bundle=tiny_bundle, tables=tables,
+        temporal_synthesis="own", placement="processes", out=tmp_path / "bench.json", progress=lines.append))
+    assert result["options"]["placement"] == "processes"
+    assert "each edge in its own" in (tmp_path / "bench.md").read_text()
+    assert any("2 edge processes" in line for line in lines)
+    for row in result["results"]:
+        assert row["placement"] == "processes" and not row["errors"], row["errors"]
+        assert len(row["per_stream"]) == 2 and row["results_per_s"] > 0
+        assert row["server"]["latentcast_cloud_frames_decoded_total"] > 0  # counted in the cloud's process
+        for s in row["per_stream"]:
+            assert s["frames_captured"] > 0 and s["results_total"] > 0 and s["error"] is None
+        assert row["bytes_per_frame"]["frames"] > 0 and row["downstream"]["ack"]["count"] > 0
+
+
+async def test_bench_stream_placement_is_checked(tmp_path, tiny_codec, tiny_codec_path):
+    """Objects cannot be injected into other processes; an edge process that cannot start is an error that
+    names it and its cause (here: the shipped bundle was exported from other weights than the tiny codec)."""
+    with pytest.raises(ValueError, match="placement 'processes' loads the models by name"):
+        await bench_stream.run_bench(streams=[1], codec=tiny_codec, placement="processes", out=None)
+    with pytest.raises(ValueError, match="placement 'elsewhere' must be one of processes, shared"):
+        await bench_stream.run_bench(streams=[1], placement="elsewhere", out=None)
+    video = shared_or_skip() / "data" / "video" / "vtest.avi"
+    with pytest.raises(RuntimeError, match="bench-edge-0 failed to start: ValueError: the edge bundle .* other "
+                                           "weights"):
+        await bench_stream.run_bench(streams=[1], seconds=1.0, warmup=0.1, video=str(video), threads=1,
+                                     systems=["latentcast-temporal"], weights=str(tiny_codec_path),
+                                     temporal_synthesis="own", placement="processes", out=None,
+                                     progress=lambda _line: None)

@@ -6,7 +6,10 @@
 
 For every N in ``--streams`` and every system, N edge streams (one :class:`EdgeApp` each, its own
 camera_id, reading vtest.avi at ``--pace`` fps, realtime: a busy edge drops the oldest frame) run
-for ``--seconds`` against ONE server on 127.0.0.1, in this process:
+for ``--seconds`` against ONE server on 127.0.0.1. ``--placement processes`` (the CLI's default) runs
+the server in one child process and each edge in its own, as they are deployed (a cloud service, one
+edge per camera gateway); ``shared`` runs them all in this process, where they also share one
+interpreter lock and one event loop. Either way they share this machine's cores:
 
 - ``latentcast``: the real edge (grounding with YOLOX-nano every 5 frames, ONNX Runtime encoder,
   ROI-only packets at the edge config's rate point) against the real :class:`CloudServer`
@@ -40,9 +43,9 @@ bytes per frame up and down:
 - downstream: every CloudMessage the edge reads after SessionAccepted (acks, FrameAnalytics,
   FrameErrors) by kind, ``ByteSize() + 5``, and their total per result received.
 
-Edge and cloud share this machine and one event loop, so the latentcast edge's grounding and
-encoding compete with the cloud's decoding for the same cores (the JPEG edge is cheap): the
-numbers are an upper bound on what a cloud box alone would see for latentcast, not for JPEG.
+Edge and cloud share this machine, so the latentcast edge's grounding and encoding compete with
+the cloud's decoding for the same cores (the JPEG edge is cheap): the numbers are a lower bound on
+what a cloud box alone would serve for latentcast, not for JPEG.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ import math
 import os
 import secrets
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -77,6 +81,7 @@ __all__ = [
 ]
 
 SYSTEMS = ("latentcast", "latentcast-temporal", "jpeg")
+PLACEMENTS = ("processes", "shared")  # the cloud and each edge in its own process / all in this one
 GRPC_PREFIX_BYTES = 5  # gRPC length-prefixed message: 1 compressed flag + 4 length bytes
 HTTP2_FRAME_HEADER_BYTES = 9  # per HTTP/2 frame
 HTTP2_DEFAULT_MAX_FRAME = 16384  # HTTP/2 default SETTINGS_MAX_FRAME_SIZE
@@ -412,6 +417,14 @@ class _Ctx:
     render: dict = field(default_factory=dict)  # the cloud's codec.* render settings given (temporal_render, ...)
     temporal: Any = None  # the edges' temporal settings (an edge config's TemporalConfig; None: the defaults)
     edge_pool: list[tuple[Any, Any]] = field(default_factory=list)  # (EdgeEncoder, YOLOX) per stream index
+    placement: str = "shared"  # one process for all ("shared"), or the cloud and each edge in its own ("processes")
+    weights: str | None = None  # what a cloud process loads: codec weights (None: elic-lite) ...
+    synthesis: str | None = None  # ... and its syntheses (None: the cloud config's)
+    temporal_synthesis: str | None = None
+
+    def for_child(self) -> _Ctx:
+        """The settings an edge process needs, without the loaded models (each process loads its own)."""
+        return dataclasses.replace(self, codec=None, detector=None, edge_detector=None, edge_pool=[])
 
 
 def _cloud_config(token: str, threads: int | None, *, jpeg: bool = False, tables: str | None = None,
@@ -470,56 +483,269 @@ def _edge_config(ctx: _Ctx, system: str, camera_id: str, port: int, token: str):
     return cfg
 
 
-def _edge_parts(ctx: _Ctx, cfg, n: int) -> None:
-    """Make sure the first ``n`` streams have an encoder and an edge detector (loaded once, reused)."""
+def _load_edge_parts(ctx: _Ctx, cfg, weights_hash: bytes) -> tuple[Any, Any]:
+    """One stream's (EdgeEncoder, grounding detector), loaded from ``cfg``."""
     from latentcast.edge.encoder import EdgeEncoder
 
-    while len(ctx.edge_pool) < n:
-        enc = EdgeEncoder(bundle=cfg.codec.bundle or None, threads=cfg.codec.threads, analysis=cfg.codec.analysis)
-        if enc.weights_hash != ctx.codec.weights_hash:
-            raise ValueError(f"the edge bundle {enc.bundle} was exported from other weights than the cloud's codec "
-                             f"({enc.weights_hash.hex()} vs {ctx.codec.weights_hash.hex()}); run "
-                             "`latentcast export edge`")
-        if ctx.edge_detector is not None:
-            det = ctx.edge_detector
-        else:
-            from latentcast.detector import YoloxDetector
+    enc = EdgeEncoder(bundle=cfg.codec.bundle or None, threads=cfg.codec.threads, analysis=cfg.codec.analysis)
+    if enc.weights_hash != weights_hash:
+        raise ValueError(f"the edge bundle {enc.bundle} was exported from other weights than the cloud's codec "
+                         f"({enc.weights_hash.hex()} vs {weights_hash.hex()}); run `latentcast export edge`")
+    if ctx.edge_detector is not None:
+        return enc, ctx.edge_detector
+    from latentcast.detector import YoloxDetector
 
-            g = cfg.grounding
-            det = YoloxDetector(model_path=g.model or None, labels_path=g.labels_file or None,
-                                score_threshold=g.score_threshold, nms_threshold=g.nms_threshold, threads=g.threads)
-        ctx.edge_pool.append((enc, det))
+    g = cfg.grounding
+    return enc, YoloxDetector(model_path=g.model or None, labels_path=g.labels_file or None,
+                              score_threshold=g.score_threshold, nms_threshold=g.nms_threshold, threads=g.threads)
+
+
+def _edge_parts(ctx: _Ctx, cfg, n: int) -> None:
+    """Make sure the first ``n`` streams have an encoder and an edge detector (loaded once, reused)."""
+    while len(ctx.edge_pool) < n:
+        ctx.edge_pool.append(_load_edge_parts(ctx, cfg, ctx.codec.weights_hash))
+
+
+def _make_edge_app(ctx: _Ctx, system: str, ecfg, parts: tuple[Any, Any] | None, rec: _Recorder, wire: _Wire):
+    """One bench edge: the real encoder and grounding (``parts``), or the JPEG baseline's."""
+    from latentcast.edge.grounding import Grounder
+
+    if system != "jpeg":
+        enc, det = parts
+        g = ecfg.grounding
+        # a task list names labels the closed-set detector lacks: skipped, as on the edge
+        grounder: Any = Grounder(labels=ctx.task_labels or g.labels, detector=det, every=g.every,
+                                 max_missed=g.max_missed, margin=g.margin, motion=g.motion,
+                                 strict_labels=not ctx.task)
+    else:
+        enc, grounder = JpegEncoder(ctx.jpeg_quality), NullGrounder(ecfg.grounding.labels)
+    return _bench_edge_app_class()(ecfg, wire=wire, on_result=rec.on_result, encoder=enc, grounder=grounder)
+
+
+# ------------------------------------------------------------------------------------ process placement
+# ``placement="processes"``: the cloud in one process and every camera's edge in its own, as deployed (a
+# ``latentcast cloud`` service and one ``latentcast edge`` per gateway), still sharing this machine's cores.
+# In one process (``"shared"``) the edges and the cloud also share one interpreter lock and one event loop.
+
+def _quiet_logs() -> None:
+    for name in ("latentcast.cloud", "latentcast.edge"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _cloud_process(ccfg, load: dict[str, Any], conn) -> None:
+    """The child process of :class:`_CloudProcess`: load the codec and detector, serve, report counters."""
+    _quiet_logs()
+
+    async def main() -> None:
+        from latentcast.cloud.server import CloudServer
+        from latentcast.tools.demo import _cloud_counters
+
+        codec, detector = _load_cloud_models(load["weights"], load["synthesis"], load["temporal_synthesis"],
+                                             load["threads"])
+        server = CloudServer(ccfg, codec=codec, detector=detector)
+        try:
+            port, _, _ = await server.start()
+            await server.wait_ready(timeout=300)
+        except Exception as exc:  # reported to the parent, which raises it
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+            return
+        conn.send(("port", port))
+        await asyncio.to_thread(conn.recv)  # "stop"
+        counters = _cloud_counters(server)
+        await server.stop(grace=1.0)
+        conn.send(("counters", counters))
+
+    asyncio.run(main())
+
+
+def _load_cloud_models(weights: str | None, synthesis: str | None, temporal_synthesis: str | None,
+                       threads: int | None) -> tuple[Any, Any]:
+    """The cloud's codec (with the cloud config's synthesis defaults) and detector, as ``latentcast cloud``
+    loads them."""
+    from latentcast.cloud.analytics import make_detector
+    from latentcast.cloud.config import CodecConfig
+    from latentcast.models.codec import LatentCodec
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    codec = LatentCodec.load(weights or "elic-lite")
+    codec.use_synthesis(synthesis or CodecConfig().synthesis)
+    codec.use_synthesis(temporal_synthesis or CodecConfig().temporal_synthesis, temporal=True)
+    return codec, make_detector(_cloud_config("x", threads).analytics)
+
+
+class _CloudProcess:
+    """The loopback cloud in a child process (start -> port, counters, stop)."""
+
+    def __init__(self, ccfg, load: dict[str, Any]) -> None:
+        import multiprocessing
+
+        mp = multiprocessing.get_context("spawn")
+        self._conn, child = mp.Pipe()
+        self._proc = mp.Process(target=_cloud_process, args=(ccfg, load, child), name="bench-cloud", daemon=True)
+        self.counters: dict[str, Any] = {}
+
+    async def start(self) -> int:
+        self._proc.start()
+        kind, value = await asyncio.to_thread(_recv, self._conn, 600.0, self._proc)
+        if kind != "port":
+            raise RuntimeError(f"the bench cloud process failed to start: {value}")
+        return int(value)
+
+    async def stop(self) -> dict[str, Any]:
+        if self._proc.is_alive():
+            try:
+                self._conn.send("stop")
+                kind, value = await asyncio.to_thread(_recv, self._conn, 60.0, self._proc)
+                if kind == "counters":
+                    self.counters = value
+            except (OSError, EOFError, RuntimeError) as exc:
+                log.warning("bench cloud process: no counters (%s)", exc)
+        await asyncio.to_thread(self._proc.join, 30.0)
+        if self._proc.is_alive():
+            self._proc.terminate()
+        return self.counters
+
+
+def _recv(conn, timeout: float, proc) -> Any:
+    """The next message on ``conn`` within ``timeout`` s, or RuntimeError (the child died or hung)."""
+    if not conn.poll(timeout):
+        raise RuntimeError(f"{proc.name}: no message within {timeout:g} s (exit code {proc.exitcode})")
+    try:
+        return conn.recv()
+    except EOFError:
+        raise RuntimeError(f"{proc.name} exited (code {proc.exitcode})") from None
+
+
+def _edge_process(ctx: _Ctx, system: str, ecfg, index: int, n: int, weights_hash: bytes, conn) -> None:
+    """The child process of one bench edge: load, say ready, run from "go" to "stop", send what it measured."""
+    _quiet_logs()
+
+    async def main() -> None:
+        rec, wire = _Recorder(), _Wire()
+        try:
+            parts = _load_edge_parts(ctx, ecfg, weights_hash) if system != "jpeg" else None
+            app = _make_edge_app(ctx, system, ecfg, parts, rec, wire)
+        except Exception as exc:
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+            return
+        conn.send(("ready", None))
+        await asyncio.to_thread(conn.recv)  # "go"
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def wait_stop() -> None:
+            try:
+                conn.recv()  # "stop"
+            except (EOFError, OSError):  # the parent is gone: stop too
+                pass
+            loop.call_soon_threadsafe(stop.set)
+
+        threading.Thread(target=wait_stop, name="bench-edge-stop", daemon=True).start()
+        await asyncio.sleep(index / (n * ctx.pace))  # cameras are not in lockstep: spread over one frame period
+        error = None
+        try:
+            stats = await app.run(stop=stop)
+        except Exception as exc:
+            error, stats = f"{type(exc).__name__}: {exc}", app.stats()
+        conn.send(("done", {"results": rec.results, "wire": wire, "error": error,
+                            "stats": {k: v for k, v in stats.items() if k != "last_results"}}))
+
+    asyncio.run(main())
+
+
+async def _run_processes(ctx: _Ctx, system: str, n: int, ccfg, camera_ids: list[str], token: str,
+                         progress: Callable[[str], None]):
+    """One configuration with the cloud and each edge in its own process; returns what _summarise needs."""
+    import multiprocessing
+    from multiprocessing.connection import wait as mp_wait
+
+    cloud = _CloudProcess(ccfg, {"weights": ctx.weights, "synthesis": ctx.synthesis,
+                                 "temporal_synthesis": ctx.temporal_synthesis, "threads": ctx.cloud_threads})
+    mp = multiprocessing.get_context("spawn")
+    edges = []
+    try:
+        port = await cloud.start()
+        for i in range(n):
+            ecfg = _edge_config(ctx, system, camera_ids[i], port, token)
+            conn, child = mp.Pipe()
+            proc = mp.Process(target=_edge_process, args=(ctx.for_child(), system, ecfg, i, n,
+                                                          ctx.codec.weights_hash, child),
+                              name=f"bench-edge-{i}", daemon=True)
+            proc.start()
+            edges.append((proc, conn))
+        for proc, conn in edges:
+            kind, value = await asyncio.to_thread(_recv, conn, 600.0, proc)
+            if kind != "ready":
+                raise RuntimeError(f"{proc.name} failed to start: {value}")
+        progress(f"[{system} x{n}] streaming for {ctx.seconds:g} s ({n} edge processes, 1 cloud process) ...")
+        t_start = time.monotonic()
+        for _, conn in edges:
+            conn.send("go")
+        # the window ends after --seconds, or early when an edge stops on its own (an error)
+        early = await asyncio.to_thread(mp_wait, [c for _, c in edges], ctx.seconds)
+        t_stop = time.monotonic()
+        for _, conn in edges:
+            if conn not in early:
+                try:
+                    conn.send("stop")
+                except OSError:  # it died meanwhile: reported below
+                    pass
+        payloads: dict[int, Any] = {}
+        for i, (proc, conn) in enumerate(edges):
+            try:
+                payloads[i] = await asyncio.to_thread(_recv, conn, 1.0 if conn in early else _RUN_TIMEOUT_PAD_S,
+                                                      proc)
+            except RuntimeError as exc:  # the edge process died or hung: its stream reports the error
+                payloads[i] = ("done", {"results": [], "wire": _Wire(), "stats": None, "error": str(exc)})
+        counters = await cloud.stop()
+    finally:
+        for proc, _ in edges:
+            proc.join(5.0)
+            if proc.is_alive():
+                proc.terminate()
+        await cloud.stop()
+    recs, wires, stats, errors = [], [], [], []
+    for i in range(n):
+        _, p = payloads[i]
+        rec = _Recorder()
+        rec.results = list(p["results"])
+        recs.append(rec)
+        wires.append(p["wire"])
+        stats.append(p["stats"] or {})
+        errors.append(p["error"])
+    return recs, wires, stats, errors, t_start, t_stop, counters
 
 
 async def _run_config(ctx: _Ctx, system: str, n: int, progress: Callable[[str], None]) -> dict[str, Any]:
     from latentcast.cloud.server import CloudServer
-    from latentcast.edge.grounding import Grounder
     from latentcast.tools.demo import _cloud_counters
 
     token = secrets.token_hex(16)
     ccfg = _cloud_config(token, ctx.cloud_threads, jpeg=system == "jpeg", tables=ctx.tables, workers=ctx.workers,
                          render=ctx.render)
+    camera_ids = [f"bench-{system}-n{n}-{i}" for i in range(n)]
+    if ctx.placement == "processes":
+        recs, wires, stats, errors, t_start, t_stop, counters = await _run_processes(
+            ctx, system, n, ccfg, camera_ids, token, progress)
+        return _finish_row(ctx, system, n, recs=recs, wires=wires, stats=stats, errors=errors,
+                           camera_ids=camera_ids, t_start=t_start, t_stop=t_stop, counters=counters,
+                           progress=progress)
     server = CloudServer(ccfg, codec=ctx.codec, detector=ctx.detector)
     port, _, _ = await server.start()
     await server.wait_ready(timeout=300)
-    BenchEdgeApp = _bench_edge_app_class()
-    camera_ids = [f"bench-{system}-n{n}-{i}" for i in range(n)]
     recs = [_Recorder() for _ in range(n)]
     wires = [_Wire() for _ in range(n)]
     apps = []
     for i in range(n):
         ecfg = _edge_config(ctx, system, camera_ids[i], port, token)
+        parts = None
         if system != "jpeg":
             await asyncio.to_thread(_edge_parts, ctx, ecfg, i + 1)
-            enc, det = ctx.edge_pool[i]
-            g = ecfg.grounding
-            # a task list names labels the closed-set detector lacks: skipped, as on the edge
-            grounder: Any = Grounder(labels=ctx.task_labels or g.labels, detector=det, every=g.every,
-                                     max_missed=g.max_missed, margin=g.margin, motion=g.motion,
-                                     strict_labels=not ctx.task)
-        else:
-            enc, grounder = JpegEncoder(ctx.jpeg_quality), NullGrounder(ecfg.grounding.labels)
-        apps.append(BenchEdgeApp(ecfg, wire=wires[i], on_result=recs[i].on_result, encoder=enc, grounder=grounder))
+            parts = ctx.edge_pool[i]
+        apps.append(_make_edge_app(ctx, system, ecfg, parts, recs[i], wires[i]))
 
     stop = asyncio.Event()
 
@@ -553,8 +779,15 @@ async def _run_config(ctx: _Ctx, system: str, n: int, progress: Callable[[str], 
     finally:
         stop.set()
         await server.stop(grace=1.0)
+    return _finish_row(ctx, system, n, recs=recs, wires=wires, stats=stats, errors=errors, camera_ids=camera_ids,
+                       t_start=t_start, t_stop=t_stop, counters=counters, progress=progress)
+
+
+def _finish_row(ctx: _Ctx, system: str, n: int, *, recs, wires, stats, errors, camera_ids, t_start: float,
+                t_stop: float, counters: dict[str, Any], progress: Callable[[str], None]) -> dict[str, Any]:
     row = _summarise(system, n, recs=recs, wires=wires, stats=stats, errors=errors, camera_ids=camera_ids,
                      t_start=t_start, t_stop=t_stop, warmup=ctx.warmup, server_counters=counters)
+    row["placement"] = ctx.placement
     b = row["bytes_per_frame"]
     progress(f"[{system} x{n}] {row['results_per_s']:.2f} results/s ({row['results_per_s_per_stream']['mean']:.2f} "
              f"per stream), latency p50 {row['latency_ms']['p50']} ms p99 {row['latency_ms']['p99']} ms, "
@@ -571,14 +804,17 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
                     cloud_threads: int | None = None, workers: int | None = None, synthesis: str | None = None,
                     temporal_synthesis: str | None = None, codec: Any = None, detector: Any = None,
                     edge_detector: Any = None, analysis: str | None = None, render: dict | None = None,
-                    temporal: Any = None,
+                    temporal: Any = None, placement: str = "shared",
                     out: str | os.PathLike | None = None, command: str = "latentcast bench stream",
                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every (system, N) configuration; returns the result (also written to ``out`` + ``.md``).
 
     ``codec`` (a LatentCodec), ``bundle`` (its edge bundle) and ``detector`` (cloud and baseline
     analytics; also the edge grounding's unless ``edge_detector`` is given) override the shipped
-    ``elic-lite`` and YOLOX-nano (tests inject tiny ones)."""
+    ``elic-lite`` and YOLOX-nano (tests inject tiny ones). ``placement``: ``"shared"`` runs the cloud and
+    every edge in this process (one interpreter lock, one event loop); ``"processes"`` runs the cloud in one
+    child process and each edge in its own, as they are deployed, each loading its models by name (so
+    nothing can be injected)."""
     from latentcast.tools.provenance import commit as _commit
     from latentcast.tools.provenance import machine as _machine
     from latentcast.tools.provenance import write_results
@@ -598,6 +834,11 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
         raise ValueError(f"jpeg_quality {jpeg_quality!r} out of range 1..100")
     if threads is not None and threads < 0:
         raise ValueError(f"threads {threads!r} must be >= 0 (0 = the libraries' defaults)")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement {placement!r} must be one of {', '.join(PLACEMENTS)}")
+    if placement == "processes" and any(x is not None for x in (codec, detector, edge_detector)):
+        raise ValueError("placement 'processes' loads the models by name in each process: codec, detector and "
+                         "edge_detector objects cannot be passed (use placement 'shared')")
     cloud_threads = threads if cloud_threads is None else cloud_threads
     from latentcast.shared import portable_path, shared_path
 
@@ -638,7 +879,8 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
                edge_detector=edge_detector, task=task, task_labels=task_labels,
                tables=str(tables) if tables else None,
                cloud_threads=cloud_threads, workers=workers, analysis=analysis, render=dict(render or {}),
-               temporal=temporal)
+               temporal=temporal, placement=placement, weights=weights, synthesis=synthesis,
+               temporal_synthesis=temporal_synthesis)
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     for n in streams:
         for system in systems:
@@ -653,7 +895,8 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
         "machine": _machine() | {"loadavg_before": [round(v, 2) for v in load_before],
                                  "loadavg_after": [round(v, 2) for v in os.getloadavg()]},
         "duration_s": round(time.monotonic() - t0, 1),
-        "options": {"streams": streams, "systems": systems, "seconds": seconds, "warmup_s": warmup,
+        "options": {"streams": streams, "systems": systems, "placement": placement, "seconds": seconds,
+                    "warmup_s": warmup,
                     "pace_fps": pace, "jpeg_quality": jpeg_quality, "threads": threads,
                     "cloud_threads": ctx.cloud_threads, "workers": workers, "video": portable_path(video),
                     "weights": weights, "bundle": ctx.bundle, "tables": ctx.tables,
@@ -715,6 +958,10 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
     return result
 
 
+_PLACEMENT_TEXT = {"processes": "the cloud in one process and each edge in its own, as deployed",
+                   "shared": "the cloud and every edge in one process"}
+
+
 def _f(v, fmt: str) -> str:
     return "n/a" if v is None else format(v, fmt)
 
@@ -736,7 +983,7 @@ def markdown(result: dict[str, Any]) -> str:
              f"{o.get('temporal_synthesis') or o.get('synthesis') or 'own'}; render: "
              f"{o.get('temporal_render', 'changed')} cells on {o.get('render_runtime', 'onnx')}), edge g_a in "
              f"{o.get('analysis') or 'float32'}, {o.get('cloud_workers', 1)} cloud worker(s), JPEG quality "
-             f"{o['jpeg_quality']}.")
+             f"{o['jpeg_quality']}; placement: {_PLACEMENT_TEXT.get(o.get('placement', 'shared'))}.")
     cols = ["system", "streams", "results/s", "per stream", "latency p50 ms", "p99 ms", "packet B/frame",
             "overhead B/frame", "+ HTTP/2 est.", "downstream B/result", "captured", "sent", "dropped",
             "cloud decode / analytics ms"]
@@ -807,7 +1054,7 @@ def main(args) -> int:
         analysis=getattr(args, "analysis", None),
         temporal=temporal_settings(args.edge_config) if getattr(args, "edge_config", None) else None,
         render={k: getattr(args, k) for k in ("temporal_render", "render_runtime") if getattr(args, k, None)},
-        out=args.out,
+        placement=getattr(args, "placement", "shared"), out=args.out,
         command=" ".join(["latentcast"] + sys.argv[1:])))
     print()
     print(markdown(result), end="")

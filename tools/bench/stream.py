@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="JPEG quality of the JPEG-over-gRPC baseline (default 75)")
     p.add_argument("--systems", default="latentcast,latentcast-temporal,jpeg",
                    help="systems to run, comma-separated from latentcast,latentcast-temporal,jpeg (default all)")
+    p.add_argument("--placement", choices=("processes", "shared"), default="processes",
+                   help="processes (default): the cloud in one process and each camera's edge in its own, as they "
+                        "are deployed; shared: all of them in this process (one interpreter lock)")
     p.add_argument("--video", help="video every camera reads (default vtest.avi in the shared folder)")
     p.add_argument("--rate", type=int, help="codec rate point of the edges (default: the edge config's, 1)")
     p.add_argument("--labels", help="task labels of the edges, e.g. person,car (default: the edge config's)")
