@@ -114,8 +114,10 @@ class TemporalEncoder:
         """Fraction of all cells (ROI or not) whose change against the current latent (moved by the camera's
         vector), quantized with the background step, has at least ``bg_threshold`` nonzero symbols: a cut, or a
         camera move not followed, is near 1."""
-        step = self.steps[self.config.bg_rate_point]
-        nz = (np.floor((np.asarray(y, dtype=np.float64) - self.state.moved(camera).y) / step + 0.5) != 0).sum(0)
+        d = np.subtract(y, self.state.moved(camera).y, dtype=np.float64)  # floor(d / step + 1/2), in place
+        d /= self.steps[self.config.bg_rate_point]
+        d += 0.5
+        nz = np.count_nonzero(np.floor(d, out=d), axis=0)
         return float(np.mean(nz >= self.config.bg_threshold))
 
     @property

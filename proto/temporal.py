@@ -636,7 +636,9 @@ def _mv_walk(modes: np.ndarray, mv: np.ndarray, kinds: np.ndarray | None = None,
 def _quantize(r: np.ndarray, step: float, deadzone: float) -> np.ndarray:
     """Rounding with a dead zone: ``sign(r) floor(|r|/step + 1/2 - deadzone)``, clipped at 0."""
     if deadzone == 0.0:
-        return np.floor(r / step + 0.5)
+        q = np.divide(r, step)  # a new array: rounded in place (the same values as floor(r / step + 0.5))
+        q += 0.5
+        return np.floor(q, out=q)
     return np.sign(r) * np.maximum(np.floor(np.abs(r) / step + 0.5 - deadzone), 0.0)
 
 
@@ -655,19 +657,28 @@ def choose_modes(state: TemporalState, y: np.ndarray, roi: np.ndarray, *, step: 
     is coded still depends on its change against the previous latent (the caller keeps the vectors of
     CODE cells only)."""
     y = np.asarray(y, dtype=np.float64)
-    s_fg = _quantize(y - state.y, step, deadzone)
-    s_bg = _quantize(y - state.bg, bg_step, deadzone)
-    code = roi & ((s_fg != 0).sum(0) >= threshold)
-    if mv is not None and code.any():
-        r, c = np.nonzero(code)
-        s_fg[:, r, c] = _quantize(y[:, r, c] - _moved_cells(state.y, r, c, mv[0, r, c], mv[1, r, c]),
-                                  _per_channel(step), deadzone)
-    bgcode = ~roi & ((s_bg != 0).sum(0) >= bg_threshold)
+    roi = np.asarray(roi, dtype=bool)
     modes = np.full(roi.shape, KEEP, dtype=np.int64)
     modes[~roi & state.fg] = BG
-    modes[code] = CODE
-    modes[bgcode] = BGCODE
-    sym = np.where(code[None], s_fg, np.where(bgcode[None], s_bg, 0.0)).astype(np.int64)
+    sym = np.zeros(y.shape, dtype=np.int64)
+    # each cell is quantized once, against what its mode would code it from: the foreground latent under the
+    # ROIs, the background elsewhere (the same values as quantizing the whole grid both ways)
+    r, c = np.nonzero(roi)
+    if r.size:
+        s = _quantize(y[:, r, c] - state.y[:, r, c], _per_channel(step), deadzone)
+        code = np.count_nonzero(s, axis=0) >= threshold
+        r, c, s = r[code], c[code], s[:, code]
+        if mv is not None and r.size:
+            s = _quantize(y[:, r, c] - _moved_cells(state.y, r, c, mv[0, r, c], mv[1, r, c]), _per_channel(step),
+                          deadzone)
+        modes[r, c] = CODE
+        sym[:, r, c] = s
+    r, c = np.nonzero(~roi)
+    if r.size:
+        s = _quantize(y[:, r, c] - state.bg[:, r, c], _per_channel(bg_step), deadzone)
+        bgcode = np.count_nonzero(s, axis=0) >= bg_threshold
+        modes[r[bgcode], c[bgcode]] = BGCODE
+        sym[:, r[bgcode], c[bgcode]] = s[:, bgcode]
     return modes, sym
 
 
