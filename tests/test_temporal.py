@@ -703,3 +703,47 @@ def test_a_forged_motion_flag_is_refused_and_leaves_the_state(edge_encoder, tiny
     dec.decompress(enc.encode(*_frame(2, bg)))  # the keyframe the cloud asks for
     dec.decompress(enc.encode(*_frame(3, bg)))
     np.testing.assert_array_equal(dec.state.y, enc.state.y)
+
+
+def _choose_modes_whole_grid(state, y, roi, *, step, bg_step, threshold, bg_threshold, deadzone=0.0, mv=None):
+    """choose_modes' definition, quantizing the whole grid both ways (what the edge did before it quantized
+    each cell once)."""
+    def q(r, s):
+        if deadzone == 0.0:
+            return np.floor(r / s + 0.5)
+        return np.sign(r) * np.maximum(np.floor(np.abs(r) / s + 0.5 - deadzone), 0.0)
+
+    y = np.asarray(y, dtype=np.float64)
+    s_fg, s_bg = q(y - state.y, step), q(y - state.bg, bg_step)
+    code = roi & ((s_fg != 0).sum(0) >= threshold)
+    if mv is not None and code.any():
+        moved = motion_predict(state.y, np.where(code[None], mv, 0))
+        s_fg = np.where(code[None], q(y - moved, step), s_fg)
+    bgcode = ~roi & ((s_bg != 0).sum(0) >= bg_threshold)
+    modes = np.full(roi.shape, KEEP)
+    modes[~roi & state.fg] = BG
+    modes[code] = CODE
+    modes[bgcode] = BGCODE
+    return modes, np.where(code[None], s_fg, np.where(bgcode[None], s_bg, 0.0)).astype(np.int64)
+
+
+@pytest.mark.parametrize("gains", [False, True])
+@pytest.mark.parametrize("deadzone", [0.0, 0.25])
+def test_choose_modes_equals_its_whole_grid_definition(rng, gains, deadzone):
+    """Each cell quantized once, against what its mode codes it from, gives the modes and symbols of
+    quantizing the whole grid against both latents: with and without motion, scalar and per-channel steps."""
+    M, h, w = 12, 9, 11
+    for trial in range(4):
+        state = TemporalState.from_key(rng.normal(size=(M, h, w)).round(3), frame_id=0)
+        state.bg = state.y + rng.normal(scale=0.5, size=state.y.shape).round(3)
+        state.fg = rng.random((h, w)) < 0.3
+        y = (state.y + rng.normal(scale=1.5, size=state.y.shape) * (rng.random((1, h, w)) < 0.6)).astype(np.float32)
+        roi = rng.random((h, w)) < 0.4
+        step = rng.uniform(0.5, 2.0, size=(M, 1, 1)) if gains else 0.75
+        bg_step = rng.uniform(1.0, 3.0, size=(M, 1, 1)) if gains else 1.5
+        mv = rng.integers(-MV_RANGE, MV_RANGE + 1, size=(2, h, w)) if trial % 2 else None
+        kw = dict(step=step, bg_step=bg_step, threshold=1 + trial, bg_threshold=M // 3, deadzone=deadzone, mv=mv)
+        modes, sym = choose_modes(state, y, roi, **kw)
+        want_modes, want_sym = _choose_modes_whole_grid(state, y, roi, **kw)
+        assert np.array_equal(modes, want_modes) and np.array_equal(sym, want_sym)
+        assert set(np.unique(modes)) >= {KEEP, CODE}
