@@ -223,7 +223,10 @@ class TemporalDecoder:
     def _render(self, frame_no: int, key_no: int, y: np.ndarray, gz: torch.Tensor) -> torch.Tensor:
         """g_s of the state ``y`` of decoded frame ``frame_no`` (keyframe ``key_no``): the padded grid's latent."""
         synthesis = self._synthesis
-        y_t = torch.from_numpy(y)[None].float()
+
+        def y_t(rows: slice = slice(None), cols: slice = slice(None)) -> torch.Tensor:  # float32, only what is cut
+            return torch.from_numpy(y[:, rows, cols])[None].float()
+
         with self._render_lock:
             last = self._rendered
             regions = None
@@ -232,7 +235,7 @@ class TemporalDecoder:
                 if changed is not None:
                     regions = change_regions(changed, halo=self.halo, grow=self.grow, max_fraction=self.max_fraction)
             if regions is None:
-                latent = synthesis(y_t, torch.ones(1, 1, *y.shape[1:]), gz)
+                latent = synthesis(y_t(), torch.ones(1, 1, *y.shape[1:]), gz)
                 self.counts["render_whole"] += 1
             else:
                 f = 16 // self.codec.cfg.latent_factor
@@ -242,7 +245,7 @@ class TemporalDecoder:
                     r0, r1, c0, c1 = reg.inner
                     dr, dc = reg.offset
                     latent[:, :, r0 * f: r1 * f, c0 * f: c1 * f] = synthesis(
-                        y_t[:, :, R0:R1, C0:C1], torch.ones(1, 1, R1 - R0, C1 - C0), gz[:, :, R0:R1, C0:C1],
+                        y_t(slice(R0, R1), slice(C0, C1)), torch.ones(1, 1, R1 - R0, C1 - C0), gz[:, :, R0:R1, C0:C1],
                         keep=(dr, dr + r1 - r0, dc, dc + c1 - c0))
                     self.counts["render_cells"] += reg.crop_cells
                 self.counts["render_tiled"] += 1

@@ -477,7 +477,7 @@ def _search_boxes(y_prev: np.ndarray, y: np.ndarray, boxes: list[tuple[int, int,
     r, c, bid = (np.concatenate(v).astype(np.int64) for v in (rows, cols, owner))
     nb = len(boxes)
     y_prev = np.asarray(y_prev, dtype=np.float64)
-    tgt = np.asarray(y, dtype=np.float64)[:, r, c]  # (M, n)
+    tgt = np.asarray(y)[:, r, c].astype(np.float64)  # (M, n): the box cells only, then float64
     step_a = np.asarray(step, dtype=np.float64)
     step_v = _per_channel(step)
     ch = np.sort(np.argsort(np.abs(tgt - y_prev[:, r, c]).sum(1))[-_SEARCH_CHANNELS:])
@@ -555,7 +555,7 @@ def choose_motion(state: TemporalState, y: np.ndarray, roi: np.ndarray, boxes, *
     step_v = _per_channel(step)
     r, c = np.nonzero(np.any([_box_mask(b, roi.shape) for b in boxes], axis=0) & roi)
     best = np.full(roi.shape, np.inf)  # the cost of each cell's prediction so far: not moving, first
-    best[r, c] = _prediction_cost((np.asarray(y, dtype=np.float64)[:, r, c] - state.y[:, r, c]) / step_v, 0)
+    best[r, c] = _prediction_cost((np.asarray(y)[:, r, c].astype(np.float64) - state.y[:, r, c]) / step_v, 0)
     moving = [b for b in boxes if np.nan_to_num(best[b[0]:b[1], b[2]:b[3]], posinf=0.0).max() >= 1.0]
     if not moving:
         return mv  # no box changed: no symbol to save
