@@ -528,6 +528,7 @@ def _make_edge_app(ctx: _Ctx, system: str, ecfg, parts: tuple[Any, Any] | None, 
 # In one process (``"shared"``) the edges and the cloud also share one interpreter lock and one event loop.
 
 def _quiet_logs() -> None:
+    """The cloud's and edges' per-session lines at WARNING (bench processes always; this one unless -v)."""
     for name in ("latentcast.cloud", "latentcast.edge"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -540,10 +541,10 @@ def _cloud_process(ccfg, load: dict[str, Any], conn) -> None:
         from latentcast.cloud.server import CloudServer
         from latentcast.tools.demo import _cloud_counters
 
-        codec, detector = _load_cloud_models(load["weights"], load["synthesis"], load["temporal_synthesis"],
-                                             load["threads"])
-        server = CloudServer(ccfg, codec=codec, detector=detector)
         try:
+            codec, detector = _load_cloud_models(load["weights"], load["synthesis"], load["temporal_synthesis"],
+                                                 load["threads"])
+            server = CloudServer(ccfg, codec=codec, detector=detector)
             port, _, _ = await server.start()
             await server.wait_ready(timeout=300)
         except Exception as exc:  # reported to the parent, which raises it
@@ -563,17 +564,24 @@ def _load_cloud_models(weights: str | None, synthesis: str | None, temporal_synt
     """The cloud's codec (with the cloud config's synthesis defaults) and detector, as ``latentcast cloud``
     loads them."""
     from latentcast.cloud.analytics import make_detector
-    from latentcast.cloud.config import CodecConfig
-    from latentcast.models.codec import LatentCodec
 
     if threads:
         import torch
 
         torch.set_num_threads(threads)
+    return (_load_codec(weights, synthesis, temporal_synthesis),
+            make_detector(_cloud_config("x", threads).analytics))
+
+
+def _load_codec(weights: str | None, synthesis: str | None, temporal_synthesis: str | None) -> Any:
+    """The cloud's codec by name or path (default elic-lite) with its syntheses (default: the cloud config's)."""
+    from latentcast.cloud.config import CodecConfig
+    from latentcast.models.codec import LatentCodec
+
     codec = LatentCodec.load(weights or "elic-lite")
-    codec.use_synthesis(synthesis or CodecConfig().synthesis)
+    codec.use_synthesis(synthesis or CodecConfig().synthesis)  # as the cloud's codec.synthesis would
     codec.use_synthesis(temporal_synthesis or CodecConfig().temporal_synthesis, temporal=True)
-    return codec, make_detector(_cloud_config("x", threads).analytics)
+    return codec
 
 
 class _CloudProcess:
@@ -855,13 +863,7 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
     if edge_detector is None and detector is not None:
         edge_detector = detector  # an injected cloud detector is also the edge's (tests); else YOLOX per stream
     if codec is None:
-        from latentcast.models.codec import LatentCodec
-
-        codec = await asyncio.to_thread(LatentCodec.load, weights or "elic-lite")
-        from latentcast.cloud.config import CodecConfig
-
-        codec.use_synthesis(synthesis or CodecConfig().synthesis)  # as the cloud's codec.synthesis would
-        codec.use_synthesis(temporal_synthesis or CodecConfig().temporal_synthesis, temporal=True)
+        codec = await asyncio.to_thread(_load_codec, weights, synthesis, temporal_synthesis)
     if detector is None:
         from latentcast.cloud.analytics import make_detector
 
@@ -1040,8 +1042,7 @@ def main(args) -> int:
     from latentcast.tools.options import temporal_settings
 
     if not getattr(args, "verbose", False):  # one line per session start/end x 16 streams drowns the progress
-        for name in ("latentcast.cloud", "latentcast.edge"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        _quiet_logs()
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     labels = [t.strip() for t in args.labels.split(",") if t.strip()] if args.labels else None
     result = asyncio.run(run_bench(
