@@ -26,6 +26,21 @@ def write_training_images(folder: Path, size: tuple[int, int], n: int = 2) -> li
     return srcs
 
 
+@pytest.fixture
+def tiny_data(tmp_path, monkeypatch):
+    """``train synthesis`` on two tiny PNGs (its training sources), one of them as its Kodak, no video, and a
+    cache under ``tmp_path`` (tests of models.synthesis_training and of the task loss)."""
+    from latentcast.models import synthesis_training as st
+
+    srcs = write_training_images(tmp_path, (200, 136))
+    monkeypatch.setattr(st, "training_sources", lambda **_: srcs)
+    kodak = [("k0", lambda: st._read_rgb(srcs[0][1], None))]
+    monkeypatch.setattr(st, "_kodak_items", lambda: kodak)
+    monkeypatch.setattr(st, "_vtest_items", lambda: [])
+    monkeypatch.setenv("LATENTCAST_CACHE", str(tmp_path / "cache"))
+    return srcs
+
+
 def shared_or_skip() -> Path:
     try:
         return shared_dir()

@@ -20,8 +20,6 @@ from latentcast.models.elic import CONFIGS, ElicConfig, SynthesisToLatent  # noq
 from latentcast.models.synthesis import load_synthesis, save_synthesis, synthesis_macs_per_cell  # noqa: E402
 from latentcast.tools.cli import main  # noqa: E402
 
-from .conftest import write_training_images  # noqa: E402
-
 
 def test_config_synthesis_fields():
     lite = CONFIGS["lite"]
@@ -42,17 +40,6 @@ def test_student_config_errors():
         st.student_config(CONFIGS["lite"], st.SynthesisTrainConfig(up_widths="a,b"))
     with pytest.raises(ValueError, match="at least 8"):
         st.student_config(CONFIGS["lite"], st.SynthesisTrainConfig(up_widths="64,2"))
-
-
-@pytest.fixture
-def tiny_data(tmp_path, monkeypatch):
-    srcs = write_training_images(tmp_path, (200, 136))
-    monkeypatch.setattr(st, "training_sources", lambda **_: srcs)
-    kodak = [("k0", lambda: st._read_rgb(srcs[0][1], None))]
-    monkeypatch.setattr(st, "_kodak_items", lambda: kodak)
-    monkeypatch.setattr(st, "_vtest_items", lambda: [])
-    monkeypatch.setenv("LATENTCAST_CACHE", str(tmp_path / "cache"))
-    return srcs
 
 
 def test_train_resume_release_render(tmp_path, tiny_data, tiny_codec_path):

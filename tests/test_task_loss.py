@@ -18,10 +18,9 @@ ort = pytest.importorskip("onnxruntime")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
+from latentcast.models import synthesis_training as st  # noqa: E402
 from latentcast.models.onnx_graph import OPS, OnnxGraph  # noqa: E402
 from latentcast.models.task_loss import DetectorFeatureLoss, yolox_neck_outputs  # noqa: E402
-
-from .test_synthesis import st, tiny_data  # noqa: E402, F401  (the fixture and the module under test)
 
 
 def _const(name: str, values, dtype=np.int64):
@@ -122,7 +121,7 @@ def test_feature_loss_is_zero_for_equal_images_and_has_gradients(yolox_path):
         DetectorFeatureLoss(yolox_path, scale=0)
 
 
-def test_synthesis_trains_with_the_task_loss(tmp_path, tiny_data, tiny_codec_path, yolox_path):  # noqa: F811
+def test_synthesis_trains_with_the_task_loss(tmp_path, tiny_data, tiny_codec_path, yolox_path):
     cfg = st.SynthesisTrainConfig(codec=str(tiny_codec_path), out=str(tmp_path / "run"), up_widths="16,8",
                                   steps=2, batch=2, crop=64, eval_every=50, task_weight=0.05, task_scale=1.0)
     st.train_synthesis(cfg)
