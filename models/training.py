@@ -371,6 +371,16 @@ def _deepen_analysis(sd: dict[str, torch.Tensor], model: ElicCodec) -> dict[str,
     return out
 
 
+def scheduled_lr(lr: float, step: int, *, start: int, length: int, opt_start: int | None, warmup: int) -> float:
+    """The trainers' learning rate at ``step``: ``lr``, halved for the last 20 % of the stage of ``length`` steps
+    from ``start``, times a linear warm-up over ``warmup`` steps from ``opt_start`` (the step where Adam started
+    afresh; None when its state was resumed: no warm-up)."""
+    out = lr * (0.5 if step - start >= 0.8 * length else 1.0)
+    if opt_start is not None and warmup:
+        out *= min(1.0, (step - opt_start + 1) / warmup)
+    return out
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write a training checkpoint atomically (a temporary file, then a rename): a run killed while saving keeps
     its previous checkpoint. Used by every trainer (codec, composer)."""
@@ -465,11 +475,9 @@ def train(cfg: TrainConfig) -> Path:
             opt = make_opt(2)
             opt_start = step
             pbar.set_description("stage 2")
-        stage_start = 0 if stage == 1 else cfg.stage1_steps
-        stage_len = cfg.stage1_steps if stage == 1 else cfg.stage2_steps
-        lr = cfg.lr * (0.5 if step - stage_start >= 0.8 * stage_len else 1.0)
-        if opt_start is not None and cfg.warmup_steps:
-            lr *= min(1.0, (step - opt_start + 1) / cfg.warmup_steps)
+        lr = scheduled_lr(cfg.lr, step, start=0 if stage == 1 else cfg.stage1_steps,
+                          length=cfg.stage1_steps if stage == 1 else cfg.stage2_steps, opt_start=opt_start,
+                          warmup=cfg.warmup_steps)
         for g in opt.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         x, target = crops.batch(cfg.batch)

@@ -184,3 +184,24 @@ def test_wrong_init_fails_before_the_decoder_inputs(tmp_path, tiny_data, tiny_co
     with pytest.raises(FileNotFoundError, match="no synthesis named 'no-such-synthesis'"):
         st.train_synthesis(cfg)
     assert not (tmp_path / "cache" / "synthesis").exists()  # nothing was computed or cached
+
+
+def test_warm_up_on_a_fresh_start_not_on_resume(tmp_path, tiny_data, tiny_codec_path):
+    """``--warmup-steps``: the lr ramps up from a fresh Adam; a resumed run (Adam's state restored) does not ramp
+    again. One schedule for both trainers (models.training.scheduled_lr)."""
+    from latentcast.models.training import scheduled_lr
+
+    assert scheduled_lr(1.0, 0, start=0, length=100, opt_start=0, warmup=4) == pytest.approx(0.25)
+    assert scheduled_lr(1.0, 3, start=0, length=100, opt_start=0, warmup=4) == 1.0
+    assert scheduled_lr(1.0, 80, start=0, length=100, opt_start=None, warmup=4) == 0.5  # the last 20 %
+    assert scheduled_lr(1.0, 1001, start=1000, length=10, opt_start=1000, warmup=4) == pytest.approx(0.5)
+    cfg = st.SynthesisTrainConfig(codec=str(tiny_codec_path), out=str(tmp_path / "run"), up_widths="16,8",
+                                  steps=3, batch=2, crop=64, checkpoint_every=2, eval_every=50, warmup_steps=10)
+    st.train_synthesis(cfg)
+    cfg.steps = 5
+    st.train_synthesis(cfg)
+    lrs = [json.loads(line).get("lr") for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    lrs = [v for v in lrs if v is not None]
+    assert lrs == [pytest.approx(cfg.lr * 3 / 10), pytest.approx(cfg.lr * 0.5)]  # step 3 of 10 warm; step 5 resumed
+    with pytest.raises(ValueError, match="warmup_steps -1 must be >= 0"):
+        st.train_synthesis(dataclasses.replace(cfg, warmup_steps=-1))
