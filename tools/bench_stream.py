@@ -591,18 +591,25 @@ class _CloudProcess:
         import multiprocessing
 
         mp = multiprocessing.get_context("spawn")
-        self._conn, child = mp.Pipe()
-        self._proc = mp.Process(target=_cloud_process, args=(ccfg, load, child), name="bench-cloud", daemon=True)
+        self._conn, self._child = mp.Pipe()
+        self._proc = mp.Process(target=_cloud_process, args=(ccfg, load, self._child), name="bench-cloud",
+                                daemon=True)
         self.counters: dict[str, Any] = {}
+        self._stopped = False
 
     async def start(self) -> int:
         self._proc.start()
+        self._child.close()  # only the child holds its end: its exit reads as EOF here
         kind, value = await asyncio.to_thread(_recv, self._conn, 600.0, self._proc)
         if kind != "port":
             raise RuntimeError(f"the bench cloud process failed to start: {value}")
         return int(value)
 
     async def stop(self) -> dict[str, Any]:
+        """Ask for the counters and stop; once (later calls return the counters)."""
+        if self._stopped or self._proc.pid is None:
+            return self.counters
+        self._stopped = True
         if self._proc.is_alive():
             try:
                 self._conn.send("stop")
@@ -611,7 +618,7 @@ class _CloudProcess:
                     self.counters = value
             except (OSError, EOFError, RuntimeError) as exc:
                 log.warning("bench cloud process: no counters (%s)", exc)
-        await asyncio.to_thread(self._proc.join, 30.0)
+        await asyncio.to_thread(self._proc.join, 10.0)
         if self._proc.is_alive():
             self._proc.terminate()
         return self.counters
@@ -683,6 +690,7 @@ async def _run_processes(ctx: _Ctx, system: str, n: int, ccfg, camera_ids: list[
                                                           ctx.codec.weights_hash, child),
                               name=f"bench-edge-{i}", daemon=True)
             proc.start()
+            child.close()  # only the child holds its end: its exit reads as EOF here (the window ends early)
             edges.append((proc, conn))
         for proc, conn in edges:
             kind, value = await asyncio.to_thread(_recv, conn, 600.0, proc)
