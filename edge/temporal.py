@@ -49,6 +49,7 @@ from latentcast.proto.temporal import (
     choose_motion,
     code_lengths,
     encode_p,
+    quantize,
     rd_prune,
     search_camera,
 )
@@ -114,10 +115,8 @@ class TemporalEncoder:
         """Fraction of all cells (ROI or not) whose change against the current latent (moved by the camera's
         vector), quantized with the background step, has at least ``bg_threshold`` nonzero symbols: a cut, or a
         camera move not followed, is near 1."""
-        d = np.subtract(y, self.state.moved(camera).y, dtype=np.float64)  # floor(d / step + 1/2), in place
-        d /= self.steps[self.config.bg_rate_point]
-        d += 0.5
-        nz = np.count_nonzero(np.floor(d, out=d), axis=0)
+        d = np.subtract(y, self.state.moved(camera).y, dtype=np.float64)
+        nz = np.count_nonzero(quantize(d, self.steps[self.config.bg_rate_point], 0.0), axis=0)
         return float(np.mean(nz >= self.config.bg_threshold))
 
     @property

@@ -69,7 +69,7 @@ __all__ = [
     "TemporalTables", "TemporalState", "choose_modes", "encode_p", "decode_p", "residual_context", "group_context",
     "cell_classes", "N_MODE_CTX", "N_GROUP_CTX", "N_CLASSES", "N_RES_CTX", "KIND_P_MC", "MV_RANGE", "MV_ALPHABET",
     "CAMERA_ALPHABET", "CAMERA_RANGE", "Motion", "motion_predict", "search_motion", "search_camera", "choose_motion",
-    "box_cells", "rd_prune", "code_lengths",
+    "box_cells", "rd_prune", "code_lengths", "quantize",
 ]
 
 KEEP, CODE, BG, BGCODE = 0, 1, 2, 3
@@ -633,7 +633,7 @@ def _mv_walk(modes: np.ndarray, mv: np.ndarray, kinds: np.ndarray | None = None,
     return vec, out_kinds, np.asarray(out_new, dtype=np.int64)
 
 
-def _quantize(r: np.ndarray, step: float, deadzone: float) -> np.ndarray:
+def quantize(r: np.ndarray, step: float, deadzone: float) -> np.ndarray:
     """Rounding with a dead zone: ``sign(r) floor(|r|/step + 1/2 - deadzone)``, clipped at 0."""
     if deadzone == 0.0:
         q = np.divide(r, step)  # a new array: rounded in place (the same values as floor(r / step + 0.5))
@@ -656,7 +656,7 @@ def choose_modes(state: TemporalState, y: np.ndarray, roi: np.ndarray, *, step: 
     ``mv`` (2,h,w, :func:`choose_motion`): a coded cell's residual is against the moved latent; whether it
     is coded still depends on its change against the previous latent (the caller keeps the vectors of
     CODE cells only)."""
-    y = np.asarray(y, dtype=np.float64)
+    y = np.asarray(y)  # gathered cells minus the float64 state: float64, whatever y's dtype
     roi = np.asarray(roi, dtype=bool)
     modes = np.full(roi.shape, KEEP, dtype=np.int64)
     modes[~roi & state.fg] = BG
@@ -665,17 +665,17 @@ def choose_modes(state: TemporalState, y: np.ndarray, roi: np.ndarray, *, step: 
     # ROIs, the background elsewhere (the same values as quantizing the whole grid both ways)
     r, c = np.nonzero(roi)
     if r.size:
-        s = _quantize(y[:, r, c] - state.y[:, r, c], _per_channel(step), deadzone)
+        s = quantize(y[:, r, c] - state.y[:, r, c], _per_channel(step), deadzone)
         code = np.count_nonzero(s, axis=0) >= threshold
         r, c, s = r[code], c[code], s[:, code]
         if mv is not None and r.size:
-            s = _quantize(y[:, r, c] - _moved_cells(state.y, r, c, mv[0, r, c], mv[1, r, c]), _per_channel(step),
+            s = quantize(y[:, r, c] - _moved_cells(state.y, r, c, mv[0, r, c], mv[1, r, c]), _per_channel(step),
                           deadzone)
         modes[r, c] = CODE
         sym[:, r, c] = s
     r, c = np.nonzero(~roi)
     if r.size:
-        s = _quantize(y[:, r, c] - state.bg[:, r, c], _per_channel(bg_step), deadzone)
+        s = quantize(y[:, r, c] - state.bg[:, r, c], _per_channel(bg_step), deadzone)
         bgcode = np.count_nonzero(s, axis=0) >= bg_threshold
         modes[r[bgcode], c[bgcode]] = BGCODE
         sym[:, r[bgcode], c[bgcode]] = s[:, bgcode]
