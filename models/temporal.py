@@ -55,6 +55,7 @@ from latentcast.proto.temporal import (
 from latentcast.weights import weights_path
 
 from .codec import CodecError, LatentCodec, Reconstruction
+from .latent_spaces import PixelSpace
 from .synthesis_runtime import render_synthesis, resolve_render_runtime
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class _Rendered:
     frame_no: int
     key_no: int
     latent: torch.Tensor  # (1, C, rows * 16 / f, cols * 16 / f): the padded grid, not cropped to the frame
+    rgb: np.ndarray | None = None  # pixel latent spaces: the latent's (rows * 16, cols * 16, 3) uint8 RGB
 
 
 class TemporalDecoder:
@@ -204,8 +206,11 @@ class TemporalDecoder:
                 frame = self.remote_render(y, gz[0].numpy(), w, h)
                 return Reconstruction(latent=None, frame=frame, packet=packet, mask=every)
             f = codec.cfg.latent_factor
-            latent = self._render(frame_no, key_no, y, gz)[:, :, : -(-h // f), : -(-w // f)]
-            frame = codec.latent_to_frame(latent, w, h) if decode_frame else None
+            latent, rgb = self._render(frame_no, key_no, y, gz)
+            latent = latent[:, :, : -(-h // f), : -(-w // f)]
+            frame = None
+            if decode_frame:  # the pasted RGB (the same bytes as converting the whole latent), else convert it
+                frame = rgb[:h, :w].copy() if rgb is not None else codec.latent_to_frame(latent, w, h)
             return Reconstruction(latent=latent[0].numpy(), frame=frame, packet=packet, mask=every)
 
         return render
@@ -220,9 +225,13 @@ class TemporalDecoder:
             out |= m
         return out
 
-    def _render(self, frame_no: int, key_no: int, y: np.ndarray, gz: torch.Tensor) -> torch.Tensor:
-        """g_s of the state ``y`` of decoded frame ``frame_no`` (keyframe ``key_no``): the padded grid's latent."""
+    def _render(self, frame_no: int, key_no: int, y: np.ndarray,
+                gz: torch.Tensor) -> tuple[torch.Tensor, np.ndarray | None]:
+        """g_s of the state ``y`` of decoded frame ``frame_no`` (keyframe ``key_no``): the padded grid's latent,
+        and with a pixel latent space its RGB, converted only where the latent was pasted (None otherwise)."""
         synthesis = self._synthesis
+        space = self.codec.latent_space()
+        pixels = isinstance(space, PixelSpace) and 16 % space.factor == 0  # each cell's pixels from its own latent
 
         def y_t(rows: slice = slice(None), cols: slice = slice(None)) -> torch.Tensor:  # float32, only what is cut
             return torch.from_numpy(y[:, rows, cols])[None].float()
@@ -234,21 +243,27 @@ class TemporalDecoder:
                 changed = self._changed_since(last.frame_no, frame_no)
                 if changed is not None:
                     regions = change_regions(changed, halo=self.halo, grow=self.grow, max_fraction=self.max_fraction)
+            rgb = None
             if regions is None:
                 latent = synthesis(y_t(), torch.ones(1, 1, *y.shape[1:]), gz)
+                if pixels:
+                    rgb = space.to_rgb8(latent, y.shape[2] * 16, y.shape[1] * 16)
                 self.counts["render_whole"] += 1
             else:
                 f = 16 // self.codec.cfg.latent_factor
                 latent = last.latent.clone()
+                rgb = last.rgb.copy() if pixels and last.rgb is not None else None
                 for reg in regions:
                     R0, R1, C0, C1 = reg.crop
                     r0, r1, c0, c1 = reg.inner
                     dr, dc = reg.offset
-                    latent[:, :, r0 * f: r1 * f, c0 * f: c1 * f] = synthesis(
-                        y_t(slice(R0, R1), slice(C0, C1)), torch.ones(1, 1, R1 - R0, C1 - C0), gz[:, :, R0:R1, C0:C1],
-                        keep=(dr, dr + r1 - r0, dc, dc + c1 - c0))
+                    part = synthesis(y_t(slice(R0, R1), slice(C0, C1)), torch.ones(1, 1, R1 - R0, C1 - C0),
+                                     gz[:, :, R0:R1, C0:C1], keep=(dr, dr + r1 - r0, dc, dc + c1 - c0))
+                    latent[:, :, r0 * f: r1 * f, c0 * f: c1 * f] = part
+                    if rgb is not None:
+                        rgb[r0 * 16: r1 * 16, c0 * 16: c1 * 16] = space.to_rgb8(part, (c1 - c0) * 16, (r1 - r0) * 16)
                     self.counts["render_cells"] += reg.crop_cells
                 self.counts["render_tiled"] += 1
             if last is None or last.key_no != key_no or last.frame_no < frame_no:
-                self._rendered = _Rendered(frame_no=frame_no, key_no=key_no, latent=latent)
-        return latent
+                self._rendered = _Rendered(frame_no=frame_no, key_no=key_no, latent=latent, rgb=rgb)
+        return latent, rgb

@@ -635,6 +635,24 @@ def test_tiled_render_is_the_whole_render_within_a_band(edge_encoder, tiny_codec
     assert whole.counts["render_tiled"] == 0
 
 
+def test_a_tiled_frame_is_its_latent_converted_whole(edge_encoder, tiny_codec):
+    """A pixel latent space's frame is pasted where the latent was (the rest kept from the last render): the
+    same bytes as converting the frame's whole latent, in order, skipped and out of order."""
+    import torch
+
+    enc, tiled = _pair(edge_encoder, tiny_codec, rate_point=3, bg_rate_point=3, bg_threshold=1, scene_change=1.0)
+    packets = [enc.encode(*_big_frame(t)) for t in range(8)]
+    tiled.decompress(packets[0])
+    renders = [tiled.prepare(p) for p in packets[1:]]
+    for k in (0, 1, 3, 2, 4, 5, 6):  # frame 3 (after 2 was skipped), then 2 (behind: whole), then on
+        rec = renders[k](True)
+        want = tiny_codec.latent_to_frame(torch.from_numpy(rec.latent)[None], 384, 384)
+        np.testing.assert_array_equal(rec.frame, want)
+        assert rec.frame.flags.owndata and rec.frame.flags.writeable  # the caller's own array
+        rec.frame[:] = 0  # ... which it may write: the next frame is unaffected
+    assert tiled.counts["render_tiled"] >= 4, tiled.counts
+
+
 def test_renders_out_of_order_or_skipped_stay_correct(edge_encoder, tiny_codec):
     from latentcast.models.temporal import TemporalDecoder
     from latentcast.tools.eval.metrics import psnr
