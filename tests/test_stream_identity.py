@@ -362,6 +362,10 @@ class _Refuser(pb_grpc.LatentcastServicer):
 
     async def Stream(self, request_iterator, context):
         self.calls += 1
+        # the client's SessionHeader first: refusing while its first write is in flight can end the call with
+        # gRPC core's INTERNAL instead (retryable, so one more attempt: seen once in CI)
+        async for _ in request_iterator:
+            break
         if self.code is None:
             pb.SessionAccepted(next_seq=2**64)  # ValueError: Value out of range
         await context.abort(self.code, "refused by the test")
