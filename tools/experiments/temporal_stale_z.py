@@ -90,11 +90,13 @@ def main() -> None:
         n_bytes += len(data)
         rec = dec.decompress(data)
         h, w = rgb.shape[:2]
-        if te._since_key == 1:  # this packet is a keyframe: its z is what the P frames after it render with
-            key_sym = enc.z_symbols(enc.analyze(rgb)[1], cfg.key_rate_point)
-            key_z_bytes = len(Packet.from_bytes(data).sections[SectionKind.Z])
-        if i % SCORED_EVERY == 0:
+        is_key, scored = te._since_key == 1, i % SCORED_EVERY == 0
+        if is_key or scored:  # this frame's z at the keyframe's rate point (g_a and h_a once)
             sym = enc.z_symbols(enc.analyze(rgb)[1], cfg.key_rate_point)
+        if is_key:  # its z is what the P frames after it render with
+            key_sym = sym
+            key_z_bytes = len(Packet.from_bytes(data).sections[SectionKind.Z])
+        if scored:
             with torch.no_grad():
                 gz = dec.g_s.global_features((torch.from_numpy(sym).double()[None] * zdelta).float())
                 rows_y, cols_y = dec.state.y.shape[1:]
