@@ -171,6 +171,7 @@ class TemporalConfig:
     key_rate_point: int = 2  # rate point of keyframes: the background every P frame draws on
     rate_point: int = 0  # quantization step of ROI cells in P frames (without rate control)
     threshold: int = 1  # a ROI cell is re-coded when its change has this many nonzero symbols
+    interior_threshold: int = 0  # ROI cells a whole cell inside a box: re-coded at this threshold if higher (0: off)
     bg_rate_point: int = 0  # quantization step of background updates
     bg_threshold: int = 8  # a background cell is re-coded when its change has this many nonzero symbols
     deadzone: float = 0.0  # widening of the residual quantizer's zero bin (0..0.5): fewer bits, a little less detail
@@ -194,6 +195,9 @@ class TemporalConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"temporal.{name} {v!r} must be an integer >= 1")
+        v = self.interior_threshold
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"temporal.interior_threshold {v!r} must be an integer >= 0 (0: off)")
         for name, lo, hi in (("refresh_s", 0.0, float("inf")), ("scene_change", 0.0, 1.0), ("deadzone", 0.0, 0.5),
                              ("rd", 0.0, 10.0),
                              ("target_kbps", 0.0, float("inf")), ("change_threshold", 0.0, 255.0)):

@@ -49,6 +49,7 @@ from latentcast.proto.temporal import (
     choose_motion,
     code_lengths,
     encode_p,
+    interior_cells,
     quantize,
     rd_prune,
     search_camera,
@@ -174,6 +175,8 @@ class TemporalEncoder:
             mv = None
             if c.motion and boxes:
                 mv = choose_motion(st, y, roi, box_cells(boxes, roi.shape), step=self.steps[rate_point])
+            if c.interior_threshold > threshold:  # the task-aware rule: box outlines at the level's threshold
+                threshold = np.where(interior_cells(boxes, roi.shape), c.interior_threshold, threshold)
             modes, sym = choose_modes(st, y, roi, step=self.steps[rate_point],
                                       bg_step=self.steps[c.bg_rate_point], threshold=threshold,
                                       bg_threshold=c.bg_threshold, deadzone=c.deadzone, mv=mv)

@@ -69,7 +69,7 @@ __all__ = [
     "TemporalTables", "TemporalState", "choose_modes", "encode_p", "decode_p", "residual_context", "group_context",
     "cell_classes", "N_MODE_CTX", "N_GROUP_CTX", "N_CLASSES", "N_RES_CTX", "KIND_P_MC", "MV_RANGE", "MV_ALPHABET",
     "CAMERA_ALPHABET", "CAMERA_RANGE", "Motion", "motion_predict", "search_motion", "search_camera", "choose_motion",
-    "box_cells", "rd_prune", "code_lengths", "quantize",
+    "box_cells", "interior_cells", "rd_prune", "code_lengths", "quantize",
 ]
 
 KEEP, CODE, BG, BGCODE = 0, 1, 2, 3
@@ -642,13 +642,27 @@ def quantize(r: np.ndarray, step: float, deadzone: float) -> np.ndarray:
     return np.sign(r) * np.maximum(np.floor(np.abs(r) / step + 0.5 - deadzone), 0.0)
 
 
+def interior_cells(boxes, shape: tuple[int, int], *, inset: int = 1) -> np.ndarray:
+    """(h, w) bool: the cells of a grid of ``shape`` that lie ``inset`` whole cells or more inside a pixel box
+    (x0, y0, x1, y1) of ``boxes``: neither on the box's border nor outside it. A box's border cells hold its
+    object's outline, which places the box; its interior cells hold what the outline encloses."""
+    rows, cols = shape
+    out = np.zeros(shape, dtype=bool)
+    for x0, y0, x1, y1 in boxes:
+        r0, c0 = -(-int(y0) // 16) + inset, -(-int(x0) // 16) + inset  # first whole cell inside, then inset
+        r1, c1 = int(y1) // 16 - inset, int(x1) // 16 - inset  # one past the last whole cell, then inset
+        out[max(r0, 0):min(r1, rows), max(c0, 0):min(c1, cols)] = True
+    return out
+
+
 def choose_modes(state: TemporalState, y: np.ndarray, roi: np.ndarray, *, step: float, bg_step: float,
-                 threshold: int, bg_threshold: int, deadzone: float = 0.0,
+                 threshold: int | np.ndarray, bg_threshold: int, deadzone: float = 0.0,
                  mv: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The edge's decision for one frame: modes (h,w) and residual symbols (M,h,w).
 
     ``roi``: (h,w) bool cells under the grounded ROIs. A ROI cell is coded (CODE) when its change
-    against the previous latent, quantized with ``step``, has at least ``threshold`` nonzero symbols.
+    against the previous latent, quantized with ``step``, has at least ``threshold`` nonzero symbols
+    (an int, or (h,w) ints: one per cell, e.g. higher inside boxes than on their borders).
     Elsewhere, a cell showing foreground goes back to the background (BG), and any cell whose
     change against the background, quantized with ``bg_step``, has at least ``bg_threshold``
     nonzero symbols is re-coded into the background (BGCODE). ``deadzone`` (0..0.5) widens the zero
@@ -666,7 +680,7 @@ def choose_modes(state: TemporalState, y: np.ndarray, roi: np.ndarray, *, step: 
     r, c = np.nonzero(roi)
     if r.size:
         s = quantize(y[:, r, c] - state.y[:, r, c], _per_channel(step), deadzone)
-        code = np.count_nonzero(s, axis=0) >= threshold
+        code = np.count_nonzero(s, axis=0) >= (threshold[r, c] if np.ndim(threshold) else threshold)
         r, c, s = r[code], c[code], s[:, code]
         if mv is not None and r.size:
             s = quantize(y[:, r, c] - _moved_cells(state.y, r, c, mv[0, r, c], mv[1, r, c]), _per_channel(step),

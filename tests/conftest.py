@@ -48,9 +48,10 @@ def shared_or_skip() -> Path:
         pytest.skip(str(exc))
 
 
-def _write_tiny_codec(folder: Path, *, channel_gains: bool = False) -> Path:
+def _write_tiny_codec(folder: Path, *, channel_gains: bool = False, loud: bool = False) -> Path:
     """A tiny, randomly initialised (seed 0), frozen codec weight file; with ``channel_gains``, each rate
-    point's channels get random offsets in -6..6 table steps."""
+    point's channels get random offsets in -6..6 table steps; ``loud``: g_a's output 60x larger, so that a
+    frame's changes reach its quantizer steps (the random g_a's latents change by ~0.06 for steps of 1..9)."""
     torch = pytest.importorskip("torch")
     from latentcast.models.codec import LatentCodec
     from latentcast.models.elic import CONFIGS, ElicCodec
@@ -62,10 +63,13 @@ def _write_tiny_codec(folder: Path, *, channel_gains: bool = False) -> Path:
     with torch.no_grad():  # spread the random entropy parameters over many tables and means
         for seq in model.ep:
             seq[-1].conv.weight.mul_(40.0)
+        if loud:
+            model.g_a[-1].weight.mul_(60.0)
+            model.g_a[-1].bias.mul_(60.0)
         if channel_gains:
             model.rate_gain.copy_(torch.randint(-6, 7, model.rate_gain.shape) + 0.3)
             model.reset_rate_points()
-    path = folder / ("tiny-gains.safetensors" if channel_gains else "tiny.safetensors")
+    path = folder / f"tiny{'-gains' if channel_gains else ''}{'-loud' if loud else ''}.safetensors"
     LatentCodec.save(model, path, latent_space="pixels:4")
     return path
 
@@ -120,6 +124,19 @@ def _export_bundle(codec, out: Path, **kw) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_codec, tmp_path_factory) -> Path:
     return _export_bundle(tiny_codec, tmp_path_factory.mktemp("bundle"))
+
+
+@pytest.fixture(scope="session")
+def loud_codec(tmp_path_factory):
+    """The tiny codec with a 60x g_a (``_write_tiny_codec(loud=True)``): moving content codes latent cells."""
+    from latentcast.models.codec import LatentCodec
+
+    return LatentCodec.from_file(_write_tiny_codec(tmp_path_factory.mktemp("codec"), loud=True))
+
+
+@pytest.fixture(scope="session")
+def loud_bundle(loud_codec, tmp_path_factory) -> Path:
+    return _export_bundle(loud_codec, tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from latentcast.proto.temporal import (
     code_lengths,
     decode_p,
     encode_p,
+    interior_cells,
     motion_predict,
     rd_prune,
     search_camera,
@@ -55,20 +56,22 @@ def _flat_tables(M: int, n_rates: int, scale: int = 30) -> TemporalTables:
 
 
 @pytest.fixture(scope="module")
-def edge_encoder(tiny_bundle):
+def edge_encoder(loud_bundle):
+    """The loud tiny codec's edge (conftest ``loud_codec``): the moving square codes cells, so the edge/cloud
+    tests compare latents that P frames changed. Tests that take it decode with ``loud_codec``."""
     from latentcast.edge.encoder import EdgeEncoder
 
-    return EdgeEncoder(bundle=tiny_bundle)
+    return EdgeEncoder(bundle=loud_bundle)
 
 
-def _pair(edge_encoder, tiny_codec, tables=None, **cfg):
+def _pair(edge_encoder, loud_codec, tables=None, **cfg):
     from latentcast.edge.temporal import TemporalConfig, TemporalEncoder
     from latentcast.models.temporal import TemporalDecoder
 
-    tables = tables or _flat_tables(tiny_codec.M, tiny_codec.n_rates)
+    tables = tables or _flat_tables(loud_codec.M, loud_codec.n_rates)
     config = TemporalConfig(mode="temporal", **({"refresh_s": 0.0} | cfg))
     return (TemporalEncoder(compressor=edge_encoder, tables=tables, config=config, fps=10.0),
-            TemporalDecoder(codec=tiny_codec, tables=tables))
+            TemporalDecoder(codec=loud_codec, tables=tables))
 
 
 # ----------------------------------------------------------------------------- wire format
@@ -209,15 +212,15 @@ def test_junk_motion_sections_are_refused_or_decode_in_range(tiny_codec, junk):
     state.apply(modes, sym, step=1.0, bg_step=1.0, frame_id=1, motion=mv)
 
 
-def test_edge_and_cloud_hold_the_same_latent_with_motion(edge_encoder, tiny_codec):
+def test_edge_and_cloud_hold_the_same_latent_with_motion(edge_encoder, loud_codec):
     """The shipped encoder with motion on (the default) against the cloud's decoder: identical latents every
     frame; its P frames are P or P_MC frames."""
-    enc, dec = _pair(edge_encoder, tiny_codec, motion=True)
+    enc, dec = _pair(edge_encoder, loud_codec, motion=True)
     bg = _background()
     for t in range(8):
         f, rois = _frame(t, bg)
         data = enc.encode(f, rois)
-        info = TemporalInfo.from_bytes(_parse(data, tiny_codec).sections[SectionKind.T])
+        info = TemporalInfo.from_bytes(_parse(data, loud_codec).sections[SectionKind.T])
         assert info.kind in ((KIND_KEY,) if t == 0 else (KIND_P, KIND_P_MC))
         dec.decompress(data)
         np.testing.assert_array_equal(dec.state.y, enc.state.y)
@@ -255,11 +258,11 @@ def test_camera_motion_moves_the_whole_state(tiny_codec, rng):
         search_camera(edge.y, edge.y, step=1.0, camera_range=9)
 
 
-def test_edge_and_cloud_follow_a_panning_camera(edge_encoder, tiny_codec):
+def test_edge_and_cloud_follow_a_panning_camera(edge_encoder, loud_codec):
     """temporal.camera_motion with the shipped encoder and the cloud's decoder: identical latents. (The tiny
     random codec's latents are below one quantization step, so what it finds is not asserted: the exact
     following of a camera's vector is test_camera_motion_moves_the_whole_state's.)"""
-    enc, dec = _pair(edge_encoder, tiny_codec, camera_motion=True, scene_change=1.0)
+    enc, dec = _pair(edge_encoder, loud_codec, camera_motion=True, scene_change=1.0)
     wide = np.concatenate([_background(1), _background(2)], axis=1)
     for t in range(6):
         f = np.ascontiguousarray(wide[:, 16 * t: 16 * t + W])  # one cell a frame
@@ -291,8 +294,48 @@ def test_rd_prune_keeps_the_cells_that_pay_for_their_bits(tiny_codec, rng):
     assert (m3 == KEEP).all()
 
 
-def test_edge_and_cloud_hold_the_same_latent_with_rd(edge_encoder, tiny_codec):
-    enc, dec = _pair(edge_encoder, tiny_codec, rd=0.05)
+def test_interior_cells_are_a_whole_cell_inside_their_box():
+    got = interior_cells([(0, 0, 64, 64), (136, 8, 200, 72)], (6, 14))
+    want = np.zeros((6, 14), dtype=bool)
+    want[1:3, 1:3] = True  # cells 0..3 are whole inside the first box; its border ring is not interior
+    want[2, 10:11] = True  # the second: whole cells 9..11 x 1..3, less the ring: (2, 10)
+    np.testing.assert_array_equal(got, want)
+    assert not interior_cells([(0, 0, 40, 40)], (6, 14)).any()  # too small to have an inside
+    assert interior_cells([(0, 0, 96, 96)], (4, 4)).sum() == 9  # clipped to the grid: rows and cols 1..3
+
+
+def test_interior_threshold_codes_fewer_cells_inside_boxes(edge_encoder, loud_codec):
+    """The task-aware rule: inside a box a cell needs ``interior_threshold`` nonzero symbols, on its border
+    ``threshold``; the cloud decodes the stream unchanged and holds the edge's latent."""
+    from latentcast.edge.config import TemporalConfig
+
+    bg = _background()
+    rng = np.random.default_rng(4)
+    texture = np.kron(rng.integers(0, 256, (4, 5, 3), dtype=np.uint8), np.ones((16, 16, 1), dtype=np.uint8))
+    coded = {}
+    for interior in (0, 10**6):
+        enc, dec = _pair(edge_encoder, loud_codec, interior_threshold=interior, scene_change=1.0)  # no cuts
+        inside = border = 0
+        for t in range(6):
+            f, x = bg.copy(), 8 + 6 * t
+            f[32:96, x:x + 80] = texture  # a large object (it has an inside) moving 6 px a frame
+            box = Roi(x0=x, y0=32, x1=x + 80, y1=96, label_id=0, score=0.9)
+            dec.decompress(enc.encode(f, [box]))
+            np.testing.assert_array_equal(dec.state.y, enc.state.y)
+            if t:
+                mask = interior_cells([(box.x0, box.y0, box.x1, box.y1)], enc.state.coded.shape)
+                inside += int((enc.state.coded & mask).sum())
+                border += int((enc.state.coded & ~mask).sum())
+        coded[interior] = inside, border
+    print(coded)
+    assert coded[0][0] > 0 and coded[10**6][0] == 0  # inside: coded by the plain rule, never with the high one
+    assert coded[10**6][1] > 0  # the border still is
+    with pytest.raises(ValueError, match="interior_threshold -1 must be an integer >= 0"):
+        TemporalConfig(interior_threshold=-1)
+
+
+def test_edge_and_cloud_hold_the_same_latent_with_rd(edge_encoder, loud_codec):
+    enc, dec = _pair(edge_encoder, loud_codec, rd=0.05)
     bg = _background()
     for t in range(6):
         f, rois = _frame(t, bg)
@@ -321,23 +364,26 @@ def _parse(data: bytes, codec) -> Packet:
                                                         latent_space_id=codec.latent_space_id, width=W, height=H))
 
 
-def test_edge_and_cloud_hold_the_same_latent(edge_encoder, tiny_codec):
-    enc, dec = _pair(edge_encoder, tiny_codec)
+def test_edge_and_cloud_hold_the_same_latent(edge_encoder, loud_codec):
+    enc, dec = _pair(edge_encoder, loud_codec)
     bg = _background()
-    sizes = []
+    sizes, coded = [], 0
     for t in range(10):
         f, rois = _frame(t, bg)
         data = enc.encode(f, rois)
-        pk = _parse(data, tiny_codec)
+        pk = _parse(data, loud_codec)
         info = TemporalInfo.from_bytes(pk.sections[SectionKind.T])
-        assert info.kind == (KIND_KEY if t == 0 else KIND_P) and info.frame_id == t
+        assert (info.kind == KIND_KEY) == (t == 0) and info.frame_id == t
         assert (SectionKind.Z in pk.sections) == (t == 0)
         rec = dec.decompress(data)
         assert rec.frame.shape == (H, W, 3)
         np.testing.assert_array_equal(dec.state.y, enc.state.y)  # exact, not close
+        np.testing.assert_array_equal(dec.state.bg, enc.state.bg)
         sizes.append(len(data))
+        coded += int(enc.state.coded.sum()) if t else 0
+    assert coded >= 9  # the square's cells were coded: the latents compared are ones P frames changed
     assert max(sizes[1:]) < sizes[0] / 2  # only the moving square's cells after the keyframe
-    assert enc.counts == {"key": 1, "p": 9, "p_mc": 0, "scene_change": 0, "refresh_requested": 0, "periodic": 0}
+    assert enc.counts["key"] == 1 and enc.counts["p"] == 9 and enc.counts["p_mc"] > 0  # P_MC: the square moved
 
 
 def test_channel_gains_code_over_time_too(tiny_gain_codec, tiny_gain_bundle):
@@ -354,16 +400,16 @@ def test_channel_gains_code_over_time_too(tiny_gain_codec, tiny_gain_bundle):
     assert enc.counts["p"] == 5
 
 
-def test_a_compact_p_frame_before_any_keyframe_is_a_missing_reference(edge_encoder, tiny_codec):
+def test_a_compact_p_frame_before_any_keyframe_is_a_missing_reference(edge_encoder, loud_codec):
     """A cloud that restarted (or a new subscriber's decoder) gets a compact P frame first: it asks for a keyframe
     instead of failing to parse, and the keyframe that follows decodes."""
     from latentcast.models.temporal import MissingReference
 
-    enc, _ = _pair(edge_encoder, tiny_codec)
+    enc, _ = _pair(edge_encoder, loud_codec)
     bg = _background()
     enc.encode(*_frame(0, bg))
     p_frame = enc.encode(*_frame(1, bg))
-    _, fresh = _pair(edge_encoder, tiny_codec)
+    _, fresh = _pair(edge_encoder, loud_codec)
     with pytest.raises(MissingReference, match="compact P frame .* no keyframe"):
         fresh.decompress(p_frame)
     assert fresh.counts["missing_reference"] == 1
@@ -371,15 +417,15 @@ def test_a_compact_p_frame_before_any_keyframe_is_a_missing_reference(edge_encod
     assert fresh.decompress(enc.encode(*_frame(2, bg))).frame.shape == (H, W, 3)
 
 
-def test_a_static_scene_codes_no_cell(edge_encoder, tiny_codec):
-    enc, dec = _pair(edge_encoder, tiny_codec)
+def test_a_static_scene_codes_no_cell(edge_encoder, loud_codec):
+    enc, dec = _pair(edge_encoder, loud_codec)
     f, rois = _frame(0, _background())
     key = enc.encode(f, rois)
     dec.decompress(key)
     y0 = dec.state.y.copy()
     for _ in range(3):
         data = enc.encode(f, rois)
-        pk = _parse(data, tiny_codec)
+        pk = _parse(data, loud_codec)
         # flat mode tables: 2 bits per cell and no residual
         assert len(pk.sections[SectionKind.Y]) <= dec.state.fg.size // 4 + 8, len(pk.sections[SectionKind.Y])
         rec = dec.decompress(data)
@@ -387,31 +433,31 @@ def test_a_static_scene_codes_no_cell(edge_encoder, tiny_codec):
         np.testing.assert_array_equal(dec.state.y, y0)
 
 
-def test_periodic_and_scene_change_keyframes(edge_encoder, tiny_codec):
-    enc, _ = _pair(edge_encoder, tiny_codec, refresh_s=0.3)  # 3 frames at 10 fps
+def test_periodic_and_scene_change_keyframes(edge_encoder, loud_codec):
+    enc, _ = _pair(edge_encoder, loud_codec, refresh_s=0.3)  # 3 frames at 10 fps
     bg = _background()
-    kinds = [TemporalInfo.from_bytes(_parse(enc.encode(*_frame(t, bg)), tiny_codec).sections[SectionKind.T]).kind
+    kinds = [TemporalInfo.from_bytes(_parse(enc.encode(*_frame(t, bg)), loud_codec).sections[SectionKind.T]).kind
              for t in range(7)]
-    assert kinds == [KIND_KEY, KIND_P, KIND_P, KIND_KEY, KIND_P, KIND_P, KIND_KEY]
-    enc, _ = _pair(edge_encoder, tiny_codec, scene_change=0.3, bg_rate_point=3, bg_threshold=1)
+    assert [k == KIND_KEY for k in kinds] == [True, False, False, True, False, False, True]  # P or P_MC between
+    enc, _ = _pair(edge_encoder, loud_codec, scene_change=0.3, bg_rate_point=3, bg_threshold=1)
     enc.encode(*_frame(0, bg))
     f, rois = _frame(1, _background(seed=5))  # another scene
-    assert TemporalInfo.from_bytes(_parse(enc.encode(f, rois), tiny_codec).sections[SectionKind.T]).is_key
+    assert TemporalInfo.from_bytes(_parse(enc.encode(f, rois), loud_codec).sections[SectionKind.T]).is_key
     assert enc.counts["scene_change"] == 1
 
 
-def test_loss_never_renders_from_a_missing_reference_and_recovers_on_refresh(edge_encoder, tiny_codec):
+def test_loss_never_renders_from_a_missing_reference_and_recovers_on_refresh(edge_encoder, loud_codec):
     """Drop random packets: from a loss until the next keyframe that arrives, every frame is refused (never
     rendered from a missing reference); each refusal asks for a keyframe, and the next packet is one."""
     from latentcast.models.temporal import MissingReference
 
-    enc, dec = _pair(edge_encoder, tiny_codec)
+    enc, dec = _pair(edge_encoder, loud_codec)
     bg = _background()
     lost = set(np.random.default_rng(3).choice(np.arange(2, 40), size=8, replace=False).tolist())
     broken, refused_at, kinds, rendered = False, [], [], 0
     for t in range(40):
         data = enc.encode(*_frame(t % 20, bg))
-        info = TemporalInfo.from_bytes(_parse(data, tiny_codec).sections[SectionKind.T])
+        info = TemporalInfo.from_bytes(_parse(data, loud_codec).sections[SectionKind.T])
         kinds.append(info.kind)
         if t in lost:
             broken = True
@@ -433,14 +479,14 @@ def test_loss_never_renders_from_a_missing_reference_and_recovers_on_refresh(edg
     assert rendered + len(refused_at) + len(lost) == 40 and enc.counts["refresh_requested"] == len(refused_at)
 
 
-def test_p_frame_with_another_size_or_codec_is_refused(edge_encoder, tiny_codec):
+def test_p_frame_with_another_size_or_codec_is_refused(edge_encoder, loud_codec):
     from latentcast.models.codec import CodecError
     from latentcast.models.temporal import MissingReference
 
-    enc, dec = _pair(edge_encoder, tiny_codec)
+    enc, dec = _pair(edge_encoder, loud_codec)
     bg = _background()
     dec.decompress(enc.encode(*_frame(0, bg)))
-    p = _parse(enc.encode(*_frame(1, bg)), tiny_codec)
+    p = _parse(enc.encode(*_frame(1, bg)), loud_codec)
     bad = Packet(header=type(p.header)(**{**p.header.__dict__, "weights_hash": b"\2" * 8}), sections=p.sections)
     with pytest.raises(CodecError, match="weights hash"):
         dec.decompress(bad)
@@ -450,15 +496,15 @@ def test_p_frame_with_another_size_or_codec_is_refused(edge_encoder, tiny_codec)
         dec.decompress(forged)
     dec.decompress(p)  # the real one still applies: a refused packet changes nothing
     with pytest.raises(BitstreamError, match="compact P frame .* stream's context"):
-        tiny_codec.decompress(enc.encode(*_frame(2, bg)))  # a P frame on its own: nothing says its codec
+        loud_codec.decompress(enc.encode(*_frame(2, bg)))  # a P frame on its own: nothing says its codec
     with pytest.raises(CodecError, match="decode it in its stream"):
-        tiny_codec.decompress(Packet(header=p.header, sections=p.sections).to_bytes())  # the same in LCF v1
+        loud_codec.decompress(Packet(header=p.header, sections=p.sections).to_bytes())  # the same in LCF v1
 
 
 # ----------------------------------------------------------------------------- fitting and rate control
 
 
-def test_fitted_tables_code_in_fewer_bytes_than_flat_ones(edge_encoder, tiny_codec, tmp_path):
+def test_fitted_tables_code_in_fewer_bytes_than_flat_ones(edge_encoder, loud_codec, tmp_path):
     from latentcast.tools.fit_temporal_tables import fit_tables
 
     bg = _background()
@@ -468,13 +514,13 @@ def test_fitted_tables_code_in_fewer_bytes_than_flat_ones(edge_encoder, tiny_cod
             f, rois = _frame(t, bg)
             yield t, f, [(r.x0, r.y0, r.x1, r.y1) for r in rois]
 
-    tables, stats = fit_tables(tiny_codec, frames(), train=lambda i: i % 4 != 0, key_rate_point=2)
+    tables, stats = fit_tables(loud_codec, frames(), train=lambda i: i % 4 != 0, key_rate_point=2)
     assert stats["train_frames"] == 9 and stats["residual_symbols"] > 0
     assert tables.meta["motion"] is True  # fitted as the edge codes by default
-    tables.save(tmp_path / "t.safetensors", weights_hash=tiny_codec.weights_hash)  # its metadata is plain JSON
+    tables.save(tmp_path / "t.safetensors", weights_hash=loud_codec.weights_hash)  # its metadata is plain JSON
     totals = {}
-    for name, t in (("flat", _flat_tables(tiny_codec.M, tiny_codec.n_rates)), ("fitted", tables)):
-        enc, dec = _pair(edge_encoder, tiny_codec, tables=t)
+    for name, t in (("flat", _flat_tables(loud_codec.M, loud_codec.n_rates)), ("fitted", tables)):
+        enc, dec = _pair(edge_encoder, loud_codec, tables=t)
         n = 0
         for i in range(12):
             data = enc.encode(*_frame(i, bg))
@@ -507,8 +553,8 @@ def test_rate_controller_moves_toward_the_target():
         RateController(target_kbps=0, fps=10)
 
 
-def test_encoder_under_rate_control_stays_near_its_target(edge_encoder, tiny_codec):
-    enc, dec = _pair(edge_encoder, tiny_codec, target_kbps=1.5)
+def test_encoder_under_rate_control_stays_near_its_target(edge_encoder, loud_codec):
+    enc, dec = _pair(edge_encoder, loud_codec, target_kbps=1.5)
     bg = _background()
     sizes = []
     for t in range(40):
@@ -565,12 +611,12 @@ def test_bench_temporal_runs_rate_control_and_loss(tmp_path, tiny_codec_path, ti
     assert out.with_suffix(".md").read_text().count("\n| ") >= 5 + 6
 
 
-def test_info_shows_the_temporal_section(tmp_path, edge_encoder, tiny_codec, capsys):
+def test_info_shows_the_temporal_section(tmp_path, edge_encoder, loud_codec, capsys):
     import json
 
     from latentcast.tools.cli import main
 
-    enc, _ = _pair(edge_encoder, tiny_codec)
+    enc, _ = _pair(edge_encoder, loud_codec)
     bg = _background()
     enc.encode(*_frame(0, bg))
     p = tmp_path / "p.lcf"
@@ -617,48 +663,48 @@ def _big_frame(t: int) -> tuple[np.ndarray, list[Roi]]:
     return f, [Roi(x0=x, y0=96, x1=x + 32, y1=128, label_id=0, score=0.9)]
 
 
-def test_tiled_render_is_the_whole_render_within_a_band(edge_encoder, tiny_codec):
+def test_tiled_render_is_the_whole_render_within_a_band(edge_encoder, loud_codec):
     from latentcast.models.temporal import TemporalDecoder
     from latentcast.tools.eval.metrics import psnr
 
-    enc, tiled = _pair(edge_encoder, tiny_codec, rate_point=3, bg_rate_point=3, bg_threshold=1, scene_change=1.0)
-    whole = TemporalDecoder(codec=tiny_codec, tables=tiled.tables, tiled=False)
+    enc, tiled = _pair(edge_encoder, loud_codec, rate_point=3, bg_rate_point=3, bg_threshold=1, scene_change=1.0)
+    whole = TemporalDecoder(codec=loud_codec, tables=tiled.tables, tiled=False)
     for t in range(8):
         data = enc.encode(*_big_frame(t))
         a, b = whole.decompress(data), tiled.decompress(data)
         np.testing.assert_array_equal(whole.state.y, tiled.state.y)  # the state is exact either way
         assert psnr(a.frame, b.frame) >= 40.0, t
-        assert np.abs(a.latent - b.latent).max() < 0.05
+        assert np.abs(a.latent - b.latent).max() < 0.05 * np.ptp(a.latent), (t, np.ptp(a.latent))
     n = tiled.counts["render_tiled"]
     assert tiled.counts["render_whole"] + n == 8 and n >= 5  # the keyframe (and a frame with much change) whole
     assert 0 < tiled.counts["render_cells"] < n * 24 * 24 * 0.6
     assert whole.counts["render_tiled"] == 0
 
 
-def test_a_tiled_frame_is_its_latent_converted_whole(edge_encoder, tiny_codec):
+def test_a_tiled_frame_is_its_latent_converted_whole(edge_encoder, loud_codec):
     """A pixel latent space's frame is pasted where the latent was (the rest kept from the last render): the
     same bytes as converting the frame's whole latent, in order, skipped and out of order."""
     import torch
 
-    enc, tiled = _pair(edge_encoder, tiny_codec, rate_point=3, bg_rate_point=3, bg_threshold=1, scene_change=1.0)
+    enc, tiled = _pair(edge_encoder, loud_codec, rate_point=3, bg_rate_point=3, bg_threshold=1, scene_change=1.0)
     packets = [enc.encode(*_big_frame(t)) for t in range(8)]
     tiled.decompress(packets[0])
     renders = [tiled.prepare(p) for p in packets[1:]]
     for k in (0, 1, 3, 2, 4, 5, 6):  # frame 3 (after 2 was skipped), then 2 (behind: whole), then on
         rec = renders[k](True)
-        want = tiny_codec.latent_to_frame(torch.from_numpy(rec.latent)[None], 384, 384)
+        want = loud_codec.latent_to_frame(torch.from_numpy(rec.latent)[None], 384, 384)
         np.testing.assert_array_equal(rec.frame, want)
         assert rec.frame.flags.owndata and rec.frame.flags.writeable  # the caller's own array
         rec.frame[:] = 0  # ... which it may write: the next frame is unaffected
     assert tiled.counts["render_tiled"] >= 4, tiled.counts
 
 
-def test_renders_out_of_order_or_skipped_stay_correct(edge_encoder, tiny_codec):
+def test_renders_out_of_order_or_skipped_stay_correct(edge_encoder, loud_codec):
     from latentcast.models.temporal import TemporalDecoder
     from latentcast.tools.eval.metrics import psnr
 
-    enc, tiled = _pair(edge_encoder, tiny_codec, rate_point=3, bg_rate_point=3, bg_threshold=1, scene_change=1.0)
-    whole = TemporalDecoder(codec=tiny_codec, tables=tiled.tables, tiled=False)
+    enc, tiled = _pair(edge_encoder, loud_codec, rate_point=3, bg_rate_point=3, bg_threshold=1, scene_change=1.0)
+    whole = TemporalDecoder(codec=loud_codec, tables=tiled.tables, tiled=False)
     packets = [enc.encode(*_big_frame(t)) for t in range(6)]
     tiled.decompress(packets[0])
     whole.decompress(packets[0])
@@ -677,11 +723,11 @@ def test_renders_out_of_order_or_skipped_stay_correct(edge_encoder, tiny_codec):
     assert tiled.counts["render_tiled"] >= 1, tiled.counts  # frame 5 at least renders only what changed since 3
 
 
-def test_a_render_whose_changes_left_the_history_is_whole(edge_encoder, tiny_codec):
+def test_a_render_whose_changes_left_the_history_is_whole(edge_encoder, loud_codec):
     from latentcast.models import temporal as tm
 
-    enc, tiled = _pair(edge_encoder, tiny_codec, rate_point=3, bg_rate_point=3, bg_threshold=1, scene_change=1.0)
-    whole = tm.TemporalDecoder(codec=tiny_codec, tables=tiled.tables, tiled=False)
+    enc, tiled = _pair(edge_encoder, loud_codec, rate_point=3, bg_rate_point=3, bg_threshold=1, scene_change=1.0)
+    whole = tm.TemporalDecoder(codec=loud_codec, tables=tiled.tables, tiled=False)
     packets = [enc.encode(*_big_frame(t % 20)) for t in range(tm._HISTORY + 4)]
     tiled.decompress(packets[0])
     renders = [tiled.prepare(p) for p in packets[1:]]  # none rendered: the history overflows
@@ -693,7 +739,7 @@ def test_a_render_whose_changes_left_the_history_is_whole(edge_encoder, tiny_cod
     np.testing.assert_allclose(got.latent, want.latent, atol=1e-5)
 
 
-def test_a_forged_motion_flag_is_refused_and_leaves_the_state(edge_encoder, tiny_codec):
+def test_a_forged_motion_flag_is_refused_and_leaves_the_state(edge_encoder, loud_codec):
     """A client that sets the compact P frame's motion flag on a frame coded without motion (CRC fixed up):
     the cloud refuses the frame, its state is untouched (apply runs in place, after every check), and the
     stream goes on once the edge sends a keyframe."""
@@ -703,7 +749,7 @@ def test_a_forged_motion_flag_is_refused_and_leaves_the_state(edge_encoder, tiny
     from latentcast.models.codec import CodecError
     from latentcast.proto.bitstream import FLAG_MOTION, FLAG_ROI_ONLY
 
-    enc, dec = _pair(edge_encoder, tiny_codec, motion=False)
+    enc, dec = _pair(edge_encoder, loud_codec, motion=False)
     bg = _background()
     dec.decompress(enc.encode(*_frame(0, bg)))
     data = bytearray(enc.encode(*_frame(1, bg)))
@@ -760,7 +806,8 @@ def test_choose_modes_equals_its_whole_grid_definition(rng, gains, deadzone):
         step = rng.uniform(0.5, 2.0, size=(M, 1, 1)) if gains else 0.75
         bg_step = rng.uniform(1.0, 3.0, size=(M, 1, 1)) if gains else 1.5
         mv = rng.integers(-MV_RANGE, MV_RANGE + 1, size=(2, h, w)) if trial % 2 else None
-        kw = dict(step=step, bg_step=bg_step, threshold=1 + trial, bg_threshold=M // 3, deadzone=deadzone, mv=mv)
+        threshold = 1 + trial if trial < 3 else rng.integers(1, 5, size=(h, w))  # one per cell (interior_threshold)
+        kw = dict(step=step, bg_step=bg_step, threshold=threshold, bg_threshold=M // 3, deadzone=deadzone, mv=mv)
         modes, sym = choose_modes(state, y, roi, **kw)
         want_modes, want_sym = _choose_modes_whole_grid(state, y, roi, **kw)
         assert np.array_equal(modes, want_modes) and np.array_equal(sym, want_sym)
