@@ -309,7 +309,7 @@ class JpegPacket:
 
 def describe_packet(packet: object) -> str:
     """How an admitted frame was coded, in a few words for subscribers and logs: ``jpeg``; ``temporal key q2``
-    or ``temporal p q0 bg q0`` (ROI step, background-update step); ``frame full q2``, ``frame roi q1`` or
+    (``temporal key q3 bg q0``: its cells outside the ROIs at rate point 0) or ``temporal p q0 bg q0`` (ROI step, background-update step); ``frame full q2``, ``frame roi q1`` or
     ``frame roi q1 bg q0`` (an independent frame: whole, ROIs only, ROIs over a coded background); ``raw``
     for bytes not parsed yet."""
     if isinstance(packet, JpegPacket):
@@ -323,8 +323,9 @@ def describe_packet(packet: object) -> str:
             info = TemporalInfo.from_bytes(t)
         except TemporalError:  # refused when it is decoded; the description does not judge
             return f"temporal ? q{hd.rate_point}"
-        return f"temporal key q{hd.rate_point}" if info.is_key else \
-            f"temporal p q{hd.rate_point} bg q{info.bg_rate_point}"
+        if info.is_key:
+            return f"temporal key q{hd.rate_point}" + ("" if hd.bg_rate_point is None else f" bg q{hd.bg_rate_point}")
+        return f"temporal p q{hd.rate_point} bg q{info.bg_rate_point}"
     if not hd.roi_only:
         return f"frame full q{hd.rate_point}"
     return f"frame roi q{hd.rate_point}" + ("" if hd.bg_rate_point is None else f" bg q{hd.bg_rate_point}")

@@ -169,6 +169,7 @@ class TemporalConfig:
 
     mode: str = "auto"  # temporal (keyframe, then changed cells), frames (independent), auto: temporal if tables exist
     key_rate_point: int = 2  # rate point of keyframes: the background every P frame draws on
+    key_background: int = -1  # keyframes: rate point of the cells outside the ROIs (-1: all at key_rate_point)
     rate_point: int = 0  # quantization step of ROI cells in P frames (without rate control)
     threshold: int = 1  # a ROI cell is re-coded when its change has this many nonzero symbols
     interior_threshold: int = 0  # ROI cells a whole cell inside a box: re-coded at this threshold if higher (0: off)
@@ -195,6 +196,10 @@ class TemporalConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"temporal.{name} {v!r} must be an integer >= 1")
+        v = self.key_background
+        if isinstance(v, bool) or not isinstance(v, int) or v < -1:
+            raise ValueError(f"temporal.key_background {v!r} must be a rate point index >= 0, or -1 (every cell at "
+                             f"key_rate_point)")
         v = self.interior_threshold
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"temporal.interior_threshold {v!r} must be an integer >= 0 (0: off)")

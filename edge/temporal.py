@@ -161,9 +161,10 @@ class TemporalEncoder:
             if key in self.counts:
                 self.counts[key] += 1
             info = TemporalInfo(kind=KIND_KEY, frame_id=fid, ref_id=fid, key_id=fid)
+            background = None if c.key_background < 0 else min(c.key_background, key_rate_point)
             data, y_hat = self.compressor.compress_key(frame, rate_point=key_rate_point, temporal=info,
                                                        rois=tuple(rois), label_set_hash=label_set_hash,
-                                                       analysis=(y, z))
+                                                       analysis=(y, z), background=background)
             self.state = TemporalState.from_key(y_hat, fid)
             self._since_key = 1
             self.counts["key"] += 1

@@ -234,12 +234,15 @@ class FrameCompressor:
         raise NotImplementedError
 
     def compress_key(self, frame: np.ndarray, *, rate_point: int, temporal: TemporalInfo, rois: Sequence[Roi] = (),
-                     label_set_hash: bytes = b"\0\0\0\0",
-                     analysis: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[bytes, np.ndarray]:
+                     label_set_hash: bytes = b"\0\0\0\0", analysis: tuple[np.ndarray, np.ndarray] | None = None,
+                     background: int | None = None) -> tuple[bytes, np.ndarray]:
         """A temporal keyframe: every cell coded, plus the T section; returns (packet bytes, ŷ).
-        ``analysis``: the frame's (y, z) if already computed."""
-        data, y_hat = self._intra(frame, rois, rate_point=rate_point, roi_only=False, label_set_hash=label_set_hash,
-                                  temporal=temporal, analysis=analysis, with_y_hat=True)
+        ``analysis``: the frame's (y, z) if already computed. ``background``: the rate point (``0..rate_point``)
+        of the cells outside the ROIs (an LCF v2 packet, as :meth:`compress`'s); None: every cell at
+        ``rate_point``."""
+        data, y_hat = self._intra(frame, rois, rate_point=rate_point, roi_only=background is not None,
+                                  label_set_hash=label_set_hash, temporal=temporal, analysis=analysis,
+                                  with_y_hat=True, background=background)
         return data, np.asarray(y_hat, dtype=np.float64)
 
     def check_rate(self, rate_point: int) -> int:

@@ -334,6 +334,33 @@ def test_interior_threshold_codes_fewer_cells_inside_boxes(edge_encoder, loud_co
         TemporalConfig(interior_threshold=-1)
 
 
+def test_keyframes_with_a_coarser_background(edge_encoder, loud_codec):
+    """``temporal.key_background``: a keyframe codes the cells outside the ROIs at a coarser rate point (an LCF v2
+    packet with both levels); it is smaller, and the cloud holds the edge's latent through it and the P frames."""
+    from latentcast.cloud.decode import describe_packet
+    from latentcast.edge.config import TemporalConfig
+
+    bg = _background()
+    sizes = {}
+    for key_bg in (-1, 0):
+        enc, dec = _pair(edge_encoder, loud_codec, key_rate_point=3, key_background=key_bg, refresh_s=0.3)
+        out = []
+        for t in range(5):  # keyframes at 0 and 3
+            data = enc.encode(*_frame(t, bg))
+            pk = _parse(data, loud_codec)
+            out.append(len(data))
+            if t in (0, 3):
+                assert pk.header.bg_rate_point == (None if key_bg < 0 else 0) and pk.header.rate_point == 3
+                assert describe_packet(pk) == "temporal key q3" + ("" if key_bg < 0 else " bg q0")
+            dec.decompress(data)
+            np.testing.assert_array_equal(dec.state.y, enc.state.y)
+            np.testing.assert_array_equal(dec.state.bg, enc.state.bg)
+        sizes[key_bg] = out
+    assert sizes[0][0] < 0.8 * sizes[-1][0] and sizes[0][3] < 0.8 * sizes[-1][3]
+    with pytest.raises(ValueError, match="key_background -2 must be a rate point index >= 0, or -1"):
+        TemporalConfig(key_background=-2)
+
+
 def test_edge_and_cloud_hold_the_same_latent_with_rd(edge_encoder, loud_codec):
     enc, dec = _pair(edge_encoder, loud_codec, rd=0.05)
     bg = _background()
