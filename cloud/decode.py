@@ -310,8 +310,8 @@ class JpegPacket:
 def describe_packet(packet: object) -> str:
     """How an admitted frame was coded, in a few words for subscribers and logs: ``jpeg``; ``temporal key q2``
     (``temporal key q3 bg q0``: its cells outside the ROIs at rate point 0) or ``temporal p q0 bg q0`` (ROI
-    step, background-update step); ``frame full q2``, ``frame roi q1`` or ``frame roi q1 bg q0`` (an independent frame: whole, ROIs only, ROIs over a coded background); ``raw``
-    for bytes not parsed yet."""
+    step, background-update step); ``frame full q2``, ``frame roi q1`` or ``frame roi q1 bg q0`` (an
+    independent frame: whole, ROIs only, ROIs over a coded background); ``raw`` for bytes not parsed yet."""
     if isinstance(packet, JpegPacket):
         return "jpeg"
     if not isinstance(packet, Packet):
