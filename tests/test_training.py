@@ -178,6 +178,33 @@ def test_learning_curve_hours_add_up_across_resumes(tmp_path):
     assert _hours(10, h) is None and _hours(100, tmp_path / "missing.jsonl") is None
 
 
+def test_learning_curve_reports_bd_rates_against_the_kodak_anchors(tmp_path, monkeypatch):
+    """``--anchors``: each checkpoint's PSNR BD-rate against every classical codec of a Kodak eval.json (issue
+    14's measure); a file without classical points is refused by name."""
+    from latentcast.tools import codec_learning_curve as lc
+    from latentcast.tools.eval.metrics import bd_rate
+
+    ours = {"checkpoint": "c.safetensors", "step": None, "bpp": [0.1, 0.2, 0.4], "psnr": [26.0, 28.0, 30.0],
+            "psnr_unquantized": 33.0}
+    monkeypatch.setattr(lc, "_kodak_images", lambda n: [])
+    monkeypatch.setattr(lc, "evaluate_checkpoint", lambda path, images: dict(ours))
+    anchors = tmp_path / "eval.json"
+    webp = [(0.1, 27.0), (0.2, 29.0), (0.4, 31.0), (0.8, 33.0)]
+    jpeg = [(0.15, 24.0), (0.3, 27.0), (0.6, 30.0), (1.2, 33.0)]
+    anchors.write_text(json.dumps({"points": [{"codec": "webp", "bpp": b, "psnr": q} for b, q in webp]
+                                   + [{"codec": "jpeg", "bpp": b, "psnr": q} for b, q in jpeg]
+                                   + [{"codec": "latentcast-full", "bpp": 1.0, "psnr": 40.0}]}))
+    out = tmp_path / "lc"
+    assert lc.main(["c.safetensors", "--anchors", str(anchors), "--out", str(out)]) == 0
+    (r,) = json.loads((out / "learning_curve.json").read_text())["points"]
+    mine = list(zip(ours["bpp"], ours["psnr"]))
+    assert r["bd_rate_psnr"] == {"webp": round(bd_rate(webp, mine), 1), "jpeg": round(bd_rate(jpeg, mine), 1)}
+    assert r["bd_rate_psnr"]["webp"] > 0 > r["bd_rate_psnr"]["jpeg"]  # between the two, as these curves are
+    anchors.write_text(json.dumps({"points": [{"codec": "latentcast-full", "bpp": 1.0, "psnr": 30.0}]}))
+    with pytest.raises(SystemExit, match="has no points of webp, jpeg, x264, x265"):
+        lc.main(["c.safetensors", "--anchors", str(anchors), "--out", str(out)])
+
+
 def test_stage2_finishes_a_copy_of_the_run_with_whole_frames_and_warm_up(tmp_path, tiny_sources, monkeypatch):
     """The finishing pass of the model card: stage II on a copy of a stage-I run trains g_s only, draws masks
     for the share ``stage2_mask_fraction`` of the crops (none at 0) and warms Adam's lr up from afresh."""

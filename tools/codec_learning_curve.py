@@ -10,6 +10,10 @@
         ─► the transform's ceiling: PSNR of g_s(g_a(x)) with y and z not quantized at all
            (when the finest rate point is near it, more bits cannot buy quality: the transforms limit it)
 
+With ``--anchors`` (default ``results/kodak/eval.json``, the classical codecs' Kodak points of
+``latentcast eval``), each checkpoint's PSNR BD-rate against each classical codec there (WebP, JPEG,
+x264, x265) is reported beside it: issue 14's measure, on ideal code lengths.
+
 Hours come from the checkpoint's ``history.jsonl`` (wall-clock seconds of the run up to the
 checkpoint's step) plus ``--hours-offset`` for the training the run started from. Real packet
 bytes of released weights come from ``latentcast bench codec``; this tool is for following a run::
@@ -90,6 +94,34 @@ def evaluate_checkpoint(path: Path, images: list[np.ndarray]) -> dict:
     return out
 
 
+def _kodak_images(n: int) -> list[np.ndarray]:
+    """The first ``n`` Kodak images of the shared folder, RGB."""
+    import cv2
+
+    from latentcast.shared import shared_path
+
+    files = sorted(shared_path("data", "images", "kodak").glob("kodim*.png"))[:n]
+    return [np.ascontiguousarray(cv2.imread(str(f))[:, :, ::-1]) for f in files]
+
+
+_CLASSICAL = ("webp", "jpeg", "x264", "x265")
+
+
+def _anchors(path: Path) -> dict[str, list[tuple[float, float]]]:
+    """(bpp, PSNR) points of each classical codec in a Kodak ``latentcast eval`` eval.json."""
+    try:
+        points = json.loads(path.read_text())["points"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(f"error: --anchors {path}: not a `latentcast eval` eval.json ({exc})") from None
+    out: dict[str, list[tuple[float, float]]] = {}
+    for q in points:
+        if q.get("codec") in _CLASSICAL and q.get("psnr") is not None:
+            out.setdefault(q["codec"], []).append((float(q["bpp"]), float(q["psnr"])))
+    if not out:
+        raise SystemExit(f"error: --anchors {path} has no points of {', '.join(_CLASSICAL)}")
+    return out
+
+
 def _hours(step: int | None, history: Path | None) -> float | None:
     """Wall-clock hours of the run until it logged ``step``. Each resume restarts the log's clock ("sec"), so the
     segments add up; steps a resume did again count again (they were spent)."""
@@ -107,10 +139,8 @@ def _hours(step: int | None, history: Path | None) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import cv2
     import torch
 
-    from latentcast.shared import shared_path
     from latentcast.tools import provenance
 
     p = argparse.ArgumentParser(
@@ -122,10 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=24, help="first N Kodak images (default all 24)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="results/codec_learning_curve")
+    p.add_argument("--anchors", default="results/kodak/eval.json",
+                   help="a Kodak `latentcast eval` eval.json: PSNR BD-rate against its classical codecs "
+                        "('' for none; default results/kodak/eval.json)")
     a = p.parse_args(argv)
+    anchors = _anchors(Path(a.anchors)) if a.anchors else {}
     torch.set_num_threads(a.threads)
-    files = sorted(shared_path("data", "images", "kodak").glob("kodim*.png"))[: a.images]
-    images = [np.ascontiguousarray(cv2.imread(str(f))[:, :, ::-1]) for f in files]
+    images = _kodak_images(a.images)
     hist = Path(a.history) if a.history else None
     points = []
     t0 = time.time()
@@ -133,15 +166,23 @@ def main(argv: list[str] | None = None) -> int:
         r = evaluate_checkpoint(Path(c), images)
         h = _hours(r["step"], hist) if Path(c).suffix == ".pt" else None
         r["hours"] = None if h is None else round(h + a.hours_offset, 3)
+        if anchors:
+            from latentcast.tools.eval.metrics import bd_rate
+
+            bd = {k: bd_rate(v, list(zip(r["bpp"], r["psnr"]))) for k, v in anchors.items()}
+            r["bd_rate_psnr"] = {k: None if v is None else round(v, 1) for k, v in bd.items()}
         points.append(r)
         print(f"{c}: step {r['step']}, hours {r['hours']}, bpp {r['bpp']}, PSNR {r['psnr']}, "
-              f"unquantized {r['psnr_unquantized']}", flush=True)
+              f"unquantized {r['psnr_unquantized']}, BD-rate on PSNR {r.get('bd_rate_psnr')}", flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     res = {"command": provenance.command("python -m latentcast.tools.codec_learning_curve"),
            "commit": provenance.commit(), "machine": provenance.machine(), "images": len(images),
            "bpp": "ideal code length of the rounded symbols under the model's tables (headers excluded)",
            "seconds": round(time.time() - t0, 1), "points": points}
+    if anchors:
+        res["anchors"] = {"file": a.anchors, "bd_rate_psnr": "per checkpoint, % bytes against each codec for the "
+                                                             "same PSNR (negative: fewer)"}
     (out / "learning_curve.json").write_text(json.dumps(res, indent=1))
     import matplotlib
 
