@@ -178,7 +178,7 @@ def test_learning_curve_hours_add_up_across_resumes(tmp_path):
     assert _hours(10, h) is None and _hours(100, tmp_path / "missing.jsonl") is None
 
 
-def test_learning_curve_reports_bd_rates_against_the_kodak_anchors(tmp_path, monkeypatch):
+def test_learning_curve_reports_bd_rates_against_the_kodak_anchors(tmp_path, monkeypatch, caplog):
     """``--anchors``: each checkpoint's PSNR BD-rate against every classical codec of a Kodak eval.json (issue
     14's measure); a file without classical points is refused by name."""
     from latentcast.tools import codec_learning_curve as lc
@@ -200,6 +200,11 @@ def test_learning_curve_reports_bd_rates_against_the_kodak_anchors(tmp_path, mon
     mine = list(zip(ours["bpp"], ours["psnr"]))
     assert r["bd_rate_psnr"] == {"webp": round(bd_rate(webp, mine), 1), "jpeg": round(bd_rate(jpeg, mine), 1)}
     assert r["bd_rate_psnr"]["webp"] > 0 > r["bd_rate_psnr"]["jpeg"]  # between the two, as these curves are
+    doc = json.loads(anchors.read_text())
+    anchors.write_text(json.dumps(doc | {"data": {"scored_frames": 24}}))  # anchors over 24 images, these over 0
+    with caplog.at_level("WARNING", logger="latentcast.tools.codec_learning_curve"):
+        lc.main(["c.safetensors", "--anchors", str(anchors), "--out", str(out)])
+    assert "over 24 images, these over 0" in caplog.text
     anchors.write_text(json.dumps({"points": [{"codec": "latentcast-full", "bpp": 1.0, "psnr": 30.0}]}))
     with pytest.raises(SystemExit, match="has no points of webp, jpeg, x264, x265"):
         lc.main(["c.safetensors", "--anchors", str(anchors), "--out", str(out)])

@@ -157,8 +157,12 @@ def main(argv: list[str] | None = None) -> int:
                         "('' for none; default results/kodak/eval.json)")
     a = p.parse_args(argv)
     anchors = _anchors(Path(a.anchors)) if a.anchors else {}
-    torch.set_num_threads(a.threads)
     images = _kodak_images(a.images)
+    n_anchor = json.loads(Path(a.anchors).read_text()).get("data", {}).get("scored_frames") if anchors else None
+    if n_anchor is not None and n_anchor != len(images):
+        log.warning("the --anchors points are over %d images, these over %d: their BD-rates compare different "
+                    "images (use --images %d)", n_anchor, len(images), n_anchor)
+    torch.set_num_threads(a.threads)
     hist = Path(a.history) if a.history else None
     points = []
     t0 = time.time()
