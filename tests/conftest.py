@@ -80,12 +80,17 @@ def tiny_codec_path(tmp_path_factory) -> Path:
     return _write_tiny_codec(tmp_path_factory.mktemp("codec"))
 
 
+def _tiny_variant(tmp_path_factory, **kw):
+    """A loaded tiny codec made by ``_write_tiny_codec(**kw)`` in a fresh folder."""
+    from latentcast.models.codec import LatentCodec
+
+    return LatentCodec.from_file(_write_tiny_codec(tmp_path_factory.mktemp("codec"), **kw))
+
+
 @pytest.fixture(scope="session")
 def tiny_gain_codec(tmp_path_factory):
     """The tiny codec with per-rate-point channel gains (``ElicConfig.channel_gains``)."""
-    from latentcast.models.codec import LatentCodec
-
-    return LatentCodec.from_file(_write_tiny_codec(tmp_path_factory.mktemp("codec"), channel_gains=True))
+    return _tiny_variant(tmp_path_factory, channel_gains=True)
 
 
 @pytest.fixture(scope="session")
@@ -129,9 +134,7 @@ def tiny_bundle(tiny_codec, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def loud_codec(tmp_path_factory):
     """The tiny codec with a 60x g_a (``_write_tiny_codec(loud=True)``): moving content codes latent cells."""
-    from latentcast.models.codec import LatentCodec
-
-    return LatentCodec.from_file(_write_tiny_codec(tmp_path_factory.mktemp("codec"), loud=True))
+    return _tiny_variant(tmp_path_factory, loud=True)
 
 
 @pytest.fixture(scope="session")
