@@ -107,10 +107,12 @@ def _kodak_images(n: int) -> list[np.ndarray]:
 _CLASSICAL = ("webp", "jpeg", "x264", "x265")
 
 
-def _anchors(path: Path) -> dict[str, list[tuple[float, float]]]:
-    """(bpp, PSNR) points of each classical codec in a Kodak ``latentcast eval`` eval.json."""
+def _anchors(path: Path) -> tuple[dict[str, list[tuple[float, float]]], int | None]:
+    """(bpp, PSNR) points of each classical codec in a Kodak ``latentcast eval`` eval.json, and how many images
+    they were scored on (None when the file does not say)."""
     try:
-        points = json.loads(path.read_text())["points"]
+        doc = json.loads(path.read_text())
+        points = doc["points"]
     except (OSError, ValueError, KeyError) as exc:
         raise SystemExit(f"error: --anchors {path}: not a `latentcast eval` eval.json ({exc})") from None
     out: dict[str, list[tuple[float, float]]] = {}
@@ -119,7 +121,7 @@ def _anchors(path: Path) -> dict[str, list[tuple[float, float]]]:
             out.setdefault(q["codec"], []).append((float(q["bpp"]), float(q["psnr"])))
     if not out:
         raise SystemExit(f"error: --anchors {path} has no points of {', '.join(_CLASSICAL)}")
-    return out
+    return out, doc.get("data", {}).get("scored_frames")
 
 
 def _hours(step: int | None, history: Path | None) -> float | None:
@@ -156,9 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a Kodak `latentcast eval` eval.json: PSNR BD-rate against its classical codecs "
                         "('' for none; default results/kodak/eval.json)")
     a = p.parse_args(argv)
-    anchors = _anchors(Path(a.anchors)) if a.anchors else {}
+    anchors, n_anchor = _anchors(Path(a.anchors)) if a.anchors else ({}, None)
     images = _kodak_images(a.images)
-    n_anchor = json.loads(Path(a.anchors).read_text()).get("data", {}).get("scored_frames") if anchors else None
     if n_anchor is not None and n_anchor != len(images):
         log.warning("the --anchors points are over %d images, these over %d: their BD-rates compare different "
                     "images (use --images %d)", n_anchor, len(images), n_anchor)

@@ -32,3 +32,14 @@ def load_video_codec(args: argparse.Namespace):
     path = Path(args.data) if Path(args.data).is_file() else shared_path(args.data)
     codec = LatentCodec.load("elic-lite")
     return path, codec, TemporalTables.load(default_tables_path(codec), weights_hash=codec.weights_hash)
+
+
+def key_state(codec, frame, index: int, analysis, *, rate_point: int = 2):
+    """The closed loop's start at a keyframe: (the TemporalState both ends hold after it, zero residuals)."""
+    import numpy as np
+
+    from latentcast.proto.temporal import TemporalInfo, TemporalState
+
+    info = TemporalInfo(kind=0, frame_id=index, ref_id=index, key_id=index)
+    _, y_hat = codec.compress_key(frame, rate_point=rate_point, temporal=info, analysis=analysis)
+    return TemporalState.from_key(y_hat, index), np.zeros(y_hat.shape, dtype=np.int64)

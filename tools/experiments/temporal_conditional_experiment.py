@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from _video import load_video_codec, video_parser
+from _video import key_state, load_video_codec, video_parser
 
 
 def _collect(a, path, codec, tables):
@@ -38,8 +38,6 @@ def _collect(a, path, codec, tables):
     from latentcast.proto.temporal import (
         CODE,
         Motion,
-        TemporalInfo,
-        TemporalState,
         _moved_cells,  # private: the prediction the decoder forms for a moved cell
         box_cells,
         cell_classes,
@@ -62,9 +60,7 @@ def _collect(a, path, codec, tables):
         boxes = [(r.x0, r.y0, r.x1, r.y1) for r in grounder.update(frame).rois]
         y, z = codec.analyze(frame)
         if st is None:
-            info = TemporalInfo(kind=0, frame_id=i, ref_id=i, key_id=i)
-            _, y_hat = codec.compress_key(frame, rate_point=2, temporal=info, analysis=(y, z))
-            st, prev = TemporalState.from_key(y_hat, i), np.zeros(y_hat.shape, dtype=np.int64)
+            st, prev = key_state(codec, frame, i, (y, z))
             continue
         roi = transmit_mask(w, h, boxes, True)
         mv = choose_motion(st, y, roi, box_cells(boxes, roi.shape), step=steps[q]) if boxes else None

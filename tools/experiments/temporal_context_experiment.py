@@ -22,7 +22,7 @@ would save), not bytes of a built coder.
 from __future__ import annotations
 
 import numpy as np
-from _video import load_video_codec, video_parser
+from _video import key_state, load_video_codec, video_parser
 
 
 def _fit_bits(v: np.ndarray, ctx: np.ndarray, lengths: np.ndarray, R: int) -> float:
@@ -42,8 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     from latentcast.proto.temporal import (
         BGCODE,
         CODE,
-        TemporalInfo,
-        TemporalState,
         cell_classes,
         choose_modes,
         code_lengths,
@@ -71,9 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         h, w = frame.shape[:2]
         y, z = codec.analyze(frame)
         if st is None:
-            info = TemporalInfo(kind=0, frame_id=i, ref_id=i, key_id=i)
-            _, y_hat = codec.compress_key(frame, rate_point=2, temporal=info, analysis=(y, z))
-            st, prev = TemporalState.from_key(y_hat, i), np.zeros(y_hat.shape, dtype=np.int64)
+            st, prev = key_state(codec, frame, i, (y, z))
             continue
         roi = transmit_mask(w, h, [(r.x0, r.y0, r.x1, r.y1) for r in rois[i]], True)
         modes, sym = choose_modes(st, y, roi, step=steps[q], bg_step=steps[0], threshold=1, bg_threshold=8)
