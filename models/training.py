@@ -283,14 +283,18 @@ def load_init(model: ElicCodec, sd: dict[str, torch.Tensor]) -> list[str]:
 
     Tensors of the same shape are copied. A tensor whose shape differs only by being larger in
     some dimensions (e.g. a file with more hyper-latent channels ``Nz``) gives its leading slice,
-    so a narrower model starts from the first channels of a wider one. The probability tables
+    so a narrower model starts from the first channels of a wider one. A wider analysis (``N`` above
+    the file's) goes the other way: g_a's and h_a's convolutions keep the file's weights in their
+    leading channels and the new channels start unread (:func:`_widened`), so y and z are the file's
+    until training uses them; g_a with more residual blocks (``res_blocks``) likewise starts as the
+    file's (:func:`_deepen_analysis`). The probability tables
     and the frozen integer form are skipped (rebuilt at release), and the rate-point buffers come
     from the new configuration (a released file carries calibrated table offsets). Returns the
     names that were sliced; raises ``ValueError`` for a tensor that cannot fit or is missing.
     """
     own = model.state_dict()
     sd = _deepen_analysis(sd, model)
-    sliced, missing = [], []
+    sliced, widened, missing = [], [], []
     n_file_priors = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("prior_z.")), default=-1)
     for name, dst in own.items():
         if (name.startswith("rate_") and name != "rate_gain") or name.rsplit(".", 1)[-1] in _FROZEN_FORM:
@@ -306,10 +310,14 @@ def load_init(model: ElicCodec, sd: dict[str, torch.Tensor]) -> list[str]:
             missing.append(name)
             continue
         if src.shape != dst.shape:
-            if src.dim() != dst.dim() or any(s < d for s, d in zip(src.shape, dst.shape)):
+            if _widens(name, src, dst):
+                src = _widened(src, dst)
+                widened.append(name)
+            elif src.dim() != dst.dim() or any(s < d for s, d in zip(src.shape, dst.shape)):
                 raise ValueError(f"init tensor {name!r} has shape {tuple(src.shape)}, cannot fit {tuple(dst.shape)}")
-            src = src[tuple(slice(0, d) for d in dst.shape)]
-            sliced.append(name)
+            else:
+                src = src[tuple(slice(0, d) for d in dst.shape)]
+                sliced.append(name)
         with torch.no_grad():
             dst.copy_(src.to(dst.dtype))
     if missing and all(n.startswith(("a_lin.", "g_s.linear.")) for n in missing):
@@ -320,7 +328,28 @@ def load_init(model: ElicCodec, sd: dict[str, torch.Tensor]) -> list[str]:
     model.reset_rate_points()
     if sliced:
         log.info("init: %d tensors sliced to the new shapes (%s, ...)", len(sliced), ", ".join(sliced[:4]))
+    if widened:
+        log.info("init: g_a and h_a widened (%d tensors; the new channels start unread by the old ones)", len(widened))
     return sliced
+
+
+def _widens(name: str, src: torch.Tensor, dst: torch.Tensor) -> bool:
+    """Whether ``dst`` is ``src`` of a wider analysis (``--set N=...`` above the file's): a convolution's weight
+    or bias of g_a or h_a, no dimension smaller than the file's."""
+    return (name.startswith(("g_a.", "h_a.")) and name.endswith((".weight", ".bias")) and src.dim() == dst.dim()
+            and src.dim() in (1, 4) and all(s <= d for s, d in zip(src.shape, dst.shape)))
+
+
+def _widened(src: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+    """``src`` in the leading block of the wider ``fresh`` (the new model's own random initialisation), with the
+    old outputs' weights on the new inputs at zero: the old channels compute what the file's did, the new ones
+    start random and are read by nothing old until training moves those zeros (Net2Net's widening, with the
+    new units random on their input side and silent on their output side, instead of copies)."""
+    out = fresh.detach().clone()
+    out[tuple(slice(0, d) for d in src.shape)] = src
+    if src.dim() == 4:
+        out[: src.shape[0], src.shape[1]:] = 0
+    return out
 
 
 def _analysis_stages(kinds: list[str]) -> list[list[int]]:

@@ -126,6 +126,33 @@ def test_init_deepens_the_analysis_transform_as_the_identity():
             k: v for k, v in deep.state_dict().items() if not k.startswith("g_a.1.")})
 
 
+def test_init_widens_the_analysis_and_keeps_its_outputs():
+    """--set N=<wider> --init <file>: g_a and h_a keep the file's weights in their leading channels and the new
+    channels start unread, so y and z are the file's exactly; the new channels are live (random), and their
+    zero weights get gradients, so training can use them. A tensor outside g_a / h_a that would have to grow
+    is still refused."""
+    from latentcast.models.elic import CONFIGS, ElicCodec
+
+    base = {"M": 32, "groups": (16, 16), "Nz": 8, "Nh": 16, "ctx": 8, "ep": 16, "gs_width": 16, "gs_blocks": 1}
+    torch.manual_seed(0)
+    narrow = ElicCodec(dataclasses.replace(CONFIGS["lite"], N=16, linear_path=True, **base))
+    wide = ElicCodec(dataclasses.replace(CONFIGS["lite"], N=24, linear_path=True, **base))
+    assert training.load_init(wide, narrow.state_dict()) == []
+    x = torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        y_n, y_w = narrow.analyze(x), wide.analyze(x)
+        assert torch.allclose(y_w, y_n, atol=1e-5)
+        assert torch.allclose(wide.h_a(y_w), narrow.h_a(y_n), atol=1e-5)
+        assert wide.g_a[0](x)[:, 16:].abs().sum() > 0  # the new channels carry something
+    assert torch.equal(wide.g_a[2].weight[:16, :16], narrow.g_a[2].weight)
+    assert not wide.g_a[2].weight[:16, 16:].any()
+    wide.analyze(x).square().mean().backward()
+    assert wide.g_a[2].weight.grad[:16, 16:].abs().sum() > 0
+    with pytest.raises(ValueError, match="cannot fit"):
+        training.load_init(ElicCodec(dataclasses.replace(CONFIGS["lite"], N=16, **{**base, "gs_width": 24})),
+                           narrow.state_dict())
+
+
 def test_init_slices_a_wider_codec_and_resets_rate_points():
     from latentcast.models.elic import CONFIGS, ElicCodec
 
