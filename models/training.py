@@ -40,8 +40,8 @@ from .elic import CONFIGS, ElicCodec, ElicConfig, ResidualBottleneck
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "RandomCrops", "training_sources", "prepare_cache", "train", "default_cache_dir", "load_init",
-           "save_checkpoint", "init_linear_path", "cell_components"]
+__all__ = ["TrainConfig", "RandomCrops", "WeightAverage", "training_sources", "prepare_cache", "train",
+           "default_cache_dir", "load_init", "save_checkpoint", "init_linear_path", "cell_components"]
 
 
 def default_cache_dir() -> Path:
@@ -75,6 +75,8 @@ class TrainConfig:
     channel_gains: bool = False  # learn per-rate-point channel offsets (gain units; ElicConfig.channel_gains)
     gain_lr: float = 5e-3  # Adam learning rate of the channel offsets (in table steps, so larger than lr)
     bf16: bool = False  # g_a, g_s in bfloat16 autocast: 1.8x a step with AVX-512 BF16, far slower without it
+    ema: float = 0.0  # decay of a moving average of the weights kept beside them (0: off; 0.999 ≈ the last 1,000
+    #                   steps): the checkpoint holds it, `release codec --ema` ships it
 
     def codec_config(self) -> ElicConfig:
         import dataclasses
@@ -410,6 +412,31 @@ def scheduled_lr(lr: float, step: int, *, start: int, length: int, opt_start: in
     return out
 
 
+class WeightAverage:
+    """An exponential moving average of a model's parameters (Polyak averaging), kept beside the training: at a
+    low learning rate the weights wander around a valley the average sits nearer the bottom of. Buffers are
+    the model's own. Resumes from a checkpoint's ``ema`` (a state dict); starts at the model's weights."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, saved: dict[str, torch.Tensor] | None = None) -> None:
+        self.decay = float(decay)
+        self.names = [n for n, p in model.named_parameters()]
+        params = dict(model.named_parameters())
+        self.avg = [(saved[n] if saved is not None and n in saved and saved[n].shape == params[n].shape
+                     else params[n]).detach().clone() for n in self.names]
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        params = [p.detach() for p in model.parameters()]
+        torch._foreach_mul_(self.avg, self.decay)
+        torch._foreach_add_(self.avg, params, alpha=1.0 - self.decay)
+
+    def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The model's state dict with the averaged parameters in place of its own."""
+        out = dict(model.state_dict())
+        out.update(zip(self.names, (a.clone() for a in self.avg)))
+        return out
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write a training checkpoint atomically (a temporary file, then a rename): a run killed while saving keeps
     its previous checkpoint. Used by every trainer (codec, composer)."""
@@ -430,6 +457,8 @@ def train(cfg: TrainConfig) -> Path:
     for name in ("mask_fraction", "stage2_mask_fraction"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise ValueError(f"{name} {getattr(cfg, name)} must be within [0, 1]")
+    if not 0.0 <= cfg.ema < 1.0:
+        raise ValueError(f"ema {cfg.ema} must be within [0, 1) (0: off; e.g. 0.999)")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "last.pt"
@@ -484,6 +513,7 @@ def train(cfg: TrainConfig) -> Path:
             groups.append({"params": gains, "lr_scale": cfg.gain_lr / cfg.lr})
         return torch.optim.Adam(groups, lr=cfg.lr)
 
+    ema = WeightAverage(model, cfg.ema, state.get("ema") if state else None) if cfg.ema > 0 else None
     stage = 1 if step < cfg.stage1_steps else 2
     opt = make_opt(stage)
     opt_start: int | None = step  # where Adam started afresh (the warm-up counts from here); None: resumed
@@ -528,6 +558,8 @@ def train(cfg: TrainConfig) -> Path:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if ema is not None:
+            ema.update(model)
         step += 1
         r_np = rate.numpy()
         np.add.at(run["bpp"], r_np, bpp.detach().numpy())
@@ -544,7 +576,8 @@ def train(cfg: TrainConfig) -> Path:
             run = {"bpp": np.zeros(n_r), "mse": np.zeros(n_r), "n": np.zeros(n_r)}
         if step % cfg.checkpoint_every == 0 or step == total or step == cfg.stage1_steps:
             save_checkpoint(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "stage": stage,
-                         "train": asdict(cfg), "codec": ccfg.to_dict(), "latent_var": crops.latent_var})
+                         "train": asdict(cfg), "codec": ccfg.to_dict(), "latent_var": crops.latent_var,
+                         **({"ema": ema.state_dict(model)} if ema is not None else {})})
     pbar.close()
     return ckpt
 

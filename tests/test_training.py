@@ -55,6 +55,46 @@ def test_train_resume_release(tmp_path, tiny_sources):
     assert main(["release", "codec", str(ckpt), "--out", str(sub), "--rate-points", "3,1"]) == 2
 
 
+def test_weight_average_trains_resumes_and_releases(tmp_path, tiny_sources):
+    """--ema: the checkpoint holds a moving average of the weights, between the start and the weights; a resumed
+    run continues it (not restarted from the weights); `release codec --ema` ships it, and refuses a run
+    trained without it."""
+    over = {"N": 16, "M": 32, "groups": [16, 16], "Nz": 8, "Nh": 16, "ctx": 8, "ep": 16, "gs_width": 16,
+            "gs_blocks": 1}
+    cfg = training.TrainConfig(out=str(tmp_path / "run"), cache=str(tmp_path / "cache"), stage1_steps=4,
+                               stage2_steps=0, batch=2, crop=128, checkpoint_every=2, overrides=over, lr=1e-3, ema=0.5)
+    ckpt = training.train(cfg)
+    state = torch.load(ckpt, weights_only=False)
+    w, avg = state["model"]["g_a.0.weight"], state["ema"]["g_a.0.weight"]
+    assert not torch.equal(w, avg) and torch.equal(state["model"]["rate_k"], state["ema"]["rate_k"])
+    cfg.stage1_steps = 6
+    training.train(cfg)
+    state2 = torch.load(ckpt, weights_only=False)
+    assert state2["step"] == 6 and not torch.equal(state2["ema"]["g_a.0.weight"], state2["model"]["g_a.0.weight"])
+    # the average itself: decay x average + (1 - decay) x weights each step, resumed from a saved one
+    lin = torch.nn.Linear(3, 2)
+    wa = training.WeightAverage(lin, 0.5)
+    old = lin.weight.detach().clone()
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+    wa.update(lin)
+    assert torch.allclose(wa.state_dict(lin)["weight"], old + 0.5)
+    again = training.WeightAverage(lin, 0.5, saved=wa.state_dict(lin))
+    assert torch.equal(again.state_dict(lin)["weight"], wa.state_dict(lin)["weight"])
+    out = tmp_path / "ema.safetensors"
+    assert main(["release", "codec", str(ckpt), "--out", str(out), "--no-calibrate", "--ema"]) == 0
+    codec = LatentCodec.from_file(out)
+    assert torch.equal(codec.model.g_a[0].weight, state2["ema"]["g_a.0.weight"])
+    assert "moving average" in codec.meta["weights"]
+    img = cv2.imread(str(tiny_sources[0][1]))[:, :, ::-1].copy()
+    assert codec.decompress(codec.compress(img, rate_point=0)).frame.shape == img.shape
+    with pytest.raises(ValueError, match="ema"):
+        training.train(dataclasses.replace(cfg, ema=1.0))
+    plain = training.TrainConfig(out=str(tmp_path / "plain"), cache=str(tmp_path / "cache"), stage1_steps=1,
+                                 stage2_steps=0, batch=2, crop=128, overrides=over)
+    assert main(["release", "codec", str(training.train(plain)), "--out", str(out), "--no-calibrate", "--ema"]) == 2
+
+
 def test_channel_gains_train_release_and_code(tmp_path, tiny_sources):
     """--channel-gains: the offsets learn (their own learning rate), the release rounds them into per-channel
     steps and table offsets (calibration shifts a rate point's channels together), and frames round-trip."""

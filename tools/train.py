@@ -100,14 +100,15 @@ def release(a: argparse.Namespace) -> int:
     if a.what == "synthesis":
         from latentcast.models.synthesis import release_synthesis
 
-        if a.rate_points or a.no_calibrate:
-            raise SystemExit("error: --rate-points and --no-calibrate are options of `release codec`")
+        if a.rate_points or a.no_calibrate or a.ema:
+            raise SystemExit("error: --rate-points, --no-calibrate and --ema are options of `release codec`")
         print(f"{release_synthesis(a.checkpoint, a.out)}")
         return 0
     from latentcast.models.release import release_codec
 
     rate_points = [int(v) for v in a.rate_points.split(",")] if a.rate_points else None
-    weights_hash = release_codec(a.checkpoint, a.out, rate_points=rate_points, calibrate=not a.no_calibrate)
+    weights_hash = release_codec(a.checkpoint, a.out, rate_points=rate_points, calibrate=not a.no_calibrate,
+                                 ema=a.ema)
     print(f"{a.out}: weights hash {weights_hash.hex()}")
     return 0
 
@@ -163,6 +164,8 @@ def add_release_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("--rate-points", help="ship only these trained rate points, e.g. 1,2,3 (default: all)")
     r.add_argument("--no-calibrate", action="store_true",
                    help="keep the trained table offsets (default: calibrate them on training images for real bytes)")
+    r.add_argument("--ema", action="store_true",
+                   help="release the moving average of the weights (a run trained with --ema), not the weights")
     r.set_defaults(func=release)
 
 
