@@ -193,6 +193,48 @@ def test_init_widens_the_analysis_and_keeps_its_outputs():
                            narrow.state_dict())
 
 
+def test_init_widens_the_latent_with_new_groups(tmp_path, tiny_sources):
+    """--set M=48 --set groups=16,16,16 --init <file with M=32, groups 16,16>: the old channels, their entropy
+    model and the frame are the file's; the new group is coded (its own networks) but read by nothing at first;
+    the trainer then points the new channels' linear analysis at what the codec misses, and trains."""
+    from safetensors.torch import save_file
+
+    from latentcast.models.elic import CONFIGS, ElicCodec
+
+    base = {"N": 16, "Nz": 8, "Nh": 16, "ctx": 8, "ep": 16, "gs_width": 16, "gs_blocks": 1, "linear_path": True,
+            "channel_gains": True}
+    torch.manual_seed(0)
+    small = ElicCodec(dataclasses.replace(CONFIGS["lite"], M=32, groups=(16, 16), **base))
+    with torch.no_grad():
+        small.rate_gain.normal_()
+    big = ElicCodec(dataclasses.replace(CONFIGS["lite"], M=48, groups=(16, 16, 16), **base))
+    training.load_init(big, small.state_dict())
+    x = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        y_s, y_b = small.analyze(x), big.analyze(x)
+        assert torch.allclose(y_b[:, :32], y_s, atol=1e-5) and not y_b[:, 32:].any()
+        big.reset_rate_points()
+        small.reset_rate_points()
+        r_s, r_b = small(x, rate=torch.tensor([1])), big(x, rate=torch.tensor([1]))
+        assert torch.allclose(r_b["latent"], r_s["latent"], atol=1e-5)
+    assert torch.equal(big.rate_gain[:, :32], small.rate_gain) and not big.rate_gain[:, 32:].any()
+    assert torch.equal(big.g_s.head.weight[:, 32:48], torch.zeros_like(big.g_s.head.weight[:, 32:48]))
+    assert torch.equal(big.g_s.head.weight[:, 48:], small.g_s.head.weight[:, 32:])  # mask and M(ẑ) moved along
+    assert big.ep[2][2].conv.weight.any()  # the new group's own networks
+    # the trainer: the new channels carry projections of the frame, the frame is still the file's at step 0
+    init = tmp_path / "small.safetensors"
+    save_file({k: v.contiguous() for k, v in small.state_dict().items()}, str(init))
+    over = {k: v for k, v in base.items() if k not in ("linear_path", "channel_gains")}
+    cfg = training.TrainConfig(out=str(tmp_path / "run"), cache=str(tmp_path / "cache"), stage1_steps=2,
+                               stage2_steps=0, batch=2, crop=128, init=str(init), channel_gains=True,
+                               overrides={**over, "linear_path": True, "M": 48, "groups": [16, 16, 16]})
+    state = torch.load(training.train(cfg), weights_only=False)
+    assert state["model"]["a_lin.proj.weight"][32:].abs().sum() > 0
+    with pytest.raises(ValueError, match="cannot fit|lacks"):  # a latent that is not the file's plus groups
+        training.load_init(ElicCodec(dataclasses.replace(CONFIGS["lite"], M=48, groups=(32, 16), **base)),
+                           small.state_dict())
+
+
 def test_init_slices_a_wider_codec_and_resets_rate_points():
     from latentcast.models.elic import CONFIGS, ElicCodec
 

@@ -50,11 +50,16 @@ def _codec_overrides(items: list[str]) -> dict:
 
     defaults = {f.name: getattr(ElicConfig(), f.name) for f in dataclasses.fields(ElicConfig)}
     simple = {k: type(v) for k, v in defaults.items() if isinstance(v, (int, float))}
+    lists = {k for k, v in defaults.items() if isinstance(v, tuple) and k != "rate_steps"}  # --rate-steps has its own
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
+        if sep and key in lists:  # e.g. groups=16,16,32,64,32,32 (with M=192)
+            out[key] = _csv_ints(f"--set {key}", value, "16,16,32,64,32,32")
+            continue
         if not sep or key not in simple:
-            raise SystemExit(f"error: --set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(simple))}")
+            raise SystemExit(f"error: --set {item!r}: expected KEY=VALUE with KEY one of "
+                             f"{', '.join(sorted(set(simple) | lists))}")
         try:
             out[key] = coerce_value(value, simple[key], f"--set {key}")
         except ConfigError as exc:
