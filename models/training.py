@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["TrainConfig", "RandomCrops", "WeightAverage", "training_sources", "prepare_cache", "train",
            "default_cache_dir", "load_init", "save_checkpoint", "init_linear_path", "extend_linear_path",
-           "cell_components", "file_groups"]
+           "cell_components", "file_groups", "rate_lambdas"]
 
 
 def default_cache_dir() -> Path:
@@ -262,19 +262,21 @@ def init_linear_path(model: ElicCodec, crops: RandomCrops, *, batches: int = 60,
              V.shape[1], 100 * share)
 
 
-def cell_components(crops: RandomCrops, M: int, *, batches: int = 60) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The first ``M`` principal components of 16x16x3 cells of ``batches`` x 16 training crops, in
-    ``pixel_unshuffle`` order: (V (768, M) float64 orthonormal, in decreasing variance; the cells' mean (768,);
-    the share of the cells' variance they hold)."""
+def _training_cells(crops: RandomCrops, batches: int) -> torch.Tensor:
+    """The 16x16x3 cells of ``batches`` x 16 training crops, one per row in ``pixel_unshuffle`` order (float64)."""
     import torch.nn.functional as F
 
     from .elic import CELL
 
-    cells = []
-    for _ in range(batches):
-        x, _ = crops.batch(16)
-        cells.append(F.pixel_unshuffle(x, CELL).permute(0, 2, 3, 1).reshape(-1, 3 * CELL * CELL))
-    X = torch.cat(cells).double()
+    return torch.cat([F.pixel_unshuffle(crops.batch(16)[0], CELL).permute(0, 2, 3, 1).reshape(-1, 3 * CELL * CELL)
+                      for _ in range(batches)]).double()
+
+
+def cell_components(crops: RandomCrops, M: int, *, batches: int = 60) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The first ``M`` principal components of 16x16x3 cells of ``batches`` x 16 training crops, in
+    ``pixel_unshuffle`` order: (V (768, M) float64 orthonormal, in decreasing variance; the cells' mean (768,);
+    the share of the cells' variance they hold)."""
+    X = _training_cells(crops, batches)
     mean = X.mean(0)
     ev, vecs = torch.linalg.eigh(torch.cov((X - mean).T))
     order = torch.argsort(ev, descending=True)[:M]
@@ -419,20 +421,14 @@ def extend_linear_path(model: ElicCodec, crops: RandomCrops, m_old: int, *, batc
     count again whatever g_s already draws in those directions); training learns to read them, and what they
     cost. Draws its crops from its own generator (the run's crops stay what they were). Returns the share of
     the cells' variance along V."""
-    import torch.nn.functional as F
-
-    from .elic import CELL
-
     if model.a_lin is None:
         raise ValueError("extend_linear_path: the codec has no linear path (ElicConfig.linear_path is False)")
     n_new = model.cfg.M - m_old
     own_rng, crops.rng = crops.rng, np.random.default_rng(12345)
     try:
-        xs = [F.pixel_unshuffle(crops.batch(16)[0], CELL).permute(0, 2, 3, 1).reshape(-1, 3 * CELL * CELL)
-              for _ in range(batches)]
+        X = _training_cells(crops, batches)
     finally:
         crops.rng = own_rng
-    X = torch.cat(xs).double()
     mean_x = X.mean(0)
     seen, _ = torch.linalg.qr(model.a_lin.proj.weight[:m_old, :, 0, 0].double().T)  # (768, m_old) orthonormal
     Xc = X - mean_x
@@ -510,6 +506,14 @@ def _deepen_analysis(sd: dict[str, torch.Tensor], model: ElicCodec) -> dict[str,
     return out
 
 
+def rate_lambdas(model: ElicCodec, lam: float) -> torch.Tensor:
+    """The trainer's distortion weight of each rate point: λ_q = λ / Δ_q² with the rate point's own step (channel
+    gains only move bits between channels), float32 (n_rates,)."""
+    base_delta = model.rate_delta if model.rate_delta.dim() == 1 else model.rate_delta.new_tensor(
+        [math.exp(k * model.cfg.log_step) for k in model.cfg.rate_steps])
+    return torch.tensor([lam], dtype=torch.float32) / base_delta.float() ** 2
+
+
 def scheduled_lr(lr: float, step: int, *, start: int, length: int, opt_start: int | None, warmup: int) -> float:
     """The trainers' learning rate at ``step``: ``lr``, halved for the last 20 % of the stage of ``length`` steps
     from ``start``, times a linear warm-up over ``warmup`` steps from ``opt_start`` (the step where Adam started
@@ -531,12 +535,13 @@ class WeightAverage:
         params = dict(model.named_parameters())
         self.avg = [(saved[n] if saved is not None and n in saved and saved[n].shape == params[n].shape
                      else params[n]).detach().clone() for n in self.names]
+        self._params = [params[n].detach() for n in self.names]  # views of the model's own (updated in place)
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        params = [p.detach() for p in model.parameters()]
+        """One step of the average towards ``model``'s current parameters (the model it was made for)."""
         torch._foreach_mul_(self.avg, self.decay)
-        torch._foreach_add_(self.avg, params, alpha=1.0 - self.decay)
+        torch._foreach_add_(self.avg, self._params, alpha=1.0 - self.decay)
 
     def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The model's state dict with the averaged parameters in place of its own."""
@@ -634,10 +639,7 @@ def train(cfg: TrainConfig) -> Path:
         opt.load_state_dict(state["opt"])
         opt_start = None
     pbar = tqdm(total=total, initial=step, desc=f"stage {stage}", unit="step", mininterval=10)
-    # λ_q = λ / Δ_q² with the rate point's own step (channel gains only move bits between channels)
-    base_delta = model.rate_delta if model.rate_delta.dim() == 1 else model.rate_delta.new_tensor(
-        [math.exp(k * ccfg.log_step) for k in ccfg.rate_steps])
-    lam = torch.tensor([cfg.lam], dtype=torch.float32) / base_delta.float() ** 2
+    lam = rate_lambdas(model, cfg.lam)
     n_r = model.n_rates
     run = {"bpp": np.zeros(n_r), "mse": np.zeros(n_r), "n": np.zeros(n_r)}
     t0 = time.time()

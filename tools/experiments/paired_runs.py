@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 
-from latentcast.models.elic import CONFIGS, ElicConfig
+from latentcast.models.elic import CONFIGS, ElicCodec, ElicConfig
+from latentcast.models.training import rate_lambdas
 from latentcast.tools import provenance
 
 
@@ -37,8 +37,7 @@ def _run(path: Path) -> tuple[dict, dict[int, np.ndarray]]:
         raise SystemExit(f"error: {path} is not a `latentcast train codec` run folder ({exc})") from None
     tc = conf["train"]
     cc = ElicConfig.from_dict(conf["codec"]) if "codec" in conf else CONFIGS[tc["model"]]
-    base = np.array([math.exp(k * cc.log_step) for k in cc.rate_steps])
-    lam = tc["lam"] / base**2
+    lam = rate_lambdas(ElicCodec(cc), tc["lam"]).double().numpy()
     out = {}
     for line in lines:
         h = json.loads(line)
