@@ -65,6 +65,10 @@ class TrainConfig:
     #                        Adam moves every weight by about lr at first, which costs a trained decoder ~1 dB
     lam: float = 64.0  # λ: weight of the normalized MSE at Δ = 1 (λ_q = λ / Δ_q²)
     vtest_stride: int = 5  # use vtest frames with index % stride == 0 (and index % 8 != 0)
+    video_fraction: float = 0.5  # share of crops from the video frames (the rest from the photographs): the video
+    #                              is one scene in many near-identical frames, so its share is set, not its count
+    scale_min: float = 1.0  # crops are downscaled by a random factor in [scale_min, 1] (INTER_AREA; 1: never), so
+    #                         a photograph also shows its content denser, as a wider or farther camera would
     checkpoint_every: int = 200  # steps between checkpoints
     seed: int = 0  # RNG seed for crops, rates, masks
     threads: int = 2  # torch threads
@@ -172,9 +176,19 @@ def prepare_cache(cfg: TrainConfig) -> Path:
 class RandomCrops:
     """Random aligned crops of (image, latent) pairs held in memory."""
 
-    def __init__(self, cache: Path, crop: int, factor: int, rng: np.random.Generator, space=None):
-        """``space``: a pixel latent space that computes targets from the crop (no cached latents)."""
+    def __init__(self, cache: Path, crop: int, factor: int, rng: np.random.Generator, space=None, *,
+                 video_fraction: float = 0.5, scale_min: float = 1.0):
+        """``space``: a pixel latent space that computes targets from the crop (no cached latents).
+        ``video_fraction``: share of crops from the video frames; ``scale_min``: the smallest random downscale
+        of a crop (1: none; pixel targets only, as cached latents cannot be rescaled)."""
+        if not 0.0 <= video_fraction <= 1.0:
+            raise ValueError(f"video_fraction {video_fraction} is not in [0, 1]")
+        if not 0.0 < scale_min <= 1.0:
+            raise ValueError(f"scale_min {scale_min} is not in (0, 1]")
+        if scale_min < 1.0 and space is None:
+            raise ValueError(f"scale_min {scale_min} needs a pixel latent space (cached latents cannot be rescaled)")
         self.space = space
+        self.video_fraction, self.scale_min = video_fraction, scale_min
         self.items = []
         video: list[int] = []
         for p in sorted(cache.glob("*.npz")):
@@ -188,11 +202,11 @@ class RandomCrops:
                 self.items.append((img, lat))
         if not self.items:
             raise FileNotFoundError(f"no cached training latents of size >= {crop} in {cache}")
-        # half the crops from the photos, half from the video frames: the video has many near-identical
+        # a set share of the crops from the video frames (video_fraction): the video has many near-identical
         # frames of one scene and would otherwise make up most of the data (build for cameras in general)
         in_video = set(video)
-        photos = [i for i in range(len(self.items)) if i not in in_video]
-        self.groups = [g for g in (photos, video) if g]
+        self.photos = [i for i in range(len(self.items)) if i not in in_video]
+        self.video = video
         self.crop, self.f, self.rng = crop, factor, rng
         if space is None:
             lat_all = np.concatenate([z.reshape(z.shape[0], -1).astype(np.float32) for _, z in self.items[:64]], axis=1)
@@ -204,12 +218,21 @@ class RandomCrops:
         xs, ls = [], []
         c, f = self.crop, self.f
         for _ in range(n):
-            group = self.groups[self.rng.integers(len(self.groups))]
+            from_video = self.rng.random() < self.video_fraction
+            group = (self.video if from_video else self.photos) or self.photos or self.video
             img, lat = self.items[group[self.rng.integers(len(group))]]
-            y0 = self.rng.integers(0, (img.shape[0] - c) // f + 1) * f
-            x0 = self.rng.integers(0, (img.shape[1] - c) // f + 1) * f
+            side = c  # the crop's side in the image, before the downscale
+            if self.scale_min < 1.0:
+                s = self.rng.uniform(max(self.scale_min, c / min(img.shape[:2])), 1.0)
+                side = min(int(round(c / s)), *img.shape[:2])
+            y0 = self.rng.integers(0, (img.shape[0] - side) // f + 1) * f
+            x0 = self.rng.integers(0, (img.shape[1] - side) // f + 1) * f
             flip = bool(self.rng.integers(2))  # horizontal flip (latents flip with the image)
-            crop_img = img[y0 : y0 + c, x0 : x0 + c]
+            crop_img = img[y0 : y0 + side, x0 : x0 + side]
+            if side != c:
+                import cv2
+
+                crop_img = cv2.resize(crop_img, (c, c), interpolation=cv2.INTER_AREA)
             xs.append(crop_img[:, ::-1] if flip else crop_img)
             if self.space is None:
                 crop_lat = lat[:, y0 // f : (y0 + c) // f, x0 // f : (x0 + c) // f]
@@ -603,7 +626,8 @@ def train(cfg: TrainConfig) -> Path:
     if space is not None and (space.channels, space.factor) != (ccfg.latent_channels, ccfg.latent_factor):
         raise ValueError(f"latent space {cfg.latent_space!r} ({space.channels} ch at 1/{space.factor}) does not match "
                          f"codec {ccfg.name!r} ({ccfg.latent_channels} ch at 1/{ccfg.latent_factor})")
-    crops = RandomCrops(cache, cfg.crop, ccfg.latent_factor, rng, space)
+    crops = RandomCrops(cache, cfg.crop, ccfg.latent_factor, rng, space, video_fraction=cfg.video_fraction,
+                        scale_min=cfg.scale_min)
     if state is None and not cfg.init and ccfg.linear_path:
         init_linear_path(model, crops)
     if state is None and 0 < m_init < ccfg.M and ccfg.linear_path:

@@ -28,7 +28,8 @@ def tiny_sources(tmp_path, monkeypatch):
 def test_train_resume_release(tmp_path, tiny_sources):
     over = {"N": 16, "M": 32, "groups": (16, 16), "Nz": 8, "Nh": 16, "ctx": 8, "ep": 16, "gs_width": 16, "gs_blocks": 1}
     cfg = training.TrainConfig(out=str(tmp_path / "run"), cache=str(tmp_path / "cache"), stage1_steps=3,
-                               stage2_steps=0, batch=2, crop=128, checkpoint_every=2, overrides=over)
+                               stage2_steps=0, batch=2, crop=128, checkpoint_every=2, overrides=over,
+                               video_fraction=0.25, scale_min=0.8)  # no video here: every crop from the photos
     ckpt = training.train(cfg)
     state = torch.load(ckpt, weights_only=False)
     assert state["step"] == 3 and state["stage"] == 1
@@ -36,7 +37,8 @@ def test_train_resume_release(tmp_path, tiny_sources):
     training.train(cfg)
     state = torch.load(ckpt, weights_only=False)
     assert state["step"] == 5 and state["stage"] == 2
-    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["codec"]["M"] == 32
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["codec"]["M"] == 32 and saved["train"]["scale_min"] == 0.8
     out = tmp_path / "w.safetensors"
     assert main(["release", "codec", str(ckpt), "--out", str(out), "--no-calibrate"]) == 0
     codec = LatentCodec.from_file(out)
@@ -90,9 +92,17 @@ def test_weight_average_trains_resumes_and_releases(tmp_path, tiny_sources):
     assert codec.decompress(codec.compress(img, rate_point=0)).frame.shape == img.shape
     with pytest.raises(ValueError, match="ema"):
         training.train(dataclasses.replace(cfg, ema=1.0))
+    # the learning curve measures the checkpoint's average with --ema, its weights without
+    from latentcast.tools.codec_learning_curve import _load
+
+    assert torch.equal(_load(ckpt, ema=True)[0].g_a[0].weight, state2["ema"]["g_a.0.weight"])
+    assert torch.equal(_load(ckpt)[0].g_a[0].weight, state2["model"]["g_a.0.weight"])
     plain = training.TrainConfig(out=str(tmp_path / "plain"), cache=str(tmp_path / "cache"), stage1_steps=1,
                                  stage2_steps=0, batch=2, crop=128, overrides=over)
-    assert main(["release", "codec", str(training.train(plain)), "--out", str(out), "--no-calibrate", "--ema"]) == 2
+    plain_ckpt = training.train(plain)
+    assert main(["release", "codec", str(plain_ckpt), "--out", str(out), "--no-calibrate", "--ema"]) == 2
+    with pytest.raises(SystemExit, match="no moving average"):
+        _load(plain_ckpt, ema=True)
 
 
 def test_channel_gains_train_release_and_code(tmp_path, tiny_sources):
@@ -296,7 +306,7 @@ def test_learning_curve_reports_bd_rates_against_the_kodak_anchors(tmp_path, mon
     ours = {"checkpoint": "c.safetensors", "step": None, "bpp": [0.1, 0.2, 0.4], "psnr": [26.0, 28.0, 30.0],
             "psnr_unquantized": 33.0}
     monkeypatch.setattr(lc, "_kodak_images", lambda n: [])
-    monkeypatch.setattr(lc, "evaluate_checkpoint", lambda path, images: dict(ours))
+    monkeypatch.setattr(lc, "evaluate_checkpoint", lambda path, images, ema=False: dict(ours))
     anchors = tmp_path / "eval.json"
     webp = [(0.1, 27.0), (0.2, 29.0), (0.4, 31.0), (0.8, 33.0)]
     jpeg = [(0.15, 24.0), (0.3, 27.0), (0.6, 30.0), (1.2, 33.0)]
@@ -348,3 +358,40 @@ def test_stage2_finishes_a_copy_of_the_run_with_whole_frames_and_warm_up(tmp_pat
         training.train(dataclasses.replace(more, stage2_mask_fraction=1.5))
     with pytest.raises(ValueError, match="warmup_steps -1 must be >= 0"):
         training.train(dataclasses.replace(more, warmup_steps=-1))
+
+
+def _crops_cache(tmp_path):
+    """A training cache of two 'photographs' (a horizontal ramp of slope 0.5 per pixel, value 0..200) and one video
+    frame (flat 250), as ``prepare_cache`` writes it for pixel targets."""
+    ramp = np.repeat((np.arange(400) * 0.5).astype(np.uint8)[None, :, None], 300, 0).repeat(3, 2)
+    for name, img in (("p0", ramp), ("p1", ramp), ("vtest-0001", np.full((256, 320, 3), 250, np.uint8))):
+        np.savez(tmp_path / f"{name}.npz", image=img, latent=np.zeros(0, np.float16))
+    return tmp_path
+
+
+def test_random_crops_video_share_and_downscale(tmp_path):
+    from latentcast.models.latent_spaces import load_latent_space
+
+    cache, space = _crops_cache(tmp_path), load_latent_space("pixels:4")
+
+    def crops(**kw):
+        return training.RandomCrops(cache, 128, 4, np.random.default_rng(0), space, **kw).batch(32)[0] * 255
+
+    def video_share(x):
+        return float((x.mean((1, 2, 3)) > 240).float().mean())
+
+    assert video_share(crops(video_fraction=0.0)) == 0.0
+    assert video_share(crops(video_fraction=1.0)) == 1.0
+    assert 0.2 < video_share(crops()) < 0.8  # the default: half and half
+    photos = crops(video_fraction=0.0)
+    slope = (photos[:, :, :, 1:] - photos[:, :, :, :-1]).abs().mean((1, 2, 3))  # ramp of 0.5 per pixel, or flipped
+    assert torch.allclose(slope, torch.full_like(slope, 0.5), atol=0.03)
+    scaled = crops(video_fraction=0.0, scale_min=0.5)
+    assert scaled.shape == photos.shape
+    slope = (scaled[:, :, :, 1:] - scaled[:, :, :, :-1]).abs().mean((1, 2, 3))  # 0.5 / s for a downscale s
+    assert slope.min() > 0.47 and slope.max() < 1.03 and (slope > 0.65).sum() >= 8
+    for kw, msg in (({"video_fraction": 1.5}, "video_fraction 1.5"), ({"scale_min": 0.0}, "scale_min 0.0")):
+        with pytest.raises(ValueError, match=msg):
+            crops(**kw)
+    with pytest.raises(ValueError, match="needs a pixel latent space"):
+        training.RandomCrops(cache, 128, 4, np.random.default_rng(0), None, scale_min=0.5)

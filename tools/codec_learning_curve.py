@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 __all__ = ["evaluate_checkpoint", "main"]
 
 
-def _load(path: Path):
+def _load(path: Path, ema: bool = False):
     import torch
 
     from latentcast.models.codec import LatentCodec
@@ -49,24 +49,28 @@ def _load(path: Path):
         c = LatentCodec.from_file(path)
         return c.model, c.latent_space_spec, c.meta.get("step"), None
     state = torch.load(path, map_location="cpu", weights_only=False)
+    if ema and "ema" not in state:
+        raise SystemExit(f"error: {path} holds no moving average of its weights (the run was trained without --ema)")
     cd = dict(state["codec"])
     model = ElicCodec(ElicConfig.from_dict(cd))
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state["ema"] if ema else state["model"])
     return model, state["train"]["latent_space"], int(state["step"]), state["train"]
 
 
-def evaluate_checkpoint(path: Path, images: list[np.ndarray]) -> dict:
-    """bpp (ideal code length) and PSNR per rate point over ``images`` (full frames)."""
+def evaluate_checkpoint(path: Path, images: list[np.ndarray], *, ema: bool = False) -> dict:
+    """bpp (ideal code length) and PSNR per rate point over ``images`` (full frames); ``ema``: a training
+    checkpoint's moving average of the weights instead of its weights."""
     import torch
 
     from latentcast.models.codec import image_to_tensor, pad_image
     from latentcast.models.latent_spaces import load_latent_space
     from latentcast.tools.eval.metrics import psnr
 
-    model, space_spec, step, _ = _load(path)
+    model, space_spec, step, _ = _load(path, ema and path.suffix == ".pt")
     model.eval()
     space = load_latent_space(space_spec).eval()
-    out = {"checkpoint": path.name, "step": step, "rate_steps": list(model.cfg.rate_steps), "bpp": [], "psnr": []}
+    out = {"checkpoint": path.name, "step": step, "ema": ema and path.suffix == ".pt",
+           "rate_steps": list(model.cfg.rate_steps), "bpp": [], "psnr": []}
 
     def to_rgb(latent, h, w):
         rec = space.decode(latent)[0, :, :h, :w].clamp(0, 1)
@@ -153,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hours-offset", type=float, default=0.0, help="hours of training before this run (its --init)")
     p.add_argument("--images", type=int, default=24, help="first N Kodak images (default all 24)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ema", action="store_true",
+                   help="training checkpoints: their moving average of the weights (`train codec --ema`), not the "
+                        "weights (released files are measured as they are)")
     p.add_argument("--out", default="results/codec_learning_curve")
     p.add_argument("--anchors", default="results/kodak/eval.json",
                    help="a Kodak `latentcast eval` eval.json: PSNR BD-rate against its classical codecs "
@@ -168,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     points = []
     t0 = time.time()
     for c in a.checkpoints:
-        r = evaluate_checkpoint(Path(c), images)
+        r = evaluate_checkpoint(Path(c), images, ema=a.ema)
         h = _hours(r["step"], hist) if Path(c).suffix == ".pt" else None
         r["hours"] = None if h is None else round(h + a.hours_offset, 3)
         if anchors:
