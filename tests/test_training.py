@@ -395,3 +395,32 @@ def test_random_crops_video_share_and_downscale(tmp_path):
             crops(**kw)
     with pytest.raises(ValueError, match="needs a pixel latent space"):
         training.RandomCrops(cache, 128, 4, np.random.default_rng(0), None, scale_min=0.5)
+
+
+def test_learning_curve_measures_another_folder_or_a_video(tmp_path, monkeypatch):
+    """``--data``: the scored frames of an image folder or a video (every 8th, as `latentcast eval`), capped by
+    ``--images``; no Kodak anchors unless given; a missing path is a clear error."""
+    from latentcast.tools import codec_learning_curve as lc
+
+    video = tmp_path / "clip.avi"
+    vw = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    for i in range(20):
+        vw.write(np.full((48, 64, 3), i * 10, np.uint8))
+    vw.release()
+    frames = lc._data_frames(str(video), 24)
+    assert len(frames) == 3 and [round(f.mean() / 10) for f in frames] == [0, 8, 16]  # frames 0, 8, 16
+    assert len(lc._data_frames(str(video), 2)) == 2
+    seen = {}
+
+    def fake(path, images, ema=False):
+        seen["n"] = len(images)
+        return {"checkpoint": "c.safetensors", "step": None, "bpp": [0.1, 0.2], "psnr": [26.0, 28.0],
+                "psnr_unquantized": 33.0}
+
+    monkeypatch.setattr(lc, "evaluate_checkpoint", fake)
+    assert lc.main(["c.safetensors", "--data", str(video), "--out", str(tmp_path / "lc")]) == 0
+    doc = json.loads((tmp_path / "lc" / "learning_curve.json").read_text())
+    assert seen["n"] == 3 and doc["data"] == str(video) and "anchors" not in doc
+    assert "bd_rate_psnr" not in doc["points"][0]
+    with pytest.raises(SystemExit, match="no such file"):
+        lc.main(["c.safetensors", "--data", str(tmp_path / "missing.avi"), "--out", str(tmp_path / "lc")])

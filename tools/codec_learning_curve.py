@@ -14,6 +14,10 @@ With ``--anchors`` (default ``results/kodak/eval.json``, the classical codecs' K
 ``latentcast eval``), each checkpoint's PSNR BD-rate against each classical codec there (WebP, JPEG,
 x264, x265) is reported beside it: issue 14's measure, on ideal code lengths.
 
+``--data`` measures another image folder or a video's scored frames (every 8th, as ``latentcast eval``) instead
+of Kodak, e.g. the scored vtest frames, for a second view of the same checkpoints (no anchors unless given).
+``--ema`` measures a training checkpoint's moving average of the weights (``train codec --ema``).
+
 Hours come from the checkpoint's ``history.jsonl`` (wall-clock seconds of the run up to the
 checkpoint's step) plus ``--hours-offset`` for the training the run started from. Real packet
 bytes of released weights come from ``latentcast bench codec``; this tool is for following a run::
@@ -108,6 +112,24 @@ def _kodak_images(n: int) -> list[np.ndarray]:
     return [np.ascontiguousarray(cv2.imread(str(f))[:, :, ::-1]) for f in files]
 
 
+def _data_frames(path: str, n: int) -> list[np.ndarray]:
+    """The first ``n`` scored frames of an image folder or a video, as ``latentcast eval`` scores them (a video's
+    every 8th frame), RGB."""
+    from latentcast.tools.eval.data import load_data
+
+    try:
+        clips = load_data(path, classes=[])
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    out: list[np.ndarray] = []
+    for clip in clips:
+        for _, frame in clip.scored_frames():
+            if len(out) == n:
+                return out
+            out.append(frame)
+    return out
+
+
 _CLASSICAL = ("webp", "jpeg", "x264", "x265")
 
 
@@ -155,18 +177,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoints", nargs="+", help="training checkpoints (.pt) and/or released weights (.safetensors)")
     p.add_argument("--history", default=None, help="the run's history.jsonl (training seconds per step)")
     p.add_argument("--hours-offset", type=float, default=0.0, help="hours of training before this run (its --init)")
-    p.add_argument("--images", type=int, default=24, help="first N Kodak images (default all 24)")
+    p.add_argument("--images", type=int, default=24, help="first N Kodak images or --data frames (default 24)")
+    p.add_argument("--data", default="", help="an image folder or a video instead of Kodak (a video: its scored "
+                                              "frames, every 8th, as `latentcast eval`)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ema", action="store_true",
                    help="training checkpoints: their moving average of the weights (`train codec --ema`), not the "
                         "weights (released files are measured as they are)")
     p.add_argument("--out", default="results/codec_learning_curve")
-    p.add_argument("--anchors", default="results/kodak/eval.json",
-                   help="a Kodak `latentcast eval` eval.json: PSNR BD-rate against its classical codecs "
-                        "('' for none; default results/kodak/eval.json)")
+    p.add_argument("--anchors", default=None,
+                   help="a `latentcast eval` eval.json of the same frames: PSNR BD-rate against its classical "
+                        "codecs ('' for none; default results/kodak/eval.json for Kodak, none with --data)")
     a = p.parse_args(argv)
-    anchors, n_anchor = _anchors(Path(a.anchors)) if a.anchors else ({}, None)
-    images = _kodak_images(a.images)
+    anchors_file = a.anchors if a.anchors is not None else ("" if a.data else "results/kodak/eval.json")
+    anchors, n_anchor = _anchors(Path(anchors_file)) if anchors_file else ({}, None)
+    images = _data_frames(a.data, a.images) if a.data else _kodak_images(a.images)
     if n_anchor is not None and n_anchor != len(images):
         log.warning("the --anchors points are over %d images, these over %d: their BD-rates compare different "
                     "images (use --images %d)", n_anchor, len(images), n_anchor)
@@ -189,11 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     res = {"command": provenance.command("python -m latentcast.tools.codec_learning_curve"),
-           "commit": provenance.commit(), "machine": provenance.machine(), "images": len(images),
+           "commit": provenance.commit(), "machine": provenance.machine(), "data": a.data or "kodak",
+           "images": len(images),
            "bpp": "ideal code length of the rounded symbols under the model's tables (headers excluded)",
            "seconds": round(time.time() - t0, 1), "points": points}
     if anchors:
-        res["anchors"] = {"file": a.anchors, "bd_rate_psnr": "per checkpoint, % bytes against each codec for the "
+        res["anchors"] = {"file": anchors_file, "bd_rate_psnr": "per checkpoint, % bytes against each codec for the "
                                                              "same PSNR (negative: fewer)"}
     (out / "learning_curve.json").write_text(json.dumps(res, indent=1))
     import matplotlib
@@ -210,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
             ax[0].plot(xs, [q["psnr"][i] for q in pts if i < len(q["psnr"])], "o-", label=f"rate point {i}")
             ax[1].plot(xs, [q["bpp"][i] for q in pts if i < len(q["bpp"])], "o-", label=f"rate point {i}")
         ax[0].plot([q["hours"] for q in pts], [q["psnr_unquantized"] for q in pts], "k--", label="y, z unquantized")
-        ax[0].set(xlabel="training hours (2-core CPU)", ylabel="Kodak PSNR dB", title="quality")
-        ax[1].set(xlabel="training hours (2-core CPU)", ylabel="Kodak bpp (ideal code length)", title="rate",
+        ax[0].set(xlabel="training hours (2-core CPU)", ylabel=f"{res['data']} PSNR dB", title="quality")
+        ax[1].set(xlabel="training hours (2-core CPU)", ylabel=f"{res['data']} bpp (ideal code length)", title="rate",
                   yscale="log")
         for x in ax:
             x.grid(alpha=0.3)
