@@ -41,6 +41,7 @@ token. With mTLS the client certificate is checked by the TLS layer before this.
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import hashlib
 import hmac
@@ -66,6 +67,11 @@ HANDLER_KINDS = {(False, False): grpc.unary_unary_rpc_method_handler,
                  (False, True): grpc.unary_stream_rpc_method_handler,
                  (True, False): grpc.stream_unary_rpc_method_handler,
                  (True, True): grpc.stream_stream_rpc_method_handler}
+#: how long a refused streaming call may take to deliver its first message before the refusal: a client writes its
+#: first message (the edge: the stream header) as the call opens, and a refusal that overtakes that write leaves the
+#: client with gRPC's "Internal error from Core" (INTERNAL) instead of UNAUTHENTICATED
+REFUSE_AFTER_FIRST_MESSAGE_S = 1.0
+
 REJECT_DETAILS = {"missing": "missing 'authorization: Bearer <token>' metadata",
                   "malformed": "the authorization metadata must be 'Bearer <token>'",
                   "unknown": "unknown bearer token"}
@@ -228,6 +234,15 @@ class TokenRegistry:
         return self.authenticate(metadata)[0]
 
 
+async def _first_message(requests: Any) -> None:
+    """Wait (at most :data:`REFUSE_AFTER_FIRST_MESSAGE_S`) for a refused call's first message and drop it, so that
+    the client's first write lands before the refusal and the client reads UNAUTHENTICATED."""
+    try:
+        await asyncio.wait_for(requests.__anext__(), REFUSE_AFTER_FIRST_MESSAGE_S)
+    except (asyncio.TimeoutError, StopAsyncIteration, grpc.RpcError):
+        pass
+
+
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Reject calls whose ``authorization`` metadata is not ``Bearer <a known token>`` (UNAUTHENTICATED).
 
@@ -269,14 +284,19 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         refuse = self.refuse
 
-        async def unary(_request: Any, context: grpc.aio.ServicerContext) -> None:
+        req_stream = bool(handler and handler.request_streaming)
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> None:
+            if req_stream:
+                await _first_message(request)
             await refuse(context, method, reason)
 
-        async def stream(_request: Any, context: grpc.aio.ServicerContext):  # async generator
+        async def stream(request: Any, context: grpc.aio.ServicerContext):  # async generator
+            if req_stream:
+                await _first_message(request)
             await refuse(context, method, reason)
             yield  # pragma: no cover - unreachable, makes this an async generator
 
-        req_stream = bool(handler and handler.request_streaming)
         resp_stream = bool(handler and handler.response_streaming)
         kw = {}
         if handler is not None:

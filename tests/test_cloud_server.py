@@ -208,6 +208,11 @@ async def test_auth_token(make_server, tiny_codec):
         for md in ((), (("authorization", "Bearer wrong"),), (("authorization", "s3cret"),)):
             err = await write_then_status(stub.Stream(metadata=md), header(tiny_codec))
             assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+        # a refused stream that never writes is refused too, once the wait for its first message is over
+        silent = stub.Stream(metadata=(("authorization", "Bearer wrong"),))
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await asyncio.wait_for(silent.read(), TIMEOUT)
+        assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
         sub = stub.Subscribe(pb.SubscribeRequest(), metadata=(("authorization", "Bearer nope"),))
         with pytest.raises(grpc.aio.AioRpcError) as ei:
             await asyncio.wait_for(sub.read(), TIMEOUT)
@@ -216,7 +221,7 @@ async def test_auth_token(make_server, tiny_codec):
         await call.write(header(tiny_codec))
         assert (await read(call)).WhichOneof("msg") == "accepted"
         call.cancel()
-    assert srv.metrics.value("latentcast_cloud_auth_rejections_total", {"reason": "unknown"}) == 2
+    assert srv.metrics.value("latentcast_cloud_auth_rejections_total", {"reason": "unknown"}) == 3
     # the maintenance server needs no token
     async with channel(srv.ports[1]) as ch:
         resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT)
