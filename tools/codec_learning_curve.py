@@ -70,10 +70,11 @@ def evaluate_checkpoint(path: Path, images: list[np.ndarray], *, ema: bool = Fal
     from latentcast.models.latent_spaces import load_latent_space
     from latentcast.tools.eval.metrics import psnr
 
-    model, space_spec, step, _ = _load(path, ema and path.suffix == ".pt")
+    ema = ema and path.suffix == ".pt"  # a released file is measured as it is
+    model, space_spec, step, _ = _load(path, ema)
     model.eval()
     space = load_latent_space(space_spec).eval()
-    out = {"checkpoint": path.name, "step": step, "ema": ema and path.suffix == ".pt",
+    out = {"checkpoint": path.name, "step": step, "ema": ema,
            "rate_steps": list(model.cfg.rate_steps), "bpp": [], "psnr": []}
 
     def to_rgb(latent, h, w):
@@ -104,12 +105,9 @@ def evaluate_checkpoint(path: Path, images: list[np.ndarray], *, ema: bool = Fal
 
 def _kodak_images(n: int) -> list[np.ndarray]:
     """The first ``n`` Kodak images of the shared folder, RGB."""
-    import cv2
-
     from latentcast.shared import shared_path
 
-    files = sorted(shared_path("data", "images", "kodak").glob("kodim*.png"))[:n]
-    return [np.ascontiguousarray(cv2.imread(str(f))[:, :, ::-1]) for f in files]
+    return _data_frames(str(shared_path("data", "images", "kodak")), n)
 
 
 def _data_frames(path: str, n: int) -> list[np.ndarray]:
