@@ -248,7 +248,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
     ``registry`` holds the tokens (or ``tokens``: a plain list, each an admin of every camera).
     ``on_reject`` (optional) is called with a short reason ("missing", "malformed", "unknown") for each
-    rejected call, e.g. to count it in metrics. Subclasses may override :meth:`refuse` to log the peer.
+    rejected call, e.g. to count it in metrics. Subclasses may override :meth:`log_refusal` to log the peer.
     """
 
     def __init__(self, *, registry: TokenRegistry | None = None, tokens: Iterable[str] = (),
@@ -265,9 +265,13 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         principal, reason = self.registry.authenticate(metadata)
         return None if principal is not None else reason
 
-    async def refuse(self, context: grpc.aio.ServicerContext, method: str, reason: str) -> None:
-        """End a refused call (UNAUTHENTICATED); the default logs at INFO without the peer."""
+    def log_refusal(self, context: grpc.aio.ServicerContext, method: str, reason: str) -> None:
+        """Log a refused call; the default logs at INFO without the peer (subclasses may add it)."""
         log.info("rejected %s: %s bearer token", method, reason)
+
+    async def refuse(self, context: grpc.aio.ServicerContext, method: str, reason: str) -> None:
+        """End a refused call (UNAUTHENTICATED) after :meth:`log_refusal`."""
+        self.log_refusal(context, method, reason)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, REJECT_DETAILS[reason])
 
     async def intercept_service(

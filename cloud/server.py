@@ -104,7 +104,7 @@ from latentcast.proto.bitstream import MAX_ROIS
 from latentcast.proto.ids import SUBSCRIBED_METADATA_KEY
 
 from .analytics import Detection, Detector
-from .auth import HANDLER_KINDS, NOBODY, REJECT_DETAILS, BearerTokenInterceptor, Principal, TokenRegistry
+from .auth import HANDLER_KINDS, NOBODY, BearerTokenInterceptor, Principal, TokenRegistry
 from .config import CloudConfig, is_loopback
 from .decode import Decoder, DecoderRegistry, PacketRefused, describe_packet
 from .frames import CLIENT_FAULT_CODES, AnalysedFrame, FrameJob, FrameOutcome
@@ -422,11 +422,10 @@ class _PeerLoggingAuth(BearerTokenInterceptor):
         super().__init__(registry=registry, on_reject=on_reject)
         self._rl = rl
 
-    async def refuse(self, context, method: str, reason: str) -> None:
+    def log_refusal(self, context, method: str, reason: str) -> None:
         peer = context.peer()
         self._rl(logging.INFO, f"auth:{reason}:{_peer_host(peer)}", "refused %s from %s: %s bearer token", method,
                  peer, reason)
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, REJECT_DETAILS[reason])
 
 
 class _LatentcastServicer(pb_grpc.LatentcastServicer):
