@@ -223,6 +223,9 @@ def test_results_commands_leave_out_this_machines_folders(monkeypatch, tmp_path)
                                       home + "/.cache/latentcast/runs/r/history.jsonl", "--lr", "1e-4", "rel/p"])
     expect = "tool --out res --history ~/.cache/latentcast/runs/r/history.jsonl --lr 1e-4 rel/p"
     assert provenance.command("tool") == expect
+    # a results file's own paths (e.g. codec_learning_curve's checkpoints) are recorded the same way
+    assert provenance.portable_arg(home + "/.cache/latentcast/ab/a/step200.pt") == "~/.cache/latentcast/ab/a/step200.pt"
+    assert provenance.portable_arg("rel/p") == "rel/p"
 
 
 def test_results_without_a_suffix_are_written_as_json(tmp_path):

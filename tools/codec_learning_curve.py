@@ -69,12 +69,13 @@ def evaluate_checkpoint(path: Path, images: list[np.ndarray], *, ema: bool = Fal
     from latentcast.models.codec import image_to_tensor, pad_image
     from latentcast.models.latent_spaces import load_latent_space
     from latentcast.tools.eval.metrics import psnr
+    from latentcast.tools.provenance import portable_arg
 
     ema = ema and path.suffix == ".pt"  # a released file is measured as it is
     model, space_spec, step, _ = _load(path, ema)
     model.eval()
     space = load_latent_space(space_spec).eval()
-    out = {"checkpoint": path.name, "step": step, "ema": ema,
+    out = {"checkpoint": portable_arg(str(path)), "step": step, "ema": ema,
            "rate_steps": list(model.cfg.rate_steps), "bpp": [], "psnr": []}
 
     def to_rgb(latent, h, w):

@@ -8,17 +8,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["command", "commit", "machine", "results_path", "write_results"]
+__all__ = ["command", "commit", "machine", "portable_arg", "results_path", "write_results"]
 
 
 def command(prog: str = "latentcast") -> str:
     """The command line as a user would type it (``latentcast ...``, or ``prog`` and the arguments), without this
     machine's layout: the shared folder as ``$LATENTCAST_SHARED``, paths below the current folder relative,
     the home folder as ``~``."""
-    return " ".join([prog] + [_portable_arg(a) for a in sys.argv[1:]])
+    return " ".join([prog] + [portable_arg(a) for a in sys.argv[1:]])
 
 
-def _portable_arg(arg: str) -> str:
+def portable_arg(arg: str) -> str:
+    """A path as a results file records it: relative paths as they are, absolute ones without this machine's
+    layout (see :func:`command`)."""
     if not os.path.isabs(arg):
         return arg
     from latentcast.shared import portable_path
