@@ -296,9 +296,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             await refuse(context, method, reason)
 
         async def stream(request: Any, context: grpc.aio.ServicerContext):  # async generator
-            if req_stream:
-                await _first_message(request)
-            await refuse(context, method, reason)
+            await unary(request, context)
             yield  # pragma: no cover - unreachable, makes this an async generator
 
         resp_stream = bool(handler and handler.response_streaming)
