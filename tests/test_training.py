@@ -424,3 +424,6 @@ def test_learning_curve_measures_another_folder_or_a_video(tmp_path, monkeypatch
     assert "bd_rate_psnr" not in doc["points"][0]
     with pytest.raises(SystemExit, match="no such file"):
         lc.main(["c.safetensors", "--data", str(tmp_path / "missing.avi"), "--out", str(tmp_path / "lc")])
+    monkeypatch.undo()  # the real measurement: a missing checkpoint is named, not a traceback
+    with pytest.raises(SystemExit, match="no such checkpoint: .*missing.pt"):
+        lc.main([str(tmp_path / "missing.pt"), "--data", str(video), "--out", str(tmp_path / "lc")])

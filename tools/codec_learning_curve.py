@@ -49,6 +49,8 @@ def _load(path: Path, ema: bool = False):
     from latentcast.models.codec import LatentCodec
     from latentcast.models.elic import ElicCodec, ElicConfig
 
+    if not path.is_file():
+        raise SystemExit(f"error: no such checkpoint: {path}")
     if path.suffix == ".safetensors":
         c = LatentCodec.from_file(path)
         return c.model, c.latent_space_spec, c.meta.get("step"), None
