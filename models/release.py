@@ -30,22 +30,23 @@ MACHINE_KEYS = ("out", "cache", "init")
 
 
 def release_codec(checkpoint: str | Path, out: str | Path, *, rate_points: Sequence[int] | None = None,
-                  calibrate: bool = True, ema: bool = False) -> bytes:
+                  calibrate: bool = True, average: str | None = None) -> bytes:
     """Freeze ``checkpoint`` (``last.pt`` of ``latentcast train codec``) into the codec weight file ``out``;
     returns its weights hash. ``rate_points`` ships only these trained rate points (ascending; ``None``:
     all); ``calibrate`` chooses the table offsets on training images (needs the shared training data);
-    ``ema`` ships the moving average of the weights (a run trained with ``--ema``) instead of the weights."""
+    ``average`` ships one of the run's moving averages of the weights instead of the weights: ``"ema"`` (a run
+    trained with ``--ema``) or ``"ema_slow"`` (``--ema-slow``)."""
+    from .training import checkpoint_weights
+
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     c = dict(state["codec"])
     model = ElicCodec(ElicConfig.from_dict(c))
-    if ema and "ema" not in state:
-        raise ValueError(f"{checkpoint} holds no moving average of its weights: the run was trained without --ema")
-    model.load_state_dict(state["ema"] if ema else state["model"])
+    model.load_state_dict(checkpoint_weights(state, average, source=checkpoint))
     model.reset_rate_points()  # the configured steps, with channel gains rounded into them
     train_cfg = {k: v for k, v in (state.get("train") or {}).items() if k not in MACHINE_KEYS}
     meta = {"train": train_cfg, "step": state.get("step"), "latent_var": state.get("latent_var")}
-    if ema:
-        meta["weights"] = f"moving average of the run's weights (decay {train_cfg.get('ema')})"
+    if average is not None:
+        meta["weights"] = f"moving average of the run's weights (decay {train_cfg.get(average)})"
     if rate_points is not None:
         keep = [int(v) for v in rate_points]
         meta["trained_rate_steps"] = list(model.cfg.rate_steps)

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["TrainConfig", "RandomCrops", "WeightAverage", "training_sources", "prepare_cache", "train",
            "default_cache_dir", "load_init", "save_checkpoint", "init_linear_path", "extend_linear_path",
-           "cell_components", "file_groups", "rate_lambdas"]
+           "cell_components", "file_groups", "rate_lambdas", "AVERAGES", "checkpoint_weights"]
 
 
 def default_cache_dir() -> Path:
@@ -82,6 +82,9 @@ class TrainConfig:
     bf16: bool = False  # g_a, g_s in bfloat16 autocast: 1.8x a step with AVX-512 BF16, far slower without it
     ema: float = 0.0  # decay of a moving average of the weights kept beside them (0: off; 0.999 ≈ the last 1,000
     #                   steps): the checkpoint holds it, `release codec --ema` ships it
+    ema_slow: float = 0.0  # decay of a second, slower average beside the first (0: off; 0.9995 ≈ the last 2,000
+    #                        steps), to measure which pays: `release codec --ema-slow` ships it. Added to a running
+    #                        run it starts at the first average (or the weights)
 
     def codec_config(self) -> ElicConfig:
         import dataclasses
@@ -573,6 +576,25 @@ class WeightAverage:
         return out
 
 
+#: a training checkpoint's moving averages: its key -> the `train codec` option that keeps it
+AVERAGES = {"ema": "--ema", "ema_slow": "--ema-slow"}
+
+
+def checkpoint_weights(state: dict, average: str | None = None, *, source: str | Path = "the checkpoint"
+                       ) -> dict[str, torch.Tensor]:
+    """The state dict a training checkpoint (``last.pt``) holds: its weights (``average`` None) or one of its
+    moving averages (``"ema"``, ``"ema_slow"``). Raises ValueError naming ``source`` when the run kept no such
+    average."""
+    if average is None:
+        return state["model"]
+    if average not in AVERAGES:
+        raise ValueError(f"unknown average {average!r} (valid: {', '.join(AVERAGES)})")
+    if average not in state:
+        raise ValueError(f"{source} holds no {'slower ' if average == 'ema_slow' else ''}moving average of its "
+                         f"weights: the run was trained without {AVERAGES[average]}")
+    return state[average]
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write a training checkpoint atomically (a temporary file, then a rename): a run killed while saving keeps
     its previous checkpoint. Used by every trainer (codec, composer)."""
@@ -593,8 +615,9 @@ def train(cfg: TrainConfig) -> Path:
     for name in ("mask_fraction", "stage2_mask_fraction"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise ValueError(f"{name} {getattr(cfg, name)} must be within [0, 1]")
-    if not 0.0 <= cfg.ema < 1.0:
-        raise ValueError(f"ema {cfg.ema} must be within [0, 1) (0: off; e.g. 0.999)")
+    for name, example in (("ema", "0.999"), ("ema_slow", "0.9995")):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise ValueError(f"{name} {getattr(cfg, name)} must be within [0, 1) (0: off; e.g. {example})")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "last.pt"
@@ -656,6 +679,9 @@ def train(cfg: TrainConfig) -> Path:
         return torch.optim.Adam(groups, lr=cfg.lr)
 
     ema = WeightAverage(model, cfg.ema, state.get("ema") if state else None) if cfg.ema > 0 else None
+    ema_slow = None
+    if cfg.ema_slow > 0:  # resumed, or started at the first average where the run kept one
+        ema_slow = WeightAverage(model, cfg.ema_slow, (state.get("ema_slow") or state.get("ema")) if state else None)
     stage = 1 if step < cfg.stage1_steps else 2
     opt = make_opt(stage)
     opt_start: int | None = step  # where Adam started afresh (the warm-up counts from here); None: resumed
@@ -697,8 +723,9 @@ def train(cfg: TrainConfig) -> Path:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if ema is not None:
-            ema.update(model)
+        for average in (ema, ema_slow):
+            if average is not None:
+                average.update(model)
         step += 1
         r_np = rate.numpy()
         np.add.at(run["bpp"], r_np, bpp.detach().numpy())
@@ -716,7 +743,8 @@ def train(cfg: TrainConfig) -> Path:
         if step % cfg.checkpoint_every == 0 or step == total or step == cfg.stage1_steps:
             save_checkpoint(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "stage": stage,
                          "train": asdict(cfg), "codec": ccfg.to_dict(), "latent_var": crops.latent_var,
-                         **({"ema": ema.state_dict(model)} if ema is not None else {})})
+                         **({"ema": ema.state_dict(model)} if ema is not None else {}),
+                         **({"ema_slow": ema_slow.state_dict(model)} if ema_slow is not None else {})})
     pbar.close()
     return ckpt
 

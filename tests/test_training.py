@@ -95,14 +95,32 @@ def test_weight_average_trains_resumes_and_releases(tmp_path, tiny_sources):
     # the learning curve measures the checkpoint's average with --ema, its weights without
     from latentcast.tools.codec_learning_curve import _load
 
-    assert torch.equal(_load(ckpt, ema=True)[0].g_a[0].weight, state2["ema"]["g_a.0.weight"])
+    assert torch.equal(_load(ckpt, "ema")[0].g_a[0].weight, state2["ema"]["g_a.0.weight"])
     assert torch.equal(_load(ckpt)[0].g_a[0].weight, state2["model"]["g_a.0.weight"])
     plain = training.TrainConfig(out=str(tmp_path / "plain"), cache=str(tmp_path / "cache"), stage1_steps=1,
                                  stage2_steps=0, batch=2, crop=128, overrides=over)
     plain_ckpt = training.train(plain)
     assert main(["release", "codec", str(plain_ckpt), "--out", str(out), "--no-calibrate", "--ema"]) == 2
     with pytest.raises(SystemExit, match="no moving average"):
-        _load(plain_ckpt, ema=True)
+        _load(plain_ckpt, "ema")
+    assert main(["release", "codec", str(plain_ckpt), "--out", str(out), "--no-calibrate", "--ema-slow"]) == 2
+    # --ema-slow added to the running run: a second average, started at the first, slower from there on
+    slow = dataclasses.replace(cfg, stage1_steps=8, ema_slow=0.9)
+    training.train(slow)
+    state3 = torch.load(ckpt, weights_only=False)
+    fast_step, slow_step = (state3[k]["g_a.0.weight"] - state2["ema"]["g_a.0.weight"] for k in ("ema", "ema_slow"))
+    assert 0 < slow_step.abs().max() < fast_step.abs().max()  # decay 0.9 moves less than 0.5 from the same start
+    assert torch.equal(_load(ckpt, "ema_slow")[0].g_a[0].weight, state3["ema_slow"]["g_a.0.weight"])
+    assert main(["release", "codec", str(ckpt), "--out", str(out), "--no-calibrate", "--ema-slow"]) == 0
+    codec = LatentCodec.from_file(out)
+    assert torch.equal(codec.model.g_a[0].weight, state3["ema_slow"]["g_a.0.weight"])
+    assert "decay 0.9)" in codec.meta["weights"]
+    with pytest.raises(SystemExit):  # one average or the other
+        main(["release", "codec", str(ckpt), "--out", str(out), "--ema", "--ema-slow"])
+    with pytest.raises(SystemExit, match="no slower moving average"):
+        _load(plain_ckpt, "ema_slow")
+    with pytest.raises(ValueError, match="ema_slow"):
+        training.train(dataclasses.replace(slow, ema_slow=-0.1))
 
 
 def test_channel_gains_train_release_and_code(tmp_path, tiny_sources):
@@ -306,7 +324,7 @@ def test_learning_curve_reports_bd_rates_against_the_kodak_anchors(tmp_path, mon
     ours = {"checkpoint": "c.safetensors", "step": None, "bpp": [0.1, 0.2, 0.4], "psnr": [26.0, 28.0, 30.0],
             "psnr_unquantized": 33.0}
     monkeypatch.setattr(lc, "_kodak_images", lambda n: [])
-    monkeypatch.setattr(lc, "evaluate_checkpoint", lambda path, images, ema=False: dict(ours))
+    monkeypatch.setattr(lc, "evaluate_checkpoint", lambda path, images, average=None: dict(ours))
     anchors = tmp_path / "eval.json"
     webp = [(0.1, 27.0), (0.2, 29.0), (0.4, 31.0), (0.8, 33.0)]
     jpeg = [(0.15, 24.0), (0.3, 27.0), (0.6, 30.0), (1.2, 33.0)]
@@ -412,7 +430,7 @@ def test_learning_curve_measures_another_folder_or_a_video(tmp_path, monkeypatch
     assert len(lc._data_frames(str(video), 2)) == 2
     seen = {}
 
-    def fake(path, images, ema=False):
+    def fake(path, images, average=None):
         seen["n"] = len(images)
         return {"checkpoint": "c.safetensors", "step": None, "bpp": [0.1, 0.2], "psnr": [26.0, 28.0],
                 "psnr_unquantized": 33.0}

@@ -16,7 +16,8 @@ x264, x265) is reported beside it: issue 14's measure, on ideal code lengths.
 
 ``--data`` measures another image folder or a video's scored frames (every 8th, as ``latentcast eval``) instead
 of Kodak, e.g. the scored vtest frames, for a second view of the same checkpoints (no anchors unless given).
-``--ema`` measures a training checkpoint's moving average of the weights (``train codec --ema``).
+``--ema`` measures a training checkpoint's moving average of the weights (``train codec --ema``), ``--ema-slow``
+its slower one (``--ema-slow``).
 
 Hours come from the checkpoint's ``history.jsonl`` (wall-clock seconds of the run up to the
 checkpoint's step) plus ``--hours-offset`` for the training the run started from. Real packet
@@ -43,11 +44,12 @@ log = logging.getLogger(__name__)
 __all__ = ["evaluate_checkpoint", "main"]
 
 
-def _load(path: Path, ema: bool = False):
+def _load(path: Path, average: str | None = None):
     import torch
 
     from latentcast.models.codec import LatentCodec
     from latentcast.models.elic import ElicCodec, ElicConfig
+    from latentcast.models.training import checkpoint_weights
 
     if not path.is_file():
         raise SystemExit(f"error: no such checkpoint: {path}")
@@ -55,17 +57,19 @@ def _load(path: Path, ema: bool = False):
         c = LatentCodec.from_file(path)
         return c.model, c.latent_space_spec, c.meta.get("step"), None
     state = torch.load(path, map_location="cpu", weights_only=False)
-    if ema and "ema" not in state:
-        raise SystemExit(f"error: {path} holds no moving average of its weights (the run was trained without --ema)")
+    try:
+        weights = checkpoint_weights(state, average, source=path)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     cd = dict(state["codec"])
     model = ElicCodec(ElicConfig.from_dict(cd))
-    model.load_state_dict(state["ema"] if ema else state["model"])
+    model.load_state_dict(weights)
     return model, state["train"]["latent_space"], int(state["step"]), state["train"]
 
 
-def evaluate_checkpoint(path: Path, images: list[np.ndarray], *, ema: bool = False) -> dict:
-    """bpp (ideal code length) and PSNR per rate point over ``images`` (full frames); ``ema``: a training
-    checkpoint's moving average of the weights instead of its weights."""
+def evaluate_checkpoint(path: Path, images: list[np.ndarray], *, average: str | None = None) -> dict:
+    """bpp (ideal code length) and PSNR per rate point over ``images`` (full frames); ``average``: one of a
+    training checkpoint's moving averages of the weights (``"ema"``, ``"ema_slow"``) instead of its weights."""
     import torch
 
     from latentcast.models.codec import image_to_tensor, pad_image
@@ -73,11 +77,11 @@ def evaluate_checkpoint(path: Path, images: list[np.ndarray], *, ema: bool = Fal
     from latentcast.tools.eval.metrics import psnr
     from latentcast.tools.provenance import portable_arg
 
-    ema = ema and path.suffix == ".pt"  # a released file is measured as it is
-    model, space_spec, step, _ = _load(path, ema)
+    average = average if path.suffix == ".pt" else None  # a released file is measured as it is
+    model, space_spec, step, _ = _load(path, average)
     model.eval()
     space = load_latent_space(space_spec).eval()
-    out = {"checkpoint": portable_arg(str(path)), "step": step, "ema": ema,
+    out = {"checkpoint": portable_arg(str(path)), "step": step, "ema": average is not None, "average": average,
            "rate_steps": list(model.cfg.rate_steps), "bpp": [], "psnr": []}
 
     def to_rgb(latent, h, w):
@@ -182,9 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="", help="an image folder or a video instead of Kodak (a video: its scored "
                                               "frames, every 8th, as `latentcast eval`)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--ema", action="store_true",
-                   help="training checkpoints: their moving average of the weights (`train codec --ema`), not the "
-                        "weights (released files are measured as they are)")
+    avg = p.add_mutually_exclusive_group()
+    avg.add_argument("--ema", action="store_true",
+                     help="training checkpoints: their moving average of the weights (`train codec --ema`), not the "
+                          "weights (released files are measured as they are)")
+    avg.add_argument("--ema-slow", action="store_true",
+                     help="training checkpoints: their slower moving average (`train codec --ema-slow`)")
     p.add_argument("--out", default="results/codec_learning_curve")
     p.add_argument("--anchors", default=None,
                    help="a `latentcast eval` eval.json of the same frames: PSNR BD-rate against its classical "
@@ -201,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     points = []
     t0 = time.time()
     for c in a.checkpoints:
-        r = evaluate_checkpoint(Path(c), images, ema=a.ema)
+        r = evaluate_checkpoint(Path(c), images, average="ema" if a.ema else "ema_slow" if a.ema_slow else None)
         h = _hours(r["step"], hist) if Path(c).suffix == ".pt" else None
         r["hours"] = None if h is None else round(h + a.hours_offset, 3)
         if anchors:

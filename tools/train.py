@@ -105,15 +105,17 @@ def release(a: argparse.Namespace) -> int:
     if a.what == "synthesis":
         from latentcast.models.synthesis import release_synthesis
 
-        if a.rate_points or a.no_calibrate or a.ema:
-            raise SystemExit("error: --rate-points, --no-calibrate and --ema are options of `release codec`")
+        if a.rate_points or a.no_calibrate or a.ema or a.ema_slow:
+            raise SystemExit("error: --rate-points, --no-calibrate, --ema and --ema-slow are options of "
+                             "`release codec`")
         print(f"{release_synthesis(a.checkpoint, a.out)}")
         return 0
     from latentcast.models.release import release_codec
 
     rate_points = [int(v) for v in a.rate_points.split(",")] if a.rate_points else None
+    average = "ema" if a.ema else "ema_slow" if a.ema_slow else None
     weights_hash = release_codec(a.checkpoint, a.out, rate_points=rate_points, calibrate=not a.no_calibrate,
-                                 ema=a.ema)
+                                 average=average)
     print(f"{a.out}: weights hash {weights_hash.hex()}")
     return 0
 
@@ -169,8 +171,11 @@ def add_release_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("--rate-points", help="ship only these trained rate points, e.g. 1,2,3 (default: all)")
     r.add_argument("--no-calibrate", action="store_true",
                    help="keep the trained table offsets (default: calibrate them on training images for real bytes)")
-    r.add_argument("--ema", action="store_true",
-                   help="release the moving average of the weights (a run trained with --ema), not the weights")
+    avg = r.add_mutually_exclusive_group()
+    avg.add_argument("--ema", action="store_true",
+                     help="release the moving average of the weights (a run trained with --ema), not the weights")
+    avg.add_argument("--ema-slow", action="store_true",
+                     help="release the slower moving average (a run trained with --ema-slow), not the weights")
     r.set_defaults(func=release)
 
 
