@@ -123,6 +123,33 @@ def test_weight_average_trains_resumes_and_releases(tmp_path, tiny_sources):
         training.train(dataclasses.replace(slow, ema_slow=-0.1))
 
 
+def test_two_workers_train_one_model(tmp_path, tiny_sources):
+    """--workers 2: two processes average their gradients every step, so they stay in step (checked at every
+    checkpoint, which would raise) and train a model that differs from worker 0's alone (the same start, seed and
+    crops, which alone repeat exactly); worker 0 writes the checkpoint with its moving average; bad counts are
+    refused."""
+    import shutil
+
+    over = {"N": 16, "M": 32, "groups": [16, 16], "Nz": 8, "Nh": 16, "ctx": 8, "ep": 16, "gs_width": 16,
+            "gs_blocks": 1}
+    base = dict(cache=str(tmp_path / "cache"), stage1_steps=2, stage2_steps=0, batch=2, crop=128,
+                checkpoint_every=2, overrides=over, lr=1e-3, threads=1, ema=0.5)
+    start = training.train(training.TrainConfig(out=str(tmp_path / "start"), **base))
+    runs = {}
+    for name, workers in (("one", 1), ("again", 1), ("two", 2)):
+        (tmp_path / name).mkdir()
+        shutil.copy(start, tmp_path / name / "last.pt")  # each resumes from the same step-2 checkpoint
+        cfg = training.TrainConfig(out=str(tmp_path / name), workers=workers, **{**base, "stage1_steps": 6})
+        runs[name] = torch.load(training.train(cfg), weights_only=False)
+    assert runs["two"]["step"] == 6 and runs["two"]["train"]["workers"] == 2 and "ema" in runs["two"]
+    w = {k: r["model"]["g_a.0.weight"] for k, r in runs.items()}
+    assert torch.equal(w["one"], w["again"])  # worker 0 alone repeats itself exactly
+    assert torch.isfinite(w["two"]).all() and not torch.equal(w["one"], w["two"])  # the other worker's gradients
+    for bad in ({"workers": 0}, {"threads": 0}):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            training.train(dataclasses.replace(cfg, **bad))
+
+
 def test_channel_gains_train_release_and_code(tmp_path, tiny_sources):
     """--channel-gains: the offsets learn (their own learning rate), the release rounds them into per-channel
     steps and table offsets (calibration shifts a rate point's channels together), and frames round-trip."""
