@@ -228,23 +228,46 @@ def test_shipped_int8_analysis_is_close_to_float32():
     assert rms < 0.04 * float(y.std()) and rms < 0.1, rms
 
 
-def test_edge_encode_cloud_decode_bit_exact_kodak():
-    """All 24 Kodak images, encoded by ONNX Runtime, decoded by PyTorch: every symbol CRC matches."""
-    codec, enc = _shipped()
-    images = _kodak()
-    assert len(images) == 24
-    for i, img in enumerate(images):
-        q = i % codec.n_rates
-        data = enc.compress(img, rate_point=q)
+def _check_bit_exact_on_kodak(codec: LatentCodec, enc: EdgeEncoder, images: list[np.ndarray], *,
+                              whole: int) -> None:
+    """The first ``whole`` images coded whole, one rate point after another, then ROIs with a coded background at
+    every (ROI rate point, background rate point) pair on the images after them (as many as there are of either,
+    both cycled): encoded by ONNX Runtime, decoded by PyTorch, where any symbol that differs fails the packet's
+    symbol CRC."""
+    for i, img in enumerate(images[:whole]):
+        data = enc.compress(img, rate_point=i % codec.n_rates)
         rec = codec.decompress(data, decode_frame=False)
         assert Packet.from_bytes(data).header.symbol_crc != 0
         assert np.isfinite(rec.latent).all()
-    # ROIs with a coded background: every (ROI rate point, background rate point) pair, on real images
     pairs = [(q, b) for q in range(codec.n_rates) for b in range(q + 1)]
-    for i, img in enumerate(images[: 2 * len(pairs)]):
-        q, b = pairs[i % len(pairs)]
+    rest = images[whole:]
+    for i in range(max(len(rest), len(pairs))):
+        img, (q, b) = rest[i % len(rest)], pairs[i % len(pairs)]
         h, w = img.shape[:2]
         roi = Roi(x0=w // 4, y0=h // 5, x1=w // 4 + w // 3, y1=h // 5 + h // 2)
         data = enc.compress(img, [roi], rate_point=q, background=b)
         assert Packet.from_bytes(data).header.bg_rate_point == b
         assert codec.decompress(data, decode_frame=False).mask.all()
+
+
+def test_edge_encode_cloud_decode_bit_exact_kodak():
+    """All 24 Kodak images, encoded by ONNX Runtime, decoded by PyTorch: every symbol CRC matches; then every
+    (ROI, background) rate-point pair on real images."""
+    codec, enc = _shipped()
+    images = _kodak()
+    assert len(images) == 24
+    _check_bit_exact_on_kodak(codec, enc, images + images[:20], whole=24)  # each pair twice
+
+
+def test_v3_snapshot_bit_exact_at_every_rate_point_and_background_level(tmp_path):
+    """The committed elic-lite-v3 snapshot (linear path, per-channel steps), exported as the edge would run it:
+    each of its rate points on Kodak images, and every (ROI, background) pair, decode bit-exactly."""
+    from .conftest import _export_bundle
+
+    w = WEIGHTS_DIR / "elic-lite-v3-snapshot.safetensors"
+    if not w.is_file():
+        pytest.fail(f"committed weights {w} missing")
+    codec = LatentCodec.from_file(w)
+    enc = EdgeEncoder(bundle=_export_bundle(codec, tmp_path / "bundle"))
+    assert enc.weights_hash == codec.weights_hash and codec.model.cfg.linear_path
+    _check_bit_exact_on_kodak(codec, enc, _kodak(12), whole=2 * codec.n_rates)
