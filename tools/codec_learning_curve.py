@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from latentcast.tools import provenance
+    from latentcast.tools.options import add_average_options, chosen_average
 
     p = argparse.ArgumentParser(
         prog="python -m latentcast.tools.codec_learning_curve", description=__doc__.split("\n")[0]
@@ -186,12 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="", help="an image folder or a video instead of Kodak (a video: its scored "
                                               "frames, every 8th, as `latentcast eval`)")
     p.add_argument("--threads", type=int, default=2)
-    avg = p.add_mutually_exclusive_group()
-    avg.add_argument("--ema", action="store_true",
-                     help="training checkpoints: their moving average of the weights (`train codec --ema`), not the "
-                          "weights (released files are measured as they are)")
-    avg.add_argument("--ema-slow", action="store_true",
-                     help="training checkpoints: their slower moving average (`train codec --ema-slow`)")
+    add_average_options(p, "measure", " (released files are measured as they are)")
     p.add_argument("--out", default="results/codec_learning_curve")
     p.add_argument("--anchors", default=None,
                    help="a `latentcast eval` eval.json of the same frames: PSNR BD-rate against its classical "
@@ -208,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     points = []
     t0 = time.time()
     for c in a.checkpoints:
-        r = evaluate_checkpoint(Path(c), images, average="ema" if a.ema else "ema_slow" if a.ema_slow else None)
+        r = evaluate_checkpoint(Path(c), images, average=chosen_average(a))
         h = _hours(r["step"], hist) if Path(c).suffix == ".pt" else None
         r["hours"] = None if h is None else round(h + a.hours_offset, 3)
         if anchors:

@@ -24,8 +24,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["field_comments", "add_dataclass_options", "add_analysis_option", "dataclass_from_args", "option_name",
-           "EDGE_CONFIG_HELP", "temporal_settings"]
+__all__ = ["field_comments", "add_dataclass_options", "add_analysis_option", "add_average_options", "chosen_average",
+           "dataclass_from_args", "option_name", "EDGE_CONFIG_HELP", "temporal_settings"]
 
 #: ``--edge-config`` of the tools that code temporal streams outside an edge (eval, bench stream)
 EDGE_CONFIG_HELP = ("code temporal streams with the temporal settings of this edge config and its "
@@ -139,6 +139,22 @@ def temporal_settings(path: str):
         return load_edge_config(path).temporal
     except (OSError, ValueError) as exc:
         raise SystemExit(f"error: --edge-config {path}: {exc}") from None
+
+
+def add_average_options(p: argparse.ArgumentParser, verb: str, note: str = "") -> None:
+    """``--ema`` / ``--ema-slow`` (one or neither): which of a training checkpoint's moving averages of the weights
+    the tool ``verb``s instead of its weights (the keys of ``models.training.AVERAGES``); :func:`chosen_average`
+    reads the choice back."""
+    avg = p.add_mutually_exclusive_group()
+    avg.add_argument("--ema", action="store_true",
+                     help=f"{verb} the moving average of the weights (a run trained with --ema), not the weights{note}")
+    avg.add_argument("--ema-slow", action="store_true",
+                     help=f"{verb} the slower moving average (a run trained with --ema-slow), not the weights")
+
+
+def chosen_average(a: argparse.Namespace) -> str | None:
+    """The average :func:`add_average_options` chose: ``"ema"``, ``"ema_slow"`` or None (the weights)."""
+    return "ema" if a.ema else "ema_slow" if a.ema_slow else None
 
 
 def add_analysis_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

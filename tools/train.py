@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from latentcast.tools.options import add_dataclass_options, dataclass_from_args
+from latentcast.tools.options import add_average_options, add_dataclass_options, chosen_average, dataclass_from_args
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def release(a: argparse.Namespace) -> int:
     if a.what == "synthesis":
         from latentcast.models.synthesis import release_synthesis
 
-        if a.rate_points or a.no_calibrate or a.ema or a.ema_slow:
+        if a.rate_points or a.no_calibrate or chosen_average(a) is not None:
             raise SystemExit("error: --rate-points, --no-calibrate, --ema and --ema-slow are options of "
                              "`release codec`")
         print(f"{release_synthesis(a.checkpoint, a.out)}")
@@ -113,9 +113,8 @@ def release(a: argparse.Namespace) -> int:
     from latentcast.models.release import release_codec
 
     rate_points = [int(v) for v in a.rate_points.split(",")] if a.rate_points else None
-    average = "ema" if a.ema else "ema_slow" if a.ema_slow else None
     weights_hash = release_codec(a.checkpoint, a.out, rate_points=rate_points, calibrate=not a.no_calibrate,
-                                 average=average)
+                                 average=chosen_average(a))
     print(f"{a.out}: weights hash {weights_hash.hex()}")
     return 0
 
@@ -171,11 +170,7 @@ def add_release_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("--rate-points", help="ship only these trained rate points, e.g. 1,2,3 (default: all)")
     r.add_argument("--no-calibrate", action="store_true",
                    help="keep the trained table offsets (default: calibrate them on training images for real bytes)")
-    avg = r.add_mutually_exclusive_group()
-    avg.add_argument("--ema", action="store_true",
-                     help="release the moving average of the weights (a run trained with --ema), not the weights")
-    avg.add_argument("--ema-slow", action="store_true",
-                     help="release the slower moving average (a run trained with --ema-slow), not the weights")
+    add_average_options(r, "release")
     r.set_defaults(func=release)
 
 
