@@ -127,7 +127,7 @@ class EdgeApp:
             from latentcast.edge.encoder import EdgeEncoder
 
             self._encoder = EdgeEncoder(bundle=cfg.codec.bundle or None, threads=cfg.codec.threads,
-                                        analysis=cfg.codec.analysis)
+                                        analysis=cfg.codec.analysis, rdoq=cfg.codec.rdoq)
         n_rates = int(self._encoder.n_rates)
         if not 0 <= cfg.codec.rate_point < n_rates:
             raise ValueError(f"codec.rate_point {cfg.codec.rate_point} out of range 0..{n_rates - 1} for this bundle")

@@ -6,7 +6,7 @@
         g_a, h_a: analysis_stage1..3.int8.onnx, analysis_stage4.onnx, hyper_analysis.onnx (analysis="int8",
         the default, where the bundle has them) or analysis.onnx (float32)
     ROIs ─► proto.grid.coded_cells ─► tx, rate map (ROI cells finer than a coded background) ─┐
-    y, z_sym, tx, anchor, rate, rate map ─► entropy.onnx (exact integer networks) ─► y_sym, y_table
+    y, z_sym, tx, anchor, rate, rate map, rdoq ─► entropy.onnx (exact integer networks) ─► y_sym, y_table
     ─► proto.symbols.LatentEncoder (range coding, CRC) ─► packet bytes
 
 The bundle is written by ``latentcast export edge`` (``models/export.py``);
@@ -28,7 +28,7 @@ from latentcast.onnx_runtime import ort_session
 from latentcast.proto.entropy import TableSet
 from latentcast.proto.grid import anchor_mask, padded_size
 from latentcast.proto.ids import EDGE_BUNDLE_FORMATS
-from latentcast.proto.symbols import FrameCompressor, LatentEncoder, quantize_z, rate_steps_of
+from latentcast.proto.symbols import RDOQ_LAMBDA, FrameCompressor, LatentEncoder, check_rdoq, quantize_z, rate_steps_of
 from latentcast.weights import weights_path
 
 log = logging.getLogger(__name__)
@@ -83,11 +83,15 @@ class EdgeEncoder(FrameCompressor):
 
     ``analysis``: ``int8`` runs g_a's stages quantized where the bundle has them (``analysis_int8``: about 2x
     faster, y within 0.04 rms of float32's, whose quantization steps are 1 or more), else float32; ``float32``
-    always runs the float graphs. Only the edge runs g_a, so either way the cloud decodes the packets exactly."""
+    always runs the float graphs. Only the edge runs g_a, so either way the cloud decodes the packets exactly.
+    ``rdoq``: λ of the symbols' rate-distortion optimized choice (``proto.symbols.quantize_y``; 0: plain
+    rounding); bundles exported before it round plainly."""
 
-    def __init__(self, *, bundle: Path | str | None = None, threads: int = 0, analysis: str = "int8"):
+    def __init__(self, *, bundle: Path | str | None = None, threads: int = 0, analysis: str = "int8",
+                 rdoq: float = RDOQ_LAMBDA):
         if analysis not in ANALYSIS_PRECISIONS:
             raise ValueError(f"analysis {analysis!r} is not one of {', '.join(ANALYSIS_PRECISIONS)}")
+        self.rdoq = check_rdoq(rdoq)
         self.bundle = Path(bundle) if bundle else default_bundle_dir()
         mpath = self.bundle / "manifest.json"
         if not mpath.is_file():
@@ -110,7 +114,13 @@ class EdgeEncoder(FrameCompressor):
                 raise ValueError(f"{mpath}: {what} {name!r} is not one of the bundle's files "
                                  f"({', '.join(sorted(self.manifest.get('files', {})))}): re-export the bundle")
         self._ent = ort_session(self.bundle / "entropy.onnx", threads=threads)
-        self._has_rate_map = "rate_map" in {i.name for i in self._ent.get_inputs()}
+        ent_inputs = {i.name for i in self._ent.get_inputs()}
+        self._has_rate_map = "rate_map" in ent_inputs
+        self._has_rdoq = "rdoq" in ent_inputs
+        if not self._has_rdoq and self.rdoq > 0:
+            log.warning("edge bundle %s predates rate-distortion optimized quantization (codec.rdoq %g): its "
+                        "symbols are plainly rounded; re-export it with `latentcast export edge`", self.bundle,
+                        self.rdoq)
         t = np.load(self.bundle / "tables.npz")
         y_tables = TableSet.from_packed(t["y_packed"], t["y_lengths"], t["y_offsets"])
         z_tables = TableSet.from_packed(t["z_packed"], t["z_lengths"], t["z_offsets"])
@@ -179,6 +189,8 @@ class EdgeEncoder(FrameCompressor):
         feeds = {"y": y[None].astype(np.float32), "z_sym": z_sym[None].astype(np.float32),
                  "tx": tx_mask[None, None], "anchor": anchor_mask(h, w)[None, None],
                  "rate": np.array([rate_point], dtype=np.int64)}
+        if self._has_rdoq:
+            feeds["rdoq"] = np.array([self.rdoq], dtype=np.float64)
         if self._has_rate_map:
             rmap = np.full((h, w), rate_point, dtype=np.int64) if cell_rate is None else cell_rate.astype(np.int64)
             feeds["rate_map"] = rmap[None, None]

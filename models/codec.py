@@ -38,11 +38,15 @@ from latentcast.proto.entropy import TableSet, gaussian_tables, quantize_pmf
 from latentcast.proto.grid import coded_cells, grid_shape, padded_size
 from latentcast.proto.ids import CODEC_IDS, LATENT_SPACE_IDS
 from latentcast.proto.symbols import (
+    RDOQ_LAMBDA,
+    RDOQ_RADIUS,
     FrameCompressor,
     LatentDecoder,
     LatentEncoder,
     check_frame,
+    check_rdoq,
     coding_steps,
+    quantize_y,
     quantize_z,
     rate_steps_of,
 )
@@ -134,6 +138,7 @@ class LatentCodec(FrameCompressor):
             raise ValueError(f"latent space {latent_space!r} has no wire id (valid: {', '.join(LATENT_SPACE_IDS)})")
         self.latent_space_id = LATENT_SPACE_IDS[family]
         self._latent_space = None
+        self.rdoq = RDOQ_LAMBDA  # the encoder's λ of proto.symbols.quantize_y (0: plain rounding)
         self._enc = LatentEncoder(groups=self.cfg.groups, y_tables=y_tables, z_tables=z_tables,
                                   codec_id=self.codec_id, weights_hash=weights_hash,
                                   latent_space_id=self.latent_space_id)
@@ -279,13 +284,18 @@ class LatentCodec(FrameCompressor):
         tab = torch.zeros_like(yt)
         slices = m.group_slices()
 
+        lam = 0.0 if raw_index else check_rdoq(self.rdoq)  # table calibration sees plainly rounded symbols
+        lengths = self.y_tables.code_lengths(RDOQ_RADIUS) if lam else None
+
         def step(k, _is_anchor, cells, mu, idx):
             sl = slices[k]
             d = channel_slice(delta, sl)
-            s = torch.floor((yt[:, sl] - mu) / d + 0.5)
+            t = idx if raw_index else m.table_index(idx, qc, sl)
+            r = (yt[:, sl] - mu) / d
+            s = torch.from_numpy(quantize_y(r.numpy(), t.numpy(), lengths, lam)) if lam else torch.floor(r + 0.5)
             where = cells & tx
             sym[:, sl] = torch.where(where, s, sym[:, sl])
-            tab[:, sl] = torch.where(where, idx if raw_index else m.table_index(idx, qc, sl), tab[:, sl])
+            tab[:, sl] = torch.where(where, t, tab[:, sl])
             return torch.where(tx, mu + d * s, mu)
 
         z_hat = torch.from_numpy(z_sym).double()[None] * m.rate_zdelta[q].view(1, 1, 1, 1)

@@ -11,7 +11,8 @@
                       activations calibrated on training frames), the edge's default (codec.analysis);
                       the last stage, which writes y, stays float (manifest "analysis_int8")
       entropy.onnx    y, z_sym, tx (1,1,h,w) bool, anchor (1,1,h,w) bool, rate (1,) int64 (z's step),
-                      rate_map (1,1,h,w) int64 (each cell's rate point: ROIs finer than the background)
+                      rate_map (1,1,h,w) int64 (each cell's rate point: ROIs finer than the background),
+                      rdoq (1,) float64 (λ of proto.symbols.quantize_y; 0 = plain rounding)
                         ─► y_sym, y_table (1,M,h,w) int32      exact integer networks (Conv / ConvInteger)
                            y_hat (1,M,h,w) float64               the decoded latent (temporal reference)
       tables.npz      integer probability tables (y: per scale, z: per channel), groups
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 
 from latentcast.proto.ids import EDGE_BUNDLE_FORMATS as BUNDLE_FORMATS
+from latentcast.proto.symbols import RDOQ_RADIUS
 
 from .codec import LatentCodec
 from .elic import MEAN_RES, Y_IN_RES, analysis_halo, analysis_stages
@@ -163,6 +165,27 @@ def _entropy_graph(codec: LatentCodec):
                               g.const(np.array([1], np.int64))])
 
     delta_all, kq_all = per_cell(m.rate_delta), per_cell(m.rate_k)
+    # rate-distortion optimized quantization (proto.symbols.quantize_y) with the input λ "rdoq"
+    lengths = codec.y_tables.code_lengths(RDOQ_RADIUS)
+    width = lengths.shape[1]
+    lam = "rdoq"
+    rdoq_on = g.op("Greater", [lam, g.d(0.0)])
+    bits_table = g.const(lengths.ravel(), "code_lengths")
+
+    def rd_cost(sym: str, err: str, table: str) -> str:
+        at = g.op("Add", [g.op("Mul", [table, g.d(float(width))]),
+                          g.op("Add", [g.op("Clip", [sym, g.d(-float(RDOQ_RADIUS)), g.d(float(RDOQ_RADIUS))]),
+                                       g.d(float(RDOQ_RADIUS))])])
+        bits = g.op("Gather", [bits_table, g.op("Cast", [at], to=TensorProto.INT64)], axis=0)
+        return g.op("Add", [g.op("Mul", [err, err]), g.op("Mul", [lam, bits])])
+
+    def quantize_y(r: str, table: str) -> str:
+        lo = g.op("Floor", [r])
+        hi = g.op("Add", [lo, g.d(1.0)])
+        rd = g.op("Where", [g.op("LessOrEqual", [rd_cost(hi, g.op("Sub", [hi, r]), table),
+                                                 rd_cost(lo, g.op("Sub", [r, lo]), table)]), hi, lo])
+        return g.op("Where", [rdoq_on, rd, g.op("Floor", [g.op("Add", [r, g.d(0.5)])])])
+
     H = g.qseq(m.h_s, g.quantize_input(z, 1.0))
     shape_hw = g.op("Slice", [g.op("Shape", [y]), g.const(np.array([2], np.int64)), g.const(np.array([4], np.int64))])
     codes_prev: list[str] = []
@@ -188,8 +211,8 @@ def _entropy_graph(codec: LatentCodec):
                                              g.const(np.array([1], np.int64))]), g.d(float(MEAN_RES))])
             idx = g.op("Slice", [out, g.const(np.array([c], np.int64)), g.const(np.array([2 * c], np.int64)),
                                  g.const(np.array([1], np.int64))])
-            s = g.op("Floor", [g.op("Add", [g.op("Div", [g.op("Sub", [yk, mu]), delta]), g.d(0.5)])])
             tab = g.op("Clip", [g.op("Sub", [idx, kq]), g.d(0.0), g.d(float(cfg.n_scales - 1))])
+            s = quantize_y(g.op("Div", [g.op("Sub", [yk, mu]), delta]), tab)
             yh = g.op("Where", ["tx", g.op("Add", [mu, g.op("Mul", [delta, s])]), mu])
             res["s_a" if is_anchor else "s_n"] = s
             res["t_a" if is_anchor else "t_n"] = tab
@@ -216,6 +239,7 @@ def _entropy_graph(codec: LatentCodec):
         helper.make_tensor_value_info("anchor", TensorProto.BOOL, [1, 1, "h", "w"]),
         helper.make_tensor_value_info("rate", TensorProto.INT64, [1]),
         helper.make_tensor_value_info("rate_map", TensorProto.INT64, [1, 1, "h", "w"]),
+        helper.make_tensor_value_info("rdoq", TensorProto.DOUBLE, [1]),  # λ of quantize_y (0: plain rounding)
     ]
     outputs = [
         helper.make_tensor_value_info("y_sym", TensorProto.INT32, [1, cfg.M, "h", "w"]),
@@ -356,8 +380,8 @@ def export_edge_bundle(codec: LatentCodec, out_dir: Path | str, *, int8: bool = 
     np.savez(out / "tables.npz", y_packed=yp, y_lengths=yl, y_offsets=yo, z_packed=zp, z_lengths=zl, z_offsets=zo)
     files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (*graphs, ent, out / "tables.npz")}
     cfg = codec.cfg
-    manifest = {  # format 2: y is the last stage's output plus analysis_linear's (edges that predate it refuse it)
-        "format": BUNDLE_FORMATS[1] if linear is not None else BUNDLE_FORMATS[0],
+    manifest = {  # format 3: entropy.onnx takes rdoq (edges that predate it refuse the bundle)
+        "format": BUNDLE_FORMATS[-1],
         "codec": codec.codec_name, "codec_id": codec.codec_id, "weights_hash": codec.weights_hash.hex(),
         "latent_space": codec.latent_space_spec, "latent_space_id": codec.latent_space_id,
         "groups": list(cfg.groups), "M": cfg.M, "Nz": cfg.Nz, "n_rates": codec.n_rates,

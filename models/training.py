@@ -843,24 +843,6 @@ def _train_worker(rank: int, cfg: TrainConfig, port: int | None = None, parent: 
     return ckpt
 
 
-def _code_lengths(tables, idx_tab: np.ndarray, sym: np.ndarray) -> float:
-    """Ideal bits of ``sym`` coded with tables ``idx_tab`` (escapes included), from the integer tables."""
-    from latentcast.proto.entropy import PRECISION
-
-    bits = 0.0
-    for t in np.unique(idx_tab):
-        sel = idx_tab == t
-        f = tables.freqs[t].astype(np.float64) / (1 << PRECISION)
-        v = sym[sel] - tables.offsets[t]
-        n_direct = f.size - 1
-        direct = (v >= 0) & (v < n_direct)
-        bits += -np.log2(f[v[direct]]).sum()
-        if (~direct).any():
-            u = np.where(v[~direct] < 0, -2 * v[~direct] - 1, 2 * (v[~direct] - n_direct)) + 1
-            bits += (~direct).sum() * (-np.log2(f[-1]) + np.log2(33)) + (np.floor(np.log2(u))).sum()
-    return float(bits)
-
-
 @torch.no_grad()
 def calibrate_table_offsets(codec, images: list[np.ndarray], *, search: int = 48) -> list[int]:
     """Shift each rate point's table offsets k_q (``table = clip(l - k_q)``; with channel gains, all of
@@ -885,7 +867,7 @@ def calibrate_table_offsets(codec, images: list[np.ndarray], *, search: int = 48
         k0 = m.rate_k[q].numpy().reshape(-1, 1, 1)  # (1,1,1) or (M,1,1)
         best = None
         for shift in range(-search, search + 1):
-            bits = sum(_code_lengths(codec.y_tables, np.clip(raw - (k0 + shift), 0, L - 1).ravel(), sym.ravel())
+            bits = sum(float(codec.y_tables.symbol_bits(sym, np.clip(raw - (k0 + shift), 0, L - 1)).sum())
                        for raw, sym in samples[q])
             if best is None or bits < best[0]:
                 best = (bits, shift)

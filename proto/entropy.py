@@ -170,6 +170,30 @@ class TableSet:
         """Information content ``-log2 p`` (bits, float64) of each entry of each table."""
         return tuple(PRECISION - np.log2(f.astype(np.float64)) for f in self.freqs)
 
+    def symbol_bits(self, values: np.ndarray, table_index: np.ndarray) -> np.ndarray:
+        """Bits (float64, ``values``' shape) of each value under its table, escapes included: the escape entry,
+        the bit length and the low bits that :class:`SymbolEncoder` writes (what :class:`SymbolDecoder` counts)."""
+        values = np.asarray(values, dtype=np.int64)
+        table_index = np.broadcast_to(np.asarray(table_index, dtype=np.int64), values.shape)
+        out = np.empty(values.shape, dtype=np.float64)
+        for t in np.unique(table_index):
+            sel = table_index == t
+            bits, v = self.bits[t], values[sel] - self.offsets[t]
+            n_direct = len(bits) - 1
+            esc = (v < 0) | (v >= n_direct)
+            u = np.where(v < 0, -2 * v - 1, 2 * (v - n_direct)) + 1  # the escape's zig-zag magnitude, >= 1
+            low_bits = np.floor(np.log2(np.maximum(u, 1)))  # bit length - 1
+            out[sel] = np.where(esc, bits[-1] + _ESC_LEN_BITS + low_bits, bits[np.clip(v, 0, n_direct - 1)])
+        return out
+
+    def code_lengths(self, radius: int) -> np.ndarray:
+        """Bits (float64, (tables, 2·radius+1)) of the values ``-radius .. radius`` under each table
+        (:meth:`symbol_bits`): what an encoder weighs its choice of symbols by (``proto/symbols.py``)."""
+        if radius < 0:
+            raise ValueError(f"radius {radius} must be >= 0")
+        values = np.arange(-radius, radius + 1, dtype=np.int64)
+        return self.symbol_bits(np.tile(values, (len(self), 1)), np.arange(len(self))[:, None])
+
     @cached_property
     def models(self) -> _Models:
         """constriction models of the tables, built once per table set."""

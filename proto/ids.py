@@ -16,9 +16,10 @@ CODEC_IDS: dict[str, int] = {"elic-lite": 1, "elic-paper": 2, "elic-lite-taef2":
 LATENT_SPACE_IDS: dict[str, int] = {"taef2": 1, "taesd": 2, "sd-vae": 3, "pixels": 4}
 # initial metadata key the cloud sends once a Subscribe call is registered (a refused call ends without it)
 SUBSCRIBED_METADATA_KEY = "latentcast-subscribed"
-# the edge bundle's manifest "format" (models/export.py writes, edge/encoder.py reads): 2 adds analysis_linear
-# (y = the last analysis stage's output + that graph's, cell by cell); a codec without a linear path is written as 1
-EDGE_BUNDLE_FORMATS = ("latentcast-edge-bundle-1", "latentcast-edge-bundle-2")
+# the edge bundle's manifest "format" (models/export.py writes the last, edge/encoder.py reads all): 2 adds
+# analysis_linear (y = the last analysis stage's output + that graph's, cell by cell); 3 adds entropy.onnx's input
+# rdoq (the encoder's rate-distortion optimized choice of symbols, proto.symbols.quantize_y)
+EDGE_BUNDLE_FORMATS = ("latentcast-edge-bundle-1", "latentcast-edge-bundle-2", "latentcast-edge-bundle-3")
 
 
 def _reverse(table: dict[str, int], value: int, what: str) -> str:

@@ -26,8 +26,8 @@ from .entropy import SymbolDecoder, SymbolEncoder, TableSet
 from .grid import anchor_mask, coded_cells
 from .temporal import TemporalInfo
 
-__all__ = ["coding_steps", "rate_steps_of", "quantize_z", "check_frame", "parse_background", "describe_levels",
-           "FrameCompressor", "LatentEncoder", "LatentDecoder"]
+__all__ = ["coding_steps", "rate_steps_of", "quantize_z", "quantize_y", "check_rdoq", "RDOQ_LAMBDA", "RDOQ_RADIUS",
+           "check_frame", "parse_background", "describe_levels", "FrameCompressor", "LatentEncoder", "LatentDecoder"]
 
 BACKGROUND_NONE = "none"  # the background level of ROI-only packets: the cloud fills it from the hyperprior
 
@@ -60,6 +60,40 @@ def describe_levels(header: PacketHeader) -> dict:
 def quantize_z(z: np.ndarray, step: float) -> np.ndarray:
     """The encoder's choice of hyper-latent symbols: ``floor(z / step + 1/2)`` (int64)."""
     return np.floor(np.asarray(z, dtype=np.float64) / step + 0.5).astype(np.int64)
+
+
+# The encoder's choice of y symbols (rate-distortion optimized quantization). Of the two integers around
+# r = (y - μ)/Δ it keeps the one with the smaller  (r - s)² + λ·bits(s)  under the symbol's own table: the
+# squared rounding error in quantization steps against the bits (TableSet.code_lengths). λ = 0 is plain
+# rounding, floor(r + 1/2). The decoder does not change: it decodes whichever symbol was sent.
+RDOQ_LAMBDA = 0.05  # the encoder's default λ (edge.yaml codec.rdoq): Kodak and vtest, results/rdoq
+RDOQ_RADIUS = 32  # symbols beyond ±this cost what ±this costs (the choice there is the rounding's)
+
+
+def check_rdoq(value: float) -> float:
+    """A λ of :func:`quantize_y` as users give it: a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+        raise ValueError(f"rdoq {value!r} out of range: a number >= 0 (0 = plain rounding; default {RDOQ_LAMBDA})")
+    return float(value)
+
+
+def quantize_y(r: np.ndarray, table: np.ndarray, lengths: np.ndarray, lam: float) -> np.ndarray:
+    """The y symbols (float64 integers) of ``r`` = (y - μ)/Δ, each coded with table ``table`` (same shape), under
+    ``lengths`` = ``TableSet.code_lengths(RDOQ_RADIUS)``, with λ ``lam`` (see :data:`RDOQ_LAMBDA`).
+    ``models/export.py`` builds the same choice into the edge's ONNX graph."""
+    r = np.asarray(r, dtype=np.float64)
+    if lam == 0:
+        return np.floor(r + 0.5)
+    lo = np.floor(r)
+    hi = lo + 1
+    width = lengths.shape[1]
+    t = np.asarray(table, dtype=np.int64) * width
+
+    def cost(s: np.ndarray, err: np.ndarray) -> np.ndarray:
+        at = t + (np.clip(s, -RDOQ_RADIUS, RDOQ_RADIUS) + RDOQ_RADIUS).astype(np.int64)
+        return err * err + lam * lengths.ravel()[at]
+
+    return np.where(cost(hi, hi - r) <= cost(lo, r - lo), hi, lo)
 
 
 def rate_steps_of(table) -> list[float] | list[np.ndarray]:

@@ -697,17 +697,10 @@ def choose_modes(state: TemporalState, y: np.ndarray, roi: np.ndarray, *, step: 
 
 
 def code_lengths(y_tables: TableSet) -> tuple[np.ndarray, int]:
-    """(n_tables, 2R+1) bits of each value -R..R under each table (escapes: escape entry + ~2 log2|v| + 1)."""
+    """(n_tables, 2R+1) bits of each value -R..R under each table (``TableSet.code_lengths``), R the widest
+    table's length, and R."""
     R = max(len(f) for f in y_tables.freqs)
-    vals = np.arange(-R, R + 1)
-    out = np.empty((len(y_tables), vals.size))
-    for t, (f, off) in enumerate(zip(y_tables.freqs, y_tables.offsets)):
-        bits = -np.log2(f / 65536.0)
-        idx = vals - off
-        inside = (idx >= 0) & (idx < len(f) - 1)
-        esc = bits[-1] + 2 * np.log2(np.abs(vals) + 1) + 1
-        out[t] = np.where(inside, bits[np.clip(idx, 0, len(f) - 2)], esc)
-    return out, R
+    return y_tables.code_lengths(R), R
 
 
 def rd_prune(state: TemporalState, y: np.ndarray, modes: np.ndarray, sym: np.ndarray, *, step, weight: float,

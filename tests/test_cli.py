@@ -77,6 +77,24 @@ def test_encode_with_a_coded_background(tmp_path, photo, tiny_codec_path, tiny_b
     assert json.loads(capsys.readouterr().out)["levels"] == {"roi": 2, "background": "none"}
 
 
+def test_encode_rdoq_choice(tmp_path, photo, tiny_codec_path, tiny_bundle, capsys):
+    """`encode --rdoq 0` rounds plainly, the default chooses symbols for bits too, a strong λ for bits above all:
+    the packets shrink in that order and all decode; a negative λ is a clear error."""
+    sizes = []
+    for lam in ("0", None, "1"):
+        lcf = tmp_path / f"rdoq-{lam}.lcf"
+        extra = [] if lam is None else ["--rdoq", lam]
+        assert main(["encode", str(photo), "--rate", "2", "--bundle", str(tiny_bundle), "-o", str(lcf), *extra]) == 0
+        assert main(["decode", str(lcf), "--weights", str(tiny_codec_path), "-o", str(tmp_path / "rec.png")]) == 0
+        sizes.append(lcf.stat().st_size)
+    assert sizes[0] > sizes[1] > sizes[2], sizes
+    capsys.readouterr()
+    bad = ["encode", str(photo), "--rdoq", "-1", "--bundle", str(tiny_bundle), "-o", str(tmp_path / "x.lcf")]
+    assert main(bad) == 2
+    assert "rdoq -1.0 out of range: a number >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "x.lcf").exists()
+
+
 @pytest.mark.parametrize("args,message", [
     (["--roi", "20,30,120,100", "--rate", "1", "--background", "2"], r"background 2 out of range: None .* 0\.\.1"),
     (["--roi", "20,30,120,100", "--background", "coarse"], r"--background: background 'coarse': expected 'none'"),

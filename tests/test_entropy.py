@@ -105,3 +105,51 @@ def test_anchor_mask_is_a_checkerboard():
     a = anchor_mask(3, 4)
     assert a[0, 0] and not a[0, 1] and not a[1, 0] and a[1, 1]
     assert a.sum() == 6
+
+
+def test_code_lengths_are_what_the_decoder_counts(tables):
+    """``TableSet.code_lengths`` (what an RDOQ encoder weighs) equals the information the decoder accounts for
+    each symbol, inside the tables' direct range and escaped beyond it."""
+    from latentcast.proto.symbols import RDOQ_RADIUS
+
+    lengths = tables.code_lengths(RDOQ_RADIUS)
+    assert lengths.shape == (len(tables), 2 * RDOQ_RADIUS + 1)
+    rng = np.random.default_rng(3)
+    for t in (0, 5, 30, 63):  # narrow tables escape most of ±32, wide ones none
+        values = rng.integers(-RDOQ_RADIUS, RDOQ_RADIUS + 1, 200)
+        enc = SymbolEncoder()
+        enc.encode(values, np.full(values.size, t), tables)
+        dec = SymbolDecoder(enc.to_bytes())
+        assert np.array_equal(dec.decode(np.full(values.size, t), tables), values)
+        assert dec.info_bits == pytest.approx(float(lengths[t, values + RDOQ_RADIUS].sum()), rel=1e-12)
+    with pytest.raises(ValueError, match="radius -1"):
+        tables.code_lengths(-1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 10_000), st.floats(0.0, 4.0))
+def test_quantize_y_keeps_the_cheaper_neighbour(tables, seed, lam):
+    """Each symbol is the floor or the ceiling of r, whichever has the smaller (r - s)² + λ·bits(s); λ = 0
+    is plain rounding exactly."""
+    from latentcast.proto.symbols import RDOQ_RADIUS, quantize_y
+
+    rng = np.random.default_rng(seed)
+    r = rng.normal(0, rng.uniform(0.1, 40), (3, 5, 7))
+    table = rng.integers(0, len(tables), r.shape)
+    lengths = tables.code_lengths(RDOQ_RADIUS)
+    s = quantize_y(r, table, lengths, lam)
+    assert np.all((s == np.floor(r)) | (s == np.floor(r) + 1))
+    if lam == 0:
+        assert np.array_equal(s, np.floor(r + 0.5))
+    bits = lengths[table, np.clip(s, -RDOQ_RADIUS, RDOQ_RADIUS).astype(np.int64) + RDOQ_RADIUS]
+    other = np.where(s == np.floor(r), np.floor(r) + 1, np.floor(r))
+    bits_o = lengths[table, np.clip(other, -RDOQ_RADIUS, RDOQ_RADIUS).astype(np.int64) + RDOQ_RADIUS]
+    assert np.all((r - s) ** 2 + lam * bits <= (r - other) ** 2 + lam * bits_o + 1e-12)
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), True, "0.05"])
+def test_rdoq_lambda_is_checked(bad):
+    from latentcast.proto.symbols import check_rdoq
+
+    with pytest.raises(ValueError, match=r"rdoq .* out of range: a number >= 0 \(0 = plain rounding"):
+        check_rdoq(bad)

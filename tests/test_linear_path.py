@@ -122,7 +122,7 @@ def test_train_release_code_and_export(tmp_path, monkeypatch):
     from .conftest import _export_bundle
 
     enc = EdgeEncoder(bundle=_export_bundle(codec, tmp_path / "bundle"), analysis="float32")
-    assert enc.manifest["format"] == "latentcast-edge-bundle-2" and enc.analysis_linear is not None
+    assert enc.manifest["format"] == "latentcast-edge-bundle-3" and enc.analysis_linear is not None
     data = enc.compress(img, rate_point=1)
     assert codec.decompress(data).frame.shape == img.shape
 

@@ -414,6 +414,7 @@ class _Ctx:
     cloud_threads: int | None = None  # the cloud's torch and detector threads (None: as the edge's, threads)
     workers: int | None = None  # the cloud's worker threads (None: its config's default)
     analysis: str | None = None  # the edges' codec.analysis (None: their config's default)
+    rdoq: float | None = None  # the edges' codec.rdoq (None: their config's default)
     render: dict = field(default_factory=dict)  # the cloud's codec.* render settings given (temporal_render, ...)
     temporal: Any = None  # the edges' temporal settings (an edge config's TemporalConfig; None: the defaults)
     edge_pool: list[tuple[Any, Any]] = field(default_factory=list)  # (EdgeEncoder, YOLOX) per stream index
@@ -475,6 +476,8 @@ def _edge_config(ctx: _Ctx, system: str, camera_id: str, port: int, token: str):
             cfg.temporal.tables = str(ctx.tables)
     if ctx.analysis:
         cfg.codec.analysis = ctx.analysis
+    if ctx.rdoq is not None:
+        cfg.codec.rdoq = ctx.rdoq
     if ctx.threads:
         cfg.codec.threads = cfg.grounding.threads = ctx.threads
     s = cfg.server
@@ -487,7 +490,8 @@ def _load_edge_parts(ctx: _Ctx, cfg, weights_hash: bytes) -> tuple[Any, Any]:
     """One stream's (EdgeEncoder, grounding detector), loaded from ``cfg``."""
     from latentcast.edge.encoder import EdgeEncoder
 
-    enc = EdgeEncoder(bundle=cfg.codec.bundle or None, threads=cfg.codec.threads, analysis=cfg.codec.analysis)
+    enc = EdgeEncoder(bundle=cfg.codec.bundle or None, threads=cfg.codec.threads, analysis=cfg.codec.analysis,
+                      rdoq=cfg.codec.rdoq)
     if enc.weights_hash != weights_hash:
         raise ValueError(f"the edge bundle {enc.bundle} was exported from other weights than the cloud's codec "
                          f"({enc.weights_hash.hex()} vs {weights_hash.hex()}); run `latentcast export edge`")
@@ -819,7 +823,8 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
                     bundle: str | os.PathLike | None = None, tables: str | os.PathLike | None = None,
                     cloud_threads: int | None = None, workers: int | None = None, synthesis: str | None = None,
                     temporal_synthesis: str | None = None, codec: Any = None, detector: Any = None,
-                    edge_detector: Any = None, analysis: str | None = None, render: dict | None = None,
+                    edge_detector: Any = None, analysis: str | None = None, rdoq: float | None = None,
+                    render: dict | None = None,
                     temporal: Any = None, placement: str = "shared",
                     out: str | os.PathLike | None = None, command: str = "latentcast bench stream",
                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -888,7 +893,7 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
                threads=threads, bundle=str(bundle) if bundle else None, codec=codec, detector=detector,
                edge_detector=edge_detector, task=task, task_labels=task_labels,
                tables=str(tables) if tables else None,
-               cloud_threads=cloud_threads, workers=workers, analysis=analysis, render=dict(render or {}),
+               cloud_threads=cloud_threads, workers=workers, analysis=analysis, rdoq=rdoq, render=dict(render or {}),
                temporal=temporal, placement=placement, weights=weights, synthesis=synthesis,
                temporal_synthesis=temporal_synthesis)
     rows: dict[tuple[str, int], dict[str, Any]] = {}
@@ -912,6 +917,7 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
                     "weights": weights, "bundle": ctx.bundle, "tables": ctx.tables,
                     "synthesis": getattr(codec, "synthesis_name", "") or "the codec's own",
                     "temporal_synthesis": _temporal_synthesis_label(codec), "analysis": ecfg.codec.analysis,
+                    "rdoq": ecfg.codec.rdoq,
                     "temporal_render": ccfg.codec.temporal_render,
                     "render_runtime": resolve_render_runtime(ccfg.codec.render_runtime),
                     "cloud_workers": ccfg.pipeline.worker_count,
@@ -1060,7 +1066,7 @@ def main(args) -> int:
         weights=args.weights, bundle=args.bundle, tables=getattr(args, "tables", None),
         cloud_threads=getattr(args, "cloud_threads", None), workers=getattr(args, "workers", None),
         synthesis=getattr(args, "synthesis", None), temporal_synthesis=getattr(args, "temporal_synthesis", None),
-        analysis=getattr(args, "analysis", None),
+        analysis=getattr(args, "analysis", None), rdoq=getattr(args, "rdoq", None),
         temporal=temporal_settings(args.edge_config) if getattr(args, "edge_config", None) else None,
         render={k: getattr(args, k) for k in ("temporal_render", "render_runtime") if getattr(args, k, None)},
         placement=getattr(args, "placement", "shared"), out=args.out,

@@ -24,7 +24,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["field_comments", "add_dataclass_options", "add_analysis_option", "add_average_options", "chosen_average",
+__all__ = ["field_comments", "add_dataclass_options", "add_encoder_options", "add_average_options", "chosen_average",
            "dataclass_from_args", "option_name", "EDGE_CONFIG_HELP", "temporal_settings"]
 
 #: ``--edge-config`` of the tools that code temporal streams outside an edge (eval, bench stream)
@@ -157,8 +157,10 @@ def chosen_average(a: argparse.Namespace) -> str | None:
     return "ema" if a.ema else "ema_slow" if a.ema_slow else None
 
 
-def add_analysis_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """``--analysis``: the edge encoder's g_a precision, as the edge config's ``codec.analysis``."""
+def add_encoder_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--analysis`` and ``--rdoq``: the edge encoder's g_a precision and its choice of symbols, as the edge
+    config's ``codec.analysis`` and ``codec.rdoq``."""
     from latentcast.edge.config import CodecConfig
 
-    add_dataclass_options(p, CodecConfig, include=("analysis",), help_extra={"analysis": "(the edge's codec.analysis)"})
+    add_dataclass_options(p, CodecConfig, include=("analysis", "rdoq"),
+                          help_extra={"analysis": "(the edge's codec.analysis)", "rdoq": "(the edge's codec.rdoq)"})

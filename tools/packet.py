@@ -13,6 +13,8 @@ import logging
 import os
 from pathlib import Path
 
+from latentcast.proto.symbols import RDOQ_LAMBDA, check_rdoq
+
 log = logging.getLogger(__name__)
 
 __all__ = ["IMAGE_EXTENSIONS", "add_encode_arguments", "add_decode_arguments", "add_info_arguments",
@@ -113,15 +115,18 @@ def _parse_roi(text: str):
         raise bad(str(exc)) from None
 
 
-def _encoder(weights: str | None, bundle: str | None, analysis: str = "int8"):
-    """The edge bundle if present (or given), g_a in ``analysis``, else the PyTorch reference encoder."""
+def _encoder(weights: str | None, bundle: str | None, analysis: str = "int8", rdoq: float = RDOQ_LAMBDA):
+    """The edge bundle if present (or given), g_a in ``analysis``, else the PyTorch reference encoder; both
+    choose symbols with λ ``rdoq``."""
     from latentcast.edge.encoder import EdgeEncoder, default_bundle_dir
 
     if bundle or (weights is None and (default_bundle_dir() / "manifest.json").is_file()):
-        return EdgeEncoder(bundle=bundle, analysis=analysis)
+        return EdgeEncoder(bundle=bundle, analysis=analysis, rdoq=rdoq)
     from latentcast.models.codec import LatentCodec
 
-    return LatentCodec.load(weights or "elic-lite")
+    codec = LatentCodec.load(weights or "elic-lite")
+    codec.rdoq = check_rdoq(rdoq)
+    return codec
 
 
 def cmd_encode(a: argparse.Namespace) -> int:
@@ -156,7 +161,7 @@ def cmd_encode(a: argparse.Namespace) -> int:
     roi_only = (bool(rois) or bool(a.labels)) and not a.full
     if background is not None and not roi_only:
         raise SystemExit("error: --background codes the cells outside the ROIs: give --roi or --labels, without --full")
-    enc = _encoder(a.weights, a.bundle, a.analysis)
+    enc = _encoder(a.weights, a.bundle, a.analysis, a.rdoq)
     try:
         data = enc.compress(img, rois, rate_point=a.rate, roi_only=roi_only, label_set_hash=label_hash,
                             background=background)
@@ -238,9 +243,9 @@ def add_encode_arguments(e: argparse.ArgumentParser) -> None:
                         "(ROI-QP; an LCF v2 packet); 'none' (default) sends only the ROIs and z")
     e.add_argument("--weights", help="codec weights (.safetensors); default: the shipped elic-lite")
     e.add_argument("--bundle", help="edge bundle folder (ONNX); default: the shipped one if present")
-    from latentcast.tools.options import add_analysis_option
+    from latentcast.tools.options import add_encoder_options
 
-    add_analysis_option(e)
+    add_encoder_options(e)
     e.add_argument("-o", "--output", required=True)
     e.set_defaults(func=cmd_encode)
 

@@ -33,9 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """This benchmark's options (``latentcast bench codec`` and ``python -m latentcast.tools.bench.codec``)."""
     p.add_argument("--weights", help="codec weights (.safetensors); default: the shipped elic-lite")
     p.add_argument("--bundle", help="edge bundle folder; default: the shipped one")
-    from latentcast.tools.options import add_analysis_option
+    from latentcast.tools.options import add_encoder_options
 
-    add_analysis_option(p)
+    add_encoder_options(p)
     p.add_argument("--kodak", type=int, default=24, help="number of Kodak images (default all 24)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--out", default="results/codec_bench.json",
@@ -126,7 +126,7 @@ def main(args) -> int:
 
     torch.set_num_threads(args.threads)
     codec = LatentCodec.load(args.weights or "elic-lite")
-    enc = EdgeEncoder(bundle=args.bundle, analysis=args.analysis)
+    enc = EdgeEncoder(bundle=args.bundle, analysis=args.analysis, rdoq=args.rdoq)
     if enc.weights_hash != codec.weights_hash:
         raise SystemExit("error: the edge bundle was exported from other weights; run `latentcast export edge`")
     space = codec.latent_space()
@@ -216,6 +216,7 @@ def main(args) -> int:
             "weights_hash": codec.weights_hash.hex(),
             "latent_space": codec.latent_space_spec,
         },
+        "encoder": {"analysis": enc.analysis, "rdoq": enc.rdoq},
         "kodak_images": len(kodak),
         "latent_space_ceiling_psnr": float(np.mean(ceiling)) if ceiling else None,
         "rate_points": rates,

@@ -16,7 +16,7 @@ __all__ = ["add_arguments", "main"]
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from latentcast.cloud.config import CodecConfig
-    from latentcast.tools.options import EDGE_CONFIG_HELP, add_analysis_option, add_dataclass_options
+    from latentcast.tools.options import EDGE_CONFIG_HELP, add_dataclass_options, add_encoder_options
 
     p.add_argument("--streams", default="1,4,16",
                    help="concurrent camera streams per configuration, comma-separated (default 1,4,16)")
@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                                       "temporal_synthesis": "(codec.temporal_synthesis)",
                                       "temporal_render": "(codec.temporal_render)",
                                       "render_runtime": "(codec.render_runtime)"})
-    add_analysis_option(p)
+    add_encoder_options(p)
     p.add_argument("--edge-config", default=None, help=f"latentcast-temporal: {EDGE_CONFIG_HELP}")
     p.add_argument("--out", default="results/stream_bench.json",
                    help="JSON result path, a .md table is written beside it (default results/stream_bench.json)")

@@ -45,12 +45,12 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="threads of the decoder (torch, ONNX Runtime)")
     from latentcast.cloud.config import CodecConfig
     from latentcast.edge.config import TemporalConfig
-    from latentcast.tools.options import add_analysis_option, add_dataclass_options
+    from latentcast.tools.options import add_dataclass_options, add_encoder_options
 
     # the cloud's and the edge's settings, with their defaults and comments from the configs
     add_dataclass_options(p, CodecConfig,
                           include=("temporal_synthesis", "render_grow", "render_halo", "render_runtime"))
-    add_analysis_option(p)
+    add_encoder_options(p)
     add_dataclass_options(p, TemporalConfig, include=("change_threshold",),
                           help_extra={"change_threshold": "(the changed-cell edge runs)"})
     p.add_argument("--no-cost-levers", dest="cost_levers", action="store_false",
@@ -228,7 +228,7 @@ def main(a: argparse.Namespace) -> int:
         raise SystemExit(f"error: --loss {a.loss} must be in [0, 1)")
     labels = [s.strip() for s in a.labels.split(",") if s.strip()] or list(GroundingConfig().labels)
     clip = video_clip(path, every=8, max_frames=a.max_frames)
-    encoder = EdgeEncoder(bundle=a.bundle, analysis=a.analysis)
+    encoder = EdgeEncoder(bundle=a.bundle, analysis=a.analysis, rdoq=a.rdoq)
     codec = LatentCodec.load(a.weights or "elic-lite")
     codec.use_synthesis(a.temporal_synthesis, temporal=True)
     tables = TemporalTables.load(
@@ -291,7 +291,8 @@ def main(a: argparse.Namespace) -> int:
            "labels": labels, "tables": dict(tables.meta), "temporal_defaults": dataclasses.asdict(base),
            "rtt_frames": a.rtt_frames, "runs": out_runs, "cost_runs": cost_runs,
            "render": render,
-           "synthesis": codec.temporal_synthesis_name or "the codec's own", "analysis": encoder.analysis}
+           "synthesis": codec.temporal_synthesis_name or "the codec's own", "analysis": encoder.analysis,
+           "rdoq": encoder.rdoq}
     provenance.write_results(a.out, res, _markdown(res))
     print(_markdown(res))
     return 0

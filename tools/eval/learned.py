@@ -125,6 +125,7 @@ class LatentcastCodec:
                 "synthesis": self.decoder.synthesis_name or "the codec's own",
                 "latent_space": self.decoder.latent_space_spec, "mode": self.mode,
                 "encoder": "edge bundle (ONNX Runtime)", "decoder": "LatentCodec (PyTorch)",
+                "rdoq": getattr(self.encoder, "rdoq", None),
                 "grounding": {"labels": list(self.grounding.labels), "every": self.grounding.every,
                               "score_threshold": self.grounding.score_threshold, "margin": self.grounding.margin,
                               "max_missed": self.grounding.max_missed, "motion": self.grounding.motion}}
@@ -207,6 +208,7 @@ class TemporalLatentcastCodec:
                 "temporal": {k: v for k, v in dataclasses.asdict(c).items() if k not in ("rate_point", "threshold")},
                 "tables": dict(self.tables.meta),
                 "encoder": "edge bundle (ONNX Runtime) + edge.temporal.TemporalEncoder",
+                "rdoq": getattr(self.encoder, "rdoq", None),
                 "decoder": "models.temporal.TemporalDecoder (PyTorch)",
                 "grounding": {"labels": list(self.grounding.labels), "every": self.grounding.every}}
 

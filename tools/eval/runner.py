@@ -222,7 +222,7 @@ def bd_tables(points: list[dict], metrics: list[str]) -> dict:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from latentcast.cloud.config import CodecConfig
-    from latentcast.tools.options import EDGE_CONFIG_HELP, add_analysis_option, add_dataclass_options
+    from latentcast.tools.options import EDGE_CONFIG_HELP, add_dataclass_options, add_encoder_options
 
     p.add_argument("--data", required=True, help="a video file, an image folder, or a COCO annotation .json")
     p.add_argument("--images", default=None, help="folder of the COCO file's images (default: the file's folder)")
@@ -247,7 +247,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_dataclass_options(p, CodecConfig, include=("synthesis", "temporal_synthesis"),
                           help_extra={"synthesis": "(codec.synthesis)",
                                       "temporal_synthesis": "(codec.temporal_synthesis; latentcast-temporal)"})
-    add_analysis_option(p)
+    add_encoder_options(p)
     p.add_argument("--threads", type=int, default=2, help="torch threads for the latentcast decoder")
     p.add_argument(
         "--temporal-tables",
@@ -318,7 +318,7 @@ def main(a: argparse.Namespace) -> int:
         from latentcast.models.codec import LatentCodec
         from latentcast.tools.eval.learned import LatentcastCodec, TemporalLatentcastCodec
 
-        enc = EdgeEncoder(bundle=a.bundle, analysis=a.analysis)
+        enc = EdgeEncoder(bundle=a.bundle, analysis=a.analysis, rdoq=a.rdoq)
         dec = LatentCodec.load(a.weights or "elic-lite")
         dec.use_synthesis(a.synthesis)
         dec.use_synthesis(a.temporal_synthesis, temporal=True)
