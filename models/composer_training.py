@@ -6,7 +6,8 @@
         │  prepare_cache (decoded once) ─► random aligned crops x, flips (models.training.RandomCrops)
         ▼
     x ──► frozen codec, exactly as the cloud decodes it (no entropy coding: it is lossless):
-          g_a, h_a, ẑ = Δz·floor(z/Δz + ½), integer entropy networks (μ), ŷ = μ + Δ·floor((y-μ)/Δ + ½)
+          g_a, h_a, ẑ = Δz·floor(z/Δz + ½), integer entropy networks (μ), ŷ = μ + Δ·s with the edge's
+          choice of s (proto.symbols.quantize_y: RDOQ, or floor((y-μ)/Δ + ½) at λ = 0)
           inside the transmit mask, μ outside ──► g_s([ŷ, mask, M(ẑ)]) ──► ẑ_c
     x ──► frozen SD VAE encoder (× scaling_factor, as the composer's latent space) ──► z_c^SD (diffusion target)
     x ──► the codec's latent space encoder ──► z_c (the codec's own target, eq. 4's last term)
@@ -46,6 +47,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from latentcast.proto.entropy import TableSet, gaussian_tables
+from latentcast.proto.symbols import RDOQ_LAMBDA, RDOQ_RADIUS, quantize_y
 
 from . import training as codec_training
 from .elic import channel_slice
@@ -118,8 +122,10 @@ class ComposerTrainConfig:
 
 
 @torch.no_grad()
-def _codec_symbols(model, x: torch.Tensor, rate: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """ŷ and ẑ as the cloud decodes them (exact integer entropy networks), without entropy coding."""
+def _codec_symbols(model, x: torch.Tensor, rate: torch.Tensor, mask: torch.Tensor,
+                   rdoq: float = RDOQ_LAMBDA) -> tuple[torch.Tensor, torch.Tensor]:
+    """ŷ and ẑ as the cloud decodes them (exact integer entropy networks), without entropy coding; the symbols
+    chosen as the edge chooses them (``proto.symbols.quantize_y`` with λ ``rdoq``)."""
     y = model.analyze(x)
     z = model.h_a(y)
     dz = model.rate_zdelta[rate].view(-1, 1, 1, 1)  # float64, as LatentCodec.z_symbols / decode_latent
@@ -130,9 +136,16 @@ def _codec_symbols(model, x: torch.Tensor, rate: torch.Tensor, mask: torch.Tenso
     y64 = y.double()
     slices = model.group_slices()
 
-    def step(k, _is_anchor, _cells, mu, _idx):
+    lengths = TableSet.centered(gaussian_tables(model.scales().numpy())).code_lengths(RDOQ_RADIUS) if rdoq else None
+
+    def step(k, _is_anchor, _cells, mu, idx):
         d = channel_slice(delta, slices[k])
-        s = torch.floor((y64[:, slices[k]] - mu) / d + 0.5)
+        r = (y64[:, slices[k]] - mu) / d
+        if rdoq:  # the tables LatentCodec.save builds from the same scales
+            t = model.table_index(idx, rate, slices[k])
+            s = torch.from_numpy(quantize_y(r.numpy(), t.numpy(), lengths, rdoq))
+        else:
+            s = torch.floor(r + 0.5)
         return torch.where(tx, mu + d * s, mu)
 
     y_hat = model.entropy_params_loop(H, step, exact=True)

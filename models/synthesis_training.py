@@ -237,7 +237,8 @@ def train_synthesis(cfg: SynthesisTrainConfig) -> Path:
     scfg = student_config(codec.cfg, cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    cache = default_cache_dir() / "synthesis" / codec.weights_hash.hex()[:16]
+    # the decoder inputs depend on the encoder's choice of symbols too (codec.rdoq): older caches are plainly rounded
+    cache = default_cache_dir() / "synthesis" / f"{codec.weights_hash.hex()[:16]}-rdoq{codec.rdoq:g}"
     sources = training_sources()
     train_items = [(n, (lambda p=p, f=f: _read_rgb(p, f))) for n, p, f in sources]
     log.info("%d training images; decoder inputs cached in %s", len(train_items), cache)
