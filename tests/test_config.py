@@ -125,3 +125,22 @@ def test_edge_analysis_precision_is_checked():
     assert CodecConfig(analysis="float32").analysis == "float32"
     with pytest.raises(ValueError, match="codec.analysis 'fp16' is not one of int8, float32"):
         CodecConfig(analysis="fp16")
+
+
+@pytest.mark.parametrize("value,message", [
+    ("-1", r"codec.rdoq -1.0 out of range: a number >= 0"),
+    ("nan", r"codec.rdoq nan out of range"),
+    ("1e400", r"codec.rdoq inf out of range"),
+    ("abc", r"LATENTCAST_EDGE__CODEC__RDOQ: 'abc' is not a number"),
+])
+def test_edge_rdoq_is_checked_wherever_it_comes_from(value, message, tmp_path):
+    """codec.rdoq from the environment or a file: a clear error for anything but a finite number >= 0."""
+    from latentcast.edge.config import ENV_PREFIX, CodecConfig, EdgeConfig
+
+    assert CodecConfig().rdoq == 0.05 and CodecConfig(rdoq=0).rdoq == 0.0
+    with pytest.raises(ConfigError, match=message):
+        load_config(EdgeConfig, None, env_prefix=ENV_PREFIX, env={"LATENTCAST_EDGE__CODEC__RDOQ": value})
+    f = tmp_path / "edge.yaml"
+    f.write_text("codec:\n  rdoq: -0.5\n")
+    with pytest.raises(ConfigError, match=r"codec.rdoq -0.5 out of range"):
+        load_config(EdgeConfig, f, env_prefix=ENV_PREFIX, env={})
