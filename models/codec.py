@@ -56,7 +56,8 @@ from .elic import ElicCodec, ElicConfig, channel_slice
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WEIGHTS_DIR", "Reconstruction", "LatentCodec", "CodecError", "image_to_tensor", "Z_RADIUS"]
+__all__ = ["WEIGHTS_DIR", "Reconstruction", "LatentCodec", "CodecError", "image_to_tensor", "Z_RADIUS",
+           "gaussian_y_tables"]
 
 WEIGHTS_DIR = weights_dir()  # the shipped weights (latentcast.weights: the one place that resolves them)
 Z_RADIUS = 64  # z symbols coded directly in -64..64, escaped beyond
@@ -113,6 +114,18 @@ def _tables_from_tensors(prefix: str, sd: dict[str, torch.Tensor]) -> TableSet:
                                 sd.pop(f"{prefix}.offsets").numpy())
 
 
+_Y_TABLES: dict[ElicConfig, TableSet] = {}
+
+
+def gaussian_y_tables(model: ElicCodec) -> TableSet:
+    """The y tables a codec ships (:meth:`LatentCodec.save` writes them): one zero-mean discretized Gaussian per
+    table scale of the model, which depend on its configuration only (built once per configuration)."""
+    tables = _Y_TABLES.get(model.cfg)
+    if tables is None:
+        tables = _Y_TABLES[model.cfg] = TableSet.centered(gaussian_tables(model.scales().numpy()))
+    return tables
+
+
 class LatentCodec(FrameCompressor):
     """A trained codec with frozen integer entropy networks and its probability tables."""
 
@@ -153,7 +166,7 @@ class LatentCodec(FrameCompressor):
         for m in model.modules():
             if hasattr(m, "freeze") and hasattr(m, "w_int"):
                 m.freeze()
-        y_tables = TableSet.centered(gaussian_tables(model.scales().numpy()))
+        y_tables = gaussian_y_tables(model)
         pmfs = torch.cat([prior.pmfs(Z_RADIUS)[0] for prior in model.prior_z])  # rate point-major
         z_tables = TableSet(freqs=tuple(quantize_pmf(p) for p in pmfs.numpy()),
                             offsets=np.full(pmfs.shape[0], -Z_RADIUS, dtype=np.int64))

@@ -48,10 +48,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from latentcast.proto.entropy import TableSet, gaussian_tables
 from latentcast.proto.symbols import RDOQ_LAMBDA, RDOQ_RADIUS, quantize_y
 
 from . import training as codec_training
+from .codec import gaussian_y_tables
 from .elic import channel_slice
 
 log = logging.getLogger(__name__)
@@ -136,12 +136,12 @@ def _codec_symbols(model, x: torch.Tensor, rate: torch.Tensor, mask: torch.Tenso
     y64 = y.double()
     slices = model.group_slices()
 
-    lengths = TableSet.centered(gaussian_tables(model.scales().numpy())).code_lengths(RDOQ_RADIUS) if rdoq else None
+    lengths = gaussian_y_tables(model).code_lengths(RDOQ_RADIUS) if rdoq else None
 
     def step(k, _is_anchor, _cells, mu, idx):
         d = channel_slice(delta, slices[k])
         r = (y64[:, slices[k]] - mu) / d
-        if rdoq:  # the tables LatentCodec.save builds from the same scales
+        if rdoq:
             t = model.table_index(idx, rate, slices[k])
             s = torch.from_numpy(quantize_y(r.numpy(), t.numpy(), lengths, rdoq))
         else:

@@ -191,8 +191,13 @@ class TableSet:
         (:meth:`symbol_bits`): what an encoder weighs its choice of symbols by (``proto/symbols.py``)."""
         if radius < 0:
             raise ValueError(f"radius {radius} must be >= 0")
-        values = np.arange(-radius, radius + 1, dtype=np.int64)
-        return self.symbol_bits(np.tile(values, (len(self), 1)), np.arange(len(self))[:, None])
+        made = self.__dict__.setdefault("_code_lengths", {})  # built once per radius (encoders ask every frame)
+        if radius not in made:
+            values = np.arange(-radius, radius + 1, dtype=np.int64)
+            out = self.symbol_bits(np.tile(values, (len(self), 1)), np.arange(len(self))[:, None])
+            out.setflags(write=False)
+            made[radius] = out
+        return made[radius]
 
     @cached_property
     def models(self) -> _Models:
