@@ -575,11 +575,12 @@ class ElicCodec(nn.Module):
         return y if self.a_lin is None else y + self.a_lin(x)
 
     def forward(self, x: torch.Tensor, *, rate: torch.Tensor, mask: torch.Tensor | None = None,
-                bf16: bool = False) -> dict:
+                bf16: bool = False, rdoq: float = 0.0) -> dict:
         """Training pass. ``x`` in [0,1] (B,3,H,W) with H, W multiples of 64; ``rate`` (B,) rate-point
         indices; ``mask`` (B,1,H/16,W/16) in {0,1}: 1 where y is transmitted (None: everywhere);
         ``bf16``: run g_a and g_s under bfloat16 autocast (the CPU's AVX-512 BF16; the entropy model,
-        the rates and every parameter stay float32).
+        the rates and every parameter stay float32); ``rdoq``: λ of the encoder's rate-distortion optimized
+        quantization (``proto.symbols.quantize_y``, here with the Gaussian's bits; 0: plain rounding).
 
         Returns ``latent`` (ẑ_c), ``bits_y`` and ``bits_z`` per image (B,)."""
         y = self.analyze(x, bf16=bf16)
@@ -617,9 +618,9 @@ class ElicCodec(nn.Module):
             # rate and distortion both see the rounded symbol (straight-through): the rate is the
             # ideal code length of the real symbol under the real table. (The additive-noise proxy
             # charged 2-5x the real bits here, mostly for symbols that round to 0 at small scales.)
-            v_hat = round_ste((yk - mu) / delta)
-            p = _gauss_cdf((v_hat + 0.5) / s) - _gauss_cdf((v_hat - 0.5) / s)
-            bk = -torch.log2(p.clamp_min(1e-9))
+            r = (yk - mu) / delta
+            v_hat = round_ste(r) if rdoq == 0 else r + (rdoq_symbols(r.detach(), s.detach(), rdoq) - r).detach()
+            bk = gauss_bits(v_hat, s)
             bits = bits + (bk * (pos & (mask > 0.5))).sum(dim=(1, 2, 3))
             y_hat = mu + delta * v_hat
             return torch.where(mask > 0.5, y_hat, mu)
@@ -637,3 +638,20 @@ def channel_slice(t: torch.Tensor, channels: slice) -> torch.Tensor:
 
 def _gauss_cdf(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * torch.erfc(-x / math.sqrt(2))
+
+
+def gauss_bits(v: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Ideal code length in bits of the integer symbols ``v`` under a zero-mean Gaussian of std ``s`` over the
+    unit bins (the training rate of y)."""
+    p = _gauss_cdf((v + 0.5) / s) - _gauss_cdf((v - 0.5) / s)
+    return -torch.log2(p.clamp_min(1e-9))
+
+
+def rdoq_symbols(r: torch.Tensor, s: torch.Tensor, lam: float) -> torch.Tensor:
+    """The encoder's rate-distortion optimized choice (``proto.symbols.quantize_y``) with the Gaussian's bits in
+    place of the shipped tables' code lengths: of floor(r) and floor(r) + 1, the one with the smaller squared
+    error + ``lam`` · bits (ties to the upper one, as there)."""
+    lo = torch.floor(r)
+    hi = lo + 1
+    up = (hi - r) ** 2 + lam * gauss_bits(hi, s) <= (r - lo) ** 2 + lam * gauss_bits(lo, s)
+    return torch.where(up, hi, lo)

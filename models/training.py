@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from latentcast.proto.symbols import check_rdoq
 from latentcast.shared import cache_dir, shared_path
 
 from .elic import CONFIGS, ElicCodec, ElicConfig, ResidualBottleneck
@@ -88,6 +89,10 @@ class TrainConfig:
     ema_slow: float = 0.0  # decay of a second, slower average beside the first (0: off; 0.9995 ≈ the last 2,000
     #                        steps), to measure which pays: `release codec --ema-slow` ships it. Added to a running
     #                        run it starts at the first average (or the weights)
+    rdoq: float = 0.0  # λ of the encoder's rate-distortion optimized quantization applied while training (0: plain
+    #                    rounding): each symbol the floor or ceiling of (y - μ)/Δ with the smaller squared error +
+    #                    λ · its Gaussian bits, straight-through, so g_s and the entropy model learn on the symbols
+    #                    the shipped encoder sends (codec.rdoq, proto.symbols.RDOQ_LAMBDA)
 
     def codec_config(self) -> ElicConfig:
         import dataclasses
@@ -636,6 +641,7 @@ def _check_config(cfg: TrainConfig) -> None:
     for name in ("mask_fraction", "stage2_mask_fraction"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise ValueError(f"{name} {getattr(cfg, name)} must be within [0, 1]")
+    check_rdoq(cfg.rdoq)
     for name, example in (("ema", "0.999"), ("ema_slow", "0.9995")):
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise ValueError(f"{name} {getattr(cfg, name)} must be within [0, 1) (0: off; e.g. {example})")
@@ -793,7 +799,8 @@ def _train_worker(rank: int, cfg: TrainConfig, port: int | None = None, parent: 
                 keep_full = torch.from_numpy(rng.random(cfg.batch) >= fraction)
                 mask[keep_full] = 1.0
         model.train()
-        res = model(x.contiguous(memory_format=torch.channels_last), rate=rate, mask=mask, bf16=cfg.bf16)
+        res = model(x.contiguous(memory_format=torch.channels_last), rate=rate, mask=mask, bf16=cfg.bf16,
+                    rdoq=cfg.rdoq)
         npix = x.shape[2] * x.shape[3]
         bpp = (res["bits_y"] + res["bits_z"]) / npix
         mse = ((res["latent"] - target) ** 2).mean(dim=(1, 2, 3)) / crops.latent_var

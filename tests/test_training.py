@@ -152,13 +152,16 @@ def test_two_workers_train_one_model(tmp_path, tiny_sources):
 
 def test_channel_gains_train_release_and_code(tmp_path, tiny_sources):
     """--channel-gains: the offsets learn (their own learning rate), the release rounds them into per-channel
-    steps and table offsets (calibration shifts a rate point's channels together), and frames round-trip."""
+    steps and table offsets (calibration shifts a rate point's channels together), and frames round-trip; the
+    run trains on the encoder's RDOQ symbols (--rdoq), which its checkpoint records."""
     over = {"N": 16, "M": 32, "groups": (16, 16), "Nz": 8, "Nh": 16, "ctx": 8, "ep": 16, "gs_width": 16, "gs_blocks": 1}
     cfg = training.TrainConfig(out=str(tmp_path / "run"), cache=str(tmp_path / "cache"), stage1_steps=4,
                                stage2_steps=1, batch=2, crop=128, checkpoint_every=2, overrides=over,
-                               channel_gains=True, gain_lr=0.7)
+                               channel_gains=True, gain_lr=0.7, rdoq=0.05)
     ckpt = training.train(cfg)
-    gains = torch.load(ckpt, weights_only=False)["model"]["rate_gain"]
+    state = torch.load(ckpt, weights_only=False)
+    gains = state["model"]["rate_gain"]
+    assert state["train"]["rdoq"] == 0.05
     assert gains.shape == (4, 32) and (gains.round() != 0).any()
     out = tmp_path / "g.safetensors"
     assert main(["release", "codec", str(ckpt), "--out", str(out)]) == 0
@@ -307,25 +310,56 @@ def test_init_slices_a_wider_codec_and_resets_rate_points():
         training.load_init(wide, narrow.state_dict())
 
 
+@pytest.mark.parametrize("rdoq", [0.0, 0.05, 0.5])
 @pytest.mark.parametrize("which", ["tiny_codec", "tiny_gain_codec"])
-def test_rate_proxy_matches_the_real_code_length(which, request):
-    """The training rate (rounded symbols under the Gaussian of the table the coder will use) is the
-    ideal code length of the real symbols under the real integer tables, at every rate point (with
-    channel gains too: every channel its own step and table)."""
+def test_rate_proxy_matches_the_real_code_length(which, rdoq, request):
+    """The training rate (the symbols under the Gaussian of the table the coder will use) is the ideal code
+    length of the real symbols under the real integer tables, at every rate point (with channel gains too:
+    every channel its own step and table), with the encoder's rate-distortion optimized quantization too
+    (``train codec --rdoq``: the encoder's choice, with the Gaussian's bits for the tables' code lengths)."""
     tiny_codec = request.getfixturevalue(which)
+    tiny_codec.rdoq = rdoq
     rng = np.random.default_rng(1)
     img = cv2.resize(rng.integers(0, 255, (16, 16, 3)).astype(np.uint8), (128, 128), interpolation=cv2.INTER_CUBIC)
     model = tiny_codec.model
     x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
     y, z = tiny_codec.analyze(img)
     for q in range(model.n_rates):
-        sym, raw = tiny_codec.encode_symbols(y, tiny_codec.z_symbols(z, q), rate_point=q,
-                                             tx_mask=np.ones(y.shape[1:], bool), raw_index=True)
-        idx = np.clip(raw - model.rate_k[q].numpy().reshape(-1, 1, 1), 0, model.cfg.n_scales - 1)
+        sym, idx = tiny_codec.encode_symbols(y, tiny_codec.z_symbols(z, q), rate_point=q,
+                                             tx_mask=np.ones(y.shape[1:], bool))
         real = float(tiny_codec.y_tables.symbol_bits(sym, idx).sum())
         with torch.no_grad():
-            proxy = float(model(x, rate=torch.tensor([q]))["bits_y"])
+            proxy = float(model(x, rate=torch.tensor([q]), rdoq=rdoq)["bits_y"])
+            plain = float(model(x, rate=torch.tensor([q]))["bits_y"])
         assert 0.9 < proxy / real < 1.1, (q, proxy, real)
+        if rdoq > 0:  # fewer bits for more error
+            assert proxy < plain, (q, proxy, plain)
+
+
+def test_training_rdoq_is_the_encoders_choice_straight_through():
+    """``rdoq_symbols`` (training) picks what ``proto.symbols.quantize_y`` (the encoder) picks under the Gaussian
+    tables the codec ships, up to the tables' quantization of the probabilities; λ = 0 is plain rounding; the
+    gradient passes straight through to y."""
+    from latentcast.models.elic import ElicConfig, rdoq_symbols
+    from latentcast.proto.entropy import TableSet, gaussian_tables
+    from latentcast.proto.symbols import RDOQ_RADIUS, quantize_y
+
+    cfg = ElicConfig()
+    scales = cfg.scale_min * np.exp(np.arange(cfg.n_scales) * cfg.log_step)
+    lengths = TableSet.centered(gaussian_tables(scales)).code_lengths(RDOQ_RADIUS)
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, cfg.n_scales, 50_000)
+    r = rng.normal(size=idx.size) * scales[idx] * rng.uniform(0.3, 2, idx.size)
+    r[:8] = [-1.5, -0.5, 0.5, 1.5, 2.5, 0.0, 3.0, -2.0]  # ties and integers
+    s = torch.from_numpy(scales[idx])
+    assert torch.equal(rdoq_symbols(torch.from_numpy(r), s, 0.0), torch.from_numpy(np.floor(r + 0.5)))
+    for lam in (0.05, 0.5):
+        ours = rdoq_symbols(torch.from_numpy(r), s, lam).numpy()
+        theirs = quantize_y(r, idx, lengths, lam)
+        assert (ours == theirs).mean() > 0.995, lam
+        assert (ours != np.floor(r + 0.5)).mean() > 0.01, lam  # it does move symbols
+    with pytest.raises(ValueError, match="rdoq -0.1 out of range"):
+        training._check_config(training.TrainConfig(rdoq=-0.1))
 
 
 def test_learning_curve_hours_add_up_across_resumes(tmp_path):

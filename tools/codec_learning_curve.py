@@ -5,6 +5,8 @@
     checkpoint (.pt, from `latentcast train codec`) or released weights (.safetensors)
         ─► ElicCodec.forward on each Kodak image, every rate point, whole frame
         ─► bpp = ideal code length of the rounded symbols under the model's own Gaussian and z tables
+           (``--rdoq λ``: the symbols the encoder's rate-distortion optimized quantization picks, with the
+           Gaussian's bits; default 0, plain rounding, as the committed curves)
            (what training minimizes; within about 1 % of the range coder's bytes, headers excluded)
         ─► PSNR of the reconstruction (the latent decoder of the codec's target space)
         ─► the transform's ceiling: PSNR of g_s(g_a(x)) with y and z not quantized at all
@@ -67,9 +69,11 @@ def _load(path: Path, average: str | None = None):
     return model, state["train"]["latent_space"], int(state["step"]), state["train"]
 
 
-def evaluate_checkpoint(path: Path, images: list[np.ndarray], *, average: str | None = None) -> dict:
+def evaluate_checkpoint(path: Path, images: list[np.ndarray], *, average: str | None = None,
+                        rdoq: float = 0.0) -> dict:
     """bpp (ideal code length) and PSNR per rate point over ``images`` (full frames); ``average``: one of a
-    training checkpoint's moving averages of the weights (``"ema"``, ``"ema_slow"``) instead of its weights."""
+    training checkpoint's moving averages of the weights (``"ema"``, ``"ema_slow"``) instead of its weights;
+    ``rdoq``: λ of the encoder's choice of symbols (``ElicCodec.forward``; 0: plain rounding)."""
     import torch
 
     from latentcast.models.codec import image_to_tensor, pad_image
@@ -82,7 +86,7 @@ def evaluate_checkpoint(path: Path, images: list[np.ndarray], *, average: str | 
     model.eval()
     space = load_latent_space(space_spec).eval()
     out = {"checkpoint": portable_arg(str(path)), "step": step, "ema": average is not None, "average": average,
-           "rate_steps": list(model.cfg.rate_steps), "bpp": [], "psnr": []}
+           "rate_steps": list(model.cfg.rate_steps), "rdoq": rdoq, "bpp": [], "psnr": []}
 
     def to_rgb(latent, h, w):
         rec = space.decode(latent)[0, :, :h, :w].clamp(0, 1)
@@ -101,7 +105,7 @@ def evaluate_checkpoint(path: Path, images: list[np.ndarray], *, average: str | 
             for img in images:
                 h, w = img.shape[:2]
                 x = pad_image(image_to_tensor(img))
-                r = model(x, rate=torch.tensor([q]))
+                r = model(x, rate=torch.tensor([q]), rdoq=rdoq)
                 bits += float(r["bits_y"][0] + r["bits_z"][0])
                 npix += h * w
                 mse_db.append(psnr(img, to_rgb(r["latent"], h, w)))
@@ -174,6 +178,7 @@ def _hours(step: int | None, history: Path | None) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
+    from latentcast.proto.symbols import check_rdoq
     from latentcast.tools import provenance
     from latentcast.tools.options import add_average_options, chosen_average
 
@@ -187,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="", help="an image folder or a video instead of Kodak (a video: its scored "
                                               "frames, every 8th, as `latentcast eval`)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rdoq", type=float, default=0.0,
+                   help="λ of the encoder's rate-distortion optimized quantization (codec.rdoq; the encoder's default "
+                        "is proto.symbols.RDOQ_LAMBDA) with the Gaussian's bits (default 0: plain rounding, as the "
+                        "committed curves)")
     add_average_options(p, "measure", " (released files are measured as they are)")
     p.add_argument("--out", default="results/codec_learning_curve")
     p.add_argument("--anchors", default=None,
@@ -195,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     anchors_file = a.anchors if a.anchors is not None else ("" if a.data else "results/kodak/eval.json")
     anchors, n_anchor = _anchors(Path(anchors_file)) if anchors_file else ({}, None)
+    try:
+        check_rdoq(a.rdoq)
+    except ValueError as exc:
+        raise SystemExit(f"error: --rdoq: {exc}") from None
     images = _data_frames(a.data, a.images) if a.data else _kodak_images(a.images)
     if n_anchor is not None and n_anchor != len(images):
         log.warning("the --anchors points are over %d images, these over %d: their BD-rates compare different "
@@ -204,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     points = []
     t0 = time.time()
     for c in a.checkpoints:
-        r = evaluate_checkpoint(Path(c), images, average=chosen_average(a))
+        r = evaluate_checkpoint(Path(c), images, average=chosen_average(a), rdoq=a.rdoq)
         h = _hours(r["step"], hist) if Path(c).suffix == ".pt" else None
         r["hours"] = None if h is None else round(h + a.hours_offset, 3)
         if anchors:
@@ -220,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {"command": provenance.command("python -m latentcast.tools.codec_learning_curve"),
            "commit": provenance.commit(), "machine": provenance.machine(), "data": a.data or "kodak",
            "images": len(images),
-           "bpp": "ideal code length of the rounded symbols under the model's tables (headers excluded)",
+           "bpp": "ideal code length of the symbols under the model's tables (headers excluded)", "rdoq": a.rdoq,
            "seconds": round(time.time() - t0, 1), "points": points}
     if anchors:
         res["anchors"] = {"file": anchors_file, "bd_rate_psnr": "per checkpoint, % bytes against each codec for the "
