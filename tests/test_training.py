@@ -385,7 +385,7 @@ def test_learning_curve_reports_bd_rates_against_the_kodak_anchors(tmp_path, mon
     ours = {"checkpoint": "c.safetensors", "step": None, "bpp": [0.1, 0.2, 0.4], "psnr": [26.0, 28.0, 30.0],
             "psnr_unquantized": 33.0}
     monkeypatch.setattr(lc, "_kodak_images", lambda n: [])
-    monkeypatch.setattr(lc, "evaluate_checkpoint", lambda path, images, average=None: dict(ours))
+    monkeypatch.setattr(lc, "evaluate_checkpoint", lambda path, images, average=None, rdoq=0.0: dict(ours))
     anchors = tmp_path / "eval.json"
     webp = [(0.1, 27.0), (0.2, 29.0), (0.4, 31.0), (0.8, 33.0)]
     jpeg = [(0.15, 24.0), (0.3, 27.0), (0.6, 30.0), (1.2, 33.0)]
@@ -491,8 +491,8 @@ def test_learning_curve_measures_another_folder_or_a_video(tmp_path, monkeypatch
     assert len(lc._data_frames(str(video), 2)) == 2
     seen = {}
 
-    def fake(path, images, average=None):
-        seen["n"] = len(images)
+    def fake(path, images, average=None, rdoq=0.0):
+        seen.update(n=len(images), rdoq=rdoq)
         return {"checkpoint": "c.safetensors", "step": None, "bpp": [0.1, 0.2], "psnr": [26.0, 28.0],
                 "psnr_unquantized": 33.0}
 
@@ -500,6 +500,11 @@ def test_learning_curve_measures_another_folder_or_a_video(tmp_path, monkeypatch
     assert lc.main(["c.safetensors", "--data", str(video), "--out", str(tmp_path / "lc")]) == 0
     doc = json.loads((tmp_path / "lc" / "learning_curve.json").read_text())
     assert seen["n"] == 3 and doc["data"] == str(video) and "anchors" not in doc
+    assert seen["rdoq"] == 0.0 == doc["rdoq"]  # plain rounding unless asked, as the committed curves
+    assert lc.main(["c.safetensors", "--data", str(video), "--rdoq", "0.08", "--out", str(tmp_path / "lc")]) == 0
+    assert seen["rdoq"] == 0.08 == json.loads((tmp_path / "lc" / "learning_curve.json").read_text())["rdoq"]
+    with pytest.raises(SystemExit, match="--rdoq: rdoq -1.0 out of range"):
+        lc.main(["c.safetensors", "--data", str(video), "--rdoq", "-1", "--out", str(tmp_path / "lc")])
     assert "bd_rate_psnr" not in doc["points"][0]
     with pytest.raises(SystemExit, match="no such file"):
         lc.main(["c.safetensors", "--data", str(tmp_path / "missing.avi"), "--out", str(tmp_path / "lc")])
