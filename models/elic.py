@@ -615,9 +615,10 @@ class ElicCodec(nn.Module):
             # table lvl is the zero-mean Gaussian of std scales[lvl] over the *symbols* (y - μ)/Δ_q: the
             # offset k_q in lvl already divides σ_y by Δ_q (differentiable through the STE)
             s = smin * torch.exp(lvl * log_step)
-            # rate and distortion both see the rounded symbol (straight-through): the rate is the
-            # ideal code length of the real symbol under the real table. (The additive-noise proxy
-            # charged 2-5x the real bits here, mostly for symbols that round to 0 at small scales.)
+            # rate and distortion both see the rounded (with ``rdoq``: the encoder's chosen) symbol, straight
+            # through: the rate is the ideal code length of the real symbol under the real table. (The
+            # additive-noise proxy charged 2-5x the real bits here, mostly for symbols that round to 0 at small
+            # scales.)
             r = (yk - mu) / delta
             v_hat = round_ste(r) if rdoq == 0 else r + (rdoq_symbols(r.detach(), s.detach(), rdoq) - r).detach()
             bk = gauss_bits(v_hat, s)
