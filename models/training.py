@@ -641,7 +641,7 @@ def _check_config(cfg: TrainConfig) -> None:
     for name in ("mask_fraction", "stage2_mask_fraction"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise ValueError(f"{name} {getattr(cfg, name)} must be within [0, 1]")
-    check_rdoq(cfg.rdoq)
+    check_rdoq(cfg.rdoq, default=TrainConfig.rdoq)
     for name, example in (("ema", "0.999"), ("ema_slow", "0.9995")):
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise ValueError(f"{name} {getattr(cfg, name)} must be within [0, 1) (0: off; e.g. {example})")

@@ -70,10 +70,10 @@ RDOQ_LAMBDA = 0.05  # the encoder's default λ (edge.yaml codec.rdoq): Kodak and
 RDOQ_RADIUS = 32  # symbols beyond ±this cost what ±this costs (the choice there is the rounding's)
 
 
-def check_rdoq(value: float) -> float:
-    """A λ of :func:`quantize_y` as users give it: a finite number >= 0."""
+def check_rdoq(value: float, default: float = RDOQ_LAMBDA) -> float:
+    """A λ of :func:`quantize_y` as users give it: a finite number >= 0 (``default``: the caller's, for the error)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
-        raise ValueError(f"rdoq {value!r} out of range: a number >= 0 (0 = plain rounding; default {RDOQ_LAMBDA})")
+        raise ValueError(f"rdoq {value!r} out of range: a number >= 0 (0 = plain rounding; default {default})")
     return float(value)
 
 
