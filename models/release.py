@@ -4,7 +4,8 @@
 
     last.pt (models/training.py) ─► ElicCodec with the trained state ─► [keep only some rate points]
         ─► LatentCodec.save (tables, config, training metadata without machine paths)
-        ─► [calibrate each rate point's table offset on training images for the fewest real bytes; save again]
+        ─► [calibrate each rate point's table offset on training images for the encoder's lowest cost
+            (real bytes + the RDOQ λ's share of distortion, coded as the edge codes); save again]
 
 The weights hash every packet names is taken over the released file's content, so calibrating (which
 changes the table offsets) gives a new hash.
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from latentcast.proto.symbols import RDOQ_LAMBDA, check_rdoq
+
 from .codec import LatentCodec
 from .elic import ElicCodec, ElicConfig
 
@@ -30,14 +33,17 @@ MACHINE_KEYS = ("out", "cache", "init")
 
 
 def release_codec(checkpoint: str | Path, out: str | Path, *, rate_points: Sequence[int] | None = None,
-                  calibrate: bool = True, average: str | None = None) -> bytes:
+                  calibrate: bool = True, average: str | None = None, rdoq: float = RDOQ_LAMBDA) -> bytes:
     """Freeze ``checkpoint`` (``last.pt`` of ``latentcast train codec``) into the codec weight file ``out``;
     returns its weights hash. ``rate_points`` ships only these trained rate points (ascending; ``None``:
     all); ``calibrate`` chooses the table offsets on training images (needs the shared training data);
     ``average`` ships one of the run's moving averages of the weights instead of the weights: ``"ema"`` (a run
-    trained with ``--ema``) or ``"ema_slow"`` (``--ema-slow``)."""
+    trained with ``--ema``) or ``"ema_slow"`` (``--ema-slow``). ``rdoq``: the λ of the encoder's choice of
+    symbols the offsets are calibrated for (default the edge's, ``proto.symbols.RDOQ_LAMBDA``; 0 = plain
+    rounding)."""
     from .training import checkpoint_weights
 
+    rdoq = check_rdoq(rdoq)
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     c = dict(state["codec"])
     model = ElicCodec(ElicConfig.from_dict(c))
@@ -58,7 +64,8 @@ def release_codec(checkpoint: str | Path, out: str | Path, *, rate_points: Seque
         from .training import calibrate_table_offsets, calibration_images
 
         codec = LatentCodec.from_file(out)
-        meta["table_offset_shifts"] = calibrate_table_offsets(codec, calibration_images())
+        meta["table_offset_shifts"] = calibrate_table_offsets(codec, calibration_images(), rdoq=rdoq)
+        meta["table_offset_rdoq"] = rdoq
         LatentCodec.save(codec.model, out, latent_space=space, meta=meta)
     weights_hash = LatentCodec.from_file(out).weights_hash
     log.info("released %s as %s (weights hash %s)", checkpoint, out, weights_hash.hex())

@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["TrainConfig", "RandomCrops", "WeightAverage", "training_sources", "prepare_cache", "train",
            "default_cache_dir", "load_init", "save_checkpoint", "init_linear_path", "extend_linear_path",
-           "cell_components", "file_groups", "rate_lambdas", "AVERAGES", "checkpoint_weights"]
+           "cell_components", "file_groups", "rate_lambdas", "AVERAGES", "checkpoint_weights",
+           "calibrate_table_offsets", "calibration_images", "encoder_cost"]
 
 
 def default_cache_dir() -> Path:
@@ -851,37 +852,90 @@ def _train_worker(rank: int, cfg: TrainConfig, port: int | None = None, parent: 
 
 
 @torch.no_grad()
-def calibrate_table_offsets(codec, images: list[np.ndarray], *, search: int = 48) -> list[int]:
+def calibrate_table_offsets(codec, images: list[np.ndarray], *, search: int | None = None,
+                            rdoq: float = 0.0) -> list[int]:
     """Shift each rate point's table offsets k_q (``table = clip(l - k_q)``; with channel gains, all of
-    the rate point's channels together) to minimize the real code length on training images. Only the
-    choice of probability table changes: symbols and reconstructions do not depend on k_q. Returns the
-    shifts applied (0 = the trained offsets were best); the model's offsets are updated."""
+    the rate point's channels together) for the encoder's lowest cost on training images. Returns the
+    shifts applied (0 = the trained offsets were best); the model's offsets are updated.
+
+    ``rdoq`` = 0 (plain rounding): symbols and reconstructions do not depend on k_q, so the cost is the
+    real code length, searched over ±``search`` (default 48) at once. ``rdoq`` = λ > 0: the encoder's
+    choice of symbols (``proto.symbols.quantize_y``) depends on the tables, so each candidate is coded as
+    the encoder codes it and costs what that choice minimizes, summed: bits + Σ((y - ŷ)/Δ)²/λ; the shift
+    moves one step at a time while the cost falls, at most ``search`` (default 3) steps."""
+    rdoq = check_rdoq(rdoq, default=0.0)
     m = codec.model
-    n_rates = m.n_rates
-    samples = []  # per rate: list of (idx_raw, sym) arrays (M,h,w) at the coded positions
     analyzed = [codec.analyze(img) for img in images]
-    for q in range(n_rates):
-        per = []
-        for y, z in analyzed:
-            tx = np.ones(y.shape[1:], dtype=bool)
-            sym, raw = codec.encode_symbols(y, codec.z_symbols(z, q), rate_point=q, tx_mask=tx, raw_index=True)
-            per.append((raw, sym))
-        samples.append(per)
-    shifts = []
+    z_sym = [[codec.z_symbols(z, q) for _y, z in analyzed] for q in range(m.n_rates)]
+    if rdoq > 0:
+        return _calibrate_under_rdoq(codec, analyzed, z_sym, rdoq, 3 if search is None else search)
+    search = 48 if search is None else search
     L = m.cfg.n_scales
+    shifts = []
     new_k = m.rate_k.clone()
-    for q in range(n_rates):
+    for q in range(m.n_rates):
         k0 = m.rate_k[q].numpy().reshape(-1, 1, 1)  # (1,1,1) or (M,1,1)
-        best = None
-        for shift in range(-search, search + 1):
-            bits = sum(float(codec.y_tables.symbol_bits(sym, np.clip(raw - (k0 + shift), 0, L - 1)).sum())
-                       for raw, sym in samples[q])
-            if best is None or bits < best[0]:
-                best = (bits, shift)
-        log.info("rate point %d: table offsets shifted by %+d", q, best[1])
-        shifts.append(best[1])
-        new_k[q] += best[1]
+        pairs = []  # (idx_raw - k0, sym) at every coded position
+        for (y, _z), zs in zip(analyzed, z_sym[q], strict=True):
+            sym, raw = codec.encode_symbols(y, zs, rate_point=q, tx_mask=np.ones(y.shape[1:], dtype=bool),
+                                            raw_index=True)
+            pairs.append(np.stack([np.broadcast_to(raw - k0, sym.shape).ravel(), sym.ravel()]))
+        (d, sym), count = np.unique(np.concatenate(pairs, axis=1), axis=1, return_counts=True)
+        cost = {shift: float(codec.y_tables.symbol_bits(sym, np.clip(d - shift, 0, L - 1)) @ count)
+                for shift in range(-search, search + 1)}
+        best = min(cost, key=lambda v: (cost[v], abs(v)))
+        log.info("rate point %d: table offsets shifted by %+d", q, best)
+        shifts.append(best)
+        new_k[q] += best
     m.rate_k.copy_(new_k)
+    return shifts
+
+
+def encoder_cost(codec, analyzed: list[tuple[np.ndarray, np.ndarray]], z_sym: list[np.ndarray], *, rate_point: int,
+                 rdoq: float) -> float:
+    """What the encoder's choice of symbols with RDOQ λ ``rdoq`` minimizes, summed over whole frames at
+    ``rate_point``: real bits of y + Σ((y - ŷ)/Δ)²/λ; ``analyzed``: ``codec.analyze`` of each frame,
+    ``z_sym``: its z symbols at the rate point."""
+    lam = check_rdoq(rdoq, default=0.0)
+    if lam == 0:
+        raise ValueError("encoder_cost needs an RDOQ λ > 0 (with plain rounding the cost is the code length)")
+    delta = codec._step_sizes(rate_point, None)[1][0].numpy()  # (1|M,1,1)
+    saved, codec.rdoq = codec.rdoq, lam
+    total = 0.0
+    try:
+        for (y, _z), zs in zip(analyzed, z_sym, strict=True):
+            sym, tab, y_hat = codec.encode_symbols_y_hat(y, zs, rate_point=rate_point,
+                                                         tx_mask=np.ones(y.shape[1:], dtype=bool))
+            total += float(codec.y_tables.symbol_bits(sym, tab).sum()) + float((((y - y_hat) / delta) ** 2).sum()) / lam
+    finally:
+        codec.rdoq = saved
+    return total
+
+
+def _calibrate_under_rdoq(codec, analyzed, z_sym, lam: float, search: int) -> list[int]:
+    """:func:`calibrate_table_offsets` for an encoder that codes with RDOQ λ ``lam``."""
+    m = codec.model
+    shifts = []
+    for q in range(m.n_rates):
+        k0 = m.rate_k[q].clone()
+
+        def cost(shift: int, q: int = q, k0: torch.Tensor = k0) -> float:
+            m.rate_k[q] = k0 + shift
+            return encoder_cost(codec, analyzed, z_sym[q], rate_point=q, rdoq=lam)
+
+        costs = {0: cost(0)}
+        for direction in (1, -1):
+            shift = direction
+            while abs(shift) <= search:
+                costs[shift] = cost(shift)
+                if costs[shift] >= costs[shift - direction]:
+                    break
+                shift += direction
+        best = min(costs, key=lambda v: (costs[v], abs(v)))
+        m.rate_k[q] = k0 + best
+        log.info("rate point %d: table offsets shifted by %+d (RDOQ λ %g: cost %+.2f %%)", q, best, lam,
+                 100 * (costs[best] / costs[0] - 1))
+        shifts.append(best)
     return shifts
 
 

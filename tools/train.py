@@ -105,16 +105,20 @@ def release(a: argparse.Namespace) -> int:
     if a.what == "synthesis":
         from latentcast.models.synthesis import release_synthesis
 
-        if a.rate_points or a.no_calibrate or chosen_average(a) is not None:
-            raise SystemExit("error: --rate-points, --no-calibrate, --ema and --ema-slow are options of "
+        if a.rate_points or a.no_calibrate or a.rdoq is not None or chosen_average(a) is not None:
+            raise SystemExit("error: --rate-points, --no-calibrate, --rdoq, --ema and --ema-slow are options of "
                              "`release codec`")
         print(f"{release_synthesis(a.checkpoint, a.out)}")
         return 0
     from latentcast.models.release import release_codec
+    from latentcast.proto.symbols import RDOQ_LAMBDA, check_rdoq
 
     rate_points = [int(v) for v in a.rate_points.split(",")] if a.rate_points else None
+    if a.rdoq is not None and a.no_calibrate:
+        raise ValueError("--rdoq is the λ the table offsets are calibrated for: it has no use with --no-calibrate")
+    rdoq = RDOQ_LAMBDA if a.rdoq is None else check_rdoq(a.rdoq)
     weights_hash = release_codec(a.checkpoint, a.out, rate_points=rate_points, calibrate=not a.no_calibrate,
-                                 average=chosen_average(a))
+                                 average=chosen_average(a), rdoq=rdoq)
     print(f"{a.out}: weights hash {weights_hash.hex()}")
     return 0
 
@@ -169,7 +173,11 @@ def add_release_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("--out", required=True)
     r.add_argument("--rate-points", help="ship only these trained rate points, e.g. 1,2,3 (default: all)")
     r.add_argument("--no-calibrate", action="store_true",
-                   help="keep the trained table offsets (default: calibrate them on training images for real bytes)")
+                   help="keep the trained table offsets (default: calibrate them on training images for the "
+                        "encoder's lowest cost)")
+    r.add_argument("--rdoq", type=float, default=None, metavar="λ",
+                   help="calibrate the table offsets for the encoder coding with this RDOQ λ (default: the "
+                        "edge's default codec.rdoq; 0: plain rounding)")
     add_average_options(r, "release")
     r.set_defaults(func=release)
 
