@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from latentcast.channel import read_token
 from latentcast.config import load_config
-from latentcast.proto.symbols import RDOQ_LAMBDA, check_rdoq, parse_background
+from latentcast.proto.symbols import check_rdoq, parse_background
 
 __all__ = [
     "ANALYSIS_PRECISIONS",
@@ -144,13 +144,13 @@ class CodecConfig:
     target_kbps: float = 0.0  # rate control of independent frames (0: off): background coarser, then none, then ROIs
     threads: int = 0  # ONNX Runtime threads for the encoder; 0 = its default
     analysis: str = "int8"  # g_a: int8 (the bundle's quantized stages, about 2x faster) or float32
-    rdoq: float = RDOQ_LAMBDA  # RDOQ: λ weighing a symbol's bits against its rounding error; 0 = plain rounding
+    rdoq: float | None = None  # RDOQ λ: bits against rounding error per symbol; 0 = plain rounding; unset = the codec's
 
     def __post_init__(self) -> None:
         _check_bounds("codec", self, at_least={"rate_point": 0, "threads": 0, "target_kbps": 0})
         _check_choice("codec.analysis", self.analysis, ANALYSIS_PRECISIONS)
         try:
-            self.rdoq = check_rdoq(self.rdoq)
+            self.rdoq = None if self.rdoq is None else check_rdoq(self.rdoq, default="unset: the codec's own")
         except ValueError as exc:
             raise ValueError(f"codec.{exc}") from None
         self.background = str(self.background).strip().lower()

@@ -28,7 +28,7 @@ from latentcast.onnx_runtime import ort_session
 from latentcast.proto.entropy import TableSet
 from latentcast.proto.grid import anchor_mask, padded_size
 from latentcast.proto.ids import EDGE_BUNDLE_FORMATS
-from latentcast.proto.symbols import RDOQ_LAMBDA, FrameCompressor, LatentEncoder, check_rdoq, quantize_z, rate_steps_of
+from latentcast.proto.symbols import FrameCompressor, LatentEncoder, check_rdoq, codec_rdoq, quantize_z, rate_steps_of
 from latentcast.weights import weights_path
 
 log = logging.getLogger(__name__)
@@ -85,13 +85,14 @@ class EdgeEncoder(FrameCompressor):
     faster, y within 0.04 rms of float32's, whose quantization steps are 1 or more), else float32; ``float32``
     always runs the float graphs. Only the edge runs g_a, so either way the cloud decodes the packets exactly.
     ``rdoq``: λ of the symbols' rate-distortion optimized choice (``proto.symbols.quantize_y``; 0: plain
-    rounding); bundles exported before it round plainly."""
+    rounding; None: the codec's own, ``proto.symbols.codec_rdoq`` of the manifest); bundles exported before it
+    round plainly."""
 
     def __init__(self, *, bundle: Path | str | None = None, threads: int = 0, analysis: str = "int8",
-                 rdoq: float = RDOQ_LAMBDA):
+                 rdoq: float | None = None):
         if analysis not in ANALYSIS_PRECISIONS:
             raise ValueError(f"analysis {analysis!r} is not one of {', '.join(ANALYSIS_PRECISIONS)}")
-        self.rdoq = check_rdoq(rdoq)
+        rdoq = None if rdoq is None else check_rdoq(rdoq)
         self.bundle = Path(bundle) if bundle else default_bundle_dir()
         mpath = self.bundle / "manifest.json"
         if not mpath.is_file():
@@ -113,6 +114,7 @@ class EdgeEncoder(FrameCompressor):
             if name and name not in self.manifest.get("files", {}):
                 raise ValueError(f"{mpath}: {what} {name!r} is not one of the bundle's files "
                                  f"({', '.join(sorted(self.manifest.get('files', {})))}): re-export the bundle")
+        self.rdoq = codec_rdoq(self.manifest) if rdoq is None else rdoq
         self._ent = ort_session(self.bundle / "entropy.onnx", threads=threads)
         ent_inputs = {i.name for i in self._ent.get_inputs()}
         self._has_rate_map = "rate_map" in ent_inputs

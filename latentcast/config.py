@@ -20,8 +20,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["ConfigError", "coerce_value", "load_config", "config_to_dict", "describe_config", "example_yaml",
-           "field_comments"]
+__all__ = ["ConfigError", "unwrap_optional", "coerce_value", "load_config", "config_to_dict", "describe_config",
+           "example_yaml", "field_comments"]
 
 T = TypeVar("T")
 
@@ -30,7 +30,8 @@ class ConfigError(ValueError):
     """A configuration file or variable that cannot be used; the message names the key."""
 
 
-def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+def unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """``(T, True)`` for ``T | None``, else ``(tp, False)``."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -40,7 +41,7 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 
 
 def _coerce(value: Any, tp: Any, key: str, *, from_env: bool) -> Any:
-    tp, optional = _unwrap_optional(tp)
+    tp, optional = unwrap_optional(tp)
     if value is None and dataclasses.is_dataclass(tp):  # a YAML section whose keys are all commented out
         value = {}
     if value is None or (from_env and optional and value == ""):
@@ -109,7 +110,7 @@ def _env_overrides(cls: type, env: Mapping[str, str], prefix: str, path: tuple[s
     out: dict[str, Any] = {}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        tp, _ = _unwrap_optional(hints[f.name])
+        tp, _ = unwrap_optional(hints[f.name])
         var = "__".join((prefix, *path, f.name)).upper()
         if dataclasses.is_dataclass(tp):
             sub = _env_overrides(tp, env, prefix, (*path, f.name))
@@ -189,7 +190,7 @@ def describe_config(cls: type, env_prefix: str, path: tuple[str, ...] = ()) -> l
     hints = typing.get_type_hints(cls)
     comments = field_comments(cls)
     for f in dataclasses.fields(cls):
-        tp, _ = _unwrap_optional(hints[f.name])
+        tp, _ = unwrap_optional(hints[f.name])
         if dataclasses.is_dataclass(tp):
             rows += describe_config(tp, env_prefix, (*path, f.name))
             continue

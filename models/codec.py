@@ -38,13 +38,13 @@ from latentcast.proto.entropy import TableSet, gaussian_tables, quantize_pmf
 from latentcast.proto.grid import coded_cells, grid_shape, padded_size
 from latentcast.proto.ids import CODEC_IDS, LATENT_SPACE_IDS
 from latentcast.proto.symbols import (
-    RDOQ_LAMBDA,
     RDOQ_RADIUS,
     FrameCompressor,
     LatentDecoder,
     LatentEncoder,
     check_frame,
     check_rdoq,
+    codec_rdoq,
     coding_steps,
     quantize_y,
     quantize_z,
@@ -151,7 +151,7 @@ class LatentCodec(FrameCompressor):
             raise ValueError(f"latent space {latent_space!r} has no wire id (valid: {', '.join(LATENT_SPACE_IDS)})")
         self.latent_space_id = LATENT_SPACE_IDS[family]
         self._latent_space = None
-        self.rdoq = RDOQ_LAMBDA  # the encoder's λ of proto.symbols.quantize_y (0: plain rounding)
+        self.rdoq = codec_rdoq(self.meta)  # the encoder's λ of proto.symbols.quantize_y (0: plain rounding)
         self._enc = LatentEncoder(groups=self.cfg.groups, y_tables=y_tables, z_tables=z_tables,
                                   codec_id=self.codec_id, weights_hash=weights_hash,
                                   latent_space_id=self.latent_space_id)

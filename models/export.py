@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from latentcast.proto.ids import EDGE_BUNDLE_FORMATS as BUNDLE_FORMATS
-from latentcast.proto.symbols import RDOQ_RADIUS
+from latentcast.proto.symbols import RDOQ_RADIUS, codec_rdoq
 
 from .codec import LatentCodec
 from .elic import MEAN_RES, Y_IN_RES, analysis_halo, analysis_stages
@@ -390,6 +390,7 @@ def export_edge_bundle(codec: LatentCodec, out_dir: Path | str, *, int8: bool = 
         "analysis_halo": analysis_halo(cfg),  # cells around a crop for exact g_a on its inside (edge/change.py)
         "analysis_stages": stages,  # g_a stage by stage, each re-run only where its input changed (edge/change.py)
         "hyper_analysis": hyper.name,  # h_a alone: z of a whole frame analysed stage by stage
+        "rdoq": codec_rdoq(codec.meta),  # the λ the edge codes with unless its codec.rdoq says otherwise
     }
     if linear is not None:
         manifest["analysis_linear"] = linear.name  # y = last stage + this, cell by cell (ElicConfig.linear_path)

@@ -17,7 +17,8 @@ prove it recovered exactly what the encoder coded.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +27,8 @@ from .entropy import SymbolDecoder, SymbolEncoder, TableSet
 from .grid import anchor_mask, coded_cells
 from .temporal import TemporalInfo
 
-__all__ = ["coding_steps", "rate_steps_of", "quantize_z", "quantize_y", "check_rdoq", "RDOQ_LAMBDA", "RDOQ_RADIUS",
+__all__ = ["coding_steps", "rate_steps_of", "quantize_z", "quantize_y", "check_rdoq", "codec_rdoq", "RDOQ_LAMBDA",
+           "RDOQ_RADIUS",
            "check_frame", "parse_background", "describe_levels", "FrameCompressor", "LatentEncoder", "LatentDecoder"]
 
 BACKGROUND_NONE = "none"  # the background level of ROI-only packets: the cloud fills it from the hyperprior
@@ -66,15 +68,23 @@ def quantize_z(z: np.ndarray, step: float) -> np.ndarray:
 # r = (y - μ)/Δ it keeps the one with the smaller  (r - s)² + λ·bits(s)  under the symbol's own table: the
 # squared rounding error in quantization steps against the bits (TableSet.code_lengths). λ = 0 is plain
 # rounding, floor(r + 1/2). The decoder does not change: it decodes whichever symbol was sent.
-RDOQ_LAMBDA = 0.05  # the encoder's default λ (edge.yaml codec.rdoq): Kodak and vtest, results/rdoq
+RDOQ_LAMBDA = 0.05  # the encoder's λ for a codec whose release records none (codec_rdoq): results/rdoq
 RDOQ_RADIUS = 32  # symbols beyond ±this cost what ±this costs (the choice there is the rounding's)
 
 
-def check_rdoq(value: float, default: float = RDOQ_LAMBDA) -> float:
+def check_rdoq(value: float, default: float | str = RDOQ_LAMBDA) -> float:
     """A λ of :func:`quantize_y` as users give it: a finite number >= 0 (``default``: the caller's, for the error)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
         raise ValueError(f"rdoq {value!r} out of range: a number >= 0 (0 = plain rounding; default {default})")
     return float(value)
+
+
+def codec_rdoq(meta: Mapping[str, Any]) -> float:
+    """The λ a codec is coded with unless the user says otherwise (edge ``codec.rdoq`` unset): the one its release
+    recorded (``meta["rdoq"]`` of the weight file, or of the edge bundle's manifest: ``release codec --rdoq``,
+    which calibrates the table offsets for it), else :data:`RDOQ_LAMBDA`."""
+    value = meta.get("rdoq")
+    return RDOQ_LAMBDA if value is None else check_rdoq(value)
 
 
 def quantize_y(r: np.ndarray, table: np.ndarray, lengths: np.ndarray, lam: float) -> np.ndarray:

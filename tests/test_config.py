@@ -134,10 +134,12 @@ def test_edge_analysis_precision_is_checked():
     ("abc", r"LATENTCAST_EDGE__CODEC__RDOQ: 'abc' is not a number"),
 ])
 def test_edge_rdoq_is_checked_wherever_it_comes_from(value, message, tmp_path):
-    """codec.rdoq from the environment or a file: a clear error for anything but a finite number >= 0."""
+    """codec.rdoq from the environment or a file: a clear error for anything but a finite number >= 0 or unset."""
     from latentcast.edge.config import ENV_PREFIX, CodecConfig, EdgeConfig
 
-    assert CodecConfig().rdoq == 0.05 and CodecConfig(rdoq=0).rdoq == 0.0
+    assert CodecConfig().rdoq is None and CodecConfig(rdoq=0).rdoq == 0.0  # unset: the codec's own λ
+    unset = load_config(EdgeConfig, None, env_prefix=ENV_PREFIX, env={"LATENTCAST_EDGE__CODEC__RDOQ": ""})
+    assert unset.codec.rdoq is None
     with pytest.raises(ConfigError, match=message):
         load_config(EdgeConfig, None, env_prefix=ENV_PREFIX, env={"LATENTCAST_EDGE__CODEC__RDOQ": value})
     f = tmp_path / "edge.yaml"

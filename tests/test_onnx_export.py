@@ -16,7 +16,7 @@ from latentcast.proto.bitstream import Packet, Roi  # noqa: E402
 from latentcast.proto.grid import anchor_mask  # noqa: E402
 from latentcast.proto.symbols import RDOQ_LAMBDA  # noqa: E402
 
-from .conftest import shared_or_skip  # noqa: E402
+from .conftest import _export_bundle, shared_or_skip  # noqa: E402
 
 
 def _kodak(n: int | None = None) -> list[np.ndarray]:
@@ -101,8 +101,6 @@ def test_int8_analysis_stages_in_the_manifest_and_fallbacks(tiny_codec, tiny_bun
     """Every stage but the last (which writes y) has an int8 file; a bundle without them (``--no-int8``) runs
     float32 and says so; a bad precision or calibration frame is a precise error."""
     import logging
-
-    from .conftest import _export_bundle
 
     stages = json.loads((tiny_bundle / "manifest.json").read_text())["analysis_stages"]
     assert ["int8" in st for st in stages] == [True] * (len(stages) - 1) + [False]
@@ -194,6 +192,36 @@ def test_a_bundle_without_rdoq_rounds_plainly_and_says_so(tiny_codec, tiny_bundl
 def test_an_edge_refuses_a_bad_rdoq(tiny_bundle):
     with pytest.raises(ValueError, match=r"rdoq -1 out of range: a number >= 0"):
         EdgeEncoder(bundle=tiny_bundle, rdoq=-1)
+
+
+def test_a_codec_released_for_a_lambda_is_coded_with_it(tiny_codec, tiny_bundle, tmp_path, rng):
+    """A codec whose release recorded its RDOQ λ (`release codec --rdoq`) is coded with it wherever the user sets
+    none: the PyTorch encoder, the exported bundle's manifest and its edge, an edge config with codec.rdoq unset;
+    a λ the user sets wins; a codec that records none is coded with the default 0.05."""
+    from latentcast.edge.config import CodecConfig
+    from latentcast.proto.symbols import codec_rdoq
+
+    path = tmp_path / "w.safetensors"
+    LatentCodec.save(tiny_codec.model, path, latent_space=tiny_codec.latent_space_spec, meta={"rdoq": 2.0})
+    codec = LatentCodec.from_file(path)
+    assert codec.rdoq == 2.0 and tiny_codec.rdoq == RDOQ_LAMBDA
+    bundle = _export_bundle(codec, tmp_path / "bundle", int8=False)
+    assert json.loads((bundle / "manifest.json").read_text())["rdoq"] == 2.0
+    assert json.loads((tiny_bundle / "manifest.json").read_text())["rdoq"] == RDOQ_LAMBDA
+    own, told = EdgeEncoder(bundle=bundle, rdoq=CodecConfig().rdoq), EdgeEncoder(bundle=bundle, rdoq=0.0)
+    assert (own.rdoq, told.rdoq, EdgeEncoder(bundle=tiny_bundle).rdoq) == (2.0, 0.0, RDOQ_LAMBDA)
+    y, z_float = codec.analyze(rng.integers(0, 256, (128, 192, 3)).astype(np.uint8))
+    z = codec.z_symbols(z_float * 40, 1)
+    tx = np.ones(y.shape[1:], bool)
+    s_own, _ = own.encode_symbols(y * 40, z, rate_point=1, tx_mask=tx)
+    s_ref, _ = codec.encode_symbols(y * 40, z, rate_point=1, tx_mask=tx)
+    s_told, _ = told.encode_symbols(y * 40, z, rate_point=1, tx_mask=tx)
+    assert np.array_equal(s_own, s_ref) and not np.array_equal(s_own, s_told)
+    assert np.abs(s_own).sum() < np.abs(s_told).sum()  # λ 2 keeps smaller symbols than plain rounding
+    with pytest.raises(ValueError, match=r"codec.rdoq -1.0 out of range: a number >= 0 .*unset: the codec's own"):
+        CodecConfig(rdoq=-1.0)
+    with pytest.raises(ValueError, match=r"rdoq 'x' out of range"):
+        codec_rdoq({"rdoq": "x"})
 
 
 def test_edge_background_packets_decode_in_the_cloud(tiny_codec, tiny_bundle):

@@ -55,15 +55,18 @@ def test_train_resume_release(tmp_path, tiny_sources):
     a, b = codec.compress(img, rate_point=3), part.compress(img, rate_point=1)
     assert codec.decompress(a).frame.tobytes() == part.decompress(b).frame.tobytes()
     assert main(["release", "codec", str(ckpt), "--out", str(sub), "--rate-points", "3,1"]) == 2
-    # calibrated release (on the training images): for the edge's default λ unless told; the λ is recorded
+    # calibrated release (on the training images): for the default λ unless told; a λ given is the codec's own
     cal = tmp_path / "cal.safetensors"
     assert main(["release", "codec", str(ckpt), "--out", str(cal)]) == 0
-    assert LatentCodec.from_file(cal).meta["table_offset_rdoq"] == 0.05
+    meta = LatentCodec.from_file(cal).meta
+    assert meta["table_offset_rdoq"] == 0.05 and "rdoq" not in meta and LatentCodec.from_file(cal).rdoq == 0.05
     assert main(["release", "codec", str(ckpt), "--out", str(cal), "--rdoq", "0"]) == 0
     meta = LatentCodec.from_file(cal).meta
-    assert meta["table_offset_rdoq"] == 0 and len(meta["table_offset_shifts"]) == 4
+    assert meta["table_offset_rdoq"] == meta["rdoq"] == 0 and len(meta["table_offset_shifts"]) == 4
+    assert main(["release", "codec", str(ckpt), "--out", str(cal), "--rdoq", "0.1", "--no-calibrate"]) == 0
+    released = LatentCodec.from_file(cal)
+    assert released.rdoq == 0.1 and "table_offset_rdoq" not in released.meta
     assert main(["release", "codec", str(ckpt), "--out", str(cal), "--rdoq", "-1"]) == 2
-    assert main(["release", "codec", str(ckpt), "--out", str(cal), "--rdoq", "0.1", "--no-calibrate"]) == 2
 
 
 def test_weight_average_trains_resumes_and_releases(tmp_path, tiny_sources):

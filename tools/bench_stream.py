@@ -414,7 +414,7 @@ class _Ctx:
     cloud_threads: int | None = None  # the cloud's torch and detector threads (None: as the edge's, threads)
     workers: int | None = None  # the cloud's worker threads (None: its config's default)
     analysis: str | None = None  # the edges' codec.analysis (None: their config's default)
-    rdoq: float | None = None  # the edges' codec.rdoq (None: their config's default)
+    rdoq: float | None = None  # the edges' codec.rdoq (None: their config's, unset there: the codec's own)
     render: dict = field(default_factory=dict)  # the cloud's codec.* render settings given (temporal_render, ...)
     temporal: Any = None  # the edges' temporal settings (an edge config's TemporalConfig; None: the defaults)
     edge_pool: list[tuple[Any, Any]] = field(default_factory=list)  # (EdgeEncoder, YOLOX) per stream index
@@ -917,7 +917,7 @@ async def run_bench(*, streams: Sequence[int] = (1, 4, 16), seconds: float = 20.
                     "weights": weights, "bundle": ctx.bundle, "tables": ctx.tables,
                     "synthesis": getattr(codec, "synthesis_name", "") or "the codec's own",
                     "temporal_synthesis": _temporal_synthesis_label(codec), "analysis": ecfg.codec.analysis,
-                    "rdoq": ecfg.codec.rdoq,
+                    "rdoq": codec.rdoq if ecfg.codec.rdoq is None else ecfg.codec.rdoq,  # unset: the codec's own
                     "temporal_render": ccfg.codec.temporal_render,
                     "render_runtime": resolve_render_runtime(ccfg.codec.render_runtime),
                     "cloud_workers": ccfg.pipeline.worker_count,

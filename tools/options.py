@@ -22,6 +22,8 @@ import typing
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
+from latentcast.config import unwrap_optional
+
 log = logging.getLogger(__name__)
 
 __all__ = ["field_comments", "add_dataclass_options", "add_encoder_options", "add_average_options", "chosen_average",
@@ -66,7 +68,7 @@ def field_comments(cls: type) -> dict[str, str]:
 
 def _scalar_type(cls: type, f: dataclasses.Field) -> type:
     hints = typing.get_type_hints(cls)
-    t = hints.get(f.name, f.type)
+    t = unwrap_optional(hints.get(f.name, f.type))[0]  # an optional field's option defaults to None: unset
     if isinstance(t, str):
         t = _SCALARS.get(t, str)
     if t not in (int, float, str, bool):
@@ -115,7 +117,7 @@ def add_dataclass_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, 
             kw["default"] = None if only_given else default
             if name in choices:
                 kw["choices"] = list(choices[name])
-        shown = f"{default!r}" if isinstance(default, str) else f"{default}"
+        shown = "unset" if default is None else f"{default!r}" if isinstance(default, str) else f"{default}"
         kw["help"] = f"{text} (default {shown})".strip().replace("%", "%%")  # argparse formats help with %
         p.add_argument(*flags, **kw)
     return names

@@ -13,7 +13,7 @@ import logging
 import os
 from pathlib import Path
 
-from latentcast.proto.symbols import RDOQ_LAMBDA, check_rdoq
+from latentcast.proto.symbols import check_rdoq
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +115,9 @@ def _parse_roi(text: str):
         raise bad(str(exc)) from None
 
 
-def _encoder(weights: str | None, bundle: str | None, analysis: str = "int8", rdoq: float = RDOQ_LAMBDA):
+def _encoder(weights: str | None, bundle: str | None, analysis: str = "int8", rdoq: float | None = None):
     """The edge bundle if present (or given), g_a in ``analysis``, else the PyTorch reference encoder; both
-    choose symbols with λ ``rdoq``."""
+    choose symbols with λ ``rdoq`` (None: the codec's own)."""
     from latentcast.edge.encoder import EdgeEncoder, default_bundle_dir
 
     if bundle or (weights is None and (default_bundle_dir() / "manifest.json").is_file()):
@@ -125,7 +125,8 @@ def _encoder(weights: str | None, bundle: str | None, analysis: str = "int8", rd
     from latentcast.models.codec import LatentCodec
 
     codec = LatentCodec.load(weights or "elic-lite")
-    codec.rdoq = check_rdoq(rdoq)
+    if rdoq is not None:
+        codec.rdoq = check_rdoq(rdoq)
     return codec
 
 

@@ -111,14 +111,10 @@ def release(a: argparse.Namespace) -> int:
         print(f"{release_synthesis(a.checkpoint, a.out)}")
         return 0
     from latentcast.models.release import release_codec
-    from latentcast.proto.symbols import RDOQ_LAMBDA, check_rdoq
 
     rate_points = [int(v) for v in a.rate_points.split(",")] if a.rate_points else None
-    if a.rdoq is not None and a.no_calibrate:
-        raise ValueError("--rdoq is the λ the table offsets are calibrated for: it has no use with --no-calibrate")
-    rdoq = RDOQ_LAMBDA if a.rdoq is None else check_rdoq(a.rdoq)
     weights_hash = release_codec(a.checkpoint, a.out, rate_points=rate_points, calibrate=not a.no_calibrate,
-                                 average=chosen_average(a), rdoq=rdoq)
+                                 average=chosen_average(a), rdoq=a.rdoq)
     print(f"{a.out}: weights hash {weights_hash.hex()}")
     return 0
 
@@ -176,8 +172,9 @@ def add_release_arguments(r: argparse.ArgumentParser) -> None:
                    help="keep the trained table offsets (default: calibrate them on training images for the "
                         "encoder's lowest cost)")
     r.add_argument("--rdoq", type=float, default=None, metavar="λ",
-                   help="calibrate the table offsets for the encoder coding with this RDOQ λ (default: the "
-                        "edge's default codec.rdoq; 0: plain rounding)")
+                   help="the RDOQ λ this codec is coded with (0: plain rounding): recorded in the file, where edges "
+                        "whose codec.rdoq is unset take it from, and the table offsets are calibrated for it "
+                        "(default: none recorded; calibrated for 0.05, what edges then use)")
     add_average_options(r, "release")
     r.set_defaults(func=release)
 
