@@ -114,7 +114,10 @@ class EdgeEncoder(FrameCompressor):
             if name and name not in self.manifest.get("files", {}):
                 raise ValueError(f"{mpath}: {what} {name!r} is not one of the bundle's files "
                                  f"({', '.join(sorted(self.manifest.get('files', {})))}): re-export the bundle")
-        self.rdoq = codec_rdoq(self.manifest) if rdoq is None else rdoq
+        try:
+            self.rdoq = codec_rdoq(self.manifest) if rdoq is None else rdoq
+        except ValueError as exc:
+            raise ValueError(f"{mpath}: {exc}: re-export the bundle") from None
         self._ent = ort_session(self.bundle / "entropy.onnx", threads=threads)
         ent_inputs = {i.name for i in self._ent.get_inputs()}
         self._has_rate_map = "rate_map" in ent_inputs

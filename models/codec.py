@@ -151,7 +151,10 @@ class LatentCodec(FrameCompressor):
             raise ValueError(f"latent space {latent_space!r} has no wire id (valid: {', '.join(LATENT_SPACE_IDS)})")
         self.latent_space_id = LATENT_SPACE_IDS[family]
         self._latent_space = None
-        self.rdoq = codec_rdoq(self.meta)  # the encoder's λ of proto.symbols.quantize_y (0: plain rounding)
+        try:
+            self.rdoq = codec_rdoq(self.meta)  # the encoder's λ of proto.symbols.quantize_y (0: plain rounding)
+        except ValueError as exc:
+            raise ValueError(f"{path or 'codec'}: metadata {exc}") from None
         self._enc = LatentEncoder(groups=self.cfg.groups, y_tables=y_tables, z_tables=z_tables,
                                   codec_id=self.codec_id, weights_hash=weights_hash,
                                   latent_space_id=self.latent_space_id)

@@ -222,6 +222,14 @@ def test_a_codec_released_for_a_lambda_is_coded_with_it(tiny_codec, tiny_bundle,
         CodecConfig(rdoq=-1.0)
     with pytest.raises(ValueError, match=r"rdoq 'x' out of range"):
         codec_rdoq({"rdoq": "x"})
+    man = json.loads((bundle / "manifest.json").read_text())
+    (bundle / "manifest.json").write_text(json.dumps(man | {"rdoq": -2}))
+    with pytest.raises(ValueError, match=r"manifest.json: rdoq -2 out of range.*re-export"):
+        EdgeEncoder(bundle=bundle)
+    assert EdgeEncoder(bundle=bundle, rdoq=0.1).rdoq == 0.1  # the user's λ does not read the manifest's
+    LatentCodec.save(tiny_codec.model, path, latent_space=tiny_codec.latent_space_spec, meta={"rdoq": "high"})
+    with pytest.raises(ValueError, match=r"w.safetensors: metadata rdoq 'high' out of range"):
+        LatentCodec.from_file(path)
 
 
 def test_edge_background_packets_decode_in_the_cloud(tiny_codec, tiny_bundle):
