@@ -150,7 +150,7 @@ class CodecConfig:
         _check_bounds("codec", self, at_least={"rate_point": 0, "threads": 0, "target_kbps": 0})
         _check_choice("codec.analysis", self.analysis, ANALYSIS_PRECISIONS)
         try:
-            self.rdoq = None if self.rdoq is None else check_rdoq(self.rdoq, default="unset: the codec's own")
+            self.rdoq = None if self.rdoq is None else check_rdoq(self.rdoq)
         except ValueError as exc:
             raise ValueError(f"codec.{exc}") from None
         self.background = str(self.background).strip().lower()

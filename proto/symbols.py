@@ -72,7 +72,7 @@ RDOQ_LAMBDA = 0.05  # the encoder's λ for a codec whose release records none (c
 RDOQ_RADIUS = 32  # symbols beyond ±this cost what ±this costs (the choice there is the rounding's)
 
 
-def check_rdoq(value: float, default: float | str = RDOQ_LAMBDA) -> float:
+def check_rdoq(value: float, default: float | str = "unset, the codec's own") -> float:
     """A λ of :func:`quantize_y` as users give it: a finite number >= 0 (``default``: the caller's, for the error)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
         raise ValueError(f"rdoq {value!r} out of range: a number >= 0 (0 = plain rounding; default {default})")

@@ -218,7 +218,7 @@ def test_a_codec_released_for_a_lambda_is_coded_with_it(tiny_codec, tiny_bundle,
     s_told, _ = told.encode_symbols(y * 40, z, rate_point=1, tx_mask=tx)
     assert np.array_equal(s_own, s_ref) and not np.array_equal(s_own, s_told)
     assert np.abs(s_own).sum() < np.abs(s_told).sum()  # λ 2 keeps smaller symbols than plain rounding
-    with pytest.raises(ValueError, match=r"codec.rdoq -1.0 out of range: a number >= 0 .*unset: the codec's own"):
+    with pytest.raises(ValueError, match=r"codec.rdoq -1.0 out of range: a number >= 0 .*unset, the codec's own"):
         CodecConfig(rdoq=-1.0)
     with pytest.raises(ValueError, match=r"rdoq 'x' out of range"):
         codec_rdoq({"rdoq": "x"})

@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     anchors_file = a.anchors if a.anchors is not None else ("" if a.data else "results/kodak/eval.json")
     anchors, n_anchor = _anchors(Path(anchors_file)) if anchors_file else ({}, None)
     try:
-        check_rdoq(a.rdoq)
+        check_rdoq(a.rdoq, default=0.0)
     except ValueError as exc:
         raise SystemExit(f"error: --rdoq: {exc}") from None
     images = _data_frames(a.data, a.images) if a.data else _kodak_images(a.images)
