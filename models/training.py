@@ -899,7 +899,8 @@ def encoder_cost(codec, analyzed: list[tuple[np.ndarray, np.ndarray]], z_sym: li
     lam = check_rdoq(rdoq, default=0.0)
     if lam == 0:
         raise ValueError("encoder_cost needs an RDOQ λ > 0 (with plain rounding the cost is the code length)")
-    delta = codec._step_sizes(rate_point, None)[1][0].numpy()  # (1|M,1,1)
+    m = codec.model
+    delta = m.per_rate(m.rate_delta, torch.tensor([rate_point]))[0].numpy()  # (1|M,1,1)
     saved, codec.rdoq = codec.rdoq, lam
     total = 0.0
     try:

@@ -28,8 +28,8 @@ from .grid import anchor_mask, coded_cells
 from .temporal import TemporalInfo
 
 __all__ = ["coding_steps", "rate_steps_of", "quantize_z", "quantize_y", "check_rdoq", "codec_rdoq", "RDOQ_LAMBDA",
-           "RDOQ_RADIUS",
-           "check_frame", "parse_background", "describe_levels", "FrameCompressor", "LatentEncoder", "LatentDecoder"]
+           "RDOQ_RADIUS", "check_frame", "parse_background", "describe_levels", "FrameCompressor", "LatentEncoder",
+           "LatentDecoder"]
 
 BACKGROUND_NONE = "none"  # the background level of ROI-only packets: the cloud fills it from the hyperprior
 
