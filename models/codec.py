@@ -288,9 +288,10 @@ class LatentCodec(FrameCompressor):
 
     @torch.no_grad()
     def encode_symbols_y_hat(self, y: np.ndarray, z_sym: np.ndarray, *, rate_point: int, tx_mask: np.ndarray,
-                             raw_index: bool = False, cell_rate: np.ndarray | None = None
-                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """:meth:`encode_symbols` and the decoded latent ŷ (M,h,w) float64, exact (the decoder's)."""
+                             raw_index: bool = False, cell_rate: np.ndarray | None = None,
+                             rdoq: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`encode_symbols` and the decoded latent ŷ (M,h,w) float64, exact (the decoder's); ``rdoq``: the
+        λ of the choice of symbols (None: the codec's, ``self.rdoq``)."""
         m = self.model
         q = torch.tensor([rate_point])
         yt = torch.from_numpy(y).double()[None]
@@ -300,7 +301,8 @@ class LatentCodec(FrameCompressor):
         tab = torch.zeros_like(yt)
         slices = m.group_slices()
 
-        lam = 0.0 if raw_index else check_rdoq(self.rdoq)  # table calibration sees plainly rounded symbols
+        # table calibration of a plainly rounding encoder sees plainly rounded symbols
+        lam = 0.0 if raw_index else check_rdoq(self.rdoq if rdoq is None else rdoq)
         lengths = self.y_tables.code_lengths(RDOQ_RADIUS) if lam else None
 
         def step(k, _is_anchor, cells, mu, idx):

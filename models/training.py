@@ -901,15 +901,11 @@ def encoder_cost(codec, analyzed: list[tuple[np.ndarray, np.ndarray]], z_sym: li
         raise ValueError("encoder_cost needs an RDOQ λ > 0 (with plain rounding the cost is the code length)")
     m = codec.model
     delta = m.per_rate(m.rate_delta, torch.tensor([rate_point]))[0].numpy()  # (1|M,1,1)
-    saved, codec.rdoq = codec.rdoq, lam
     total = 0.0
-    try:
-        for (y, _z), zs in zip(analyzed, z_sym, strict=True):
-            sym, tab, y_hat = codec.encode_symbols_y_hat(y, zs, rate_point=rate_point,
-                                                         tx_mask=np.ones(y.shape[1:], dtype=bool))
-            total += float(codec.y_tables.symbol_bits(sym, tab).sum()) + float((((y - y_hat) / delta) ** 2).sum()) / lam
-    finally:
-        codec.rdoq = saved
+    for (y, _z), zs in zip(analyzed, z_sym, strict=True):
+        sym, tab, y_hat = codec.encode_symbols_y_hat(y, zs, rate_point=rate_point, rdoq=lam,
+                                                     tx_mask=np.ones(y.shape[1:], dtype=bool))
+        total += float(codec.y_tables.symbol_bits(sym, tab).sum()) + float((((y - y_hat) / delta) ** 2).sum()) / lam
     return total
 
 
