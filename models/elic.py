@@ -39,7 +39,7 @@ Two configurations: ``paper`` (N=192, M=320, groups 16/16/32/64/192) and
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from .quant import QConv, QSequential, quantize_input, round_ste
 
 __all__ = ["ElicConfig", "CONFIGS", "ElicCodec", "MEAN_RES", "Y_IN_RES", "analysis_halo", "analysis_stages",
-           "crop_chain", "channel_slice", "CellAnalysis", "CellSynthesis"]
+           "crop_chain", "channel_slice", "CellAnalysis", "CellSynthesis", "zero_new_blocks"]
 
 MEAN_RES = 64  # means are integers in units of 1/64
 Y_IN_RES = 4  # context networks see ŷ in steps of 1/4 (clipped to ±32)
@@ -173,6 +173,23 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
+
+
+def zero_new_blocks(module: nn.Module, provided: Iterable[str], prefix: str = "") -> list[str]:
+    """Zero the last convolution of every residual block of ``module`` that ``provided`` (the parameter names
+    a start file gives, each ``prefix`` + the name within ``module``) has nothing of, so a transform that only
+    adds blocks to a trained layout starts as exactly that transform and training only improves on it
+    (Net2Net's function-preserving deepening). Returns the blocks' names (within ``module``)."""
+    provided = tuple(provided)
+    zeroed = []
+    for name, m in module.named_modules():
+        if isinstance(m, ResBlock) and not any(k.startswith(f"{prefix}{name}.") for k in provided):
+            last = m.body[-1]
+            with torch.no_grad():
+                last.weight.zero_()
+                last.bias.zero_()
+            zeroed.append(name)
+    return zeroed
 
 
 CELL = 16  # frame pixels per side of a cell of y

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from latentcast.shared import shared_path
 
-from .elic import ElicConfig, SynthesisToLatent
+from .elic import ElicConfig, SynthesisToLatent, zero_new_blocks
 from .training import _read_rgb, default_cache_dir, random_masks, scheduled_lr, training_sources
 
 log = logging.getLogger(__name__)
@@ -192,24 +192,6 @@ def _kodak_items() -> list:
     return [(f"kodak-{p.stem}", (lambda p=p: _read_rgb(p, None))) for p in sorted(d.glob("*.png"))]
 
 
-def _identity_blocks(student: SynthesisToLatent, reused: dict) -> int:
-    """Zero the last convolution of every residual block the start (``reused``: the codec's g_s or ``init``)
-    did not provide, so a student that only adds blocks to its layout (``blocks``, ``tail_blocks`` above its
-    own) starts as exactly that g_s and training only improves on it (Net2Net's function-preserving
-    deepening). Returns the number of blocks zeroed."""
-    from .elic import ResBlock
-
-    n = 0
-    for name, m in student.named_modules():
-        if isinstance(m, ResBlock) and not any(k.startswith(name + ".") for k in reused):
-            last = m.body[-1]
-            with torch.no_grad():
-                last.weight.zero_()
-                last.bias.zero_()
-            n += 1
-    return n
-
-
 def _vtest_items(every: int = 32) -> list:
     """Scored vtest frames (index divisible by 8; every ``every``-th), for evaluation only."""
     import cv2
@@ -275,7 +257,7 @@ def train_synthesis(cfg: SynthesisTrainConfig) -> Path:
     own = student.state_dict()
     reused = {k: v for k, v in start_sd.items() if k in own and own[k].shape == v.shape}
     student.load_state_dict(reused, strict=False)
-    grown = _identity_blocks(student, reused)
+    grown = len(zero_new_blocks(student, reused))
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
     rng = np.random.default_rng(cfg.seed)
     step, hist = 0, out / "history.jsonl"

@@ -37,7 +37,7 @@ import torch
 from latentcast.proto.symbols import check_rdoq
 from latentcast.shared import cache_dir, shared_path
 
-from .elic import CONFIGS, ElicCodec, ElicConfig, ResidualBottleneck
+from .elic import CONFIGS, ElicCodec, ElicConfig, ResidualBottleneck, zero_new_blocks
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +328,8 @@ def load_init(model: ElicCodec, sd: dict[str, torch.Tensor]) -> list[str]:
     the file's) goes the other way: g_a's and h_a's convolutions keep the file's weights in their
     leading channels and the new channels start unread (:func:`_widened`), so y and z are the file's
     until training uses them; g_a with more residual blocks (``res_blocks``) likewise starts as the
-    file's (:func:`_deepen_analysis`). The probability tables
+    file's (:func:`_deepen_analysis`), and so does g_s with more residual blocks (``gs_blocks``,
+    ``gs_tail_blocks``: each new block starts as the identity, ``elic.zero_new_blocks``). The probability tables
     and the frozen integer form are skipped (rebuilt at release), and the rate-point buffers come
     from the new configuration (a released file carries calibrated table offsets). Returns the
     names that were sliced; raises ``ValueError`` for a tensor that cannot fit or is missing.
@@ -362,6 +363,12 @@ def load_init(model: ElicCodec, sd: dict[str, torch.Tensor]) -> list[str]:
                 sliced.append(name)
         with torch.no_grad():
             dst.copy_(src.to(dst.dtype))
+    if missing and any(n.startswith("g_s.") for n in missing):  # g_s with more residual blocks than the file's
+        grown = zero_new_blocks(model.g_s, sd, prefix="g_s.")
+        missing = [n for n in missing if not any(n.startswith(f"g_s.{b}.") for b in grown)]
+        if grown:
+            log.info("init: g_s deepened by %d residual blocks (%s; they start as the identity)", len(grown),
+                     ", ".join(grown))
     if missing and all(n.startswith(("a_lin.", "g_s.linear.")) for n in missing):
         raise ValueError("init file has no linear path (ElicConfig.linear_path): start the linear-path run without "
                          "--init (it starts from the training cells' principal components) or from a file that has one")

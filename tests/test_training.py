@@ -236,6 +236,26 @@ def test_init_deepens_the_analysis_transform_as_the_identity():
             k: v for k, v in deep.state_dict().items() if not k.startswith("g_a.1.")})
 
 
+def test_init_deepens_the_synthesis_as_the_identity():
+    """--set gs_blocks=2 --set gs_tail_blocks=2 --init <file with 1 and 1>: the new g_s blocks start as the identity,
+    so the frame is the file's at step 0; a block the file has only part of is not guessed."""
+    from latentcast.models.elic import CONFIGS, ElicCodec
+
+    base = {"N": 16, "M": 32, "groups": (16, 16), "Nz": 8, "Nh": 16, "ctx": 8, "ep": 16, "gs_width": 16}
+    torch.manual_seed(0)
+    small = ElicCodec(dataclasses.replace(CONFIGS["lite"], gs_blocks=1, gs_tail_blocks=1, **base))
+    big = ElicCodec(dataclasses.replace(CONFIGS["lite"], gs_blocks=2, gs_tail_blocks=2, **base))
+    training.load_init(big, small.state_dict())
+    y, mask, z = torch.randn(1, 32, 4, 4), torch.ones(1, 1, 4, 4), torch.randn(1, 8, 1, 1)
+    with torch.no_grad():
+        assert torch.equal(big.g_s(y, mask, z), small.g_s(y, mask, z))
+    assert not big.g_s.trunk[1].body[2].weight.any() and big.g_s.trunk[1].body[0].weight.any()
+    partial = {k: v for k, v in big.state_dict().items() if not k.startswith("g_s.trunk.1.body.2.")}
+    with pytest.raises(ValueError, match="lacks"):
+        training.load_init(ElicCodec(dataclasses.replace(CONFIGS["lite"], gs_blocks=2, gs_tail_blocks=2, **base)),
+                           partial)
+
+
 def test_init_widens_the_analysis_and_keeps_its_outputs():
     """--set N=<wider> --init <file>: g_a and h_a keep the file's weights in their leading channels and the new
     channels start unread, so y and z are the file's exactly; the new channels are live (random), and their
