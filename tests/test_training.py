@@ -250,6 +250,9 @@ def test_init_deepens_the_synthesis_as_the_identity():
     with torch.no_grad():
         assert torch.equal(big.g_s(y, mask, z), small.g_s(y, mask, z))
     assert not big.g_s.trunk[1].body[2].weight.any() and big.g_s.trunk[1].body[0].weight.any()
+    with pytest.raises(ValueError, match="g_s can only be deepened"):  # fewer blocks than the file: no silent cut
+        training.load_init(ElicCodec(dataclasses.replace(CONFIGS["lite"], gs_blocks=1, gs_tail_blocks=1, **base)),
+                           big.state_dict())
     partial = {k: v for k, v in big.state_dict().items() if not k.startswith("g_s.trunk.1.body.2.")}
     with pytest.raises(ValueError, match="lacks"):
         training.load_init(ElicCodec(dataclasses.replace(CONFIGS["lite"], gs_blocks=2, gs_tail_blocks=2, **base)),
