@@ -365,9 +365,10 @@ def load_init(model: ElicCodec, sd: dict[str, torch.Tensor]) -> list[str]:
             dst.copy_(src.to(dst.dtype))
     dropped = [n for n in sd if n.startswith(("g_s.trunk.", "g_s.up.")) and n not in own]
     if dropped:  # a g_s with fewer blocks than the file's would compute something else: no start from it
+        c = model.cfg
         raise ValueError(f"init file has {len(dropped)} g_s tensors the model lacks, e.g. {dropped[:2]}: its g_s has "
-                         f"more residual blocks than --set gs_blocks={model.cfg.gs_blocks} "
-                         f"gs_tail_blocks={model.cfg.gs_tail_blocks} (g_s can only be deepened)")
+                         f"more layers than the model's (gs_blocks={c.gs_blocks}, gs_tail_blocks={c.gs_tail_blocks}, "
+                         f"up widths {list(c.synthesis_up_widths)}; g_s can only be deepened)")
     if missing and any(n.startswith("g_s.") for n in missing):  # g_s with more residual blocks than the file's
         grown = zero_new_blocks(model.g_s, sd, prefix="g_s.")
         missing = [n for n in missing if not any(n.startswith(f"g_s.{b}.") for b in grown)]
